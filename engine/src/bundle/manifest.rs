@@ -1,0 +1,247 @@
+//! The bundle manifest (`manifest.toml` inside a bundle): the steps a
+//! library exports with their policies, and the action kinds built on them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::Invalid;
+
+/// The only manifest format this engine reads.
+pub const FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: u32,
+    pub name: String,
+    pub version: String,
+    /// The plugin ABI the library was built for (see `sdk::ABI_VERSION`).
+    pub abi: u32,
+    /// The library's base name: `libNAME.so` on Linux.
+    pub library: String,
+    pub steps: BTreeMap<String, StepDef>,
+    #[serde(default)]
+    pub kinds: BTreeMap<String, KindDef>,
+}
+
+/// A step definition: an exported function plus the policy it runs under.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepDef {
+    /// The exported function; defaults to the step's own name.
+    #[serde(default)]
+    pub function: Option<String>,
+    pub timeout_ms: u64,
+    /// Whether running the step twice is harmless. An interrupted step is
+    /// re-run after a crash only if it is.
+    #[serde(default)]
+    pub idempotent: bool,
+    #[serde(default)]
+    pub retry: Retry,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retry {
+    /// Attempts in all, counting the first.
+    #[serde(default = "one")]
+    pub attempts: u32,
+    /// The wait before the second attempt; it doubles after each retry.
+    #[serde(default = "default_backoff")]
+    pub backoff_ms: u64,
+    #[serde(default = "default_max_backoff")]
+    pub max_backoff_ms: u64,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn default_backoff() -> u64 {
+    1000
+}
+
+fn default_max_backoff() -> u64 {
+    60_000
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry { attempts: 1, backoff_ms: default_backoff(), max_backoff_ms: default_max_backoff() }
+    }
+}
+
+impl Retry {
+    /// The wait after failed attempt number `attempt` (1-based).
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let factor = 1u64 << attempt.saturating_sub(1).min(20);
+        Duration::from_millis(self.backoff_ms.saturating_mul(factor).min(self.max_backoff_ms))
+    }
+}
+
+/// An action kind: an ordered list of step uses.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KindDef {
+    #[serde(default)]
+    pub description: String,
+    /// Params a request for this kind must carry.
+    #[serde(default)]
+    pub params: Vec<String>,
+    pub steps: Vec<StepUse>,
+}
+
+/// One use of a step in a kind, with its settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepUse {
+    pub step: String,
+    /// The name this use goes by in the action (and in `{{steps.NAME…}}`);
+    /// defaults to the step's name. Unique within the kind.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Settings handed to the step, with `{{…}}` templates.
+    #[serde(default = "empty_object", rename = "with")]
+    pub settings: Value,
+}
+
+fn empty_object() -> Value {
+    Value::Object(Default::default())
+}
+
+impl StepDef {
+    pub fn function<'a>(&'a self, name: &'a str) -> &'a str {
+        self.function.as_deref().unwrap_or(name)
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+impl StepUse {
+    pub fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.step)
+    }
+}
+
+impl Manifest {
+    pub fn parse(text: &str) -> Result<Manifest, Invalid> {
+        let m: Manifest = toml::from_str(text).map_err(|e| Invalid::Manifest(e.to_string()))?;
+        m.validate()?;
+        Ok(m)
+    }
+
+    fn validate(&self) -> Result<(), Invalid> {
+        let bad = |msg: String| Err(Invalid::Manifest(msg));
+        if self.format != FORMAT {
+            return bad(format!("format {} is not supported; this troupe reads format {FORMAT}", self.format));
+        }
+        if self.abi != sdk::ABI_VERSION {
+            return Err(Invalid::Abi { found: self.abi, supported: sdk::ABI_VERSION });
+        }
+        if !is_name(&self.name) {
+            return bad(format!("bundle name {:?} must be letters, digits, '-' or '_'", self.name));
+        }
+        if self.version.trim().is_empty() {
+            return bad("version must not be empty".into());
+        }
+        if !is_name(&self.library) {
+            return bad(format!("library {:?} must be letters, digits, '-' or '_'", self.library));
+        }
+        for (name, def) in &self.steps {
+            if def.timeout_ms == 0 {
+                return bad(format!("step {name:?}: timeout_ms must be above 0"));
+            }
+            if def.retry.attempts == 0 {
+                return bad(format!("step {name:?}: retry.attempts counts the first attempt and must be at least 1"));
+            }
+        }
+        for (kind, def) in &self.kinds {
+            if !is_name(kind) {
+                return bad(format!("kind name {kind:?} must be letters, digits, '-' or '_'"));
+            }
+            if def.steps.is_empty() {
+                return bad(format!("kind {kind:?} has no steps"));
+            }
+            let mut seen = BTreeSet::new();
+            for u in &def.steps {
+                if !self.steps.contains_key(&u.step) {
+                    return bad(format!("kind {kind:?} uses step {:?}, which [steps] does not define", u.step));
+                }
+                if !seen.insert(u.name()) {
+                    return bad(format!(
+                        "kind {kind:?} uses the name {:?} twice; give each use a distinct `name`",
+                        u.name()
+                    ));
+                }
+                if !u.settings.is_object() {
+                    return bad(format!("kind {kind:?}, step {:?}: `with` must be a table", u.name()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The exported functions the library must provide.
+    pub fn functions(&self) -> BTreeSet<&str> {
+        self.steps.iter().map(|(name, def)| def.function(name)).collect()
+    }
+
+    /// The library's file name on this platform.
+    pub fn library_file(&self) -> String {
+        format!("{}{}{}", std::env::consts::DLL_PREFIX, self.library, std::env::consts::DLL_SUFFIX)
+    }
+}
+
+fn is_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 128 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        format = 1
+        name = "t"
+        version = "1"
+        abi = 1
+        library = "t"
+        [steps.a]
+        timeout_ms = 10
+        [kinds.k]
+        steps = [{ step = "a" }, { step = "a", name = "again", with = { x = 1 } }]
+    "#;
+
+    #[test]
+    fn parses_and_defaults() {
+        let m = Manifest::parse(GOOD).unwrap();
+        let k = &m.kinds["k"];
+        assert_eq!(k.steps[0].name(), "a");
+        assert_eq!(k.steps[1].name(), "again");
+        assert_eq!(m.steps["a"].retry.attempts, 1);
+        assert_eq!(m.functions().into_iter().collect::<Vec<_>>(), ["a"]);
+    }
+
+    #[test]
+    fn rejects_duplicate_use_names_and_unknown_steps() {
+        let dup = GOOD.replace("name = \"again\", ", "");
+        assert!(matches!(Manifest::parse(&dup), Err(Invalid::Manifest(m)) if m.contains("twice")));
+        let unknown = GOOD.replace("{ step = \"a\" }", "{ step = \"b\" }");
+        assert!(matches!(Manifest::parse(&unknown), Err(Invalid::Manifest(m)) if m.contains("does not define")));
+        let abi = GOOD.replace("abi = 1", "abi = 99");
+        assert!(matches!(Manifest::parse(&abi), Err(Invalid::Abi { found: 99, .. })));
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let r = Retry { attempts: 5, backoff_ms: 100, max_backoff_ms: 350 };
+        assert_eq!(r.backoff(1), Duration::from_millis(100));
+        assert_eq!(r.backoff(2), Duration::from_millis(200));
+        assert_eq!(r.backoff(3), Duration::from_millis(350));
+    }
+}

@@ -1,0 +1,220 @@
+//! Bundle format v1: a zip holding `manifest.toml` and one plugin library per
+//! target triple under `lib/<triple>/`. A bundle is named by the SHA-256 of
+//! its bytes. [`open`] checks everything that can be checked without running
+//! code; the step host then probes the library's exports (see `crate::host`).
+
+use std::collections::BTreeSet;
+use std::io::{Cursor, Read, Write};
+use std::path::{Path, PathBuf};
+
+use signing::BundleHash;
+
+pub mod manifest;
+pub mod template;
+
+pub use manifest::Manifest;
+
+/// The triple this engine was built for; bundles must carry a library for it.
+pub const TARGET: &str = env!("TROUPE_TARGET");
+
+pub const MANIFEST_PATH: &str = "manifest.toml";
+
+/// Limits enforced while inflating, so a zip bomb is stopped, not measured.
+pub const MAX_ENTRY_BYTES: u64 = 256 << 20;
+pub const MAX_TOTAL_BYTES: u64 = 512 << 20;
+pub const MAX_ENTRIES: usize = 1024;
+
+/// Why a bundle was refused. Each variant has a stable code (see [`Invalid::code`]).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Invalid {
+    #[error("the bundle is not a zip archive: {0}")]
+    NotZip(String),
+    #[error("the bundle has no {MANIFEST_PATH} at its root")]
+    NoManifest,
+    #[error("invalid manifest: {0}")]
+    Manifest(String),
+    #[error("the bundle was built for plugin ABI {found}, but this troupe supports ABI {supported}; rebuild it against the current sdk")]
+    Abi { found: u32, supported: u32 },
+    #[error("the bundle has no library for this platform ({TARGET}); it has: {found}. Build the plugin for {TARGET} and add it with `troupe bundle build`")]
+    NoLibrary { found: String },
+    #[error("the manifest names steps the library does not export: {}", .0.join(", "))]
+    MissingSteps(Vec<String>),
+    #[error("unsafe zip entry {name:?}: {why}")]
+    UnsafeEntry { name: String, why: &'static str },
+    #[error("zip entry {name:?} inflates past the limit of {limit} bytes")]
+    TooLarge { name: String, limit: u64 },
+    #[error("the library could not be loaded: {0}")]
+    Library(String),
+}
+
+impl Invalid {
+    /// The stable code the API reports for this rejection.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Invalid::NotZip(_) => "bundle_not_zip",
+            Invalid::NoManifest => "bundle_no_manifest",
+            Invalid::Manifest(_) => "bundle_manifest_invalid",
+            Invalid::Abi { .. } => "bundle_abi_unsupported",
+            Invalid::NoLibrary { .. } => "bundle_no_library_for_platform",
+            Invalid::MissingSteps(_) => "bundle_missing_steps",
+            Invalid::UnsafeEntry { .. } => "bundle_unsafe_entry",
+            Invalid::TooLarge { .. } => "bundle_too_large",
+            Invalid::Library(_) => "bundle_library_invalid",
+        }
+    }
+}
+
+/// A bundle whose archive and manifest passed every static check, with its
+/// files extracted to a directory named by its hash.
+#[derive(Debug)]
+pub struct Unpacked {
+    pub hash: BundleHash,
+    pub manifest: Manifest,
+    pub dir: PathBuf,
+    pub library: PathBuf,
+}
+
+/// Builds a bundle from a manifest and libraries, keyed by target triple.
+/// The output is deterministic: the same inputs give the same hash.
+pub fn build(manifest_text: &str, libraries: &[(&str, &[u8])]) -> Result<Vec<u8>, Invalid> {
+    let manifest = Manifest::parse(manifest_text)?;
+    let options = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated)
+        .last_modified_time(zip::DateTime::default())
+        .unix_permissions(0o644);
+    let mut zip = zip::ZipWriter::new(Cursor::new(Vec::new()));
+    let io = |e: std::io::Error| Invalid::NotZip(e.to_string());
+    let z = |e: zip::result::ZipError| Invalid::NotZip(e.to_string());
+    zip.start_file(MANIFEST_PATH, options).map_err(z)?;
+    zip.write_all(manifest_text.as_bytes()).map_err(io)?;
+    for (triple, bytes) in libraries {
+        zip.start_file(format!("lib/{triple}/{}", manifest.library_file()), options).map_err(z)?;
+        zip.write_all(bytes).map_err(io)?;
+    }
+    Ok(zip.finish().map_err(z)?.into_inner())
+}
+
+/// Checks a bundle's bytes and extracts them under `root/<hash>/`.
+///
+/// This is the static half of the gate every bundle passes before it loads;
+/// it runs no code from the bundle.
+pub fn open(bytes: &[u8], root: &Path) -> Result<Unpacked, crate::Error> {
+    let hash = BundleHash::of(bytes);
+    let entries = read_entries(bytes)?;
+    let manifest_bytes = entries
+        .iter()
+        .find(|(name, _)| name == MANIFEST_PATH)
+        .map(|(_, b)| b)
+        .ok_or(Invalid::NoManifest)?;
+    let text = std::str::from_utf8(manifest_bytes).map_err(|_| Invalid::Manifest("not UTF-8".into()))?;
+    let manifest = Manifest::parse(text)?;
+    let lib_path = format!("lib/{TARGET}/{}", manifest.library_file());
+    if !entries.iter().any(|(name, _)| *name == lib_path) {
+        let found: BTreeSet<&str> = entries
+            .iter()
+            .filter_map(|(name, _)| name.strip_prefix("lib/")?.split('/').next())
+            .collect();
+        let found = if found.is_empty() { "none".to_owned() } else { found.into_iter().collect::<Vec<_>>().join(", ") };
+        return Err(Invalid::NoLibrary { found }.into());
+    }
+
+    let dir = root.join(hash.to_string());
+    if !dir.join(&lib_path).is_file() {
+        let staging = root.join(format!(".{hash}.{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&staging);
+        for (name, data) in &entries {
+            let path = staging.join(name);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(crate::Error::io(format!("creating {}", parent.display())))?;
+            }
+            std::fs::write(&path, data).map_err(crate::Error::io(format!("writing {}", path.display())))?;
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::rename(&staging, &dir).map_err(crate::Error::io(format!("moving bundle into {}", dir.display())))?;
+    }
+    let library = dir.join(&lib_path);
+    Ok(Unpacked { hash, manifest, dir, library })
+}
+
+/// Reads every entry, refusing anything but plain files at safe relative
+/// paths and stopping any entry that inflates past the limits.
+fn read_entries(bytes: &[u8]) -> Result<Vec<(String, Vec<u8>)>, Invalid> {
+    let mut archive = zip::ZipArchive::new(Cursor::new(bytes)).map_err(|e| Invalid::NotZip(e.to_string()))?;
+    if archive.len() > MAX_ENTRIES {
+        return Err(Invalid::UnsafeEntry { name: String::new(), why: "too many entries" });
+    }
+    let mut names = BTreeSet::new();
+    let mut total = 0u64;
+    let mut out = Vec::with_capacity(archive.len());
+    for i in 0..archive.len() {
+        let mut file = archive.by_index(i).map_err(|e| Invalid::NotZip(e.to_string()))?;
+        let name = file
+            .name()
+            .map_err(|_| Invalid::UnsafeEntry { name: format!("entry #{i}"), why: "the entry name is not valid UTF-8" })?
+            .into_owned();
+        let unsafe_entry = |why| Invalid::UnsafeEntry { name: name.clone(), why };
+        if file.is_dir() {
+            continue;
+        }
+        if file.is_symlink() {
+            return Err(unsafe_entry("symbolic links are not allowed"));
+        }
+        if !file.is_file() {
+            return Err(unsafe_entry("only regular files are allowed"));
+        }
+        if name.starts_with('/') || name.starts_with('\\') || name.contains(':') {
+            return Err(unsafe_entry("absolute paths are not allowed"));
+        }
+        if name.split(['/', '\\']).any(|part| part == ".." || part == ".") || file.enclosed_name().is_none() {
+            return Err(unsafe_entry("'..' and '.' are not allowed in paths"));
+        }
+        if !names.insert(name.clone()) {
+            return Err(unsafe_entry("duplicate entry name"));
+        }
+        let limit = MAX_ENTRY_BYTES.min(MAX_TOTAL_BYTES - total);
+        let mut data = Vec::new();
+        (&mut file)
+            .take(limit + 1)
+            .read_to_end(&mut data)
+            .map_err(|e| Invalid::NotZip(format!("entry {name:?} is corrupt: {e}")))?;
+        if data.len() as u64 > limit {
+            return Err(Invalid::TooLarge { name, limit });
+        }
+        total += data.len() as u64;
+        out.push((name, data));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MANIFEST: &str = "format = 1\nname = \"t\"\nversion = \"1\"\nabi = 1\nlibrary = \"t\"\n[steps.a]\ntimeout_ms = 10\n";
+
+    #[test]
+    fn build_is_deterministic_and_opens() {
+        let lib: &[u8] = b"not really a library";
+        let a = build(MANIFEST, &[(TARGET, lib)]).unwrap();
+        let b = build(MANIFEST, &[(TARGET, lib)]).unwrap();
+        assert_eq!(a, b);
+        let dir = std::env::temp_dir().join(format!("troupe-bundle-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let u = open(&a, &dir).unwrap();
+        assert_eq!(u.hash, BundleHash::of(&a));
+        assert_eq!(std::fs::read(&u.library).unwrap(), lib);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn refuses_bad_archives() {
+        let dir = std::env::temp_dir();
+        let err = |bytes: &[u8]| match open(bytes, &dir) {
+            Err(crate::Error::Bundle(e)) => e.code(),
+            other => panic!("expected a bundle error, got {other:?}"),
+        };
+        assert_eq!(err(b"hello"), "bundle_not_zip");
+        let other_target = build(MANIFEST, &[("sparc-sun-solaris", b"x")]).unwrap();
+        assert_eq!(err(&other_target), "bundle_no_library_for_platform");
+    }
+}

@@ -1,0 +1,85 @@
+//! `{{path}}` templates in step settings, resolved against the action and the
+//! outputs of earlier steps just before a step runs.
+//!
+//! A string that is exactly one template takes the value's JSON type
+//! (`"{{params.port}}"` can become the number 22); a template inside a longer
+//! string is interpolated as text. Paths: `target`, `kind`, `action.id`,
+//! `params.NAME`, `steps.NAME.FIELD…` (an earlier step's output).
+
+use serde_json::Value;
+
+pub fn resolve(settings: &Value, scope: &Value) -> Result<Value, String> {
+    Ok(match settings {
+        Value::String(s) => resolve_str(s, scope)?,
+        Value::Array(items) => Value::Array(items.iter().map(|v| resolve(v, scope)).collect::<Result<_, _>>()?),
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| Ok((k.clone(), resolve(v, scope)?)))
+                .collect::<Result<_, String>>()?,
+        ),
+        other => other.clone(),
+    })
+}
+
+fn resolve_str(s: &str, scope: &Value) -> Result<Value, String> {
+    if !s.contains("{{") {
+        return Ok(Value::String(s.to_owned()));
+    }
+    let trimmed = s.trim();
+    if let Some(inner) = trimmed.strip_prefix("{{").and_then(|r| r.strip_suffix("}}"))
+        && !inner.contains("{{")
+    {
+        return lookup(inner.trim(), scope).cloned();
+    }
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find("}}").ok_or_else(|| format!("unclosed template in {s:?}"))?;
+        match lookup(after[..end].trim(), scope)? {
+            Value::String(v) => out.push_str(v),
+            v => out.push_str(&v.to_string()),
+        }
+        rest = &after[end + 2..];
+    }
+    out.push_str(rest);
+    Ok(Value::String(out))
+}
+
+fn lookup<'a>(path: &str, scope: &'a Value) -> Result<&'a Value, String> {
+    let mut cur = scope;
+    for part in path.split('.') {
+        let next = match cur {
+            Value::Object(m) => m.get(part),
+            Value::Array(a) => part.parse::<usize>().ok().and_then(|i| a.get(i)),
+            _ => None,
+        };
+        cur = next.ok_or_else(|| format!("template {{{{{path}}}}} has no value (no {part:?})"))?;
+    }
+    Ok(cur)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn whole_templates_keep_types_and_inner_ones_interpolate() {
+        let scope = json!({ "target": "vps-1", "params": { "port": 22, "h": "10.0.0.5" }, "steps": { "a": { "out": [1, 2] } } });
+        let got = resolve(
+            &json!({ "port": "{{params.port}}", "addr": "{{ params.h }}:{{params.port}}", "n": "{{steps.a.out.1}}", "plain": 3 }),
+            &scope,
+        )
+        .unwrap();
+        assert_eq!(got, json!({ "port": 22, "addr": "10.0.0.5:22", "n": 2, "plain": 3 }));
+    }
+
+    #[test]
+    fn missing_values_are_errors() {
+        let err = resolve(&json!("{{params.nope}}"), &json!({ "params": {} })).unwrap_err();
+        assert!(err.contains("params.nope"), "{err}");
+        assert!(resolve(&json!("x {{params"), &json!({})).is_err());
+    }
+}

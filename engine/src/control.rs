@@ -1,0 +1,203 @@
+//! The Control actor: decides which action runs when. Actions for the same
+//! target run one at a time in submission order; actions for different
+//! targets run concurrently up to `max_running`. Each running action is
+//! driven by its own runner task (see `runner`).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::model::{Action, ActionId};
+use crate::runner::{self, Shared};
+
+enum Msg {
+    Enqueue(Box<Action>),
+    Cancel { id: ActionId, reply: oneshot::Sender<CancelOutcome> },
+    Finished { id: ActionId, target: String },
+    /// Stop starting actions; answer once none is running.
+    Drain { reply: oneshot::Sender<()> },
+    Stats { reply: oneshot::Sender<ControlStats> },
+}
+
+/// Where Control found an action it was asked to cancel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CancelOutcome {
+    /// It was running; its current step has been asked to stop.
+    Running,
+    /// It was waiting its turn and has been taken out of the queue.
+    Dequeued,
+    /// Control does not hold it.
+    Unknown,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ControlStats {
+    pub running: usize,
+    pub queued: usize,
+}
+
+#[derive(Clone)]
+pub(crate) struct ControlHandle {
+    tx: mpsc::UnboundedSender<Msg>,
+}
+
+impl ControlHandle {
+    pub(crate) fn spawn(shared: Arc<Shared>, max_running: usize) -> ControlHandle {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let handle = ControlHandle { tx };
+        let control = Control {
+            handle: handle.clone(),
+            shared,
+            max_running: max_running.max(1),
+            targets: HashMap::new(),
+            ready: VecDeque::new(),
+            queued: HashMap::new(),
+            running: HashMap::new(),
+            draining: false,
+            drain_waiters: Vec::new(),
+        };
+        crate::actor::spawn("control", control.run(rx));
+        handle
+    }
+
+    /// Hands Control an action to run (new, or unfinished after a restart).
+    pub(crate) fn enqueue(&self, action: Action) {
+        let _ = self.tx.send(Msg::Enqueue(Box::new(action)));
+    }
+
+    pub(crate) async fn cancel(&self, id: ActionId) -> CancelOutcome {
+        let (reply, rx) = oneshot::channel();
+        let _ = self.tx.send(Msg::Cancel { id, reply });
+        rx.await.unwrap_or(CancelOutcome::Unknown)
+    }
+
+    pub(crate) async fn drain(&self) {
+        let (reply, rx) = oneshot::channel();
+        let _ = self.tx.send(Msg::Drain { reply });
+        let _ = rx.await;
+    }
+
+    pub(crate) async fn stats(&self) -> ControlStats {
+        let (reply, rx) = oneshot::channel();
+        let _ = self.tx.send(Msg::Stats { reply });
+        rx.await.unwrap_or_default()
+    }
+}
+
+#[derive(Default)]
+struct Target {
+    queue: VecDeque<Action>,
+    busy: bool,
+}
+
+struct Control {
+    handle: ControlHandle,
+    shared: Arc<Shared>,
+    max_running: usize,
+    targets: HashMap<String, Target>,
+    /// Targets with a queued action and none running, in the order they
+    /// became ready. Invariant: a target is here iff it is idle with work.
+    ready: VecDeque<String>,
+    queued: HashMap<ActionId, String>,
+    running: HashMap<ActionId, CancellationToken>,
+    draining: bool,
+    drain_waiters: Vec<oneshot::Sender<()>>,
+}
+
+impl Control {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
+        while let Some(msg) = rx.recv().await {
+            match msg {
+                Msg::Enqueue(action) => self.enqueue(*action),
+                Msg::Cancel { id, reply } => {
+                    let _ = reply.send(self.cancel(id));
+                }
+                Msg::Finished { id, target } => self.finished(id, target),
+                Msg::Drain { reply } => {
+                    self.draining = true;
+                    self.drain_waiters.push(reply);
+                    self.check_drained();
+                }
+                Msg::Stats { reply } => {
+                    let _ = reply.send(ControlStats { running: self.running.len(), queued: self.queued.len() });
+                }
+            }
+            self.pump();
+        }
+    }
+
+    fn enqueue(&mut self, action: Action) {
+        if self.queued.contains_key(&action.id) || self.running.contains_key(&action.id) {
+            return;
+        }
+        self.queued.insert(action.id, action.target.clone());
+        let target = self.targets.entry(action.target.clone()).or_default();
+        target.queue.push_back(action);
+        if !target.busy && target.queue.len() == 1 {
+            self.ready.push_back(target.queue[0].target.clone());
+        }
+    }
+
+    fn cancel(&mut self, id: ActionId) -> CancelOutcome {
+        if let Some(token) = self.running.get(&id) {
+            token.cancel();
+            return CancelOutcome::Running;
+        }
+        let Some(target_name) = self.queued.remove(&id) else {
+            return CancelOutcome::Unknown;
+        };
+        if let Some(target) = self.targets.get_mut(&target_name) {
+            target.queue.retain(|a| a.id != id);
+            if target.queue.is_empty() && !target.busy {
+                self.targets.remove(&target_name);
+                self.ready.retain(|t| *t != target_name);
+            }
+        }
+        CancelOutcome::Dequeued
+    }
+
+    fn finished(&mut self, id: ActionId, target_name: String) {
+        self.running.remove(&id);
+        if let Some(target) = self.targets.get_mut(&target_name) {
+            target.busy = false;
+            if target.queue.is_empty() {
+                self.targets.remove(&target_name);
+            } else {
+                self.ready.push_back(target_name);
+            }
+        }
+        self.check_drained();
+    }
+
+    /// Starts ready actions while there is room.
+    fn pump(&mut self) {
+        while !self.draining && self.running.len() < self.max_running {
+            let Some(name) = self.ready.pop_front() else { break };
+            let Some(target) = self.targets.get_mut(&name) else { continue };
+            let Some(action) = target.queue.pop_front() else { continue };
+            target.busy = true;
+            self.queued.remove(&action.id);
+            let cancel = CancellationToken::new();
+            self.running.insert(action.id, cancel.clone());
+            let (shared, control) = (self.shared.clone(), self.handle.clone());
+            let (id, target) = (action.id, action.target.clone());
+            let task = tokio::spawn(runner::run(shared, action, cancel));
+            tokio::spawn(async move {
+                if let Err(e) = task.await {
+                    tracing::error!(action_id = id, "action runner failed: {e}; the action resumes on restart");
+                }
+                let _ = control.tx.send(Msg::Finished { id, target });
+            });
+        }
+    }
+
+    fn check_drained(&mut self) {
+        if self.draining && self.running.is_empty() {
+            for w in self.drain_waiters.drain(..) {
+                let _ = w.send(());
+            }
+        }
+    }
+}

@@ -1,0 +1,40 @@
+//! The engine's error type. Each variant maps to one stable API error code.
+
+use crate::model::{ActionId, ActionStatus};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("unknown action kind {kind:?}; known kinds: {known}")]
+    UnknownKind { kind: String, known: String },
+    #[error("action kind {kind:?} needs the param {param:?}")]
+    MissingParam { kind: String, param: String },
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("no action with id {0}")]
+    ActionNotFound(ActionId),
+    #[error("idempotency key {0:?} was already used for a different request; use a new key")]
+    IdempotencyConflict(String),
+    #[error("action {id} is already {status} and cannot be cancelled")]
+    NotCancellable { id: ActionId, status: ActionStatus },
+    #[error("no bundle with hash {0} is loaded")]
+    BundleNotLoaded(String),
+    #[error(transparent)]
+    Bundle(#[from] crate::bundle::Invalid),
+    #[error("the database is unavailable: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+}
+
+impl Error {
+    pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+        let context = context.into();
+        move |source| Error::Io { context, source }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

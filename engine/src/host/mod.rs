@@ -1,0 +1,243 @@
+//! Step hosts: one subprocess per bundle hash runs that bundle's plugin code,
+//! so a crashing plugin takes down only its host. [`StepHost`] is the
+//! engine's handle to one; `server` is the process side.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{Notify, mpsc, oneshot};
+
+pub(crate) mod protocol;
+pub mod server;
+
+use crate::bundle::Invalid;
+
+/// How to start a step host: a program and its leading arguments; the
+/// library path is appended. `troupe` uses itself in a hidden mode.
+#[derive(Debug, Clone)]
+pub struct HostCommand {
+    pub program: OsString,
+    pub args: Vec<OsString>,
+}
+
+/// The outcome of one call, as the host reported it.
+#[derive(Debug)]
+pub(crate) enum CallResult {
+    /// `status` is one of `sdk::ffi::STATUS_*`.
+    Done { status: i32, body: Vec<u8> },
+    /// The host died before answering.
+    Crashed(String),
+}
+
+/// A handle to a running step host. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct StepHost {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    frames: mpsc::UnboundedSender<Vec<u8>>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<CallResult>>>,
+    next_id: AtomicU64,
+    alive: AtomicBool,
+    kill: Notify,
+    kill_reason: Mutex<Option<String>>,
+    exited: Notify,
+    pid: u32,
+    exports: Vec<String>,
+}
+
+impl StepHost {
+    /// Starts a host for `library` and waits for its `HELLO`.
+    pub(crate) async fn spawn(cmd: &HostCommand, library: &Path, label: &str) -> Result<StepHost, crate::Error> {
+        let mut child = tokio::process::Command::new(&cmd.program)
+            .args(&cmd.args)
+            .arg(library)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(crate::Error::io(format!("starting a step host with {:?}", cmd.program)))?;
+        let pid = child.id().unwrap_or_default();
+        let mut stdin = child.stdin.take().expect("stdin is piped");
+        let mut stdout = child.stdout.take().expect("stdout is piped");
+
+        let hello = tokio::time::timeout(Duration::from_secs(30), protocol::read_async(&mut stdout)).await;
+        let exports = match hello {
+            Ok(Ok(Some(f))) if f.kind == protocol::HELLO && f.payload.len() >= 4 => {
+                let abi = u32::from_le_bytes(f.payload[..4].try_into().unwrap());
+                if abi != sdk::ABI_VERSION {
+                    return Err(Invalid::Abi { found: abi, supported: sdk::ABI_VERSION }.into());
+                }
+                serde_json::from_slice::<Vec<String>>(&f.payload[4..])
+                    .map_err(|e| Invalid::Library(format!("the library listed its steps as invalid JSON: {e}")))?
+            }
+            Ok(Ok(Some(f))) if f.kind == protocol::FAILED => {
+                return Err(Invalid::Library(String::from_utf8_lossy(&f.payload).into_owned()).into());
+            }
+            Ok(Ok(_)) | Ok(Err(_)) => {
+                let status = child.wait().await.ok();
+                let how = status.map(describe_exit).unwrap_or_else(|| "died".into());
+                return Err(Invalid::Library(format!("the step host {how} while loading the library")).into());
+            }
+            Err(_) => return Err(Invalid::Library("the step host did not start within 30 s".into()).into()),
+        };
+
+        let (frames, mut frame_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let inner = Arc::new(Inner {
+            frames,
+            pending: Mutex::default(),
+            next_id: AtomicU64::new(1),
+            alive: AtomicBool::new(true),
+            kill: Notify::new(),
+            kill_reason: Mutex::default(),
+            exited: Notify::new(),
+            pid,
+            exports,
+        });
+
+        // Writer: batches whatever frames are queued into one write.
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            while let Some(frame) = frame_rx.recv().await {
+                buf.clear();
+                buf.extend_from_slice(&frame);
+                while let Ok(more) = frame_rx.try_recv() {
+                    buf.extend_from_slice(&more);
+                }
+                if stdin.write_all(&buf).await.is_err() || stdin.flush().await.is_err() {
+                    break;
+                }
+            }
+        });
+
+        // Supervisor: owns the child; kills it on request, reports its exit.
+        let (exit_tx, exit_rx) = oneshot::channel();
+        {
+            let inner = inner.clone();
+            tokio::spawn(async move {
+                let status = tokio::select! {
+                    status = child.wait() => status,
+                    _ = inner.kill.notified() => {
+                        let _ = child.start_kill();
+                        child.wait().await
+                    }
+                };
+                let _ = exit_tx.send(status.map(describe_exit).unwrap_or_else(|e| format!("could not be waited for: {e}")));
+            });
+        }
+
+        // Reader: routes answers to callers; on end of stream fails the rest.
+        {
+            let inner = inner.clone();
+            let label = label.to_owned();
+            tokio::spawn(async move {
+                loop {
+                    match protocol::read_async(&mut stdout).await {
+                        Ok(Some(f)) if f.kind == protocol::DONE && f.payload.len() >= 4 => {
+                            let status = i32::from_le_bytes(f.payload[..4].try_into().unwrap());
+                            let body = f.payload[4..].to_vec();
+                            if let Some(tx) = inner.pending.lock().unwrap().remove(&f.id) {
+                                let _ = tx.send(CallResult::Done { status, body });
+                            }
+                        }
+                        Ok(Some(f)) => tracing::warn!(host = %label, kind = f.kind, "unexpected frame from step host"),
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+                inner.alive.store(false, Ordering::SeqCst);
+                // Closing stdout usually means the process is gone; make sure.
+                inner.kill.notify_one();
+                let how = exit_rx.await.unwrap_or_else(|_| "vanished".into());
+                let reason = inner.kill_reason.lock().unwrap().clone();
+                let message = match reason {
+                    Some(reason) => format!("step host was killed ({reason})"),
+                    None => format!("step host crashed ({how})"),
+                };
+                let pending: Vec<_> = inner.pending.lock().unwrap().drain().collect();
+                if !pending.is_empty() || reason_is_none(&inner) {
+                    tracing::warn!(host = %label, pid = inner.pid, in_flight = pending.len(), "{message}");
+                }
+                for (_, tx) in pending {
+                    let _ = tx.send(CallResult::Crashed(message.clone()));
+                }
+                inner.exited.notify_waiters();
+            });
+        }
+        tracing::debug!(host = %label, pid, "step host started");
+        Ok(StepHost { inner })
+    }
+
+    pub(crate) fn exports(&self) -> &[String] {
+        &self.inner.exports
+    }
+
+    pub(crate) fn is_alive(&self) -> bool {
+        self.inner.alive.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.inner.pid
+    }
+
+    /// Sends a call; the receiver yields its result (or the host's crash).
+    pub(crate) fn call(&self, function: &str, input: &[u8]) -> (u64, oneshot::Receiver<CallResult>) {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        if !self.is_alive() {
+            let _ = tx.send(CallResult::Crashed("step host is not running".into()));
+            return (id, rx);
+        }
+        self.inner.pending.lock().unwrap().insert(id, tx);
+        if self.inner.frames.send(protocol::call(id, function, input)).is_err()
+            && let Some(tx) = self.inner.pending.lock().unwrap().remove(&id)
+        {
+            let _ = tx.send(CallResult::Crashed("step host is not running".into()));
+        }
+        (id, rx)
+    }
+
+    /// Asks a call to stop: sets the flag its step can poll.
+    pub(crate) fn cancel(&self, id: u64) {
+        let _ = self.inner.frames.send(protocol::encode(protocol::CANCEL, id, &[]));
+    }
+
+    /// Kills the process; in-flight calls fail with `reason`.
+    pub(crate) fn kill(&self, reason: String) {
+        self.inner.kill_reason.lock().unwrap().get_or_insert(reason);
+        self.inner.alive.store(false, Ordering::SeqCst);
+        self.inner.kill.notify_one();
+    }
+
+    /// Stops the host and waits until it has exited.
+    pub(crate) async fn shutdown(&self, reason: &str) {
+        let exited = self.inner.exited.notified();
+        tokio::pin!(exited);
+        exited.as_mut().enable();
+        if self.inner.pending.lock().unwrap().is_empty() && !self.is_alive() {
+            return;
+        }
+        self.kill(reason.to_owned());
+        let _ = tokio::time::timeout(Duration::from_secs(5), exited).await;
+    }
+}
+
+fn reason_is_none(inner: &Inner) -> bool {
+    inner.kill_reason.lock().unwrap().is_none()
+}
+
+fn describe_exit(status: std::process::ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (_, Some(sig)) => format!("signal {sig}"),
+        (Some(code), _) => format!("exit status {code}"),
+        _ => "unknown exit".into(),
+    }
+}

@@ -1,0 +1,131 @@
+//! The step host: the process side. `troupe` runs this in a hidden mode, one
+//! process per bundle hash, so a plugin that crashes takes down only its host.
+//!
+//! It loads the library, says `HELLO` with the ABI and exported steps, then
+//! runs each `CALL` on its own thread until stdin closes.
+#![allow(unsafe_code)]
+
+use std::collections::HashMap;
+use std::io::{BufReader, BufWriter, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use sdk::ffi::{Buf, Call};
+
+use super::protocol::{self, CALL, CANCEL, DONE, FAILED, HELLO};
+
+type AbiFn = unsafe extern "C" fn() -> u32;
+type StepsFn = unsafe extern "C" fn() -> Buf;
+type CallFn = unsafe extern "C" fn(*const Call, *mut Buf) -> i32;
+type FreeFn = unsafe extern "C" fn(Buf);
+
+struct Plugin {
+    call: CallFn,
+    free: FreeFn,
+    // Keeps the code mapped for as long as the function pointers are used.
+    _lib: libloading::Library,
+}
+
+impl Plugin {
+    fn load(path: &Path) -> Result<(Plugin, u32, Vec<String>), String> {
+        // SAFETY: loading runs the library's initialisers. Only bundles that
+        // passed the engine's checks get here, in a process of their own.
+        let lib = unsafe { libloading::Library::new(path) }.map_err(|e| e.to_string())?;
+        let sym = |name: &str| format!("the library does not export `{name}`; was it built with sdk::export_steps!?");
+        // SAFETY: the symbol types are the ABI documented in sdk::ffi.
+        unsafe {
+            let abi = *lib.get::<AbiFn>(b"troupe_abi_version").map_err(|_| sym("troupe_abi_version"))?;
+            let steps = *lib.get::<StepsFn>(b"troupe_steps").map_err(|_| sym("troupe_steps"))?;
+            let call = *lib.get::<CallFn>(b"troupe_call").map_err(|_| sym("troupe_call"))?;
+            let free = *lib.get::<FreeFn>(b"troupe_free").map_err(|_| sym("troupe_free"))?;
+            let abi = abi();
+            let buf = steps();
+            let names = serde_json::from_slice(std::slice::from_raw_parts(buf.ptr, buf.len))
+                .map_err(|e| format!("troupe_steps returned invalid JSON: {e}"));
+            free(buf);
+            Ok((Plugin { call, free, _lib: lib }, abi, names?))
+        }
+    }
+
+    fn run(&self, function: &str, input: &[u8], cancel: &AtomicU32) -> (i32, Vec<u8>) {
+        let call = Call {
+            step: function.as_ptr(),
+            step_len: function.len(),
+            input: input.as_ptr(),
+            input_len: input.len(),
+            cancel,
+        };
+        let mut out = Buf { ptr: std::ptr::null_mut(), len: 0, cap: 0 };
+        // SAFETY: `call` and everything it points to outlive the call; the
+        // library fills `out`, which we copy and hand back to it to free.
+        unsafe {
+            let status = (self.call)(&call, &mut out);
+            let bytes = if out.ptr.is_null() { Vec::new() } else { std::slice::from_raw_parts(out.ptr, out.len).to_vec() };
+            (self.free)(out);
+            (status, bytes)
+        }
+    }
+}
+
+/// Runs a step host on stdin/stdout for the library at `path`. Returns the
+/// process exit code.
+pub fn serve(path: &Path) -> i32 {
+    let stdout = Arc::new(Mutex::new(BufWriter::new(std::io::stdout())));
+    let send = {
+        let stdout = stdout.clone();
+        move |frame: Vec<u8>| {
+            let mut out = stdout.lock().unwrap_or_else(|e| e.into_inner());
+            // The engine going away closes the pipe; the read loop ends too.
+            let _ = protocol::write_sync(&mut *out, &frame);
+        }
+    };
+    let plugin = match Plugin::load(path) {
+        Ok((plugin, abi, steps)) => {
+            let steps = serde_json::to_vec(&steps).unwrap_or_default();
+            send(protocol::encode(HELLO, 0, &[&abi.to_le_bytes(), &steps]));
+            Arc::new(plugin)
+        }
+        Err(message) => {
+            send(protocol::encode(FAILED, 0, &[message.as_bytes()]));
+            return 2;
+        }
+    };
+
+    let in_flight: Arc<Mutex<HashMap<u64, Arc<AtomicU32>>>> = Arc::default();
+    let mut stdin = BufReader::new(std::io::stdin().lock());
+    loop {
+        let frame = match protocol::read_sync(&mut stdin) {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return 0,
+            Err(e) => {
+                eprintln!("step host: reading from the engine failed: {e}");
+                return 3;
+            }
+        };
+        match frame.kind {
+            CALL => {
+                let flag = Arc::new(AtomicU32::new(0));
+                in_flight.lock().unwrap_or_else(|e| e.into_inner()).insert(frame.id, flag.clone());
+                let (plugin, in_flight, send) = (plugin.clone(), in_flight.clone(), send.clone());
+                std::thread::spawn(move || {
+                    let (status, body) = match protocol::parse_call(&frame.payload) {
+                        Some((function, input)) => plugin.run(function, input, &flag),
+                        None => (sdk::ffi::STATUS_FATAL, b"malformed call frame".to_vec()),
+                    };
+                    in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&frame.id);
+                    send(protocol::encode(DONE, frame.id, &[&status.to_le_bytes(), &body]));
+                });
+            }
+            CANCEL => {
+                if let Some(flag) = in_flight.lock().unwrap_or_else(|e| e.into_inner()).get(&frame.id) {
+                    flag.store(1, Ordering::Relaxed);
+                }
+            }
+            other => {
+                eprintln!("step host: ignoring unknown frame kind {other}");
+            }
+        }
+        let _ = stdout.lock().map(|mut o| o.flush());
+    }
+}

@@ -1,0 +1,137 @@
+//! The engine's vocabulary: actions, their steps, and their statuses.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+
+pub type ActionId = i64;
+pub type Timestamp = DateTime<Utc>;
+
+macro_rules! status_enum {
+    ($(#[$m:meta])* $name:ident { $($variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name { $($variant),+ }
+
+        impl $name {
+            pub const ALL: &[$name] = &[$($name::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    _ => Err(format!(
+                        "unknown {} {s:?}; expected one of: {}",
+                        stringify!($name),
+                        [$($text),+].join(", ")
+                    )),
+                }
+            }
+        }
+    };
+}
+
+status_enum! {
+    /// Where an action is in its life. The last three are terminal.
+    ActionStatus {
+        Queued = "queued",
+        Running = "running",
+        Succeeded = "succeeded",
+        Failed = "failed",
+        Cancelled = "cancelled",
+    }
+}
+
+status_enum! {
+    /// Where one step of an action is.
+    StepStatus {
+        Pending = "pending",
+        Running = "running",
+        Succeeded = "succeeded",
+        Failed = "failed",
+        Skipped = "skipped",
+        Cancelled = "cancelled",
+    }
+}
+
+impl ActionStatus {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, ActionStatus::Succeeded | ActionStatus::Failed | ActionStatus::Cancelled)
+    }
+}
+
+/// An action as stored, with its steps in order.
+#[derive(Debug, Clone)]
+pub struct Action {
+    pub id: ActionId,
+    pub kind: String,
+    pub target: String,
+    pub params: Map<String, Value>,
+    pub status: ActionStatus,
+    pub bundle: String,
+    pub current_step: Option<String>,
+    pub error: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub owner: Option<String>,
+    pub revision: i64,
+    pub created_at: Timestamp,
+    pub started_at: Option<Timestamp>,
+    pub finished_at: Option<Timestamp>,
+    pub steps: Vec<StepRecord>,
+}
+
+/// One step of an action as stored.
+#[derive(Debug, Clone)]
+pub struct StepRecord {
+    pub seq: u32,
+    pub name: String,
+    pub step: String,
+    pub status: StepStatus,
+    pub attempt: u32,
+    pub started_at: Option<Timestamp>,
+    pub finished_at: Option<Timestamp>,
+    pub output: Option<Value>,
+    pub error: Option<String>,
+}
+
+/// A request to run an action.
+#[derive(Debug, Clone)]
+pub struct NewAction {
+    pub kind: String,
+    pub target: String,
+    pub params: Map<String, Value>,
+    pub idempotency_key: Option<String>,
+}
+
+/// What `submit` did with a request.
+#[derive(Debug, Clone)]
+pub struct Submitted {
+    pub action: Action,
+    /// False when an earlier request with the same idempotency key made it.
+    pub created: bool,
+}
+
+/// Which actions to list, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct ActionFilter {
+    pub target: Option<String>,
+    pub status: Option<ActionStatus>,
+    pub kind: Option<String>,
+    /// Only actions with an id below this one (for paging).
+    pub before: Option<ActionId>,
+    pub limit: u32,
+}

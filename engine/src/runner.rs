@@ -1,0 +1,224 @@
+//! Drives one action through its steps, in order, recording every state
+//! change durably before moving on. Spawned by Control, one task per action.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use serde_json::{Map, Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::agency::{AgencyHandle, LoadedBundle};
+use crate::bundle::template;
+use crate::model::{Action, ActionStatus, StepStatus};
+use crate::step::StepResult;
+use crate::store::{Outcome, Store, Write};
+
+/// What every runner needs.
+pub(crate) struct Shared {
+    pub(crate) store: Store,
+    pub(crate) agency: AgencyHandle,
+    pub(crate) owner: String,
+    pub(crate) lease: Duration,
+    /// Set when the server shuts down: runners stop before their next step.
+    pub(crate) stopping: CancellationToken,
+}
+
+impl Shared {
+    /// Writes, retrying while the database is unavailable: the engine cannot
+    /// move an action on without recording it, so it waits instead.
+    async fn persist(&self, writes: Vec<Write>) -> Option<Vec<Outcome>> {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.store.write(writes.clone()).await {
+                Ok(outcomes) => return Some(outcomes),
+                Err(crate::Error::ShuttingDown) => return None,
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot record action progress; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    fn lease_until(&self) -> chrono::DateTime<Utc> {
+        Utc::now() + self.lease
+    }
+}
+
+enum End {
+    Finished(ActionStatus, Option<String>),
+    /// The server is stopping; the action resumes on the next start.
+    Paused,
+}
+
+pub(crate) async fn run(shared: Arc<Shared>, action: Action, cancel: CancellationToken) {
+    let id = action.id;
+    let bundle = match shared.agency.bundle(action.bundle.clone()).await {
+        Ok(Some(b)) => b,
+        Ok(None) => {
+            let error = format!(
+                "bundle {} that this action is pinned to is not loaded on this server; load it and resubmit",
+                action.bundle
+            );
+            finish(&shared, &action, ActionStatus::Failed, Some(error), Vec::new()).await;
+            return;
+        }
+        Err(_) => return,
+    };
+    let first = vec![Write::Start { id, owner: shared.owner.clone(), lease_until: shared.lease_until(), at: Utc::now() }];
+    match shared.persist(first).await {
+        Some(o) if o[0] == (Outcome::Done { rows: 0 }) => return, // cancelled before it started
+        Some(_) => {}
+        None => return,
+    }
+    tracing::debug!(action_id = id, kind = %action.kind, target = %action.target, "action started");
+    match steps(&shared, &bundle, &action, &cancel).await {
+        End::Finished(status, error) => {
+            tracing::info!(action_id = id, kind = %action.kind, target = %action.target, %status, "action finished");
+            finish(&shared, &action, status, error, Vec::new()).await
+        }
+        End::Paused => tracing::info!(action_id = id, "action paused for shutdown; it resumes on the next start"),
+    }
+}
+
+async fn finish(shared: &Shared, action: &Action, status: ActionStatus, error: Option<String>, mut writes: Vec<Write>) {
+    writes.push(Write::Finish { id: action.id, status, error, at: Utc::now() });
+    shared.persist(writes).await;
+}
+
+async fn steps(shared: &Shared, bundle: &LoadedBundle, action: &Action, cancel: &CancellationToken) -> End {
+    let id = action.id;
+    let Some(kind) = bundle.manifest.kinds.get(&action.kind) else {
+        return End::Finished(
+            ActionStatus::Failed,
+            Some(format!("bundle {} does not define kind {:?}", bundle.hash.short(), action.kind)),
+        );
+    };
+    let mut outputs = Map::new();
+    for (seq, step_use) in kind.steps.iter().enumerate() {
+        let seq = seq as u32;
+        let name = step_use.name();
+        let record = action.steps.iter().find(|s| s.seq == seq);
+        let mut attempt = record.map_or(0, |r| r.attempt);
+        match record.map(|r| r.status) {
+            Some(StepStatus::Succeeded) => {
+                let output = record.and_then(|r| r.output.clone()).unwrap_or(Value::Null);
+                outputs.insert(name.to_owned(), output);
+                continue;
+            }
+            Some(StepStatus::Running) => {
+                let def = &bundle.manifest.steps[&step_use.step];
+                if !def.idempotent {
+                    let error = format!(
+                        "step {name:?} was interrupted (the server stopped while it ran) and is not idempotent, \
+                         so it was not run again; check the target's state before resubmitting"
+                    );
+                    let end = Write::StepEnded { id, seq, status: StepStatus::Failed, error: error.clone(), at: Utc::now() };
+                    shared.persist(vec![end]).await;
+                    return End::Finished(ActionStatus::Failed, Some(error));
+                }
+                tracing::info!(action_id = id, step = name, "re-running interrupted idempotent step");
+            }
+            _ => {}
+        }
+        let handle = match shared.agency.step(bundle.hash, step_use.step.clone()).await {
+            Ok(h) => h,
+            Err(e) => return End::Finished(ActionStatus::Failed, Some(format!("step {name:?}: {e}"))),
+        };
+        let mut failures = 0;
+        loop {
+            if cancel.is_cancelled() {
+                return cancelled(shared, action, seq, false).await;
+            }
+            if shared.stopping.is_cancelled() {
+                return End::Paused;
+            }
+            attempt += 1;
+            let started_at = Utc::now();
+            let start = Write::StepStarted { id, seq, name: name.to_owned(), attempt, at: started_at };
+            if shared.persist(vec![start]).await.is_none() {
+                return End::Paused;
+            }
+            let scope = json!({
+                "action": { "id": id, "kind": action.kind, "target": action.target, "params": action.params },
+                "target": action.target,
+                "kind": action.kind,
+                "params": action.params,
+                "steps": outputs,
+            });
+            let result = match template::resolve(&step_use.settings, &scope) {
+                Ok(settings) => {
+                    let input = json!({
+                        "action": scope["action"],
+                        "settings": settings,
+                        "outputs": outputs,
+                        "attempt": attempt,
+                    });
+                    handle.run(serde_json::to_vec(&input).expect("JSON serializes"), cancel.child_token()).await
+                }
+                Err(e) => StepResult::Fatal(format!("invalid settings: {e}")),
+            };
+            let mut retry = |msg: &str| {
+                failures += 1;
+                let policy = &handle.def.retry;
+                (failures < policy.attempts && !cancel.is_cancelled()).then(|| (policy.backoff(failures), msg.to_owned()))
+            };
+            let error = match result {
+                StepResult::Ok(output) => {
+                    let text = serde_json::to_string(&output).expect("JSON serializes");
+                    let done = Write::StepSucceeded { id, seq, output: text, at: Utc::now() };
+                    if shared.persist(vec![done]).await.is_none() {
+                        return End::Paused;
+                    }
+                    outputs.insert(name.to_owned(), output);
+                    break;
+                }
+                StepResult::Cancelled => return cancelled(shared, action, seq, true).await,
+                StepResult::Retryable(msg) => match retry(&msg) {
+                    Some((wait, msg)) => {
+                        let failed = Write::StepAttemptFailed { id, seq, attempt, started_at, error: msg, at: Utc::now() };
+                        shared.persist(vec![failed]).await;
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = cancel.cancelled() => {}
+                            _ = shared.stopping.cancelled() => {}
+                        }
+                        continue;
+                    }
+                    None => msg,
+                },
+                StepResult::TimedOut(msg) if handle.def.idempotent => match retry(&msg) {
+                    Some((wait, msg)) => {
+                        let failed = Write::StepAttemptFailed { id, seq, attempt, started_at, error: msg, at: Utc::now() };
+                        shared.persist(vec![failed]).await;
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
+                    None => msg,
+                },
+                StepResult::TimedOut(msg) | StepResult::Fatal(msg) => msg,
+            };
+            let attempts = if attempt > 1 { format!(" (after {attempt} attempts)") } else { String::new() };
+            let end = Write::StepEnded { id, seq, status: StepStatus::Failed, error: error.clone(), at: Utc::now() };
+            shared.persist(vec![end]).await;
+            return End::Finished(ActionStatus::Failed, Some(format!("step {name:?} failed{attempts}: {error}")));
+        }
+    }
+    End::Finished(ActionStatus::Succeeded, None)
+}
+
+async fn cancelled(shared: &Shared, action: &Action, seq: u32, in_step: bool) -> End {
+    if in_step {
+        let end = Write::StepEnded {
+            id: action.id,
+            seq,
+            status: StepStatus::Cancelled,
+            error: "cancelled".into(),
+            at: Utc::now(),
+        };
+        shared.persist(vec![end]).await;
+    }
+    End::Finished(ActionStatus::Cancelled, Some("cancelled on request".into()))
+}

@@ -1,0 +1,305 @@
+//! The store: actions and their steps in SQLite or MySQL/MariaDB.
+//!
+//! Reads go straight to a pool. Writes go through one writer task that
+//! commits everything waiting in a single transaction (group commit) and only
+//! then answers each caller, so a state change is durable before the caller
+//! moves on. Both backends run the same SQL text, expanded per backend by
+//! `sql_backend!` in `sql.rs`.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use sqlx::mysql::MySqlPoolOptions;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{MySqlPool, SqlitePool};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::error::{Error, Result};
+use crate::model::{Action, ActionFilter, ActionId, ActionStatus, NewAction, StepStatus, Timestamp};
+
+mod sql;
+
+/// One change to the database. A caller's list of writes commits atomically.
+#[derive(Debug, Clone)]
+pub(crate) enum Write {
+    Insert {
+        new: NewAction,
+        bundle: String,
+        request_hash: String,
+        owner: String,
+        /// (name, step definition) for each step, in order.
+        steps: Vec<(String, String)>,
+        at: Timestamp,
+    },
+    Start { id: ActionId, owner: String, lease_until: Timestamp, at: Timestamp },
+    StepStarted { id: ActionId, seq: u32, name: String, attempt: u32, at: Timestamp },
+    StepSucceeded { id: ActionId, seq: u32, output: String, at: Timestamp },
+    /// An attempt failed and another will follow.
+    StepAttemptFailed { id: ActionId, seq: u32, attempt: u32, started_at: Timestamp, error: String, at: Timestamp },
+    /// The step ended without success (failed or cancelled).
+    StepEnded { id: ActionId, seq: u32, status: StepStatus, error: String, at: Timestamp },
+    /// The action ended; its pending steps become `skipped`.
+    Finish { id: ActionId, status: ActionStatus, error: Option<String>, at: Timestamp },
+    /// Cancels an action only if it is still queued.
+    CancelQueued { id: ActionId, at: Timestamp },
+    /// Takes ownership of an action (used when resuming after a restart).
+    Claim { id: ActionId, owner: String, lease_until: Timestamp },
+    RenewLeases { owner: String, until: Timestamp },
+    /// Gives up ownership of unfinished actions so they resume on next start.
+    Release { owner: String, at: Timestamp },
+}
+
+impl Write {
+    fn action_id(&self) -> Option<ActionId> {
+        match self {
+            Write::Start { id, .. }
+            | Write::StepStarted { id, .. }
+            | Write::StepSucceeded { id, .. }
+            | Write::StepAttemptFailed { id, .. }
+            | Write::StepEnded { id, .. }
+            | Write::Finish { id, .. }
+            | Write::CancelQueued { id, .. }
+            | Write::Claim { id, .. } => Some(*id),
+            Write::Insert { .. } | Write::RenewLeases { .. } | Write::Release { .. } => None,
+        }
+    }
+}
+
+/// What one write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Done { rows: u64 },
+    Inserted(ActionId),
+    /// The idempotency key exists with the same request.
+    Existing(ActionId),
+    /// The idempotency key exists with a different request.
+    Conflict,
+}
+
+/// Counters for benchmarks: how hard the store works the database.
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    pub transactions: AtomicU64,
+    pub rows_written: AtomicU64,
+    pub writes: AtomicU64,
+}
+
+#[derive(Clone)]
+enum Pool {
+    Sqlite(SqlitePool),
+    MySql(MySqlPool),
+}
+
+struct Request {
+    writes: Vec<Write>,
+    reply: oneshot::Sender<Result<Vec<Outcome>, String>>,
+}
+
+/// A handle to the store. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    read: Pool,
+    writer: mpsc::Sender<Request>,
+    events: broadcast::Sender<ActionId>,
+    stats: Arc<StoreStats>,
+    backend: &'static str,
+}
+
+/// Largest number of writes committed in one transaction.
+const MAX_BATCH: usize = 512;
+
+impl Store {
+    /// Connects, applies migrations and starts the writer.
+    pub async fn connect(url: &str) -> Result<Store> {
+        let (read, write, backend) = if url.starts_with("sqlite:") {
+            let opts = SqliteConnectOptions::from_str(url)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Full)
+                .busy_timeout(Duration::from_secs(10))
+                .foreign_keys(true);
+            let write = SqlitePoolOptions::new().max_connections(1).connect_with(opts.clone()).await?;
+            sqlx::migrate!("../migrations/sqlite").run(&write).await?;
+            let read = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await?;
+            (Pool::Sqlite(read), Pool::Sqlite(write), "sqlite")
+        } else if url.starts_with("mysql:") || url.starts_with("mariadb:") {
+            let url = url.replacen("mariadb:", "mysql:", 1);
+            let pool = MySqlPoolOptions::new()
+                .max_connections(8)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect(&url)
+                .await?;
+            sqlx::migrate!("../migrations/mysql").run(&pool).await?;
+            (Pool::MySql(pool.clone()), Pool::MySql(pool), "mysql")
+        } else {
+            return Err(Error::InvalidRequest(format!(
+                "unsupported database URL {:?}: use sqlite://PATH or mysql://USER:PASSWORD@HOST:PORT/DATABASE",
+                redact(url)
+            )));
+        };
+        let (tx, rx) = mpsc::channel(4096);
+        let (events, _) = broadcast::channel(4096);
+        let stats = Arc::new(StoreStats::default());
+        tokio::spawn(writer(write, rx, events.clone(), stats.clone()));
+        Ok(Store { read, writer: tx, events, stats, backend })
+    }
+
+    pub fn backend(&self) -> &'static str {
+        self.backend
+    }
+
+    pub fn stats(&self) -> &StoreStats {
+        &self.stats
+    }
+
+    /// Commits `writes` atomically (possibly together with others' writes).
+    pub(crate) async fn write(&self, writes: Vec<Write>) -> Result<Vec<Outcome>> {
+        let (reply, rx) = oneshot::channel();
+        self.writer.send(Request { writes, reply }).await.map_err(|_| Error::ShuttingDown)?;
+        match rx.await {
+            Ok(Ok(outcomes)) => Ok(outcomes),
+            Ok(Err(message)) => Err(Error::Database(sqlx::Error::Protocol(message))),
+            Err(_) => Err(Error::ShuttingDown),
+        }
+    }
+
+    /// Ids of actions whose state changed, published after each commit.
+    pub fn subscribe(&self) -> broadcast::Receiver<ActionId> {
+        self.events.subscribe()
+    }
+
+    pub async fn action(&self, id: ActionId) -> Result<Option<Action>> {
+        Ok(match &self.read {
+            Pool::Sqlite(p) => sql::sqlite::action(p, id).await?,
+            Pool::MySql(p) => sql::mysql::action(p, id).await?,
+        })
+    }
+
+    pub async fn list(&self, filter: &ActionFilter) -> Result<Vec<Action>> {
+        Ok(match &self.read {
+            Pool::Sqlite(p) => sql::sqlite::list(p, filter).await?,
+            Pool::MySql(p) => sql::mysql::list(p, filter).await?,
+        })
+    }
+
+    /// Unfinished actions this server should run, oldest first: queued ones,
+    /// and running ones it owns, nobody owns, or whose lease ran out.
+    pub(crate) async fn unfinished(&self, owner: &str, now: Timestamp) -> Result<Vec<Action>> {
+        Ok(match &self.read {
+            Pool::Sqlite(p) => sql::sqlite::unfinished(p, owner, now).await?,
+            Pool::MySql(p) => sql::mysql::unfinished(p, owner, now).await?,
+        })
+    }
+
+    /// Checks that the database answers.
+    pub async fn ping(&self) -> Result<()> {
+        match &self.read {
+            Pool::Sqlite(p) => drop(sqlx::query("SELECT 1").execute(p).await?),
+            Pool::MySql(p) => drop(sqlx::query("SELECT 1").execute(p).await?),
+        }
+        Ok(())
+    }
+}
+
+/// The group-commit loop: takes every request waiting, commits them in one
+/// transaction, answers them all. If the batch fails, each request is retried
+/// alone so one bad write cannot fail its neighbours.
+async fn writer(
+    pool: Pool,
+    mut rx: mpsc::Receiver<Request>,
+    events: broadcast::Sender<ActionId>,
+    stats: Arc<StoreStats>,
+) {
+    let mut batch: Vec<Request> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        let mut count = batch[0].writes.len();
+        while count < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(req) => {
+                    count += req.writes.len();
+                    batch.push(req);
+                }
+                Err(_) => break,
+            }
+        }
+        let all: Vec<&Write> = batch.iter().flat_map(|r| r.writes.iter()).collect();
+        match apply(&pool, &all, &stats).await {
+            Ok(mut outcomes) => {
+                publish(&events, &all);
+                for req in batch.drain(..) {
+                    let rest = outcomes.split_off(req.writes.len());
+                    let _ = req.reply.send(Ok(std::mem::replace(&mut outcomes, rest)));
+                }
+            }
+            Err(e) if batch.len() == 1 => {
+                let req = batch.pop().unwrap();
+                let _ = req.reply.send(Err(e.to_string()));
+            }
+            Err(_) => {
+                for req in batch.drain(..) {
+                    let writes: Vec<&Write> = req.writes.iter().collect();
+                    let result = apply(&pool, &writes, &stats).await;
+                    if result.is_ok() {
+                        publish(&events, &writes);
+                    }
+                    let _ = req.reply.send(result.map_err(|e| e.to_string()));
+                }
+            }
+        }
+    }
+}
+
+async fn apply(pool: &Pool, writes: &[&Write], stats: &StoreStats) -> Result<Vec<Outcome>, sqlx::Error> {
+    let outcomes = match pool {
+        Pool::Sqlite(p) => sql::sqlite::apply(p, writes).await?,
+        Pool::MySql(p) => sql::mysql::apply(p, writes).await?,
+    };
+    stats.transactions.fetch_add(1, Ordering::Relaxed);
+    stats.writes.fetch_add(writes.len() as u64, Ordering::Relaxed);
+    let rows: u64 = outcomes
+        .iter()
+        .map(|o| match o {
+            Outcome::Done { rows } => *rows,
+            Outcome::Inserted(_) => 1,
+            Outcome::Existing(_) | Outcome::Conflict => 0,
+        })
+        .sum();
+    stats.rows_written.fetch_add(rows, Ordering::Relaxed);
+    Ok(outcomes)
+}
+
+fn publish(events: &broadcast::Sender<ActionId>, writes: &[&Write]) {
+    let mut last = None;
+    for id in writes.iter().filter_map(|w| w.action_id()) {
+        if last != Some(id) {
+            let _ = events.send(id);
+            last = Some(id);
+        }
+    }
+}
+
+/// A database URL with any password replaced, for messages and logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!("{}{}:***{}", &url[..scheme + 3], &userinfo[..colon], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(super::redact("mysql://u:secret@h:1/db"), "mysql://u:***@h:1/db");
+        assert_eq!(super::redact("sqlite://x.db"), "sqlite://x.db");
+    }
+}

@@ -1,0 +1,198 @@
+//! The plugin contract: a step is an ordinary Rust function with typed input,
+//! exported to the engine through the C ABI in [`ffi`].
+//!
+//! ```ignore
+//! use sdk::{Context, StepError, StepInput};
+//!
+//! #[derive(serde::Deserialize)]
+//! struct Settings { path: String }
+//!
+//! fn touch(_cx: &Context, input: StepInput<Settings>) -> Result<serde_json::Value, StepError> {
+//!     std::fs::write(&input.settings.path, b"").map_err(StepError::retryable)?;
+//!     Ok(serde_json::json!({ "touched": input.settings.path }))
+//! }
+//!
+//! sdk::export_steps! { "touch" => touch }
+//! ```
+
+use std::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+pub mod ffi;
+
+/// The version of the C ABI described in [`ffi`]. A bundle's manifest names
+/// the ABI it was built for and the engine refuses any other.
+pub const ABI_VERSION: u32 = 1;
+
+/// What a step receives on every call.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepInput<S = Value> {
+    /// The action this step runs for.
+    pub action: ActionInfo,
+    /// The settings the action kind gives this use of the step, with templates
+    /// already resolved against the params and earlier outputs.
+    pub settings: S,
+    /// Outputs of the steps that already succeeded, by step name.
+    #[serde(default)]
+    pub outputs: Map<String, Value>,
+    /// 1 for the first attempt, 2 for the first retry, and so on.
+    #[serde(default = "one")]
+    pub attempt: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ActionInfo {
+    pub id: i64,
+    pub kind: String,
+    pub target: String,
+    #[serde(default)]
+    pub params: Map<String, Value>,
+}
+
+/// Why a step failed, and whether trying again can help.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepError {
+    /// A transient failure: the engine retries it if the step's policy allows.
+    Retryable(String),
+    /// A permanent failure: the action fails at once.
+    Fatal(String),
+}
+
+impl StepError {
+    pub fn retryable(msg: impl fmt::Display) -> Self {
+        StepError::Retryable(msg.to_string())
+    }
+
+    pub fn fatal(msg: impl fmt::Display) -> Self {
+        StepError::Fatal(msg.to_string())
+    }
+
+    /// The error a step returns when it noticed [`Context::is_cancelled`].
+    pub fn cancelled() -> Self {
+        StepError::Fatal("cancelled".to_owned())
+    }
+
+    pub fn message(&self) -> &str {
+        match self {
+            StepError::Retryable(m) | StepError::Fatal(m) => m,
+        }
+    }
+}
+
+impl fmt::Display for StepError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.message())
+    }
+}
+
+impl std::error::Error for StepError {}
+
+/// Per-call context handed to a step by the host.
+pub struct Context<'a> {
+    cancel: &'a AtomicU32,
+}
+
+impl<'a> Context<'a> {
+    /// A context whose cancel flag is `flag`; useful to call steps directly in tests.
+    pub fn new(flag: &'a AtomicU32) -> Self {
+        Context { cancel: flag }
+    }
+
+    /// True once the engine asked this call to stop (timeout or cancel).
+    /// Long-running steps should poll it and return [`StepError::cancelled`].
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed) != 0
+    }
+
+    /// Sleeps for `d`, waking early with an error if the call is cancelled.
+    pub fn sleep(&self, d: Duration) -> Result<(), StepError> {
+        let deadline = Instant::now() + d;
+        loop {
+            if self.is_cancelled() {
+                return Err(StepError::cancelled());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(());
+            }
+            std::thread::sleep((deadline - now).min(Duration::from_millis(10)));
+        }
+    }
+}
+
+/// Turns a typed step function into the untyped form the ABI dispatches to.
+/// Used by [`export_steps!`]; not normally called directly.
+pub fn run_typed<S, O, F>(cx: &Context<'_>, input: &[u8], f: F) -> Result<Vec<u8>, StepError>
+where
+    S: serde::de::DeserializeOwned,
+    O: Serialize,
+    F: FnOnce(&Context<'_>, StepInput<S>) -> Result<O, StepError>,
+{
+    let input: StepInput<S> = serde_json::from_slice(input)
+        .map_err(|e| StepError::fatal(format!("invalid step input: {e}")))?;
+    let output = f(cx, input)?;
+    serde_json::to_vec(&output).map_err(|e| StepError::fatal(format!("unserializable output: {e}")))
+}
+
+/// Exports the listed steps from a `cdylib` through troupe's C ABI.
+///
+/// ```ignore
+/// sdk::export_steps! {
+///     "noop" => noop,
+///     "echo" => echo,
+/// }
+/// ```
+#[macro_export]
+macro_rules! export_steps {
+    ($($name:literal => $func:path),+ $(,)?) => {
+        const _: () = {
+            const STEP_NAMES: &[&str] = &[$($name),+];
+
+            fn dispatch(
+                name: &str,
+                cx: &$crate::Context<'_>,
+                input: &[u8],
+            ) -> ::core::option::Option<::core::result::Result<::std::vec::Vec<u8>, $crate::StepError>> {
+                match name {
+                    $($name => ::core::option::Option::Some($crate::run_typed(cx, input, $func)),)+
+                    _ => ::core::option::Option::None,
+                }
+            }
+
+            #[unsafe(no_mangle)]
+            pub extern "C" fn troupe_abi_version() -> u32 {
+                $crate::ABI_VERSION
+            }
+
+            #[unsafe(no_mangle)]
+            pub extern "C" fn troupe_steps() -> $crate::ffi::Buf {
+                $crate::ffi::step_names(STEP_NAMES)
+            }
+
+            /// # Safety
+            /// `call` must point to a valid [`$crate::ffi::Call`] for the duration of the call.
+            #[unsafe(no_mangle)]
+            pub unsafe extern "C" fn troupe_call(
+                call: *const $crate::ffi::Call,
+                out: *mut $crate::ffi::Buf,
+            ) -> i32 {
+                unsafe { $crate::ffi::call(call, out, dispatch) }
+            }
+
+            /// # Safety
+            /// `buf` must have been returned by this library and not freed before.
+            #[unsafe(no_mangle)]
+            pub unsafe extern "C" fn troupe_free(buf: $crate::ffi::Buf) {
+                unsafe { $crate::ffi::free(buf) }
+            }
+        };
+    };
+}

@@ -1,0 +1,1 @@
+//! Helpers live in the test binary.
