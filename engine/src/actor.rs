@@ -14,7 +14,10 @@ where
         if let Err(e) = handle.await
             && e.is_panic()
         {
-            tracing::error!(actor = name, "actor panicked; exiting so the server restarts cleanly");
+            tracing::error!(
+                actor = name,
+                "actor panicked; exiting so the server restarts cleanly"
+            );
             std::process::exit(70);
         }
     });

@@ -25,13 +25,33 @@ pub struct LoadedBundle {
 }
 
 enum Msg {
-    Load { unpacked: bundle::Unpacked, reply: oneshot::Sender<Result<Arc<LoadedBundle>>> },
-    Resolve { kind: String, reply: oneshot::Sender<Result<Arc<LoadedBundle>>> },
-    Bundle { hash: String, reply: oneshot::Sender<Option<Arc<LoadedBundle>>> },
-    Step { hash: BundleHash, step: String, reply: oneshot::Sender<Result<StepHandle>> },
-    Host { hash: BundleHash, reply: oneshot::Sender<Result<StepHost>> },
-    Kinds { reply: oneshot::Sender<Vec<(String, Arc<LoadedBundle>)>> },
-    Shutdown { reply: oneshot::Sender<()> },
+    Load {
+        unpacked: bundle::Unpacked,
+        reply: oneshot::Sender<Result<Arc<LoadedBundle>>>,
+    },
+    Resolve {
+        kind: String,
+        reply: oneshot::Sender<Result<Arc<LoadedBundle>>>,
+    },
+    Bundle {
+        hash: String,
+        reply: oneshot::Sender<Option<Arc<LoadedBundle>>>,
+    },
+    Step {
+        hash: BundleHash,
+        step: String,
+        reply: oneshot::Sender<Result<StepHandle>>,
+    },
+    Host {
+        hash: BundleHash,
+        reply: oneshot::Sender<Result<StepHost>>,
+    },
+    Kinds {
+        reply: oneshot::Sender<Vec<(String, Arc<LoadedBundle>)>>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 #[derive(Clone)]
@@ -58,7 +78,10 @@ impl AgencyHandle {
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Msg) -> Result<T> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(make(reply)).await.map_err(|_| Error::ShuttingDown)?;
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
         rx.await.map_err(|_| Error::ShuttingDown)
     }
 
@@ -113,18 +136,29 @@ impl Agency {
                     let _ = reply.send(self.load(unpacked).await);
                 }
                 Msg::Resolve { kind, reply } => {
-                    let found = self.active.get(&kind).and_then(|h| self.bundles.get(h)).cloned();
+                    let found = self
+                        .active
+                        .get(&kind)
+                        .and_then(|h| self.bundles.get(h))
+                        .cloned();
                     let _ = reply.send(found.ok_or_else(|| {
                         let mut known: Vec<&str> = self.active.keys().map(String::as_str).collect();
                         known.sort_unstable();
                         Error::UnknownKind {
                             kind,
-                            known: if known.is_empty() { "none (no bundle is loaded)".into() } else { known.join(", ") },
+                            known: if known.is_empty() {
+                                "none (no bundle is loaded)".into()
+                            } else {
+                                known.join(", ")
+                            },
                         }
                     }));
                 }
                 Msg::Bundle { hash, reply } => {
-                    let found = hash.parse().ok().and_then(|h: BundleHash| self.bundles.get(&h).cloned());
+                    let found = hash
+                        .parse()
+                        .ok()
+                        .and_then(|h: BundleHash| self.bundles.get(&h).cloned());
                     let _ = reply.send(found);
                 }
                 Msg::Step { hash, step, reply } => {
@@ -170,7 +204,11 @@ impl Agency {
             host.shutdown("bundle rejected").await;
             return Err(Invalid::MissingSteps(missing).into());
         }
-        let loaded = Arc::new(LoadedBundle { hash: unpacked.hash, manifest: unpacked.manifest, library: unpacked.library });
+        let loaded = Arc::new(LoadedBundle {
+            hash: unpacked.hash,
+            manifest: unpacked.manifest,
+            library: unpacked.library,
+        });
         for kind in loaded.manifest.kinds.keys() {
             self.active.insert(kind.clone(), loaded.hash);
         }
@@ -186,7 +224,10 @@ impl Agency {
         {
             return Ok(host.clone());
         }
-        let bundle = self.bundles.get(&hash).ok_or_else(|| Error::BundleNotLoaded(hash.to_string()))?;
+        let bundle = self
+            .bundles
+            .get(&hash)
+            .ok_or_else(|| Error::BundleNotLoaded(hash.to_string()))?;
         let label = format!("{}@{}", bundle.manifest.name, hash.short());
         tracing::info!(bundle = %label, "starting a fresh step host");
         let host = StepHost::spawn(&self.host_command, &bundle.library, &label).await?;
@@ -198,15 +239,22 @@ impl Agency {
         if let Some(handle) = self.steps.get(&(hash, step.clone())) {
             return Ok(handle.clone());
         }
-        let bundle = self.bundles.get(&hash).ok_or_else(|| Error::BundleNotLoaded(hash.to_string()))?;
-        let def = bundle
-            .manifest
-            .steps
-            .get(&step)
-            .cloned()
-            .ok_or_else(|| Error::InvalidRequest(format!("bundle {} has no step {step:?}", hash.short())))?;
+        let bundle = self
+            .bundles
+            .get(&hash)
+            .ok_or_else(|| Error::BundleNotLoaded(hash.to_string()))?;
+        let def = bundle.manifest.steps.get(&step).cloned().ok_or_else(|| {
+            Error::InvalidRequest(format!("bundle {} has no step {step:?}", hash.short()))
+        })?;
         let host = self.host(hash).await?;
-        let handle = StepHandle::spawn(hash, step.clone(), def, host, self.handle.clone(), self.grace);
+        let handle = StepHandle::spawn(
+            hash,
+            step.clone(),
+            def,
+            host,
+            self.handle.clone(),
+            self.grace,
+        );
         self.steps.insert((hash, step), handle.clone());
         Ok(handle)
     }

@@ -14,11 +14,21 @@ use crate::runner::{self, Shared};
 
 enum Msg {
     Enqueue(Box<Action>),
-    Cancel { id: ActionId, reply: oneshot::Sender<CancelOutcome> },
-    Finished { id: ActionId, target: String },
+    Cancel {
+        id: ActionId,
+        reply: oneshot::Sender<CancelOutcome>,
+    },
+    Finished {
+        id: ActionId,
+        target: String,
+    },
     /// Stop starting actions; answer once none is running.
-    Drain { reply: oneshot::Sender<()> },
-    Stats { reply: oneshot::Sender<ControlStats> },
+    Drain {
+        reply: oneshot::Sender<()>,
+    },
+    Stats {
+        reply: oneshot::Sender<ControlStats>,
+    },
 }
 
 /// Where Control found an action it was asked to cancel.
@@ -121,7 +131,10 @@ impl Control {
                     self.check_drained();
                 }
                 Msg::Stats { reply } => {
-                    let _ = reply.send(ControlStats { running: self.running.len(), queued: self.queued.len() });
+                    let _ = reply.send(ControlStats {
+                        running: self.running.len(),
+                        queued: self.queued.len(),
+                    });
                 }
             }
             self.pump();
@@ -174,9 +187,15 @@ impl Control {
     /// Starts ready actions while there is room.
     fn pump(&mut self) {
         while !self.draining && self.running.len() < self.max_running {
-            let Some(name) = self.ready.pop_front() else { break };
-            let Some(target) = self.targets.get_mut(&name) else { continue };
-            let Some(action) = target.queue.pop_front() else { continue };
+            let Some(name) = self.ready.pop_front() else {
+                break;
+            };
+            let Some(target) = self.targets.get_mut(&name) else {
+                continue;
+            };
+            let Some(action) = target.queue.pop_front() else {
+                continue;
+            };
             target.busy = true;
             self.queued.remove(&action.id);
             let cancel = CancellationToken::new();
@@ -186,7 +205,10 @@ impl Control {
             let task = tokio::spawn(runner::run(shared, action, cancel));
             tokio::spawn(async move {
                 if let Err(e) = task.await {
-                    tracing::error!(action_id = id, "action runner failed: {e}; the action resumes on restart");
+                    tracing::error!(
+                        action_id = id,
+                        "action runner failed: {e}; the action resumes on restart"
+                    );
                 }
                 let _ = control.tx.send(Msg::Finished { id, target });
             });

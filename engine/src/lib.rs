@@ -30,7 +30,9 @@ pub use signing::BundleHash;
 
 use agency::AgencyHandle;
 use control::{CancelOutcome, ControlHandle};
-use model::{Action, ActionFilter, ActionId, ActionStatus, NewAction, StepRecord, StepStatus, Submitted};
+use model::{
+    Action, ActionFilter, ActionId, ActionStatus, NewAction, StepRecord, StepStatus, Submitted,
+};
 use runner::Shared;
 use store::{Outcome, Store, Write};
 
@@ -87,7 +89,8 @@ impl Engine {
     pub async fn start(config: Config) -> Result<Engine> {
         let store = Store::connect(&config.database_url).await?;
         let bundles = config.data_dir.join("bundles");
-        std::fs::create_dir_all(&bundles).map_err(Error::io(format!("creating {}", bundles.display())))?;
+        std::fs::create_dir_all(&bundles)
+            .map_err(Error::io(format!("creating {}", bundles.display())))?;
         let agency = AgencyHandle::spawn(config.host_command.clone(), config.cancel_grace);
         let shared = Arc::new(Shared {
             store: store.clone(),
@@ -97,7 +100,15 @@ impl Engine {
             stopping: CancellationToken::new(),
         });
         let control = ControlHandle::spawn(shared.clone(), config.max_running);
-        let engine = Engine { inner: Arc::new(Inner { config, store, agency, control, shared }) };
+        let engine = Engine {
+            inner: Arc::new(Inner {
+                config,
+                store,
+                agency,
+                control,
+                shared,
+            }),
+        };
         engine.spawn_lease_renewal();
         Ok(engine)
     }
@@ -111,7 +122,10 @@ impl Engine {
                     _ = tokio::time::sleep(every) => {}
                     _ = shared.stopping.cancelled() => return,
                 }
-                let renew = Write::RenewLeases { owner: shared.owner.clone(), until: Utc::now() + shared.lease };
+                let renew = Write::RenewLeases {
+                    owner: shared.owner.clone(),
+                    until: Utc::now() + shared.lease,
+                };
                 if let Err(e) = shared.store.write(vec![renew]).await {
                     tracing::warn!(error = %e, "could not renew action leases");
                 }
@@ -139,11 +153,19 @@ impl Engine {
     /// Hands every unfinished action in the database to Control, oldest first.
     pub async fn resume(&self) -> Result<usize> {
         let now = Utc::now();
-        let actions = self.inner.store.unfinished(&self.inner.config.node_id, now).await?;
+        let actions = self
+            .inner
+            .store
+            .unfinished(&self.inner.config.node_id, now)
+            .await?;
         let claims: Vec<Write> = actions
             .iter()
             .filter(|a| a.status == ActionStatus::Running)
-            .map(|a| Write::Claim { id: a.id, owner: self.inner.config.node_id.clone(), lease_until: now + self.inner.config.lease })
+            .map(|a| Write::Claim {
+                id: a.id,
+                owner: self.inner.config.node_id.clone(),
+                lease_until: now + self.inner.config.lease,
+            })
             .collect();
         if !claims.is_empty() {
             self.inner.store.write(claims).await?;
@@ -191,17 +213,32 @@ impl Engine {
         if let Some(key) = &new.idempotency_key
             && (key.is_empty() || key.len() > MAX_KEY_LEN)
         {
-            return Err(Error::InvalidRequest(format!("idempotency_key must be 1 to {MAX_KEY_LEN} bytes")));
+            return Err(Error::InvalidRequest(format!(
+                "idempotency_key must be 1 to {MAX_KEY_LEN} bytes"
+            )));
         }
-        let new = NewAction { target: target.to_owned(), ..new };
+        let new = NewAction {
+            target: target.to_owned(),
+            ..new
+        };
         let bundle = self.inner.agency.resolve(new.kind.clone()).await?;
         let kind = &bundle.manifest.kinds[&new.kind];
         if let Some(param) = kind.params.iter().find(|p| !new.params.contains_key(*p)) {
-            return Err(Error::MissingParam { kind: new.kind.clone(), param: param.clone() });
+            return Err(Error::MissingParam {
+                kind: new.kind.clone(),
+                param: param.clone(),
+            });
         }
         let request = json!({ "kind": new.kind, "target": new.target, "params": new.params });
-        let request_hash: String = Sha256::digest(request.to_string().as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
-        let steps: Vec<(String, String)> = kind.steps.iter().map(|s| (s.name().to_owned(), s.step.clone())).collect();
+        let request_hash: String = Sha256::digest(request.to_string().as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let steps: Vec<(String, String)> = kind
+            .steps
+            .iter()
+            .map(|s| (s.name().to_owned(), s.step.clone()))
+            .collect();
         let at = Utc::now();
         let insert = Write::Insert {
             new: new.clone(),
@@ -246,21 +283,40 @@ impl Engine {
                         .collect(),
                 };
                 self.inner.control.enqueue(action.clone());
-                Ok(Submitted { action, created: true })
+                Ok(Submitted {
+                    action,
+                    created: true,
+                })
             }
-            Outcome::Existing(id) => Ok(Submitted { action: self.action(id).await?, created: false }),
-            Outcome::Conflict => Err(Error::IdempotencyConflict(new.idempotency_key.unwrap_or_default())),
-            Outcome::Done { .. } => unreachable!("an insert reports Inserted, Existing or Conflict"),
+            Outcome::Existing(id) => Ok(Submitted {
+                action: self.action(id).await?,
+                created: false,
+            }),
+            Outcome::Conflict => Err(Error::IdempotencyConflict(
+                new.idempotency_key.unwrap_or_default(),
+            )),
+            Outcome::Done { .. } => {
+                unreachable!("an insert reports Inserted, Existing or Conflict")
+            }
         }
     }
 
     pub async fn action(&self, id: ActionId) -> Result<Action> {
-        self.inner.store.action(id).await?.ok_or(Error::ActionNotFound(id))
+        self.inner
+            .store
+            .action(id)
+            .await?
+            .ok_or(Error::ActionNotFound(id))
     }
 
     /// Waits up to `timeout` for the action to finish or, with `since`, for
     /// its revision to pass `since`; returns it as it is then.
-    pub async fn wait(&self, id: ActionId, since: Option<i64>, timeout: Duration) -> Result<Action> {
+    pub async fn wait(
+        &self,
+        id: ActionId,
+        since: Option<i64>,
+        timeout: Duration,
+    ) -> Result<Action> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut events = self.inner.store.subscribe();
         loop {
@@ -277,6 +333,7 @@ impl Engine {
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(action),
                     },
                     _ = tokio::time::sleep_until(deadline) => return Ok(action),
+                    _ = self.inner.shared.stopping.cancelled() => return Ok(action),
                 }
             }
         }
@@ -291,12 +348,19 @@ impl Engine {
     pub async fn cancel(&self, id: ActionId) -> Result<Action> {
         let action = self.action(id).await?;
         if action.status.is_terminal() {
-            return Err(Error::NotCancellable { id, status: action.status });
+            return Err(Error::NotCancellable {
+                id,
+                status: action.status,
+            });
         }
         match self.inner.control.cancel(id).await {
             CancelOutcome::Running => {}
             CancelOutcome::Dequeued | CancelOutcome::Unknown => {
-                let outcome = self.inner.store.write(vec![Write::CancelQueued { id, at: Utc::now() }]).await?[0];
+                let outcome = self
+                    .inner
+                    .store
+                    .write(vec![Write::CancelQueued { id, at: Utc::now() }])
+                    .await?[0];
                 if outcome == (Outcome::Done { rows: 0 }) {
                     // It started meanwhile: ask Control again.
                     self.inner.control.cancel(id).await;
@@ -310,15 +374,29 @@ impl Engine {
         self.inner.control.stats().await
     }
 
+    /// Stops starting steps and ends long-polls; [`Engine::shutdown`] finishes the job.
+    pub fn begin_shutdown(&self) {
+        self.inner.shared.stopping.cancel();
+    }
+
     /// Graceful stop: starts no new step, lets running steps finish for up to
     /// `grace`, then releases unfinished actions (they resume on the next
     /// start) and stops the step hosts.
     pub async fn shutdown(&self, grace: Duration) {
         self.inner.shared.stopping.cancel();
-        if tokio::time::timeout(grace, self.inner.control.drain()).await.is_err() {
-            tracing::warn!(grace_ms = grace.as_millis() as u64, "steps still running at the shutdown deadline; they resume on the next start");
+        if tokio::time::timeout(grace, self.inner.control.drain())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                grace_ms = grace.as_millis() as u64,
+                "steps still running at the shutdown deadline; they resume on the next start"
+            );
         }
-        let release = Write::Release { owner: self.inner.config.node_id.clone(), at: Utc::now() };
+        let release = Write::Release {
+            owner: self.inner.config.node_id.clone(),
+            at: Utc::now(),
+        };
         if let Err(e) = self.inner.store.write(vec![release]).await {
             tracing::warn!(error = %e, "could not release unfinished actions; they resume when their lease expires");
         }

@@ -70,7 +70,10 @@ status_enum! {
 
 impl ActionStatus {
     pub fn is_terminal(self) -> bool {
-        matches!(self, ActionStatus::Succeeded | ActionStatus::Failed | ActionStatus::Cancelled)
+        matches!(
+            self,
+            ActionStatus::Succeeded | ActionStatus::Failed | ActionStatus::Cancelled
+        )
     }
 }
 

@@ -62,12 +62,24 @@ pub(crate) async fn run(shared: Arc<Shared>, action: Action, cancel: Cancellatio
                 "bundle {} that this action is pinned to is not loaded on this server; load it and resubmit",
                 action.bundle
             );
-            finish(&shared, &action, ActionStatus::Failed, Some(error), Vec::new()).await;
+            finish(
+                &shared,
+                &action,
+                ActionStatus::Failed,
+                Some(error),
+                Vec::new(),
+            )
+            .await;
             return;
         }
         Err(_) => return,
     };
-    let first = vec![Write::Start { id, owner: shared.owner.clone(), lease_until: shared.lease_until(), at: Utc::now() }];
+    let first = vec![Write::Start {
+        id,
+        owner: shared.owner.clone(),
+        lease_until: shared.lease_until(),
+        at: Utc::now(),
+    }];
     match shared.persist(first).await {
         Some(o) if o[0] == (Outcome::Done { rows: 0 }) => return, // cancelled before it started
         Some(_) => {}
@@ -79,21 +91,44 @@ pub(crate) async fn run(shared: Arc<Shared>, action: Action, cancel: Cancellatio
             tracing::info!(action_id = id, kind = %action.kind, target = %action.target, %status, "action finished");
             finish(&shared, &action, status, error, Vec::new()).await
         }
-        End::Paused => tracing::info!(action_id = id, "action paused for shutdown; it resumes on the next start"),
+        End::Paused => tracing::info!(
+            action_id = id,
+            "action paused for shutdown; it resumes on the next start"
+        ),
     }
 }
 
-async fn finish(shared: &Shared, action: &Action, status: ActionStatus, error: Option<String>, mut writes: Vec<Write>) {
-    writes.push(Write::Finish { id: action.id, status, error, at: Utc::now() });
+async fn finish(
+    shared: &Shared,
+    action: &Action,
+    status: ActionStatus,
+    error: Option<String>,
+    mut writes: Vec<Write>,
+) {
+    writes.push(Write::Finish {
+        id: action.id,
+        status,
+        error,
+        at: Utc::now(),
+    });
     shared.persist(writes).await;
 }
 
-async fn steps(shared: &Shared, bundle: &LoadedBundle, action: &Action, cancel: &CancellationToken) -> End {
+async fn steps(
+    shared: &Shared,
+    bundle: &LoadedBundle,
+    action: &Action,
+    cancel: &CancellationToken,
+) -> End {
     let id = action.id;
     let Some(kind) = bundle.manifest.kinds.get(&action.kind) else {
         return End::Finished(
             ActionStatus::Failed,
-            Some(format!("bundle {} does not define kind {:?}", bundle.hash.short(), action.kind)),
+            Some(format!(
+                "bundle {} does not define kind {:?}",
+                bundle.hash.short(),
+                action.kind
+            )),
         );
     };
     let mut outputs = Map::new();
@@ -115,17 +150,29 @@ async fn steps(shared: &Shared, bundle: &LoadedBundle, action: &Action, cancel: 
                         "step {name:?} was interrupted (the server stopped while it ran) and is not idempotent, \
                          so it was not run again; check the target's state before resubmitting"
                     );
-                    let end = Write::StepEnded { id, seq, status: StepStatus::Failed, error: error.clone(), at: Utc::now() };
+                    let end = Write::StepEnded {
+                        id,
+                        seq,
+                        status: StepStatus::Failed,
+                        error: error.clone(),
+                        at: Utc::now(),
+                    };
                     shared.persist(vec![end]).await;
                     return End::Finished(ActionStatus::Failed, Some(error));
                 }
-                tracing::info!(action_id = id, step = name, "re-running interrupted idempotent step");
+                tracing::info!(
+                    action_id = id,
+                    step = name,
+                    "re-running interrupted idempotent step"
+                );
             }
             _ => {}
         }
         let handle = match shared.agency.step(bundle.hash, step_use.step.clone()).await {
             Ok(h) => h,
-            Err(e) => return End::Finished(ActionStatus::Failed, Some(format!("step {name:?}: {e}"))),
+            Err(e) => {
+                return End::Finished(ActionStatus::Failed, Some(format!("step {name:?}: {e}")));
+            }
         };
         let mut failures = 0;
         loop {
@@ -137,7 +184,13 @@ async fn steps(shared: &Shared, bundle: &LoadedBundle, action: &Action, cancel: 
             }
             attempt += 1;
             let started_at = Utc::now();
-            let start = Write::StepStarted { id, seq, name: name.to_owned(), attempt, at: started_at };
+            let start = Write::StepStarted {
+                id,
+                seq,
+                name: name.to_owned(),
+                attempt,
+                at: started_at,
+            };
             if shared.persist(vec![start]).await.is_none() {
                 return End::Paused;
             }
@@ -156,19 +209,30 @@ async fn steps(shared: &Shared, bundle: &LoadedBundle, action: &Action, cancel: 
                         "outputs": outputs,
                         "attempt": attempt,
                     });
-                    handle.run(serde_json::to_vec(&input).expect("JSON serializes"), cancel.child_token()).await
+                    handle
+                        .run(
+                            serde_json::to_vec(&input).expect("JSON serializes"),
+                            cancel.child_token(),
+                        )
+                        .await
                 }
                 Err(e) => StepResult::Fatal(format!("invalid settings: {e}")),
             };
             let mut retry = |msg: &str| {
                 failures += 1;
                 let policy = &handle.def.retry;
-                (failures < policy.attempts && !cancel.is_cancelled()).then(|| (policy.backoff(failures), msg.to_owned()))
+                (failures < policy.attempts && !cancel.is_cancelled())
+                    .then(|| (policy.backoff(failures), msg.to_owned()))
             };
             let error = match result {
                 StepResult::Ok(output) => {
                     let text = serde_json::to_string(&output).expect("JSON serializes");
-                    let done = Write::StepSucceeded { id, seq, output: text, at: Utc::now() };
+                    let done = Write::StepSucceeded {
+                        id,
+                        seq,
+                        output: text,
+                        at: Utc::now(),
+                    };
                     if shared.persist(vec![done]).await.is_none() {
                         return End::Paused;
                     }
@@ -178,7 +242,14 @@ async fn steps(shared: &Shared, bundle: &LoadedBundle, action: &Action, cancel: 
                 StepResult::Cancelled => return cancelled(shared, action, seq, true).await,
                 StepResult::Retryable(msg) => match retry(&msg) {
                     Some((wait, msg)) => {
-                        let failed = Write::StepAttemptFailed { id, seq, attempt, started_at, error: msg, at: Utc::now() };
+                        let failed = Write::StepAttemptFailed {
+                            id,
+                            seq,
+                            attempt,
+                            started_at,
+                            error: msg,
+                            at: Utc::now(),
+                        };
                         shared.persist(vec![failed]).await;
                         tokio::select! {
                             _ = tokio::time::sleep(wait) => {}
@@ -191,7 +262,14 @@ async fn steps(shared: &Shared, bundle: &LoadedBundle, action: &Action, cancel: 
                 },
                 StepResult::TimedOut(msg) if handle.def.idempotent => match retry(&msg) {
                     Some((wait, msg)) => {
-                        let failed = Write::StepAttemptFailed { id, seq, attempt, started_at, error: msg, at: Utc::now() };
+                        let failed = Write::StepAttemptFailed {
+                            id,
+                            seq,
+                            attempt,
+                            started_at,
+                            error: msg,
+                            at: Utc::now(),
+                        };
                         shared.persist(vec![failed]).await;
                         tokio::time::sleep(wait).await;
                         continue;
@@ -200,10 +278,23 @@ async fn steps(shared: &Shared, bundle: &LoadedBundle, action: &Action, cancel: 
                 },
                 StepResult::TimedOut(msg) | StepResult::Fatal(msg) => msg,
             };
-            let attempts = if attempt > 1 { format!(" (after {attempt} attempts)") } else { String::new() };
-            let end = Write::StepEnded { id, seq, status: StepStatus::Failed, error: error.clone(), at: Utc::now() };
+            let attempts = if attempt > 1 {
+                format!(" (after {attempt} attempts)")
+            } else {
+                String::new()
+            };
+            let end = Write::StepEnded {
+                id,
+                seq,
+                status: StepStatus::Failed,
+                error: error.clone(),
+                at: Utc::now(),
+            };
             shared.persist(vec![end]).await;
-            return End::Finished(ActionStatus::Failed, Some(format!("step {name:?} failed{attempts}: {error}")));
+            return End::Finished(
+                ActionStatus::Failed,
+                Some(format!("step {name:?} failed{attempts}: {error}")),
+            );
         }
     }
     End::Finished(ActionStatus::Succeeded, None)

@@ -24,7 +24,11 @@ pub(crate) enum StepResult {
 }
 
 enum Msg {
-    Run { input: Vec<u8>, cancel: CancellationToken, reply: oneshot::Sender<StepResult> },
+    Run {
+        input: Vec<u8>,
+        cancel: CancellationToken,
+        reply: oneshot::Sender<StepResult>,
+    },
 }
 
 #[derive(Clone)]
@@ -44,7 +48,15 @@ impl StepHandle {
     ) -> StepHandle {
         let (tx, rx) = mpsc::channel(1024);
         let def = Arc::new(def);
-        let actor = StepActor { bundle, function: def.function(&name).to_owned(), name, def: def.clone(), host, agency, grace };
+        let actor = StepActor {
+            bundle,
+            function: def.function(&name).to_owned(),
+            name,
+            def: def.clone(),
+            host,
+            agency,
+            grace,
+        };
         crate::actor::spawn("step", actor.run(rx));
         StepHandle { tx, def }
     }
@@ -52,10 +64,20 @@ impl StepHandle {
     /// Runs one attempt. `cancel` stops it early (its result is `Cancelled`).
     pub(crate) async fn run(&self, input: Vec<u8>, cancel: CancellationToken) -> StepResult {
         let (reply, rx) = oneshot::channel();
-        if self.tx.send(Msg::Run { input, cancel, reply }).await.is_err() {
+        if self
+            .tx
+            .send(Msg::Run {
+                input,
+                cancel,
+                reply,
+            })
+            .await
+            .is_err()
+        {
             return StepResult::Fatal("step actor stopped".into());
         }
-        rx.await.unwrap_or_else(|_| StepResult::Fatal("step actor dropped the call".into()))
+        rx.await
+            .unwrap_or_else(|_| StepResult::Fatal("step actor dropped the call".into()))
     }
 }
 
@@ -71,12 +93,18 @@ struct StepActor {
 
 impl StepActor {
     async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
-        while let Some(Msg::Run { input, cancel, reply }) = rx.recv().await {
+        while let Some(Msg::Run {
+            input,
+            cancel,
+            reply,
+        }) = rx.recv().await
+        {
             if !self.host.is_alive() {
                 match self.agency.host(self.bundle).await {
                     Ok(host) => self.host = host,
                     Err(e) => {
-                        let _ = reply.send(StepResult::Fatal(format!("cannot start a step host: {e}")));
+                        let _ =
+                            reply.send(StepResult::Fatal(format!("cannot start a step host: {e}")));
                         continue;
                     }
                 }
@@ -114,7 +142,11 @@ impl Call {
         };
         self.host.cancel(id);
         let why = if timed_out {
-            format!("step {:?} timed out after {} ms", self.name, self.timeout.as_millis())
+            format!(
+                "step {:?} timed out after {} ms",
+                self.name,
+                self.timeout.as_millis()
+            )
         } else {
             format!("step {:?} was cancelled", self.name)
         };
@@ -150,7 +182,9 @@ fn outcome(r: Option<CallResult>) -> StepResult {
                 STATUS_FATAL => StepResult::Fatal(text()),
                 STATUS_PANIC => StepResult::Fatal(format!("step panicked: {}", text())),
                 STATUS_UNKNOWN_STEP => StepResult::Fatal(text()),
-                other => StepResult::Fatal(format!("step returned unknown status {other}: {}", text())),
+                other => {
+                    StepResult::Fatal(format!("step returned unknown status {other}: {}", text()))
+                }
             }
         }
     }

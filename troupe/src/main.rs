@@ -1,1 +1,48 @@
-fn main() {}
+//! The `troupe` command: runs the server, talks to it, and builds bundles.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+mod bundle_cmd;
+mod cli;
+mod client;
+mod demo;
+mod serve;
+mod watch;
+
+/// The hidden mode in which `troupe` runs as a step host (see engine::host).
+pub(crate) const STEP_HOST_ARG: &str = "__step-host";
+
+fn main() -> ExitCode {
+    let mut args = std::env::args_os();
+    if args.nth(1).is_some_and(|a| a == STEP_HOST_ARG) {
+        let Some(library) = args.next() else {
+            eprintln!("usage: troupe {STEP_HOST_ARG} LIBRARY");
+            return ExitCode::from(2);
+        };
+        return ExitCode::from(engine::host::server::serve(library.as_ref()) as u8);
+    }
+    let cli = cli::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(cli.default_log_filter())),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(cli::run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

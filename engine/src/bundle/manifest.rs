@@ -70,7 +70,11 @@ fn default_max_backoff() -> u64 {
 
 impl Default for Retry {
     fn default() -> Self {
-        Retry { attempts: 1, backoff_ms: default_backoff(), max_backoff_ms: default_max_backoff() }
+        Retry {
+            attempts: 1,
+            backoff_ms: default_backoff(),
+            max_backoff_ms: default_max_backoff(),
+        }
     }
 }
 
@@ -78,7 +82,11 @@ impl Retry {
     /// The wait after failed attempt number `attempt` (1-based).
     pub fn backoff(&self, attempt: u32) -> Duration {
         let factor = 1u64 << attempt.saturating_sub(1).min(20);
-        Duration::from_millis(self.backoff_ms.saturating_mul(factor).min(self.max_backoff_ms))
+        Duration::from_millis(
+            self.backoff_ms
+                .saturating_mul(factor)
+                .min(self.max_backoff_ms),
+        )
     }
 }
 
@@ -138,31 +146,47 @@ impl Manifest {
     fn validate(&self) -> Result<(), Invalid> {
         let bad = |msg: String| Err(Invalid::Manifest(msg));
         if self.format != FORMAT {
-            return bad(format!("format {} is not supported; this troupe reads format {FORMAT}", self.format));
+            return bad(format!(
+                "format {} is not supported; this troupe reads format {FORMAT}",
+                self.format
+            ));
         }
         if self.abi != sdk::ABI_VERSION {
-            return Err(Invalid::Abi { found: self.abi, supported: sdk::ABI_VERSION });
+            return Err(Invalid::Abi {
+                found: self.abi,
+                supported: sdk::ABI_VERSION,
+            });
         }
         if !is_name(&self.name) {
-            return bad(format!("bundle name {:?} must be letters, digits, '-' or '_'", self.name));
+            return bad(format!(
+                "bundle name {:?} must be letters, digits, '-' or '_'",
+                self.name
+            ));
         }
         if self.version.trim().is_empty() {
             return bad("version must not be empty".into());
         }
         if !is_name(&self.library) {
-            return bad(format!("library {:?} must be letters, digits, '-' or '_'", self.library));
+            return bad(format!(
+                "library {:?} must be letters, digits, '-' or '_'",
+                self.library
+            ));
         }
         for (name, def) in &self.steps {
             if def.timeout_ms == 0 {
                 return bad(format!("step {name:?}: timeout_ms must be above 0"));
             }
             if def.retry.attempts == 0 {
-                return bad(format!("step {name:?}: retry.attempts counts the first attempt and must be at least 1"));
+                return bad(format!(
+                    "step {name:?}: retry.attempts counts the first attempt and must be at least 1"
+                ));
             }
         }
         for (kind, def) in &self.kinds {
             if !is_name(kind) {
-                return bad(format!("kind name {kind:?} must be letters, digits, '-' or '_'"));
+                return bad(format!(
+                    "kind name {kind:?} must be letters, digits, '-' or '_'"
+                ));
             }
             if def.steps.is_empty() {
                 return bad(format!("kind {kind:?} has no steps"));
@@ -170,7 +194,10 @@ impl Manifest {
             let mut seen = BTreeSet::new();
             for u in &def.steps {
                 if !self.steps.contains_key(&u.step) {
-                    return bad(format!("kind {kind:?} uses step {:?}, which [steps] does not define", u.step));
+                    return bad(format!(
+                        "kind {kind:?} uses step {:?}, which [steps] does not define",
+                        u.step
+                    ));
                 }
                 if !seen.insert(u.name()) {
                     return bad(format!(
@@ -179,7 +206,10 @@ impl Manifest {
                     ));
                 }
                 if !u.settings.is_object() {
-                    return bad(format!("kind {kind:?}, step {:?}: `with` must be a table", u.name()));
+                    return bad(format!(
+                        "kind {kind:?}, step {:?}: `with` must be a table",
+                        u.name()
+                    ));
                 }
             }
         }
@@ -188,17 +218,28 @@ impl Manifest {
 
     /// The exported functions the library must provide.
     pub fn functions(&self) -> BTreeSet<&str> {
-        self.steps.iter().map(|(name, def)| def.function(name)).collect()
+        self.steps
+            .iter()
+            .map(|(name, def)| def.function(name))
+            .collect()
     }
 
     /// The library's file name on this platform.
     pub fn library_file(&self) -> String {
-        format!("{}{}{}", std::env::consts::DLL_PREFIX, self.library, std::env::consts::DLL_SUFFIX)
+        format!(
+            "{}{}{}",
+            std::env::consts::DLL_PREFIX,
+            self.library,
+            std::env::consts::DLL_SUFFIX
+        )
     }
 }
 
 fn is_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 128 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    !s.is_empty()
+        && s.len() <= 128
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 #[cfg(test)]
@@ -232,14 +273,23 @@ mod tests {
         let dup = GOOD.replace("name = \"again\", ", "");
         assert!(matches!(Manifest::parse(&dup), Err(Invalid::Manifest(m)) if m.contains("twice")));
         let unknown = GOOD.replace("{ step = \"a\" }", "{ step = \"b\" }");
-        assert!(matches!(Manifest::parse(&unknown), Err(Invalid::Manifest(m)) if m.contains("does not define")));
+        assert!(
+            matches!(Manifest::parse(&unknown), Err(Invalid::Manifest(m)) if m.contains("does not define"))
+        );
         let abi = GOOD.replace("abi = 1", "abi = 99");
-        assert!(matches!(Manifest::parse(&abi), Err(Invalid::Abi { found: 99, .. })));
+        assert!(matches!(
+            Manifest::parse(&abi),
+            Err(Invalid::Abi { found: 99, .. })
+        ));
     }
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {
-        let r = Retry { attempts: 5, backoff_ms: 100, max_backoff_ms: 350 };
+        let r = Retry {
+            attempts: 5,
+            backoff_ms: 100,
+            max_backoff_ms: 350,
+        };
         assert_eq!(r.backoff(1), Duration::from_millis(100));
         assert_eq!(r.backoff(2), Duration::from_millis(200));
         assert_eq!(r.backoff(3), Duration::from_millis(350));

@@ -33,9 +33,13 @@ pub enum Invalid {
     NoManifest,
     #[error("invalid manifest: {0}")]
     Manifest(String),
-    #[error("the bundle was built for plugin ABI {found}, but this troupe supports ABI {supported}; rebuild it against the current sdk")]
+    #[error(
+        "the bundle was built for plugin ABI {found}, but this troupe supports ABI {supported}; rebuild it against the current sdk"
+    )]
     Abi { found: u32, supported: u32 },
-    #[error("the bundle has no library for this platform ({TARGET}); it has: {found}. Build the plugin for {TARGET} and add it with `troupe bundle build`")]
+    #[error(
+        "the bundle has no library for this platform ({TARGET}); it has: {found}. Build the plugin for {TARGET} and add it with `troupe bundle build`"
+    )]
     NoLibrary { found: String },
     #[error("the manifest names steps the library does not export: {}", .0.join(", "))]
     MissingSteps(Vec<String>),
@@ -88,7 +92,8 @@ pub fn build(manifest_text: &str, libraries: &[(&str, &[u8])]) -> Result<Vec<u8>
     zip.start_file(MANIFEST_PATH, options).map_err(z)?;
     zip.write_all(manifest_text.as_bytes()).map_err(io)?;
     for (triple, bytes) in libraries {
-        zip.start_file(format!("lib/{triple}/{}", manifest.library_file()), options).map_err(z)?;
+        zip.start_file(format!("lib/{triple}/{}", manifest.library_file()), options)
+            .map_err(z)?;
         zip.write_all(bytes).map_err(io)?;
     }
     Ok(zip.finish().map_err(z)?.into_inner())
@@ -106,7 +111,8 @@ pub fn open(bytes: &[u8], root: &Path) -> Result<Unpacked, crate::Error> {
         .find(|(name, _)| name == MANIFEST_PATH)
         .map(|(_, b)| b)
         .ok_or(Invalid::NoManifest)?;
-    let text = std::str::from_utf8(manifest_bytes).map_err(|_| Invalid::Manifest("not UTF-8".into()))?;
+    let text =
+        std::str::from_utf8(manifest_bytes).map_err(|_| Invalid::Manifest("not UTF-8".into()))?;
     let manifest = Manifest::parse(text)?;
     let lib_path = format!("lib/{TARGET}/{}", manifest.library_file());
     if !entries.iter().any(|(name, _)| *name == lib_path) {
@@ -114,7 +120,11 @@ pub fn open(bytes: &[u8], root: &Path) -> Result<Unpacked, crate::Error> {
             .iter()
             .filter_map(|(name, _)| name.strip_prefix("lib/")?.split('/').next())
             .collect();
-        let found = if found.is_empty() { "none".to_owned() } else { found.into_iter().collect::<Vec<_>>().join(", ") };
+        let found = if found.is_empty() {
+            "none".to_owned()
+        } else {
+            found.into_iter().collect::<Vec<_>>().join(", ")
+        };
         return Err(Invalid::NoLibrary { found }.into());
     }
 
@@ -125,34 +135,56 @@ pub fn open(bytes: &[u8], root: &Path) -> Result<Unpacked, crate::Error> {
         for (name, data) in &entries {
             let path = staging.join(name);
             if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent).map_err(crate::Error::io(format!("creating {}", parent.display())))?;
+                std::fs::create_dir_all(parent)
+                    .map_err(crate::Error::io(format!("creating {}", parent.display())))?;
             }
-            std::fs::write(&path, data).map_err(crate::Error::io(format!("writing {}", path.display())))?;
+            std::fs::write(&path, data)
+                .map_err(crate::Error::io(format!("writing {}", path.display())))?;
         }
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::rename(&staging, &dir).map_err(crate::Error::io(format!("moving bundle into {}", dir.display())))?;
+        std::fs::rename(&staging, &dir).map_err(crate::Error::io(format!(
+            "moving bundle into {}",
+            dir.display()
+        )))?;
     }
     let library = dir.join(&lib_path);
-    Ok(Unpacked { hash, manifest, dir, library })
+    Ok(Unpacked {
+        hash,
+        manifest,
+        dir,
+        library,
+    })
 }
 
 /// Reads every entry, refusing anything but plain files at safe relative
 /// paths and stopping any entry that inflates past the limits.
 fn read_entries(bytes: &[u8]) -> Result<Vec<(String, Vec<u8>)>, Invalid> {
-    let mut archive = zip::ZipArchive::new(Cursor::new(bytes)).map_err(|e| Invalid::NotZip(e.to_string()))?;
+    let mut archive =
+        zip::ZipArchive::new(Cursor::new(bytes)).map_err(|e| Invalid::NotZip(e.to_string()))?;
     if archive.len() > MAX_ENTRIES {
-        return Err(Invalid::UnsafeEntry { name: String::new(), why: "too many entries" });
+        return Err(Invalid::UnsafeEntry {
+            name: String::new(),
+            why: "too many entries",
+        });
     }
     let mut names = BTreeSet::new();
     let mut total = 0u64;
     let mut out = Vec::with_capacity(archive.len());
     for i in 0..archive.len() {
-        let mut file = archive.by_index(i).map_err(|e| Invalid::NotZip(e.to_string()))?;
+        let mut file = archive
+            .by_index(i)
+            .map_err(|e| Invalid::NotZip(e.to_string()))?;
         let name = file
             .name()
-            .map_err(|_| Invalid::UnsafeEntry { name: format!("entry #{i}"), why: "the entry name is not valid UTF-8" })?
+            .map_err(|_| Invalid::UnsafeEntry {
+                name: format!("entry #{i}"),
+                why: "the entry name is not valid UTF-8",
+            })?
             .into_owned();
-        let unsafe_entry = |why| Invalid::UnsafeEntry { name: name.clone(), why };
+        let unsafe_entry = |why| Invalid::UnsafeEntry {
+            name: name.clone(),
+            why,
+        };
         if file.is_dir() {
             continue;
         }
@@ -165,7 +197,11 @@ fn read_entries(bytes: &[u8]) -> Result<Vec<(String, Vec<u8>)>, Invalid> {
         if name.starts_with('/') || name.starts_with('\\') || name.contains(':') {
             return Err(unsafe_entry("absolute paths are not allowed"));
         }
-        if name.split(['/', '\\']).any(|part| part == ".." || part == ".") || file.enclosed_name().is_none() {
+        if name
+            .split(['/', '\\'])
+            .any(|part| part == ".." || part == ".")
+            || file.enclosed_name().is_none()
+        {
             return Err(unsafe_entry("'..' and '.' are not allowed in paths"));
         }
         if !names.insert(name.clone()) {

@@ -11,7 +11,12 @@ use serde_json::Value;
 pub fn resolve(settings: &Value, scope: &Value) -> Result<Value, String> {
     Ok(match settings {
         Value::String(s) => resolve_str(s, scope)?,
-        Value::Array(items) => Value::Array(items.iter().map(|v| resolve(v, scope)).collect::<Result<_, _>>()?),
+        Value::Array(items) => Value::Array(
+            items
+                .iter()
+                .map(|v| resolve(v, scope))
+                .collect::<Result<_, _>>()?,
+        ),
         Value::Object(map) => Value::Object(
             map.iter()
                 .map(|(k, v)| Ok((k.clone(), resolve(v, scope)?)))
@@ -26,7 +31,9 @@ fn resolve_str(s: &str, scope: &Value) -> Result<Value, String> {
         return Ok(Value::String(s.to_owned()));
     }
     let trimmed = s.trim();
-    if let Some(inner) = trimmed.strip_prefix("{{").and_then(|r| r.strip_suffix("}}"))
+    if let Some(inner) = trimmed
+        .strip_prefix("{{")
+        .and_then(|r| r.strip_suffix("}}"))
         && !inner.contains("{{")
     {
         return lookup(inner.trim(), scope).cloned();
@@ -36,7 +43,9 @@ fn resolve_str(s: &str, scope: &Value) -> Result<Value, String> {
     while let Some(start) = rest.find("{{") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        let end = after.find("}}").ok_or_else(|| format!("unclosed template in {s:?}"))?;
+        let end = after
+            .find("}}")
+            .ok_or_else(|| format!("unclosed template in {s:?}"))?;
         match lookup(after[..end].trim(), scope)? {
             Value::String(v) => out.push_str(v),
             v => out.push_str(&v.to_string()),
@@ -73,7 +82,10 @@ mod tests {
             &scope,
         )
         .unwrap();
-        assert_eq!(got, json!({ "port": 22, "addr": "10.0.0.5:22", "n": 2, "plain": 3 }));
+        assert_eq!(
+            got,
+            json!({ "port": 22, "addr": "10.0.0.5:22", "n": 2, "plain": 3 })
+        );
     }
 
     #[test]

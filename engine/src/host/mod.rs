@@ -56,7 +56,11 @@ struct Inner {
 
 impl StepHost {
     /// Starts a host for `library` and waits for its `HELLO`.
-    pub(crate) async fn spawn(cmd: &HostCommand, library: &Path, label: &str) -> Result<StepHost, crate::Error> {
+    pub(crate) async fn spawn(
+        cmd: &HostCommand,
+        library: &Path,
+        label: &str,
+    ) -> Result<StepHost, crate::Error> {
         let mut child = tokio::process::Command::new(&cmd.program)
             .args(&cmd.args)
             .arg(library)
@@ -65,30 +69,48 @@ impl StepHost {
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
             .spawn()
-            .map_err(crate::Error::io(format!("starting a step host with {:?}", cmd.program)))?;
+            .map_err(crate::Error::io(format!(
+                "starting a step host with {:?}",
+                cmd.program
+            )))?;
         let pid = child.id().unwrap_or_default();
         let mut stdin = child.stdin.take().expect("stdin is piped");
         let mut stdout = child.stdout.take().expect("stdout is piped");
 
-        let hello = tokio::time::timeout(Duration::from_secs(30), protocol::read_async(&mut stdout)).await;
+        let hello =
+            tokio::time::timeout(Duration::from_secs(30), protocol::read_async(&mut stdout)).await;
         let exports = match hello {
             Ok(Ok(Some(f))) if f.kind == protocol::HELLO && f.payload.len() >= 4 => {
                 let abi = u32::from_le_bytes(f.payload[..4].try_into().unwrap());
                 if abi != sdk::ABI_VERSION {
-                    return Err(Invalid::Abi { found: abi, supported: sdk::ABI_VERSION }.into());
+                    return Err(Invalid::Abi {
+                        found: abi,
+                        supported: sdk::ABI_VERSION,
+                    }
+                    .into());
                 }
-                serde_json::from_slice::<Vec<String>>(&f.payload[4..])
-                    .map_err(|e| Invalid::Library(format!("the library listed its steps as invalid JSON: {e}")))?
+                serde_json::from_slice::<Vec<String>>(&f.payload[4..]).map_err(|e| {
+                    Invalid::Library(format!("the library listed its steps as invalid JSON: {e}"))
+                })?
             }
             Ok(Ok(Some(f))) if f.kind == protocol::FAILED => {
-                return Err(Invalid::Library(String::from_utf8_lossy(&f.payload).into_owned()).into());
+                return Err(
+                    Invalid::Library(String::from_utf8_lossy(&f.payload).into_owned()).into(),
+                );
             }
             Ok(Ok(_)) | Ok(Err(_)) => {
                 let status = child.wait().await.ok();
                 let how = status.map(describe_exit).unwrap_or_else(|| "died".into());
-                return Err(Invalid::Library(format!("the step host {how} while loading the library")).into());
+                return Err(Invalid::Library(format!(
+                    "the step host {how} while loading the library"
+                ))
+                .into());
             }
-            Err(_) => return Err(Invalid::Library("the step host did not start within 30 s".into()).into()),
+            Err(_) => {
+                return Err(
+                    Invalid::Library("the step host did not start within 30 s".into()).into(),
+                );
+            }
         };
 
         let (frames, mut frame_rx) = mpsc::unbounded_channel::<Vec<u8>>();
@@ -131,7 +153,11 @@ impl StepHost {
                         child.wait().await
                     }
                 };
-                let _ = exit_tx.send(status.map(describe_exit).unwrap_or_else(|e| format!("could not be waited for: {e}")));
+                let _ = exit_tx.send(
+                    status
+                        .map(describe_exit)
+                        .unwrap_or_else(|e| format!("could not be waited for: {e}")),
+                );
             });
         }
 
@@ -149,7 +175,9 @@ impl StepHost {
                                 let _ = tx.send(CallResult::Done { status, body });
                             }
                         }
-                        Ok(Some(f)) => tracing::warn!(host = %label, kind = f.kind, "unexpected frame from step host"),
+                        Ok(Some(f)) => {
+                            tracing::warn!(host = %label, kind = f.kind, "unexpected frame from step host")
+                        }
                         Ok(None) | Err(_) => break,
                     }
                 }
@@ -189,7 +217,11 @@ impl StepHost {
     }
 
     /// Sends a call; the receiver yields its result (or the host's crash).
-    pub(crate) fn call(&self, function: &str, input: &[u8]) -> (u64, oneshot::Receiver<CallResult>) {
+    pub(crate) fn call(
+        &self,
+        function: &str,
+        input: &[u8],
+    ) -> (u64, oneshot::Receiver<CallResult>) {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         if !self.is_alive() {
@@ -197,7 +229,11 @@ impl StepHost {
             return (id, rx);
         }
         self.inner.pending.lock().unwrap().insert(id, tx);
-        if self.inner.frames.send(protocol::call(id, function, input)).is_err()
+        if self
+            .inner
+            .frames
+            .send(protocol::call(id, function, input))
+            .is_err()
             && let Some(tx) = self.inner.pending.lock().unwrap().remove(&id)
         {
             let _ = tx.send(CallResult::Crashed("step host is not running".into()));
@@ -207,7 +243,10 @@ impl StepHost {
 
     /// Asks a call to stop: sets the flag its step can poll.
     pub(crate) fn cancel(&self, id: u64) {
-        let _ = self.inner.frames.send(protocol::encode(protocol::CANCEL, id, &[]));
+        let _ = self
+            .inner
+            .frames
+            .send(protocol::encode(protocol::CANCEL, id, &[]));
     }
 
     /// Kills the process; in-flight calls fail with `reason`.

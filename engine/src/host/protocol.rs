@@ -43,7 +43,15 @@ pub(crate) fn encode(kind: u8, id: u64, parts: &[&[u8]]) -> Vec<u8> {
 }
 
 pub(crate) fn call(id: u64, function: &str, input: &[u8]) -> Vec<u8> {
-    encode(CALL, id, &[&(function.len() as u16).to_le_bytes(), function.as_bytes(), input])
+    encode(
+        CALL,
+        id,
+        &[
+            &(function.len() as u16).to_le_bytes(),
+            function.as_bytes(),
+            input,
+        ],
+    )
 }
 
 /// Splits a `CALL` payload into function name and input.
@@ -56,9 +64,16 @@ pub(crate) fn parse_call(payload: &[u8]) -> Option<(&str, &[u8])> {
 fn parse_header(header: [u8; 13]) -> io::Result<(usize, u8, u64)> {
     let len = u32::from_le_bytes(header[..4].try_into().unwrap()) as usize;
     if !(9..=MAX_FRAME).contains(&len) {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("bad frame length {len}")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad frame length {len}"),
+        ));
     }
-    Ok((len - 9, header[4], u64::from_le_bytes(header[5..].try_into().unwrap())))
+    Ok((
+        len - 9,
+        header[4],
+        u64::from_le_bytes(header[5..].try_into().unwrap()),
+    ))
 }
 
 /// Reads one frame; `Ok(None)` at a clean end of stream.
@@ -75,7 +90,9 @@ pub(crate) fn read_sync(r: &mut impl Read) -> io::Result<Option<Frame>> {
     Ok(Some(Frame { kind, id, payload }))
 }
 
-pub(crate) async fn read_async(r: &mut (impl tokio::io::AsyncRead + Unpin)) -> io::Result<Option<Frame>> {
+pub(crate) async fn read_async(
+    r: &mut (impl tokio::io::AsyncRead + Unpin),
+) -> io::Result<Option<Frame>> {
     use tokio::io::AsyncReadExt;
     let mut header = [0u8; 13];
     match r.read_exact(&mut header).await {

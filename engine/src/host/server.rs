@@ -32,19 +32,37 @@ impl Plugin {
         // SAFETY: loading runs the library's initialisers. Only bundles that
         // passed the engine's checks get here, in a process of their own.
         let lib = unsafe { libloading::Library::new(path) }.map_err(|e| e.to_string())?;
-        let sym = |name: &str| format!("the library does not export `{name}`; was it built with sdk::export_steps!?");
+        let sym = |name: &str| {
+            format!("the library does not export `{name}`; was it built with sdk::export_steps!?")
+        };
         // SAFETY: the symbol types are the ABI documented in sdk::ffi.
         unsafe {
-            let abi = *lib.get::<AbiFn>(b"troupe_abi_version").map_err(|_| sym("troupe_abi_version"))?;
-            let steps = *lib.get::<StepsFn>(b"troupe_steps").map_err(|_| sym("troupe_steps"))?;
-            let call = *lib.get::<CallFn>(b"troupe_call").map_err(|_| sym("troupe_call"))?;
-            let free = *lib.get::<FreeFn>(b"troupe_free").map_err(|_| sym("troupe_free"))?;
+            let abi = *lib
+                .get::<AbiFn>(b"troupe_abi_version")
+                .map_err(|_| sym("troupe_abi_version"))?;
+            let steps = *lib
+                .get::<StepsFn>(b"troupe_steps")
+                .map_err(|_| sym("troupe_steps"))?;
+            let call = *lib
+                .get::<CallFn>(b"troupe_call")
+                .map_err(|_| sym("troupe_call"))?;
+            let free = *lib
+                .get::<FreeFn>(b"troupe_free")
+                .map_err(|_| sym("troupe_free"))?;
             let abi = abi();
             let buf = steps();
             let names = serde_json::from_slice(std::slice::from_raw_parts(buf.ptr, buf.len))
                 .map_err(|e| format!("troupe_steps returned invalid JSON: {e}"));
             free(buf);
-            Ok((Plugin { call, free, _lib: lib }, abi, names?))
+            Ok((
+                Plugin {
+                    call,
+                    free,
+                    _lib: lib,
+                },
+                abi,
+                names?,
+            ))
         }
     }
 
@@ -56,12 +74,20 @@ impl Plugin {
             input_len: input.len(),
             cancel,
         };
-        let mut out = Buf { ptr: std::ptr::null_mut(), len: 0, cap: 0 };
+        let mut out = Buf {
+            ptr: std::ptr::null_mut(),
+            len: 0,
+            cap: 0,
+        };
         // SAFETY: `call` and everything it points to outlive the call; the
         // library fills `out`, which we copy and hand back to it to free.
         unsafe {
             let status = (self.call)(&call, &mut out);
-            let bytes = if out.ptr.is_null() { Vec::new() } else { std::slice::from_raw_parts(out.ptr, out.len).to_vec() };
+            let bytes = if out.ptr.is_null() {
+                Vec::new()
+            } else {
+                std::slice::from_raw_parts(out.ptr, out.len).to_vec()
+            };
             (self.free)(out);
             (status, bytes)
         }
@@ -106,19 +132,33 @@ pub fn serve(path: &Path) -> i32 {
         match frame.kind {
             CALL => {
                 let flag = Arc::new(AtomicU32::new(0));
-                in_flight.lock().unwrap_or_else(|e| e.into_inner()).insert(frame.id, flag.clone());
+                in_flight
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(frame.id, flag.clone());
                 let (plugin, in_flight, send) = (plugin.clone(), in_flight.clone(), send.clone());
                 std::thread::spawn(move || {
                     let (status, body) = match protocol::parse_call(&frame.payload) {
                         Some((function, input)) => plugin.run(function, input, &flag),
                         None => (sdk::ffi::STATUS_FATAL, b"malformed call frame".to_vec()),
                     };
-                    in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&frame.id);
-                    send(protocol::encode(DONE, frame.id, &[&status.to_le_bytes(), &body]));
+                    in_flight
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&frame.id);
+                    send(protocol::encode(
+                        DONE,
+                        frame.id,
+                        &[&status.to_le_bytes(), &body],
+                    ));
                 });
             }
             CANCEL => {
-                if let Some(flag) = in_flight.lock().unwrap_or_else(|e| e.into_inner()).get(&frame.id) {
+                if let Some(flag) = in_flight
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&frame.id)
+                {
                     flag.store(1, Ordering::Relaxed);
                 }
             }

@@ -17,7 +17,9 @@ use sqlx::{MySqlPool, SqlitePool};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::error::{Error, Result};
-use crate::model::{Action, ActionFilter, ActionId, ActionStatus, NewAction, StepStatus, Timestamp};
+use crate::model::{
+    Action, ActionFilter, ActionId, ActionStatus, NewAction, StepStatus, Timestamp,
+};
 
 mod sql;
 
@@ -33,22 +35,69 @@ pub(crate) enum Write {
         steps: Vec<(String, String)>,
         at: Timestamp,
     },
-    Start { id: ActionId, owner: String, lease_until: Timestamp, at: Timestamp },
-    StepStarted { id: ActionId, seq: u32, name: String, attempt: u32, at: Timestamp },
-    StepSucceeded { id: ActionId, seq: u32, output: String, at: Timestamp },
+    Start {
+        id: ActionId,
+        owner: String,
+        lease_until: Timestamp,
+        at: Timestamp,
+    },
+    StepStarted {
+        id: ActionId,
+        seq: u32,
+        name: String,
+        attempt: u32,
+        at: Timestamp,
+    },
+    StepSucceeded {
+        id: ActionId,
+        seq: u32,
+        output: String,
+        at: Timestamp,
+    },
     /// An attempt failed and another will follow.
-    StepAttemptFailed { id: ActionId, seq: u32, attempt: u32, started_at: Timestamp, error: String, at: Timestamp },
+    StepAttemptFailed {
+        id: ActionId,
+        seq: u32,
+        attempt: u32,
+        started_at: Timestamp,
+        error: String,
+        at: Timestamp,
+    },
     /// The step ended without success (failed or cancelled).
-    StepEnded { id: ActionId, seq: u32, status: StepStatus, error: String, at: Timestamp },
+    StepEnded {
+        id: ActionId,
+        seq: u32,
+        status: StepStatus,
+        error: String,
+        at: Timestamp,
+    },
     /// The action ended; its pending steps become `skipped`.
-    Finish { id: ActionId, status: ActionStatus, error: Option<String>, at: Timestamp },
+    Finish {
+        id: ActionId,
+        status: ActionStatus,
+        error: Option<String>,
+        at: Timestamp,
+    },
     /// Cancels an action only if it is still queued.
-    CancelQueued { id: ActionId, at: Timestamp },
+    CancelQueued {
+        id: ActionId,
+        at: Timestamp,
+    },
     /// Takes ownership of an action (used when resuming after a restart).
-    Claim { id: ActionId, owner: String, lease_until: Timestamp },
-    RenewLeases { owner: String, until: Timestamp },
+    Claim {
+        id: ActionId,
+        owner: String,
+        lease_until: Timestamp,
+    },
+    RenewLeases {
+        owner: String,
+        until: Timestamp,
+    },
     /// Gives up ownership of unfinished actions so they resume on next start.
-    Release { owner: String, at: Timestamp },
+    Release {
+        owner: String,
+        at: Timestamp,
+    },
 }
 
 impl Write {
@@ -70,7 +119,9 @@ impl Write {
 /// What one write did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
-    Done { rows: u64 },
+    Done {
+        rows: u64,
+    },
     Inserted(ActionId),
     /// The idempotency key exists with the same request.
     Existing(ActionId),
@@ -120,9 +171,15 @@ impl Store {
                 .synchronous(SqliteSynchronous::Full)
                 .busy_timeout(Duration::from_secs(10))
                 .foreign_keys(true);
-            let write = SqlitePoolOptions::new().max_connections(1).connect_with(opts.clone()).await?;
+            let write = SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(opts.clone())
+                .await?;
             sqlx::migrate!("../migrations/sqlite").run(&write).await?;
-            let read = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await?;
+            let read = SqlitePoolOptions::new()
+                .max_connections(4)
+                .connect_with(opts)
+                .await?;
             (Pool::Sqlite(read), Pool::Sqlite(write), "sqlite")
         } else if url.starts_with("mysql:") || url.starts_with("mariadb:") {
             let url = url.replacen("mariadb:", "mysql:", 1);
@@ -143,7 +200,13 @@ impl Store {
         let (events, _) = broadcast::channel(4096);
         let stats = Arc::new(StoreStats::default());
         tokio::spawn(writer(write, rx, events.clone(), stats.clone()));
-        Ok(Store { read, writer: tx, events, stats, backend })
+        Ok(Store {
+            read,
+            writer: tx,
+            events,
+            stats,
+            backend,
+        })
     }
 
     pub fn backend(&self) -> &'static str {
@@ -157,7 +220,10 @@ impl Store {
     /// Commits `writes` atomically (possibly together with others' writes).
     pub(crate) async fn write(&self, writes: Vec<Write>) -> Result<Vec<Outcome>> {
         let (reply, rx) = oneshot::channel();
-        self.writer.send(Request { writes, reply }).await.map_err(|_| Error::ShuttingDown)?;
+        self.writer
+            .send(Request { writes, reply })
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
         match rx.await {
             Ok(Ok(outcomes)) => Ok(outcomes),
             Ok(Err(message)) => Err(Error::Database(sqlx::Error::Protocol(message))),
@@ -252,13 +318,19 @@ async fn writer(
     }
 }
 
-async fn apply(pool: &Pool, writes: &[&Write], stats: &StoreStats) -> Result<Vec<Outcome>, sqlx::Error> {
+async fn apply(
+    pool: &Pool,
+    writes: &[&Write],
+    stats: &StoreStats,
+) -> Result<Vec<Outcome>, sqlx::Error> {
     let outcomes = match pool {
         Pool::Sqlite(p) => sql::sqlite::apply(p, writes).await?,
         Pool::MySql(p) => sql::mysql::apply(p, writes).await?,
     };
     stats.transactions.fetch_add(1, Ordering::Relaxed);
-    stats.writes.fetch_add(writes.len() as u64, Ordering::Relaxed);
+    stats
+        .writes
+        .fetch_add(writes.len() as u64, Ordering::Relaxed);
     let rows: u64 = outcomes
         .iter()
         .map(|o| match o {
@@ -287,7 +359,12 @@ pub fn redact(url: &str) -> String {
         (Some(scheme), Some(at)) if at > scheme => {
             let userinfo = &url[scheme + 3..at];
             match userinfo.find(':') {
-                Some(colon) => format!("{}{}:***{}", &url[..scheme + 3], &userinfo[..colon], &url[at..]),
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &userinfo[..colon],
+                    &url[at..]
+                ),
                 None => url.to_owned(),
             }
         }
@@ -299,7 +376,10 @@ pub fn redact(url: &str) -> String {
 mod tests {
     #[test]
     fn redacts_passwords() {
-        assert_eq!(super::redact("mysql://u:secret@h:1/db"), "mysql://u:***@h:1/db");
+        assert_eq!(
+            super::redact("mysql://u:secret@h:1/db"),
+            "mysql://u:***@h:1/db"
+        );
         assert_eq!(super::redact("sqlite://x.db"), "sqlite://x.db");
     }
 }

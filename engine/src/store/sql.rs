@@ -5,7 +5,9 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
 use super::{Outcome, Write};
-use crate::model::{Action, ActionFilter, ActionId, ActionStatus, StepRecord, StepStatus, Timestamp};
+use crate::model::{
+    Action, ActionFilter, ActionId, ActionStatus, StepRecord, StepStatus, Timestamp,
+};
 
 macro_rules! select_actions {
     ($($rest:literal),*) => {

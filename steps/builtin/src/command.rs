@@ -40,7 +40,10 @@ pub(crate) struct Output {
     duration_ms: u64,
 }
 
-pub(crate) fn run_command(cx: &Context<'_>, input: StepInput<Settings>) -> Result<Output, StepError> {
+pub(crate) fn run_command(
+    cx: &Context<'_>,
+    input: StepInput<Settings>,
+) -> Result<Output, StepError> {
     let s = input.settings;
     let mut cmd = match (&s.argv, &s.shell) {
         (Some(argv), None) if !argv.is_empty() => {
@@ -53,9 +56,16 @@ pub(crate) fn run_command(cx: &Context<'_>, input: StepInput<Settings>) -> Resul
             c.arg("-c").arg(line);
             c
         }
-        _ => return Err(StepError::fatal("run_command needs exactly one of `argv` (non-empty list) or `shell` (non-empty string)")),
+        _ => {
+            return Err(StepError::fatal(
+                "run_command needs exactly one of `argv` (non-empty list) or `shell` (non-empty string)",
+            ));
+        }
     };
-    cmd.envs(&s.env).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.envs(&s.env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     if let Some(dir) = &s.cwd {
         cmd.current_dir(dir);
     }

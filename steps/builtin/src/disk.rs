@@ -28,7 +28,10 @@ pub(crate) struct Output {
     total_bytes: u64,
 }
 
-pub(crate) fn check_disk(_cx: &Context<'_>, input: StepInput<Settings>) -> Result<Output, StepError> {
+pub(crate) fn check_disk(
+    _cx: &Context<'_>,
+    input: StepInput<Settings>,
+) -> Result<Output, StepError> {
     let s = input.settings;
     let st = rustix::fs::statvfs(s.path.as_str())
         .map_err(|e| StepError::fatal(format!("cannot stat filesystem of {}: {e}", s.path)))?;
@@ -48,5 +51,10 @@ pub(crate) fn check_disk(_cx: &Context<'_>, input: StepInput<Settings>) -> Resul
             s.path, s.max_used_percent
         )));
     }
-    Ok(Output { path: s.path, used_percent, available_bytes: available, total_bytes: total })
+    Ok(Output {
+        path: s.path,
+        used_percent,
+        available_bytes: available,
+        total_bytes: total,
+    })
 }

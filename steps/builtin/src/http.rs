@@ -40,14 +40,19 @@ pub(crate) struct Output {
     body: serde_json::Value,
 }
 
-pub(crate) fn http_request(_cx: &Context<'_>, input: StepInput<Settings>) -> Result<Output, StepError> {
+pub(crate) fn http_request(
+    _cx: &Context<'_>,
+    input: StepInput<Settings>,
+) -> Result<Output, StepError> {
     let s = input.settings;
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_millis(s.timeout_ms)))
         .http_status_as_error(false)
         .build()
         .into();
-    let mut req = ureq::http::Request::builder().method(s.method.to_uppercase().as_str()).uri(&s.url);
+    let mut req = ureq::http::Request::builder()
+        .method(s.method.to_uppercase().as_str())
+        .uri(&s.url);
     for (k, v) in &s.headers {
         req = req.header(k, v);
     }
@@ -55,7 +60,11 @@ pub(crate) fn http_request(_cx: &Context<'_>, input: StepInput<Settings>) -> Res
         None => Vec::new(),
         Some(serde_json::Value::String(text)) => text.clone().into_bytes(),
         Some(json) => {
-            if !s.headers.keys().any(|k| k.eq_ignore_ascii_case("content-type")) {
+            if !s
+                .headers
+                .keys()
+                .any(|k| k.eq_ignore_ascii_case("content-type"))
+            {
                 req = req.header("content-type", "application/json");
             }
             serde_json::to_vec(json).map_err(StepError::fatal)?
@@ -71,26 +80,46 @@ pub(crate) fn http_request(_cx: &Context<'_>, input: StepInput<Settings>) -> Res
     let headers = resp
         .headers()
         .iter()
-        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
         .collect();
     let text = resp
         .body_mut()
         .with_config()
         .limit(1 << 20)
         .read_to_string()
-        .map_err(|e| StepError::retryable(format!("reading the response of {} failed: {e}", s.url)))?;
+        .map_err(|e| {
+            StepError::retryable(format!("reading the response of {} failed: {e}", s.url))
+        })?;
     let body = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
     let ok = match &s.expect_status {
         Some(list) => list.contains(&status),
         None => (200..300).contains(&status),
     };
     if !ok {
-        let err = format!("{} {} answered {status}, expected {}", s.method, s.url, match &s.expect_status {
-            Some(list) => format!("{list:?}"),
-            None => "2xx".to_owned(),
-        });
+        let err = format!(
+            "{} {} answered {status}, expected {}",
+            s.method,
+            s.url,
+            match &s.expect_status {
+                Some(list) => format!("{list:?}"),
+                None => "2xx".to_owned(),
+            }
+        );
         // Server errors and throttling may pass; anything else will not.
-        return Err(if status >= 500 || status == 429 { StepError::retryable(err) } else { StepError::fatal(err) });
+        return Err(if status >= 500 || status == 429 {
+            StepError::retryable(err)
+        } else {
+            StepError::fatal(err)
+        });
     }
-    Ok(Output { status, headers, body })
+    Ok(Output {
+        status,
+        headers,
+        body,
+    })
 }

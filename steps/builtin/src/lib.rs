@@ -8,7 +8,10 @@ mod disk;
 mod http;
 mod tcp;
 
-fn sleep(cx: &Context<'_>, input: StepInput<SleepSettings>) -> Result<serde_json::Value, StepError> {
+fn sleep(
+    cx: &Context<'_>,
+    input: StepInput<SleepSettings>,
+) -> Result<serde_json::Value, StepError> {
     cx.sleep(std::time::Duration::from_millis(input.settings.ms))?;
     Ok(serde_json::json!({ "slept_ms": input.settings.ms }))
 }

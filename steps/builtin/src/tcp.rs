@@ -40,7 +40,12 @@ pub(crate) fn wait_tcp(cx: &Context<'_>, input: StepInput<Settings>) -> Result<O
         serde_json::Value::String(p) => p.trim().parse().ok(),
         _ => None,
     }
-    .ok_or_else(|| StepError::fatal(format!("port must be a number from 0 to 65535, got {}", s.port)))?;
+    .ok_or_else(|| {
+        StepError::fatal(format!(
+            "port must be a number from 0 to 65535, got {}",
+            s.port
+        ))
+    })?;
     let address = format!("{}:{port}", s.host);
     let started = Instant::now();
     let deadline = started + Duration::from_millis(s.timeout_ms);
@@ -51,10 +56,16 @@ pub(crate) fn wait_tcp(cx: &Context<'_>, input: StepInput<Settings>) -> Result<O
         match (s.host.as_str(), port).to_socket_addrs() {
             Ok(addrs) => {
                 for addr in addrs {
-                    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10));
+                    let left = deadline
+                        .saturating_duration_since(Instant::now())
+                        .max(Duration::from_millis(10));
                     match TcpStream::connect_timeout(&addr, left.min(Duration::from_secs(5))) {
                         Ok(_) => {
-                            return Ok(Output { address, waited_ms: started.elapsed().as_millis() as u64, tries });
+                            return Ok(Output {
+                                address,
+                                waited_ms: started.elapsed().as_millis() as u64,
+                                tries,
+                            });
                         }
                         Err(e) => last_error = e.to_string(),
                     }

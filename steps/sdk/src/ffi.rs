@@ -41,7 +41,11 @@ pub struct Buf {
 impl Buf {
     fn from_vec(v: Vec<u8>) -> Buf {
         let mut v = std::mem::ManuallyDrop::new(v);
-        Buf { ptr: v.as_mut_ptr(), len: v.len(), cap: v.capacity() }
+        Buf {
+            ptr: v.as_mut_ptr(),
+            len: v.len(),
+            cap: v.capacity(),
+        }
     }
 }
 
@@ -62,8 +66,7 @@ pub fn step_names(names: &[&str]) -> Buf {
 }
 
 #[doc(hidden)]
-pub type Dispatch =
-    fn(&str, &Context<'_>, &[u8]) -> Option<Result<Vec<u8>, StepError>>;
+pub type Dispatch = fn(&str, &Context<'_>, &[u8]) -> Option<Result<Vec<u8>, StepError>>;
 
 /// # Safety
 /// `call` must point to a valid [`Call`] and `out` to writable memory.
@@ -78,7 +81,10 @@ pub unsafe fn call(call: *const Call, out: *mut Buf, dispatch: Dispatch) -> i32 
         Ok(name) => {
             let cx = Context::new(cancel);
             match catch_unwind(AssertUnwindSafe(|| dispatch(name, &cx, input))) {
-                Ok(None) => (STATUS_UNKNOWN_STEP, format!("no step named {name:?}").into_bytes()),
+                Ok(None) => (
+                    STATUS_UNKNOWN_STEP,
+                    format!("no step named {name:?}").into_bytes(),
+                ),
                 Ok(Some(Ok(output))) => (STATUS_OK, output),
                 Ok(Some(Err(StepError::Retryable(m)))) => (STATUS_RETRYABLE, m.into_bytes()),
                 Ok(Some(Err(StepError::Fatal(m)))) => (STATUS_FATAL, m.into_bytes()),

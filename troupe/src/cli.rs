@@ -1,0 +1,310 @@
+//! Command-line arguments and dispatch.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Map, Value, json};
+
+use crate::client::Client;
+
+#[derive(Parser)]
+#[command(
+    name = "troupe",
+    version,
+    about = "A provisioning workflow engine: actions made of ordered steps, run by plugins from signed-by-hash bundles"
+)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+pub(crate) struct ServerArg {
+    /// The troupe server to talk to.
+    #[arg(
+        long,
+        env = "TROUPE_SERVER",
+        default_value = "http://127.0.0.1:7878",
+        global = true
+    )]
+    pub(crate) server: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server: REST API, Control, Agency and step hosts.
+    Serve(crate::serve::ServeArgs),
+    /// Run a demo: a server on embedded SQLite, the built-in bundle, and a reboot action shown live.
+    Demo(crate::demo::DemoArgs),
+    /// Submit an action.
+    Submit {
+        /// The action kind, e.g. `reboot` (see `troupe kinds`).
+        kind: String,
+        /// What the action is for, e.g. a customer server id. Actions for one target run one at a time.
+        #[arg(long)]
+        target: String,
+        /// A parameter as KEY=VALUE (VALUE is a string). Repeat for more.
+        #[arg(long = "param", value_name = "KEY=VALUE")]
+        params: Vec<String>,
+        /// A parameter as KEY=JSON, for numbers, booleans, lists and objects.
+        #[arg(long = "param-json", value_name = "KEY=JSON")]
+        params_json: Vec<String>,
+        /// Makes resubmitting safe: the same key and request return the first action.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Show the steps live and exit non-zero unless the action succeeds.
+        #[arg(long)]
+        wait: bool,
+        /// Print the API's JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Show one action and its steps.
+    Status {
+        id: i64,
+        /// Follow it live until it finishes.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// List actions, newest first.
+    List {
+        #[arg(long)]
+        target: Option<String>,
+        /// queued, running, succeeded, failed or cancelled.
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        kind: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// Only actions with an id below this (for paging).
+        #[arg(long)]
+        before: Option<i64>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Cancel an action: a queued one at once, a running one at its current step.
+    Cancel {
+        id: i64,
+        /// Wait until the action has stopped.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// List the action kinds the server can run.
+    Kinds {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Build and inspect bundles.
+    #[command(subcommand)]
+    Bundle(crate::bundle_cmd::BundleCommand),
+    /// Create or upgrade the database schema, then exit.
+    Migrate {
+        /// sqlite://PATH or mysql://USER:PASSWORD@HOST:PORT/DATABASE
+        #[arg(long, env = "TROUPE_DB")]
+        db: String,
+    },
+}
+
+impl Cli {
+    pub(crate) fn default_log_filter(&self) -> &'static str {
+        match self.command {
+            Command::Serve(_) | Command::Migrate { .. } => "info,sqlx=warn",
+            Command::Demo(_) => "warn",
+            _ => "warn",
+        }
+    }
+}
+
+pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Serve(args) => crate::serve::run(args).await,
+        Command::Demo(args) => crate::demo::run(args).await,
+        Command::Submit {
+            kind,
+            target,
+            params,
+            params_json,
+            idempotency_key,
+            wait,
+            json,
+            server,
+        } => {
+            let params = parse_params(&params, &params_json)?;
+            let client = Client::new(&server.server)?;
+            let mut body = json!({ "kind": kind, "target": target, "params": params });
+            if let Some(key) = idempotency_key {
+                body["idempotency_key"] = json!(key);
+            }
+            let action = client.submit(&body).await?;
+            if wait {
+                return crate::watch::follow(&client, action, json).await;
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&action)?);
+            } else {
+                println!(
+                    "action {} ({} on {}) is {}",
+                    action["id"],
+                    kind,
+                    target,
+                    action["status"].as_str().unwrap_or("?")
+                );
+                println!("follow it with: troupe status {} --wait", action["id"]);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status {
+            id,
+            wait,
+            json,
+            server,
+        } => {
+            let client = Client::new(&server.server)?;
+            let action = client.action(id).await?;
+            if wait {
+                return crate::watch::follow(&client, action, json).await;
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&action)?);
+            } else {
+                crate::watch::print_action(&action);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::List {
+            target,
+            status,
+            kind,
+            limit,
+            before,
+            json,
+            server,
+        } => {
+            let client = Client::new(&server.server)?;
+            let mut query = vec![("limit", limit.to_string())];
+            query.extend(target.map(|v| ("target", v)));
+            query.extend(status.map(|v| ("status", v)));
+            query.extend(kind.map(|v| ("kind", v)));
+            query.extend(before.map(|v| ("before", v.to_string())));
+            let list = client.list(&query).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                crate::watch::print_list(&list);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cancel { id, wait, server } => {
+            let client = Client::new(&server.server)?;
+            let action = client.cancel(id).await?;
+            if wait {
+                return crate::watch::follow(&client, action, false).await;
+            }
+            println!(
+                "action {id} is {}",
+                action["status"].as_str().unwrap_or("?")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Kinds { json, server } => {
+            let client = Client::new(&server.server)?;
+            let kinds = client.get("/v1/kinds", &[]).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&kinds)?);
+            } else {
+                for k in kinds["kinds"].as_array().into_iter().flatten() {
+                    let steps: Vec<&str> = k["steps"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(Value::as_str)
+                        .collect();
+                    println!(
+                        "{:<16} {}",
+                        k["name"].as_str().unwrap_or("?"),
+                        k["description"].as_str().unwrap_or("")
+                    );
+                    println!("{:<16} steps: {}", "", steps.join(" → "));
+                    let params: Vec<&str> = k["params"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(Value::as_str)
+                        .collect();
+                    if !params.is_empty() {
+                        println!("{:<16} params: {}", "", params.join(", "));
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bundle(cmd) => crate::bundle_cmd::run(cmd),
+        Command::Migrate { db } => {
+            engine::store::Store::connect(&db)
+                .await
+                .with_context(|| format!("migrating {}", engine::store::redact(&db)))?;
+            println!("database {} is up to date", engine::store::redact(&db));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn parse_params(strings: &[String], jsons: &[String]) -> Result<Map<String, Value>> {
+    let mut out = Map::new();
+    for p in strings {
+        let Some((k, v)) = p.split_once('=') else {
+            bail!("--param {p:?}: expected KEY=VALUE")
+        };
+        out.insert(k.to_owned(), Value::String(v.to_owned()));
+    }
+    for p in jsons {
+        let Some((k, v)) = p.split_once('=') else {
+            bail!("--param-json {p:?}: expected KEY=JSON")
+        };
+        let v = serde_json::from_str(v)
+            .with_context(|| format!("--param-json {k}: {v:?} is not JSON"))?;
+        out.insert(k.to_owned(), v);
+    }
+    Ok(out)
+}
+
+/// The data directory: `--data-dir`, `TROUPE_DATA`, or `./troupe-data`.
+pub(crate) fn default_db(data_dir: &std::path::Path) -> String {
+    format!("sqlite://{}", data_dir.join("troupe.db").display())
+}
+
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a duration such as 30s, 500ms or 2m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!(
+            "{s:?}: expected a duration such as 30s, 500ms or 2m"
+        )),
+    }
+}
+
+pub(crate) fn data_dir_arg(dir: Option<PathBuf>) -> PathBuf {
+    dir.unwrap_or_else(|| PathBuf::from("troupe-data"))
+}

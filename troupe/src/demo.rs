@@ -1,0 +1,145 @@
+//! `troupe demo`: the whole path in one command. A server on embedded SQLite,
+//! the built-in bundle, a `reboot` action with harmless params shown live,
+//! and the SQL to watch it in the database.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde_json::json;
+
+use crate::cli::data_dir_arg;
+use crate::client::Client;
+use crate::serve::ServeArgs;
+
+#[derive(Args)]
+pub(crate) struct DemoArgs {
+    /// Where the demo keeps its database and bundles [default: ./troupe-data]
+    #[arg(long, env = "TROUPE_DATA")]
+    data_dir: Option<PathBuf>,
+    /// Address for the demo server's REST API.
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    listen: SocketAddr,
+    /// Stop the server once the demo action has finished instead of serving on.
+    #[arg(long)]
+    exit: bool,
+}
+
+/// The built-in plugin library, which cargo builds next to the troupe binary.
+fn builtin_library() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .context("the troupe executable has no parent directory")?;
+    let name = format!(
+        "{}builtin{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    );
+    for candidate in [dir.join(&name), dir.join("..").join(&name)] {
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "the built-in step library {name} is not next to {}; build the whole workspace first: cargo build --release",
+        exe.display()
+    )
+}
+
+pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
+    let data_dir = data_dir_arg(args.data_dir);
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    let library = builtin_library()?;
+    let lib = std::fs::read(&library).with_context(|| format!("reading {}", library.display()))?;
+    let manifest = include_str!("../../steps/builtin/bundle.toml");
+    let bytes = engine::bundle::build(manifest, &[(engine::bundle::TARGET, &lib)])?;
+    let bundle_path = data_dir.join("builtin.bundle");
+    std::fs::write(&bundle_path, &bytes)
+        .with_context(|| format!("writing {}", bundle_path.display()))?;
+    println!(
+        "built {} (sha256 {})",
+        bundle_path.display(),
+        engine::BundleHash::of(&bytes)
+    );
+
+    let serve = ServeArgs {
+        db: None,
+        data_dir: Some(data_dir.clone()),
+        listen: args.listen,
+        bundles: vec![bundle_path],
+        max_running: 64,
+        node_id: None,
+        shutdown_grace: Duration::from_secs(10),
+        cancel_grace: Duration::from_secs(2),
+        lease: Duration::from_secs(30),
+    };
+    let engine = crate::serve::start_engine(&serve).await?;
+    let listener = crate::serve::bind(args.listen).await?;
+    let addr = listener.local_addr()?;
+    let db_path = data_dir.join("troupe.db");
+    println!(
+        "troupe listening on http://{addr} (database: sqlite://{})",
+        db_path.display()
+    );
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(crate::serve::serve_until(
+        engine,
+        listener,
+        serve.shutdown_grace,
+        async move {
+            tokio::select! {
+                _ = stop_rx => {}
+                _ = crate::serve::shutdown_signal() => {}
+            }
+        },
+    ));
+
+    let client = Client::new(&format!("http://{addr}"))?;
+    let target = "vps-demo";
+    let command = format!("echo 'rebooting {target} (simulated)'; sleep 1");
+    println!();
+    println!(
+        "$ troupe submit reboot --target {target} --param host=127.0.0.1 --param port={} --param reboot_command=\"{command}\" --wait",
+        addr.port()
+    );
+    let action = client
+        .submit(&json!({
+            "kind": "reboot",
+            "target": target,
+            "params": { "host": "127.0.0.1", "port": addr.port().to_string(), "reboot_command": command },
+        }))
+        .await?;
+    let id = action["id"].as_i64().unwrap_or_default();
+    let code = crate::watch::follow(&client, action, false).await?;
+
+    println!();
+    println!("Watch actions in the database:");
+    println!(
+        "  sqlite3 {} \"SELECT id, kind, target, status, current_step, created_at, finished_at FROM actions ORDER BY id DESC LIMIT 10\"",
+        db_path.display()
+    );
+    println!(
+        "  sqlite3 {} \"SELECT seq, name, status, attempt, error FROM action_steps WHERE action_id = {id} ORDER BY seq\"",
+        db_path.display()
+    );
+    println!("or over HTTP:  curl -s http://{addr}/v1/actions/{id}");
+    if args.exit {
+        let _ = stop_tx.send(());
+    } else {
+        println!();
+        println!("The server keeps running at http://{addr}; in another terminal try:");
+        println!("  troupe list --server http://{addr}");
+        println!(
+            "  troupe submit run --target demo --param command='uptime' --wait --server http://{addr}"
+        );
+        println!("Press Ctrl-C to stop it.");
+    }
+    server.await.context("the demo server task failed")??;
+    Ok(code)
+}

@@ -1,0 +1,182 @@
+//! Showing actions to people: the live step view of `--wait`, `status` and `list`.
+
+use std::collections::HashMap;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use crate::client::Client;
+
+fn s(v: &Value) -> &str {
+    v.as_str().unwrap_or("")
+}
+
+fn is_terminal(status: &str) -> bool {
+    matches!(status, "succeeded" | "failed" | "cancelled")
+}
+
+fn elapsed(from: &Value, to: &Value) -> String {
+    let parse = |v: &Value| v.as_str().and_then(|t| t.parse::<DateTime<Utc>>().ok());
+    match (parse(from), parse(to)) {
+        (Some(a), Some(b)) => {
+            let ms = (b - a).num_milliseconds();
+            if ms < 1000 {
+                format!("{ms} ms")
+            } else {
+                format!("{:.2} s", ms as f64 / 1000.0)
+            }
+        }
+        _ => String::new(),
+    }
+}
+
+fn mark(status: &str) -> &'static str {
+    match status {
+        "succeeded" => "ok  ",
+        "failed" => "FAIL",
+        "running" => ">>  ",
+        "cancelled" => "stop",
+        "skipped" => "skip",
+        _ => "    ",
+    }
+}
+
+/// Prints step changes as they happen until the action finishes. Exits
+/// non-zero unless it succeeded.
+pub(crate) async fn follow(client: &Client, mut action: Value, json: bool) -> Result<ExitCode> {
+    let id = action["id"].as_i64().unwrap_or_default();
+    let mut seen: HashMap<u64, (String, u64)> = HashMap::new();
+    let mut last_status = String::new();
+    if !json {
+        println!(
+            "action {id}: {} on {}",
+            s(&action["kind"]),
+            s(&action["target"])
+        );
+    }
+    loop {
+        if !json {
+            let status = s(&action["status"]).to_owned();
+            for step in action["steps"].as_array().into_iter().flatten() {
+                let seq = step["seq"].as_u64().unwrap_or_default();
+                let key = (
+                    s(&step["status"]).to_owned(),
+                    step["attempt"].as_u64().unwrap_or_default(),
+                );
+                if key.0 == "pending" || seen.get(&seq) == Some(&key) {
+                    continue;
+                }
+                let mut line = format!(
+                    "  [{}] {:<20} {:<10}",
+                    mark(&key.0),
+                    s(&step["name"]),
+                    key.0
+                );
+                if key.1 > 1 {
+                    line.push_str(&format!(" attempt {}", key.1));
+                }
+                if key.0 != "running" {
+                    line.push_str(&format!(
+                        " {}",
+                        elapsed(&step["started_at"], &step["finished_at"])
+                    ));
+                }
+                if let Some(err) = step["error"].as_str() {
+                    line.push_str(&format!("  {err}"));
+                }
+                println!("{}", line.trim_end());
+                seen.insert(seq, key);
+            }
+            if status != last_status && !is_terminal(&status) && status != "running" {
+                println!("  {status}");
+            }
+            last_status = status;
+        }
+        if is_terminal(s(&action["status"])) {
+            break;
+        }
+        let revision = action["revision"].as_i64().unwrap_or_default();
+        action = client.wait(id, revision).await?;
+    }
+    let status = s(&action["status"]);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&action)?);
+    } else {
+        let took = elapsed(&action["created_at"], &action["finished_at"]);
+        match action["error"].as_str() {
+            Some(err) => println!("action {id} {status} after {took}: {err}"),
+            None => println!("action {id} {status} in {took}"),
+        }
+    }
+    Ok(if status == "succeeded" {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+pub(crate) fn print_action(a: &Value) {
+    println!(
+        "action {}  {} on {}  {}",
+        a["id"],
+        s(&a["kind"]),
+        s(&a["target"]),
+        s(&a["status"])
+    );
+    println!("  bundle   {}", s(&a["bundle"]));
+    println!("  created  {}", s(&a["created_at"]));
+    if let Some(t) = a["finished_at"].as_str() {
+        println!(
+            "  finished {t} ({})",
+            elapsed(&a["created_at"], &a["finished_at"])
+        );
+    }
+    if let Some(err) = a["error"].as_str() {
+        println!("  error    {err}");
+    }
+    for step in a["steps"].as_array().into_iter().flatten() {
+        let attempt = step["attempt"].as_u64().unwrap_or_default();
+        let mut line = format!(
+            "  [{}] {:<20} {:<10} {}",
+            mark(s(&step["status"])),
+            s(&step["name"]),
+            s(&step["status"]),
+            elapsed(&step["started_at"], &step["finished_at"])
+        );
+        if attempt > 1 {
+            line.push_str(&format!(" ({attempt} attempts)"));
+        }
+        if let Some(err) = step["error"].as_str() {
+            line.push_str(&format!("  {err}"));
+        }
+        println!("{}", line.trim_end());
+    }
+}
+
+pub(crate) fn print_list(list: &Value) {
+    let actions = list["actions"].as_array().cloned().unwrap_or_default();
+    if actions.is_empty() {
+        println!("no actions");
+        return;
+    }
+    println!(
+        "{:>8}  {:<16} {:<24} {:<10} {:<20} CREATED",
+        "ID", "KIND", "TARGET", "STATUS", "STEP"
+    );
+    for a in &actions {
+        println!(
+            "{:>8}  {:<16} {:<24} {:<10} {:<20} {}",
+            a["id"],
+            s(&a["kind"]),
+            s(&a["target"]),
+            s(&a["status"]),
+            s(&a["current_step"]),
+            s(&a["created_at"])
+        );
+    }
+    if let Some(next) = list["next_before"].as_i64() {
+        println!("more: troupe list --before {next}");
+    }
+}
