@@ -1,1 +1,1 @@
-//! Helpers live in the test binary.
+//! troupe's end-to-end tests live in `tests/e2e`; this library is empty.

@@ -1,0 +1,134 @@
+//! The command line, run as a user would: the demo, submit --wait, status,
+//! list, cancel, and their errors.
+
+use crate::harness::{Db, Env, scratch_dir, troupe, troupe_bin};
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn demo_runs_a_reboot_to_completion() {
+    let dir = scratch_dir("demo");
+    let out = std::process::Command::new(troupe_bin())
+        .args(["demo", "--exit", "--listen", "127.0.0.1:0"])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    for expected in [
+        "check_disk",
+        "reboot",
+        "wait_network",
+        "succeeded",
+        "SELECT id, kind, target, status",
+    ] {
+        assert!(t.contains(expected), "demo output lacks {expected:?}:\n{t}");
+    }
+    assert!(dir.join("troupe-data/troupe.db").is_file());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_wait_status_list_and_cancel() {
+    let env = Env::new(Db::Sqlite).await;
+    let server = env.serve();
+    let s = server.url.as_str();
+
+    let ok = troupe(&[
+        "submit", "noop3", "--target", "vps-1", "--wait", "--server", s,
+    ]);
+    let t = text(&ok);
+    assert!(ok.status.success(), "{t}");
+    assert!(
+        t.contains("one") && t.contains("three") && t.contains("succeeded"),
+        "{t}"
+    );
+
+    let failed = troupe(&[
+        "submit",
+        "fail",
+        "--target",
+        "vps-1",
+        "--param",
+        "message=broken on purpose",
+        "--wait",
+        "--server",
+        s,
+    ]);
+    assert!(!failed.status.success(), "a failed action exits non-zero");
+    assert!(text(&failed).contains("broken on purpose"));
+
+    let status = troupe(&["status", "1", "--server", s]);
+    assert!(status.status.success());
+    assert!(
+        text(&status).contains("noop3 on vps-1"),
+        "{}",
+        text(&status)
+    );
+
+    let list = troupe(&["list", "--server", s]);
+    assert!(
+        text(&list).contains("fail") && text(&list).contains("noop3"),
+        "{}",
+        text(&list)
+    );
+
+    let json = troupe(&[
+        "submit",
+        "echo",
+        "--target",
+        "vps-2",
+        "--param-json",
+        "size=3",
+        "--json",
+        "--server",
+        s,
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["params"]["size"], 3);
+
+    let long = troupe(&[
+        "submit",
+        "sleep",
+        "--target",
+        "vps-3",
+        "--param-json",
+        "ms=30000",
+        "--json",
+        "--server",
+        s,
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&long.stdout).unwrap();
+    let id = v["id"].to_string();
+    server
+        .until(v["id"].as_i64().unwrap(), "running", |a| {
+            a["status"] == "running"
+        })
+        .await;
+    let cancel = troupe(&["cancel", &id, "--wait", "--server", s]);
+    assert!(text(&cancel).contains("cancelled"), "{}", text(&cancel));
+
+    let unknown = troupe(&["submit", "nope", "--target", "t", "--server", s]);
+    assert!(!unknown.status.success());
+    assert!(
+        text(&unknown).contains("unknown_kind"),
+        "{}",
+        text(&unknown)
+    );
+
+    let down = troupe(&["list", "--server", "http://127.0.0.1:9"]);
+    assert!(!down.status.success());
+    assert!(
+        text(&down).contains("is `troupe serve` running?"),
+        "{}",
+        text(&down)
+    );
+
+    let help = troupe(&["submit", "--help"]);
+    assert!(text(&help).contains("--target"));
+}

@@ -1,0 +1,389 @@
+//! Test fixtures: a real `troupe serve` process on loopback, on a fresh SQLite
+//! file or a fresh MariaDB database, with real bundles built by `troupe
+//! bundle build` from the workspace's plugin libraries.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Db {
+    Sqlite,
+    MySql,
+}
+
+/// Generates one test per database for each named scenario `async fn(Db)`.
+macro_rules! both_dbs {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(crate::harness::Db::Sqlite).await
+                }
+            )*
+        }
+        mod mariadb {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(crate::harness::Db::MySql).await
+                }
+            )*
+        }
+    };
+}
+pub(crate) use both_dbs;
+
+/// Where cargo put the troupe binary and the plugin libraries.
+pub(crate) fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/debug/deps/e2e-HASH → target/debug
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target directory")
+        .to_path_buf()
+}
+
+pub(crate) fn troupe_bin() -> PathBuf {
+    let bin = target_dir().join("troupe");
+    assert!(
+        bin.is_file(),
+        "{} is missing: run `cargo build --workspace` first (tests/run does)",
+        bin.display()
+    );
+    bin
+}
+
+pub(crate) fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+pub(crate) fn scratch_dir(label: &str) -> PathBuf {
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("troupe-e2e-{}-{n}-{label}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Runs the troupe CLI to completion.
+pub(crate) fn troupe(args: &[&str]) -> std::process::Output {
+    Command::new(troupe_bin())
+        .args(args)
+        .output()
+        .expect("running troupe")
+}
+
+/// The testkit and builtin bundles, built once per test run with the CLI.
+pub(crate) struct Bundles {
+    pub(crate) testkit: PathBuf,
+    pub(crate) builtin: PathBuf,
+}
+
+pub(crate) fn bundles() -> &'static Bundles {
+    static BUNDLES: OnceLock<Bundles> = OnceLock::new();
+    BUNDLES.get_or_init(|| {
+        let dir = scratch_dir("bundles");
+        let build = |name: &str| {
+            let out = dir.join(format!("{name}.bundle"));
+            let manifest = workspace().join(format!("steps/{name}/bundle.toml"));
+            let library = target_dir().join(format!("lib{name}.so"));
+            let o = troupe(&[
+                "bundle",
+                "build",
+                manifest.to_str().unwrap(),
+                "--library",
+                library.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ]);
+            assert!(
+                o.status.success(),
+                "bundle build failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            out
+        };
+        Bundles {
+            testkit: build("testkit"),
+            builtin: build("builtin"),
+        }
+    })
+}
+
+/// A database and data directory for one test.
+pub(crate) struct Env {
+    pub(crate) db_url: String,
+    pub(crate) dir: PathBuf,
+}
+
+impl Env {
+    pub(crate) async fn new(db: Db) -> Env {
+        let dir = scratch_dir(match db {
+            Db::Sqlite => "sqlite",
+            Db::MySql => "mariadb",
+        });
+        let db_url = match db {
+            Db::Sqlite => format!("sqlite://{}", dir.join("troupe.db").display()),
+            Db::MySql => {
+                let base = std::env::var("TROUPE_TEST_MYSQL").expect(
+                    "TROUPE_TEST_MYSQL is not set: run the tests with `bash tests/run`, which starts a throwaway MariaDB",
+                );
+                let name = format!(
+                    "troupe_t{}_{}",
+                    std::process::id(),
+                    COUNTER.fetch_add(1, Ordering::SeqCst)
+                );
+                let pool = any_pool(&base).await;
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                pool.close().await;
+                format!("{}/{name}", base.trim_end_matches('/'))
+            }
+        };
+        Env { db_url, dir }
+    }
+
+    /// Starts `troupe serve` with the test bundles.
+    pub(crate) fn serve(&self) -> Server {
+        self.serve_with(&[])
+    }
+
+    pub(crate) fn serve_with(&self, extra: &[&str]) -> Server {
+        let b = bundles();
+        let mut args = vec![
+            "serve".to_owned(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            self.dir.to_str().unwrap().into(),
+            "--db".into(),
+            self.db_url.clone(),
+            "--bundle".into(),
+            b.testkit.to_str().unwrap().into(),
+            "--bundle".into(),
+            b.builtin.to_str().unwrap().into(),
+            "--cancel-grace".into(),
+            "500ms".into(),
+            "--node-id".into(),
+            "test-node".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Server::start(&args)
+    }
+
+    /// A pool on the test's database, to check what the tables hold.
+    pub(crate) async fn sql(&self) -> sqlx::AnyPool {
+        any_pool(&self.db_url).await
+    }
+}
+
+async fn any_pool(url: &str) -> sqlx::AnyPool {
+    sqlx::any::install_default_drivers();
+    sqlx::any::AnyPoolOptions::new()
+        .max_connections(2)
+        .connect(url)
+        .await
+        .expect("connecting to the test database")
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A running `troupe serve` process, killed when dropped.
+pub(crate) struct Server {
+    child: Child,
+    pub(crate) url: String,
+    http: reqwest::Client,
+    stderr_log: PathBuf,
+}
+
+impl Server {
+    fn start(args: &[String]) -> Server {
+        let log = std::env::temp_dir().join(format!(
+            "troupe-e2e-{}-{}.log",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        ));
+        let mut child = Command::new(troupe_bin())
+            .args(args)
+            .env("RUST_LOG", "info,sqlx=warn")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting troupe serve");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "troupe serve did not start:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+        };
+        let url = line
+            .strip_prefix("troupe listening on ")
+            .expect("the listening line")
+            .trim()
+            .to_owned();
+        Server {
+            child,
+            url,
+            http: reqwest::Client::new(),
+            stderr_log: log,
+        }
+    }
+
+    pub(crate) fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    pub(crate) async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<String>,
+    ) -> (StatusCode, Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.url));
+        if let Some(body) = body {
+            req = req.header("content-type", "application/json").body(body);
+        }
+        let resp = req.send().await.expect("HTTP request to troupe");
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    pub(crate) async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.request(reqwest::Method::GET, path, None).await
+    }
+
+    pub(crate) async fn post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
+        self.request(reqwest::Method::POST, path, Some(body.to_string()))
+            .await
+    }
+
+    /// Submits an action and returns its id.
+    pub(crate) async fn submit(&self, kind: &str, target: &str, params: Value) -> i64 {
+        let (status, body) = self
+            .post(
+                "/v1/actions",
+                &json!({ "kind": kind, "target": target, "params": params }),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "submit {kind}: {body}");
+        body["id"].as_i64().unwrap()
+    }
+
+    /// Long-polls until the action is terminal (at most 60 s).
+    pub(crate) async fn finished(&self, id: i64) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (status, body) = self.get(&format!("/v1/actions/{id}?wait=10s")).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            if matches!(
+                body["status"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            ) {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "action {id} did not finish: {body}\n{}",
+                self.log()
+            );
+        }
+    }
+
+    /// Polls until `check` holds for the action (at most 30 s).
+    pub(crate) async fn until(&self, id: i64, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut revision = -1;
+        loop {
+            let (_, body) = self
+                .get(&format!("/v1/actions/{id}?wait=5s&since={revision}"))
+                .await;
+            if check(&body) {
+                return body;
+            }
+            revision = body["revision"].as_i64().unwrap_or(-1);
+            assert!(
+                Instant::now() < deadline,
+                "action {id} never reached {what}: {body}"
+            );
+        }
+    }
+
+    pub(crate) fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and waits (at most 30 s) for the process to exit.
+    pub(crate) fn sigterm(mut self) -> ExitStatus {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "troupe did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.stderr_log);
+    }
+}
+
+pub(crate) fn steps(action: &Value) -> Vec<Value> {
+    action["steps"].as_array().cloned().unwrap_or_default()
+}
+
+/// The statuses of an action's steps, in order.
+pub(crate) fn step_statuses(action: &Value) -> Vec<String> {
+    steps(action)
+        .iter()
+        .map(|s| s["status"].as_str().unwrap().to_owned())
+        .collect()
+}

@@ -1,0 +1,12 @@
+//! troupe's end-to-end suite: one test binary, a module per area. Each test
+//! runs a real `troupe serve` process over loopback HTTP, against SQLite and
+//! against MariaDB (`tests/run` starts one and sets `TROUPE_TEST_MYSQL`).
+
+mod harness;
+
+mod actions;
+mod bad_input;
+mod bundles;
+mod cli;
+mod recovery;
+mod tidy;
