@@ -32,6 +32,9 @@ use wire::{ActionList, ActionView, SubmitRequest};
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 1 << 20;
+/// Bodies up to this size are read in full so the client reliably gets the
+/// JSON `body_too_large` answer; beyond it the connection is cut.
+const READ_LIMIT: usize = 16 << 20;
 /// Longest a `wait` may hold a request open.
 pub const MAX_WAIT: Duration = Duration::from_secs(120);
 
@@ -49,7 +52,7 @@ pub fn router(engine: Engine) -> Router {
                 "no such endpoint; see /v1/health, /v1/actions, /v1/kinds",
             )
         })
-        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(DefaultBodyLimit::max(READ_LIMIT))
         .with_state(engine)
 }
 
@@ -69,17 +72,23 @@ async fn submit(
     State(engine): State<Engine>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("request body is over {MAX_BODY} bytes"),
+        )
+    };
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                format!("request body is over {MAX_BODY} bytes"),
-            )
+            too_large()
         } else {
             ApiError::bad_request("unreadable_body", e.body_text())
         }
     })?;
+    if body.len() > MAX_BODY {
+        return Err(too_large());
+    }
     let req: SubmitRequest = serde_json::from_slice(&body).map_err(|e| {
         use serde_json::error::Category;
         match e.classify() {
