@@ -1,92 +1,60 @@
-//! Identity of bundles: a bundle is named by the SHA-256 of its bytes.
-//! This crate does no I/O; callers read and write files.
+//! Identity and trust for bundles: a bundle is named by the SHA-256 of its
+//! bytes ([`BundleHash`]) and vouched for by an ed25519 signature over what it
+//! claims to be ([`Claims`]). [`verify`] is the only way to get a
+//! [`VerifiedBundle`], which is the only thing the engine's loader accepts.
+//!
+//! This crate does no I/O: callers read and write key and signature files.
 
-use std::fmt;
-use std::str::FromStr;
+mod hash;
+mod hex;
+mod keys;
+mod signature;
 
-use sha2::{Digest, Sha256};
+pub use hash::{BundleHash, InvalidHash};
+pub use keys::{KeyId, PublicKey, SecretKey};
+pub use signature::{Claims, DOMAIN, Signature, Trust, VerifiedBundle, verify};
 
-/// The SHA-256 of a bundle's bytes, shown as 64 lowercase hex digits.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct BundleHash([u8; 32]);
-
-impl BundleHash {
-    pub fn of(bytes: &[u8]) -> BundleHash {
-        BundleHash(Sha256::digest(bytes).into())
-    }
-
-    pub fn as_bytes(&self) -> &[u8; 32] {
-        &self.0
-    }
-
-    /// The first 12 hex digits, for logs and tables.
-    pub fn short(&self) -> String {
-        self.to_string()[..12].to_owned()
-    }
+/// Why a key, a signature or a bundle was not accepted. Each variant has a
+/// stable code for the API.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    #[error("malformed key: {0}")]
+    MalformedKey(String),
+    #[error("malformed signature: {0}")]
+    MalformedSignature(String),
+    #[error(
+        "the bundle is signed by key {0}, which this server does not trust; add it with `troupe keys trust` or the server's --trust"
+    )]
+    UntrustedKey(KeyId),
+    #[error("the bundle is signed by key {0}, which has been revoked")]
+    RevokedKey(KeyId),
+    #[error(
+        "the signature does not verify: the signed claims were altered or it was not made by key {0}"
+    )]
+    BadSignature(KeyId),
+    #[error(
+        "the upload is incomplete: {got} of {expected} signed bytes arrived; send the whole bundle"
+    )]
+    Incomplete { got: u64, expected: u64 },
+    #[error(
+        "the bundle's bytes do not match its signature (SHA-256 {got}, signed {expected}): it was altered, or the signature is for another bundle"
+    )]
+    HashMismatch {
+        got: BundleHash,
+        expected: BundleHash,
+    },
 }
 
-impl fmt::Display for BundleHash {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in self.0 {
-            write!(f, "{b:02x}")?;
+impl Error {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::MalformedKey(_) => "key_malformed",
+            Error::MalformedSignature(_) => "signature_malformed",
+            Error::UntrustedKey(_) => "signature_untrusted_key",
+            Error::RevokedKey(_) => "signature_revoked_key",
+            Error::BadSignature(_) => "signature_invalid",
+            Error::Incomplete { .. } => "bundle_incomplete",
+            Error::HashMismatch { .. } => "bundle_hash_mismatch",
         }
-        Ok(())
-    }
-}
-
-impl fmt::Debug for BundleHash {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "BundleHash({self})")
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InvalidHash;
-
-impl fmt::Display for InvalidHash {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a bundle hash is 64 hex digits (the SHA-256 of the bundle file)")
-    }
-}
-
-impl std::error::Error for InvalidHash {}
-
-impl FromStr for BundleHash {
-    type Err = InvalidHash;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.as_bytes();
-        if s.len() != 64 {
-            return Err(InvalidHash);
-        }
-        let mut out = [0u8; 32];
-        for (i, pair) in s.chunks(2).enumerate() {
-            let hex = |c: u8| (c as char).to_digit(16).ok_or(InvalidHash);
-            out[i] = (hex(pair[0])? * 16 + hex(pair[1])?) as u8;
-        }
-        Ok(BundleHash(out))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hash_round_trips_through_hex() {
-        let h = BundleHash::of(b"troupe");
-        let parsed: BundleHash = h.to_string().parse().unwrap();
-        assert_eq!(h, parsed);
-        assert_eq!(h.short().len(), 12);
-        assert!("xyz".parse::<BundleHash>().is_err());
-        assert!("zz".repeat(32).parse::<BundleHash>().is_err());
-    }
-
-    #[test]
-    fn known_digest() {
-        assert_eq!(
-            BundleHash::of(b"").to_string(),
-            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
     }
 }
