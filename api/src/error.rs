@@ -49,6 +49,20 @@ impl From<engine::Error> for ApiError {
             E::NotCancellable { .. } => (StatusCode::CONFLICT, "not_cancellable"),
             E::BundleNotLoaded(_) => (StatusCode::NOT_FOUND, "bundle_not_found"),
             E::Bundle(invalid) => (StatusCode::UNPROCESSABLE_ENTITY, invalid.code()),
+            E::Signature(e) => match e {
+                engine::signing::Error::UntrustedKey(_) | engine::signing::Error::RevokedKey(_) => {
+                    (StatusCode::FORBIDDEN, e.code())
+                }
+                engine::signing::Error::Incomplete { .. } => (StatusCode::BAD_REQUEST, e.code()),
+                _ => (StatusCode::UNPROCESSABLE_ENTITY, e.code()),
+            },
+            E::BundleRevoked { .. } => (StatusCode::CONFLICT, "bundle_revoked"),
+            E::ClaimsMismatch { .. } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "signature_claims_mismatch",
+            ),
+            E::VersionNotNewer { .. } => (StatusCode::CONFLICT, "bundle_version_not_newer"),
+            E::KeyNotFound(_) => (StatusCode::NOT_FOUND, "key_not_found"),
             E::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
             E::Database(_) | E::Migrate(_) => {
                 // Log the details once, here; never send SQL to clients.

@@ -24,6 +24,7 @@ use engine::Engine;
 use engine::model::{ActionFilter, ActionId, ActionStatus, NewAction};
 use serde_json::json;
 
+mod bundles;
 mod error;
 pub mod wire;
 
@@ -38,12 +39,38 @@ const READ_LIMIT: usize = 16 << 20;
 /// Longest a `wait` may hold a request open.
 pub const MAX_WAIT: Duration = Duration::from_secs(120);
 
-pub fn router(engine: Engine) -> Router {
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Engine,
+    /// Required (as a bearer token) to add or revoke signing keys; `None`
+    /// switches key management off.
+    pub admin_token: Option<String>,
+}
+
+impl axum::extract::FromRef<AppState> for Engine {
+    fn from_ref(state: &AppState) -> Engine {
+        state.engine.clone()
+    }
+}
+
+pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/actions", post(submit).get(list))
         .route("/v1/actions/{id}", get(show))
         .route("/v1/actions/{id}/cancel", post(cancel))
         .route("/v1/kinds", get(kinds))
+        .route(
+            "/v1/bundles",
+            post(bundles::push)
+                .get(bundles::list)
+                .layer(DefaultBodyLimit::max(bundles::MAX_BUNDLE + (1 << 20))),
+        )
+        .route("/v1/bundles/{hash}", get(bundles::show))
+        .route("/v1/bundles/{hash}/content", get(bundles::content))
+        .route("/v1/bundles/{hash}/activate", post(bundles::activate))
+        .route("/v1/keys", get(bundles::keys).post(bundles::add_key))
+        .route("/v1/keys/{id}/revoke", post(bundles::revoke_key))
         .route("/v1/health", get(health))
         .fallback(|| async {
             ApiError::new(
@@ -53,17 +80,17 @@ pub fn router(engine: Engine) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(READ_LIMIT))
-        .with_state(engine)
+        .with_state(state)
 }
 
 /// Serves the API on `listener` until `shutdown` resolves, then lets
 /// requests in flight finish.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    engine: Engine,
+    state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(engine))
+    axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -116,6 +143,7 @@ async fn submit(
             target: req.target,
             params: req.params,
             idempotency_key: req.idempotency_key,
+            bundle: req.bundle,
         })
         .await?;
     let location = format!("/v1/actions/{}", submitted.action.id);

@@ -15,6 +15,9 @@ pub struct SubmitRequest {
     pub params: Map<String, Value>,
     #[serde(default)]
     pub idempotency_key: Option<String>,
+    /// Pin the action to this bundle hash instead of the kind's active bundle.
+    #[serde(default)]
+    pub bundle: Option<String>,
 }
 
 #[derive(Debug, Serialize)]

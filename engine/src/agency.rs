@@ -1,14 +1,18 @@
 //! The Agency: the singleton factory of Step actors. It holds the loaded
-//! bundles and their step hosts, and creates each (bundle, step) actor on
-//! first use. Loading a bundle goes through [`AgencyHandle::load`], the one
-//! gate: nothing in a bundle runs before it passes.
+//! bundles, which version of each bundle name is active, how many actions are
+//! pinned to each bundle, and one step host per bundle; it creates each
+//! (bundle, step) actor on first use.
+//!
+//! A bundle that is no longer active and has no action pinned to it is
+//! drained: its Step actors are dropped and its step host exits, so its code
+//! is unloaded. It loads again on demand if an action names it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use signing::BundleHash;
+use signing::{BundleHash, KeyId};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::bundle::{self, Invalid, Manifest};
@@ -22,15 +26,32 @@ pub struct LoadedBundle {
     pub hash: BundleHash,
     pub manifest: Manifest,
     pub library: PathBuf,
+    pub signer: KeyId,
+}
+
+/// What the Agency knows of one bundle.
+#[derive(Debug, Clone)]
+pub(crate) struct BundleState {
+    pub(crate) bundle: Arc<LoadedBundle>,
+    pub(crate) active: bool,
+    pub(crate) revoked: bool,
+    /// Whether its step host is running.
+    pub(crate) host_running: bool,
 }
 
 enum Msg {
-    Load {
+    Register {
         unpacked: bundle::Unpacked,
+        signer: KeyId,
         reply: oneshot::Sender<Result<Arc<LoadedBundle>>>,
+    },
+    Activate {
+        hash: BundleHash,
+        reply: oneshot::Sender<Result<()>>,
     },
     Resolve {
         kind: String,
+        bundle: Option<String>,
         reply: oneshot::Sender<Result<Arc<LoadedBundle>>>,
     },
     Bundle {
@@ -46,8 +67,17 @@ enum Msg {
         hash: BundleHash,
         reply: oneshot::Sender<Result<StepHost>>,
     },
-    Kinds {
-        reply: oneshot::Sender<Vec<(String, Arc<LoadedBundle>)>>,
+    Pin {
+        hash: String,
+    },
+    Unpin {
+        hash: String,
+    },
+    Revoke {
+        key: KeyId,
+    },
+    States {
+        reply: oneshot::Sender<Vec<BundleState>>,
     },
     Shutdown {
         reply: oneshot::Sender<()>,
@@ -56,12 +86,12 @@ enum Msg {
 
 #[derive(Clone)]
 pub(crate) struct AgencyHandle {
-    tx: mpsc::Sender<Msg>,
+    tx: mpsc::UnboundedSender<Msg>,
 }
 
 impl AgencyHandle {
     pub(crate) fn spawn(host_command: HostCommand, grace: Duration) -> AgencyHandle {
-        let (tx, rx) = mpsc::channel(1024);
+        let (tx, rx) = mpsc::unbounded_channel();
         let handle = AgencyHandle { tx };
         let agency = Agency {
             handle: handle.clone(),
@@ -69,6 +99,8 @@ impl AgencyHandle {
             grace,
             bundles: HashMap::new(),
             active: HashMap::new(),
+            revoked: HashSet::new(),
+            pins: HashMap::new(),
             hosts: HashMap::new(),
             steps: HashMap::new(),
         };
@@ -78,21 +110,43 @@ impl AgencyHandle {
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Msg) -> Result<T> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(make(reply))
-            .await
-            .map_err(|_| Error::ShuttingDown)?;
+        self.tx.send(make(reply)).map_err(|_| Error::ShuttingDown)?;
         rx.await.map_err(|_| Error::ShuttingDown)
     }
 
-    /// The gate: probes an unpacked bundle in a step host and registers it.
-    pub(crate) async fn load(&self, unpacked: bundle::Unpacked) -> Result<Arc<LoadedBundle>> {
-        self.ask(|reply| Msg::Load { unpacked, reply }).await?
+    /// Probes an unpacked bundle's library in a step host and registers it
+    /// (not yet active). Only the Source Authority calls this.
+    pub(crate) async fn register(
+        &self,
+        unpacked: bundle::Unpacked,
+        signer: KeyId,
+    ) -> Result<Arc<LoadedBundle>> {
+        self.ask(|reply| Msg::Register {
+            unpacked,
+            signer,
+            reply,
+        })
+        .await?
     }
 
-    /// The bundle that provides `kind` for new actions.
-    pub(crate) async fn resolve(&self, kind: String) -> Result<Arc<LoadedBundle>> {
-        self.ask(|reply| Msg::Resolve { kind, reply }).await?
+    /// Makes a registered bundle the active version of its name.
+    pub(crate) async fn activate(&self, hash: BundleHash) -> Result<()> {
+        self.ask(|reply| Msg::Activate { hash, reply }).await?
+    }
+
+    /// The bundle a new action of `kind` is pinned to: the named one if
+    /// given, else the active bundle providing the kind.
+    pub(crate) async fn resolve(
+        &self,
+        kind: String,
+        bundle: Option<String>,
+    ) -> Result<Arc<LoadedBundle>> {
+        self.ask(|reply| Msg::Resolve {
+            kind,
+            bundle,
+            reply,
+        })
+        .await?
     }
 
     pub(crate) async fn bundle(&self, hash: String) -> Result<Option<Arc<LoadedBundle>>> {
@@ -108,8 +162,26 @@ impl AgencyHandle {
         self.ask(|reply| Msg::Host { hash, reply }).await?
     }
 
-    pub(crate) async fn kinds(&self) -> Result<Vec<(String, Arc<LoadedBundle>)>> {
-        self.ask(|reply| Msg::Kinds { reply }).await
+    /// An action was pinned to `hash` (submitted or resumed).
+    pub(crate) fn pin(&self, hash: &str) {
+        let _ = self.tx.send(Msg::Pin {
+            hash: hash.to_owned(),
+        });
+    }
+
+    /// An action pinned to `hash` finished.
+    pub(crate) fn unpin(&self, hash: &str) {
+        let _ = self.tx.send(Msg::Unpin {
+            hash: hash.to_owned(),
+        });
+    }
+
+    pub(crate) fn revoke(&self, key: KeyId) {
+        let _ = self.tx.send(Msg::Revoke { key });
+    }
+
+    pub(crate) async fn states(&self) -> Result<Vec<BundleState>> {
+        self.ask(|reply| Msg::States { reply }).await
     }
 
     pub(crate) async fn shutdown(&self) {
@@ -122,37 +194,34 @@ struct Agency {
     host_command: HostCommand,
     grace: Duration,
     bundles: HashMap<BundleHash, Arc<LoadedBundle>>,
-    /// kind → the bundle new actions of that kind are pinned to.
+    /// bundle name → its active version.
     active: HashMap<String, BundleHash>,
+    revoked: HashSet<KeyId>,
+    pins: HashMap<BundleHash, usize>,
     hosts: HashMap<BundleHash, StepHost>,
     steps: HashMap<(BundleHash, String), StepHandle>,
 }
 
 impl Agency {
-    async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
         while let Some(msg) = rx.recv().await {
             match msg {
-                Msg::Load { unpacked, reply } => {
-                    let _ = reply.send(self.load(unpacked).await);
+                Msg::Register {
+                    unpacked,
+                    signer,
+                    reply,
+                } => {
+                    let _ = reply.send(self.register(unpacked, signer).await);
                 }
-                Msg::Resolve { kind, reply } => {
-                    let found = self
-                        .active
-                        .get(&kind)
-                        .and_then(|h| self.bundles.get(h))
-                        .cloned();
-                    let _ = reply.send(found.ok_or_else(|| {
-                        let mut known: Vec<&str> = self.active.keys().map(String::as_str).collect();
-                        known.sort_unstable();
-                        Error::UnknownKind {
-                            kind,
-                            known: if known.is_empty() {
-                                "none (no bundle is loaded)".into()
-                            } else {
-                                known.join(", ")
-                            },
-                        }
-                    }));
+                Msg::Activate { hash, reply } => {
+                    let _ = reply.send(self.activate(hash));
+                }
+                Msg::Resolve {
+                    kind,
+                    bundle,
+                    reply,
+                } => {
+                    let _ = reply.send(self.resolve(kind, bundle));
                 }
                 Msg::Bundle { hash, reply } => {
                     let found = hash
@@ -167,14 +236,48 @@ impl Agency {
                 Msg::Host { hash, reply } => {
                     let _ = reply.send(self.host(hash).await);
                 }
-                Msg::Kinds { reply } => {
-                    let mut kinds: Vec<_> = self
-                        .active
-                        .iter()
-                        .filter_map(|(k, h)| Some((k.clone(), self.bundles.get(h)?.clone())))
+                Msg::Pin { hash } => {
+                    if let Ok(h) = hash.parse() {
+                        *self.pins.entry(h).or_default() += 1;
+                    }
+                }
+                Msg::Unpin { hash } => {
+                    if let Ok(h) = hash.parse() {
+                        if let Some(n) = self.pins.get_mut(&h) {
+                            *n = n.saturating_sub(1);
+                        }
+                        self.drain_if_idle(h);
+                    }
+                }
+                Msg::Revoke { key } => {
+                    self.revoked.insert(key);
+                    let revoked: Vec<BundleHash> = self
+                        .bundles
+                        .values()
+                        .filter(|b| b.signer == key)
+                        .map(|b| b.hash)
                         .collect();
-                    kinds.sort_by(|a, b| a.0.cmp(&b.0));
-                    let _ = reply.send(kinds);
+                    self.active.retain(|_, h| !revoked.contains(h));
+                    for h in revoked {
+                        self.drain_if_idle(h);
+                    }
+                }
+                Msg::States { reply } => {
+                    let mut states: Vec<BundleState> = self
+                        .bundles
+                        .values()
+                        .map(|b| BundleState {
+                            bundle: b.clone(),
+                            active: self.is_active(b.hash),
+                            revoked: self.revoked.contains(&b.signer),
+                            host_running: self.hosts.get(&b.hash).is_some_and(StepHost::is_alive),
+                        })
+                        .collect();
+                    states.sort_by(|a, b| {
+                        (&a.bundle.manifest.name, &a.bundle.manifest.version)
+                            .cmp(&(&b.bundle.manifest.name, &b.bundle.manifest.version))
+                    });
+                    let _ = reply.send(states);
                 }
                 Msg::Shutdown { reply } => {
                     for host in self.hosts.values() {
@@ -186,7 +289,29 @@ impl Agency {
         }
     }
 
-    async fn load(&mut self, unpacked: bundle::Unpacked) -> Result<Arc<LoadedBundle>> {
+    fn is_active(&self, hash: BundleHash) -> bool {
+        self.bundles
+            .get(&hash)
+            .is_some_and(|b| self.active.get(&b.manifest.name) == Some(&hash))
+    }
+
+    fn label(&self, hash: BundleHash) -> String {
+        match self.bundles.get(&hash) {
+            Some(b) => format!(
+                "{} {} ({})",
+                b.manifest.name,
+                b.manifest.version,
+                hash.short()
+            ),
+            None => hash.short(),
+        }
+    }
+
+    async fn register(
+        &mut self,
+        unpacked: bundle::Unpacked,
+        signer: KeyId,
+    ) -> Result<Arc<LoadedBundle>> {
         if let Some(existing) = self.bundles.get(&unpacked.hash) {
             return Ok(existing.clone());
         }
@@ -208,14 +333,95 @@ impl Agency {
             hash: unpacked.hash,
             manifest: unpacked.manifest,
             library: unpacked.library,
+            signer,
         });
-        for kind in loaded.manifest.kinds.keys() {
-            self.active.insert(kind.clone(), loaded.hash);
-        }
         self.hosts.insert(loaded.hash, host);
         self.bundles.insert(loaded.hash, loaded.clone());
         tracing::info!(bundle = %label, kinds = loaded.manifest.kinds.len(), "bundle loaded");
         Ok(loaded)
+    }
+
+    fn activate(&mut self, hash: BundleHash) -> Result<()> {
+        let bundle = self
+            .bundles
+            .get(&hash)
+            .ok_or_else(|| Error::BundleNotLoaded(hash.to_string()))?;
+        if self.revoked.contains(&bundle.signer) {
+            return Err(Error::BundleRevoked {
+                hash: hash.to_string(),
+                key: bundle.signer.to_string(),
+            });
+        }
+        let previous = self.active.insert(bundle.manifest.name.clone(), hash);
+        tracing::info!(bundle = %self.label(hash), "bundle active for new actions");
+        if let Some(old) = previous.filter(|old| *old != hash) {
+            self.drain_if_idle(old);
+        }
+        Ok(())
+    }
+
+    fn resolve(&self, kind: String, pinned: Option<String>) -> Result<Arc<LoadedBundle>> {
+        if let Some(hash) = pinned {
+            let bundle = hash
+                .parse::<BundleHash>()
+                .ok()
+                .and_then(|h| self.bundles.get(&h))
+                .ok_or_else(|| Error::BundleNotLoaded(hash.clone()))?;
+            if self.revoked.contains(&bundle.signer) {
+                return Err(Error::BundleRevoked {
+                    hash,
+                    key: bundle.signer.to_string(),
+                });
+            }
+            if !bundle.manifest.kinds.contains_key(&kind) {
+                return Err(Error::UnknownKind {
+                    known: self.known_kinds(Some(bundle)),
+                    kind,
+                });
+            }
+            return Ok(bundle.clone());
+        }
+        // The most recently loaded active bundle wins if two provide a kind.
+        self.active
+            .values()
+            .filter_map(|h| self.bundles.get(h))
+            .find(|b| b.manifest.kinds.contains_key(&kind))
+            .cloned()
+            .ok_or_else(|| Error::UnknownKind {
+                known: self.known_kinds(None),
+                kind,
+            })
+    }
+
+    fn known_kinds(&self, within: Option<&Arc<LoadedBundle>>) -> String {
+        let mut known: Vec<&str> = match within {
+            Some(b) => b.manifest.kinds.keys().map(String::as_str).collect(),
+            None => self
+                .active
+                .values()
+                .filter_map(|h| self.bundles.get(h))
+                .flat_map(|b| b.manifest.kinds.keys().map(String::as_str))
+                .collect(),
+        };
+        known.sort_unstable();
+        known.dedup();
+        if known.is_empty() {
+            "none (no bundle is loaded)".into()
+        } else {
+            known.join(", ")
+        }
+    }
+
+    /// Unloads a bundle's code once nothing can use it.
+    fn drain_if_idle(&mut self, hash: BundleHash) {
+        if self.is_active(hash) || self.pins.get(&hash).copied().unwrap_or(0) > 0 {
+            return;
+        }
+        self.steps.retain(|(h, _), _| *h != hash);
+        if let Some(host) = self.hosts.remove(&hash) {
+            tracing::info!(bundle = %self.label(hash), pid = host.pid(), "bundle drained; stopping its step host");
+            tokio::spawn(async move { host.shutdown("its bundle is drained").await });
+        }
     }
 
     async fn host(&mut self, hash: BundleHash) -> Result<StepHost> {
@@ -229,20 +435,26 @@ impl Agency {
             .get(&hash)
             .ok_or_else(|| Error::BundleNotLoaded(hash.to_string()))?;
         let label = format!("{}@{}", bundle.manifest.name, hash.short());
-        tracing::info!(bundle = %label, "starting a fresh step host");
+        tracing::info!(bundle = %label, "starting a step host");
         let host = StepHost::spawn(&self.host_command, &bundle.library, &label).await?;
         self.hosts.insert(hash, host.clone());
         Ok(host)
     }
 
     async fn step(&mut self, hash: BundleHash, step: String) -> Result<StepHandle> {
-        if let Some(handle) = self.steps.get(&(hash, step.clone())) {
-            return Ok(handle.clone());
-        }
         let bundle = self
             .bundles
             .get(&hash)
             .ok_or_else(|| Error::BundleNotLoaded(hash.to_string()))?;
+        if self.revoked.contains(&bundle.signer) {
+            return Err(Error::BundleRevoked {
+                hash: hash.to_string(),
+                key: bundle.signer.to_string(),
+            });
+        }
+        if let Some(handle) = self.steps.get(&(hash, step.clone())) {
+            return Ok(handle.clone());
+        }
         let def = bundle.manifest.steps.get(&step).cloned().ok_or_else(|| {
             Error::InvalidRequest(format!("bundle {} has no step {step:?}", hash.short()))
         })?;

@@ -21,6 +21,7 @@ enum Msg {
     Finished {
         id: ActionId,
         target: String,
+        bundle: String,
     },
     /// Stop starting actions; answer once none is running.
     Drain {
@@ -124,7 +125,10 @@ impl Control {
                 Msg::Cancel { id, reply } => {
                     let _ = reply.send(self.cancel(id));
                 }
-                Msg::Finished { id, target } => self.finished(id, target),
+                Msg::Finished { id, target, bundle } => {
+                    self.shared.agency.unpin(&bundle);
+                    self.finished(id, target)
+                }
                 Msg::Drain { reply } => {
                     self.draining = true;
                     self.drain_waiters.push(reply);
@@ -145,6 +149,7 @@ impl Control {
         if self.queued.contains_key(&action.id) || self.running.contains_key(&action.id) {
             return;
         }
+        self.shared.agency.pin(&action.bundle);
         self.queued.insert(action.id, action.target.clone());
         let target = self.targets.entry(action.target.clone()).or_default();
         target.queue.push_back(action);
@@ -162,6 +167,9 @@ impl Control {
             return CancelOutcome::Unknown;
         };
         if let Some(target) = self.targets.get_mut(&target_name) {
+            if let Some(a) = target.queue.iter().find(|a| a.id == id) {
+                self.shared.agency.unpin(&a.bundle);
+            }
             target.queue.retain(|a| a.id != id);
             if target.queue.is_empty() && !target.busy {
                 self.targets.remove(&target_name);
@@ -201,7 +209,7 @@ impl Control {
             let cancel = CancellationToken::new();
             self.running.insert(action.id, cancel.clone());
             let (shared, control) = (self.shared.clone(), self.handle.clone());
-            let (id, target) = (action.id, action.target.clone());
+            let (id, target, bundle) = (action.id, action.target.clone(), action.bundle.clone());
             let task = tokio::spawn(runner::run(shared, action, cancel));
             tokio::spawn(async move {
                 if let Err(e) = task.await {
@@ -210,7 +218,7 @@ impl Control {
                         "action runner failed: {e}; the action resumes on restart"
                     );
                 }
-                let _ = control.tx.send(Msg::Finished { id, target });
+                let _ = control.tx.send(Msg::Finished { id, target, bundle });
             });
         }
     }

@@ -20,6 +20,22 @@ pub enum Error {
     BundleNotLoaded(String),
     #[error(transparent)]
     Bundle(#[from] crate::bundle::Invalid),
+    #[error(transparent)]
+    Signature(#[from] signing::Error),
+    #[error("bundle {hash} was signed by key {key}, which has been revoked")]
+    BundleRevoked { hash: String, key: String },
+    #[error("the signature is for {signed}, but the bundle's manifest says {manifest}")]
+    ClaimsMismatch { signed: String, manifest: String },
+    #[error(
+        "bundle {name} {version} is not newer than {newest}, which this server already accepted; bump the version, or use `troupe bundle activate HASH` to go back to a version the server holds"
+    )]
+    VersionNotNewer {
+        name: String,
+        version: String,
+        newest: String,
+    },
+    #[error("no key with id {0} is known")]
+    KeyNotFound(String),
     #[error("the database is unavailable: {0}")]
     Database(#[from] sqlx::Error),
     #[error("database migration failed: {0}")]

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 mod actor;
 mod agency;
+mod authority;
 pub mod bundle;
 mod control;
 mod error;
@@ -23,12 +24,14 @@ mod step;
 pub mod store;
 
 pub use agency::LoadedBundle;
+pub use authority::{Admitted, KeyInfo};
 pub use control::ControlStats;
 pub use error::{Error, Result};
 pub use host::HostCommand;
-pub use signing::BundleHash;
+pub use signing::{self, BundleHash, PublicKey};
 
 use agency::AgencyHandle;
+use authority::AuthorityHandle;
 use control::{CancelOutcome, ControlHandle};
 use model::{
     Action, ActionFilter, ActionId, ActionStatus, NewAction, StepRecord, StepStatus, Submitted,
@@ -52,6 +55,8 @@ pub struct Config {
     /// How long a step may take to stop after being asked before its host is killed.
     pub cancel_grace: Duration,
     pub host_command: HostCommand,
+    /// Keys trusted to sign bundles, besides those added through the API.
+    pub trusted_keys: Vec<PublicKey>,
 }
 
 pub const MAX_TARGET_LEN: usize = 255;
@@ -67,8 +72,52 @@ struct Inner {
     config: Config,
     store: Store,
     agency: AgencyHandle,
+    authority: AuthorityHandle,
     control: ControlHandle,
     shared: Arc<Shared>,
+}
+
+/// Where a bundle is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BundleStatus {
+    /// New actions of its kinds use it.
+    Active,
+    /// Superseded, with actions still pinned to it.
+    Draining,
+    /// Superseded and unused; its step host has exited.
+    Drained,
+    /// Its signing key was revoked.
+    Revoked,
+}
+
+impl BundleStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BundleStatus::Active => "active",
+            BundleStatus::Draining => "draining",
+            BundleStatus::Drained => "drained",
+            BundleStatus::Revoked => "revoked",
+        }
+    }
+}
+
+/// A bundle the server holds.
+#[derive(Debug, Clone)]
+pub struct BundleInfo {
+    pub hash: String,
+    pub name: String,
+    pub version: String,
+    pub abi: u32,
+    pub size: u64,
+    pub signer: String,
+    pub status: BundleStatus,
+    /// Unfinished actions pinned to it, across all servers.
+    pub in_flight: i64,
+    pub host_running: bool,
+    pub kinds: Vec<String>,
+    pub steps: Vec<String>,
+    pub created_at: model::Timestamp,
+    pub activated_at: model::Timestamp,
 }
 
 /// Summary of a kind the engine can run.
@@ -99,12 +148,20 @@ impl Engine {
             lease: config.lease,
             stopping: CancellationToken::new(),
         });
+        let authority = AuthorityHandle::start(
+            store.clone(),
+            agency.clone(),
+            bundles,
+            config.trusted_keys.clone(),
+        )
+        .await?;
         let control = ControlHandle::spawn(shared.clone(), config.max_running);
         let engine = Engine {
             inner: Arc::new(Inner {
                 config,
                 store,
                 agency,
+                authority,
                 control,
                 shared,
             }),
@@ -141,13 +198,100 @@ impl Engine {
         &self.inner.config
     }
 
-    /// Checks and loads a bundle: the one way code gets into the engine.
-    pub async fn load_bundle(&self, bytes: Vec<u8>) -> Result<Arc<LoadedBundle>> {
-        let root = self.inner.config.data_dir.join("bundles");
-        let unpacked = tokio::task::spawn_blocking(move || bundle::open(&bytes, &root))
-            .await
-            .map_err(|_| Error::ShuttingDown)??;
-        self.inner.agency.load(unpacked).await
+    /// Hands a bundle and its detached signature to the Source Authority:
+    /// the one way code gets into the engine.
+    pub async fn admit_bundle(&self, bytes: Vec<u8>, signature: String) -> Result<Admitted> {
+        self.inner.authority.admit(bytes, signature).await
+    }
+
+    /// Makes a bundle the server holds the active version of its name again.
+    pub async fn activate_bundle(&self, hash: &str) -> Result<BundleInfo> {
+        self.inner.authority.activate(hash.to_owned()).await?;
+        self.bundle(hash).await
+    }
+
+    /// Every bundle the server holds, oldest first.
+    pub async fn bundles(&self) -> Result<Vec<BundleInfo>> {
+        let rows = self.inner.store.bundles().await?;
+        let in_flight = self.inner.store.in_flight_by_bundle().await?;
+        let states = self.inner.agency.states().await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let state = states
+                .iter()
+                .find(|s| s.bundle.hash.to_string() == row.hash);
+            let revoked = self.inner.authority.is_revoked(row.signer.clone()).await?;
+            let n = in_flight.get(&row.hash).copied().unwrap_or(0);
+            let status = match (revoked, state.is_some_and(|s| s.active), n) {
+                (true, _, _) => BundleStatus::Revoked,
+                (false, true, _) => BundleStatus::Active,
+                (false, false, 0) => BundleStatus::Drained,
+                (false, false, _) => BundleStatus::Draining,
+            };
+            let manifest = match state {
+                Some(s) => Some(s.bundle.manifest.clone()),
+                None => match self.inner.store.bundle_content(&row.hash).await? {
+                    Some(bytes) => bundle::inspect(&bytes).ok(),
+                    None => None,
+                },
+            };
+            let (kinds, steps) = manifest
+                .map(|m| {
+                    (
+                        m.kinds.keys().cloned().collect(),
+                        m.steps.keys().cloned().collect(),
+                    )
+                })
+                .unwrap_or_default();
+            out.push(BundleInfo {
+                host_running: state.is_some_and(|s| s.host_running),
+                hash: row.hash,
+                name: row.name,
+                version: row.version,
+                abi: row.abi,
+                size: row.size,
+                signer: row.signer,
+                status,
+                in_flight: n,
+                kinds,
+                steps,
+                created_at: row.created_at,
+                activated_at: row.activated_at,
+            });
+        }
+        Ok(out)
+    }
+
+    pub async fn bundle(&self, hash: &str) -> Result<BundleInfo> {
+        self.bundles()
+            .await?
+            .into_iter()
+            .find(|b| b.hash == hash)
+            .ok_or_else(|| Error::BundleNotLoaded(hash.to_owned()))
+    }
+
+    /// The signed bytes of a bundle the server holds.
+    pub async fn bundle_content(&self, hash: &str) -> Result<Vec<u8>> {
+        self.inner
+            .store
+            .bundle_content(hash)
+            .await?
+            .ok_or_else(|| Error::BundleNotLoaded(hash.to_owned()))
+    }
+
+    pub async fn keys(&self) -> Result<Vec<KeyInfo>> {
+        self.inner.authority.keys().await
+    }
+
+    /// Trusts a public key (in its `ed25519:…` text form) for signing bundles.
+    pub async fn trust_key(&self, public_key: &str) -> Result<KeyInfo> {
+        self.inner.authority.trust(public_key.parse()?).await
+    }
+
+    /// Revokes a key: its bundles take no new actions, and actions in flight
+    /// on them fail at their next step.
+    pub async fn revoke_key(&self, key_id: &str) -> Result<KeyInfo> {
+        self.inner.authority.revoke(key_id.to_owned()).await
     }
 
     /// Hands every unfinished action in the database to Control, oldest first.
@@ -177,26 +321,34 @@ impl Engine {
         Ok(n)
     }
 
+    /// The kinds new actions can use, from the active bundles.
     pub async fn kinds(&self) -> Result<Vec<KindInfo>> {
-        Ok(self
+        let mut kinds: Vec<KindInfo> = self
             .inner
             .agency
-            .kinds()
+            .states()
             .await?
             .into_iter()
-            .map(|(name, b)| {
-                let k = &b.manifest.kinds[&name];
-                KindInfo {
-                    description: k.description.clone(),
-                    params: k.params.clone(),
-                    steps: k.steps.iter().map(|s| s.name().to_owned()).collect(),
-                    bundle: b.hash.to_string(),
-                    bundle_name: b.manifest.name.clone(),
-                    bundle_version: b.manifest.version.clone(),
-                    name,
-                }
+            .filter(|s| s.active && !s.revoked)
+            .flat_map(|s| {
+                let b = s.bundle;
+                b.manifest
+                    .kinds
+                    .iter()
+                    .map(|(name, k)| KindInfo {
+                        name: name.clone(),
+                        description: k.description.clone(),
+                        params: k.params.clone(),
+                        steps: k.steps.iter().map(|s| s.name().to_owned()).collect(),
+                        bundle: b.hash.to_string(),
+                        bundle_name: b.manifest.name.clone(),
+                        bundle_version: b.manifest.version.clone(),
+                    })
+                    .collect::<Vec<_>>()
             })
-            .collect())
+            .collect();
+        kinds.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(kinds)
     }
 
     /// Validates a request, records the action durably and hands it to Control.
@@ -221,7 +373,11 @@ impl Engine {
             target: target.to_owned(),
             ..new
         };
-        let bundle = self.inner.agency.resolve(new.kind.clone()).await?;
+        let bundle = self
+            .inner
+            .agency
+            .resolve(new.kind.clone(), new.bundle.clone())
+            .await?;
         let kind = &bundle.manifest.kinds[&new.kind];
         if let Some(param) = kind.params.iter().find(|p| !new.params.contains_key(*p)) {
             return Err(Error::MissingParam {

@@ -118,6 +118,8 @@ pub struct NewAction {
     pub target: String,
     pub params: Map<String, Value>,
     pub idempotency_key: Option<String>,
+    /// Pin to this bundle hash instead of the kind's active bundle.
+    pub bundle: Option<String>,
 }
 
 /// What `submit` did with a request.

@@ -208,6 +208,11 @@ async fn steps(
                         "settings": settings,
                         "outputs": outputs,
                         "attempt": attempt,
+                        "bundle": {
+                            "name": bundle.manifest.name,
+                            "version": bundle.manifest.version,
+                            "hash": bundle.hash.to_string(),
+                        },
                     });
                     handle
                         .run(

@@ -1,10 +1,17 @@
-//! `troupe bundle …`: build bundles from a manifest and a compiled plugin.
+//! `troupe bundle …` and `troupe keys …`: build, sign, verify and push
+//! bundles; generate, trust and revoke signing keys.
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Subcommand;
+use engine::signing::{Claims, PublicKey, SecretKey, Signature, Trust};
+use serde_json::{Value, json};
+
+use crate::cli::ServerArg;
+use crate::client::Client;
 
 #[derive(Subcommand)]
 pub(crate) enum BundleCommand {
@@ -22,11 +29,177 @@ pub(crate) enum BundleCommand {
         #[arg(long, short)]
         out: Option<PathBuf>,
     },
-    /// Check a bundle file and print its manifest summary and hash.
+    /// Sign a bundle; writes the detached signature to BUNDLE.sig.
+    Sign {
+        bundle: PathBuf,
+        /// The secret key file from `troupe keys generate`.
+        #[arg(long)]
+        key: PathBuf,
+        /// Where to write the signature [default: BUNDLE.sig]
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
+    /// Check a bundle's signature against a public key, and its archive.
+    Verify {
+        bundle: PathBuf,
+        /// The public key (ed25519:…) to trust.
+        #[arg(long)]
+        trust: String,
+        /// The signature file [default: BUNDLE.sig]
+        #[arg(long)]
+        signature: Option<PathBuf>,
+    },
+    /// Check a bundle file and print its hash and kinds (no signature needed).
     Inspect { bundle: PathBuf },
+    /// Send a signed bundle to the server; it becomes active for new actions.
+    Push {
+        bundle: PathBuf,
+        /// The signature file [default: BUNDLE.sig]
+        #[arg(long)]
+        signature: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// List the bundles the server holds, with their status and actions in flight.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Make a version the server holds active again (the rollback path).
+    Activate {
+        hash: String,
+        #[command(flatten)]
+        server: ServerArg,
+    },
 }
 
-pub(crate) fn run(cmd: BundleCommand) -> Result<ExitCode> {
+#[derive(Subcommand)]
+pub(crate) enum KeysCommand {
+    /// Make a new signing key; prints its public key.
+    Generate {
+        /// Where to write the secret key (created with mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// List the keys the server trusts.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Trust a public key (ed25519:…) for signing bundles.
+    Trust {
+        public_key: String,
+        #[arg(long, env = "TROUPE_ADMIN_TOKEN", hide_env_values = true)]
+        admin_token: String,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Revoke a key: its bundles take no new actions, and actions in flight on them fail.
+    Revoke {
+        key_id: String,
+        #[arg(long, env = "TROUPE_ADMIN_TOKEN", hide_env_values = true)]
+        admin_token: String,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+}
+
+fn sig_path(bundle: &Path, given: Option<PathBuf>) -> PathBuf {
+    given.unwrap_or_else(|| {
+        let mut p = bundle.as_os_str().to_owned();
+        p.push(".sig");
+        PathBuf::from(p)
+    })
+}
+
+fn read(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// Reads a bundle and its signature file.
+pub(crate) fn read_signed(bundle: &Path, signature: Option<PathBuf>) -> Result<(Vec<u8>, String)> {
+    let bytes = read(bundle)?;
+    let sig = sig_path(bundle, signature);
+    let text = std::fs::read_to_string(&sig).with_context(|| {
+        format!(
+            "reading the signature {} (sign the bundle with `troupe bundle sign`)",
+            sig.display()
+        )
+    })?;
+    Ok((bytes, text))
+}
+
+/// Signs bundle bytes with a secret key.
+pub(crate) fn sign(bytes: &[u8], key: &SecretKey) -> Result<Signature> {
+    let manifest = engine::bundle::inspect(bytes)?;
+    let signed_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let claims = Claims {
+        name: manifest.name,
+        version: manifest.version,
+        sha256: engine::BundleHash::of(bytes),
+        size: bytes.len() as u64,
+        abi: manifest.abi,
+        signed_at,
+    };
+    Ok(Signature::sign(key, claims)?)
+}
+
+/// Writes a new secret key file with mode 0600, refusing to overwrite.
+pub(crate) fn generate_key(out: &Path) -> Result<SecretKey> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness from the OS: {e}"))?;
+    let key = SecretKey::from_seed(seed);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .with_context(|| format!("creating {} (it must not exist yet)", out.display()))?;
+    file.write_all(key.to_text().as_bytes())?;
+    Ok(key)
+}
+
+pub(crate) fn load_key(path: &Path) -> Result<SecretKey> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the key {}", path.display()))?;
+    Ok(SecretKey::from_text(&text)?)
+}
+
+fn print_json_or(json: bool, v: &Value, text: impl FnOnce(&Value)) -> Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(v)?);
+    } else {
+        text(v);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn s(v: &Value) -> &str {
+    v.as_str().unwrap_or("")
+}
+
+fn print_bundle(b: &Value) {
+    println!(
+        "{}  {} {}  {:<8}  in flight: {}  signer: {}",
+        s(&b["hash"]),
+        s(&b["name"]),
+        s(&b["version"]),
+        s(&b["status"]),
+        b["in_flight"],
+        s(&b["signer"])
+    );
+}
+
+pub(crate) async fn run(cmd: BundleCommand) -> Result<ExitCode> {
     match cmd {
         BundleCommand::Build {
             manifest,
@@ -36,8 +209,7 @@ pub(crate) fn run(cmd: BundleCommand) -> Result<ExitCode> {
         } => {
             let text = std::fs::read_to_string(&manifest)
                 .with_context(|| format!("reading {}", manifest.display()))?;
-            let lib = std::fs::read(&library)
-                .with_context(|| format!("reading {}", library.display()))?;
+            let lib = read(&library)?;
             let target = target.unwrap_or_else(|| engine::bundle::TARGET.to_owned());
             let bytes = engine::bundle::build(&text, &[(&target, &lib)])
                 .with_context(|| format!("in {}", manifest.display()))?;
@@ -54,26 +226,163 @@ pub(crate) fn run(cmd: BundleCommand) -> Result<ExitCode> {
                 m.kinds.len(),
                 bytes.len()
             );
-            Ok(ExitCode::SUCCESS)
+        }
+        BundleCommand::Sign { bundle, key, out } => {
+            let bytes = read(&bundle)?;
+            let sig = sign(&bytes, &load_key(&key)?)
+                .with_context(|| format!("signing {}", bundle.display()))?;
+            let out = sig_path(&bundle, out);
+            std::fs::write(&out, sig.to_text())
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "signed {} {} ({}) with key {} → {}",
+                sig.claims.name,
+                sig.claims.version,
+                sig.claims.sha256,
+                sig.key_id,
+                out.display()
+            );
+        }
+        BundleCommand::Verify {
+            bundle,
+            trust,
+            signature,
+        } => {
+            let (bytes, text) = read_signed(&bundle, signature)?;
+            let key: PublicKey = trust.parse()?;
+            let mut t = Trust::default();
+            t.add(key);
+            let sig = Signature::from_text(&text)?;
+            let verified = engine::signing::verify(bytes, &sig, &t)?;
+            let manifest = engine::bundle::inspect(verified.bytes())?;
+            let c = verified.claims();
+            if (manifest.name.as_str(), manifest.version.as_str())
+                != (c.name.as_str(), c.version.as_str())
+            {
+                bail!(
+                    "the signature is for {} {}, but the manifest says {} {}",
+                    c.name,
+                    c.version,
+                    manifest.name,
+                    manifest.version
+                );
+            }
+            println!(
+                "ok: {} {} ({}) signed by {}",
+                c.name,
+                c.version,
+                c.sha256,
+                verified.key_id()
+            );
         }
         BundleCommand::Inspect { bundle } => {
-            let bytes =
-                std::fs::read(&bundle).with_context(|| format!("reading {}", bundle.display()))?;
-            let dir = std::env::temp_dir().join(format!("troupe-inspect-{}", std::process::id()));
-            std::fs::create_dir_all(&dir)?;
-            let result = engine::bundle::open(&bytes, &dir);
-            let _ = std::fs::remove_dir_all(&dir);
-            let u = result?;
-            println!("hash     {}", u.hash);
-            println!(
-                "bundle   {} {} (ABI {})",
-                u.manifest.name, u.manifest.version, u.manifest.abi
-            );
-            for (name, k) in &u.manifest.kinds {
+            let bytes = read(&bundle)?;
+            let m = engine::bundle::inspect(&bytes)?;
+            println!("hash     {}", engine::BundleHash::of(&bytes));
+            println!("bundle   {} {} (ABI {})", m.name, m.version, m.abi);
+            for (name, k) in &m.kinds {
                 let steps: Vec<&str> = k.steps.iter().map(|s| s.name()).collect();
                 println!("kind     {name}: {}", steps.join(" → "));
             }
-            Ok(ExitCode::SUCCESS)
+        }
+        BundleCommand::Push {
+            bundle,
+            signature,
+            json,
+            server,
+        } => {
+            let (bytes, sig) = read_signed(&bundle, signature)?;
+            let b = Client::new(&server.server)?.push(bytes, sig).await?;
+            return print_json_or(json, &b, |b| {
+                println!(
+                    "pushed {} {} ({}), now {}",
+                    s(&b["name"]),
+                    s(&b["version"]),
+                    s(&b["hash"]),
+                    s(&b["status"])
+                );
+            });
+        }
+        BundleCommand::List { json, server } => {
+            let v = Client::new(&server.server)?.get("/v1/bundles", &[]).await?;
+            return print_json_or(json, &v, |v| {
+                for b in v["bundles"].as_array().into_iter().flatten() {
+                    print_bundle(b);
+                }
+            });
+        }
+        BundleCommand::Activate { hash, server } => {
+            let b = Client::new(&server.server)?
+                .post(&format!("/v1/bundles/{hash}/activate"), &json!({}), None)
+                .await?;
+            print_bundle(&b);
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn run_keys(cmd: KeysCommand) -> Result<ExitCode> {
+    match cmd {
+        KeysCommand::Generate { out } => {
+            let key = generate_key(&out)?;
+            eprintln!(
+                "secret key written to {} (mode 0600); keep it secret",
+                out.display()
+            );
+            eprintln!(
+                "key id {}; trust it with: troupe serve --trust {}",
+                key.public().id(),
+                key.public()
+            );
+            println!("{}", key.public());
+        }
+        KeysCommand::List { json, server } => {
+            let v = Client::new(&server.server)?.get("/v1/keys", &[]).await?;
+            return print_json_or(json, &v, |v| {
+                for k in v["keys"].as_array().into_iter().flatten() {
+                    let state = if k["revoked"] == true {
+                        "revoked"
+                    } else {
+                        "trusted"
+                    };
+                    println!(
+                        "{}  {:<8} {:<6} {}",
+                        s(&k["key_id"]),
+                        state,
+                        s(&k["source"]),
+                        s(&k["public_key"])
+                    );
+                }
+            });
+        }
+        KeysCommand::Trust {
+            public_key,
+            admin_token,
+            server,
+        } => {
+            let k = Client::new(&server.server)?
+                .post(
+                    "/v1/keys",
+                    &json!({ "public_key": public_key }),
+                    Some(&admin_token),
+                )
+                .await?;
+            println!("trusted key {}", s(&k["key_id"]));
+        }
+        KeysCommand::Revoke {
+            key_id,
+            admin_token,
+            server,
+        } => {
+            let k = Client::new(&server.server)?
+                .post(
+                    &format!("/v1/keys/{key_id}/revoke"),
+                    &json!({}),
+                    Some(&admin_token),
+                )
+                .await?;
+            println!("revoked key {}", s(&k["key_id"]));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

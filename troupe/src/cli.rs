@@ -110,9 +110,12 @@ enum Command {
         #[command(flatten)]
         server: ServerArg,
     },
-    /// Build and inspect bundles.
+    /// Build, sign, verify, push, list and activate bundles.
     #[command(subcommand)]
     Bundle(crate::bundle_cmd::BundleCommand),
+    /// Generate signing keys; list, trust and revoke the server's keys.
+    #[command(subcommand)]
+    Keys(crate::bundle_cmd::KeysCommand),
     /// Create or upgrade the database schema, then exit.
     Migrate {
         /// sqlite://PATH or mysql://USER:PASSWORD@HOST:PORT/DATABASE
@@ -254,7 +257,8 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bundle(cmd) => crate::bundle_cmd::run(cmd),
+        Command::Bundle(cmd) => crate::bundle_cmd::run(cmd).await,
+        Command::Keys(cmd) => crate::bundle_cmd::run_keys(cmd).await,
         Command::Migrate { db } => {
             engine::store::Store::connect(&db)
                 .await

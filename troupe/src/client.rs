@@ -50,6 +50,35 @@ impl Client {
             .await
     }
 
+    pub(crate) async fn post(
+        &self,
+        path: &str,
+        body: &Value,
+        token: Option<&str>,
+    ) -> Result<Value> {
+        let mut req = self.http.post(format!("{}{path}", self.base)).json(body);
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        self.send(req).await
+    }
+
+    /// Pushes a bundle and its signature (multipart).
+    pub(crate) async fn push(&self, bundle: Vec<u8>, signature: String) -> Result<Value> {
+        let form = reqwest::multipart::Form::new()
+            .part(
+                "bundle",
+                reqwest::multipart::Part::bytes(bundle).file_name("bundle.zip"),
+            )
+            .text("signature", signature);
+        self.send(
+            self.http
+                .post(format!("{}/v1/bundles", self.base))
+                .multipart(form),
+        )
+        .await
+    }
+
     pub(crate) async fn submit(&self, body: &Value) -> Result<Value> {
         self.send(
             self.http

@@ -61,8 +61,24 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
     let bundle_path = data_dir.join("builtin.bundle");
     std::fs::write(&bundle_path, &bytes)
         .with_context(|| format!("writing {}", bundle_path.display()))?;
+
+    // A local development key, made on first use and trusted by this server.
+    let key_path = data_dir.join("dev-signing.key");
+    let key = if key_path.exists() {
+        crate::bundle_cmd::load_key(&key_path)?
+    } else {
+        let key = crate::bundle_cmd::generate_key(&key_path)?;
+        println!(
+            "generated a development signing key {} (key id {})",
+            key_path.display(),
+            key.public().id()
+        );
+        key
+    };
+    let signature = crate::bundle_cmd::sign(&bytes, &key)?.to_text();
+    std::fs::write(data_dir.join("builtin.bundle.sig"), &signature)?;
     println!(
-        "built {} (sha256 {})",
+        "built and signed {} (sha256 {})",
         bundle_path.display(),
         engine::BundleHash::of(&bytes)
     );
@@ -71,7 +87,9 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
         db: None,
         data_dir: Some(data_dir.clone()),
         listen: args.listen,
-        bundles: vec![bundle_path],
+        bundles: Vec::new(),
+        trust: vec![key.public().to_string()],
+        admin_token: None,
         max_running: 64,
         node_id: None,
         shutdown_grace: Duration::from_secs(10),
@@ -90,6 +108,7 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(crate::serve::serve_until(
         engine,
+        None,
         listener,
         serve.shutdown_grace,
         async move {
@@ -101,6 +120,23 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
     ));
 
     let client = Client::new(&format!("http://{addr}"))?;
+    println!();
+    println!("$ troupe bundle push {}", bundle_path.display());
+    match client.push(bytes, signature).await {
+        Ok(b) => println!(
+            "pushed {} {} ({}), signed by {}: {}",
+            b["name"].as_str().unwrap_or("?"),
+            b["version"].as_str().unwrap_or("?"),
+            b["hash"].as_str().unwrap_or("?"),
+            b["signer"].as_str().unwrap_or("?"),
+            b["status"].as_str().unwrap_or("?")
+        ),
+        // A rebuilt library with the same version: the server keeps what it has.
+        Err(e) if e.to_string().contains("bundle_version_not_newer") => {
+            println!("kept the version the server already holds: {e}")
+        }
+        Err(e) => return Err(e),
+    }
     let target = "vps-demo";
     let command = format!("echo 'rebooting {target} (simulated)'; sleep 1");
     println!();

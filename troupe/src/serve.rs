@@ -22,9 +22,15 @@ pub(crate) struct ServeArgs {
     /// Address for the REST API. Use port 0 for any free port.
     #[arg(long, env = "TROUPE_LISTEN", default_value = "127.0.0.1:7878")]
     pub(crate) listen: SocketAddr,
-    /// A bundle file to load at start. Repeat for more.
+    /// A signed bundle file to load at start (its signature is FILE.sig). Repeat for more.
     #[arg(long = "bundle", env = "TROUPE_BUNDLES", value_delimiter = ',')]
     pub(crate) bundles: Vec<PathBuf>,
+    /// A public key (ed25519:…) trusted to sign bundles. Repeat for more.
+    #[arg(long = "trust", env = "TROUPE_TRUST", value_delimiter = ',')]
+    pub(crate) trust: Vec<String>,
+    /// Bearer token that allows adding and revoking signing keys over the API [default: key management off]
+    #[arg(long, env = "TROUPE_ADMIN_TOKEN", hide_env_values = true)]
+    pub(crate) admin_token: Option<String>,
     /// How many actions may run at once across all targets.
     #[arg(long, env = "TROUPE_MAX_RUNNING", default_value_t = 256)]
     pub(crate) max_running: usize,
@@ -56,6 +62,11 @@ impl ServeArgs {
             max_running: self.max_running,
             lease: self.lease,
             cancel_grace: self.cancel_grace,
+            trusted_keys: self
+                .trust
+                .iter()
+                .map(|k| k.parse().with_context(|| format!("--trust {k:?}")))
+                .collect::<Result<_>>()?,
             host_command: HostCommand {
                 program: exe.into(),
                 args: vec![crate::STEP_HOST_ARG.into()],
@@ -80,18 +91,23 @@ pub(crate) async fn start_engine(args: &ServeArgs) -> Result<Engine> {
         .await
         .with_context(|| format!("starting the engine on {db}"))?;
     for path in &args.bundles {
-        let bytes =
-            std::fs::read(path).with_context(|| format!("reading bundle {}", path.display()))?;
-        let b = engine
-            .load_bundle(bytes)
-            .await
-            .with_context(|| format!("loading bundle {}", path.display()))?;
-        let kinds: Vec<&str> = b.manifest.kinds.keys().map(String::as_str).collect();
-        tracing::info!(bundle = %b.manifest.name, version = %b.manifest.version, hash = %b.hash, kinds = %kinds.join(","), "bundle ready");
+        let (bytes, signature) = crate::bundle_cmd::read_signed(path, None)?;
+        match engine.admit_bundle(bytes, signature).await {
+            Ok(a) => {
+                let b = &a.bundle;
+                let kinds: Vec<&str> = b.manifest.kinds.keys().map(String::as_str).collect();
+                tracing::info!(bundle = %b.manifest.name, version = %b.manifest.version, hash = %b.hash, kinds = %kinds.join(","), "bundle ready");
+            }
+            // The database already holds a newer version (pushed since): keep it.
+            Err(e @ engine::Error::VersionNotNewer { .. }) => {
+                tracing::warn!(bundle = %path.display(), "{e}; keeping the newer version");
+            }
+            Err(e) => return Err(e).with_context(|| format!("loading bundle {}", path.display())),
+        }
     }
-    if args.bundles.is_empty() {
-        tracing::warn!(
-            "no bundle loaded, so no action kind is available; pass --bundle FILE (make one with `troupe bundle build`)"
+    if args.bundles.is_empty() && engine.kinds().await?.is_empty() {
+        tracing::info!(
+            "no bundle loaded yet: push a signed one with `troupe bundle push`, or pass --bundle FILE"
         );
     }
     let resumed = engine
@@ -114,12 +130,17 @@ pub(crate) async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
 /// Serves the API until `stop` resolves, then shuts the engine down gracefully.
 pub(crate) async fn serve_until(
     engine: Engine,
+    admin_token: Option<String>,
     listener: tokio::net::TcpListener,
     grace: Duration,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let for_signal = engine.clone();
-    api::serve(listener, engine.clone(), async move {
+    let state = api::AppState {
+        engine: engine.clone(),
+        admin_token,
+    };
+    api::serve(listener, state, async move {
         stop.await;
         tracing::info!("shutting down: no new requests; letting running steps finish");
         for_signal.begin_shutdown();
@@ -147,6 +168,13 @@ pub(crate) async fn run(args: ServeArgs) -> Result<ExitCode> {
     // Scripts and tests read this line to find the port.
     println!("troupe listening on http://{addr}");
     tracing::info!(%addr, "REST API ready");
-    serve_until(engine, listener, args.shutdown_grace, shutdown_signal()).await?;
+    serve_until(
+        engine,
+        args.admin_token.clone(),
+        listener,
+        args.shutdown_grace,
+        shutdown_signal(),
+    )
+    .await?;
     Ok(ExitCode::SUCCESS)
 }

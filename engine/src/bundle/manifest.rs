@@ -235,6 +235,29 @@ impl Manifest {
     }
 }
 
+/// Orders versions by their dot-separated parts, numerically where both
+/// parts are numbers (`1.10.0` > `1.9.3`), as text otherwise.
+pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
+    let mut left = a.split(['.', '-', '+']);
+    let mut right = b.split(['.', '-', '+']);
+    loop {
+        match (left.next(), right.next()) {
+            (None, None) => return std::cmp::Ordering::Equal,
+            (Some(_), None) => return std::cmp::Ordering::Greater,
+            (None, Some(_)) => return std::cmp::Ordering::Less,
+            (Some(x), Some(y)) => {
+                let ord = match (x.parse::<u64>(), y.parse::<u64>()) {
+                    (Ok(x), Ok(y)) => x.cmp(&y),
+                    _ => x.cmp(y),
+                };
+                if ord != std::cmp::Ordering::Equal {
+                    return ord;
+                }
+            }
+        }
+    }
+}
+
 fn is_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
@@ -281,6 +304,15 @@ mod tests {
             Manifest::parse(&abi),
             Err(Invalid::Abi { found: 99, .. })
         ));
+    }
+
+    #[test]
+    fn versions_compare_numerically() {
+        use std::cmp::Ordering::*;
+        assert_eq!(compare_versions("1.10.0", "1.9.3"), Greater);
+        assert_eq!(compare_versions("0.1.0", "0.1.0"), Equal);
+        assert_eq!(compare_versions("0.1", "0.1.1"), Less);
+        assert_eq!(compare_versions("2", "10"), Less);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::io::{Cursor, Read, Write};
 use std::path::{Path, PathBuf};
 
-use signing::BundleHash;
+use signing::{BundleHash, VerifiedBundle};
 
 pub mod manifest;
 pub mod template;
@@ -62,7 +62,7 @@ impl Invalid {
             Invalid::NoLibrary { .. } => "bundle_no_library_for_platform",
             Invalid::MissingSteps(_) => "bundle_missing_steps",
             Invalid::UnsafeEntry { .. } => "bundle_unsafe_entry",
-            Invalid::TooLarge { .. } => "bundle_too_large",
+            Invalid::TooLarge { .. } => "bundle_entry_too_large",
             Invalid::Library(_) => "bundle_library_invalid",
         }
     }
@@ -99,12 +99,13 @@ pub fn build(manifest_text: &str, libraries: &[(&str, &[u8])]) -> Result<Vec<u8>
     Ok(zip.finish().map_err(z)?.into_inner())
 }
 
-/// Checks a bundle's bytes and extracts them under `root/<hash>/`.
+/// Checks a verified bundle's archive and extracts it under `root/<hash>/`.
 ///
+/// Only a [`VerifiedBundle`] (bytes whose signature checked out) gets here.
 /// This is the static half of the gate every bundle passes before it loads;
 /// it runs no code from the bundle.
-pub fn open(bytes: &[u8], root: &Path) -> Result<Unpacked, crate::Error> {
-    let hash = BundleHash::of(bytes);
+pub fn open(verified: &VerifiedBundle, root: &Path) -> Result<Unpacked, crate::Error> {
+    let (bytes, hash) = (verified.bytes(), verified.hash());
     let entries = read_entries(bytes)?;
     let manifest_bytes = entries
         .iter()
@@ -156,11 +157,31 @@ pub fn open(bytes: &[u8], root: &Path) -> Result<Unpacked, crate::Error> {
     })
 }
 
+/// Checks an archive and its manifest without unpacking or trusting it
+/// (for `troupe bundle inspect` and signing tools).
+pub fn inspect(bytes: &[u8]) -> Result<Manifest, Invalid> {
+    let entries = read_entries(bytes)?;
+    let text = entries
+        .iter()
+        .find(|(name, _)| name == MANIFEST_PATH)
+        .map(|(_, b)| b)
+        .ok_or(Invalid::NoManifest)?;
+    Manifest::parse(std::str::from_utf8(text).map_err(|_| Invalid::Manifest("not UTF-8".into()))?)
+}
+
 /// Reads every entry, refusing anything but plain files at safe relative
 /// paths and stopping any entry that inflates past the limits.
 fn read_entries(bytes: &[u8]) -> Result<Vec<(String, Vec<u8>)>, Invalid> {
     let mut archive =
         zip::ZipArchive::new(Cursor::new(bytes)).map_err(|e| Invalid::NotZip(e.to_string()))?;
+    // The zip reader indexes entries by name, so duplicates collapse there;
+    // the central directory's own count still tells.
+    if declared_entries(bytes).is_some_and(|n| n != archive.len()) {
+        return Err(Invalid::UnsafeEntry {
+            name: String::new(),
+            why: "duplicate entry names",
+        });
+    }
     if archive.len() > MAX_ENTRIES {
         return Err(Invalid::UnsafeEntry {
             name: String::new(),
@@ -222,11 +243,38 @@ fn read_entries(bytes: &[u8]) -> Result<Vec<(String, Vec<u8>)>, Invalid> {
     Ok(out)
 }
 
+/// The entry count in the end-of-central-directory record, unless the
+/// archive is zip64 (where the reader's own checks apply).
+fn declared_entries(bytes: &[u8]) -> Option<usize> {
+    const EOCD: [u8; 4] = [0x50, 0x4b, 0x05, 0x06];
+    let from = bytes.len().saturating_sub(22 + u16::MAX as usize);
+    let at = bytes[from..].windows(4).rposition(|w| w == EOCD)? + from;
+    let total = u16::from_le_bytes(bytes.get(at + 10..at + 12)?.try_into().ok()?);
+    (total != u16::MAX).then_some(total as usize)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const MANIFEST: &str = "format = 1\nname = \"t\"\nversion = \"1\"\nabi = 1\nlibrary = \"t\"\n[steps.a]\ntimeout_ms = 10\n";
+
+    /// Signs `bytes` with a throwaway key, as the Source Authority would have checked.
+    fn verified(bytes: &[u8]) -> VerifiedBundle {
+        let key = signing::SecretKey::from_seed([3; 32]);
+        let mut trust = signing::Trust::default();
+        trust.add(key.public());
+        let claims = signing::Claims {
+            name: "t".into(),
+            version: "1".into(),
+            sha256: BundleHash::of(bytes),
+            size: bytes.len() as u64,
+            abi: 1,
+            signed_at: 0,
+        };
+        let sig = signing::Signature::sign(&key, claims).unwrap();
+        signing::verify(bytes.to_vec(), &sig, &trust).unwrap()
+    }
 
     #[test]
     fn build_is_deterministic_and_opens() {
@@ -236,7 +284,7 @@ mod tests {
         assert_eq!(a, b);
         let dir = std::env::temp_dir().join(format!("troupe-bundle-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let u = open(&a, &dir).unwrap();
+        let u = open(&verified(&a), &dir).unwrap();
         assert_eq!(u.hash, BundleHash::of(&a));
         assert_eq!(std::fs::read(&u.library).unwrap(), lib);
         std::fs::remove_dir_all(&dir).unwrap();
@@ -245,7 +293,7 @@ mod tests {
     #[test]
     fn refuses_bad_archives() {
         let dir = std::env::temp_dir();
-        let err = |bytes: &[u8]| match open(bytes, &dir) {
+        let err = |bytes: &[u8]| match open(&verified(bytes), &dir) {
             Err(crate::Error::Bundle(e)) => e.code(),
             other => panic!("expected a bundle error, got {other:?}"),
         };

@@ -98,6 +98,47 @@ pub(crate) enum Write {
         owner: String,
         at: Timestamp,
     },
+    /// Stores a verified bundle; it becomes its name's active version.
+    InsertBundle(Box<BundleRow>, Arc<[u8]>),
+    /// Makes a stored bundle its name's active version.
+    ActivateBundle {
+        hash: String,
+        at: Timestamp,
+    },
+    TrustKey {
+        key_id: String,
+        public_key: String,
+        at: Timestamp,
+    },
+    /// Revokes a key (recording it first if it came from configuration).
+    RevokeKey {
+        key_id: String,
+        public_key: String,
+        at: Timestamp,
+    },
+}
+
+/// A stored bundle's metadata (its bytes are fetched separately).
+#[derive(Debug, Clone)]
+pub struct BundleRow {
+    pub hash: String,
+    pub name: String,
+    pub version: String,
+    pub abi: u32,
+    pub size: u64,
+    pub signer: String,
+    pub signature: String,
+    pub created_at: Timestamp,
+    pub activated_at: Timestamp,
+}
+
+/// A key recorded in `trusted_keys`.
+#[derive(Debug, Clone)]
+pub struct KeyRow {
+    pub key_id: String,
+    pub public_key: String,
+    pub added_at: Timestamp,
+    pub revoked_at: Option<Timestamp>,
 }
 
 impl Write {
@@ -111,7 +152,13 @@ impl Write {
             | Write::Finish { id, .. }
             | Write::CancelQueued { id, .. }
             | Write::Claim { id, .. } => Some(*id),
-            Write::Insert { .. } | Write::RenewLeases { .. } | Write::Release { .. } => None,
+            Write::Insert { .. }
+            | Write::RenewLeases { .. }
+            | Write::Release { .. }
+            | Write::InsertBundle(..)
+            | Write::ActivateBundle { .. }
+            | Write::TrustKey { .. }
+            | Write::RevokeKey { .. } => None,
         }
     }
 }
@@ -256,6 +303,35 @@ impl Store {
         Ok(match &self.read {
             Pool::Sqlite(p) => sql::sqlite::unfinished(p, owner, now).await?,
             Pool::MySql(p) => sql::mysql::unfinished(p, owner, now).await?,
+        })
+    }
+
+    pub async fn bundles(&self) -> Result<Vec<BundleRow>> {
+        Ok(match &self.read {
+            Pool::Sqlite(p) => sql::sqlite::bundles(p).await?,
+            Pool::MySql(p) => sql::mysql::bundles(p).await?,
+        })
+    }
+
+    pub async fn bundle_content(&self, hash: &str) -> Result<Option<Vec<u8>>> {
+        Ok(match &self.read {
+            Pool::Sqlite(p) => sql::sqlite::bundle_content(p, hash).await?,
+            Pool::MySql(p) => sql::mysql::bundle_content(p, hash).await?,
+        })
+    }
+
+    pub async fn keys(&self) -> Result<Vec<KeyRow>> {
+        Ok(match &self.read {
+            Pool::Sqlite(p) => sql::sqlite::keys(p).await?,
+            Pool::MySql(p) => sql::mysql::keys(p).await?,
+        })
+    }
+
+    /// How many unfinished (queued or running) actions are pinned to each bundle.
+    pub async fn in_flight_by_bundle(&self) -> Result<std::collections::HashMap<String, i64>> {
+        Ok(match &self.read {
+            Pool::Sqlite(p) => sql::sqlite::in_flight_by_bundle(p).await?,
+            Pool::MySql(p) => sql::mysql::in_flight_by_bundle(p).await?,
         })
     }
 

@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
-use super::{Outcome, Write};
+use super::{BundleRow, KeyRow, Outcome, Write};
 use crate::model::{
     Action, ActionFilter, ActionId, ActionStatus, StepRecord, StepStatus, Timestamp,
 };
@@ -234,6 +234,68 @@ macro_rules! sql_backend {
                         .await?
                         .rows_affected()
                     }
+                    Write::InsertBundle(b, content) => {
+                        sqlx::query(
+                            "INSERT INTO bundles (hash, name, version, abi, size, signer, signature, content, created_at, activated_at) \
+                             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        )
+                        .bind(&b.hash)
+                        .bind(&b.name)
+                        .bind(&b.version)
+                        .bind(b.abi as i64)
+                        .bind(b.size as i64)
+                        .bind(&b.signer)
+                        .bind(&b.signature)
+                        .bind(content.to_vec())
+                        .bind(b.created_at)
+                        .bind(b.activated_at)
+                        .execute(&mut **tx)
+                        .await?
+                        .rows_affected()
+                    }
+                    Write::ActivateBundle { hash, at } => {
+                        sqlx::query("UPDATE bundles SET activated_at = ? WHERE hash = ?")
+                            .bind(at)
+                            .bind(hash)
+                            .execute(&mut **tx)
+                            .await?
+                            .rows_affected()
+                    }
+                    Write::TrustKey { key_id, public_key, at } => {
+                        sqlx::query("INSERT INTO trusted_keys (key_id, public_key, added_at) VALUES (?, ?, ?)")
+                            .bind(key_id)
+                            .bind(public_key)
+                            .bind(at)
+                            .execute(&mut **tx)
+                            .await?
+                            .rows_affected()
+                    }
+                    Write::RevokeKey { key_id, public_key, at } => {
+                        let known = sqlx::query("SELECT key_id FROM trusted_keys WHERE key_id = ?")
+                            .bind(key_id)
+                            .fetch_optional(&mut **tx)
+                            .await?
+                            .is_some();
+                        if known {
+                            sqlx::query("UPDATE trusted_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE key_id = ?")
+                                .bind(at)
+                                .bind(key_id)
+                                .execute(&mut **tx)
+                                .await?
+                                .rows_affected()
+                        } else {
+                            sqlx::query(
+                                "INSERT INTO trusted_keys (key_id, public_key, added_at, revoked_at) VALUES (?, ?, ?, ?)",
+                            )
+                            .bind(key_id)
+                            .bind(public_key)
+                            .bind(at)
+                            .bind(at)
+                            .execute(&mut **tx)
+                            .await?
+                            .rows_affected()
+                        }
+                    }
                 };
                 Ok(Outcome::Done { rows })
             }
@@ -328,6 +390,61 @@ macro_rules! sql_backend {
                     .fetch_all(pool)
                     .await?;
                 rows.iter().map(action_row).collect()
+            }
+
+            pub(crate) async fn bundles(pool: &$pool) -> Result<Vec<BundleRow>, sqlx::Error> {
+                let rows = sqlx::query(
+                    "SELECT hash, name, version, abi, size, signer, signature, created_at, activated_at FROM bundles ORDER BY created_at",
+                )
+                .fetch_all(pool)
+                .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(BundleRow {
+                            hash: r.try_get("hash")?,
+                            name: r.try_get("name")?,
+                            version: r.try_get("version")?,
+                            abi: r.try_get::<i64, _>("abi")? as u32,
+                            size: r.try_get::<i64, _>("size")? as u64,
+                            signer: r.try_get("signer")?,
+                            signature: r.try_get("signature")?,
+                            created_at: r.try_get("created_at")?,
+                            activated_at: r.try_get("activated_at")?,
+                        })
+                    })
+                    .collect()
+            }
+
+            pub(crate) async fn bundle_content(pool: &$pool, hash: &str) -> Result<Option<Vec<u8>>, sqlx::Error> {
+                let row = sqlx::query("SELECT content FROM bundles WHERE hash = ?").bind(hash).fetch_optional(pool).await?;
+                row.map(|r| r.try_get::<Vec<u8>, _>(0)).transpose()
+            }
+
+            pub(crate) async fn keys(pool: &$pool) -> Result<Vec<KeyRow>, sqlx::Error> {
+                let rows = sqlx::query("SELECT key_id, public_key, added_at, revoked_at FROM trusted_keys ORDER BY added_at")
+                    .fetch_all(pool)
+                    .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(KeyRow {
+                            key_id: r.try_get("key_id")?,
+                            public_key: r.try_get("public_key")?,
+                            added_at: r.try_get("added_at")?,
+                            revoked_at: r.try_get("revoked_at")?,
+                        })
+                    })
+                    .collect()
+            }
+
+            pub(crate) async fn in_flight_by_bundle(
+                pool: &$pool,
+            ) -> Result<std::collections::HashMap<String, i64>, sqlx::Error> {
+                let rows = sqlx::query(
+                    "SELECT bundle, COUNT(*) AS n FROM actions WHERE status IN ('queued', 'running') GROUP BY bundle",
+                )
+                .fetch_all(pool)
+                .await?;
+                rows.iter().map(|r| Ok((r.try_get("bundle")?, r.try_get("n")?))).collect()
             }
 
             pub(crate) async fn unfinished(pool: &$pool, owner: &str, now: Timestamp) -> Result<Vec<Action>, sqlx::Error> {

@@ -42,6 +42,17 @@ pub struct StepInput<S = Value> {
     /// 1 for the first attempt, 2 for the first retry, and so on.
     #[serde(default = "one")]
     pub attempt: u32,
+    /// The bundle this step was loaded from.
+    #[serde(default)]
+    pub bundle: Option<BundleRef>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BundleRef {
+    pub name: String,
+    pub version: String,
+    /// SHA-256 of the bundle file.
+    pub hash: String,
 }
 
 fn one() -> u32 {

@@ -79,8 +79,18 @@ fn hang(_cx: &Context<'_>, _input: StepInput) -> Result<Value, StepError> {
     }
 }
 
-fn version(_cx: &Context<'_>, _input: StepInput) -> Result<Value, StepError> {
-    Ok(json!({ "version": VERSION }))
+/// Reports which bundle version ran it, the library's own version, and the
+/// step host's process id.
+fn version(_cx: &Context<'_>, input: StepInput) -> Result<Value, StepError> {
+    let bundle = input
+        .bundle
+        .ok_or_else(|| StepError::fatal("the engine sent no bundle reference"))?;
+    Ok(json!({
+        "version": bundle.version,
+        "bundle": bundle.hash,
+        "library_version": VERSION,
+        "pid": std::process::id(),
+    }))
 }
 
 sdk::export_steps! {

@@ -1,149 +1,325 @@
-//! The loading gate refuses bad bundles with a message that says what is
-//! wrong, and the server does not start on them.
+//! The Source Authority refuses bad bundles with a distinct code, stores
+//! nothing, and the server keeps serving. Also the same checks at start-up.
 
-use std::io::Write;
+use serde_json::json;
 
-use crate::harness::{Db, Env, both_dbs, bundles, scratch_dir, target_dir, troupe, workspace};
+use crate::harness::{
+    Db, Env, both_dbs, bundles, scratch_dir, sign_with, target_dir, test_key, testkit_version,
+    troupe, workspace,
+};
 
-/// Builds a zip from (name, bytes) entries.
-fn zip_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
+/// Builds a zip with Python's zipfile, which happily writes what we refuse:
+/// entries are (name, bytes, is_symlink).
+fn zip_of(entries: &[(&str, &[u8], bool)]) -> Vec<u8> {
     let dir = scratch_dir("zip");
-    for (name, bytes) in entries {
-        let path = dir.join(name);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::File::create(&path)
-            .unwrap()
-            .write_all(bytes)
-            .unwrap();
+    let mut script = String::from(
+        "import sys, zipfile\nz = zipfile.ZipFile(sys.argv[1], 'w', zipfile.ZIP_DEFLATED)\n",
+    );
+    for (i, (name, bytes, link)) in entries.iter().enumerate() {
+        let data = dir.join(format!("data{i}"));
+        std::fs::write(&data, bytes).unwrap();
+        script.push_str(&format!(
+            "info = zipfile.ZipInfo({name:?})\ninfo.compress_type = zipfile.ZIP_DEFLATED\n{}z.writestr(info, open({:?}, 'rb').read())\n",
+            if *link { "info.external_attr = (0o120777 << 16)\n" } else { "info.external_attr = (0o100644 << 16)\n" },
+            data.to_str().unwrap()
+        ));
     }
+    script.push_str("z.close()\n");
     let out = dir.join("out.zip");
-    let names: Vec<&str> = entries.iter().map(|(n, _)| *n).collect();
-    let status = std::process::Command::new("python3")
+    let o = std::process::Command::new("python3")
         .arg("-c")
-        .arg("import sys, zipfile\nwith zipfile.ZipFile(sys.argv[1], 'w') as z:\n    for n in sys.argv[2:]: z.write(n, n)")
+        .arg(&script)
         .arg(&out)
-        .args(&names)
-        .current_dir(&dir)
-        .status()
+        .output()
         .unwrap();
-    assert!(status.success());
-    std::fs::read(out).unwrap()
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let bytes = std::fs::read(out).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    bytes
 }
 
-fn manifest(abi: u32, extra_step: bool) -> String {
-    let mut m = std::fs::read_to_string(workspace().join("steps/testkit/bundle.toml")).unwrap();
-    m = m.replace("abi = 1", &format!("abi = {abi}"));
-    if extra_step {
-        m.push_str("\n[steps.teleport]\ntimeout_ms = 100\n");
-    }
-    m
+fn testkit_manifest(edit: impl Fn(String) -> String) -> Vec<u8> {
+    edit(std::fs::read_to_string(workspace().join("steps/testkit/bundle.toml")).unwrap())
+        .into_bytes()
 }
 
-/// Starts a server with `bundle` and returns what it said when it refused.
-async fn refused(env: &Env, bundle: &[u8]) -> String {
-    let path = env.dir.join("bad.bundle");
-    std::fs::write(&path, bundle).unwrap();
-    let out = troupe(&[
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        env.dir.to_str().unwrap(),
-        "--db",
-        &env.db_url,
-        "--bundle",
-        path.to_str().unwrap(),
-    ]);
-    assert!(!out.status.success(), "the server must refuse the bundle");
-    String::from_utf8_lossy(&out.stderr).into_owned()
+fn triple() -> String {
+    let good = std::fs::read(&bundles().testkit).unwrap();
+    let text = String::from_utf8_lossy(&good).into_owned();
+    let start = text.find("lib/").unwrap() + 4;
+    text[start..].split('/').next().unwrap().to_owned()
 }
 
-async fn bad_bundles_are_refused_with_clear_errors(db: Db) {
+fn stored(env: &Env) -> Vec<String> {
+    let mut dirs: Vec<String> = std::fs::read_dir(env.dir.join("bundles"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    dirs.sort();
+    dirs
+}
+
+async fn every_bad_bundle_is_refused_and_nothing_is_stored(db: Db) {
     let env = Env::new(db).await;
-    let lib = std::fs::read(target_dir().join("libtestkit.so")).unwrap();
-    let triple = {
-        // The triple the good bundle was built for is the only lib/ folder in it.
-        let good = std::fs::read(&bundles().testkit).unwrap();
-        let text = String::from_utf8_lossy(&good).into_owned();
-        let start = text.find("lib/").unwrap() + 4;
-        text[start..].split('/').next().unwrap().to_owned()
-    };
-    let lib_path = format!("lib/{triple}/libtestkit.so");
-
-    let err = refused(&env, b"this is not a zip").await;
-    assert!(err.contains("not a zip archive"), "{err}");
-
-    let err = refused(&env, &zip_of(&[(lib_path.as_str(), &lib)])).await;
-    assert!(err.contains("no manifest.toml"), "{err}");
-
-    let err = refused(
-        &env,
-        &zip_of(&[
-            ("manifest.toml", manifest(99, false).as_bytes()),
-            (lib_path.as_str(), &lib),
-        ]),
-    )
-    .await;
-    assert!(
-        err.contains("plugin ABI 99") && err.contains("supports ABI 1"),
-        "{err}"
-    );
-
-    let other = "lib/sparc64-unknown-linux-gnu/libtestkit.so";
-    let err = refused(
-        &env,
-        &zip_of(&[
-            ("manifest.toml", manifest(1, false).as_bytes()),
-            (other, &lib),
-        ]),
-    )
-    .await;
-    assert!(
-        err.contains("no library for this platform") && err.contains("sparc64-unknown-linux-gnu"),
-        "{err}"
-    );
-
-    let err = refused(
-        &env,
-        &zip_of(&[
-            ("manifest.toml", manifest(1, true).as_bytes()),
-            (lib_path.as_str(), &lib),
-        ]),
-    )
-    .await;
-    assert!(err.contains("does not export: teleport"), "{err}");
-
-    let err = refused(
-        &env,
-        &zip_of(&[
-            ("manifest.toml", b"format = 1\nname = "),
-            (lib_path.as_str(), &lib),
-        ]),
-    )
-    .await;
-    assert!(err.contains("invalid manifest"), "{err}");
-
-    let err = refused(
-        &env,
-        &zip_of(&[
-            ("manifest.toml", manifest(1, false).as_bytes()),
-            (lib_path.as_str(), b"\x7fELF garbage"),
-        ]),
-    )
-    .await;
-    assert!(err.contains("library could not be loaded"), "{err}");
-
-    // A good bundle still loads after all that.
     let server = env.serve();
-    let (status, kinds) = server.get("/v1/kinds").await;
-    assert_eq!(status, 200);
-    assert!(
-        kinds["kinds"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|k| k["name"] == "noop3")
+    let key = test_key();
+    let lib = std::fs::read(target_dir().join("libtestkit.so")).unwrap();
+    let lib_path = format!("lib/{}/libtestkit.so", triple());
+    let good_manifest =
+        testkit_manifest(|m| m.replace("version = \"0.1.0\"", "version = \"0.5.0\""));
+    let (v2, v2_sig) = testkit_version("0.2.0", &key);
+    let (v3, _) = testkit_version("0.3.0", &key);
+    let stranger = signing::SecretKey::from_seed([42; 32]);
+    let (_, list_before) = server.get("/v1/bundles").await;
+    let before = (
+        list_before["bundles"].as_array().unwrap().len(),
+        stored(&env),
     );
+
+    // A key the server trusted, then revoked.
+    let revoked = signing::SecretKey::from_seed([43; 32]);
+    let (s, _) = server
+        .admin_post(
+            "/v1/keys",
+            &json!({ "public_key": revoked.public().to_string() }),
+        )
+        .await;
+    assert_eq!(s, 201);
+    let (s, _) = server
+        .admin_post(
+            &format!("/v1/keys/{}/revoke", revoked.public().id()),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(s, 200);
+
+    let mut flipped = v3.clone();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 0x01;
+    let v3_sig = sign_with(&key, &v3, "testkit", "0.3.0");
+    let zip_ok = |extra: Vec<(&str, &[u8], bool)>, manifest: &[u8]| {
+        let mut entries = vec![
+            ("manifest.toml", manifest, false),
+            (lib_path.as_str(), &lib[..], false),
+        ];
+        entries.extend(extra);
+        zip_of(&entries)
+    };
+    let zero = vec![0u8; (256 << 20) + 1];
+    let missing_step = testkit_manifest(|m| {
+        m.replace("version = \"0.1.0\"", "version = \"0.5.0\"")
+            + "\n[steps.teleport]\ntimeout_ms = 100\n"
+    });
+    let bad_abi = testkit_manifest(|m| {
+        m.replace("version = \"0.1.0\"", "version = \"0.5.0\"")
+            .replace("abi = 1", "abi = 99")
+    });
+
+    let mut cases: Vec<(&str, Vec<u8>, String, &str)> = vec![
+        (
+            "one flipped byte",
+            flipped,
+            v3_sig.clone(),
+            "bundle_hash_mismatch",
+        ),
+        (
+            "untrusted key",
+            v3.clone(),
+            sign_with(&stranger, &v3, "testkit", "0.3.0"),
+            "signature_untrusted_key",
+        ),
+        (
+            "revoked key",
+            v3.clone(),
+            sign_with(&revoked, &v3, "testkit", "0.3.0"),
+            "signature_revoked_key",
+        ),
+        (
+            "signature for another bundle",
+            v3.clone(),
+            v2_sig.clone(),
+            "bundle_hash_mismatch",
+        ),
+        (
+            "truncated upload",
+            v3[..v3.len() - 1000].to_vec(),
+            v3_sig.clone(),
+            "bundle_incomplete",
+        ),
+        (
+            "garbage signature",
+            v3.clone(),
+            "hello".into(),
+            "signature_malformed",
+        ),
+    ];
+    let signed = |bytes: Vec<u8>| {
+        let sig = sign_with(&key, &bytes, "testkit", "0.5.0");
+        (bytes, sig)
+    };
+    for (what, bytes, code) in [
+        ("not a zip", b"this is not a zip".to_vec(), "bundle_not_zip"),
+        (
+            "no manifest",
+            zip_of(&[(lib_path.as_str(), &lib, false)]),
+            "bundle_no_manifest",
+        ),
+        (
+            "unknown ABI",
+            zip_ok(vec![], &bad_abi),
+            "bundle_abi_unsupported",
+        ),
+        (
+            "path with ..",
+            zip_ok(vec![("../evil", b"x", false)], &good_manifest),
+            "bundle_unsafe_entry",
+        ),
+        (
+            "absolute path",
+            zip_ok(vec![("/etc/evil", b"x", false)], &good_manifest),
+            "bundle_unsafe_entry",
+        ),
+        (
+            "symlink entry",
+            zip_ok(vec![("lib/link", b"/etc/passwd", true)], &good_manifest),
+            "bundle_unsafe_entry",
+        ),
+        (
+            "entry inflating past the limit",
+            zip_ok(vec![("big", &zero, false)], &good_manifest),
+            "bundle_entry_too_large",
+        ),
+        (
+            "duplicate entry names",
+            zip_ok(
+                vec![("manifest.toml", &good_manifest, false)],
+                &good_manifest,
+            ),
+            "bundle_unsafe_entry",
+        ),
+        (
+            "step missing from the library",
+            zip_ok(vec![], &missing_step),
+            "bundle_missing_steps",
+        ),
+        (
+            "library for another target only",
+            zip_of(&[
+                ("manifest.toml", &good_manifest, false),
+                ("lib/sparc64-unknown-linux-gnu/libtestkit.so", &lib, false),
+            ]),
+            "bundle_no_library_for_platform",
+        ),
+        (
+            "a library that is not one",
+            zip_of(&[
+                ("manifest.toml", &good_manifest, false),
+                (lib_path.as_str(), b"\x7fELF junk", false),
+            ]),
+            "bundle_library_invalid",
+        ),
+    ] {
+        let (bytes, sig) = signed(bytes);
+        cases.push((what, bytes, sig, code));
+    }
+    // The claims must match the manifest.
+    let (bytes, _) = signed(zip_ok(vec![], &good_manifest));
+    let wrong_claims = sign_with(&key, &bytes, "testkit", "0.6.0");
+    cases.push((
+        "claims that do not match the manifest",
+        bytes,
+        wrong_claims,
+        "signature_claims_mismatch",
+    ));
+
+    for (what, bytes, sig, code) in cases {
+        let (status, body) = server.push(bytes, &sig).await;
+        assert!(status.is_client_error(), "{what}: {status} {body}");
+        assert_eq!(body["error"]["code"], code, "{what}: {body}");
+        assert!(!body["error"]["message"].as_str().unwrap().is_empty());
+    }
+
+    // Older versions are refused once a newer one is accepted.
+    let (status, body) = server.push(v2, &v2_sig).await;
+    assert_eq!(status, 201, "{body}");
+    let (old, old_sig) = testkit_version("0.1.5", &key);
+    let (status, body) = server.push(old, &old_sig).await;
+    assert_eq!(
+        (status.as_u16(), body["error"]["code"].as_str()),
+        (409, Some("bundle_version_not_newer")),
+        "{body}"
+    );
+
+    // Oversized uploads are cut off.
+    let huge = vec![7u8; (64 << 20) + 10];
+    let (status, body) = server.push(huge, &v3_sig).await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"]["code"], "bundle_too_large");
+
+    // Nothing but v2 was stored, and the server still serves.
+    let (_, list) = server.get("/v1/bundles").await;
+    assert_eq!(
+        list["bundles"].as_array().unwrap().len(),
+        before.0 + 1,
+        "{list}"
+    );
+    assert_eq!(stored(&env).len(), before.1.len() + 1, "{:?}", stored(&env));
+    let id = server.submit("noop3", "vps-1", json!({})).await;
+    assert_eq!(server.finished(id).await["status"], "succeeded");
 }
 
-both_dbs!(bad_bundles_are_refused_with_clear_errors);
+/// `serve --bundle` goes through the same gate: a bad or unsigned bundle
+/// stops the server from starting, with the reason.
+async fn serve_refuses_bad_bundles_at_start(db: Db) {
+    let env = Env::new(db).await;
+    let b = bundles();
+    let start = |bundle: &std::path::Path| {
+        troupe(&[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            env.dir.to_str().unwrap(),
+            "--db",
+            &env.db_url,
+            "--trust",
+            &b.public_key,
+            "--bundle",
+            bundle.to_str().unwrap(),
+        ])
+    };
+    let unsigned = env.dir.join("unsigned.bundle");
+    std::fs::copy(&b.testkit, &unsigned).unwrap();
+    let out = start(&unsigned);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("troupe bundle sign"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let bad = env.dir.join("bad.bundle");
+    std::fs::write(&bad, b"not a zip").unwrap();
+    std::fs::write(
+        env.dir.join("bad.bundle.sig"),
+        sign_with(&test_key(), b"not a zip", "testkit", "9.0.0"),
+    )
+    .unwrap();
+    let out = start(&bad);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a zip archive"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let _ = b.dir.as_path();
+}
+
+both_dbs!(
+    every_bad_bundle_is_refused_and_nothing_is_stored,
+    serve_refuses_bad_bundles_at_start
+);

@@ -86,16 +86,30 @@ pub(crate) fn troupe(args: &[&str]) -> std::process::Output {
         .expect("running troupe")
 }
 
-/// The testkit and builtin bundles, built once per test run with the CLI.
+/// The testkit and builtin bundles, built and signed once per test run with
+/// the CLI, and the key that signed them.
 pub(crate) struct Bundles {
     pub(crate) testkit: PathBuf,
     pub(crate) builtin: PathBuf,
+    pub(crate) key: PathBuf,
+    pub(crate) public_key: String,
+    pub(crate) dir: PathBuf,
 }
+
+pub(crate) const ADMIN_TOKEN: &str = "test-admin-token";
 
 pub(crate) fn bundles() -> &'static Bundles {
     static BUNDLES: OnceLock<Bundles> = OnceLock::new();
     BUNDLES.get_or_init(|| {
         let dir = scratch_dir("bundles");
+        let key = dir.join("test.key");
+        let o = troupe(&["keys", "generate", "--out", key.to_str().unwrap()]);
+        assert!(
+            o.status.success(),
+            "keys generate failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let public_key = String::from_utf8(o.stdout).unwrap().trim().to_owned();
         let build = |name: &str| {
             let out = dir.join(format!("{name}.bundle"));
             let manifest = workspace().join(format!("steps/{name}/bundle.toml"));
@@ -114,13 +128,79 @@ pub(crate) fn bundles() -> &'static Bundles {
                 "bundle build failed: {}",
                 String::from_utf8_lossy(&o.stderr)
             );
+            let o = troupe(&[
+                "bundle",
+                "sign",
+                out.to_str().unwrap(),
+                "--key",
+                key.to_str().unwrap(),
+            ]);
+            assert!(
+                o.status.success(),
+                "bundle sign failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
             out
         };
         Bundles {
             testkit: build("testkit"),
             builtin: build("builtin"),
+            key,
+            public_key,
+            dir,
         }
     })
+}
+
+/// Signs arbitrary bytes with `key`, claiming the given name and version:
+/// how tests make validly signed bundles with broken insides.
+pub(crate) fn sign_with(
+    key: &signing::SecretKey,
+    bytes: &[u8],
+    name: &str,
+    version: &str,
+) -> String {
+    let claims = signing::Claims {
+        name: name.into(),
+        version: version.into(),
+        sha256: signing::BundleHash::of(bytes),
+        size: bytes.len() as u64,
+        abi: 1,
+        signed_at: 1_800_000_000,
+    };
+    signing::Signature::sign(key, claims).unwrap().to_text()
+}
+
+/// The test signing key (trusted by every test server).
+pub(crate) fn test_key() -> signing::SecretKey {
+    signing::SecretKey::from_text(&std::fs::read_to_string(&bundles().key).unwrap()).unwrap()
+}
+
+/// The testkit bundle rebuilt with another version in its manifest (same
+/// library), signed by `key`.
+pub(crate) fn testkit_version(version: &str, key: &signing::SecretKey) -> (Vec<u8>, String) {
+    let dir = scratch_dir("testkit-version");
+    let manifest = std::fs::read_to_string(workspace().join("steps/testkit/bundle.toml"))
+        .unwrap()
+        .replace("version = \"0.1.0\"", &format!("version = \"{version}\""));
+    let manifest_path = dir.join("bundle.toml");
+    std::fs::write(&manifest_path, manifest).unwrap();
+    let out = dir.join("t.bundle");
+    let library = target_dir().join("libtestkit.so");
+    let o = troupe(&[
+        "bundle",
+        "build",
+        manifest_path.to_str().unwrap(),
+        "--library",
+        library.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let bytes = std::fs::read(&out).unwrap();
+    let sig = sign_with(key, &bytes, "testkit", version);
+    let _ = std::fs::remove_dir_all(&dir);
+    (bytes, sig)
 }
 
 /// A database and data directory for one test.
@@ -177,6 +257,10 @@ impl Env {
             b.testkit.to_str().unwrap().into(),
             "--bundle".into(),
             b.builtin.to_str().unwrap().into(),
+            "--trust".into(),
+            b.public_key.clone(),
+            "--admin-token".into(),
+            ADMIN_TOKEN.into(),
             "--cancel-grace".into(),
             "500ms".into(),
             "--node-id".into(),
@@ -289,6 +373,47 @@ impl Server {
     pub(crate) async fn post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
         self.request(reqwest::Method::POST, path, Some(body.to_string()))
             .await
+    }
+
+    /// Pushes a bundle and its signature as `troupe bundle push` does.
+    pub(crate) async fn push(&self, bundle: Vec<u8>, signature: &str) -> (StatusCode, Value) {
+        let form = reqwest::multipart::Form::new()
+            .part(
+                "bundle",
+                reqwest::multipart::Part::bytes(bundle).file_name("b.bundle"),
+            )
+            .text("signature", signature.to_owned());
+        let resp = self
+            .http
+            .post(format!("{}/v1/bundles", self.url))
+            .multipart(form)
+            .send()
+            .await
+            .expect("push");
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// POST as the admin.
+    pub(crate) async fn admin_post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(body)
+            .send()
+            .await
+            .expect("admin request");
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     /// Submits an action and returns its id.

@@ -1,0 +1,415 @@
+//! The Source Authority: every bundle passes through it before anything in
+//! it runs. It accepts a bundle only if its signature verifies under a trusted
+//! key that is not revoked, its bytes are complete and hash to what was
+//! signed, its archive and manifest are sound, its library exports every step
+//! (probed in a step host), and its version is newer than every version of
+//! that name accepted before. A rejected bundle leaves nothing behind.
+//!
+//! It also owns the trusted keys (configuration plus `trusted_keys`) and
+//! restores accepted bundles from the database at start.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use chrono::Utc;
+use signing::{BundleHash, KeyId, PublicKey, Signature, Trust, VerifiedBundle};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::agency::{AgencyHandle, LoadedBundle};
+use crate::bundle::{self, manifest::compare_versions};
+use crate::error::{Error, Result};
+use crate::store::{BundleRow, Store, Write};
+
+/// What happened to a pushed bundle.
+#[derive(Debug, Clone)]
+pub struct Admitted {
+    pub bundle: Arc<LoadedBundle>,
+    /// False when the server already held these exact bytes.
+    pub created: bool,
+}
+
+/// A key the server knows.
+#[derive(Debug, Clone)]
+pub struct KeyInfo {
+    pub key: PublicKey,
+    pub revoked: bool,
+    /// Whether it came from the server's configuration (else the API added it).
+    pub configured: bool,
+}
+
+enum Msg {
+    Admit {
+        bytes: Vec<u8>,
+        signature: String,
+        reply: oneshot::Sender<Result<Admitted>>,
+    },
+    Activate {
+        hash: String,
+        reply: oneshot::Sender<Result<Arc<LoadedBundle>>>,
+    },
+    Trust {
+        key: PublicKey,
+        reply: oneshot::Sender<Result<KeyInfo>>,
+    },
+    Revoke {
+        id: String,
+        reply: oneshot::Sender<Result<KeyInfo>>,
+    },
+    Keys {
+        reply: oneshot::Sender<Vec<KeyInfo>>,
+    },
+    IsRevoked {
+        id: String,
+        reply: oneshot::Sender<bool>,
+    },
+}
+
+#[derive(Clone)]
+pub(crate) struct AuthorityHandle {
+    tx: mpsc::Sender<Msg>,
+}
+
+impl AuthorityHandle {
+    /// Starts the authority and restores the bundles the database holds: for
+    /// each name its active version, plus any version unfinished actions are
+    /// pinned to.
+    pub(crate) async fn start(
+        store: Store,
+        agency: AgencyHandle,
+        root: PathBuf,
+        configured: Vec<PublicKey>,
+    ) -> Result<AuthorityHandle> {
+        let mut trust = Trust::default();
+        for key in &configured {
+            trust.add(key.clone());
+        }
+        for row in store.keys().await? {
+            match row.public_key.parse::<PublicKey>() {
+                Ok(key) => {
+                    trust.add(key);
+                    if row.revoked_at.is_some() {
+                        trust.revoke(row.key_id.parse()?);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(key_id = %row.key_id, error = %e, "ignoring an unreadable key in trusted_keys")
+                }
+            }
+        }
+        for (key, revoked) in trust.keys() {
+            if revoked {
+                agency.revoke(key.id());
+            }
+        }
+        let configured = configured.iter().map(PublicKey::id).collect();
+        let mut authority = Authority {
+            store,
+            agency,
+            root,
+            trust,
+            configured,
+        };
+        authority.restore().await?;
+        let (tx, rx) = mpsc::channel(64);
+        crate::actor::spawn("source-authority", authority.run(rx));
+        Ok(AuthorityHandle { tx })
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Msg) -> Result<T> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        rx.await.map_err(|_| Error::ShuttingDown)
+    }
+
+    pub(crate) async fn admit(&self, bytes: Vec<u8>, signature: String) -> Result<Admitted> {
+        self.ask(|reply| Msg::Admit {
+            bytes,
+            signature,
+            reply,
+        })
+        .await?
+    }
+
+    pub(crate) async fn activate(&self, hash: String) -> Result<Arc<LoadedBundle>> {
+        self.ask(|reply| Msg::Activate { hash, reply }).await?
+    }
+
+    pub(crate) async fn trust(&self, key: PublicKey) -> Result<KeyInfo> {
+        self.ask(|reply| Msg::Trust { key, reply }).await?
+    }
+
+    pub(crate) async fn revoke(&self, id: String) -> Result<KeyInfo> {
+        self.ask(|reply| Msg::Revoke { id, reply }).await?
+    }
+
+    pub(crate) async fn keys(&self) -> Result<Vec<KeyInfo>> {
+        self.ask(|reply| Msg::Keys { reply }).await
+    }
+
+    pub(crate) async fn is_revoked(&self, id: String) -> Result<bool> {
+        self.ask(|reply| Msg::IsRevoked { id, reply }).await
+    }
+}
+
+struct Authority {
+    store: Store,
+    agency: AgencyHandle,
+    root: PathBuf,
+    trust: Trust,
+    configured: HashSet<KeyId>,
+}
+
+impl Authority {
+    async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+        while let Some(msg) = rx.recv().await {
+            match msg {
+                Msg::Admit {
+                    bytes,
+                    signature,
+                    reply,
+                } => {
+                    let _ = reply.send(self.admit(bytes, &signature).await);
+                }
+                Msg::Activate { hash, reply } => {
+                    let _ = reply.send(self.activate(&hash).await);
+                }
+                Msg::Trust { key, reply } => {
+                    let _ = reply.send(self.add_key(key).await);
+                }
+                Msg::Revoke { id, reply } => {
+                    let _ = reply.send(self.revoke(&id).await);
+                }
+                Msg::Keys { reply } => {
+                    let _ = reply.send(self.key_infos());
+                }
+                Msg::IsRevoked { id, reply } => {
+                    let _ = reply.send(id.parse().is_ok_and(|id| self.trust.is_revoked(id)));
+                }
+            }
+        }
+    }
+
+    fn key_infos(&self) -> Vec<KeyInfo> {
+        self.trust
+            .keys()
+            .map(|(key, revoked)| KeyInfo {
+                key: key.clone(),
+                revoked,
+                configured: self.configured.contains(&key.id()),
+            })
+            .collect()
+    }
+
+    fn key_info(&self, id: KeyId) -> Result<KeyInfo> {
+        self.key_infos()
+            .into_iter()
+            .find(|k| k.key.id() == id)
+            .ok_or_else(|| Error::KeyNotFound(id.to_string()))
+    }
+
+    async fn admit(&mut self, bytes: Vec<u8>, signature: &str) -> Result<Admitted> {
+        let signature = Signature::from_text(signature)?;
+        let verified = signing::verify(bytes, &signature, &self.trust)?;
+        let hash = verified.hash();
+        let rows = self.store.bundles().await?;
+        if rows.iter().any(|r| r.hash == hash.to_string()) {
+            let bundle = self.load(&verified).await?;
+            return Ok(Admitted {
+                bundle,
+                created: false,
+            });
+        }
+        let claims = verified.claims();
+        if let Some(newest) = rows
+            .iter()
+            .filter(|r| r.name == claims.name)
+            .map(|r| r.version.as_str())
+            .max_by(|a, b| compare_versions(a, b))
+            && compare_versions(&claims.version, newest) != std::cmp::Ordering::Greater
+        {
+            return Err(Error::VersionNotNewer {
+                name: claims.name.clone(),
+                version: claims.version.clone(),
+                newest: newest.to_owned(),
+            });
+        }
+        let bundle = self.load(&verified).await?;
+        let now = Utc::now();
+        let row = BundleRow {
+            hash: hash.to_string(),
+            name: claims.name.clone(),
+            version: claims.version.clone(),
+            abi: claims.abi,
+            size: claims.size,
+            signer: verified.key_id().to_string(),
+            signature: verified.signature().to_text(),
+            created_at: now,
+            activated_at: now,
+        };
+        let content: Arc<[u8]> = verified.bytes().into();
+        self.store
+            .write(vec![Write::InsertBundle(Box::new(row), content)])
+            .await?;
+        self.agency.activate(hash).await?;
+        Ok(Admitted {
+            bundle,
+            created: true,
+        })
+    }
+
+    /// Unpacks and probes a verified bundle; on any failure removes what it
+    /// unpacked.
+    async fn load(&self, verified: &VerifiedBundle) -> Result<Arc<LoadedBundle>> {
+        let root = self.root.clone();
+        let v = verified.clone();
+        let unpacked = tokio::task::spawn_blocking(move || bundle::open(&v, &root))
+            .await
+            .map_err(|_| Error::ShuttingDown)??;
+        let dir = unpacked.dir.clone();
+        let claims = verified.claims();
+        let m = &unpacked.manifest;
+        let result = if (m.name.as_str(), m.version.as_str(), m.abi)
+            != (claims.name.as_str(), claims.version.as_str(), claims.abi)
+        {
+            Err(Error::ClaimsMismatch {
+                signed: format!("{} {} (ABI {})", claims.name, claims.version, claims.abi),
+                manifest: format!("{} {} (ABI {})", m.name, m.version, m.abi),
+            })
+        } else {
+            self.agency.register(unpacked, verified.key_id()).await
+        };
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        result
+    }
+
+    async fn activate(&mut self, hash: &str) -> Result<Arc<LoadedBundle>> {
+        let parsed: BundleHash = hash
+            .parse()
+            .map_err(|_| Error::BundleNotLoaded(hash.to_owned()))?;
+        let bundle = match self.agency.bundle(hash.to_owned()).await? {
+            Some(b) => b,
+            None => {
+                let content = self
+                    .store
+                    .bundle_content(hash)
+                    .await?
+                    .ok_or_else(|| Error::BundleNotLoaded(hash.to_owned()))?;
+                let row = self
+                    .store
+                    .bundles()
+                    .await?
+                    .into_iter()
+                    .find(|r| r.hash == hash);
+                let signature = row
+                    .ok_or_else(|| Error::BundleNotLoaded(hash.to_owned()))?
+                    .signature;
+                let verified =
+                    signing::verify(content, &Signature::from_text(&signature)?, &self.trust)?;
+                self.load(&verified).await?
+            }
+        };
+        if self.trust.is_revoked(bundle.signer) {
+            return Err(Error::BundleRevoked {
+                hash: hash.to_owned(),
+                key: bundle.signer.to_string(),
+            });
+        }
+        self.store
+            .write(vec![Write::ActivateBundle {
+                hash: hash.to_owned(),
+                at: Utc::now(),
+            }])
+            .await?;
+        self.agency.activate(parsed).await?;
+        Ok(bundle)
+    }
+
+    async fn add_key(&mut self, key: PublicKey) -> Result<KeyInfo> {
+        let id = key.id();
+        if self.trust.is_revoked(id) {
+            return Err(Error::BundleRevoked {
+                hash: "(any)".into(),
+                key: id.to_string(),
+            });
+        }
+        let known = self
+            .store
+            .keys()
+            .await?
+            .iter()
+            .any(|k| k.key_id == id.to_string());
+        if !known {
+            let write = Write::TrustKey {
+                key_id: id.to_string(),
+                public_key: key.to_string(),
+                at: Utc::now(),
+            };
+            self.store.write(vec![write]).await?;
+        }
+        self.trust.add(key);
+        tracing::info!(key_id = %id, "key trusted");
+        self.key_info(id)
+    }
+
+    async fn revoke(&mut self, id: &str) -> Result<KeyInfo> {
+        let id: KeyId = id.parse().map_err(|_| Error::KeyNotFound(id.to_owned()))?;
+        let key = self.key_info(id)?.key;
+        let write = Write::RevokeKey {
+            key_id: id.to_string(),
+            public_key: key.to_string(),
+            at: Utc::now(),
+        };
+        self.store.write(vec![write]).await?;
+        self.trust.revoke(id);
+        self.agency.revoke(id);
+        tracing::warn!(key_id = %id, "key revoked: its bundles take no new actions and in-flight ones fail at their next step");
+        self.key_info(id)
+    }
+
+    /// Loads, at start, what the database says should be loaded.
+    async fn restore(&mut self) -> Result<()> {
+        let rows = self.store.bundles().await?;
+        let pinned = self.store.in_flight_by_bundle().await?;
+        let usable = |r: &&BundleRow| r.signer.parse().is_ok_and(|id| !self.trust.is_revoked(id));
+        let mut active: std::collections::HashMap<&str, &BundleRow> =
+            std::collections::HashMap::new();
+        for row in rows.iter().filter(usable) {
+            let e = active.entry(row.name.as_str()).or_insert(row);
+            if row.activated_at > e.activated_at {
+                *e = row;
+            }
+        }
+        for row in &rows {
+            let is_active = active
+                .get(row.name.as_str())
+                .is_some_and(|a| a.hash == row.hash);
+            if !is_active && !pinned.contains_key(&row.hash) {
+                continue;
+            }
+            let content = match self.store.bundle_content(&row.hash).await? {
+                Some(c) => c,
+                None => continue,
+            };
+            let loaded = async {
+                let verified =
+                    signing::verify(content, &Signature::from_text(&row.signature)?, &self.trust)?;
+                self.load(&verified).await
+            }
+            .await;
+            match loaded {
+                Ok(b) if is_active => self.agency.activate(b.hash).await?,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(bundle = %row.name, version = %row.version, hash = %row.hash, error = %e, "stored bundle not loaded")
+                }
+            }
+        }
+        Ok(())
+    }
+}
