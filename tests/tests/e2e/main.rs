@@ -9,4 +9,5 @@ mod bad_input;
 mod bundles;
 mod cli;
 mod recovery;
+mod reload;
 mod tidy;
