@@ -141,6 +141,13 @@ pub fn open(verified: &VerifiedBundle, root: &Path) -> Result<Unpacked, crate::E
             }
             std::fs::write(&path, data)
                 .map_err(crate::Error::io(format!("writing {}", path.display())))?;
+            // The cache is read-only: nothing may change a bundle's files after checking.
+            let mut perms = std::fs::metadata(&path)
+                .map_err(crate::Error::io("reading permissions"))?
+                .permissions();
+            perms.set_readonly(true);
+            std::fs::set_permissions(&path, perms)
+                .map_err(crate::Error::io("making the bundle cache read-only"))?;
         }
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::rename(&staging, &dir).map_err(crate::Error::io(format!(

@@ -132,3 +132,109 @@ async fn submit_wait_status_list_and_cancel() {
     let help = troupe(&["submit", "--help"]);
     assert!(text(&help).contains("--target"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_sign_verify_push_list_activate() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let env = Env::new(Db::Sqlite).await;
+    let server = env.serve();
+    let s = server.url.as_str();
+    let dir = scratch_dir("cli-keys");
+    let key = dir.join("release.key");
+    let out = troupe(&["keys", "generate", "--out", key.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let public = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(public.starts_with("ed25519:"), "{public}");
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let again = troupe(&["keys", "generate", "--out", key.to_str().unwrap()]);
+    assert!(!again.status.success(), "never overwrites a key");
+
+    // A v2 of testkit, signed with the new key.
+    let (bytes, _) = crate::harness::testkit_version("0.2.0", &crate::harness::test_key());
+    let bundle = dir.join("testkit-0.2.0.bundle");
+    std::fs::write(&bundle, &bytes).unwrap();
+    let sign = troupe(&[
+        "bundle",
+        "sign",
+        bundle.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ]);
+    assert!(sign.status.success(), "{}", text(&sign));
+    let verify = troupe(&[
+        "bundle",
+        "verify",
+        bundle.to_str().unwrap(),
+        "--trust",
+        &public,
+    ]);
+    assert!(
+        verify.status.success() && text(&verify).contains("ok: testkit 0.2.0"),
+        "{}",
+        text(&verify)
+    );
+    let wrong = troupe(&[
+        "bundle",
+        "verify",
+        bundle.to_str().unwrap(),
+        "--trust",
+        &crate::harness::bundles().public_key,
+    ]);
+    assert!(!wrong.status.success(), "{}", text(&wrong));
+
+    // The server does not trust the new key until the admin says so.
+    let push = troupe(&["bundle", "push", bundle.to_str().unwrap(), "--server", s]);
+    assert!(
+        !push.status.success() && text(&push).contains("signature_untrusted_key"),
+        "{}",
+        text(&push)
+    );
+    let trust = troupe(&[
+        "keys",
+        "trust",
+        &public,
+        "--admin-token",
+        crate::harness::ADMIN_TOKEN,
+        "--server",
+        s,
+    ]);
+    assert!(trust.status.success(), "{}", text(&trust));
+    let push = troupe(&[
+        "bundle",
+        "push",
+        bundle.to_str().unwrap(),
+        "--json",
+        "--server",
+        s,
+    ]);
+    assert!(push.status.success(), "{}", text(&push));
+    let pushed: serde_json::Value = serde_json::from_slice(&push.stdout).unwrap();
+    assert_eq!(pushed["status"], "active");
+
+    let list = troupe(&["bundle", "list", "--server", s]);
+    let t = text(&list);
+    assert!(
+        t.contains("testkit 0.1.0") && t.contains("testkit 0.2.0") && t.contains("active"),
+        "{t}"
+    );
+    let v1 = t
+        .lines()
+        .find(|l| l.contains("testkit 0.1.0"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    let activate = troupe(&["bundle", "activate", &v1, "--server", s]);
+    assert!(
+        activate.status.success() && text(&activate).contains("active"),
+        "{}",
+        text(&activate)
+    );
+    let keys = troupe(&["keys", "list", "--server", s]);
+    assert!(text(&keys).contains("trusted"), "{}", text(&keys));
+}
