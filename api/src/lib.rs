@@ -301,6 +301,11 @@ async fn health(State(engine): State<Engine>) -> Response {
         "database": { "backend": engine.store().backend(), "reachable": db.is_ok() },
         "actions": { "running": stats.running, "queued": stats.queued },
         "node": engine.config().node_id,
+        "store": {
+            "transactions": stats_of(engine.store()).0,
+            "rows_written": stats_of(engine.store()).1,
+            "writes": stats_of(engine.store()).2,
+        },
         "version": env!("CARGO_PKG_VERSION"),
     });
     let status = if db.is_ok() {
@@ -309,6 +314,17 @@ async fn health(State(engine): State<Engine>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(body)).into_response()
+}
+
+/// The store's counters since start: (transactions, rows written, writes).
+fn stats_of(store: &engine::store::Store) -> (u64, u64, u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = store.stats();
+    (
+        s.transactions.load(Relaxed),
+        s.rows_written.load(Relaxed),
+        s.writes.load(Relaxed),
+    )
 }
 
 #[cfg(test)]

@@ -116,6 +116,8 @@ enum Command {
     /// Generate signing keys; list, trust and revoke the server's keys.
     #[command(subcommand)]
     Keys(crate::bundle_cmd::KeysCommand),
+    /// Measure throughput, latency, CPU, memory and database work per action.
+    Bench(crate::bench::BenchArgs),
     /// Create or upgrade the database schema, then exit.
     Migrate {
         /// sqlite://PATH or mysql://USER:PASSWORD@HOST:PORT/DATABASE
@@ -259,6 +261,7 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Bundle(cmd) => crate::bundle_cmd::run(cmd).await,
         Command::Keys(cmd) => crate::bundle_cmd::run_keys(cmd).await,
+        Command::Bench(args) => crate::bench::bench(args).await,
         Command::Migrate { db } => {
             engine::store::Store::connect(&db)
                 .await
