@@ -474,23 +474,26 @@ impl Engine {
         timeout: Duration,
     ) -> Result<Action> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut events = self.inner.store.subscribe();
+        // Subscribe before reading, so no change can slip between the two.
+        let mut changes = self.inner.store.watch(id);
+        let mut action = self.action(id).await?;
         loop {
-            let action = self.action(id).await?;
             if action.status.is_terminal() || since.is_some_and(|r| action.revision > r) {
                 return Ok(action);
             }
-            loop {
-                tokio::select! {
-                    event = events.recv() => match event {
-                        Ok(changed) if changed == id => break,
-                        Ok(_) => continue,
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(action),
-                    },
-                    _ = tokio::time::sleep_until(deadline) => return Ok(action),
-                    _ = self.inner.shared.stopping.cancelled() => return Ok(action),
+            tokio::select! {
+                changed = changes.changed() => {
+                    let terminal = changed.is_err() || changes.borrow_and_update().terminal;
+                    // Without `since` only the end matters: skip reading intermediate states.
+                    if since.is_some() || terminal {
+                        action = self.action(id).await?;
+                    }
+                    if changed.is_err() {
+                        return Ok(action);
+                    }
                 }
+                _ = tokio::time::sleep_until(deadline) => return self.action(id).await,
+                _ = self.inner.shared.stopping.cancelled() => return Ok(action),
             }
         }
     }

@@ -86,15 +86,21 @@ pub(crate) async fn run(shared: Arc<Shared>, action: Action, cancel: Cancellatio
         None => return,
     }
     tracing::debug!(action_id = id, kind = %action.kind, target = %action.target, "action started");
-    match steps(&shared, &bundle, &action, &cancel).await {
+    let mut carry = Vec::new();
+    match steps(&shared, &bundle, &action, &cancel, &mut carry).await {
         End::Finished(status, error) => {
             tracing::info!(action_id = id, kind = %action.kind, target = %action.target, %status, "action finished");
-            finish(&shared, &action, status, error, Vec::new()).await
+            finish(&shared, &action, status, error, carry).await
         }
-        End::Paused => tracing::info!(
-            action_id = id,
-            "action paused for shutdown; it resumes on the next start"
-        ),
+        End::Paused => {
+            if !carry.is_empty() {
+                shared.persist(carry).await;
+            }
+            tracing::info!(
+                action_id = id,
+                "action paused for shutdown; it resumes on the next start"
+            );
+        }
     }
 }
 
@@ -114,11 +120,15 @@ async fn finish(
     shared.persist(writes).await;
 }
 
+/// Runs the action's steps. A step's success is not written on its own: it
+/// rides in `carry` with the next write (the next step's start, or the
+/// action's end), which still commits it before anything else happens.
 async fn steps(
     shared: &Shared,
     bundle: &LoadedBundle,
     action: &Action,
     cancel: &CancellationToken,
+    carry: &mut Vec<Write>,
 ) -> End {
     let id = action.id;
     let Some(kind) = bundle.manifest.kinds.get(&action.kind) else {
@@ -157,7 +167,7 @@ async fn steps(
                         error: error.clone(),
                         at: Utc::now(),
                     };
-                    shared.persist(vec![end]).await;
+                    carry.push(end);
                     return End::Finished(ActionStatus::Failed, Some(error));
                 }
                 tracing::info!(
@@ -177,7 +187,7 @@ async fn steps(
         let mut failures = 0;
         loop {
             if cancel.is_cancelled() {
-                return cancelled(shared, action, seq, false).await;
+                return cancelled(carry, action, seq, false);
             }
             if shared.stopping.is_cancelled() {
                 return End::Paused;
@@ -191,7 +201,7 @@ async fn steps(
                 attempt,
                 at: started_at,
             };
-            if shared.persist(vec![start]).await.is_none() {
+            if shared.persist(with(carry, start)).await.is_none() {
                 return End::Paused;
             }
             let scope = json!({
@@ -238,13 +248,11 @@ async fn steps(
                         output: text,
                         at: Utc::now(),
                     };
-                    if shared.persist(vec![done]).await.is_none() {
-                        return End::Paused;
-                    }
+                    carry.push(done);
                     outputs.insert(name.to_owned(), output);
                     break;
                 }
-                StepResult::Cancelled => return cancelled(shared, action, seq, true).await,
+                StepResult::Cancelled => return cancelled(carry, action, seq, true),
                 StepResult::Retryable(msg) => match retry(&msg) {
                     Some((wait, msg)) => {
                         let failed = Write::StepAttemptFailed {
@@ -255,7 +263,7 @@ async fn steps(
                             error: msg,
                             at: Utc::now(),
                         };
-                        shared.persist(vec![failed]).await;
+                        shared.persist(with(carry, failed)).await;
                         tokio::select! {
                             _ = tokio::time::sleep(wait) => {}
                             _ = cancel.cancelled() => {}
@@ -275,7 +283,7 @@ async fn steps(
                             error: msg,
                             at: Utc::now(),
                         };
-                        shared.persist(vec![failed]).await;
+                        shared.persist(with(carry, failed)).await;
                         tokio::time::sleep(wait).await;
                         continue;
                     }
@@ -295,7 +303,7 @@ async fn steps(
                 error: error.clone(),
                 at: Utc::now(),
             };
-            shared.persist(vec![end]).await;
+            carry.push(end);
             return End::Finished(
                 ActionStatus::Failed,
                 Some(format!("step {name:?} failed{attempts}: {error}")),
@@ -305,7 +313,7 @@ async fn steps(
     End::Finished(ActionStatus::Succeeded, None)
 }
 
-async fn cancelled(shared: &Shared, action: &Action, seq: u32, in_step: bool) -> End {
+fn cancelled(carry: &mut Vec<Write>, action: &Action, seq: u32, in_step: bool) -> End {
     if in_step {
         let end = Write::StepEnded {
             id: action.id,
@@ -314,7 +322,14 @@ async fn cancelled(shared: &Shared, action: &Action, seq: u32, in_step: bool) ->
             error: "cancelled".into(),
             at: Utc::now(),
         };
-        shared.persist(vec![end]).await;
+        carry.push(end);
     }
     End::Finished(ActionStatus::Cancelled, Some("cancelled on request".into()))
+}
+
+/// The carried writes followed by `next`, to commit together.
+fn with(carry: &mut Vec<Write>, next: Write) -> Vec<Write> {
+    let mut writes = std::mem::take(carry);
+    writes.push(next);
+    writes
 }

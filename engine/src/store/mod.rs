@@ -14,7 +14,7 @@ use std::time::Duration;
 use sqlx::mysql::MySqlPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{MySqlPool, SqlitePool};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::{Error, Result};
 use crate::model::{
@@ -200,7 +200,7 @@ struct Request {
 pub struct Store {
     read: Pool,
     writer: mpsc::Sender<Request>,
-    events: broadcast::Sender<ActionId>,
+    watchers: Arc<Watchers>,
     stats: Arc<StoreStats>,
     backend: &'static str,
 }
@@ -244,13 +244,13 @@ impl Store {
             )));
         };
         let (tx, rx) = mpsc::channel(4096);
-        let (events, _) = broadcast::channel(4096);
+        let watchers = Arc::new(Watchers::default());
         let stats = Arc::new(StoreStats::default());
-        tokio::spawn(writer(write, rx, events.clone(), stats.clone()));
+        tokio::spawn(writer(write, rx, watchers.clone(), stats.clone()));
         Ok(Store {
             read,
             writer: tx,
-            events,
+            watchers,
             stats,
             backend,
         })
@@ -279,8 +279,8 @@ impl Store {
     }
 
     /// Ids of actions whose state changed, published after each commit.
-    pub fn subscribe(&self) -> broadcast::Receiver<ActionId> {
-        self.events.subscribe()
+    pub fn watch(&self, id: ActionId) -> watch::Receiver<Change> {
+        self.watchers.watch(id)
     }
 
     pub async fn action(&self, id: ActionId) -> Result<Option<Action>> {
@@ -355,7 +355,7 @@ impl Store {
 async fn writer(
     pool: Pool,
     mut rx: mpsc::Receiver<Request>,
-    events: broadcast::Sender<ActionId>,
+    watchers: Arc<Watchers>,
     stats: Arc<StoreStats>,
 ) {
     let mut batch: Vec<Request> = Vec::new();
@@ -374,7 +374,7 @@ async fn writer(
         let all: Vec<&Write> = batch.iter().flat_map(|r| r.writes.iter()).collect();
         match apply(&pool, &all, &stats).await {
             Ok(mut outcomes) => {
-                publish(&events, &all);
+                watchers.publish(&all);
                 for req in batch.drain(..) {
                     let rest = outcomes.split_off(req.writes.len());
                     let _ = req.reply.send(Ok(std::mem::replace(&mut outcomes, rest)));
@@ -389,7 +389,7 @@ async fn writer(
                     let writes: Vec<&Write> = req.writes.iter().collect();
                     let result = apply(&pool, &writes, &stats).await;
                     if result.is_ok() {
-                        publish(&events, &writes);
+                        watchers.publish(&writes);
                     }
                     let _ = req.reply.send(result.map_err(|e| e.to_string()));
                 }
@@ -423,13 +423,50 @@ async fn apply(
     Ok(outcomes)
 }
 
-fn publish(events: &broadcast::Sender<ActionId>, writes: &[&Write]) {
-    let mut last = None;
-    for id in writes.iter().filter_map(|w| w.action_id()) {
-        if last != Some(id) {
-            let _ = events.send(id);
-            last = Some(id);
+/// The latest committed change of one action, as seen by its watchers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Change {
+    /// Counts commits that touched the action since the first watcher came.
+    pub seq: u64,
+    /// Whether the action reached a final status.
+    pub terminal: bool,
+}
+
+/// Per-action watch channels, created when someone waits on an action and
+/// dropped once nobody does, so a commit wakes only that action's waiters.
+#[derive(Default)]
+struct Watchers {
+    map: std::sync::Mutex<std::collections::HashMap<ActionId, watch::Sender<Change>>>,
+}
+
+impl Watchers {
+    fn watch(&self, id: ActionId) -> watch::Receiver<Change> {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(id)
+            .or_insert_with(|| watch::channel(Change::default()).0)
+            .subscribe()
+    }
+
+    fn publish(&self, writes: &[&Write]) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if map.is_empty() {
+            return;
         }
+        for w in writes {
+            let Some(id) = w.action_id() else { continue };
+            let terminal = matches!(w, Write::Finish { .. } | Write::CancelQueued { .. });
+            if let Some(tx) = map.get(&id) {
+                if tx.receiver_count() == 0 {
+                    map.remove(&id);
+                    continue;
+                }
+                tx.send_modify(|c| {
+                    c.seq += 1;
+                    c.terminal |= terminal;
+                });
+            }
+        }
+        map.retain(|_, tx| tx.receiver_count() > 0);
     }
 }
 
