@@ -6,6 +6,7 @@ mod harness;
 
 mod actions;
 mod bad_input;
+mod bench;
 mod bundles;
 mod cli;
 mod recovery;

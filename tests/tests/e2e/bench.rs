@@ -1,0 +1,46 @@
+//! `troupe bench` runs end to end on each database and reports every figure.
+//! It asserts completeness, never speed.
+
+use crate::harness::{Db, Env, both_dbs, troupe};
+
+async fn bench_smoke(db: Db) {
+    let env = Env::new(db).await;
+    let db_arg = match db {
+        Db::Sqlite => "sqlite".to_owned(),
+        Db::MySql => env.db_url.clone(),
+    };
+    let out = troupe(&["bench", "-n", "20", "-c", "4", "--light", "5", "--db", &db_arg, "--json", "--timeout", "120s"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!((r["failed"].as_u64(), r["missing"].as_u64()), (Some(0), Some(0)), "{r}");
+    for path in [
+        "/throughput_per_s",
+        "/latency/p50_ms",
+        "/latency/p90_ms",
+        "/latency/p99_ms",
+        "/latency/max_ms",
+        "/light_latency/p50_ms",
+        "/light_latency/p99_ms",
+        "/cpu/total_ms_per_1000",
+        "/cpu/server_ms_per_1000",
+        "/cpu/step_hosts_ms_per_1000",
+        "/peak_rss/total_mb",
+        "/peak_rss/server_mb",
+        "/db/transactions_per_action",
+        "/db/rows_per_action",
+    ] {
+        let v = r.pointer(path).and_then(|v| v.as_f64());
+        assert!(v.is_some_and(|v| v.is_finite() && v >= 0.0), "{path} missing in {r}");
+    }
+    assert!(r["peak_rss"]["server_mb"].as_f64().unwrap() > 0.0, "{r}");
+
+    let table = troupe(&["bench", "-n", "10", "-c", "2", "--light", "0", "--db", &db_arg]);
+    let t = String::from_utf8_lossy(&table.stdout);
+    assert!(table.status.success(), "{t}");
+    for label in ["throughput", "latency", "CPU per 1000 actions", "peak RSS", "DB per action", "failed or missing"] {
+        assert!(t.contains(label), "{label} missing:\n{t}");
+    }
+}
+
+both_dbs!(bench_smoke);
