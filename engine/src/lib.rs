@@ -23,6 +23,9 @@ mod runner;
 mod step;
 pub mod store;
 
+#[doc(hidden)]
+pub mod bench;
+
 pub use agency::LoadedBundle;
 pub use authority::{Admitted, KeyInfo};
 pub use control::ControlStats;

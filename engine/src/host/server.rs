@@ -119,6 +119,7 @@ pub fn serve(path: &Path) -> i32 {
     };
 
     let in_flight: Arc<Mutex<HashMap<u64, Arc<AtomicU32>>>> = Arc::default();
+    let workers = Workers::new();
     let mut stdin = BufReader::new(std::io::stdin().lock());
     loop {
         let frame = match protocol::read_sync(&mut stdin) {
@@ -137,7 +138,7 @@ pub fn serve(path: &Path) -> i32 {
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(frame.id, flag.clone());
                 let (plugin, in_flight, send) = (plugin.clone(), in_flight.clone(), send.clone());
-                std::thread::spawn(move || {
+                workers.run(Box::new(move || {
                     let (status, body) = match protocol::parse_call(&frame.payload) {
                         Some((function, input)) => plugin.run(function, input, &flag),
                         None => (sdk::ffi::STATUS_FATAL, b"malformed call frame".to_vec()),
@@ -151,7 +152,7 @@ pub fn serve(path: &Path) -> i32 {
                         frame.id,
                         &[&status.to_le_bytes(), &body],
                     ));
-                });
+                }));
             }
             CANCEL => {
                 if let Some(flag) = in_flight
@@ -167,5 +168,55 @@ pub fn serve(path: &Path) -> i32 {
             }
         }
         let _ = stdout.lock().map(|mut o| o.flush());
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Threads that run calls. A call takes an idle thread if there is one and
+/// starts a new one otherwise, so steps never wait for each other; threads
+/// beyond `MAX_IDLE` exit when done instead of idling.
+#[derive(Clone)]
+struct Workers {
+    idle: Arc<Mutex<Vec<std::sync::mpsc::Sender<Job>>>>,
+}
+
+const MAX_IDLE: usize = 64;
+
+impl Workers {
+    fn new() -> Workers {
+        Workers {
+            idle: Arc::default(),
+        }
+    }
+
+    fn run(&self, job: Job) {
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let job = match idle {
+            Some(worker) => match worker.send(job) {
+                Ok(()) => return,
+                Err(returned) => returned.0,
+            },
+            None => job,
+        };
+        let idle = self.idle.clone();
+        std::thread::spawn(move || {
+            let (tx, rx) = std::sync::mpsc::channel::<Job>();
+            let mut job = job;
+            loop {
+                job();
+                {
+                    let mut idle = idle.lock().unwrap_or_else(|e| e.into_inner());
+                    if idle.len() >= MAX_IDLE {
+                        return;
+                    }
+                    idle.push(tx.clone());
+                }
+                match rx.recv() {
+                    Ok(next) => job = next,
+                    Err(_) => return,
+                }
+            }
+        });
     }
 }

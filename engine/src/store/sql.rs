@@ -80,16 +80,19 @@ macro_rules! sql_backend {
                         .execute(&mut **tx)
                         .await?
                         .$last_id() as ActionId;
-                        for (seq, (name, step)) in steps.iter().enumerate() {
-                            sqlx::query(
-                                "INSERT INTO action_steps (action_id, seq, name, step, status, attempt) VALUES (?, ?, ?, ?, 'pending', 0)",
-                            )
-                            .bind(id)
-                            .bind(seq as i64)
-                            .bind(name)
-                            .bind(step)
-                            .execute(&mut **tx)
-                            .await?;
+                        if !steps.is_empty() {
+                            // One statement for all steps; the text holds only placeholders.
+                            let mut text = String::from(
+                                "INSERT INTO action_steps (action_id, seq, name, step, status, attempt) VALUES ",
+                            );
+                            for i in 0..steps.len() {
+                                text.push_str(if i == 0 { "(?, ?, ?, ?, 'pending', 0)" } else { ", (?, ?, ?, ?, 'pending', 0)" });
+                            }
+                            let mut q = sqlx::query(sqlx::AssertSqlSafe(text));
+                            for (seq, (name, step)) in steps.iter().enumerate() {
+                                q = q.bind(id).bind(seq as i64).bind(name.clone()).bind(step.clone());
+                            }
+                            q.execute(&mut **tx).await?;
                         }
                         return Ok(Outcome::Inserted(id));
                     }
@@ -127,7 +130,8 @@ macro_rules! sql_backend {
                         a + b
                     }
                     Write::StepSucceeded { id, seq, output, at } => {
-                        let a = sqlx::query(
+                        // No revision bump: a success always commits with the next write, which bumps.
+                        sqlx::query(
                             "UPDATE action_steps SET status = 'succeeded', output = ?, error = NULL, finished_at = ? \
                              WHERE action_id = ? AND seq = ?",
                         )
@@ -137,8 +141,7 @@ macro_rules! sql_backend {
                         .bind(*seq as i64)
                         .execute(&mut **tx)
                         .await?
-                        .rows_affected();
-                        a + bump(tx, *id).await?
+                        .rows_affected()
                     }
                     Write::StepAttemptFailed { id, seq, attempt, started_at, error, at } => {
                         let a = sqlx::query(
@@ -175,7 +178,7 @@ macro_rules! sql_backend {
                         .execute(&mut **tx)
                         .await?
                         .rows_affected();
-                        a + bump(tx, *id).await?
+                        a
                     }
                     Write::Finish { id, status, error, at } => {
                         let a = sqlx::query(
@@ -189,7 +192,8 @@ macro_rules! sql_backend {
                         .execute(&mut **tx)
                         .await?
                         .rows_affected();
-                        a + skip_pending(tx, *id).await?
+                        // A succeeded action has no pending steps left to skip.
+                        if *status == ActionStatus::Succeeded { a } else { a + skip_pending(tx, *id).await? }
                     }
                     Write::CancelQueued { id, at } => {
                         let a = sqlx::query(

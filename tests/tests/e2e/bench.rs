@@ -9,11 +9,32 @@ async fn bench_smoke(db: Db) {
         Db::Sqlite => "sqlite".to_owned(),
         Db::MySql => env.db_url.clone(),
     };
-    let out = troupe(&["bench", "-n", "20", "-c", "4", "--light", "5", "--db", &db_arg, "--json", "--timeout", "120s"]);
+    let out = troupe(&[
+        "bench",
+        "-n",
+        "20",
+        "-c",
+        "4",
+        "--light",
+        "5",
+        "--db",
+        &db_arg,
+        "--json",
+        "--timeout",
+        "120s",
+    ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let r: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-    assert_eq!((r["failed"].as_u64(), r["missing"].as_u64()), (Some(0), Some(0)), "{r}");
+    assert_eq!(
+        (r["failed"].as_u64(), r["missing"].as_u64()),
+        (Some(0), Some(0)),
+        "{r}"
+    );
     for path in [
         "/throughput_per_s",
         "/latency/p50_ms",
@@ -31,14 +52,26 @@ async fn bench_smoke(db: Db) {
         "/db/rows_per_action",
     ] {
         let v = r.pointer(path).and_then(|v| v.as_f64());
-        assert!(v.is_some_and(|v| v.is_finite() && v >= 0.0), "{path} missing in {r}");
+        assert!(
+            v.is_some_and(|v| v.is_finite() && v >= 0.0),
+            "{path} missing in {r}"
+        );
     }
     assert!(r["peak_rss"]["server_mb"].as_f64().unwrap() > 0.0, "{r}");
 
-    let table = troupe(&["bench", "-n", "10", "-c", "2", "--light", "0", "--db", &db_arg]);
+    let table = troupe(&[
+        "bench", "-n", "10", "-c", "2", "--light", "0", "--db", &db_arg,
+    ]);
     let t = String::from_utf8_lossy(&table.stdout);
     assert!(table.status.success(), "{t}");
-    for label in ["throughput", "latency", "CPU per 1000 actions", "peak RSS", "DB per action", "failed or missing"] {
+    for label in [
+        "throughput",
+        "latency",
+        "CPU per 1000 actions",
+        "peak RSS",
+        "DB per action",
+        "failed or missing",
+    ] {
         assert!(t.contains(label), "{label} missing:\n{t}");
     }
 }
