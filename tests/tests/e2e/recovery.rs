@@ -123,7 +123,59 @@ async fn sigterm_drains_then_resumes_leftovers(db: Db) {
     assert_eq!(server.finished(behind).await["status"], "succeeded");
 }
 
+/// SIGKILL in the middle of a load: every acknowledged action is still there
+/// and finishes, and no step recorded as succeeded runs again.
+async fn sigkill_under_load_loses_nothing_acknowledged(db: Db) {
+    let env = Env::new(db).await;
+    let server = env.serve();
+    let mut acked = Vec::new();
+    for i in 0..60 {
+        let kind = if i % 2 == 0 { "noop3" } else { "sleep" };
+        acked.push(
+            server
+                .submit(kind, &format!("load-{}", i % 12), json!({ "ms": 30 }))
+                .await,
+        );
+    }
+    server.kill9();
+
+    // What the database says had finished at the moment of the kill.
+    let pool = env.sql().await;
+    let done_before: Vec<(i64, i64, i64)> =
+        sqlx::query_as("SELECT action_id, seq, attempt FROM action_steps WHERE status = 'succeeded' ORDER BY action_id, seq")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let (stored,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM actions")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        stored,
+        acked.len() as i64,
+        "every acknowledged action was stored"
+    );
+
+    let server = env.serve();
+    for id in &acked {
+        let a = server.finished(*id).await;
+        assert_eq!(a["status"], "succeeded", "{a}");
+    }
+    let done_after: Vec<(i64, i64, i64)> =
+        sqlx::query_as("SELECT action_id, seq, attempt FROM action_steps WHERE status = 'succeeded' ORDER BY action_id, seq")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    for step in &done_before {
+        assert!(
+            done_after.contains(step),
+            "step {step:?} (action, seq, attempt) ran again after the restart"
+        );
+    }
+}
+
 both_dbs!(
     sigkill_then_restart_resumes_safely,
-    sigterm_drains_then_resumes_leftovers
+    sigterm_drains_then_resumes_leftovers,
+    sigkill_under_load_loses_nothing_acknowledged,
 );
