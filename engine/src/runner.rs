@@ -48,6 +48,8 @@ impl Shared {
 }
 
 enum End {
+    /// Cancelled before it started: nothing left to do or write.
+    Gone,
     Finished(ActionStatus, Option<String>),
     /// The server is stopping; the action resumes on the next start.
     Paused,
@@ -74,24 +76,20 @@ pub(crate) async fn run(shared: Arc<Shared>, action: Action, cancel: Cancellatio
         }
         Err(_) => return,
     };
-    let first = vec![Write::Start {
+    // The start rides with the first step's start, in one commit.
+    let mut carry = vec![Write::Start {
         id,
         owner: shared.owner.clone(),
         lease_until: shared.lease_until(),
         at: Utc::now(),
     }];
-    match shared.persist(first).await {
-        Some(o) if o[0] == (Outcome::Done { rows: 0 }) => return, // cancelled before it started
-        Some(_) => {}
-        None => return,
-    }
-    tracing::debug!(action_id = id, kind = %action.kind, target = %action.target, "action started");
-    let mut carry = Vec::new();
+    tracing::debug!(action_id = id, kind = %action.kind, target = %action.target, "action starting");
     match steps(&shared, &bundle, &action, &cancel, &mut carry).await {
         End::Finished(status, error) => {
             tracing::info!(action_id = id, kind = %action.kind, target = %action.target, %status, "action finished");
             finish(&shared, &action, status, error, carry).await
         }
+        End::Gone => {}
         End::Paused => {
             if !carry.is_empty() {
                 shared.persist(carry).await;
@@ -201,8 +199,11 @@ async fn steps(
                 attempt,
                 at: started_at,
             };
-            if shared.persist(with(carry, start)).await.is_none() {
-                return End::Paused;
+            let starting = matches!(carry.first(), Some(Write::Start { .. }));
+            match shared.persist(with(carry, start)).await {
+                None => return End::Paused,
+                Some(o) if starting && o[0] == (Outcome::Done { rows: 0 }) => return End::Gone,
+                Some(_) => {}
             }
             let scope = json!({
                 "action": { "id": id, "kind": action.kind, "target": action.target, "params": action.params },
@@ -233,6 +234,11 @@ async fn steps(
                 }
                 Err(e) => StepResult::Fatal(format!("invalid settings: {e}")),
             };
+            // A step cut short by the server stopping did not fail: leave it
+            // `running`, and the next start applies the interrupted-step rules.
+            if shared.stopping.is_cancelled() && !matches!(result, StepResult::Ok(_)) {
+                return End::Paused;
+            }
             let mut retry = |msg: &str| {
                 failures += 1;
                 let policy = &handle.def.retry;

@@ -112,16 +112,20 @@ macro_rules! sql_backend {
                     Write::StepStarted { id, seq, name, attempt, at } => {
                         let a = sqlx::query(
                             "UPDATE action_steps SET status = 'running', attempt = ?, started_at = ?, finished_at = NULL \
-                             WHERE action_id = ? AND seq = ?",
+                             WHERE action_id = ? AND seq = ? AND EXISTS (SELECT 1 FROM actions WHERE id = ? AND status = 'running')",
                         )
                         .bind(*attempt as i64)
                         .bind(at)
                         .bind(id)
                         .bind(*seq as i64)
+                        .bind(id)
                         .execute(&mut **tx)
                         .await?
                         .rows_affected();
-                        let b = sqlx::query("UPDATE actions SET current_step = ?, revision = revision + 1 WHERE id = ?")
+                        // Only for a running action: a cancel may have won the race to the row.
+                        let b = sqlx::query(
+                            "UPDATE actions SET current_step = ?, revision = revision + 1 WHERE id = ? AND status = 'running'",
+                        )
                             .bind(name)
                             .bind(id)
                             .execute(&mut **tx)
