@@ -289,6 +289,21 @@ impl Agency {
         }
     }
 
+    /// A loaded bundle whose signer is not revoked.
+    fn usable(&self, hash: BundleHash) -> Result<&Arc<LoadedBundle>> {
+        let bundle = self
+            .bundles
+            .get(&hash)
+            .ok_or_else(|| Error::BundleNotLoaded(hash.to_string()))?;
+        if self.revoked.contains(&bundle.signer) {
+            return Err(Error::BundleRevoked {
+                hash: hash.to_string(),
+                key: bundle.signer.to_string(),
+            });
+        }
+        Ok(bundle)
+    }
+
     fn is_active(&self, hash: BundleHash) -> bool {
         self.bundles
             .get(&hash)
@@ -342,16 +357,7 @@ impl Agency {
     }
 
     fn activate(&mut self, hash: BundleHash) -> Result<()> {
-        let bundle = self
-            .bundles
-            .get(&hash)
-            .ok_or_else(|| Error::BundleNotLoaded(hash.to_string()))?;
-        if self.revoked.contains(&bundle.signer) {
-            return Err(Error::BundleRevoked {
-                hash: hash.to_string(),
-                key: bundle.signer.to_string(),
-            });
-        }
+        let bundle = self.usable(hash)?;
         let previous = self.active.insert(bundle.manifest.name.clone(), hash);
         tracing::info!(bundle = %self.label(hash), "bundle active for new actions");
         if let Some(old) = previous.filter(|old| *old != hash) {
@@ -362,17 +368,10 @@ impl Agency {
 
     fn resolve(&self, kind: String, pinned: Option<String>) -> Result<Arc<LoadedBundle>> {
         if let Some(hash) = pinned {
-            let bundle = hash
+            let parsed = hash
                 .parse::<BundleHash>()
-                .ok()
-                .and_then(|h| self.bundles.get(&h))
-                .ok_or_else(|| Error::BundleNotLoaded(hash.clone()))?;
-            if self.revoked.contains(&bundle.signer) {
-                return Err(Error::BundleRevoked {
-                    hash,
-                    key: bundle.signer.to_string(),
-                });
-            }
+                .map_err(|_| Error::BundleNotLoaded(hash.clone()))?;
+            let bundle = self.usable(parsed)?;
             if !bundle.manifest.kinds.contains_key(&kind) {
                 return Err(Error::UnknownKind {
                     known: self.known_kinds(Some(bundle)),
@@ -381,7 +380,7 @@ impl Agency {
             }
             return Ok(bundle.clone());
         }
-        // The most recently loaded active bundle wins if two provide a kind.
+        // Of the active bundles, the first found that provides the kind.
         self.active
             .values()
             .filter_map(|h| self.bundles.get(h))
@@ -442,16 +441,7 @@ impl Agency {
     }
 
     async fn step(&mut self, hash: BundleHash, step: String) -> Result<StepHandle> {
-        let bundle = self
-            .bundles
-            .get(&hash)
-            .ok_or_else(|| Error::BundleNotLoaded(hash.to_string()))?;
-        if self.revoked.contains(&bundle.signer) {
-            return Err(Error::BundleRevoked {
-                hash: hash.to_string(),
-                key: bundle.signer.to_string(),
-            });
-        }
+        let bundle = self.usable(hash)?;
         if let Some(handle) = self.steps.get(&(hash, step.clone())) {
             return Ok(handle.clone());
         }

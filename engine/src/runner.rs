@@ -239,13 +239,8 @@ async fn steps(
             if shared.stopping.is_cancelled() && !matches!(result, StepResult::Ok(_)) {
                 return End::Paused;
             }
-            let mut retry = |msg: &str| {
-                failures += 1;
-                let policy = &handle.def.retry;
-                (failures < policy.attempts && !cancel.is_cancelled())
-                    .then(|| (policy.backoff(failures), msg.to_owned()))
-            };
-            let error = match result {
+            // A timeout is retried only when running the step twice is harmless.
+            let (error, may_retry) = match result {
                 StepResult::Ok(output) => {
                     let text = serde_json::to_string(&output).expect("JSON serializes");
                     let done = Write::StepSucceeded {
@@ -259,44 +254,29 @@ async fn steps(
                     break;
                 }
                 StepResult::Cancelled => return cancelled(carry, action, seq, true),
-                StepResult::Retryable(msg) => match retry(&msg) {
-                    Some((wait, msg)) => {
-                        let failed = Write::StepAttemptFailed {
-                            id,
-                            seq,
-                            attempt,
-                            started_at,
-                            error: msg,
-                            at: Utc::now(),
-                        };
-                        shared.persist(with(carry, failed)).await;
-                        tokio::select! {
-                            _ = tokio::time::sleep(wait) => {}
-                            _ = cancel.cancelled() => {}
-                            _ = shared.stopping.cancelled() => {}
-                        }
-                        continue;
-                    }
-                    None => msg,
-                },
-                StepResult::TimedOut(msg) if handle.def.idempotent => match retry(&msg) {
-                    Some((wait, msg)) => {
-                        let failed = Write::StepAttemptFailed {
-                            id,
-                            seq,
-                            attempt,
-                            started_at,
-                            error: msg,
-                            at: Utc::now(),
-                        };
-                        shared.persist(with(carry, failed)).await;
-                        tokio::time::sleep(wait).await;
-                        continue;
-                    }
-                    None => msg,
-                },
-                StepResult::TimedOut(msg) | StepResult::Fatal(msg) => msg,
+                StepResult::Retryable(msg) => (msg, true),
+                StepResult::TimedOut(msg) => (msg, handle.def.idempotent),
+                StepResult::Fatal(msg) => (msg, false),
             };
+            failures += 1;
+            let policy = &handle.def.retry;
+            if may_retry && failures < policy.attempts && !cancel.is_cancelled() {
+                let failed = Write::StepAttemptFailed {
+                    id,
+                    seq,
+                    attempt,
+                    started_at,
+                    error,
+                    at: Utc::now(),
+                };
+                shared.persist(with(carry, failed)).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(policy.backoff(failures)) => {}
+                    _ = cancel.cancelled() => {}
+                    _ = shared.stopping.cancelled() => {}
+                }
+                continue;
+            }
             let attempts = if attempt > 1 {
                 format!(" (after {attempt} attempts)")
             } else {
