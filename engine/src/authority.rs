@@ -218,6 +218,17 @@ impl Authority {
         let rows = self.store.bundles().await?;
         if rows.iter().any(|r| r.hash == hash.to_string()) {
             let bundle = self.load(&verified).await?;
+            // Held already: only make it active if its name has no active
+            // version here (going back to an older one stays explicit).
+            let name_active = self
+                .agency
+                .states()
+                .await?
+                .iter()
+                .any(|st| st.active && st.bundle.manifest.name == bundle.manifest.name);
+            if !name_active {
+                self.agency.activate(hash).await?;
+            }
             return Ok(Admitted {
                 bundle,
                 created: false,
