@@ -63,7 +63,7 @@ async fn new_versions_go_live_while_old_ones_finish(db: Db) {
     for i in 0..10 {
         before.push(
             server
-                .submit("sleep", &format!("pre-{i}"), json!({ "ms": 1500 }))
+                .submit("sleep", &format!("pre-{i}"), json!({ "ms": 3000 }))
                 .await,
         );
     }
@@ -195,7 +195,7 @@ async fn revoking_a_signer_stops_its_bundles(db: Db) {
     assert_eq!(status, 201, "{pushed}");
     assert_eq!(pushed["signer"], id.as_str());
 
-    let running = server.submit("sleep", "vps-r", json!({ "ms": 1500 })).await;
+    let running = server.submit("sleep", "vps-r", json!({ "ms": 3000 })).await;
     server
         .until(running, "running", |a| a["current_step"] == "sleep_ms")
         .await;
