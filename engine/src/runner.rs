@@ -158,14 +158,7 @@ async fn steps(
                         "step {name:?} was interrupted (the server stopped while it ran) and is not idempotent, \
                          so it was not run again; check the target's state before resubmitting"
                     );
-                    let end = Write::StepEnded {
-                        id,
-                        seq,
-                        status: StepStatus::Failed,
-                        error: error.clone(),
-                        at: Utc::now(),
-                    };
-                    carry.push(end);
+                    carry.push(step_failed(id, seq, &error));
                     return End::Finished(ActionStatus::Failed, Some(error));
                 }
                 tracing::info!(
@@ -282,14 +275,7 @@ async fn steps(
             } else {
                 String::new()
             };
-            let end = Write::StepEnded {
-                id,
-                seq,
-                status: StepStatus::Failed,
-                error: error.clone(),
-                at: Utc::now(),
-            };
-            carry.push(end);
+            carry.push(step_failed(id, seq, &error));
             return End::Finished(
                 ActionStatus::Failed,
                 Some(format!("step {name:?} failed{attempts}: {error}")),
@@ -311,6 +297,16 @@ fn cancelled(carry: &mut Vec<Write>, action: &Action, seq: u32, in_step: bool) -
         carry.push(end);
     }
     End::Finished(ActionStatus::Cancelled, Some("cancelled on request".into()))
+}
+
+fn step_failed(id: crate::model::ActionId, seq: u32, error: &str) -> Write {
+    Write::StepEnded {
+        id,
+        seq,
+        status: StepStatus::Failed,
+        error: error.to_owned(),
+        at: Utc::now(),
+    }
 }
 
 /// The carried writes followed by `next`, to commit together.

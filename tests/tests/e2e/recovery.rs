@@ -58,6 +58,14 @@ async fn sigkill_then_restart_resumes_safely(db: Db) {
     assert_eq!(running["actions"].as_array().unwrap().len(), 0, "{running}");
 }
 
+async fn status_and_owner(pool: &sqlx::AnyPool, id: i64) -> (String, Option<String>) {
+    sqlx::query_as("SELECT status, owner FROM actions WHERE id = ?")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
 /// SIGTERM lets a running step finish but starts no new one; a step that
 /// outlasts the grace period is left for the next start. Either way the
 /// action is left unowned and the next start completes it.
@@ -79,15 +87,9 @@ async fn sigterm_drains_then_resumes_leftovers(db: Db) {
             .await
             .unwrap();
     assert_eq!(s, "succeeded", "the running step finished before exit");
-    let (s, owner): (String, Option<String>) =
-        sqlx::query_as("SELECT status, owner FROM actions WHERE id = ?")
-            .bind(short)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
     assert_eq!(
-        (s.as_str(), owner),
-        ("running", None),
+        status_and_owner(&pool, short).await,
+        ("running".to_owned(), None),
         "its next step waits for the next start"
     );
 
@@ -99,15 +101,9 @@ async fn sigterm_drains_then_resumes_leftovers(db: Db) {
         .await;
     let status = server.sigterm();
     assert!(status.success(), "troupe exited with {status}");
-    let (s, owner): (String, Option<String>) =
-        sqlx::query_as("SELECT status, owner FROM actions WHERE id = ?")
-            .bind(long)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
     assert_eq!(
-        (s.as_str(), owner),
-        ("running", None),
+        status_and_owner(&pool, long).await,
+        ("running".to_owned(), None),
         "left consistent and unowned for the next start"
     );
 
