@@ -63,6 +63,7 @@ impl From<engine::Error> for ApiError {
             ),
             E::VersionNotNewer { .. } => (StatusCode::CONFLICT, "bundle_version_not_newer"),
             E::KeyNotFound(_) => (StatusCode::NOT_FOUND, "key_not_found"),
+            E::KeyRevoked(_) => (StatusCode::CONFLICT, "key_revoked"),
             E::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
             E::Database(_) | E::Migrate(_) => {
                 // Log the details once, here; never send SQL to clients.

@@ -59,10 +59,6 @@ enum Msg {
     Keys {
         reply: oneshot::Sender<Vec<KeyInfo>>,
     },
-    IsRevoked {
-        id: String,
-        reply: oneshot::Sender<bool>,
-    },
 }
 
 #[derive(Clone)]
@@ -149,10 +145,6 @@ impl AuthorityHandle {
     pub(crate) async fn keys(&self) -> Result<Vec<KeyInfo>> {
         self.ask(|reply| Msg::Keys { reply }).await
     }
-
-    pub(crate) async fn is_revoked(&self, id: String) -> Result<bool> {
-        self.ask(|reply| Msg::IsRevoked { id, reply }).await
-    }
 }
 
 struct Authority {
@@ -185,9 +177,6 @@ impl Authority {
                 }
                 Msg::Keys { reply } => {
                     let _ = reply.send(self.key_infos());
-                }
-                Msg::IsRevoked { id, reply } => {
-                    let _ = reply.send(id.parse().is_ok_and(|id| self.trust.is_revoked(id)));
                 }
             }
         }
@@ -344,10 +333,7 @@ impl Authority {
     async fn add_key(&mut self, key: PublicKey) -> Result<KeyInfo> {
         let id = key.id();
         if self.trust.is_revoked(id) {
-            return Err(Error::BundleRevoked {
-                hash: "(any)".into(),
-                key: id.to_string(),
-            });
+            return Err(Error::KeyRevoked(id.to_string()));
         }
         let known = self
             .store

@@ -34,6 +34,8 @@ pub enum Error {
         version: String,
         newest: String,
     },
+    #[error("key {0} was revoked; a revoked key cannot be trusted again, generate a new one")]
+    KeyRevoked(String),
     #[error("no key with id {0} is known")]
     KeyNotFound(String),
     #[error("the database is unavailable: {0}")]

@@ -218,12 +218,19 @@ impl Engine {
         let rows = self.inner.store.bundles().await?;
         let in_flight = self.inner.store.in_flight_by_bundle().await?;
         let states = self.inner.agency.states().await?;
+        let revoked_keys: std::collections::HashSet<String> = self
+            .keys()
+            .await?
+            .into_iter()
+            .filter(|k| k.revoked)
+            .map(|k| k.key.id().to_string())
+            .collect();
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             let state = states
                 .iter()
                 .find(|s| s.bundle.hash.to_string() == row.hash);
-            let revoked = self.inner.authority.is_revoked(row.signer.clone()).await?;
+            let revoked = revoked_keys.contains(&row.signer);
             let n = in_flight.get(&row.hash).copied().unwrap_or(0);
             let status = match (revoked, state.is_some_and(|s| s.active), n) {
                 (true, _, _) => BundleStatus::Revoked,

@@ -130,7 +130,6 @@ impl Cli {
     pub(crate) fn default_log_filter(&self) -> &'static str {
         match self.command {
             Command::Serve(_) | Command::Migrate { .. } => "info,sqlx=warn",
-            Command::Demo(_) => "warn",
             _ => "warn",
         }
     }
