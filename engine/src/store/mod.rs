@@ -176,6 +176,16 @@ pub(crate) enum Outcome {
     Conflict,
 }
 
+impl Outcome {
+    fn rows(&self) -> u64 {
+        match self {
+            Outcome::Done { rows } => *rows,
+            Outcome::Inserted(_) => 1,
+            Outcome::Existing(_) | Outcome::Conflict => 0,
+        }
+    }
+}
+
 /// Counters for benchmarks: how hard the store works the database.
 #[derive(Debug, Default)]
 pub struct StoreStats {
@@ -188,6 +198,13 @@ pub struct StoreStats {
 enum Pool {
     Sqlite(SqlitePool),
     MySql(MySqlPool),
+}
+
+/// What the writer's database can do beyond the common SQL.
+#[derive(Debug, Clone, Copy)]
+struct Caps {
+    /// `INSERT … RETURNING` (SQLite 3.35+, MariaDB 10.5+; not MySQL).
+    returning: bool,
 }
 
 struct Request {
@@ -211,7 +228,7 @@ const MAX_BATCH: usize = 512;
 impl Store {
     /// Connects, applies migrations and starts the writer.
     pub async fn connect(url: &str) -> Result<Store> {
-        let (read, write, backend) = if url.starts_with("sqlite:") {
+        let (read, write, backend, caps) = if url.starts_with("sqlite:") {
             let opts = SqliteConnectOptions::from_str(url)?
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
@@ -227,7 +244,8 @@ impl Store {
                 .max_connections(4)
                 .connect_with(opts)
                 .await?;
-            (Pool::Sqlite(read), Pool::Sqlite(write), "sqlite")
+            let caps = Caps { returning: true };
+            (Pool::Sqlite(read), Pool::Sqlite(write), "sqlite", caps)
         } else if url.starts_with("mysql:") || url.starts_with("mariadb:") {
             let url = url.replacen("mariadb:", "mysql:", 1);
             let pool = MySqlPoolOptions::new()
@@ -236,7 +254,13 @@ impl Store {
                 .connect(&url)
                 .await?;
             sqlx::migrate!("../migrations/mysql").run(&pool).await?;
-            (Pool::MySql(pool.clone()), Pool::MySql(pool), "mysql")
+            let version: String = sqlx::query_scalar("SELECT VERSION()")
+                .fetch_one(&pool)
+                .await?;
+            let caps = Caps {
+                returning: mariadb_has_returning(&version),
+            };
+            (Pool::MySql(pool.clone()), Pool::MySql(pool), "mysql", caps)
         } else {
             return Err(Error::InvalidRequest(format!(
                 "unsupported database URL {:?}: use sqlite://PATH or mysql://USER:PASSWORD@HOST:PORT/DATABASE",
@@ -246,7 +270,7 @@ impl Store {
         let (tx, rx) = mpsc::channel(4096);
         let watchers = Arc::new(Watchers::default());
         let stats = Arc::new(StoreStats::default());
-        tokio::spawn(writer(write, rx, watchers.clone(), stats.clone()));
+        tokio::spawn(writer(write, caps, rx, watchers.clone(), stats.clone()));
         Ok(Store {
             read,
             writer: tx,
@@ -354,6 +378,7 @@ impl Store {
 /// alone so one bad write cannot fail its neighbours.
 async fn writer(
     pool: Pool,
+    caps: Caps,
     mut rx: mpsc::Receiver<Request>,
     watchers: Arc<Watchers>,
     stats: Arc<StoreStats>,
@@ -372,7 +397,7 @@ async fn writer(
             }
         }
         let all: Vec<&Write> = batch.iter().flat_map(|r| r.writes.iter()).collect();
-        match apply(&pool, &all, &stats).await {
+        match apply(&pool, caps, &all, &stats).await {
             Ok(mut outcomes) => {
                 watchers.publish(&all);
                 for req in batch.drain(..) {
@@ -387,7 +412,7 @@ async fn writer(
             Err(_) => {
                 for req in batch.drain(..) {
                     let writes: Vec<&Write> = req.writes.iter().collect();
-                    let result = apply(&pool, &writes, &stats).await;
+                    let result = apply(&pool, caps, &writes, &stats).await;
                     if result.is_ok() {
                         watchers.publish(&writes);
                     }
@@ -400,27 +425,33 @@ async fn writer(
 
 async fn apply(
     pool: &Pool,
+    caps: Caps,
     writes: &[&Write],
     stats: &StoreStats,
 ) -> Result<Vec<Outcome>, sqlx::Error> {
-    let outcomes = match pool {
-        Pool::Sqlite(p) => sql::sqlite::apply(p, writes).await?,
-        Pool::MySql(p) => sql::mysql::apply(p, writes).await?,
+    let (outcomes, rows) = match pool {
+        Pool::Sqlite(p) => sql::sqlite::apply(p, writes, caps.returning).await?,
+        Pool::MySql(p) => sql::mysql::apply(p, writes, caps.returning).await?,
     };
     stats.transactions.fetch_add(1, Ordering::Relaxed);
     stats
         .writes
         .fetch_add(writes.len() as u64, Ordering::Relaxed);
-    let rows: u64 = outcomes
-        .iter()
-        .map(|o| match o {
-            Outcome::Done { rows } => *rows,
-            Outcome::Inserted(_) => 1,
-            Outcome::Existing(_) | Outcome::Conflict => 0,
-        })
-        .sum();
     stats.rows_written.fetch_add(rows, Ordering::Relaxed);
     Ok(outcomes)
+}
+
+/// Whether a server's `VERSION()` is MariaDB 10.5 or later.
+fn mariadb_has_returning(version: &str) -> bool {
+    if !version.contains("MariaDB") {
+        return false;
+    }
+    let mut parts = version
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let major = parts.next().unwrap_or(0);
+    let minor = parts.next().unwrap_or(0);
+    (major, minor) >= (10, 5)
 }
 
 /// The latest committed change of one action, as seen by its watchers.
@@ -490,13 +521,4 @@ pub fn redact(url: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    #[test]
-    fn redacts_passwords() {
-        assert_eq!(
-            super::redact("mysql://u:secret@h:1/db"),
-            "mysql://u:***@h:1/db"
-        );
-        assert_eq!(super::redact("sqlite://x.db"), "sqlite://x.db");
-    }
-}
+mod tests;

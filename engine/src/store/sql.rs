@@ -27,8 +27,179 @@ fn parse_params(s: &str) -> Result<Map<String, Value>, sqlx::Error> {
     serde_json::from_str(s).map_err(|e| sqlx::Error::Decode(Box::new(e)))
 }
 
+/// Which SQL dialect a statement is written for, where they differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Dialect {
+    Sqlite,
+    MySql,
+}
+
+/// Most rows in one multi-row statement (SQLite allows 500 terms in a
+/// compound SELECT).
+const MAX_ROWS: usize = 256;
+
+/// A run of hot-path writes to commit as one statement per kind: inserts
+/// (without an idempotency key), starts, step successes, step starts and
+/// finishes. They run in that order, which is the order one action's writes
+/// always come in; a write that would break it for its action (or any other
+/// kind of write) ends the segment. Writes to different actions commute.
+#[derive(Default)]
+struct Segment {
+    inserts: Vec<usize>,
+    starts: Vec<usize>,
+    succeeded: Vec<usize>,
+    started: Vec<usize>,
+    finishes: Vec<usize>,
+    /// The latest phase each action reached in this segment.
+    phase: std::collections::HashMap<ActionId, u8>,
+}
+
+impl Segment {
+    /// Adds write `i`; false if it cannot join this segment.
+    fn add(&mut self, i: usize, w: &Write) -> bool {
+        let (phase, list) = match w {
+            Write::Insert { new, .. } if new.idempotency_key.is_none() => (0, &mut self.inserts),
+            Write::Start { .. } => (1, &mut self.starts),
+            Write::StepSucceeded { .. } => (2, &mut self.succeeded),
+            Write::StepStarted { .. } => (3, &mut self.started),
+            Write::Finish { .. } => (4, &mut self.finishes),
+            _ => return false,
+        };
+        if let Some(id) = w.action_id() {
+            if self.phase.get(&id).is_some_and(|&p| p >= phase) {
+                return false;
+            }
+            self.phase.insert(id, phase);
+        }
+        list.push(i);
+        true
+    }
+
+    fn clear(&mut self) {
+        self.inserts.clear();
+        self.starts.clear();
+        self.succeeded.clear();
+        self.started.clear();
+        self.finishes.clear();
+        self.phase.clear();
+    }
+}
+
+/// An `UPDATE` of `table` joined with a derived table of placeholder rows
+/// (columns `cols`, all named `v_…` so unqualified names stay unambiguous).
+struct JoinUpdate {
+    table: &'static str,
+    cols: &'static [&'static str],
+    on: &'static str,
+    set: &'static str,
+    cond: Option<&'static str>,
+}
+
+impl JoinUpdate {
+    fn text(&self, dialect: Dialect, rows: usize) -> String {
+        let JoinUpdate {
+            table,
+            on,
+            set,
+            cond,
+            ..
+        } = self;
+        let first: Vec<String> = self.cols.iter().map(|c| format!("? AS {c}")).collect();
+        let mut values = format!("SELECT {}", first.join(", "));
+        let rest = format!(" UNION ALL SELECT {}", placeholders(self.cols.len()));
+        for _ in 1..rows {
+            values.push_str(&rest);
+        }
+        match (dialect, cond) {
+            (Dialect::Sqlite, None) => {
+                format!("UPDATE {table} SET {set} FROM ({values}) AS v WHERE {on}")
+            }
+            (Dialect::Sqlite, Some(c)) => {
+                format!("UPDATE {table} SET {set} FROM ({values}) AS v WHERE {on} AND {c}")
+            }
+            // The row list drives the join whatever the statistics say, so a
+            // long queue behind an index on `status` is never scanned.
+            (Dialect::MySql, None) => {
+                format!("UPDATE ({values}) AS v STRAIGHT_JOIN {table} ON {on} SET {set}")
+            }
+            (Dialect::MySql, Some(c)) => {
+                format!("UPDATE ({values}) AS v STRAIGHT_JOIN {table} ON {on} SET {set} WHERE {c}")
+            }
+        }
+    }
+}
+
+const START: JoinUpdate = JoinUpdate {
+    table: "actions",
+    cols: &["v_id", "v_owner", "v_lease", "v_at"],
+    on: "actions.id = v_id",
+    set: "status = 'running', owner = v_owner, lease_expires_at = v_lease, \
+          started_at = COALESCE(started_at, v_at), revision = revision + 1",
+    cond: Some("actions.status IN ('queued', 'running')"),
+};
+
+/// No revision bump: a success always commits with the next write, which bumps.
+const STEP_SUCCEEDED: JoinUpdate = JoinUpdate {
+    table: "action_steps",
+    cols: &["v_id", "v_seq", "v_output", "v_at"],
+    on: "action_steps.action_id = v_id AND action_steps.seq = v_seq",
+    set: "status = 'succeeded', output = v_output, error = NULL, finished_at = v_at",
+    cond: None,
+};
+
+const STEP_STARTED: JoinUpdate = JoinUpdate {
+    table: "action_steps",
+    cols: &["v_id", "v_seq", "v_attempt", "v_at"],
+    on: "action_steps.action_id = v_id AND action_steps.seq = v_seq",
+    set: "status = 'running', attempt = v_attempt, started_at = v_at, finished_at = NULL",
+    cond: Some(
+        "EXISTS (SELECT 1 FROM actions WHERE actions.id = v_id AND actions.status = 'running')",
+    ),
+};
+
+const CURRENT_STEP: JoinUpdate = JoinUpdate {
+    table: "actions",
+    cols: &["v_id", "v_name"],
+    on: "actions.id = v_id",
+    set: "current_step = v_name, revision = revision + 1",
+    cond: Some("actions.status = 'running'"),
+};
+
+const FINISH: JoinUpdate = JoinUpdate {
+    table: "actions",
+    cols: &["v_id", "v_status", "v_error", "v_at"],
+    on: "actions.id = v_id",
+    set: "status = v_status, error = v_error, finished_at = v_at, owner = NULL, \
+          lease_expires_at = NULL, revision = revision + 1",
+    cond: None,
+};
+
+/// `?, ?, ?` (`n` placeholders).
+fn placeholders(n: usize) -> String {
+    vec!["?"; n].join(", ")
+}
+
+/// `row, row, …` (`n` times), for a multi-row `VALUES`.
+fn rows(row: &str, n: usize) -> String {
+    vec![row; n].join(", ")
+}
+
+/// Splits `items` into runs whose lengths are powers of two (at most `max`),
+/// so multi-row inserts come in few distinct shapes for the statement cache.
+fn pow2_chunks<T>(mut items: &[T], max: usize) -> Vec<&[T]> {
+    let mut out = Vec::new();
+    while !items.is_empty() {
+        let n = items.len().min(max);
+        let n = 1 << n.ilog2();
+        let (head, tail) = items.split_at(n);
+        out.push(head);
+        items = tail;
+    }
+    out
+}
+
 macro_rules! sql_backend {
-    ($module:ident, $db:ty, $pool:ty, $last_id:ident) => {
+    ($module:ident, $db:ty, $pool:ty, $last_id:ident, $dialect:expr) => {
         pub(super) mod $module {
             use sqlx::Row;
 
@@ -37,14 +208,222 @@ macro_rules! sql_backend {
             type Tx = sqlx::Transaction<'static, $db>;
             type DbRow = <$db as sqlx::Database>::Row;
 
-            pub(crate) async fn apply(pool: &$pool, writes: &[&Write]) -> Result<Vec<Outcome>, sqlx::Error> {
+            type Q = sqlx::query::Query<'static, $db, <$db as sqlx::Database>::Arguments>;
+
+            /// Commits `writes` in one transaction. Runs of hot-path writes
+            /// (see [`Segment`]) become one multi-row statement per kind;
+            /// anything else runs on its own, in order. Returns each write's
+            /// outcome and the rows written in all.
+            pub(crate) async fn apply(
+                pool: &$pool,
+                writes: &[&Write],
+                returning: bool,
+            ) -> Result<(Vec<Outcome>, u64), sqlx::Error> {
                 let mut tx = pool.begin().await?;
-                let mut out = Vec::with_capacity(writes.len());
-                for w in writes {
-                    out.push(apply_one(&mut tx, w).await?);
+                let mut out = vec![Outcome::Done { rows: 0 }; writes.len()];
+                let mut rows = 0;
+                let mut segment = Segment::default();
+                for (i, w) in writes.iter().enumerate() {
+                    if segment.add(i, w) {
+                        continue;
+                    }
+                    rows += run_segment(&mut tx, &mut segment, writes, &mut out, returning).await?;
+                    if !segment.add(i, w) {
+                        let outcome = apply_one(&mut tx, w).await?;
+                        rows += outcome.rows();
+                        out[i] = outcome;
+                    }
                 }
+                rows += run_segment(&mut tx, &mut segment, writes, &mut out, returning).await?;
                 tx.commit().await?;
-                Ok(out)
+                Ok((out, rows))
+            }
+
+            async fn run_segment(
+                tx: &mut Tx,
+                seg: &mut Segment,
+                writes: &[&Write],
+                out: &mut [Outcome],
+                returning: bool,
+            ) -> Result<u64, sqlx::Error> {
+                let mut rows = 0;
+                let pick = |idx: &[usize]| idx.iter().map(|&i| writes[i]).collect::<Vec<&Write>>();
+                if !seg.inserts.is_empty() {
+                    rows += insert_actions(tx, &seg.inserts, writes, out, returning).await?;
+                }
+                if !seg.starts.is_empty() {
+                    let starts = pick(&seg.starts);
+                    let n = join_update(tx, &START, &starts, |q, w| match w {
+                        Write::Start { id, owner, lease_until, at } => q.bind(id).bind(owner).bind(lease_until).bind(at),
+                        _ => unreachable!(),
+                    })
+                    .await?;
+                    rows += n;
+                    // A start that changed no row lost a race with a cancel.
+                    let mut started = vec![true; starts.len()];
+                    if n < starts.len() as u64 {
+                        let text = format!(
+                            "SELECT id FROM actions WHERE status = 'running' AND id IN ({})",
+                            placeholders(starts.len())
+                        );
+                        let mut q = sqlx::query(sqlx::AssertSqlSafe(text));
+                        for w in &starts {
+                            q = q.bind(w.action_id());
+                        }
+                        let running: Vec<ActionId> =
+                            q.fetch_all(&mut **tx).await?.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?;
+                        for (s, w) in started.iter_mut().zip(&starts) {
+                            *s = w.action_id().is_some_and(|id| running.contains(&id));
+                        }
+                    }
+                    for (&i, s) in seg.starts.iter().zip(started) {
+                        out[i] = Outcome::Done { rows: u64::from(s) };
+                    }
+                }
+                if !seg.succeeded.is_empty() {
+                    rows += join_update(tx, &STEP_SUCCEEDED, &pick(&seg.succeeded), |q, w| match w {
+                        Write::StepSucceeded { id, seq, output, at } => q.bind(id).bind(*seq as i64).bind(output).bind(at),
+                        _ => unreachable!(),
+                    })
+                    .await?;
+                }
+                if !seg.started.is_empty() {
+                    let started = pick(&seg.started);
+                    // Only for a running action: a cancel may have won the race to the row.
+                    rows += join_update(tx, &STEP_STARTED, &started, |q, w| match w {
+                        Write::StepStarted { id, seq, attempt, at, .. } => {
+                            q.bind(id).bind(*seq as i64).bind(*attempt as i64).bind(at)
+                        }
+                        _ => unreachable!(),
+                    })
+                    .await?;
+                    rows += join_update(tx, &CURRENT_STEP, &started, |q, w| match w {
+                        Write::StepStarted { id, name, .. } => q.bind(id).bind(name),
+                        _ => unreachable!(),
+                    })
+                    .await?;
+                }
+                if !seg.finishes.is_empty() {
+                    let finishes = pick(&seg.finishes);
+                    rows += join_update(tx, &FINISH, &finishes, |q, w| match w {
+                        Write::Finish { id, status, error, at } => q.bind(id).bind(status.as_str()).bind(error).bind(at),
+                        _ => unreachable!(),
+                    })
+                    .await?;
+                    // A succeeded action has no pending steps left to skip.
+                    let unsuccessful: Vec<ActionId> = finishes
+                        .iter()
+                        .filter_map(|w| match w {
+                            Write::Finish { id, status, .. } if *status != ActionStatus::Succeeded => Some(*id),
+                            _ => None,
+                        })
+                        .collect();
+                    if !unsuccessful.is_empty() {
+                        let text = format!(
+                            "UPDATE action_steps SET status = 'skipped' WHERE status = 'pending' AND action_id IN ({})",
+                            placeholders(unsuccessful.len())
+                        );
+                        let mut q = sqlx::query(sqlx::AssertSqlSafe(text));
+                        for id in unsuccessful {
+                            q = q.bind(id);
+                        }
+                        rows += q.execute(&mut **tx).await?.rows_affected();
+                    }
+                }
+                seg.clear();
+                Ok(rows)
+            }
+
+            /// One multi-row insert per chunk for the actions, then one for all
+            /// their steps. Ids come back with `RETURNING` where the server has
+            /// it; elsewhere each action is inserted on its own.
+            async fn insert_actions(
+                tx: &mut Tx,
+                idx: &[usize],
+                writes: &[&Write],
+                out: &mut [Outcome],
+                returning: bool,
+            ) -> Result<u64, sqlx::Error> {
+                const ROW: &str = "(?, ?, ?, 'queued', ?, ?, ?, ?, 0, ?)";
+                const INSERT: &str = "INSERT INTO actions (kind, target, params, status, bundle, idempotency_key, request_hash, owner, revision, created_at) VALUES ";
+                let bind = |q: Q, w: &Write| match w {
+                    Write::Insert { new, bundle, request_hash, owner, at, .. } => q
+                        .bind(&new.kind)
+                        .bind(&new.target)
+                        .bind(serde_json::to_string(&new.params).expect("a JSON map serializes"))
+                        .bind(bundle)
+                        .bind(&new.idempotency_key)
+                        .bind(request_hash)
+                        .bind(owner)
+                        .bind(at),
+                    _ => unreachable!(),
+                };
+                let mut ids = Vec::with_capacity(idx.len());
+                if returning {
+                    for chunk in pow2_chunks(idx, 128) {
+                        let mut q = sqlx::query(sqlx::AssertSqlSafe(format!("{INSERT}{} RETURNING id", rows(ROW, chunk.len()))));
+                        for &i in chunk {
+                            q = bind(q, writes[i]);
+                        }
+                        let mut got: Vec<ActionId> =
+                            q.fetch_all(&mut **tx).await?.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?;
+                        // Rows are inserted in order, so ids rise with them.
+                        got.sort_unstable();
+                        if got.len() != chunk.len() {
+                            return Err(sqlx::Error::Protocol(format!(
+                                "inserted {} actions but {} ids came back",
+                                chunk.len(),
+                                got.len()
+                            )));
+                        }
+                        ids.extend(got);
+                    }
+                } else {
+                    for &i in idx {
+                        let q = bind(sqlx::query(sqlx::AssertSqlSafe(format!("{INSERT}{ROW}"))), writes[i]);
+                        ids.push(q.execute(&mut **tx).await?.$last_id() as ActionId);
+                    }
+                }
+                let mut steps: Vec<(ActionId, usize, &String, &String)> = Vec::new();
+                for (&i, &id) in idx.iter().zip(&ids) {
+                    out[i] = Outcome::Inserted(id);
+                    if let Write::Insert { steps: s, .. } = writes[i] {
+                        steps.extend(s.iter().enumerate().map(|(seq, (name, step))| (id, seq, name, step)));
+                    }
+                }
+                let mut written = ids.len() as u64;
+                for chunk in pow2_chunks(&steps, 256) {
+                    let text = format!(
+                        "INSERT INTO action_steps (action_id, seq, name, step, status, attempt) VALUES {}",
+                        rows("(?, ?, ?, ?, 'pending', 0)", chunk.len())
+                    );
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(text));
+                    for (id, seq, name, step) in chunk {
+                        q = q.bind(id).bind(*seq as i64).bind(*name).bind(*step);
+                    }
+                    written += q.execute(&mut **tx).await?.rows_affected();
+                }
+                Ok(written)
+            }
+
+            /// Runs `spec` over `items` in chunks, each padded to a power of
+            /// two rows (repeating the last) so few distinct statements are prepared.
+            async fn join_update(
+                tx: &mut Tx,
+                spec: &JoinUpdate,
+                items: &[&Write],
+                bind: impl Fn(Q, &Write) -> Q,
+            ) -> Result<u64, sqlx::Error> {
+                let mut rows = 0;
+                for chunk in items.chunks(MAX_ROWS) {
+                    let n = chunk.len().next_power_of_two();
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(spec.text($dialect, n)));
+                    for i in 0..n {
+                        q = bind(q, chunk[i.min(chunk.len() - 1)]);
+                    }
+                    rows += q.execute(&mut **tx).await?.rows_affected();
+                }
+                Ok(rows)
             }
 
             async fn apply_one(tx: &mut Tx, w: &Write) -> Result<Outcome, sqlx::Error> {
@@ -471,5 +850,17 @@ macro_rules! sql_backend {
     };
 }
 
-sql_backend!(sqlite, sqlx::Sqlite, sqlx::SqlitePool, last_insert_rowid);
-sql_backend!(mysql, sqlx::MySql, sqlx::MySqlPool, last_insert_id);
+sql_backend!(
+    sqlite,
+    sqlx::Sqlite,
+    sqlx::SqlitePool,
+    last_insert_rowid,
+    Dialect::Sqlite
+);
+sql_backend!(
+    mysql,
+    sqlx::MySql,
+    sqlx::MySqlPool,
+    last_insert_id,
+    Dialect::MySql
+);
