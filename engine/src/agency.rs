@@ -9,7 +9,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use signing::{BundleHash, KeyId};
@@ -27,6 +28,12 @@ pub struct LoadedBundle {
     pub manifest: Manifest,
     pub library: PathBuf,
     pub signer: KeyId,
+    /// Set by the Agency when the signer's key is revoked: no further step
+    /// of this bundle starts.
+    revoked: AtomicBool,
+    /// Its Step actors, made by the Agency on first use, so that runners
+    /// find them without asking (dropped when the bundle drains).
+    steps: Mutex<HashMap<String, StepHandle>>,
 }
 
 /// What the Agency knows of one bundle.
@@ -102,7 +109,6 @@ impl AgencyHandle {
             revoked: HashSet::new(),
             pins: HashMap::new(),
             hosts: HashMap::new(),
-            steps: HashMap::new(),
         };
         crate::actor::spawn("agency", agency.run(rx));
         handle
@@ -153,7 +159,16 @@ impl AgencyHandle {
         self.ask(|reply| Msg::Bundle { hash, reply }).await
     }
 
-    pub(crate) async fn step(&self, hash: BundleHash, step: String) -> Result<StepHandle> {
+    /// The Step actor for `step` of `bundle`; the Agency starts it (and the
+    /// bundle's step host) on first use.
+    pub(crate) async fn step(&self, bundle: &LoadedBundle, step: &str) -> Result<StepHandle> {
+        if bundle.revoked.load(Ordering::Acquire) {
+            return Err(revoked(bundle));
+        }
+        if let Some(handle) = bundle.steps.lock().unwrap().get(step) {
+            return Ok(handle.clone());
+        }
+        let (hash, step) = (bundle.hash, step.to_owned());
         self.ask(|reply| Msg::Step { hash, step, reply }).await?
     }
 
@@ -199,7 +214,6 @@ struct Agency {
     revoked: HashSet<KeyId>,
     pins: HashMap<BundleHash, usize>,
     hosts: HashMap<BundleHash, StepHost>,
-    steps: HashMap<(BundleHash, String), StepHandle>,
 }
 
 impl Agency {
@@ -255,6 +269,7 @@ impl Agency {
                         .bundles
                         .values()
                         .filter(|b| b.signer == key)
+                        .inspect(|b| b.revoked.store(true, Ordering::Release))
                         .map(|b| b.hash)
                         .collect();
                     self.active.retain(|_, h| !revoked.contains(h));
@@ -296,10 +311,7 @@ impl Agency {
             .get(&hash)
             .ok_or_else(|| Error::BundleNotLoaded(hash.to_string()))?;
         if self.revoked.contains(&bundle.signer) {
-            return Err(Error::BundleRevoked {
-                hash: hash.to_string(),
-                key: bundle.signer.to_string(),
-            });
+            return Err(revoked(bundle));
         }
         Ok(bundle)
     }
@@ -348,7 +360,9 @@ impl Agency {
             hash: unpacked.hash,
             manifest: unpacked.manifest,
             library: unpacked.library,
+            revoked: AtomicBool::new(self.revoked.contains(&signer)),
             signer,
+            steps: Mutex::default(),
         });
         self.hosts.insert(loaded.hash, host);
         self.bundles.insert(loaded.hash, loaded.clone());
@@ -416,7 +430,9 @@ impl Agency {
         if self.is_active(hash) || self.pins.get(&hash).copied().unwrap_or(0) > 0 {
             return;
         }
-        self.steps.retain(|(h, _), _| *h != hash);
+        if let Some(bundle) = self.bundles.get(&hash) {
+            bundle.steps.lock().unwrap().clear();
+        }
         if let Some(host) = self.hosts.remove(&hash) {
             tracing::info!(bundle = %self.label(hash), pid = host.pid(), "bundle drained; stopping its step host");
             tokio::spawn(async move { host.shutdown("its bundle is drained").await });
@@ -441,15 +457,15 @@ impl Agency {
     }
 
     async fn step(&mut self, hash: BundleHash, step: String) -> Result<StepHandle> {
-        let bundle = self.usable(hash)?;
-        if let Some(handle) = self.steps.get(&(hash, step.clone())) {
+        let bundle = self.usable(hash)?.clone();
+        if let Some(handle) = bundle.steps.lock().unwrap().get(&step) {
             return Ok(handle.clone());
         }
         let def = bundle.manifest.steps.get(&step).cloned().ok_or_else(|| {
             Error::InvalidRequest(format!("bundle {} has no step {step:?}", hash.short()))
         })?;
         let host = self.host(hash).await?;
-        let handle = StepHandle::spawn(
+        let handle = StepHandle::new(
             hash,
             step.clone(),
             def,
@@ -457,7 +473,14 @@ impl Agency {
             self.handle.clone(),
             self.grace,
         );
-        self.steps.insert((hash, step), handle.clone());
+        bundle.steps.lock().unwrap().insert(step, handle.clone());
         Ok(handle)
+    }
+}
+
+fn revoked(bundle: &LoadedBundle) -> Error {
+    Error::BundleRevoked {
+        hash: bundle.hash.to_string(),
+        key: bundle.signer.to_string(),
     }
 }

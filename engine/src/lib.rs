@@ -325,6 +325,7 @@ impl Engine {
             self.inner.store.write(claims).await?;
         }
         let n = actions.len();
+        self.inner.store.hold(actions.iter().map(|a| a.id));
         for action in actions {
             self.inner.control.enqueue(action);
         }
@@ -484,27 +485,39 @@ impl Engine {
         timeout: Duration,
     ) -> Result<Action> {
         let deadline = tokio::time::Instant::now() + timeout;
-        // Subscribe before reading, so no change can slip between the two.
-        let mut changes = self.inner.store.watch(id);
-        let mut action = self.action(id).await?;
+        // Subscribe before reading, so no change can slip between the two. A
+        // live action is not finished yet, so waiting for its end needs no read.
+        let (mut changes, live) = self.inner.store.watch(id);
+        let mut action = match (since, live) {
+            (None, true) => None,
+            _ => Some(self.action(id).await?),
+        };
         loop {
-            if action.status.is_terminal() || since.is_some_and(|r| action.revision > r) {
-                return Ok(action);
+            if let Some(a) = action.take() {
+                if a.status.is_terminal() || since.is_some_and(|r| a.revision > r) {
+                    return Ok(a);
+                }
+                action = Some(a);
             }
             tokio::select! {
                 changed = changes.changed() => {
                     let terminal = changed.is_err() || changes.borrow_and_update().terminal;
                     // Without `since` only the end matters: skip reading intermediate states.
                     if since.is_some() || terminal {
-                        action = self.action(id).await?;
+                        action = Some(self.action(id).await?);
                     }
                     if changed.is_err() {
-                        return Ok(action);
+                        break;
                     }
                 }
+                // Intermediate changes were not read: read the state now.
                 _ = tokio::time::sleep_until(deadline) => return self.action(id).await,
-                _ = self.inner.shared.stopping.cancelled() => return Ok(action),
+                _ = self.inner.shared.stopping.cancelled() => break,
             }
+        }
+        match action {
+            Some(a) => Ok(a),
+            None => self.action(id).await,
         }
     }
 

@@ -169,7 +169,7 @@ async fn steps(
             }
             _ => {}
         }
-        let handle = match shared.agency.step(bundle.hash, step_use.step.clone()).await {
+        let handle = match shared.agency.step(bundle, &step_use.step).await {
             Ok(h) => h,
             Err(e) => {
                 return End::Finished(ActionStatus::Failed, Some(format!("step {name:?}: {e}")));

@@ -1,12 +1,11 @@
 //! The Step actor: one per (bundle hash, step), created by the Agency on
-//! first use. It runs calls of its step on the bundle's step host, enforcing
-//! the step's timeout and cancellation.
+//! first use and kept with its bundle. It runs calls of its step on the
+//! bundle's step host, enforcing the step's timeout and cancellation.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::agency::AgencyHandle;
@@ -23,22 +22,36 @@ pub(crate) enum StepResult {
     Cancelled,
 }
 
-enum Msg {
-    Run {
-        input: Vec<u8>,
-        cancel: CancellationToken,
-        reply: oneshot::Sender<StepResult>,
-    },
-}
-
+/// The Step actor for one (bundle, step). Its state is the step's
+/// definition and the step host it calls; a call runs on the caller's task
+/// (no mailbox hop on the hot path), and replacing a dead host goes through
+/// the Agency, which owns hosts. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct StepHandle {
-    tx: mpsc::Sender<Msg>,
+    inner: Arc<Inner>,
     pub(crate) def: Arc<StepDef>,
 }
 
+struct Inner {
+    bundle: signing::BundleHash,
+    name: String,
+    function: String,
+    host: Mutex<StepHost>,
+    agency: AgencyHandle,
+    grace: Duration,
+}
+
+impl std::fmt::Debug for StepHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StepHandle")
+            .field("bundle", &self.inner.bundle)
+            .field("step", &self.inner.name)
+            .finish()
+    }
+}
+
 impl StepHandle {
-    pub(crate) fn spawn(
+    pub(crate) fn new(
         bundle: signing::BundleHash,
         name: String,
         def: StepDef,
@@ -46,94 +59,59 @@ impl StepHandle {
         agency: AgencyHandle,
         grace: Duration,
     ) -> StepHandle {
-        let (tx, rx) = mpsc::channel(1024);
-        let def = Arc::new(def);
-        let actor = StepActor {
+        let inner = Inner {
             bundle,
             function: def.function(&name).to_owned(),
             name,
-            def: def.clone(),
-            host,
+            host: Mutex::new(host),
             agency,
             grace,
         };
-        crate::actor::spawn("step", actor.run(rx));
-        StepHandle { tx, def }
+        StepHandle {
+            inner: Arc::new(inner),
+            def: Arc::new(def),
+        }
     }
 
     /// Runs one attempt. `cancel` stops it early (its result is `Cancelled`).
     pub(crate) async fn run(&self, input: Vec<u8>, cancel: CancellationToken) -> StepResult {
-        let (reply, rx) = oneshot::channel();
-        if self
-            .tx
-            .send(Msg::Run {
-                input,
-                cancel,
-                reply,
-            })
-            .await
-            .is_err()
-        {
-            return StepResult::Fatal("step actor stopped".into());
+        let host = match self.live_host().await {
+            Ok(host) => host,
+            Err(e) => return StepResult::Fatal(format!("cannot start a step host: {e}")),
+        };
+        let call = Call {
+            host,
+            name: &self.inner.name,
+            function: &self.inner.function,
+            timeout: self.def.timeout(),
+            grace: self.inner.grace,
+        };
+        call.execute(input, cancel).await
+    }
+
+    /// The step's host, or a fresh one from the Agency if it died.
+    async fn live_host(&self) -> crate::Result<StepHost> {
+        let host = self.inner.host.lock().unwrap().clone();
+        if host.is_alive() {
+            return Ok(host);
         }
-        rx.await
-            .unwrap_or_else(|_| StepResult::Fatal("step actor dropped the call".into()))
+        let fresh = self.inner.agency.host(self.inner.bundle).await?;
+        *self.inner.host.lock().unwrap() = fresh.clone();
+        Ok(fresh)
     }
 }
 
-struct StepActor {
-    bundle: signing::BundleHash,
-    name: String,
-    function: String,
-    def: Arc<StepDef>,
+struct Call<'a> {
     host: StepHost,
-    agency: AgencyHandle,
-    grace: Duration,
-}
-
-impl StepActor {
-    async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
-        while let Some(Msg::Run {
-            input,
-            cancel,
-            reply,
-        }) = rx.recv().await
-        {
-            if !self.host.is_alive() {
-                match self.agency.host(self.bundle).await {
-                    Ok(host) => self.host = host,
-                    Err(e) => {
-                        let _ =
-                            reply.send(StepResult::Fatal(format!("cannot start a step host: {e}")));
-                        continue;
-                    }
-                }
-            }
-            let call = Call {
-                host: self.host.clone(),
-                name: self.name.clone(),
-                function: self.function.clone(),
-                timeout: self.def.timeout(),
-                grace: self.grace,
-            };
-            tokio::spawn(async move {
-                let _ = reply.send(call.execute(input, cancel).await);
-            });
-        }
-    }
-}
-
-struct Call {
-    host: StepHost,
-    name: String,
-    function: String,
+    name: &'a str,
+    function: &'a str,
     timeout: Duration,
     grace: Duration,
 }
 
-impl Call {
+impl Call<'_> {
     async fn execute(self, input: Vec<u8>, cancel: CancellationToken) -> StepResult {
-        let (id, rx) = self.host.call(&self.function, &input);
+        let (id, rx) = self.host.call(self.function, &input);
         tokio::pin!(rx);
         let timed_out = tokio::select! {
             r = &mut rx => return outcome(r.ok()),
@@ -158,7 +136,7 @@ impl Call {
             },
             _ = tokio::time::sleep(self.grace) => {
                 let reason = format!("{why} and did not stop within {} ms", self.grace.as_millis());
-                tracing::warn!(step = %self.name, pid = self.host.pid(), "{reason}; killing its step host");
+                tracing::warn!(step = self.name, pid = self.host.pid(), "{reason}; killing its step host");
                 self.host.kill(reason.clone());
                 if timed_out { StepResult::TimedOut(reason) } else { StepResult::Cancelled }
             }

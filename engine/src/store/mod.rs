@@ -302,9 +302,16 @@ impl Store {
         }
     }
 
-    /// Ids of actions whose state changed, published after each commit.
-    pub fn watch(&self, id: ActionId) -> watch::Receiver<Change> {
+    /// Changes to action `id`, published after each commit, and whether it
+    /// is live (inserted or resumed here and not yet ended), in which case
+    /// its end is certain to be published to the receiver.
+    pub fn watch(&self, id: ActionId) -> (watch::Receiver<Change>, bool) {
         self.watchers.watch(id)
+    }
+
+    /// Marks resumed actions live (see [`Store::watch`]).
+    pub(crate) fn hold(&self, ids: impl IntoIterator<Item = ActionId>) {
+        self.watchers.hold(ids);
     }
 
     pub async fn action(&self, id: ActionId) -> Result<Option<Action>> {
@@ -399,7 +406,7 @@ async fn writer(
         let all: Vec<&Write> = batch.iter().flat_map(|r| r.writes.iter()).collect();
         match apply(&pool, caps, &all, &stats).await {
             Ok(mut outcomes) => {
-                watchers.publish(&all);
+                watchers.publish(&all, &outcomes);
                 for req in batch.drain(..) {
                     let rest = outcomes.split_off(req.writes.len());
                     let _ = req.reply.send(Ok(std::mem::replace(&mut outcomes, rest)));
@@ -413,8 +420,8 @@ async fn writer(
                 for req in batch.drain(..) {
                     let writes: Vec<&Write> = req.writes.iter().collect();
                     let result = apply(&pool, caps, &writes, &stats).await;
-                    if result.is_ok() {
-                        watchers.publish(&writes);
+                    if let Ok(outcomes) = &result {
+                        watchers.publish(&writes, outcomes);
                     }
                     let _ = req.reply.send(result.map_err(|e| e.to_string()));
                 }
@@ -465,39 +472,64 @@ pub struct Change {
 
 /// Per-action watch channels, created when someone waits on an action and
 /// dropped once nobody does, so a commit wakes only that action's waiters.
+/// Also the set of live actions: those this server inserted or resumed and
+/// has not yet seen end. A waiter that finds its action live needs not read
+/// it first: its end is still to be published, under the same lock.
 #[derive(Default)]
 struct Watchers {
-    map: std::sync::Mutex<std::collections::HashMap<ActionId, watch::Sender<Change>>>,
+    state: std::sync::Mutex<WatchState>,
+}
+
+#[derive(Default)]
+struct WatchState {
+    channels: std::collections::HashMap<ActionId, watch::Sender<Change>>,
+    live: std::collections::HashSet<ActionId>,
 }
 
 impl Watchers {
-    fn watch(&self, id: ActionId) -> watch::Receiver<Change> {
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        map.entry(id)
-            .or_insert_with(|| watch::channel(Change::default()).0)
-            .subscribe()
+    fn lock(&self) -> std::sync::MutexGuard<'_, WatchState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn publish(&self, writes: &[&Write]) {
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if map.is_empty() {
-            return;
-        }
-        for w in writes {
-            let Some(id) = w.action_id() else { continue };
-            let terminal = matches!(w, Write::Finish { .. } | Write::CancelQueued { .. });
-            if let Some(tx) = map.get(&id) {
-                if tx.receiver_count() == 0 {
-                    map.remove(&id);
+    fn watch(&self, id: ActionId) -> (watch::Receiver<Change>, bool) {
+        let mut state = self.lock();
+        let rx = state
+            .channels
+            .entry(id)
+            .or_insert_with(|| watch::channel(Change::default()).0)
+            .subscribe();
+        (rx, state.live.contains(&id))
+    }
+
+    fn hold(&self, ids: impl IntoIterator<Item = ActionId>) {
+        self.lock().live.extend(ids);
+    }
+
+    fn publish(&self, writes: &[&Write], outcomes: &[Outcome]) {
+        let mut state = self.lock();
+        let WatchState { channels, live } = &mut *state;
+        for (w, outcome) in writes.iter().zip(outcomes) {
+            let ended = match (w, outcome) {
+                (Write::Insert { .. }, Outcome::Inserted(id)) => {
+                    live.insert(*id);
                     continue;
                 }
+                (Write::Finish { .. }, _) => true,
+                (Write::CancelQueued { .. }, Outcome::Done { rows }) => *rows > 0,
+                _ => false,
+            };
+            let Some(id) = w.action_id() else { continue };
+            if ended {
+                live.remove(&id);
+            }
+            if let Some(tx) = channels.get(&id) {
                 tx.send_modify(|c| {
                     c.seq += 1;
-                    c.terminal |= terminal;
+                    c.terminal |= ended;
                 });
             }
         }
-        map.retain(|_, tx| tx.receiver_count() > 0);
+        channels.retain(|_, tx| tx.receiver_count() > 0);
     }
 }
 

@@ -198,6 +198,35 @@ fn pow2_chunks<T>(mut items: &[T], max: usize) -> Vec<&[T]> {
     out
 }
 
+/// Where a row holds a step's columns: `seq, name, step, status, attempt,
+/// started_at, finished_at, output, error`.
+type StepColumns = [&'static str; 9];
+
+const STEP_COLUMNS: StepColumns = [
+    "seq",
+    "name",
+    "step",
+    "status",
+    "attempt",
+    "started_at",
+    "finished_at",
+    "output",
+    "error",
+];
+
+/// The same, as aliased when joined with `actions`.
+const JOINED_STEP_COLUMNS: StepColumns = [
+    "s_seq",
+    "s_name",
+    "s_step",
+    "s_status",
+    "s_attempt",
+    "s_started_at",
+    "s_finished_at",
+    "s_output",
+    "s_error",
+];
+
 macro_rules! sql_backend {
     ($module:ident, $db:ty, $pool:ty, $last_id:ident, $dialect:expr) => {
         pub(super) mod $module {
@@ -723,18 +752,20 @@ macro_rules! sql_backend {
                 })
             }
 
-            fn step_row(row: &DbRow) -> Result<StepRecord, sqlx::Error> {
-                let output: Option<String> = row.try_get("output")?;
+            /// A step from `row`, whose columns are named as in `cols`.
+            fn step_row(row: &DbRow, cols: &StepColumns) -> Result<StepRecord, sqlx::Error> {
+                let [seq, name, step, status, attempt, started_at, finished_at, output, error] = cols;
+                let output: Option<String> = row.try_get(*output)?;
                 Ok(StepRecord {
-                    seq: row.try_get::<i64, _>("seq")? as u32,
-                    name: row.try_get("name")?,
-                    step: row.try_get("step")?,
-                    status: parse::<StepStatus>(&row.try_get::<String, _>("status")?)?,
-                    attempt: row.try_get::<i64, _>("attempt")? as u32,
-                    started_at: row.try_get("started_at")?,
-                    finished_at: row.try_get("finished_at")?,
+                    seq: row.try_get::<i64, _>(*seq)? as u32,
+                    name: row.try_get(*name)?,
+                    step: row.try_get(*step)?,
+                    status: parse::<StepStatus>(&row.try_get::<String, _>(*status)?)?,
+                    attempt: row.try_get::<i64, _>(*attempt)? as u32,
+                    started_at: row.try_get(*started_at)?,
+                    finished_at: row.try_get(*finished_at)?,
                     output: output.map(|o| serde_json::from_str(&o).unwrap_or(Value::String(o))),
-                    error: row.try_get("error")?,
+                    error: row.try_get(*error)?,
                 })
             }
 
@@ -746,16 +777,28 @@ macro_rules! sql_backend {
                 .bind(action.id)
                 .fetch_all(pool)
                 .await?;
-                action.steps = rows.iter().map(step_row).collect::<Result<_, _>>()?;
+                action.steps = rows.iter().map(|r| step_row(r, &STEP_COLUMNS)).collect::<Result<_, _>>()?;
                 Ok(action)
             }
 
+            /// One action with its steps, in one statement.
             pub(crate) async fn action(pool: &$pool, id: ActionId) -> Result<Option<Action>, sqlx::Error> {
-                const Q: &str = select_actions!(" WHERE id = ?");
-                let Some(row) = sqlx::query(Q).bind(id).fetch_optional(pool).await? else {
+                const Q: &str = "SELECT a.id, a.kind, a.target, a.params, a.status, a.bundle, a.current_step, a.error, \
+                     a.idempotency_key, a.owner, a.revision, a.created_at, a.started_at, a.finished_at, \
+                     s.seq AS s_seq, s.name AS s_name, s.step AS s_step, s.status AS s_status, s.attempt AS s_attempt, \
+                     s.started_at AS s_started_at, s.finished_at AS s_finished_at, s.output AS s_output, s.error AS s_error \
+                     FROM actions a LEFT JOIN action_steps s ON s.action_id = a.id WHERE a.id = ? ORDER BY s.seq";
+                let rows = sqlx::query(Q).bind(id).fetch_all(pool).await?;
+                let Some(first) = rows.first() else {
                     return Ok(None);
                 };
-                Ok(Some(with_steps(pool, action_row(&row)?).await?))
+                let mut action = action_row(first)?;
+                for row in &rows {
+                    if row.try_get::<Option<i64>, _>("s_seq")?.is_some() {
+                        action.steps.push(step_row(row, &JOINED_STEP_COLUMNS)?);
+                    }
+                }
+                Ok(Some(action))
             }
 
             pub(crate) async fn list(pool: &$pool, f: &ActionFilter) -> Result<Vec<Action>, sqlx::Error> {

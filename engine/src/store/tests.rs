@@ -217,3 +217,42 @@ async fn mariadb_batch_commits_like_single_writes() {
     let alone = Store::connect(&mysql_url("alone").await).await.unwrap();
     batch_equals_one_by_one(together, alone).await;
 }
+
+/// An action is live from its insert to its end; a waiter that subscribed
+/// while it was live sees the end, and one that comes later finds it not live.
+#[tokio::test]
+async fn live_actions_publish_their_end() {
+    let store = Store::connect(&sqlite_url("live")).await.unwrap();
+    let id = inserted(&store, "t-live").await;
+    let (mut rx, live) = store.watch(id);
+    assert!(live, "a freshly inserted action is live");
+    let (_, other) = store.watch(id + 1);
+    assert!(!other, "an action never inserted is not live");
+    let finish = Write::Finish {
+        id,
+        status: ActionStatus::Failed,
+        error: Some("x".into()),
+        at: at(1),
+    };
+    store.write(vec![finish]).await.unwrap();
+    rx.changed().await.unwrap();
+    assert!(rx.borrow().terminal);
+    let (_, live) = store.watch(id);
+    assert!(!live, "an ended action is no longer live");
+
+    // A cancel that did not apply (the action had started) does not end it.
+    let id = inserted(&store, "t-live").await;
+    let start = Write::Start {
+        id,
+        owner: "test".into(),
+        lease_until: at(60_000),
+        at: at(2),
+    };
+    store.write(vec![start]).await.unwrap();
+    let outcome = store
+        .write(vec![Write::CancelQueued { id, at: at(3) }])
+        .await
+        .unwrap();
+    assert_eq!(outcome[0], Outcome::Done { rows: 0 });
+    assert!(store.watch(id).1, "an action a cancel missed stays live");
+}
