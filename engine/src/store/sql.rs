@@ -40,7 +40,7 @@ const MAX_ROWS: usize = 256;
 
 /// A run of hot-path writes to commit as one statement per kind: inserts
 /// (without an idempotency key), starts, step successes, step starts and
-/// finishes. They run in that order, which is the order one action's writes
+/// successful finishes. They run in that order, which is the order one action's writes
 /// always come in; a write that would break it for its action (or any other
 /// kind of write) ends the segment. Writes to different actions commute.
 #[derive(Default)]
@@ -62,7 +62,10 @@ impl Segment {
             Write::Start { .. } => (1, &mut self.starts),
             Write::StepSucceeded { .. } => (2, &mut self.succeeded),
             Write::StepStarted { .. } => (3, &mut self.started),
-            Write::Finish { .. } => (4, &mut self.finishes),
+            Write::Finish {
+                status: ActionStatus::Succeeded,
+                ..
+            } => (4, &mut self.finishes),
             _ => return false,
         };
         if let Some(id) = w.action_id() {
@@ -147,6 +150,19 @@ const STEP_SUCCEEDED: JoinUpdate = JoinUpdate {
     cond: None,
 };
 
+/// [`STEP_SUCCEEDED`] for MySQL/MariaDB, where a derived table with a text
+/// column (the output) is materialised on disk: an upsert on rows that
+/// always exist (every step's row is inserted with its action), binding the
+/// same values in the same order.
+fn step_succeeded_upsert(rows: usize) -> String {
+    format!(
+        "INSERT INTO action_steps (action_id, seq, output, finished_at, name, step, status, attempt) VALUES {} \
+         ON DUPLICATE KEY UPDATE status = 'succeeded', output = VALUES(output), error = NULL, \
+         finished_at = VALUES(finished_at)",
+        self::rows("(?, ?, ?, ?, '', '', 'succeeded', 0)", rows)
+    )
+}
+
 const STEP_STARTED: JoinUpdate = JoinUpdate {
     table: "action_steps",
     cols: &["v_id", "v_seq", "v_attempt", "v_at"],
@@ -165,11 +181,14 @@ const CURRENT_STEP: JoinUpdate = JoinUpdate {
     cond: Some("actions.status = 'running'"),
 };
 
-const FINISH: JoinUpdate = JoinUpdate {
+/// Successful finishes only: a succeeded action has no pending steps to
+/// skip, and no error text (a text column would put MariaDB's derived
+/// table on disk).
+const SUCCEEDED: JoinUpdate = JoinUpdate {
     table: "actions",
-    cols: &["v_id", "v_status", "v_error", "v_at"],
+    cols: &["v_id", "v_at"],
     on: "actions.id = v_id",
-    set: "status = v_status, error = v_error, finished_at = v_at, owner = NULL, \
+    set: "status = 'succeeded', error = NULL, finished_at = v_at, owner = NULL, \
           lease_expires_at = NULL, revision = revision + 1",
     cond: None,
 };
@@ -310,11 +329,16 @@ macro_rules! sql_backend {
                     }
                 }
                 if !seg.succeeded.is_empty() {
-                    rows += join_update(tx, &STEP_SUCCEEDED, &pick(&seg.succeeded), |q, w| match w {
+                    let bind = |q: Q, w: &Write| match w {
                         Write::StepSucceeded { id, seq, output, at } => q.bind(id).bind(*seq as i64).bind(output).bind(at),
                         _ => unreachable!(),
-                    })
-                    .await?;
+                    };
+                    let items = pick(&seg.succeeded);
+                    rows += match $dialect {
+                        Dialect::Sqlite => join_update(tx, &STEP_SUCCEEDED, &items, bind).await?,
+                        // An upsert that updates reports two rows per row.
+                        Dialect::MySql => padded(tx, step_succeeded_upsert, &items, bind).await? / 2,
+                    };
                 }
                 if !seg.started.is_empty() {
                     let started = pick(&seg.started);
@@ -333,31 +357,11 @@ macro_rules! sql_backend {
                     .await?;
                 }
                 if !seg.finishes.is_empty() {
-                    let finishes = pick(&seg.finishes);
-                    rows += join_update(tx, &FINISH, &finishes, |q, w| match w {
-                        Write::Finish { id, status, error, at } => q.bind(id).bind(status.as_str()).bind(error).bind(at),
+                    rows += join_update(tx, &SUCCEEDED, &pick(&seg.finishes), |q, w| match w {
+                        Write::Finish { id, at, .. } => q.bind(id).bind(at),
                         _ => unreachable!(),
                     })
                     .await?;
-                    // A succeeded action has no pending steps left to skip.
-                    let unsuccessful: Vec<ActionId> = finishes
-                        .iter()
-                        .filter_map(|w| match w {
-                            Write::Finish { id, status, .. } if *status != ActionStatus::Succeeded => Some(*id),
-                            _ => None,
-                        })
-                        .collect();
-                    if !unsuccessful.is_empty() {
-                        let text = format!(
-                            "UPDATE action_steps SET status = 'skipped' WHERE status = 'pending' AND action_id IN ({})",
-                            placeholders(unsuccessful.len())
-                        );
-                        let mut q = sqlx::query(sqlx::AssertSqlSafe(text));
-                        for id in unsuccessful {
-                            q = q.bind(id);
-                        }
-                        rows += q.execute(&mut **tx).await?.rows_affected();
-                    }
                 }
                 seg.clear();
                 Ok(rows)
@@ -435,18 +439,28 @@ macro_rules! sql_backend {
                 Ok(written)
             }
 
-            /// Runs `spec` over `items` in chunks, each padded to a power of
-            /// two rows (repeating the last) so few distinct statements are prepared.
             async fn join_update(
                 tx: &mut Tx,
                 spec: &JoinUpdate,
                 items: &[&Write],
                 bind: impl Fn(Q, &Write) -> Q,
             ) -> Result<u64, sqlx::Error> {
+                padded(tx, |n| spec.text($dialect, n), items, bind).await
+            }
+
+            /// Runs the statement `text(rows)` over `items` in chunks, each
+            /// padded to a power of two rows (repeating the last, which the
+            /// statements tolerate) so few distinct statements are prepared.
+            async fn padded(
+                tx: &mut Tx,
+                text: impl Fn(usize) -> String,
+                items: &[&Write],
+                bind: impl Fn(Q, &Write) -> Q,
+            ) -> Result<u64, sqlx::Error> {
                 let mut rows = 0;
                 for chunk in items.chunks(MAX_ROWS) {
                     let n = chunk.len().next_power_of_two();
-                    let mut q = sqlx::query(sqlx::AssertSqlSafe(spec.text($dialect, n)));
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(text(n)));
                     for i in 0..n {
                         q = bind(q, chunk[i.min(chunk.len() - 1)]);
                     }
@@ -787,7 +801,7 @@ macro_rules! sql_backend {
                      a.idempotency_key, a.owner, a.revision, a.created_at, a.started_at, a.finished_at, \
                      s.seq AS s_seq, s.name AS s_name, s.step AS s_step, s.status AS s_status, s.attempt AS s_attempt, \
                      s.started_at AS s_started_at, s.finished_at AS s_finished_at, s.output AS s_output, s.error AS s_error \
-                     FROM actions a LEFT JOIN action_steps s ON s.action_id = a.id WHERE a.id = ? ORDER BY s.seq";
+                     FROM actions a LEFT JOIN action_steps s ON s.action_id = a.id WHERE a.id = ?";
                 let rows = sqlx::query(Q).bind(id).fetch_all(pool).await?;
                 let Some(first) = rows.first() else {
                     return Ok(None);
@@ -798,6 +812,9 @@ macro_rules! sql_backend {
                         action.steps.push(step_row(row, &JOINED_STEP_COLUMNS)?);
                     }
                 }
+                // Sorted here: an ORDER BY makes MariaDB sort the joined text
+                // columns in an on-disk temporary table.
+                action.steps.sort_by_key(|s| s.seq);
                 Ok(Some(action))
             }
 
