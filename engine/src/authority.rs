@@ -12,7 +12,6 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use chrono::Utc;
 use signing::{BundleHash, KeyId, PublicKey, Signature, Trust, VerifiedBundle};
 use tokio::sync::{mpsc, oneshot};
 
@@ -238,7 +237,7 @@ impl Authority {
             });
         }
         let bundle = self.load(&verified).await?;
-        let now = Utc::now();
+        let now = crate::model::now();
         let row = BundleRow {
             hash: hash.to_string(),
             name: claims.name.clone(),
@@ -323,7 +322,7 @@ impl Authority {
         self.store
             .write(vec![Write::ActivateBundle {
                 hash: hash.to_owned(),
-                at: Utc::now(),
+                at: crate::model::now(),
             }])
             .await?;
         self.agency.activate(parsed).await?;
@@ -345,7 +344,7 @@ impl Authority {
             let write = Write::TrustKey {
                 key_id: id.to_string(),
                 public_key: key.to_string(),
-                at: Utc::now(),
+                at: crate::model::now(),
             };
             self.store.write(vec![write]).await?;
         }
@@ -360,7 +359,7 @@ impl Authority {
         let write = Write::RevokeKey {
             key_id: id.to_string(),
             public_key: key.to_string(),
-            at: Utc::now(),
+            at: crate::model::now(),
         };
         self.store.write(vec![write]).await?;
         self.trust.revoke(id);

@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
@@ -184,7 +183,7 @@ impl Engine {
                 }
                 let renew = Write::RenewLeases {
                     owner: shared.owner.clone(),
-                    until: Utc::now() + shared.lease,
+                    until: crate::model::now() + shared.lease,
                 };
                 if let Err(e) = shared.store.write(vec![renew]).await {
                     tracing::warn!(error = %e, "could not renew action leases");
@@ -306,7 +305,7 @@ impl Engine {
 
     /// Hands every unfinished action in the database to Control, oldest first.
     pub async fn resume(&self) -> Result<usize> {
-        let now = Utc::now();
+        let now = crate::model::now();
         let actions = self
             .inner
             .store
@@ -406,7 +405,7 @@ impl Engine {
             .iter()
             .map(|s| (s.name().to_owned(), s.step.clone()))
             .collect();
-        let at = Utc::now();
+        let at = crate::model::now();
         let insert = Write::Insert {
             new: new.clone(),
             bundle: bundle.hash.to_string(),
@@ -501,8 +500,13 @@ impl Engine {
             }
             tokio::select! {
                 changed = changes.changed() => {
-                    let terminal = changed.is_err() || changes.borrow_and_update().terminal;
-                    // Without `since` only the end matters: skip reading intermediate states.
+                    let change = changes.borrow_and_update().clone();
+                    let terminal = changed.is_err() || change.terminal;
+                    // The end usually comes with the final state; without
+                    // `since`, intermediate states are not read at all.
+                    if let Some(last) = change.last.filter(|_| terminal) {
+                        return Ok(Arc::unwrap_or_clone(last));
+                    }
                     if since.is_some() || terminal {
                         action = Some(self.action(id).await?);
                     }
@@ -541,7 +545,10 @@ impl Engine {
                 let outcome = self
                     .inner
                     .store
-                    .write(vec![Write::CancelQueued { id, at: Utc::now() }])
+                    .write(vec![Write::CancelQueued {
+                        id,
+                        at: crate::model::now(),
+                    }])
                     .await?[0];
                 if outcome == (Outcome::Done { rows: 0 }) {
                     // It started meanwhile: ask Control again.
@@ -577,7 +584,7 @@ impl Engine {
         }
         let release = Write::Release {
             owner: self.inner.config.node_id.clone(),
-            at: Utc::now(),
+            at: crate::model::now(),
         };
         if let Err(e) = self.inner.store.write(vec![release]).await {
             tracing::warn!(error = %e, "could not release unfinished actions; they resume when their lease expires");

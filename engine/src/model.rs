@@ -9,6 +9,13 @@ use serde_json::{Map, Value};
 pub type ActionId = i64;
 pub type Timestamp = DateTime<Utc>;
 
+/// The current time at the precision both databases store (microseconds),
+/// so a time held in memory equals the same time read back.
+pub fn now() -> Timestamp {
+    use chrono::SubsecRound;
+    Utc::now().trunc_subsecs(6)
+}
+
 macro_rules! status_enum {
     ($(#[$m:meta])* $name:ident { $($variant:ident = $text:literal),+ $(,)? }) => {
         $(#[$m])*

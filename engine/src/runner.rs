@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
 use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -27,10 +26,10 @@ pub(crate) struct Shared {
 impl Shared {
     /// Writes, retrying while the database is unavailable: the engine cannot
     /// move an action on without recording it, so it waits instead.
-    async fn persist(&self, writes: Vec<Write>) -> Option<Vec<Outcome>> {
+    async fn persist(&self, writes: &[Write]) -> Option<Vec<Outcome>> {
         let mut delay = Duration::from_millis(100);
         loop {
-            match self.store.write(writes.clone()).await {
+            match self.store.write(writes.to_vec()).await {
                 Ok(outcomes) => return Some(outcomes),
                 Err(crate::Error::ShuttingDown) => return None,
                 Err(e) => {
@@ -42,9 +41,19 @@ impl Shared {
         }
     }
 
-    fn lease_until(&self) -> chrono::DateTime<Utc> {
-        Utc::now() + self.lease
+    fn lease_until(&self) -> crate::model::Timestamp {
+        crate::model::now() + self.lease
     }
+}
+
+/// Commits `writes`, then applies them to `mirror`, the runner's copy of
+/// the action as committed.
+async fn commit(shared: &Shared, mirror: &mut Action, writes: Vec<Write>) -> Option<Vec<Outcome>> {
+    let outcomes = shared.persist(&writes).await?;
+    for w in &writes {
+        w.apply_to(mirror);
+    }
+    Some(outcomes)
 }
 
 enum End {
@@ -57,6 +66,7 @@ enum End {
 
 pub(crate) async fn run(shared: Arc<Shared>, action: Action, cancel: CancellationToken) {
     let id = action.id;
+    let mut mirror = action.clone();
     let bundle = match shared.agency.bundle(action.bundle.clone()).await {
         Ok(Some(b)) => b,
         Ok(None) => {
@@ -66,7 +76,7 @@ pub(crate) async fn run(shared: Arc<Shared>, action: Action, cancel: Cancellatio
             );
             finish(
                 &shared,
-                &action,
+                mirror,
                 ActionStatus::Failed,
                 Some(error),
                 Vec::new(),
@@ -81,18 +91,18 @@ pub(crate) async fn run(shared: Arc<Shared>, action: Action, cancel: Cancellatio
         id,
         owner: shared.owner.clone(),
         lease_until: shared.lease_until(),
-        at: Utc::now(),
+        at: crate::model::now(),
     }];
     tracing::debug!(action_id = id, kind = %action.kind, target = %action.target, "action starting");
-    match steps(&shared, &bundle, &action, &cancel, &mut carry).await {
+    match steps(&shared, &bundle, &action, &mut mirror, &cancel, &mut carry).await {
         End::Finished(status, error) => {
             tracing::info!(action_id = id, kind = %action.kind, target = %action.target, %status, "action finished");
-            finish(&shared, &action, status, error, carry).await
+            finish(&shared, mirror, status, error, carry).await
         }
         End::Gone => {}
         End::Paused => {
             if !carry.is_empty() {
-                shared.persist(carry).await;
+                shared.persist(&carry).await;
             }
             tracing::info!(
                 action_id = id,
@@ -102,20 +112,28 @@ pub(crate) async fn run(shared: Arc<Shared>, action: Action, cancel: Cancellatio
     }
 }
 
+/// Ends the action; the last write carries its final state for waiters.
 async fn finish(
     shared: &Shared,
-    action: &Action,
+    mut mirror: Action,
     status: ActionStatus,
     error: Option<String>,
     mut writes: Vec<Write>,
 ) {
     writes.push(Write::Finish {
-        id: action.id,
+        id: mirror.id,
         status,
         error,
-        at: Utc::now(),
+        at: crate::model::now(),
+        last: None,
     });
-    shared.persist(writes).await;
+    for w in &writes {
+        w.apply_to(&mut mirror);
+    }
+    if let Some(Write::Finish { last, .. }) = writes.last_mut() {
+        *last = Some(Arc::new(mirror));
+    }
+    shared.persist(&writes).await;
 }
 
 /// Runs the action's steps. A step's success is not written on its own: it
@@ -125,6 +143,7 @@ async fn steps(
     shared: &Shared,
     bundle: &LoadedBundle,
     action: &Action,
+    mirror: &mut Action,
     cancel: &CancellationToken,
     carry: &mut Vec<Write>,
 ) -> End {
@@ -184,7 +203,7 @@ async fn steps(
                 return End::Paused;
             }
             attempt += 1;
-            let started_at = Utc::now();
+            let started_at = crate::model::now();
             let start = Write::StepStarted {
                 id,
                 seq,
@@ -193,7 +212,7 @@ async fn steps(
                 at: started_at,
             };
             let starting = matches!(carry.first(), Some(Write::Start { .. }));
-            match shared.persist(with(carry, start)).await {
+            match commit(shared, mirror, with(carry, start)).await {
                 None => return End::Paused,
                 Some(o) if starting && o[0] == (Outcome::Done { rows: 0 }) => return End::Gone,
                 Some(_) => {}
@@ -240,7 +259,7 @@ async fn steps(
                         id,
                         seq,
                         output: text,
-                        at: Utc::now(),
+                        at: crate::model::now(),
                     };
                     carry.push(done);
                     outputs.insert(name.to_owned(), output);
@@ -260,9 +279,9 @@ async fn steps(
                     attempt,
                     started_at,
                     error,
-                    at: Utc::now(),
+                    at: crate::model::now(),
                 };
-                shared.persist(with(carry, failed)).await;
+                commit(shared, mirror, with(carry, failed)).await;
                 tokio::select! {
                     _ = tokio::time::sleep(policy.backoff(failures)) => {}
                     _ = cancel.cancelled() => {}
@@ -292,7 +311,7 @@ fn cancelled(carry: &mut Vec<Write>, action: &Action, seq: u32, in_step: bool) -
             seq,
             status: StepStatus::Cancelled,
             error: "cancelled".into(),
-            at: Utc::now(),
+            at: crate::model::now(),
         };
         carry.push(end);
     }
@@ -305,7 +324,7 @@ fn step_failed(id: crate::model::ActionId, seq: u32, error: &str) -> Write {
         seq,
         status: StepStatus::Failed,
         error: error.to_owned(),
-        at: Utc::now(),
+        at: crate::model::now(),
     }
 }
 

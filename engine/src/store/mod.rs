@@ -77,6 +77,9 @@ pub(crate) enum Write {
         status: ActionStatus,
         error: Option<String>,
         at: Timestamp,
+        /// The action as it is once this commits, if the writer knows it:
+        /// published to waiters so they need not read it back.
+        last: Option<Arc<Action>>,
     },
     /// Cancels an action only if it is still queued.
     CancelQueued {
@@ -142,6 +145,88 @@ pub struct KeyRow {
 }
 
 impl Write {
+    /// Applies this write to `action` in memory exactly as its SQL changes
+    /// the rows (`store::tests` holds the two to each other).
+    pub(crate) fn apply_to(&self, action: &mut Action) {
+        if self.action_id() != Some(action.id) {
+            return;
+        }
+        fn step(action: &mut Action, seq: u32) -> Option<&mut crate::model::StepRecord> {
+            action.steps.iter_mut().find(|s| s.seq == seq)
+        }
+        match self {
+            Write::Start { owner, at, .. } => {
+                if matches!(action.status, ActionStatus::Queued | ActionStatus::Running) {
+                    action.status = ActionStatus::Running;
+                    action.owner = Some(owner.clone());
+                    action.started_at.get_or_insert(*at);
+                    action.revision += 1;
+                }
+            }
+            // Only for a running action, as in the SQL.
+            Write::StepStarted {
+                seq,
+                name,
+                attempt,
+                at,
+                ..
+            } if action.status == ActionStatus::Running => {
+                if let Some(s) = step(action, *seq) {
+                    s.status = StepStatus::Running;
+                    s.attempt = *attempt;
+                    s.started_at = Some(*at);
+                    s.finished_at = None;
+                }
+                action.current_step = Some(name.clone());
+                action.revision += 1;
+            }
+            Write::StepSucceeded {
+                seq, output, at, ..
+            } => {
+                if let Some(s) = step(action, *seq) {
+                    s.status = StepStatus::Succeeded;
+                    s.output = Some(
+                        serde_json::from_str(output)
+                            .unwrap_or_else(|_| serde_json::Value::String(output.clone())),
+                    );
+                    s.error = None;
+                    s.finished_at = Some(*at);
+                }
+            }
+            Write::StepAttemptFailed { seq, error, .. } => {
+                if let Some(s) = step(action, *seq) {
+                    s.error = Some(error.clone());
+                }
+                action.revision += 1;
+            }
+            Write::StepEnded {
+                seq,
+                status,
+                error,
+                at,
+                ..
+            } => {
+                if let Some(s) = step(action, *seq) {
+                    s.status = *status;
+                    s.error = Some(error.clone());
+                    s.finished_at = Some(*at);
+                }
+            }
+            Write::Finish {
+                status, error, at, ..
+            } => end(action, *status, error.clone(), *at),
+            Write::CancelQueued { at, .. } if action.status == ActionStatus::Queued => {
+                let error = Some("cancelled before it started".to_owned());
+                end(action, ActionStatus::Cancelled, error, *at);
+            }
+            Write::Claim { owner, .. } => {
+                action.owner = Some(owner.clone());
+                action.revision += 1;
+            }
+            _ => {}
+        }
+    }
+
     fn action_id(&self) -> Option<ActionId> {
         match self {
             Write::Start { id, .. }
@@ -159,6 +244,23 @@ impl Write {
             | Write::ActivateBundle { .. }
             | Write::TrustKey { .. }
             | Write::RevokeKey { .. } => None,
+        }
+    }
+}
+
+fn end(action: &mut Action, status: ActionStatus, error: Option<String>, at: Timestamp) {
+    action.status = status;
+    action.error = error;
+    action.finished_at = Some(at);
+    action.owner = None;
+    action.revision += 1;
+    if status != ActionStatus::Succeeded {
+        for s in action
+            .steps
+            .iter_mut()
+            .filter(|s| s.status == StepStatus::Pending)
+        {
+            s.status = StepStatus::Skipped;
         }
     }
 }
@@ -462,12 +564,14 @@ fn mariadb_has_returning(version: &str) -> bool {
 }
 
 /// The latest committed change of one action, as seen by its watchers.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct Change {
     /// Counts commits that touched the action since the first watcher came.
     pub seq: u64,
     /// Whether the action reached a final status.
     pub terminal: bool,
+    /// Its final state, when the write that ended it carried it.
+    pub last: Option<Arc<Action>>,
 }
 
 /// Per-action watch channels, created when someone waits on an action and
@@ -509,14 +613,14 @@ impl Watchers {
         let mut state = self.lock();
         let WatchState { channels, live } = &mut *state;
         for (w, outcome) in writes.iter().zip(outcomes) {
-            let ended = match (w, outcome) {
+            let (ended, last) = match (w, outcome) {
                 (Write::Insert { .. }, Outcome::Inserted(id)) => {
                     live.insert(*id);
                     continue;
                 }
-                (Write::Finish { .. }, _) => true,
-                (Write::CancelQueued { .. }, Outcome::Done { rows }) => *rows > 0,
-                _ => false,
+                (Write::Finish { last, .. }, _) => (true, last.clone()),
+                (Write::CancelQueued { .. }, Outcome::Done { rows }) => (*rows > 0, None),
+                _ => (false, None),
             };
             let Some(id) = w.action_id() else { continue };
             if ended {
@@ -526,6 +630,9 @@ impl Watchers {
                 tx.send_modify(|c| {
                     c.seq += 1;
                     c.terminal |= ended;
+                    if last.is_some() {
+                        c.last = last;
+                    }
                 });
             }
         }

@@ -606,7 +606,7 @@ macro_rules! sql_backend {
                         .rows_affected();
                         a
                     }
-                    Write::Finish { id, status, error, at } => {
+                    Write::Finish { id, status, error, at, .. } => {
                         let a = sqlx::query(
                             "UPDATE actions SET status = ?, error = ?, finished_at = ?, owner = NULL, lease_expires_at = NULL, \
                              revision = revision + 1 WHERE id = ?",

@@ -100,6 +100,7 @@ fn batch(a: ActionId, b: ActionId, c: ActionId, d: ActionId) -> Vec<Write> {
             status: ActionStatus::Failed,
             error: Some("step \"s0\" failed: boom".into()),
             at: at(8),
+            last: None,
         },
         step_succeeded(c, 1, 9),
         Write::Finish {
@@ -107,6 +108,17 @@ fn batch(a: ActionId, b: ActionId, c: ActionId, d: ActionId) -> Vec<Write> {
             status: ActionStatus::Cancelled,
             error: Some("cancelled on request".into()),
             at: at(9),
+            last: None,
+        },
+        step_succeeded(a, 1, 10),
+        step_started(a, 2, 10),
+        step_succeeded(a, 2, 11),
+        Write::Finish {
+            id: a,
+            status: ActionStatus::Succeeded,
+            error: None,
+            at: at(11),
+            last: None,
         },
     ]
 }
@@ -129,14 +141,24 @@ async fn dump(store: &Store) -> Vec<String> {
 
 /// Commits the batch as one write and, on a second database, write by
 /// write; both must end the same, and the start that lost to the cancel
-/// must say so.
+/// must say so. The same writes applied in memory (as runners keep their
+/// action) must give what the database holds.
 async fn batch_equals_one_by_one(together: Store, alone: Store) {
     for store in [&together, &alone] {
         for target in ["t-a", "t-b", "t-c", "t-d"] {
             inserted(store, target).await;
         }
     }
+    let mut mirrors = Vec::new();
+    for id in 1..=4 {
+        mirrors.push(together.action(id).await.unwrap().unwrap());
+    }
     let writes = batch(1, 2, 3, 4);
+    for w in &writes {
+        for m in &mut mirrors {
+            w.apply_to(m);
+        }
+    }
     let outcomes = together.write(writes.clone()).await.unwrap();
     assert_eq!(
         outcomes[3],
@@ -163,6 +185,15 @@ async fn batch_equals_one_by_one(together: Store, alone: Store) {
     for (x, y) in x.iter().zip(&y) {
         assert_eq!(x, y);
     }
+    for m in mirrors {
+        let stored = together.action(m.id).await.unwrap().unwrap();
+        assert_eq!(
+            format!("{m:?}"),
+            format!("{stored:?}"),
+            "action {} in memory",
+            m.id
+        );
+    }
     let c = together.action(3).await.unwrap().unwrap();
     let statuses: Vec<StepStatus> = c.steps.iter().map(|s| s.status).collect();
     assert_eq!(
@@ -174,6 +205,9 @@ async fn batch_equals_one_by_one(together: Store, alone: Store) {
         ]
     );
     assert_eq!(c.steps[1].output, Some(serde_json::json!({ "seq": 1 })));
+    let a = together.action(1).await.unwrap().unwrap();
+    assert_eq!(a.status, ActionStatus::Succeeded);
+    assert!(a.steps.iter().all(|s| s.status == StepStatus::Succeeded));
     let b = together.action(2).await.unwrap().unwrap();
     assert_eq!(b.status, ActionStatus::Cancelled);
     assert!(b.steps.iter().all(|s| s.status == StepStatus::Skipped));
@@ -233,6 +267,7 @@ async fn live_actions_publish_their_end() {
         status: ActionStatus::Failed,
         error: Some("x".into()),
         at: at(1),
+        last: None,
     };
     store.write(vec![finish]).await.unwrap();
     rx.changed().await.unwrap();
