@@ -307,6 +307,9 @@ enum Pool {
 struct Caps {
     /// `INSERT … RETURNING` (SQLite 3.35+, MariaDB 10.5+; not MySQL).
     returning: bool,
+    /// Group commits in flight at once: one for SQLite, which has a single
+    /// writer lock; more for a server, which flushes concurrent commits together.
+    writers: usize,
 }
 
 struct Request {
@@ -323,6 +326,9 @@ pub struct Store {
     stats: Arc<StoreStats>,
     backend: &'static str,
 }
+
+/// Group commits in flight at once on MySQL/MariaDB.
+const MYSQL_WRITERS: usize = 3;
 
 /// Largest number of writes committed in one transaction.
 const MAX_BATCH: usize = 512;
@@ -344,14 +350,19 @@ impl Store {
             sqlx::migrate!("../migrations/sqlite").run(&write).await?;
             let read = SqlitePoolOptions::new()
                 .max_connections(4)
+                .test_before_acquire(false)
                 .connect_with(opts)
                 .await?;
-            let caps = Caps { returning: true };
+            let caps = Caps {
+                returning: true,
+                writers: 1,
+            };
             (Pool::Sqlite(read), Pool::Sqlite(write), "sqlite", caps)
         } else if url.starts_with("mysql:") || url.starts_with("mariadb:") {
             let url = url.replacen("mariadb:", "mysql:", 1);
             let pool = MySqlPoolOptions::new()
                 .max_connections(8)
+                .test_before_acquire(false)
                 .acquire_timeout(Duration::from_secs(10))
                 .connect(&url)
                 .await?;
@@ -361,6 +372,7 @@ impl Store {
                 .await?;
             let caps = Caps {
                 returning: mariadb_has_returning(&version),
+                writers: MYSQL_WRITERS,
             };
             (Pool::MySql(pool.clone()), Pool::MySql(pool), "mysql", caps)
         } else {
@@ -372,7 +384,20 @@ impl Store {
         let (tx, rx) = mpsc::channel(4096);
         let watchers = Arc::new(Watchers::default());
         let stats = Arc::new(StoreStats::default());
-        tokio::spawn(writer(write, caps, rx, watchers.clone(), stats.clone()));
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        for _ in 0..caps.writers {
+            let conn = WriterConn {
+                pool: write.clone(),
+                conn: None,
+            };
+            tokio::spawn(writer(
+                conn,
+                caps,
+                rx.clone(),
+                watchers.clone(),
+                stats.clone(),
+            ));
+        }
         Ok(Store {
             read,
             writer: tx,
@@ -485,28 +510,38 @@ impl Store {
 /// The group-commit loop: takes every request waiting, commits them in one
 /// transaction, answers them all. If the batch fails, each request is retried
 /// alone so one bad write cannot fail its neighbours.
+///
+/// Several writers may share one queue (see [`Caps::writers`]): while one
+/// waits for its commit to be flushed, the next collects what arrived
+/// meanwhile and starts its own transaction. A caller has at most one
+/// request in flight per action, so requests that touch the same action
+/// never commit out of order.
 async fn writer(
-    pool: Pool,
+    mut conn: WriterConn,
     caps: Caps,
-    mut rx: mpsc::Receiver<Request>,
+    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Request>>>,
     watchers: Arc<Watchers>,
     stats: Arc<StoreStats>,
 ) {
     let mut batch: Vec<Request> = Vec::new();
-    while let Some(first) = rx.recv().await {
-        batch.push(first);
-        let mut count = batch[0].writes.len();
-        while count < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(req) => {
-                    count += req.writes.len();
-                    batch.push(req);
+    loop {
+        {
+            let mut rx = rx.lock().await;
+            let Some(first) = rx.recv().await else { return };
+            batch.push(first);
+            let mut count = batch[0].writes.len();
+            while count < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(req) => {
+                        count += req.writes.len();
+                        batch.push(req);
+                    }
+                    Err(_) => break,
                 }
-                Err(_) => break,
             }
         }
         let all: Vec<&Write> = batch.iter().flat_map(|r| r.writes.iter()).collect();
-        match apply(&pool, caps, &all, &stats).await {
+        match conn.apply(caps, &all, &stats).await {
             Ok(mut outcomes) => {
                 watchers.publish(&all, &outcomes);
                 for req in batch.drain(..) {
@@ -521,7 +556,7 @@ async fn writer(
             Err(_) => {
                 for req in batch.drain(..) {
                     let writes: Vec<&Write> = req.writes.iter().collect();
-                    let result = apply(&pool, caps, &writes, &stats).await;
+                    let result = conn.apply(caps, &writes, &stats).await;
                     if let Ok(outcomes) = &result {
                         watchers.publish(&writes, outcomes);
                     }
@@ -532,22 +567,55 @@ async fn writer(
     }
 }
 
-async fn apply(
-    pool: &Pool,
-    caps: Caps,
-    writes: &[&Write],
-    stats: &StoreStats,
-) -> Result<Vec<Outcome>, sqlx::Error> {
-    let (outcomes, rows) = match pool {
-        Pool::Sqlite(p) => sql::sqlite::apply(p, writes, caps.returning).await?,
-        Pool::MySql(p) => sql::mysql::apply(p, writes, caps.returning).await?,
-    };
-    stats.transactions.fetch_add(1, Ordering::Relaxed);
-    stats
-        .writes
-        .fetch_add(writes.len() as u64, Ordering::Relaxed);
-    stats.rows_written.fetch_add(rows, Ordering::Relaxed);
-    Ok(outcomes)
+/// A writer's own connection, taken out of the pool: a pooled connection is
+/// pinged on every release (and, by default, every acquire), which would
+/// cost a round trip per commit. Dropped after any error, since the error may
+/// have broken it; the next commit takes a fresh one.
+struct WriterConn {
+    pool: Pool,
+    conn: Option<Conn>,
+}
+
+enum Conn {
+    Sqlite(sqlx::SqliteConnection),
+    MySql(sqlx::MySqlConnection),
+}
+
+impl WriterConn {
+    async fn apply(
+        &mut self,
+        caps: Caps,
+        writes: &[&Write],
+        stats: &StoreStats,
+    ) -> Result<Vec<Outcome>, sqlx::Error> {
+        let conn = match &mut self.conn {
+            Some(conn) => conn,
+            None => self.conn.insert(match &self.pool {
+                Pool::Sqlite(p) => Conn::Sqlite(p.acquire().await?.detach()),
+                Pool::MySql(p) => {
+                    let mut conn = p.acquire().await?.detach();
+                    // Concurrent group commits touch disjoint rows; without
+                    // gap locks (taken under REPEATABLE READ by the range
+                    // scans of batched updates) they cannot deadlock on them.
+                    sqlx::raw_sql("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                        .execute(&mut conn)
+                        .await?;
+                    Conn::MySql(conn)
+                }
+            }),
+        };
+        let result = match conn {
+            Conn::Sqlite(c) => sql::sqlite::apply(c, writes, caps.returning).await,
+            Conn::MySql(c) => sql::mysql::apply(c, writes, caps.returning).await,
+        };
+        let (outcomes, rows) = result.inspect_err(|_| self.conn = None)?;
+        stats.transactions.fetch_add(1, Ordering::Relaxed);
+        stats
+            .writes
+            .fetch_add(writes.len() as u64, Ordering::Relaxed);
+        stats.rows_written.fetch_add(rows, Ordering::Relaxed);
+        Ok(outcomes)
+    }
 }
 
 /// Whether a server's `VERSION()` is MariaDB 10.5 or later.

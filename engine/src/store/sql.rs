@@ -27,13 +27,6 @@ fn parse_params(s: &str) -> Result<Map<String, Value>, sqlx::Error> {
     serde_json::from_str(s).map_err(|e| sqlx::Error::Decode(Box::new(e)))
 }
 
-/// Which SQL dialect a statement is written for, where they differ.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Dialect {
-    Sqlite,
-    MySql,
-}
-
 /// Most rows in one multi-row statement (SQLite allows 500 terms in a
 /// compound SELECT).
 const MAX_ROWS: usize = 256;
@@ -88,110 +81,141 @@ impl Segment {
     }
 }
 
-/// An `UPDATE` of `table` joined with a derived table of placeholder rows
-/// (columns `cols`, all named `v_…` so unqualified names stay unambiguous).
-struct JoinUpdate {
+/// A value bound into a batched statement.
+enum Arg<'a> {
+    Int(i64),
+    Text(&'a str),
+    Time(Timestamp),
+}
+
+/// One `UPDATE` of many rows of `table`, each found by action id (`key`),
+/// with per-row values picked by `CASE key WHEN ? THEN ? … END`. Plain
+/// single-table SQL, the same for SQLite and MySQL/MariaDB, and no
+/// temporary tables (an `UPDATE … JOIN` a derived table needs one in
+/// MariaDB, on disk when a text column is involved). A segment holds at most
+/// one write per action and kind, so the key is unique per row.
+struct CaseUpdate {
     table: &'static str,
-    cols: &'static [&'static str],
-    on: &'static str,
+    key: &'static str,
+    /// Assignments that are the same for every row.
     set: &'static str,
+    /// Columns set per row: (column, expression with `{}` for the row's value).
+    columns: &'static [(&'static str, &'static str)],
+    /// A column that must also equal a per-row value (the step's `seq`).
+    matching: Option<&'static str>,
     cond: Option<&'static str>,
 }
 
-impl JoinUpdate {
-    fn text(&self, dialect: Dialect, rows: usize) -> String {
-        let JoinUpdate {
-            table,
-            on,
-            set,
-            cond,
-            ..
-        } = self;
-        let first: Vec<String> = self.cols.iter().map(|c| format!("? AS {c}")).collect();
-        let mut values = format!("SELECT {}", first.join(", "));
-        let rest = format!(" UNION ALL SELECT {}", placeholders(self.cols.len()));
-        for _ in 1..rows {
-            values.push_str(&rest);
+impl CaseUpdate {
+    fn text(&self, rows: usize) -> String {
+        let key = self.key;
+        let case = format!("CASE {key}{} END", " WHEN ? THEN ?".repeat(rows));
+        let mut text = format!("UPDATE {} SET {}", self.table, self.set);
+        for (column, expr) in self.columns {
+            text.push_str(&format!(", {column} = {}", expr.replace("{}", &case)));
         }
-        match (dialect, cond) {
-            (Dialect::Sqlite, None) => {
-                format!("UPDATE {table} SET {set} FROM ({values}) AS v WHERE {on}")
-            }
-            (Dialect::Sqlite, Some(c)) => {
-                format!("UPDATE {table} SET {set} FROM ({values}) AS v WHERE {on} AND {c}")
-            }
-            // The row list drives the join whatever the statistics say, so a
-            // long queue behind an index on `status` is never scanned.
-            (Dialect::MySql, None) => {
-                format!("UPDATE ({values}) AS v STRAIGHT_JOIN {table} ON {on} SET {set}")
-            }
-            (Dialect::MySql, Some(c)) => {
-                format!("UPDATE ({values}) AS v STRAIGHT_JOIN {table} ON {on} SET {set} WHERE {c}")
-            }
+        text.push_str(&format!(" WHERE {key} IN ({})", placeholders(rows)));
+        if let Some(column) = self.matching {
+            text.push_str(&format!(" AND {column} = {case}"));
         }
+        if let Some(cond) = self.cond {
+            text.push_str(&format!(" AND {cond}"));
+        }
+        text
     }
 }
 
-const START: JoinUpdate = JoinUpdate {
+const START: CaseUpdate = CaseUpdate {
     table: "actions",
-    cols: &["v_id", "v_owner", "v_lease", "v_at"],
-    on: "actions.id = v_id",
-    set: "status = 'running', owner = v_owner, lease_expires_at = v_lease, \
-          started_at = COALESCE(started_at, v_at), revision = revision + 1",
-    cond: Some("actions.status IN ('queued', 'running')"),
+    key: "id",
+    set: "status = 'running', revision = revision + 1",
+    columns: &[
+        ("owner", "{}"),
+        ("lease_expires_at", "{}"),
+        ("started_at", "COALESCE(started_at, {})"),
+    ],
+    matching: None,
+    cond: Some("status IN ('queued', 'running')"),
 };
 
 /// No revision bump: a success always commits with the next write, which bumps.
-const STEP_SUCCEEDED: JoinUpdate = JoinUpdate {
+const STEP_SUCCEEDED: CaseUpdate = CaseUpdate {
     table: "action_steps",
-    cols: &["v_id", "v_seq", "v_output", "v_at"],
-    on: "action_steps.action_id = v_id AND action_steps.seq = v_seq",
-    set: "status = 'succeeded', output = v_output, error = NULL, finished_at = v_at",
+    key: "action_id",
+    set: "status = 'succeeded', error = NULL",
+    columns: &[("output", "{}"), ("finished_at", "{}")],
+    matching: Some("seq"),
     cond: None,
 };
 
-/// [`STEP_SUCCEEDED`] for MySQL/MariaDB, where a derived table with a text
-/// column (the output) is materialised on disk: an upsert on rows that
-/// always exist (every step's row is inserted with its action), binding the
-/// same values in the same order.
-fn step_succeeded_upsert(rows: usize) -> String {
-    format!(
-        "INSERT INTO action_steps (action_id, seq, output, finished_at, name, step, status, attempt) VALUES {} \
-         ON DUPLICATE KEY UPDATE status = 'succeeded', output = VALUES(output), error = NULL, \
-         finished_at = VALUES(finished_at)",
-        self::rows("(?, ?, ?, ?, '', '', 'succeeded', 0)", rows)
-    )
-}
-
-const STEP_STARTED: JoinUpdate = JoinUpdate {
+/// Only for a running action: a cancel may have won the race to the row.
+const STEP_STARTED: CaseUpdate = CaseUpdate {
     table: "action_steps",
-    cols: &["v_id", "v_seq", "v_attempt", "v_at"],
-    on: "action_steps.action_id = v_id AND action_steps.seq = v_seq",
-    set: "status = 'running', attempt = v_attempt, started_at = v_at, finished_at = NULL",
+    key: "action_id",
+    set: "status = 'running', finished_at = NULL",
+    columns: &[("attempt", "{}"), ("started_at", "{}")],
+    matching: Some("seq"),
     cond: Some(
-        "EXISTS (SELECT 1 FROM actions WHERE actions.id = v_id AND actions.status = 'running')",
+        "EXISTS (SELECT 1 FROM actions WHERE actions.id = action_steps.action_id AND actions.status = 'running')",
     ),
 };
 
-const CURRENT_STEP: JoinUpdate = JoinUpdate {
+const CURRENT_STEP: CaseUpdate = CaseUpdate {
     table: "actions",
-    cols: &["v_id", "v_name"],
-    on: "actions.id = v_id",
-    set: "current_step = v_name, revision = revision + 1",
-    cond: Some("actions.status = 'running'"),
+    key: "id",
+    set: "revision = revision + 1",
+    columns: &[("current_step", "{}")],
+    matching: None,
+    cond: Some("status = 'running'"),
 };
 
-/// Successful finishes only: a succeeded action has no pending steps to
-/// skip, and no error text (a text column would put MariaDB's derived
-/// table on disk).
-const SUCCEEDED: JoinUpdate = JoinUpdate {
+/// Successful finishes only: a succeeded action has no pending steps to skip.
+const SUCCEEDED: CaseUpdate = CaseUpdate {
     table: "actions",
-    cols: &["v_id", "v_at"],
-    on: "actions.id = v_id",
-    set: "status = 'succeeded', error = NULL, finished_at = v_at, owner = NULL, \
-          lease_expires_at = NULL, revision = revision + 1",
+    key: "id",
+    set: "status = 'succeeded', error = NULL, owner = NULL, lease_expires_at = NULL, \
+          revision = revision + 1",
+    columns: &[("finished_at", "{}")],
+    matching: None,
     cond: None,
 };
+
+/// The key and per-row values (columns in order, then the matching value)
+/// a hot-path write contributes to its [`CaseUpdate`].
+fn case_row<'a>(spec: &CaseUpdate, w: &'a Write) -> (ActionId, Vec<Arg<'a>>) {
+    use Arg::*;
+    let (id, args) = match w {
+        Write::Start {
+            id,
+            owner,
+            lease_until,
+            at,
+        } => (id, vec![Text(owner), Time(*lease_until), Time(*at)]),
+        Write::StepSucceeded {
+            id,
+            seq,
+            output,
+            at,
+        } => (id, vec![Text(output), Time(*at), Int(*seq as i64)]),
+        Write::StepStarted {
+            id,
+            seq,
+            name,
+            attempt,
+            at,
+        } if spec.table == "action_steps" => {
+            (id, vec![Int(*attempt as i64), Time(*at), Int(*seq as i64)])
+        }
+        Write::StepStarted { id, name, .. } => (id, vec![Text(name)]),
+        Write::Finish { id, at, .. } => (id, vec![Time(*at)]),
+        _ => unreachable!("not a hot-path write"),
+    };
+    debug_assert_eq!(
+        args.len(),
+        spec.columns.len() + usize::from(spec.matching.is_some())
+    );
+    (*id, args)
+}
 
 /// `?, ?, ?` (`n` placeholders).
 fn placeholders(n: usize) -> String {
@@ -247,13 +271,13 @@ const JOINED_STEP_COLUMNS: StepColumns = [
 ];
 
 macro_rules! sql_backend {
-    ($module:ident, $db:ty, $pool:ty, $last_id:ident, $dialect:expr) => {
+    ($module:ident, $db:ty, $pool:ty, $conn:ty, $last_id:ident) => {
         pub(super) mod $module {
             use sqlx::Row;
 
             use super::*;
 
-            type Tx = sqlx::Transaction<'static, $db>;
+            type Tx<'c> = sqlx::Transaction<'c, $db>;
             type DbRow = <$db as sqlx::Database>::Row;
 
             type Q = sqlx::query::Query<'static, $db, <$db as sqlx::Database>::Arguments>;
@@ -263,11 +287,11 @@ macro_rules! sql_backend {
             /// anything else runs on its own, in order. Returns each write's
             /// outcome and the rows written in all.
             pub(crate) async fn apply(
-                pool: &$pool,
+                conn: &mut $conn,
                 writes: &[&Write],
                 returning: bool,
             ) -> Result<(Vec<Outcome>, u64), sqlx::Error> {
-                let mut tx = pool.begin().await?;
+                let mut tx = sqlx::Connection::begin(conn).await?;
                 let mut out = vec![Outcome::Done { rows: 0 }; writes.len()];
                 let mut rows = 0;
                 let mut segment = Segment::default();
@@ -288,7 +312,7 @@ macro_rules! sql_backend {
             }
 
             async fn run_segment(
-                tx: &mut Tx,
+                tx: &mut Tx<'_>,
                 seg: &mut Segment,
                 writes: &[&Write],
                 out: &mut [Outcome],
@@ -301,11 +325,7 @@ macro_rules! sql_backend {
                 }
                 if !seg.starts.is_empty() {
                     let starts = pick(&seg.starts);
-                    let n = join_update(tx, &START, &starts, |q, w| match w {
-                        Write::Start { id, owner, lease_until, at } => q.bind(id).bind(owner).bind(lease_until).bind(at),
-                        _ => unreachable!(),
-                    })
-                    .await?;
+                    let n = case_update(tx, &START, &starts).await?;
                     rows += n;
                     // A start that changed no row lost a race with a cancel.
                     let mut started = vec![true; starts.len()];
@@ -329,39 +349,15 @@ macro_rules! sql_backend {
                     }
                 }
                 if !seg.succeeded.is_empty() {
-                    let bind = |q: Q, w: &Write| match w {
-                        Write::StepSucceeded { id, seq, output, at } => q.bind(id).bind(*seq as i64).bind(output).bind(at),
-                        _ => unreachable!(),
-                    };
-                    let items = pick(&seg.succeeded);
-                    rows += match $dialect {
-                        Dialect::Sqlite => join_update(tx, &STEP_SUCCEEDED, &items, bind).await?,
-                        // An upsert that updates reports two rows per row.
-                        Dialect::MySql => padded(tx, step_succeeded_upsert, &items, bind).await? / 2,
-                    };
+                    rows += case_update(tx, &STEP_SUCCEEDED, &pick(&seg.succeeded)).await?;
                 }
                 if !seg.started.is_empty() {
                     let started = pick(&seg.started);
-                    // Only for a running action: a cancel may have won the race to the row.
-                    rows += join_update(tx, &STEP_STARTED, &started, |q, w| match w {
-                        Write::StepStarted { id, seq, attempt, at, .. } => {
-                            q.bind(id).bind(*seq as i64).bind(*attempt as i64).bind(at)
-                        }
-                        _ => unreachable!(),
-                    })
-                    .await?;
-                    rows += join_update(tx, &CURRENT_STEP, &started, |q, w| match w {
-                        Write::StepStarted { id, name, .. } => q.bind(id).bind(name),
-                        _ => unreachable!(),
-                    })
-                    .await?;
+                    rows += case_update(tx, &STEP_STARTED, &started).await?;
+                    rows += case_update(tx, &CURRENT_STEP, &started).await?;
                 }
                 if !seg.finishes.is_empty() {
-                    rows += join_update(tx, &SUCCEEDED, &pick(&seg.finishes), |q, w| match w {
-                        Write::Finish { id, at, .. } => q.bind(id).bind(at),
-                        _ => unreachable!(),
-                    })
-                    .await?;
+                    rows += case_update(tx, &SUCCEEDED, &pick(&seg.finishes)).await?;
                 }
                 seg.clear();
                 Ok(rows)
@@ -371,7 +367,7 @@ macro_rules! sql_backend {
             /// their steps. Ids come back with `RETURNING` where the server has
             /// it; elsewhere each action is inserted on its own.
             async fn insert_actions(
-                tx: &mut Tx,
+                tx: &mut Tx<'_>,
                 idx: &[usize],
                 writes: &[&Write],
                 out: &mut [Outcome],
@@ -439,37 +435,43 @@ macro_rules! sql_backend {
                 Ok(written)
             }
 
-            async fn join_update(
-                tx: &mut Tx,
-                spec: &JoinUpdate,
-                items: &[&Write],
-                bind: impl Fn(Q, &Write) -> Q,
-            ) -> Result<u64, sqlx::Error> {
-                padded(tx, |n| spec.text($dialect, n), items, bind).await
-            }
-
-            /// Runs the statement `text(rows)` over `items` in chunks, each
-            /// padded to a power of two rows (repeating the last, which the
-            /// statements tolerate) so few distinct statements are prepared.
-            async fn padded(
-                tx: &mut Tx,
-                text: impl Fn(usize) -> String,
-                items: &[&Write],
-                bind: impl Fn(Q, &Write) -> Q,
-            ) -> Result<u64, sqlx::Error> {
+            /// Runs `spec` over `items` in chunks, each padded to a power of
+            /// two rows (repeating the last, which changes nothing) so few
+            /// distinct statements are prepared.
+            async fn case_update(tx: &mut Tx<'_>, spec: &CaseUpdate, items: &[&Write]) -> Result<u64, sqlx::Error> {
+                fn bind(q: Q, arg: &Arg<'_>) -> Q {
+                    match arg {
+                        Arg::Int(v) => q.bind(*v),
+                        Arg::Text(v) => q.bind(*v),
+                        Arg::Time(v) => q.bind(*v),
+                    }
+                }
                 let mut rows = 0;
                 for chunk in items.chunks(MAX_ROWS) {
                     let n = chunk.len().next_power_of_two();
-                    let mut q = sqlx::query(sqlx::AssertSqlSafe(text(n)));
-                    for i in 0..n {
-                        q = bind(q, chunk[i.min(chunk.len() - 1)]);
+                    let values: Vec<(ActionId, Vec<Arg<'_>>)> = (0..n)
+                        .map(|i| case_row(spec, chunk[i.min(chunk.len() - 1)]))
+                        .collect();
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(spec.text(n)));
+                    for c in 0..spec.columns.len() {
+                        for (key, args) in &values {
+                            q = bind(q.bind(key), &args[c]);
+                        }
+                    }
+                    for (key, _) in &values {
+                        q = q.bind(key);
+                    }
+                    if spec.matching.is_some() {
+                        for (key, args) in &values {
+                            q = bind(q.bind(key), &args[spec.columns.len()]);
+                        }
                     }
                     rows += q.execute(&mut **tx).await?.rows_affected();
                 }
                 Ok(rows)
             }
 
-            async fn apply_one(tx: &mut Tx, w: &Write) -> Result<Outcome, sqlx::Error> {
+            async fn apply_one(tx: &mut Tx<'_>, w: &Write) -> Result<Outcome, sqlx::Error> {
                 let rows = match w {
                     Write::Insert { new, bundle, request_hash, owner, steps, at } => {
                         if let Some(key) = &new.idempotency_key {
@@ -730,7 +732,7 @@ macro_rules! sql_backend {
                 Ok(Outcome::Done { rows })
             }
 
-            async fn bump(tx: &mut Tx, id: ActionId) -> Result<u64, sqlx::Error> {
+            async fn bump(tx: &mut Tx<'_>, id: ActionId) -> Result<u64, sqlx::Error> {
                 Ok(sqlx::query("UPDATE actions SET revision = revision + 1 WHERE id = ?")
                     .bind(id)
                     .execute(&mut **tx)
@@ -738,7 +740,7 @@ macro_rules! sql_backend {
                     .rows_affected())
             }
 
-            async fn skip_pending(tx: &mut Tx, id: ActionId) -> Result<u64, sqlx::Error> {
+            async fn skip_pending(tx: &mut Tx<'_>, id: ActionId) -> Result<u64, sqlx::Error> {
                 Ok(sqlx::query("UPDATE action_steps SET status = 'skipped' WHERE action_id = ? AND status = 'pending'")
                     .bind(id)
                     .execute(&mut **tx)
@@ -914,13 +916,13 @@ sql_backend!(
     sqlite,
     sqlx::Sqlite,
     sqlx::SqlitePool,
-    last_insert_rowid,
-    Dialect::Sqlite
+    sqlx::SqliteConnection,
+    last_insert_rowid
 );
 sql_backend!(
     mysql,
     sqlx::MySql,
     sqlx::MySqlPool,
-    last_insert_id,
-    Dialect::MySql
+    sqlx::MySqlConnection,
+    last_insert_id
 );
