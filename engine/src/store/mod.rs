@@ -597,16 +597,19 @@ impl WriterConn {
                     // Concurrent group commits touch disjoint rows; without
                     // gap locks (taken under REPEATABLE READ by the range
                     // scans of batched updates) they cannot deadlock on them.
-                    sqlx::raw_sql("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
-                        .execute(&mut conn)
-                        .await?;
+                    // With autocommit off, a group commit needs no `BEGIN`.
+                    sqlx::raw_sql(
+                        "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED; SET autocommit = 0",
+                    )
+                    .execute(&mut conn)
+                    .await?;
                     Conn::MySql(conn)
                 }
             }),
         };
         let result = match conn {
-            Conn::Sqlite(c) => sql::sqlite::apply(c, writes, caps.returning).await,
-            Conn::MySql(c) => sql::mysql::apply(c, writes, caps.returning).await,
+            Conn::Sqlite(c) => sql::sqlite::apply(c, writes, caps.returning, false).await,
+            Conn::MySql(c) => sql::mysql::apply(c, writes, caps.returning, true).await,
         };
         let (outcomes, rows) = result.inspect_err(|_| self.conn = None)?;
         stats.transactions.fetch_add(1, Ordering::Relaxed);

@@ -277,7 +277,6 @@ macro_rules! sql_backend {
 
             use super::*;
 
-            type Tx<'c> = sqlx::Transaction<'c, $db>;
             type DbRow = <$db as sqlx::Database>::Row;
 
             type Q = sqlx::query::Query<'static, $db, <$db as sqlx::Database>::Arguments>;
@@ -286,12 +285,32 @@ macro_rules! sql_backend {
             /// (see [`Segment`]) become one multi-row statement per kind;
             /// anything else runs on its own, in order. Returns each write's
             /// outcome and the rows written in all.
+            ///
+            /// With `implicit`, the connection runs with `autocommit = 0`, so
+            /// the transaction needs no `BEGIN` (one round trip fewer); a
+            /// failed one is rolled back by dropping the connection.
             pub(crate) async fn apply(
                 conn: &mut $conn,
                 writes: &[&Write],
                 returning: bool,
+                implicit: bool,
             ) -> Result<(Vec<Outcome>, u64), sqlx::Error> {
+                if implicit {
+                    let applied = apply_in(conn, writes, returning).await?;
+                    sqlx::raw_sql("COMMIT").execute(&mut *conn).await?;
+                    return Ok(applied);
+                }
                 let mut tx = sqlx::Connection::begin(conn).await?;
+                let applied = apply_in(&mut tx, writes, returning).await?;
+                tx.commit().await?;
+                Ok(applied)
+            }
+
+            async fn apply_in(
+                tx: &mut $conn,
+                writes: &[&Write],
+                returning: bool,
+            ) -> Result<(Vec<Outcome>, u64), sqlx::Error> {
                 let mut out = vec![Outcome::Done { rows: 0 }; writes.len()];
                 let mut rows = 0;
                 let mut segment = Segment::default();
@@ -299,20 +318,19 @@ macro_rules! sql_backend {
                     if segment.add(i, w) {
                         continue;
                     }
-                    rows += run_segment(&mut tx, &mut segment, writes, &mut out, returning).await?;
+                    rows += run_segment(tx, &mut segment, writes, &mut out, returning).await?;
                     if !segment.add(i, w) {
-                        let outcome = apply_one(&mut tx, w).await?;
+                        let outcome = apply_one(tx, w).await?;
                         rows += outcome.rows();
                         out[i] = outcome;
                     }
                 }
-                rows += run_segment(&mut tx, &mut segment, writes, &mut out, returning).await?;
-                tx.commit().await?;
+                rows += run_segment(tx, &mut segment, writes, &mut out, returning).await?;
                 Ok((out, rows))
             }
 
             async fn run_segment(
-                tx: &mut Tx<'_>,
+                tx: &mut $conn,
                 seg: &mut Segment,
                 writes: &[&Write],
                 out: &mut [Outcome],
@@ -339,7 +357,7 @@ macro_rules! sql_backend {
                             q = q.bind(w.action_id());
                         }
                         let running: Vec<ActionId> =
-                            q.fetch_all(&mut **tx).await?.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?;
+                            q.fetch_all(&mut *tx).await?.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?;
                         for (s, w) in started.iter_mut().zip(&starts) {
                             *s = w.action_id().is_some_and(|id| running.contains(&id));
                         }
@@ -367,7 +385,7 @@ macro_rules! sql_backend {
             /// their steps. Ids come back with `RETURNING` where the server has
             /// it; elsewhere each action is inserted on its own.
             async fn insert_actions(
-                tx: &mut Tx<'_>,
+                tx: &mut $conn,
                 idx: &[usize],
                 writes: &[&Write],
                 out: &mut [Outcome],
@@ -395,7 +413,7 @@ macro_rules! sql_backend {
                             q = bind(q, writes[i]);
                         }
                         let mut got: Vec<ActionId> =
-                            q.fetch_all(&mut **tx).await?.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?;
+                            q.fetch_all(&mut *tx).await?.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?;
                         // Rows are inserted in order, so ids rise with them.
                         got.sort_unstable();
                         if got.len() != chunk.len() {
@@ -410,7 +428,7 @@ macro_rules! sql_backend {
                 } else {
                     for &i in idx {
                         let q = bind(sqlx::query(sqlx::AssertSqlSafe(format!("{INSERT}{ROW}"))), writes[i]);
-                        ids.push(q.execute(&mut **tx).await?.$last_id() as ActionId);
+                        ids.push(q.execute(&mut *tx).await?.$last_id() as ActionId);
                     }
                 }
                 let mut steps: Vec<(ActionId, usize, &String, &String)> = Vec::new();
@@ -430,7 +448,7 @@ macro_rules! sql_backend {
                     for (id, seq, name, step) in chunk {
                         q = q.bind(id).bind(*seq as i64).bind(*name).bind(*step);
                     }
-                    written += q.execute(&mut **tx).await?.rows_affected();
+                    written += q.execute(&mut *tx).await?.rows_affected();
                 }
                 Ok(written)
             }
@@ -438,7 +456,7 @@ macro_rules! sql_backend {
             /// Runs `spec` over `items` in chunks, each padded to a power of
             /// two rows (repeating the last, which changes nothing) so few
             /// distinct statements are prepared.
-            async fn case_update(tx: &mut Tx<'_>, spec: &CaseUpdate, items: &[&Write]) -> Result<u64, sqlx::Error> {
+            async fn case_update(tx: &mut $conn, spec: &CaseUpdate, items: &[&Write]) -> Result<u64, sqlx::Error> {
                 fn bind(q: Q, arg: &Arg<'_>) -> Q {
                     match arg {
                         Arg::Int(v) => q.bind(*v),
@@ -466,18 +484,18 @@ macro_rules! sql_backend {
                             q = bind(q.bind(key), &args[spec.columns.len()]);
                         }
                     }
-                    rows += q.execute(&mut **tx).await?.rows_affected();
+                    rows += q.execute(&mut *tx).await?.rows_affected();
                 }
                 Ok(rows)
             }
 
-            async fn apply_one(tx: &mut Tx<'_>, w: &Write) -> Result<Outcome, sqlx::Error> {
+            async fn apply_one(tx: &mut $conn, w: &Write) -> Result<Outcome, sqlx::Error> {
                 let rows = match w {
                     Write::Insert { new, bundle, request_hash, owner, steps, at } => {
                         if let Some(key) = &new.idempotency_key {
                             let found = sqlx::query("SELECT id, request_hash FROM actions WHERE idempotency_key = ?")
                                 .bind(key)
-                                .fetch_optional(&mut **tx)
+                                .fetch_optional(&mut *tx)
                                 .await?;
                             if let Some(row) = found {
                                 let hash: String = row.try_get(1)?;
@@ -501,7 +519,7 @@ macro_rules! sql_backend {
                         .bind(request_hash)
                         .bind(owner)
                         .bind(at)
-                        .execute(&mut **tx)
+                        .execute(&mut *tx)
                         .await?
                         .$last_id() as ActionId;
                         if !steps.is_empty() {
@@ -516,7 +534,7 @@ macro_rules! sql_backend {
                             for (seq, (name, step)) in steps.iter().enumerate() {
                                 q = q.bind(id).bind(seq as i64).bind(name.clone()).bind(step.clone());
                             }
-                            q.execute(&mut **tx).await?;
+                            q.execute(&mut *tx).await?;
                         }
                         return Ok(Outcome::Inserted(id));
                     }
@@ -529,7 +547,7 @@ macro_rules! sql_backend {
                         .bind(lease_until)
                         .bind(at)
                         .bind(id)
-                        .execute(&mut **tx)
+                        .execute(&mut *tx)
                         .await?
                         .rows_affected()
                     }
@@ -543,7 +561,7 @@ macro_rules! sql_backend {
                         .bind(id)
                         .bind(*seq as i64)
                         .bind(id)
-                        .execute(&mut **tx)
+                        .execute(&mut *tx)
                         .await?
                         .rows_affected();
                         // Only for a running action: a cancel may have won the race to the row.
@@ -552,7 +570,7 @@ macro_rules! sql_backend {
                         )
                             .bind(name)
                             .bind(id)
-                            .execute(&mut **tx)
+                            .execute(&mut *tx)
                             .await?
                             .rows_affected();
                         a + b
@@ -567,7 +585,7 @@ macro_rules! sql_backend {
                         .bind(at)
                         .bind(id)
                         .bind(*seq as i64)
-                        .execute(&mut **tx)
+                        .execute(&mut *tx)
                         .await?
                         .rows_affected()
                     }
@@ -582,14 +600,14 @@ macro_rules! sql_backend {
                         .bind(started_at)
                         .bind(at)
                         .bind(error)
-                        .execute(&mut **tx)
+                        .execute(&mut *tx)
                         .await?
                         .rows_affected();
                         let b = sqlx::query("UPDATE action_steps SET error = ? WHERE action_id = ? AND seq = ?")
                             .bind(error)
                             .bind(id)
                             .bind(*seq as i64)
-                            .execute(&mut **tx)
+                            .execute(&mut *tx)
                             .await?
                             .rows_affected();
                         a + b + bump(tx, *id).await?
@@ -603,7 +621,7 @@ macro_rules! sql_backend {
                         .bind(at)
                         .bind(id)
                         .bind(*seq as i64)
-                        .execute(&mut **tx)
+                        .execute(&mut *tx)
                         .await?
                         .rows_affected();
                         a
@@ -617,7 +635,7 @@ macro_rules! sql_backend {
                         .bind(error)
                         .bind(at)
                         .bind(id)
-                        .execute(&mut **tx)
+                        .execute(&mut *tx)
                         .await?
                         .rows_affected();
                         // A succeeded action has no pending steps left to skip.
@@ -630,7 +648,7 @@ macro_rules! sql_backend {
                         )
                         .bind(at)
                         .bind(id)
-                        .execute(&mut **tx)
+                        .execute(&mut *tx)
                         .await?
                         .rows_affected();
                         if a == 0 {
@@ -643,7 +661,7 @@ macro_rules! sql_backend {
                             .bind(owner)
                             .bind(lease_until)
                             .bind(id)
-                            .execute(&mut **tx)
+                            .execute(&mut *tx)
                             .await?
                             .rows_affected()
                     }
@@ -651,7 +669,7 @@ macro_rules! sql_backend {
                         sqlx::query("UPDATE actions SET lease_expires_at = ? WHERE owner = ? AND status = 'running'")
                             .bind(until)
                             .bind(owner)
-                            .execute(&mut **tx)
+                            .execute(&mut *tx)
                             .await?
                             .rows_affected()
                     }
@@ -662,7 +680,7 @@ macro_rules! sql_backend {
                         )
                         .bind(at)
                         .bind(owner)
-                        .execute(&mut **tx)
+                        .execute(&mut *tx)
                         .await?
                         .rows_affected()
                     }
@@ -681,7 +699,7 @@ macro_rules! sql_backend {
                         .bind(content.to_vec())
                         .bind(b.created_at)
                         .bind(b.activated_at)
-                        .execute(&mut **tx)
+                        .execute(&mut *tx)
                         .await?
                         .rows_affected()
                     }
@@ -689,7 +707,7 @@ macro_rules! sql_backend {
                         sqlx::query("UPDATE bundles SET activated_at = ? WHERE hash = ?")
                             .bind(at)
                             .bind(hash)
-                            .execute(&mut **tx)
+                            .execute(&mut *tx)
                             .await?
                             .rows_affected()
                     }
@@ -698,21 +716,21 @@ macro_rules! sql_backend {
                             .bind(key_id)
                             .bind(public_key)
                             .bind(at)
-                            .execute(&mut **tx)
+                            .execute(&mut *tx)
                             .await?
                             .rows_affected()
                     }
                     Write::RevokeKey { key_id, public_key, at } => {
                         let known = sqlx::query("SELECT key_id FROM trusted_keys WHERE key_id = ?")
                             .bind(key_id)
-                            .fetch_optional(&mut **tx)
+                            .fetch_optional(&mut *tx)
                             .await?
                             .is_some();
                         if known {
                             sqlx::query("UPDATE trusted_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE key_id = ?")
                                 .bind(at)
                                 .bind(key_id)
-                                .execute(&mut **tx)
+                                .execute(&mut *tx)
                                 .await?
                                 .rows_affected()
                         } else {
@@ -723,7 +741,7 @@ macro_rules! sql_backend {
                             .bind(public_key)
                             .bind(at)
                             .bind(at)
-                            .execute(&mut **tx)
+                            .execute(&mut *tx)
                             .await?
                             .rows_affected()
                         }
@@ -732,18 +750,18 @@ macro_rules! sql_backend {
                 Ok(Outcome::Done { rows })
             }
 
-            async fn bump(tx: &mut Tx<'_>, id: ActionId) -> Result<u64, sqlx::Error> {
+            async fn bump(tx: &mut $conn, id: ActionId) -> Result<u64, sqlx::Error> {
                 Ok(sqlx::query("UPDATE actions SET revision = revision + 1 WHERE id = ?")
                     .bind(id)
-                    .execute(&mut **tx)
+                    .execute(&mut *tx)
                     .await?
                     .rows_affected())
             }
 
-            async fn skip_pending(tx: &mut Tx<'_>, id: ActionId) -> Result<u64, sqlx::Error> {
+            async fn skip_pending(tx: &mut $conn, id: ActionId) -> Result<u64, sqlx::Error> {
                 Ok(sqlx::query("UPDATE action_steps SET status = 'skipped' WHERE action_id = ? AND status = 'pending'")
                     .bind(id)
-                    .execute(&mut **tx)
+                    .execute(&mut *tx)
                     .await?
                     .rows_affected())
             }
