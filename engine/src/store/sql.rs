@@ -104,6 +104,9 @@ struct CaseUpdate {
     /// A column that must also equal a per-row value (the step's `seq`).
     matching: Option<&'static str>,
     cond: Option<&'static str>,
+    /// A write's key and per-row values: the columns' in order, then the
+    /// matching value.
+    row: for<'a> fn(&'a Write) -> (ActionId, Vec<Arg<'a>>),
 }
 
 impl CaseUpdate {
@@ -136,6 +139,7 @@ const START: CaseUpdate = CaseUpdate {
     ],
     matching: None,
     cond: Some("status IN ('queued', 'running')"),
+    row: start_row,
 };
 
 /// No revision bump: a success always commits with the next write, which bumps.
@@ -146,6 +150,7 @@ const STEP_SUCCEEDED: CaseUpdate = CaseUpdate {
     columns: &[("output", "{}"), ("finished_at", "{}")],
     matching: Some("seq"),
     cond: None,
+    row: step_succeeded_row,
 };
 
 /// Only for a running action: a cancel may have won the race to the row.
@@ -158,6 +163,7 @@ const STEP_STARTED: CaseUpdate = CaseUpdate {
     cond: Some(
         "EXISTS (SELECT 1 FROM actions WHERE actions.id = action_steps.action_id AND actions.status = 'running')",
     ),
+    row: step_started_row,
 };
 
 const CURRENT_STEP: CaseUpdate = CaseUpdate {
@@ -167,6 +173,7 @@ const CURRENT_STEP: CaseUpdate = CaseUpdate {
     columns: &[("current_step", "{}")],
     matching: None,
     cond: Some("status = 'running'"),
+    row: current_step_row,
 };
 
 /// Successful finishes only: a succeeded action has no pending steps to skip.
@@ -178,43 +185,71 @@ const SUCCEEDED: CaseUpdate = CaseUpdate {
     columns: &[("finished_at", "{}")],
     matching: None,
     cond: None,
+    row: succeeded_row,
 };
 
-/// The key and per-row values (columns in order, then the matching value)
-/// a hot-path write contributes to its [`CaseUpdate`].
-fn case_row<'a>(spec: &CaseUpdate, w: &'a Write) -> (ActionId, Vec<Arg<'a>>) {
-    use Arg::*;
-    let (id, args) = match w {
+fn start_row(w: &Write) -> (ActionId, Vec<Arg<'_>>) {
+    match w {
         Write::Start {
             id,
             owner,
             lease_until,
             at,
-        } => (id, vec![Text(owner), Time(*lease_until), Time(*at)]),
+        } => (
+            *id,
+            vec![Arg::Text(owner), Arg::Time(*lease_until), Arg::Time(*at)],
+        ),
+        _ => unreachable!("START takes starts"),
+    }
+}
+
+fn step_succeeded_row(w: &Write) -> (ActionId, Vec<Arg<'_>>) {
+    match w {
         Write::StepSucceeded {
             id,
             seq,
             output,
             at,
-        } => (id, vec![Text(output), Time(*at), Int(*seq as i64)]),
+        } => (
+            *id,
+            vec![Arg::Text(output), Arg::Time(*at), Arg::Int(*seq as i64)],
+        ),
+        _ => unreachable!("STEP_SUCCEEDED takes step successes"),
+    }
+}
+
+fn step_started_row(w: &Write) -> (ActionId, Vec<Arg<'_>>) {
+    match w {
         Write::StepStarted {
             id,
             seq,
-            name,
             attempt,
             at,
-        } if spec.table == "action_steps" => {
-            (id, vec![Int(*attempt as i64), Time(*at), Int(*seq as i64)])
-        }
-        Write::StepStarted { id, name, .. } => (id, vec![Text(name)]),
-        Write::Finish { id, at, .. } => (id, vec![Time(*at)]),
-        _ => unreachable!("not a hot-path write"),
-    };
-    debug_assert_eq!(
-        args.len(),
-        spec.columns.len() + usize::from(spec.matching.is_some())
-    );
-    (*id, args)
+            ..
+        } => (
+            *id,
+            vec![
+                Arg::Int(*attempt as i64),
+                Arg::Time(*at),
+                Arg::Int(*seq as i64),
+            ],
+        ),
+        _ => unreachable!("STEP_STARTED takes step starts"),
+    }
+}
+
+fn current_step_row(w: &Write) -> (ActionId, Vec<Arg<'_>>) {
+    match w {
+        Write::StepStarted { id, name, .. } => (*id, vec![Arg::Text(name)]),
+        _ => unreachable!("CURRENT_STEP takes step starts"),
+    }
+}
+
+fn succeeded_row(w: &Write) -> (ActionId, Vec<Arg<'_>>) {
+    match w {
+        Write::Finish { id, at, .. } => (*id, vec![Arg::Time(*at)]),
+        _ => unreachable!("SUCCEEDED takes finishes"),
+    }
 }
 
 /// `?, ?, ?` (`n` placeholders).
@@ -468,8 +503,11 @@ macro_rules! sql_backend {
                 for chunk in items.chunks(MAX_ROWS) {
                     let n = chunk.len().next_power_of_two();
                     let values: Vec<(ActionId, Vec<Arg<'_>>)> = (0..n)
-                        .map(|i| case_row(spec, chunk[i.min(chunk.len() - 1)]))
+                        .map(|i| (spec.row)(chunk[i.min(chunk.len() - 1)]))
                         .collect();
+                    debug_assert!(values.iter().all(|(_, args)| {
+                        args.len() == spec.columns.len() + usize::from(spec.matching.is_some())
+                    }));
                     let mut q = sqlx::query(sqlx::AssertSqlSafe(spec.text(n)));
                     for c in 0..spec.columns.len() {
                         for (key, args) in &values {
