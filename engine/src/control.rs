@@ -14,6 +14,17 @@ use crate::runner::{self, Shared};
 
 enum Msg {
     Enqueue(Box<Action>),
+    /// Claim an idle target for an action about to be inserted running.
+    Reserve {
+        target: String,
+        reply: oneshot::Sender<bool>,
+    },
+    /// The reserved action was inserted running: run it now.
+    Begin(Box<Action>),
+    /// The reserved action was not inserted.
+    Unreserve {
+        target: String,
+    },
     Cancel {
         id: ActionId,
         reply: oneshot::Sender<CancelOutcome>,
@@ -66,6 +77,7 @@ impl ControlHandle {
             ready: VecDeque::new(),
             queued: HashMap::new(),
             running: HashMap::new(),
+            reserved: 0,
             draining: false,
             drain_waiters: Vec::new(),
         };
@@ -76,6 +88,26 @@ impl ControlHandle {
     /// Hands Control an action to run (new, or unfinished after a restart).
     pub(crate) fn enqueue(&self, action: Action) {
         let _ = self.tx.send(Msg::Enqueue(Box::new(action)));
+    }
+
+    /// Claims `target` for an action that is about to be inserted, if the
+    /// target is idle and there is room to run it at once. Then the insert
+    /// also starts it, and the caller must follow with [`Self::begin`] (it
+    /// was inserted) or [`Self::unreserve`] (it was not).
+    pub(crate) async fn reserve(&self, target: &str) -> bool {
+        let (reply, rx) = oneshot::channel();
+        let target = target.to_owned();
+        let _ = self.tx.send(Msg::Reserve { target, reply });
+        rx.await.unwrap_or(false)
+    }
+
+    /// Runs an action inserted running on a reservation.
+    pub(crate) fn begin(&self, action: Action) {
+        let _ = self.tx.send(Msg::Begin(Box::new(action)));
+    }
+
+    pub(crate) fn unreserve(&self, target: String) {
+        let _ = self.tx.send(Msg::Unreserve { target });
     }
 
     pub(crate) async fn cancel(&self, id: ActionId) -> CancelOutcome {
@@ -113,6 +145,8 @@ struct Control {
     ready: VecDeque<String>,
     queued: HashMap<ActionId, String>,
     running: HashMap<ActionId, CancellationToken>,
+    /// Targets reserved for actions being inserted; each counts as running.
+    reserved: usize,
     draining: bool,
     drain_waiters: Vec<oneshot::Sender<()>>,
 }
@@ -122,12 +156,24 @@ impl Control {
         while let Some(msg) = rx.recv().await {
             match msg {
                 Msg::Enqueue(action) => self.enqueue(*action),
+                Msg::Reserve { target, reply } => {
+                    let _ = reply.send(self.reserve(target));
+                }
+                Msg::Begin(action) => {
+                    self.reserved -= 1;
+                    self.shared.agency.pin(&action.bundle);
+                    self.start(*action, true);
+                }
+                Msg::Unreserve { target } => {
+                    self.reserved -= 1;
+                    self.finished(None, target);
+                }
                 Msg::Cancel { id, reply } => {
                     let _ = reply.send(self.cancel(id));
                 }
                 Msg::Finished { id, target, bundle } => {
                     self.shared.agency.unpin(&bundle);
-                    self.finished(id, target)
+                    self.finished(Some(id), target)
                 }
                 Msg::Drain { reply } => {
                     self.draining = true;
@@ -158,6 +204,25 @@ impl Control {
         }
     }
 
+    /// Reserves an idle target if an action could start on it now.
+    fn reserve(&mut self, target: String) -> bool {
+        if self.draining
+            || self.running.len() + self.reserved >= self.max_running
+            || self.targets.contains_key(&target)
+        {
+            return false;
+        }
+        self.targets.insert(
+            target,
+            Target {
+                queue: VecDeque::new(),
+                busy: true,
+            },
+        );
+        self.reserved += 1;
+        true
+    }
+
     fn cancel(&mut self, id: ActionId) -> CancelOutcome {
         if let Some(token) = self.running.get(&id) {
             token.cancel();
@@ -179,8 +244,11 @@ impl Control {
         CancelOutcome::Dequeued
     }
 
-    fn finished(&mut self, id: ActionId, target_name: String) {
-        self.running.remove(&id);
+    /// Frees the target of a finished action (or of a reservation, `None`).
+    fn finished(&mut self, id: Option<ActionId>, target_name: String) {
+        if let Some(id) = id {
+            self.running.remove(&id);
+        }
         if let Some(target) = self.targets.get_mut(&target_name) {
             target.busy = false;
             if target.queue.is_empty() {
@@ -194,7 +262,7 @@ impl Control {
 
     /// Starts ready actions while there is room.
     fn pump(&mut self) {
-        while !self.draining && self.running.len() < self.max_running {
+        while !self.draining && self.running.len() + self.reserved < self.max_running {
             let Some(name) = self.ready.pop_front() else {
                 break;
             };
@@ -206,25 +274,30 @@ impl Control {
             };
             target.busy = true;
             self.queued.remove(&action.id);
-            let cancel = CancellationToken::new();
-            self.running.insert(action.id, cancel.clone());
-            let (shared, control) = (self.shared.clone(), self.handle.clone());
-            let (id, target, bundle) = (action.id, action.target.clone(), action.bundle.clone());
-            let task = tokio::spawn(runner::run(shared, action, cancel));
-            tokio::spawn(async move {
-                if let Err(e) = task.await {
-                    tracing::error!(
-                        action_id = id,
-                        "action runner failed: {e}; the action resumes on restart"
-                    );
-                }
-                let _ = control.tx.send(Msg::Finished { id, target, bundle });
-            });
+            self.start(action, false);
         }
     }
 
+    /// Spawns the action's runner; `begun` if its insert already started it.
+    fn start(&mut self, action: Action, begun: bool) {
+        let cancel = CancellationToken::new();
+        self.running.insert(action.id, cancel.clone());
+        let (shared, control) = (self.shared.clone(), self.handle.clone());
+        let (id, target, bundle) = (action.id, action.target.clone(), action.bundle.clone());
+        let task = tokio::spawn(runner::run(shared, action, cancel, begun));
+        tokio::spawn(async move {
+            if let Err(e) = task.await {
+                tracing::error!(
+                    action_id = id,
+                    "action runner failed: {e}; the action resumes on restart"
+                );
+            }
+            let _ = control.tx.send(Msg::Finished { id, target, bundle });
+        });
+    }
+
     fn check_drained(&mut self) {
-        if self.draining && self.running.is_empty() {
+        if self.draining && self.running.is_empty() && self.reserved == 0 {
             for w in self.drain_waiters.drain(..) {
                 let _ = w.send(());
             }

@@ -35,9 +35,7 @@ pub use signing::{self, BundleHash, PublicKey};
 use agency::AgencyHandle;
 use authority::AuthorityHandle;
 use control::{CancelOutcome, ControlHandle};
-use model::{
-    Action, ActionFilter, ActionId, ActionStatus, NewAction, StepRecord, StepStatus, Submitted,
-};
+use model::{Action, ActionFilter, ActionId, ActionStatus, NewAction, Submitted};
 use runner::Shared;
 use store::{Outcome, Store, Write};
 
@@ -405,55 +403,43 @@ impl Engine {
             .iter()
             .map(|s| (s.name().to_owned(), s.step.clone()))
             .collect();
+        // When the target is idle and there is room, Control reserves it and
+        // the insert starts the action too: one commit fewer before its
+        // first step runs.
+        let reserved = !steps.is_empty() && self.inner.control.reserve(&new.target).await;
         let at = crate::model::now();
         let insert = Write::Insert {
             new: new.clone(),
             bundle: bundle.hash.to_string(),
             request_hash,
             owner: self.inner.config.node_id.clone(),
-            steps: steps.clone(),
+            steps,
             at,
+            start: reserved.then(|| at + self.inner.config.lease),
         };
-        let outcome = self.inner.store.write(vec![insert]).await?[0];
-        match outcome {
-            Outcome::Inserted(id) => {
-                let action = Action {
-                    id,
-                    kind: new.kind,
-                    target: new.target,
-                    params: new.params,
-                    status: ActionStatus::Queued,
-                    bundle: bundle.hash.to_string(),
-                    current_step: None,
-                    error: None,
-                    idempotency_key: new.idempotency_key,
-                    owner: Some(self.inner.config.node_id.clone()),
-                    revision: 0,
-                    created_at: at,
-                    started_at: None,
-                    finished_at: None,
-                    steps: steps
-                        .into_iter()
-                        .enumerate()
-                        .map(|(seq, (name, step))| StepRecord {
-                            seq: seq as u32,
-                            name,
-                            step,
-                            status: StepStatus::Pending,
-                            attempt: 0,
-                            started_at: None,
-                            finished_at: None,
-                            output: None,
-                            error: None,
-                        })
-                        .collect(),
-                };
-                self.inner.control.enqueue(action.clone());
-                Ok(Submitted {
-                    action,
-                    created: true,
-                })
+        // Recording and handing over run on their own task, so a caller that
+        // goes away mid-request cannot leave an action stored but not run.
+        let (inner, target) = (self.inner.clone(), new.target.clone());
+        let handover = tokio::spawn(async move {
+            let outcome = inner.store.write(vec![insert.clone()]).await.map(|o| o[0]);
+            let action = match outcome {
+                Ok(Outcome::Inserted(id)) => insert.inserted(id),
+                _ => None,
+            };
+            match (&action, reserved) {
+                (Some(a), true) => inner.control.begin(a.clone()),
+                (Some(a), false) => inner.control.enqueue(a.clone()),
+                (None, true) => inner.control.unreserve(target),
+                (None, false) => {}
             }
+            outcome.map(|o| (o, action))
+        });
+        let (outcome, action) = handover.await.map_err(|_| Error::ShuttingDown)??;
+        match outcome {
+            Outcome::Inserted(_) => Ok(Submitted {
+                action: action.expect("an inserted action is built"),
+                created: true,
+            }),
             Outcome::Existing(id) => Ok(Submitted {
                 action: self.action(id).await?,
                 created: false,

@@ -64,7 +64,14 @@ enum End {
     Paused,
 }
 
-pub(crate) async fn run(shared: Arc<Shared>, action: Action, cancel: CancellationToken) {
+/// Runs `action`. `begun` when its insert also started it and its first
+/// step (stored `running`, attempt 1) has yet to be called.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    action: Action,
+    cancel: CancellationToken,
+    begun: bool,
+) {
     let id = action.id;
     let mut mirror = action.clone();
     let bundle = match shared.agency.bundle(action.bundle.clone()).await {
@@ -74,27 +81,38 @@ pub(crate) async fn run(shared: Arc<Shared>, action: Action, cancel: Cancellatio
                 "bundle {} that this action is pinned to is not loaded on this server; load it and resubmit",
                 action.bundle
             );
-            finish(
-                &shared,
-                mirror,
-                ActionStatus::Failed,
-                Some(error),
-                Vec::new(),
-            )
-            .await;
+            let mut writes = Vec::new();
+            if begun {
+                writes.push(step_failed(id, 0, &error));
+            }
+            finish(&shared, mirror, ActionStatus::Failed, Some(error), writes).await;
             return;
         }
         Err(_) => return,
     };
-    // The start rides with the first step's start, in one commit.
-    let mut carry = vec![Write::Start {
-        id,
-        owner: shared.owner.clone(),
-        lease_until: shared.lease_until(),
-        at: crate::model::now(),
-    }];
+    // The start rides with the first step's start, in one commit (or was
+    // committed with the insert).
+    let mut carry = Vec::new();
+    if !begun {
+        carry.push(Write::Start {
+            id,
+            owner: shared.owner.clone(),
+            lease_until: shared.lease_until(),
+            at: crate::model::now(),
+        });
+    }
     tracing::debug!(action_id = id, kind = %action.kind, target = %action.target, "action starting");
-    match steps(&shared, &bundle, &action, &mut mirror, &cancel, &mut carry).await {
+    match steps(
+        &shared,
+        &bundle,
+        &action,
+        &mut mirror,
+        &cancel,
+        &mut carry,
+        begun,
+    )
+    .await
+    {
         End::Finished(status, error) => {
             tracing::info!(action_id = id, kind = %action.kind, target = %action.target, %status, "action finished");
             finish(&shared, mirror, status, error, carry).await
@@ -139,6 +157,7 @@ async fn finish(
 /// Runs the action's steps. A step's success is not written on its own: it
 /// rides in `carry` with the next write (the next step's start, or the
 /// action's end), which still commits it before anything else happens.
+/// With `begun`, the first step's start is already committed.
 async fn steps(
     shared: &Shared,
     bundle: &LoadedBundle,
@@ -146,6 +165,7 @@ async fn steps(
     mirror: &mut Action,
     cancel: &CancellationToken,
     carry: &mut Vec<Write>,
+    begun: bool,
 ) -> End {
     let id = action.id;
     let Some(kind) = bundle.manifest.kinds.get(&action.kind) else {
@@ -164,7 +184,9 @@ async fn steps(
         let name = step_use.name();
         let record = action.steps.iter().find(|s| s.seq == seq);
         let mut attempt = record.map_or(0, |r| r.attempt);
-        match record.map(|r| r.status) {
+        // Started with the insert, not interrupted: it has not run yet.
+        let mut prestarted = begun && seq == 0;
+        match record.map(|r| r.status).filter(|_| !prestarted) {
             Some(StepStatus::Succeeded) => {
                 let output = record.and_then(|r| r.output.clone()).unwrap_or(Value::Null);
                 outputs.insert(name.to_owned(), output);
@@ -191,31 +213,44 @@ async fn steps(
         let handle = match shared.agency.step(bundle, &step_use.step).await {
             Ok(h) => h,
             Err(e) => {
-                return End::Finished(ActionStatus::Failed, Some(format!("step {name:?}: {e}")));
+                let error = format!("step {name:?}: {e}");
+                if prestarted {
+                    carry.push(step_failed(id, seq, &error));
+                }
+                return End::Finished(ActionStatus::Failed, Some(error));
             }
         };
         let mut failures = 0;
         loop {
             if cancel.is_cancelled() {
-                return cancelled(carry, action, seq, false);
+                return cancelled(carry, action, seq, prestarted);
             }
-            if shared.stopping.is_cancelled() {
-                return End::Paused;
-            }
-            attempt += 1;
-            let started_at = crate::model::now();
-            let start = Write::StepStarted {
-                id,
-                seq,
-                name: name.to_owned(),
-                attempt,
-                at: started_at,
-            };
-            let starting = matches!(carry.first(), Some(Write::Start { .. }));
-            match commit(shared, mirror, with(carry, start)).await {
-                None => return End::Paused,
-                Some(o) if starting && o[0] == (Outcome::Done { rows: 0 }) => return End::Gone,
-                Some(_) => {}
+            let started_at;
+            if prestarted {
+                // Its start is durable, so it runs even if the server is stopping.
+                prestarted = false;
+                started_at = record
+                    .and_then(|r| r.started_at)
+                    .unwrap_or_else(crate::model::now);
+            } else {
+                if shared.stopping.is_cancelled() {
+                    return End::Paused;
+                }
+                attempt += 1;
+                started_at = crate::model::now();
+                let start = Write::StepStarted {
+                    id,
+                    seq,
+                    name: name.to_owned(),
+                    attempt,
+                    at: started_at,
+                };
+                let starting = matches!(carry.first(), Some(Write::Start { .. }));
+                match commit(shared, mirror, with(carry, start)).await {
+                    None => return End::Paused,
+                    Some(o) if starting && o[0] == (Outcome::Done { rows: 0 }) => return End::Gone,
+                    Some(_) => {}
+                }
             }
             let scope = json!({
                 "action": { "id": id, "kind": action.kind, "target": action.target, "params": action.params },

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use sqlx::mysql::MySqlPoolOptions;
+use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{MySqlPool, SqlitePool};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -34,6 +34,11 @@ pub(crate) enum Write {
         /// (name, step definition) for each step, in order.
         steps: Vec<(String, String)>,
         at: Timestamp,
+        /// Set when Control starts the action as it is inserted (its target
+        /// was idle): the action is stored `running` under `owner`'s lease
+        /// until this time, with its first step started (attempt 1), which
+        /// saves the separate commit that would start it.
+        start: Option<Timestamp>,
     },
     Start {
         id: ActionId,
@@ -227,6 +232,69 @@ impl Write {
         }
     }
 
+    /// The action an insert stores, given the id it got: the same values
+    /// its SQL writes (`store::tests` holds the two to each other).
+    pub(crate) fn inserted(&self, id: ActionId) -> Option<Action> {
+        let Write::Insert {
+            new,
+            bundle,
+            owner,
+            steps,
+            at,
+            start,
+            ..
+        } = self
+        else {
+            return None;
+        };
+        let begun = start.is_some() && !steps.is_empty();
+        Some(Action {
+            id,
+            kind: new.kind.clone(),
+            target: new.target.clone(),
+            params: new.params.clone(),
+            status: if begun {
+                ActionStatus::Running
+            } else {
+                ActionStatus::Queued
+            },
+            bundle: bundle.clone(),
+            current_step: steps
+                .first()
+                .filter(|_| begun)
+                .map(|(name, _)| name.clone()),
+            error: None,
+            idempotency_key: new.idempotency_key.clone(),
+            owner: Some(owner.clone()),
+            revision: i64::from(begun),
+            created_at: *at,
+            started_at: begun.then_some(*at),
+            finished_at: None,
+            steps: steps
+                .iter()
+                .enumerate()
+                .map(|(seq, (name, step))| {
+                    let first = begun && seq == 0;
+                    crate::model::StepRecord {
+                        seq: seq as u32,
+                        name: name.clone(),
+                        step: step.clone(),
+                        status: if first {
+                            StepStatus::Running
+                        } else {
+                            StepStatus::Pending
+                        },
+                        attempt: u32::from(first),
+                        started_at: first.then_some(*at),
+                        finished_at: None,
+                        output: None,
+                        error: None,
+                    }
+                })
+                .collect(),
+        })
+    }
+
     fn action_id(&self) -> Option<ActionId> {
         match self {
             Write::Start { id, .. }
@@ -330,6 +398,10 @@ pub struct Store {
 /// Group commits in flight at once on MySQL/MariaDB.
 const MYSQL_WRITERS: usize = 3;
 
+/// Prepared statements kept per connection: enough for every shape the
+/// batched writes come in (see `sql.rs`), so none is re-prepared under load.
+const STATEMENT_CACHE: usize = 256;
+
 /// Largest number of writes committed in one transaction.
 const MAX_BATCH: usize = 512;
 
@@ -342,7 +414,8 @@ impl Store {
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Full)
                 .busy_timeout(Duration::from_secs(10))
-                .foreign_keys(true);
+                .foreign_keys(true)
+                .statement_cache_capacity(STATEMENT_CACHE);
             let write = SqlitePoolOptions::new()
                 .max_connections(1)
                 .connect_with(opts.clone())
@@ -360,11 +433,13 @@ impl Store {
             (Pool::Sqlite(read), Pool::Sqlite(write), "sqlite", caps)
         } else if url.starts_with("mysql:") || url.starts_with("mariadb:") {
             let url = url.replacen("mariadb:", "mysql:", 1);
+            let opts =
+                MySqlConnectOptions::from_str(&url)?.statement_cache_capacity(STATEMENT_CACHE);
             let pool = MySqlPoolOptions::new()
                 .max_connections(8)
                 .test_before_acquire(false)
                 .acquire_timeout(Duration::from_secs(10))
-                .connect(&url)
+                .connect_with(opts)
                 .await?;
             sqlx::migrate!("../migrations/mysql").run(&pool).await?;
             let version: String = sqlx::query_scalar("SELECT VERSION()")

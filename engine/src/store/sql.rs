@@ -276,6 +276,17 @@ fn pow2_chunks<T>(mut items: &[T], max: usize) -> Vec<&[T]> {
     out
 }
 
+/// Splits an insert's step rows into statements: up to 16 rows exactly
+/// (one statement for a typical action), larger runs in power-of-two chunks,
+/// so few distinct statements are prepared.
+fn step_chunks<T>(items: &[T]) -> Vec<&[T]> {
+    match items.len() {
+        0 => Vec::new(),
+        1..=16 => vec![items],
+        _ => pow2_chunks(items, MAX_ROWS),
+    }
+}
+
 /// Where a row holds a step's columns: `seq, name, step, status, attempt,
 /// started_at, finished_at, output, error`.
 type StepColumns = [&'static str; 9];
@@ -355,7 +366,7 @@ macro_rules! sql_backend {
                     }
                     rows += run_segment(tx, &mut segment, writes, &mut out, returning).await?;
                     if !segment.add(i, w) {
-                        let outcome = apply_one(tx, w).await?;
+                        let outcome = apply_one(tx, w, returning).await?;
                         rows += outcome.rows();
                         out[i] = outcome;
                     }
@@ -426,26 +437,49 @@ macro_rules! sql_backend {
                 out: &mut [Outcome],
                 returning: bool,
             ) -> Result<u64, sqlx::Error> {
-                const ROW: &str = "(?, ?, ?, 'queued', ?, ?, ?, ?, 0, ?)";
-                const INSERT: &str = "INSERT INTO actions (kind, target, params, status, bundle, idempotency_key, request_hash, owner, revision, created_at) VALUES ";
+                let items: Vec<&Write> = idx.iter().map(|&i| writes[i]).collect();
+                let (ids, rows) = insert_rows(tx, &items, returning).await?;
+                for (&i, id) in idx.iter().zip(ids) {
+                    out[i] = Outcome::Inserted(id);
+                }
+                Ok(rows)
+            }
+
+            /// Inserts actions and their steps; returns their ids, in order,
+            /// and the rows written. [`Write::inserted`] is the same in memory.
+            async fn insert_rows(
+                tx: &mut $conn,
+                items: &[&Write],
+                returning: bool,
+            ) -> Result<(Vec<ActionId>, u64), sqlx::Error> {
+                const ROW: &str = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+                const INSERT: &str = "INSERT INTO actions (kind, target, params, status, bundle, idempotency_key, \
+                                      request_hash, owner, revision, created_at, started_at, lease_expires_at, current_step) VALUES ";
                 let bind = |q: Q, w: &Write| match w {
-                    Write::Insert { new, bundle, request_hash, owner, at, .. } => q
-                        .bind(&new.kind)
-                        .bind(&new.target)
-                        .bind(serde_json::to_string(&new.params).expect("a JSON map serializes"))
-                        .bind(bundle)
-                        .bind(&new.idempotency_key)
-                        .bind(request_hash)
-                        .bind(owner)
-                        .bind(at),
-                    _ => unreachable!(),
+                    Write::Insert { new, bundle, request_hash, owner, steps, at, start } => {
+                        let begun = start.is_some() && !steps.is_empty();
+                        q.bind(&new.kind)
+                            .bind(&new.target)
+                            .bind(serde_json::to_string(&new.params).expect("a JSON map serializes"))
+                            .bind(if begun { "running" } else { "queued" })
+                            .bind(bundle)
+                            .bind(&new.idempotency_key)
+                            .bind(request_hash)
+                            .bind(owner)
+                            .bind(i64::from(begun))
+                            .bind(at)
+                            .bind(begun.then_some(*at))
+                            .bind(start.filter(|_| begun))
+                            .bind(steps.first().filter(|_| begun).map(|(name, _)| name.clone()))
+                    }
+                    _ => unreachable!("only inserts are inserted"),
                 };
-                let mut ids = Vec::with_capacity(idx.len());
+                let mut ids = Vec::with_capacity(items.len());
                 if returning {
-                    for chunk in pow2_chunks(idx, 128) {
+                    for chunk in pow2_chunks(items, 128) {
                         let mut q = sqlx::query(sqlx::AssertSqlSafe(format!("{INSERT}{} RETURNING id", rows(ROW, chunk.len()))));
-                        for &i in chunk {
-                            q = bind(q, writes[i]);
+                        for w in chunk {
+                            q = bind(q, w);
                         }
                         let mut got: Vec<ActionId> =
                             q.fetch_all(&mut *tx).await?.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?;
@@ -461,31 +495,41 @@ macro_rules! sql_backend {
                         ids.extend(got);
                     }
                 } else {
-                    for &i in idx {
-                        let q = bind(sqlx::query(sqlx::AssertSqlSafe(format!("{INSERT}{ROW}"))), writes[i]);
+                    for w in items {
+                        let q = bind(sqlx::query(sqlx::AssertSqlSafe(format!("{INSERT}{ROW}"))), w);
                         ids.push(q.execute(&mut *tx).await?.$last_id() as ActionId);
                     }
                 }
-                let mut steps: Vec<(ActionId, usize, &String, &String)> = Vec::new();
-                for (&i, &id) in idx.iter().zip(&ids) {
-                    out[i] = Outcome::Inserted(id);
-                    if let Write::Insert { steps: s, .. } = writes[i] {
-                        steps.extend(s.iter().enumerate().map(|(seq, (name, step))| (id, seq, name, step)));
+                // (action, seq, name, step, started): the first step of an
+                // action that begins as it is inserted is started.
+                let mut steps: Vec<(ActionId, usize, &String, &String, Option<Timestamp>)> = Vec::new();
+                for (w, &id) in items.iter().zip(&ids) {
+                    if let Write::Insert { steps: s, start, at, .. } = w {
+                        steps.extend(s.iter().enumerate().map(|(seq, (name, step))| {
+                            (id, seq, name, step, start.filter(|_| seq == 0).map(|_| *at))
+                        }));
                     }
                 }
                 let mut written = ids.len() as u64;
-                for chunk in pow2_chunks(&steps, 256) {
+                for chunk in step_chunks(&steps) {
                     let text = format!(
-                        "INSERT INTO action_steps (action_id, seq, name, step, status, attempt) VALUES {}",
-                        rows("(?, ?, ?, ?, 'pending', 0)", chunk.len())
+                        "INSERT INTO action_steps (action_id, seq, name, step, status, attempt, started_at) VALUES {}",
+                        rows("(?, ?, ?, ?, ?, ?, ?)", chunk.len())
                     );
                     let mut q = sqlx::query(sqlx::AssertSqlSafe(text));
-                    for (id, seq, name, step) in chunk {
-                        q = q.bind(id).bind(*seq as i64).bind(*name).bind(*step);
+                    for (id, seq, name, step, started) in chunk {
+                        q = q
+                            .bind(id)
+                            .bind(*seq as i64)
+                            .bind(*name)
+                            .bind(*step)
+                            .bind(if started.is_some() { "running" } else { "pending" })
+                            .bind(i64::from(started.is_some()))
+                            .bind(*started);
                     }
                     written += q.execute(&mut *tx).await?.rows_affected();
                 }
-                Ok(written)
+                Ok((ids, written))
             }
 
             /// Runs `spec` over `items` in chunks, each padded to a power of
@@ -527,9 +571,9 @@ macro_rules! sql_backend {
                 Ok(rows)
             }
 
-            async fn apply_one(tx: &mut $conn, w: &Write) -> Result<Outcome, sqlx::Error> {
+            async fn apply_one(tx: &mut $conn, w: &Write, returning: bool) -> Result<Outcome, sqlx::Error> {
                 let rows = match w {
-                    Write::Insert { new, bundle, request_hash, owner, steps, at } => {
+                    Write::Insert { new, request_hash, .. } => {
                         if let Some(key) = &new.idempotency_key {
                             let found = sqlx::query("SELECT id, request_hash FROM actions WHERE idempotency_key = ?")
                                 .bind(key)
@@ -544,37 +588,8 @@ macro_rules! sql_backend {
                                 });
                             }
                         }
-                        let params = serde_json::to_string(&new.params).expect("a JSON map serializes");
-                        let id = sqlx::query(
-                            "INSERT INTO actions (kind, target, params, status, bundle, idempotency_key, request_hash, owner, revision, created_at) \
-                             VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, 0, ?)",
-                        )
-                        .bind(&new.kind)
-                        .bind(&new.target)
-                        .bind(params)
-                        .bind(bundle)
-                        .bind(&new.idempotency_key)
-                        .bind(request_hash)
-                        .bind(owner)
-                        .bind(at)
-                        .execute(&mut *tx)
-                        .await?
-                        .$last_id() as ActionId;
-                        if !steps.is_empty() {
-                            // One statement for all steps; the text holds only placeholders.
-                            let mut text = String::from(
-                                "INSERT INTO action_steps (action_id, seq, name, step, status, attempt) VALUES ",
-                            );
-                            for i in 0..steps.len() {
-                                text.push_str(if i == 0 { "(?, ?, ?, ?, 'pending', 0)" } else { ", (?, ?, ?, ?, 'pending', 0)" });
-                            }
-                            let mut q = sqlx::query(sqlx::AssertSqlSafe(text));
-                            for (seq, (name, step)) in steps.iter().enumerate() {
-                                q = q.bind(id).bind(seq as i64).bind(name.clone()).bind(step.clone());
-                            }
-                            q.execute(&mut *tx).await?;
-                        }
-                        return Ok(Outcome::Inserted(id));
+                        let (ids, _) = insert_rows(tx, &[w], returning).await?;
+                        return Ok(Outcome::Inserted(ids[0]));
                     }
                     Write::Start { id, owner, lease_until, at } => {
                         sqlx::query(

@@ -28,7 +28,8 @@ fn at(ms: i64) -> Timestamp {
     Utc.timestamp_millis_opt(1_800_000_000_000 + ms).unwrap()
 }
 
-fn insert(target: &str, key: Option<&str>) -> Write {
+/// An insert; with `start`, one that begins as it is inserted.
+fn insert(target: &str, key: Option<&str>, start: bool) -> Write {
     Write::Insert {
         new: NewAction {
             kind: "noop3".into(),
@@ -44,6 +45,7 @@ fn insert(target: &str, key: Option<&str>) -> Write {
             .map(|i| (format!("s{i}"), "noop".to_owned()))
             .collect(),
         at: at(0),
+        start: start.then(|| at(60_000)),
     }
 }
 
@@ -78,14 +80,14 @@ fn batch(a: ActionId, b: ActionId, c: ActionId, d: ActionId) -> Vec<Write> {
         Write::CancelQueued { id: b, at: at(2) },
         start(b, 3),
         step_started(b, 0, 3),
-        insert("t-keyed", Some("key-1")),
+        insert("t-keyed", Some("key-1"), false),
         start(c, 4),
         step_started(c, 0, 4),
         step_succeeded(c, 0, 5),
         step_started(c, 1, 5),
         step_succeeded(a, 0, 6),
         step_started(a, 1, 6),
-        insert("t-plain", None),
+        insert("t-plain", None, false),
         start(d, 7),
         step_started(d, 0, 7),
         Write::StepEnded {
@@ -120,11 +122,17 @@ fn batch(a: ActionId, b: ActionId, c: ActionId, d: ActionId) -> Vec<Write> {
             at: at(11),
             last: None,
         },
+        insert("t-begun", None, true),
+        insert("t-begun-keyed", Some("key-2"), true),
     ]
 }
 
 async fn inserted(store: &Store, target: &str) -> ActionId {
-    match store.write(vec![insert(target, None)]).await.unwrap()[0] {
+    match store
+        .write(vec![insert(target, None, false)])
+        .await
+        .unwrap()[0]
+    {
         Outcome::Inserted(id) => id,
         other => panic!("insert answered {other:?}"),
     }
@@ -133,7 +141,7 @@ async fn inserted(store: &Store, target: &str) -> ActionId {
 /// Everything the store holds about actions, in a comparable form.
 async fn dump(store: &Store) -> Vec<String> {
     let mut out = Vec::new();
-    for id in 1..=6 {
+    for id in 1..=8 {
         out.push(format!("{:?}", store.action(id).await.unwrap()));
     }
     out
@@ -176,6 +184,23 @@ async fn batch_equals_one_by_one(together: Store, alone: Store) {
         "{:?}",
         outcomes[12]
     );
+    // What an insert stores, as the engine builds it without reading it back.
+    for (i, w) in writes.iter().enumerate() {
+        if let Outcome::Inserted(id) = outcomes[i] {
+            let stored = together.action(id).await.unwrap().unwrap();
+            let built = w.inserted(id).unwrap();
+            assert_eq!(format!("{built:?}"), format!("{stored:?}"), "insert {i}");
+        }
+    }
+    for (i, id) in [(writes.len() - 2, 7), (writes.len() - 1, 8)] {
+        assert_eq!(outcomes[i], Outcome::Inserted(id));
+        let begun = together.action(id).await.unwrap().unwrap();
+        assert_eq!(begun.status, ActionStatus::Running);
+        assert_eq!(begun.current_step.as_deref(), Some("s0"));
+        assert_eq!(begun.steps[0].status, StepStatus::Running);
+        assert_eq!(begun.steps[0].attempt, 1);
+        assert_eq!(begun.steps[1].status, StepStatus::Pending);
+    }
     let mut singly = Vec::new();
     for w in writes {
         singly.extend(alone.write(vec![w]).await.unwrap());
