@@ -101,7 +101,8 @@ struct CaseUpdate {
     set: &'static str,
     /// Columns set per row: (column, expression with `{}` for the row's value).
     columns: &'static [(&'static str, &'static str)],
-    /// A column that must also equal a per-row value (the step's `seq`).
+    /// A column that must also equal a per-row value (the step's `seq`);
+    /// with the key, the row's primary key.
     matching: Option<&'static str>,
     cond: Option<&'static str>,
     /// A write's key and per-row values: the columns' in order, then the
@@ -117,9 +118,18 @@ impl CaseUpdate {
         for (column, expr) in self.columns {
             text.push_str(&format!(", {column} = {}", expr.replace("{}", &case)));
         }
-        text.push_str(&format!(" WHERE {key} IN ({})", placeholders(rows)));
-        if let Some(column) = self.matching {
-            text.push_str(&format!(" AND {column} = {case}"));
+        // With a matching column, `(key, column) IN ((?, ?), …)`: an exact
+        // primary-key lookup per row on both databases. MariaDB scans the
+        // whole index for a one-row list, so one row is spelled out.
+        match self.matching {
+            None => text.push_str(&format!(" WHERE {key} IN ({})", placeholders(rows))),
+            Some(column) if rows == 1 => {
+                text.push_str(&format!(" WHERE {key} = ? AND {column} = ?"))
+            }
+            Some(column) => text.push_str(&format!(
+                " WHERE ({key}, {column}) IN ({})",
+                vec!["(?, ?)"; rows].join(", ")
+            )),
         }
         if let Some(cond) = self.cond {
             text.push_str(&format!(" AND {cond}"));
@@ -164,6 +174,12 @@ const STEP_STARTED: CaseUpdate = CaseUpdate {
         "EXISTS (SELECT 1 FROM actions WHERE actions.id = action_steps.action_id AND actions.status = 'running')",
     ),
     row: step_started_row,
+};
+
+/// The same, when every action in the statement is known to be running.
+const STEP_STARTED_RUNNING: CaseUpdate = CaseUpdate {
+    cond: None,
+    ..STEP_STARTED
 };
 
 const CURRENT_STEP: CaseUpdate = CaseUpdate {
@@ -417,8 +433,12 @@ macro_rules! sql_backend {
                 }
                 if !seg.started.is_empty() {
                     let started = pick(&seg.started);
-                    rows += case_update(tx, &STEP_STARTED, &started).await?;
-                    rows += case_update(tx, &CURRENT_STEP, &started).await?;
+                    // The actions first: when all of them are running (one
+                    // per write), the step rows need no check of their own.
+                    let running = case_update(tx, &CURRENT_STEP, &started).await?;
+                    rows += running;
+                    let spec = if running == started.len() as u64 { &STEP_STARTED_RUNNING } else { &STEP_STARTED };
+                    rows += case_update(tx, spec, &started).await?;
                 }
                 if !seg.finishes.is_empty() {
                     rows += case_update(tx, &SUCCEEDED, &pick(&seg.finishes)).await?;
@@ -558,12 +578,10 @@ macro_rules! sql_backend {
                             q = bind(q.bind(key), &args[c]);
                         }
                     }
-                    for (key, _) in &values {
+                    for (key, args) in &values {
                         q = q.bind(key);
-                    }
-                    if spec.matching.is_some() {
-                        for (key, args) in &values {
-                            q = bind(q.bind(key), &args[spec.columns.len()]);
+                        if spec.matching.is_some() {
+                            q = bind(q, &args[spec.columns.len()]);
                         }
                     }
                     rows += q.execute(&mut *tx).await?.rows_affected();
