@@ -3,7 +3,7 @@
 //!
 //! | method | path | what |
 //! | --- | --- | --- |
-//! | POST | `/v1/actions` | submit an action → 202 (200 for an idempotent replay) |
+//! | POST | `/v1/actions` | submit an action → 202 (200 for an idempotent replay); `wait=30s` answers once it finishes |
 //! | GET | `/v1/actions` | list, newest first: `target`, `status`, `kind`, `limit`, `before` |
 //! | GET | `/v1/actions/{id}` | one action with its steps; `wait=30s` long-polls until it finishes, `since=REV` until it changes |
 //! | POST | `/v1/actions/{id}/cancel` | cancel |
@@ -97,8 +97,11 @@ pub async fn serve(
 
 async fn submit(
     State(engine): State<Engine>,
+    Query(q): Query<HashMap<String, String>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    // Checked before anything is stored, so a bad value stores nothing.
+    let wait = q.get("wait").map(|w| parse_wait(w)).transpose()?;
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -147,6 +150,12 @@ async fn submit(
         })
         .await?;
     let location = format!("/v1/actions/{}", submitted.action.id);
+    let mut action = submitted.action;
+    if let Some(wait) = wait
+        && !action.status.is_terminal()
+    {
+        action = engine.wait(action.id, None, wait).await?;
+    }
     let status = if submitted.created {
         StatusCode::ACCEPTED
     } else {
@@ -155,7 +164,7 @@ async fn submit(
     Ok((
         status,
         [(header::LOCATION, location)],
-        Json(ActionView::new(submitted.action, true)),
+        Json(ActionView::new(action, true)),
     )
         .into_response())
 }

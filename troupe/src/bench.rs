@@ -212,8 +212,8 @@ struct Run {
     missing: usize,
 }
 
-/// Runs `n` actions with `c` in flight; each worker submits, then long-polls
-/// until its action is finished.
+/// Runs `n` actions with `c` in flight; each worker submits with `wait`,
+/// which answers when the action is finished (long-polling on if it is not).
 async fn run(
     client: Arc<Client>,
     kind: &str,
@@ -243,7 +243,7 @@ async fn run(
                 let t0 = Instant::now();
                 let body =
                     json!({ "kind": kind, "target": format!("bench-{label}-{w}"), "params": {} });
-                let Ok(mut a) = client.submit(&body).await else {
+                let Ok(mut a) = client.submit_and_wait(&body).await else {
                     missing += 1;
                     continue;
                 };

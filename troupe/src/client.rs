@@ -88,6 +88,18 @@ impl Client {
         .await
     }
 
+    /// Submits and holds the request until the action finishes (or the
+    /// server's wait runs out): one round trip for a whole action.
+    pub(crate) async fn submit_and_wait(&self, body: &Value) -> Result<Value> {
+        self.send(
+            self.http
+                .post(format!("{}/v1/actions", self.base))
+                .query(&[("wait", "30s")])
+                .json(body),
+        )
+        .await
+    }
+
     pub(crate) async fn action(&self, id: i64) -> Result<Value> {
         self.get(&format!("/v1/actions/{id}"), &[]).await
     }

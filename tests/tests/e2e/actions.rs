@@ -37,6 +37,34 @@ async fn success_path(db: Db) {
     assert_eq!((status.as_str(), steps_done), ("succeeded", 3));
 }
 
+/// `POST /v1/actions?wait=…` answers with the action as it is when it
+/// finishes, or when the wait runs out; a bad wait stores nothing.
+async fn submit_can_wait_for_the_end(db: Db) {
+    let env = Env::new(db).await;
+    let server = env.serve();
+    let body = json!({ "kind": "noop3", "target": "vps-1", "params": {} });
+    let (code, a) = server.post("/v1/actions?wait=30s", &body).await;
+    assert_eq!(code, 202, "{a}");
+    assert_eq!(a["status"], "succeeded", "{a}");
+    assert_eq!(step_statuses(&a), ["succeeded"; 3]);
+
+    let slow = json!({ "kind": "sleep", "target": "vps-2", "params": { "ms": 3000 } });
+    let (code, b) = server.post("/v1/actions?wait=100ms", &slow).await;
+    assert_eq!(code, 202, "{b}");
+    assert_eq!(b["status"], "running", "the wait ran out first: {b}");
+
+    let (code, e) = server
+        .post(
+            "/v1/actions?wait=soon",
+            &json!({ "kind": "noop3", "target": "vps-3", "params": {} }),
+        )
+        .await;
+    assert_eq!(code, 400, "{e}");
+    assert_eq!(e["error"]["code"], "invalid_query", "{e}");
+    let (_, list) = server.get("/v1/actions?target=vps-3").await;
+    assert_eq!(list["actions"], json!([]), "nothing stored for a bad wait");
+}
+
 async fn settings_are_templated_from_params_and_outputs(db: Db) {
     let env = Env::new(db).await;
     let server = env.serve();
@@ -336,6 +364,7 @@ async fn list_filters_and_pages_newest_first(db: Db) {
 
 both_dbs!(
     success_path,
+    submit_can_wait_for_the_end,
     settings_are_templated_from_params_and_outputs,
     same_target_runs_in_order_others_in_parallel,
     a_failing_action_affects_only_itself,
