@@ -8,10 +8,10 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::net::unix::pipe;
 use tokio::sync::{Notify, mpsc, oneshot};
 
 pub(crate) mod protocol;
@@ -43,7 +43,7 @@ pub(crate) struct StepHost {
 }
 
 struct Inner {
-    frames: mpsc::UnboundedSender<Vec<u8>>,
+    outbox: Arc<Outbox>,
     pending: Mutex<HashMap<u64, oneshot::Sender<CallResult>>>,
     next_id: AtomicU64,
     alive: AtomicBool,
@@ -74,7 +74,7 @@ impl StepHost {
                 cmd.program
             )))?;
         let pid = child.id().unwrap_or_default();
-        let mut stdin = child.stdin.take().expect("stdin is piped");
+        let stdin = child.stdin.take().expect("stdin is piped");
         let mut stdout = child.stdout.take().expect("stdout is piped");
 
         let hello =
@@ -113,9 +113,13 @@ impl StepHost {
             }
         };
 
-        let (frames, mut frame_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let stdin = stdin
+            .into_owned_fd()
+            .and_then(pipe::Sender::from_owned_fd)
+            .map_err(crate::Error::io("setting up the step host's input pipe"))?;
+        let (outbox, backlog) = Outbox::new(stdin);
         let inner = Arc::new(Inner {
-            frames,
+            outbox: Arc::new(outbox),
             pending: Mutex::default(),
             next_id: AtomicU64::new(1),
             alive: AtomicBool::new(true),
@@ -126,20 +130,12 @@ impl StepHost {
             exports,
         });
 
-        // Writer: batches whatever frames are queued into one write.
-        tokio::spawn(async move {
-            let mut buf = Vec::new();
-            while let Some(frame) = frame_rx.recv().await {
-                buf.clear();
-                buf.extend_from_slice(&frame);
-                while let Ok(more) = frame_rx.try_recv() {
-                    buf.extend_from_slice(&more);
-                }
-                if stdin.write_all(&buf).await.is_err() || stdin.flush().await.is_err() {
-                    break;
-                }
-            }
-        });
+        // Writer: sends what callers could not write at once (a full pipe).
+        // It holds the outbox weakly: when the last handle goes, the pipe
+        // closes and the host exits.
+        {
+            tokio::spawn(write_backlog(Arc::downgrade(&inner.outbox), backlog));
+        }
 
         // Supervisor: owns the child; kills it on request, reports its exit.
         let (exit_tx, exit_rx) = oneshot::channel();
@@ -229,11 +225,7 @@ impl StepHost {
             return (id, rx);
         }
         self.inner.pending.lock().unwrap().insert(id, tx);
-        if self
-            .inner
-            .frames
-            .send(protocol::call(id, function, input))
-            .is_err()
+        if !self.inner.outbox.send(protocol::call(id, function, input))
             && let Some(tx) = self.inner.pending.lock().unwrap().remove(&id)
         {
             let _ = tx.send(CallResult::Crashed("step host is not running".into()));
@@ -243,9 +235,8 @@ impl StepHost {
 
     /// Asks a call to stop: sets the flag its step can poll.
     pub(crate) fn cancel(&self, id: u64) {
-        let _ = self
-            .inner
-            .frames
+        self.inner
+            .outbox
             .send(protocol::encode(protocol::CANCEL, id, &[]));
     }
 
@@ -269,6 +260,88 @@ impl StepHost {
     }
 }
 
+/// Sends what callers could not write at once (a full pipe), in order. It
+/// holds the outbox weakly: when the last handle goes, the pipe closes and
+/// the host exits.
+async fn write_backlog(outbox: Weak<Outbox>, mut backlog: mpsc::UnboundedReceiver<Vec<u8>>) {
+    let mut buf = Vec::new();
+    while let Some(frame) = backlog.recv().await {
+        buf.clear();
+        buf.extend_from_slice(&frame);
+        while let Ok(more) = backlog.try_recv() {
+            buf.extend_from_slice(&more);
+        }
+        let Some(outbox) = outbox.upgrade() else {
+            break;
+        };
+        if outbox.drain(&buf).await.is_err() {
+            break;
+        }
+        outbox.caught_up(&backlog);
+    }
+}
+
+/// The host's input pipe. A caller writes its frame straight into the pipe
+/// (no hand-off to another task) unless the pipe is full or earlier frames
+/// are still waiting; then the frame joins the backlog that the writer task
+/// sends in order. Nothing ever blocks a caller.
+struct Outbox {
+    pipe: pipe::Sender,
+    /// Whether frames are waiting in the backlog; guards the order.
+    state: Mutex<Backlog>,
+}
+
+struct Backlog {
+    queued: bool,
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+}
+
+impl Outbox {
+    fn new(pipe: pipe::Sender) -> (Outbox, mpsc::UnboundedReceiver<Vec<u8>>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let state = Mutex::new(Backlog { queued: false, tx });
+        (Outbox { pipe, state }, rx)
+    }
+
+    /// Writes or queues `frame`; false if the host's input is gone.
+    fn send(&self, frame: Vec<u8>) -> bool {
+        let mut state = self.state.lock().unwrap();
+        let rest = if state.queued {
+            frame
+        } else {
+            match self.pipe.try_write(&frame) {
+                Ok(n) if n == frame.len() => return true,
+                Ok(n) => frame[n..].to_vec(),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => frame,
+                Err(_) => return false,
+            }
+        };
+        state.queued = true;
+        state.tx.send(rest).is_ok()
+    }
+
+    /// Writes queued bytes, waiting for room in the pipe.
+    async fn drain(&self, mut buf: &[u8]) -> std::io::Result<()> {
+        while !buf.is_empty() {
+            self.pipe.writable().await?;
+            match self.pipe.try_write(buf) {
+                Ok(n) => buf = &buf[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Callers may write directly again once nothing is queued.
+    fn caught_up(&self, backlog: &mpsc::UnboundedReceiver<Vec<u8>>) {
+        let mut state = self.state.lock().unwrap();
+        if backlog.is_empty() {
+            state.queued = false;
+        }
+    }
+}
+
 fn reason_is_none(inner: &Inner) -> bool {
     inner.kill_reason.lock().unwrap().is_none()
 }
@@ -278,5 +351,63 @@ fn describe_exit(status: std::process::ExitStatus) -> String {
         (_, Some(sig)) => format!("signal {sig}"),
         (Some(code), _) => format!("exit status {code}"),
         _ => "unknown exit".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// Frames too big for the pipe wait in the backlog; later frames queue
+    /// behind them, and everything arrives whole and in order.
+    #[tokio::test]
+    async fn a_full_pipe_queues_frames_in_order() {
+        let (tx, mut rx) = pipe::pipe().unwrap();
+        let (outbox, backlog) = Outbox::new(tx);
+        let outbox = Arc::new(outbox);
+        let frames: Vec<Vec<u8>> = [300_000, 10, 200_000, 7]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| vec![i as u8 + 1; n])
+            .collect();
+        // (Until the reactor has seen the pipe writable, a write is queued.)
+        outbox.pipe.writable().await.unwrap();
+        assert!(outbox.send(frames[0].clone()));
+        assert!(outbox.state.lock().unwrap().queued, "the pipe filled up");
+        // Room in the pipe again, but the first frame's rest is still queued:
+        // the next frames must not jump ahead of it.
+        let mut got = vec![0; 4096];
+        rx.read_exact(&mut got).await.unwrap();
+        for f in &frames[1..] {
+            assert!(outbox.send(f.clone()));
+        }
+        tokio::spawn(write_backlog(Arc::downgrade(&outbox), backlog));
+        let want: Vec<u8> = frames.concat();
+        got.resize(want.len(), 0);
+        rx.read_exact(&mut got[4096..]).await.unwrap();
+        assert!(got == want, "bytes arrived out of order");
+
+        // Once caught up, callers write straight into the pipe again.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while outbox.state.lock().unwrap().queued {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the backlog drains");
+        assert!(outbox.send(vec![9; 3]));
+        let mut tail = [0; 3];
+        rx.read_exact(&mut tail).await.unwrap();
+        assert_eq!(tail, [9; 3]);
+
+        // The last handle gone, the pipe closes.
+        drop(outbox);
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), rx.read_to_end(&mut rest))
+            .await
+            .expect("the pipe closes")
+            .unwrap();
+        assert!(rest.is_empty());
     }
 }
