@@ -310,11 +310,7 @@ async fn health(State(engine): State<Engine>) -> Response {
         "database": { "backend": engine.store().backend(), "reachable": db.is_ok() },
         "actions": { "running": stats.running, "queued": stats.queued },
         "node": engine.config().node_id,
-        "store": {
-            "transactions": stats_of(engine.store()).0,
-            "rows_written": stats_of(engine.store()).1,
-            "writes": stats_of(engine.store()).2,
-        },
+        "store": stats_of(engine.store()),
         "version": env!("CARGO_PKG_VERSION"),
     });
     let status = if db.is_ok() {
@@ -325,15 +321,16 @@ async fn health(State(engine): State<Engine>) -> Response {
     (status, Json(body)).into_response()
 }
 
-/// The store's counters since start: (transactions, rows written, writes).
-fn stats_of(store: &engine::store::Store) -> (u64, u64, u64) {
+/// The store's counters since start.
+fn stats_of(store: &engine::store::Store) -> serde_json::Value {
     use std::sync::atomic::Ordering::Relaxed;
     let s = store.stats();
-    (
-        s.transactions.load(Relaxed),
-        s.rows_written.load(Relaxed),
-        s.writes.load(Relaxed),
-    )
+    json!({
+        "transactions": s.transactions.load(Relaxed),
+        "rows_written": s.rows_written.load(Relaxed),
+        "writes": s.writes.load(Relaxed),
+        "commit_seconds": s.commit_micros.load(Relaxed) as f64 / 1e6,
+    })
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
-//! Micro-benchmarks of the engine's hot paths: an actor `tell` and `ask`, and
-//! a step-host round trip for a no-op step. The round trip needs the troupe
-//! binary and the testkit plugin built next to this benchmark
-//! (`cargo build --release` first).
+//! Micro-benchmarks of the engine's hot paths: an actor `tell` and `ask`, a
+//! step-host round trip for a no-op step, and the cost of one more step in
+//! an action. The last two need the troupe binary and the testkit plugin
+//! built next to this benchmark (`cargo build --release` first).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use engine::HostCommand;
-use engine::bench::{AgencyProbe, HostProbe};
+use engine::bench::{AgencyProbe, EngineProbe, HostProbe};
 
 fn target_dir() -> PathBuf {
     // target/release/deps/hot_paths-HASH → target/release
@@ -83,6 +83,43 @@ fn bench(c: &mut Criterion) {
             })
         })
     });
+    g.finish();
+
+    // The cost of a step: an action of three no-op steps against one of one
+    // step, divided by the two extra steps. `step` takes out the time the
+    // store spent committing (it counts its own); `step_with_commits` keeps
+    // it (SQLite on a RAM-backed directory, so no disk flush either way).
+    let probe = Arc::new(
+        rt.block_on(EngineProbe::start(
+            host_command(),
+            include_str!("../../steps/testkit/bundle.toml"),
+            &library,
+        ))
+        .unwrap(),
+    );
+    let mut g = c.benchmark_group("control");
+    for (name, without_db) in [("step", true), ("step_with_commits", false)] {
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut cost = [Duration::ZERO; 2];
+                for (i, kind) in ["noop1", "noop3"].into_iter().enumerate() {
+                    let committing = probe.commit_time();
+                    let p = probe.clone();
+                    let elapsed = on_runtime(&rt, iters, move || {
+                        let p = p.clone();
+                        async move { assert!(p.run(kind).await) }
+                    });
+                    let db = probe.commit_time() - committing;
+                    cost[i] = if without_db {
+                        elapsed.saturating_sub(db)
+                    } else {
+                        elapsed
+                    };
+                }
+                cost[1].saturating_sub(cost[0]) / 2
+            })
+        });
+    }
     g.finish();
 }
 

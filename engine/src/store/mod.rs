@@ -361,6 +361,8 @@ impl Outcome {
 pub struct StoreStats {
     pub transactions: AtomicU64,
     pub rows_written: AtomicU64,
+    /// Time spent committing (statements and the commit itself), in µs.
+    pub commit_micros: AtomicU64,
     pub writes: AtomicU64,
 }
 
@@ -663,6 +665,7 @@ impl WriterConn {
         writes: &[&Write],
         stats: &StoreStats,
     ) -> Result<Vec<Outcome>, sqlx::Error> {
+        let began = std::time::Instant::now();
         let conn = match &mut self.conn {
             Some(conn) => conn,
             None => self.conn.insert(match &self.pool {
@@ -692,6 +695,9 @@ impl WriterConn {
             .writes
             .fetch_add(writes.len() as u64, Ordering::Relaxed);
         stats.rows_written.fetch_add(rows, Ordering::Relaxed);
+        stats
+            .commit_micros
+            .fetch_add(began.elapsed().as_micros() as u64, Ordering::Relaxed);
         Ok(outcomes)
     }
 }
