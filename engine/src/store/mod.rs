@@ -462,6 +462,7 @@ impl Store {
         let watchers = Arc::new(Watchers::default());
         let stats = Arc::new(StoreStats::default());
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        let commits = Arc::new(InFlight::default());
         for _ in 0..caps.writers {
             let conn = WriterConn {
                 pool: write.clone(),
@@ -471,6 +472,7 @@ impl Store {
                 conn,
                 caps,
                 rx.clone(),
+                commits.clone(),
                 watchers.clone(),
                 stats.clone(),
             ));
@@ -593,10 +595,24 @@ impl Store {
 /// meanwhile and starts its own transaction. A caller has at most one
 /// request in flight per action, so requests that touch the same action
 /// never commit out of order.
+/// Group commits under way, shared by the writers.
+#[derive(Default)]
+struct InFlight {
+    count: std::sync::atomic::AtomicUsize,
+    /// Notified as each commit ends.
+    ended: tokio::sync::Notify,
+}
+
+/// While another commit is under way, a writer keeps gathering writes until
+/// it ends or the batch reaches this many, rather than starting a small
+/// commit beside it: fewer, fuller commits cost the database less per write.
+const GATHER: usize = 32;
+
 async fn writer(
     mut conn: WriterConn,
     caps: Caps,
     rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Request>>>,
+    commits: Arc<InFlight>,
     watchers: Arc<Watchers>,
     stats: Arc<StoreStats>,
 ) {
@@ -607,18 +623,44 @@ async fn writer(
             let Some(first) = rx.recv().await else { return };
             batch.push(first);
             let mut count = batch[0].writes.len();
+            let mut open = true;
             while count < MAX_BATCH {
                 match rx.try_recv() {
                     Ok(req) => {
                         count += req.writes.len();
                         batch.push(req);
+                        continue;
                     }
-                    Err(_) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+                    Err(mpsc::error::TryRecvError::Empty) => {}
+                }
+                // Nothing waiting. Commit now if the database is idle (so a
+                // lone write commits at once); else gather until the commit
+                // under way ends or the batch is full enough.
+                let ended = commits.ended.notified();
+                tokio::pin!(ended);
+                ended.as_mut().enable();
+                if !open || count >= GATHER || commits.count.load(Ordering::SeqCst) == 0 {
+                    break;
+                }
+                tokio::select! {
+                    req = rx.recv() => match req {
+                        Some(req) => {
+                            count += req.writes.len();
+                            batch.push(req);
+                        }
+                        None => break,
+                    },
+                    _ = &mut ended => break,
                 }
             }
         }
         let all: Vec<&Write> = batch.iter().flat_map(|r| r.writes.iter()).collect();
-        match conn.apply(caps, &all, &stats).await {
+        commits.count.fetch_add(1, Ordering::SeqCst);
+        let applied = conn.apply(caps, &all, &stats).await;
+        commits.count.fetch_sub(1, Ordering::SeqCst);
+        commits.ended.notify_waiters();
+        match applied {
             Ok(mut outcomes) => {
                 watchers.publish(&all, &outcomes);
                 for req in batch.drain(..) {
