@@ -70,18 +70,8 @@ impl EngineProbe {
             .map_err(crate::Error::io("creating the probe's directory"))?;
         let lib = std::fs::read(library).map_err(crate::Error::io("reading the plugin"))?;
         let bytes = crate::bundle::build(manifest, &[(crate::bundle::TARGET, &lib)])?;
-        let m = crate::bundle::inspect(&bytes)?;
         let key = signing::SecretKey::from_seed([7; 32]);
-        let claims = signing::Claims {
-            name: m.name,
-            version: m.version,
-            sha256: signing::BundleHash::of(&bytes),
-            size: bytes.len() as u64,
-            abi: m.abi,
-            signed_at: 0,
-        };
-        let signature = signing::Signature::sign(&key, claims)
-            .map_err(|e| crate::Error::InvalidRequest(e.to_string()))?;
+        let signature = crate::bundle::sign(&bytes, &key, 0)?;
         let engine = crate::Engine::start(crate::Config {
             database_url: format!("sqlite://{}", dir.join("probe.db").display()),
             data_dir: dir.clone(),

@@ -420,10 +420,12 @@ impl Engine {
         // Recording and handing over run on their own task, so a caller that
         // goes away mid-request cannot leave an action stored but not run.
         let (inner, target) = (self.inner.clone(), new.target.clone());
+        // The action as the insert stores it, less the id it will get.
+        let built = insert.inserted(0).expect("an insert builds its action");
         let handover = tokio::spawn(async move {
-            let outcome = inner.store.write(vec![insert.clone()]).await.map(|o| o[0]);
+            let outcome = inner.store.write(vec![insert]).await.map(|o| o[0]);
             let action = match outcome {
-                Ok(Outcome::Inserted(id)) => insert.inserted(id),
+                Ok(Outcome::Inserted(id)) => Some(Action { id, ..built }),
                 _ => None,
             };
             match (&action, reserved) {

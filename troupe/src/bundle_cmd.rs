@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
-use engine::signing::{Claims, PublicKey, SecretKey, Signature, Trust};
+use engine::signing::{PublicKey, SecretKey, Signature, Trust};
 use serde_json::{Value, json};
 
 use crate::cli::ServerArg;
@@ -135,21 +135,12 @@ pub(crate) fn read_signed(bundle: &Path, signature: Option<PathBuf>) -> Result<(
     Ok((bytes, text))
 }
 
-/// Signs bundle bytes with a secret key.
+/// Signs bundle bytes with a secret key, now.
 pub(crate) fn sign(bytes: &[u8], key: &SecretKey) -> Result<Signature> {
-    let manifest = engine::bundle::inspect(bytes)?;
     let signed_at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
-    let claims = Claims {
-        name: manifest.name,
-        version: manifest.version,
-        sha256: engine::BundleHash::of(bytes),
-        size: bytes.len() as u64,
-        abi: manifest.abi,
-        signed_at,
-    };
-    Ok(Signature::sign(key, claims)?)
+    Ok(engine::bundle::sign(bytes, key, signed_at)?)
 }
 
 /// Writes a new secret key file with mode 0600, refusing to overwrite.

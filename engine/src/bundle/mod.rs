@@ -176,6 +176,25 @@ pub fn inspect(bytes: &[u8]) -> Result<Manifest, Invalid> {
     Manifest::parse(std::str::from_utf8(text).map_err(|_| Invalid::Manifest("not UTF-8".into()))?)
 }
 
+/// Signs bundle bytes with `key`, claiming what the bundle's manifest says
+/// (name, version, ABI) and its hash and size, at `signed_at` (Unix seconds).
+pub fn sign(
+    bytes: &[u8],
+    key: &signing::SecretKey,
+    signed_at: u64,
+) -> Result<signing::Signature, crate::Error> {
+    let manifest = inspect(bytes)?;
+    let claims = signing::Claims {
+        name: manifest.name,
+        version: manifest.version,
+        sha256: BundleHash::of(bytes),
+        size: bytes.len() as u64,
+        abi: manifest.abi,
+        signed_at,
+    };
+    Ok(signing::Signature::sign(key, claims)?)
+}
+
 /// Reads every entry, refusing anything but plain files at safe relative
 /// paths and stopping any entry that inflates past the limits.
 fn read_entries(bytes: &[u8]) -> Result<Vec<(String, Vec<u8>)>, Invalid> {

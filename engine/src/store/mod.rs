@@ -586,15 +586,6 @@ impl Store {
     }
 }
 
-/// The group-commit loop: takes every request waiting, commits them in one
-/// transaction, answers them all. If the batch fails, each request is retried
-/// alone so one bad write cannot fail its neighbours.
-///
-/// Several writers may share one queue (see [`Caps::writers`]): while one
-/// waits for its commit to be flushed, the next collects what arrived
-/// meanwhile and starts its own transaction. A caller has at most one
-/// request in flight per action, so requests that touch the same action
-/// never commit out of order.
 /// Group commits under way, shared by the writers.
 #[derive(Default)]
 struct InFlight {
@@ -608,6 +599,15 @@ struct InFlight {
 /// commit beside it: fewer, fuller commits cost the database less per write.
 const GATHER: usize = 32;
 
+/// The group-commit loop: takes every request waiting, commits them in one
+/// transaction, answers them all. If the batch fails, each request is retried
+/// alone so one bad write cannot fail its neighbours.
+///
+/// Several writers may share one queue (see [`Caps::writers`]): while one
+/// waits for its commit to be flushed, the next collects what arrived
+/// meanwhile ([`next_batch`]) and starts its own transaction. A caller has at most one
+/// request in flight per action, so requests that touch the same action
+/// never commit out of order.
 async fn writer(
     mut conn: WriterConn,
     caps: Caps,
@@ -618,42 +618,9 @@ async fn writer(
 ) {
     let mut batch: Vec<Request> = Vec::new();
     loop {
-        {
-            let mut rx = rx.lock().await;
-            let Some(first) = rx.recv().await else { return };
-            batch.push(first);
-            let mut count = batch[0].writes.len();
-            let mut open = true;
-            while count < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(req) => {
-                        count += req.writes.len();
-                        batch.push(req);
-                        continue;
-                    }
-                    Err(mpsc::error::TryRecvError::Disconnected) => open = false,
-                    Err(mpsc::error::TryRecvError::Empty) => {}
-                }
-                // Nothing waiting. Commit now if the database is idle (so a
-                // lone write commits at once); else gather until the commit
-                // under way ends or the batch is full enough.
-                let ended = commits.ended.notified();
-                tokio::pin!(ended);
-                ended.as_mut().enable();
-                if !open || count >= GATHER || commits.count.load(Ordering::SeqCst) == 0 {
-                    break;
-                }
-                tokio::select! {
-                    req = rx.recv() => match req {
-                        Some(req) => {
-                            count += req.writes.len();
-                            batch.push(req);
-                        }
-                        None => break,
-                    },
-                    _ = &mut ended => break,
-                }
-            }
+        next_batch(&mut *rx.lock().await, &commits, &mut batch).await;
+        if batch.is_empty() {
+            return;
         }
         let all: Vec<&Write> = batch.iter().flat_map(|r| r.writes.iter()).collect();
         commits.count.fetch_add(1, Ordering::SeqCst);
@@ -683,6 +650,45 @@ async fn writer(
                 }
             }
         }
+    }
+}
+
+/// Fills `batch` with the next requests: everything waiting and, while
+/// another commit is under way, what arrives until it ends or [`GATHER`]
+/// writes are in. With the database idle a lone write goes at once. Leaves
+/// `batch` empty when the store has closed.
+async fn next_batch(
+    rx: &mut mpsc::Receiver<Request>,
+    commits: &InFlight,
+    batch: &mut Vec<Request>,
+) {
+    let Some(first) = rx.recv().await else { return };
+    let mut count = first.writes.len();
+    batch.push(first);
+    while count < MAX_BATCH {
+        let req = match rx.try_recv() {
+            Ok(req) => req,
+            Err(mpsc::error::TryRecvError::Disconnected) => return,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                // Registered before the count is read, so an ending commit
+                // cannot be missed.
+                let ended = commits.ended.notified();
+                tokio::pin!(ended);
+                ended.as_mut().enable();
+                if count >= GATHER || commits.count.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                tokio::select! {
+                    req = rx.recv() => match req {
+                        Some(req) => req,
+                        None => return,
+                    },
+                    _ = &mut ended => return,
+                }
+            }
+        };
+        count += req.writes.len();
+        batch.push(req);
     }
 }
 

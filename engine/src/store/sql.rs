@@ -48,7 +48,8 @@ struct Segment {
 }
 
 impl Segment {
-    /// Adds write `i`; false if it cannot join this segment.
+    /// Adds write `i`; false if it cannot join this segment. An empty
+    /// segment takes any hot-path write.
     fn add(&mut self, i: usize, w: &Write) -> bool {
         let (phase, list) = match w {
             Write::Insert { new, .. } if new.idempotency_key.is_none() => (0, &mut self.inserts),
@@ -609,56 +610,9 @@ macro_rules! sql_backend {
                         let (ids, _) = insert_rows(tx, &[w], returning).await?;
                         return Ok(Outcome::Inserted(ids[0]));
                     }
-                    Write::Start { id, owner, lease_until, at } => {
-                        sqlx::query(
-                            "UPDATE actions SET status = 'running', owner = ?, lease_expires_at = ?, \
-                             started_at = COALESCE(started_at, ?), revision = revision + 1 WHERE id = ? AND status IN ('queued', 'running')",
-                        )
-                        .bind(owner)
-                        .bind(lease_until)
-                        .bind(at)
-                        .bind(id)
-                        .execute(&mut *tx)
-                        .await?
-                        .rows_affected()
-                    }
-                    Write::StepStarted { id, seq, name, attempt, at } => {
-                        let a = sqlx::query(
-                            "UPDATE action_steps SET status = 'running', attempt = ?, started_at = ?, finished_at = NULL \
-                             WHERE action_id = ? AND seq = ? AND EXISTS (SELECT 1 FROM actions WHERE id = ? AND status = 'running')",
-                        )
-                        .bind(*attempt as i64)
-                        .bind(at)
-                        .bind(id)
-                        .bind(*seq as i64)
-                        .bind(id)
-                        .execute(&mut *tx)
-                        .await?
-                        .rows_affected();
-                        // Only for a running action: a cancel may have won the race to the row.
-                        let b = sqlx::query(
-                            "UPDATE actions SET current_step = ?, revision = revision + 1 WHERE id = ? AND status = 'running'",
-                        )
-                            .bind(name)
-                            .bind(id)
-                            .execute(&mut *tx)
-                            .await?
-                            .rows_affected();
-                        a + b
-                    }
-                    Write::StepSucceeded { id, seq, output, at } => {
-                        // No revision bump: a success always commits with the next write, which bumps.
-                        sqlx::query(
-                            "UPDATE action_steps SET status = 'succeeded', output = ?, error = NULL, finished_at = ? \
-                             WHERE action_id = ? AND seq = ?",
-                        )
-                        .bind(output)
-                        .bind(at)
-                        .bind(id)
-                        .bind(*seq as i64)
-                        .execute(&mut *tx)
-                        .await?
-                        .rows_affected()
+                    // These always join a segment (an empty one takes any of them).
+                    Write::Start { .. } | Write::StepStarted { .. } | Write::StepSucceeded { .. } => {
+                        unreachable!("{w:?} is committed with its segment")
                     }
                     Write::StepAttemptFailed { id, seq, attempt, started_at, error, at } => {
                         let a = sqlx::query(
