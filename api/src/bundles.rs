@@ -4,13 +4,13 @@
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Multipart, Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use engine::{BundleInfo, Engine, KeyInfo};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use engine::Engine;
 
-use crate::{ApiError, AppState, wire};
+use crate::auth::{Admin, Caller, Read};
+use crate::wire::{AddKey, BundleList, BundleUpload, BundleView, ErrorBody, KeyList, KeyView};
+use crate::{ApiError, AppState};
 
 /// Largest bundle upload accepted.
 pub(crate) const MAX_BUNDLE: usize = 64 << 20;
@@ -23,35 +23,25 @@ fn too_large() -> ApiError {
     )
 }
 
-pub(crate) fn bundle_json(b: BundleInfo) -> Value {
-    json!({
-        "hash": b.hash,
-        "name": b.name,
-        "version": b.version,
-        "abi": b.abi,
-        "size": b.size,
-        "signer": b.signer,
-        "status": b.status.as_str(),
-        "in_flight": b.in_flight,
-        "host_running": b.host_running,
-        "kinds": b.kinds,
-        "steps": b.steps,
-        "created_at": wire::time(&b.created_at),
-        "activated_at": wire::time(&b.activated_at),
-    })
-}
-
-fn key_json(k: KeyInfo) -> Value {
-    json!({
-        "key_id": k.key.id().to_string(),
-        "public_key": k.key.to_string(),
-        "revoked": k.revoked,
-        "source": if k.configured { "config" } else { "api" },
-    })
-}
-
-/// `POST /v1/bundles`: multipart with a `bundle` file and its `signature`.
+/// Push a signed bundle: multipart with a `bundle` file and its `signature`.
+///
+/// The Source Authority checks it; accepted, it becomes its name's active
+/// version. 201 for a new bundle, 200 if the server already held these bytes.
+#[utoipa::path(
+    post, path = "/v1/bundles", tag = "bundles",
+    request_body(content = BundleUpload, content_type = "multipart/form-data"),
+    security(("bearer" = ["admin"])),
+    responses(
+        (status = 201, body = BundleView), (status = 200, body = BundleView),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, description = "missing_scope_admin, signature_untrusted_key, signature_revoked_key", body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 422, description = "the archive, manifest, library or signature is unusable", body = ErrorBody),
+        (status = 503, body = ErrorBody),
+    )
+)]
 pub(crate) async fn push(
+    caller: Caller<Admin>,
     State(engine): State<Engine>,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<Response, ApiError> {
@@ -113,7 +103,9 @@ pub(crate) async fn push(
     if bundle.len() > MAX_BUNDLE {
         return Err(too_large());
     }
-    let admitted = engine.admit_bundle(bundle.to_vec(), signature).await?;
+    let admitted = engine
+        .admit_bundle(bundle.to_vec(), signature, &caller.principal.name)
+        .await?;
     let hash = admitted.bundle.hash.to_string();
     let info = engine.bundle(&hash).await?;
     let status = if admitted.created {
@@ -124,29 +116,60 @@ pub(crate) async fn push(
     Ok((
         status,
         [(header::LOCATION, format!("/v1/bundles/{hash}"))],
-        Json(bundle_json(info)),
+        Json(BundleView::from(info)),
     )
         .into_response())
 }
 
-pub(crate) async fn list(State(engine): State<Engine>) -> Result<Json<Value>, ApiError> {
-    let bundles: Vec<Value> = engine
+/// The bundles the server holds, oldest first.
+#[utoipa::path(
+    get, path = "/v1/bundles", tag = "bundles",
+    security(("bearer" = ["read"])),
+    responses((status = 200, body = BundleList), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody))
+)]
+pub(crate) async fn list(
+    _: Caller<Read>,
+    State(engine): State<Engine>,
+) -> Result<Json<BundleList>, ApiError> {
+    let bundles = engine
         .bundles()
         .await?
         .into_iter()
-        .map(bundle_json)
+        .map(BundleView::from)
         .collect();
-    Ok(Json(json!({ "bundles": bundles })))
+    Ok(Json(BundleList { bundles }))
 }
 
+/// One bundle.
+#[utoipa::path(
+    get, path = "/v1/bundles/{hash}", tag = "bundles",
+    params(("hash" = String, Path, description = "SHA-256, hex")),
+    security(("bearer" = ["read"])),
+    responses(
+        (status = 200, body = BundleView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+    )
+)]
 pub(crate) async fn show(
+    _: Caller<Read>,
     State(engine): State<Engine>,
     Path(hash): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    Ok(Json(bundle_json(engine.bundle(&hash).await?)))
+) -> Result<Json<BundleView>, ApiError> {
+    Ok(Json(engine.bundle(&hash).await?.into()))
 }
 
+/// The signed bytes: code, so admins only.
+#[utoipa::path(
+    get, path = "/v1/bundles/{hash}/content", tag = "bundles",
+    params(("hash" = String, Path)),
+    security(("bearer" = ["admin"])),
+    responses(
+        (status = 200, content_type = "application/zip", body = Vec<u8>),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+    )
+)]
 pub(crate) async fn content(
+    _: Caller<Admin>,
     State(engine): State<Engine>,
     Path(hash): Path<String>,
 ) -> Result<Response, ApiError> {
@@ -158,86 +181,92 @@ pub(crate) async fn content(
         .into_response())
 }
 
+/// Make a held version its name's active version again (rollback).
+#[utoipa::path(
+    post, path = "/v1/bundles/{hash}/activate", tag = "bundles",
+    params(("hash" = String, Path)),
+    security(("bearer" = ["admin"])),
+    responses(
+        (status = 200, body = BundleView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, description = "bundle_revoked", body = ErrorBody),
+    )
+)]
 pub(crate) async fn activate(
+    caller: Caller<Admin>,
     State(engine): State<Engine>,
     Path(hash): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    Ok(Json(bundle_json(engine.activate_bundle(&hash).await?)))
+) -> Result<Json<BundleView>, ApiError> {
+    let info = engine
+        .activate_bundle(&hash, &caller.principal.name)
+        .await?;
+    Ok(Json(info.into()))
 }
 
-/// Key management changes what code the server will run, so it needs the
-/// admin token; without one configured it is switched off.
-fn admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(token) = &state.admin_token else {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "admin_disabled",
-            "key management is off: start the server with --admin-token (or TROUPE_ADMIN_TOKEN)",
-        ));
-    };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    // Compare without an early exit so timing does not reveal the token.
-    let ok = given.is_some_and(|g| {
-        g.len() == token.len()
-            && g.bytes()
-                .zip(token.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
-    });
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "send the admin token as `Authorization: Bearer TOKEN`",
-        ))
-    }
-}
-
-pub(crate) async fn keys(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let keys: Vec<Value> = state
+/// The keys trusted to sign bundles.
+#[utoipa::path(
+    get, path = "/v1/keys", tag = "bundles",
+    security(("bearer" = ["read"])),
+    responses((status = 200, body = KeyList), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody))
+)]
+pub(crate) async fn keys(
+    _: Caller<Read>,
+    State(state): State<AppState>,
+) -> Result<Json<KeyList>, ApiError> {
+    let keys = state
         .engine
         .keys()
         .await?
         .into_iter()
-        .map(key_json)
+        .map(KeyView::from)
         .collect();
-    Ok(Json(json!({ "keys": keys })))
+    Ok(Json(KeyList { keys }))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct AddKey {
-    public_key: String,
-}
-
+/// Trust a public key for signing bundles.
+#[utoipa::path(
+    post, path = "/v1/keys", tag = "bundles",
+    request_body = AddKey,
+    security(("bearer" = ["admin"])),
+    responses(
+        (status = 201, body = KeyView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 409, description = "key_revoked", body = ErrorBody),
+        (status = 422, description = "key_malformed", body = ErrorBody),
+    )
+)]
 pub(crate) async fn add_key(
+    caller: Caller<Admin>,
     State(state): State<AppState>,
-    headers: HeaderMap,
     body: axum::body::Bytes,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
-    admin(&state, &headers)?;
+) -> Result<(StatusCode, Json<KeyView>), ApiError> {
     let req: AddKey = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(
             "invalid_request",
             format!("{e}; expected {{\"public_key\": \"ed25519:…\"}}"),
         )
     })?;
-    Ok((
-        StatusCode::CREATED,
-        Json(key_json(state.engine.trust_key(&req.public_key).await?)),
-    ))
+    let key = state
+        .engine
+        .trust_key(&req.public_key, &caller.principal.name)
+        .await?;
+    Ok((StatusCode::CREATED, Json(key.into())))
 }
 
+/// Revoke a key: its bundles take no new actions, and actions in flight
+/// on them fail at their next step.
+#[utoipa::path(
+    post, path = "/v1/keys/{id}/revoke", tag = "bundles",
+    params(("id" = String, Path, description = "key id")),
+    security(("bearer" = ["admin"])),
+    responses(
+        (status = 200, body = KeyView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+    )
+)]
 pub(crate) async fn revoke_key(
+    caller: Caller<Admin>,
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    admin(&state, &headers)?;
-    Ok(Json(key_json(state.engine.revoke_key(&id).await?)))
+) -> Result<Json<KeyView>, ApiError> {
+    let key = state.engine.revoke_key(&id, &caller.principal.name).await?;
+    Ok(Json(key.into()))
 }

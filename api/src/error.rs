@@ -1,10 +1,178 @@
 //! The API's one error type. Every error leaves as
-//! `{"error": {"code": "...", "message": "..."}}` with a stable code.
+//! `{"error": {"code": "...", "message": "..."}}` with a stable code from
+//! [`CODES`], the table `/openapi.json` publishes as the `ErrorCode` schema.
 
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+
+/// Every error code the API answers with, its HTTP status and when.
+pub const CODES: &[(&str, u16, &str)] = &[
+    ("malformed_json", 400, "the body is not JSON"),
+    ("unreadable_body", 400, "the body could not be read"),
+    (
+        "invalid_request",
+        400,
+        "wrong types, unknown fields, or values out of range",
+    ),
+    ("missing_target", 400, "`target` missing or empty"),
+    ("unknown_kind", 400, "no active bundle provides the kind"),
+    (
+        "missing_param",
+        400,
+        "the kind needs params the request lacks (all are named)",
+    ),
+    (
+        "invalid_param",
+        400,
+        "an unknown param, or one that breaks the kind's schema",
+    ),
+    ("invalid_query", 400, "a bad query parameter"),
+    (
+        "bundle_incomplete",
+        400,
+        "fewer bytes arrived than were signed",
+    ),
+    (
+        "unauthorized",
+        401,
+        "no credential, or one that is not a valid token",
+    ),
+    ("token_revoked", 401, "the token was revoked"),
+    ("token_expired", 401, "the token has expired"),
+    ("missing_scope_read", 403, "the token lacks the read scope"),
+    (
+        "missing_scope_submit",
+        403,
+        "the token lacks the submit scope",
+    ),
+    (
+        "missing_scope_operate",
+        403,
+        "the token lacks the operate scope",
+    ),
+    (
+        "missing_scope_admin",
+        403,
+        "the token lacks the admin scope",
+    ),
+    (
+        "kind_not_allowed",
+        403,
+        "a submit token limited to other kinds",
+    ),
+    (
+        "signature_untrusted_key",
+        403,
+        "signed by a key the server does not trust",
+    ),
+    ("signature_revoked_key", 403, "signed by a revoked key"),
+    ("action_not_found", 404, "no action with that id"),
+    ("bundle_not_found", 404, "no bundle with that hash"),
+    ("key_not_found", 404, "no key with that id"),
+    ("token_not_found", 404, "no token with that id"),
+    ("secret_not_found", 404, "no secret with that name"),
+    ("no_route", 404, "no such endpoint"),
+    (
+        "idempotency_conflict",
+        409,
+        "the idempotency key was used for a different request",
+    ),
+    ("not_cancellable", 409, "the action already finished"),
+    (
+        "kind_not_configured",
+        409,
+        "the kind uses a deployment variable this server does not set",
+    ),
+    (
+        "kind_conflict",
+        409,
+        "another active bundle already provides one of the bundle's kinds",
+    ),
+    (
+        "bundle_version_not_newer",
+        409,
+        "a version at or below one already accepted",
+    ),
+    ("bundle_revoked", 409, "the bundle's signer was revoked"),
+    ("key_revoked", 409, "re-trusting a revoked key"),
+    ("token_name_taken", 409, "a token with that name exists"),
+    ("body_too_large", 413, "request body over 1 MiB"),
+    ("bundle_too_large", 413, "bundle upload over 64 MiB"),
+    ("bundle_not_zip", 422, "the bundle is not a zip archive"),
+    ("bundle_no_manifest", 422, "the bundle has no manifest.toml"),
+    ("bundle_manifest_invalid", 422, "the manifest is invalid"),
+    (
+        "bundle_abi_unsupported",
+        422,
+        "the manifest names an unsupported ABI",
+    ),
+    (
+        "bundle_no_library_for_platform",
+        422,
+        "no library for this platform",
+    ),
+    (
+        "bundle_missing_steps",
+        422,
+        "the library does not export a step the manifest names",
+    ),
+    (
+        "bundle_unsafe_entry",
+        422,
+        "an absolute path, `..`, a link or a duplicate entry",
+    ),
+    (
+        "bundle_entry_too_large",
+        422,
+        "an entry inflates past the limit",
+    ),
+    ("bundle_library_invalid", 422, "the library does not load"),
+    (
+        "key_malformed",
+        422,
+        "a public key that is not ed25519:<64 hex>",
+    ),
+    ("signature_malformed", 422, "the signature is unreadable"),
+    ("signature_invalid", 422, "the signature does not verify"),
+    (
+        "signature_claims_mismatch",
+        422,
+        "the signature does not match the manifest",
+    ),
+    (
+        "bundle_hash_mismatch",
+        422,
+        "the bytes do not hash to what was signed",
+    ),
+    ("internal", 500, "an unexpected error; see the server log"),
+    (
+        "database_unavailable",
+        503,
+        "the database did not answer; nothing changed",
+    ),
+    ("shutting_down", 503, "the server is stopping"),
+];
+
+/// The `ErrorCode` schema: a string, one of [`CODES`].
+pub(crate) struct ErrorCode;
+
+impl utoipa::PartialSchema for ErrorCode {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, SchemaType, Type};
+        let description: Vec<String> = CODES
+            .iter()
+            .map(|(code, status, when)| format!("`{code}` ({status}): {when}"))
+            .collect();
+        ObjectBuilder::new()
+            .schema_type(SchemaType::new(Type::String))
+            .enum_values(Some(CODES.iter().map(|(code, _, _)| *code)))
+            .description(Some(description.join("\n")))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for ErrorCode {}
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -15,6 +183,12 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        debug_assert!(
+            CODES
+                .iter()
+                .any(|(c, s, _)| *c == code && *s == status.as_u16()),
+            "error code {code} ({status}) is not in the CODES table"
+        );
         ApiError {
             status,
             code,
@@ -29,11 +203,20 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(json!({ "error": { "code": self.code, "message": self.message } })),
-        )
-            .into_response()
+        let body = crate::wire::ErrorBody {
+            error: crate::wire::ErrorDetail {
+                code: self.code,
+                message: self.message,
+            },
+        };
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer realm=\"troupe\""),
+            );
+        }
+        response
     }
 }
 
@@ -43,6 +226,8 @@ impl From<engine::Error> for ApiError {
         let (status, code) = match &e {
             E::UnknownKind { .. } => (StatusCode::BAD_REQUEST, "unknown_kind"),
             E::MissingParam { .. } => (StatusCode::BAD_REQUEST, "missing_param"),
+            E::InvalidParam(_) => (StatusCode::BAD_REQUEST, "invalid_param"),
+            E::KindNotConfigured { .. } => (StatusCode::CONFLICT, "kind_not_configured"),
             E::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
             E::ActionNotFound(_) => (StatusCode::NOT_FOUND, "action_not_found"),
             E::IdempotencyConflict(_) => (StatusCode::CONFLICT, "idempotency_conflict"),
@@ -62,8 +247,12 @@ impl From<engine::Error> for ApiError {
                 "signature_claims_mismatch",
             ),
             E::VersionNotNewer { .. } => (StatusCode::CONFLICT, "bundle_version_not_newer"),
+            E::KindConflict { .. } => (StatusCode::CONFLICT, "kind_conflict"),
             E::KeyNotFound(_) => (StatusCode::NOT_FOUND, "key_not_found"),
             E::KeyRevoked(_) => (StatusCode::CONFLICT, "key_revoked"),
+            E::TokenNameTaken(_) => (StatusCode::CONFLICT, "token_name_taken"),
+            E::TokenNotFound(_) => (StatusCode::NOT_FOUND, "token_not_found"),
+            E::SecretNotFound(_) => (StatusCode::NOT_FOUND, "secret_not_found"),
             E::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
             E::Database(_) | E::Migrate(_) => {
                 // Log the details once, here; never send SQL to clients.
@@ -72,6 +261,14 @@ impl From<engine::Error> for ApiError {
                     StatusCode::SERVICE_UNAVAILABLE,
                     "database_unavailable",
                     "the database is unavailable; nothing was changed, retry shortly",
+                );
+            }
+            E::WriteRefused(_) => {
+                tracing::error!(error = %e, "the database refused a write while serving a request");
+                return ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal error: the database refused the change, which was not made; see the server log",
                 );
             }
             E::Io { .. } => {

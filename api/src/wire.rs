@@ -1,18 +1,29 @@
-//! The JSON the API speaks. These types are the public contract; the
-//! engine's own types never leave the server directly.
+//! The JSON the API speaks. These types are the public contract (and the
+//! source of `/openapi.json`); the engine's own types never leave the server
+//! directly.
+
+use std::collections::BTreeMap;
 
 use chrono::SecondsFormat;
 use engine::model::{Action, StepRecord, Timestamp};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use utoipa::ToSchema;
 
-#[derive(Debug, Deserialize)]
+/// A request to run an action.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"kind": "reboot", "target": "vps-123", "params": {"host": "10.0.0.5", "port": 22}, "idempotency_key": "req-8c1f"}))]
 pub struct SubmitRequest {
+    /// The action kind (see `GET /v1/kinds`).
     pub kind: String,
+    /// What the action is for; one target's actions run one at a time, in order.
     pub target: String,
+    /// The kind's params, checked against its schema.
     #[serde(default)]
+    #[schema(value_type = Object)]
     pub params: Map<String, Value>,
+    /// Makes resubmitting safe: the same key and request return the first action.
     #[serde(default)]
     pub idempotency_key: Option<String>,
     /// Pin the action to this bundle hash instead of the kind's active bundle.
@@ -20,44 +31,283 @@ pub struct SubmitRequest {
     pub bundle: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+/// An action; `steps` only where one action is shown.
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ActionView {
     pub id: i64,
     pub kind: String,
     pub target: String,
+    #[schema(value_type = Object)]
     pub params: Map<String, Value>,
+    /// queued, running, succeeded, failed or cancelled.
+    #[schema(value_type = String, example = "running")]
     pub status: &'static str,
+    /// SHA-256 of the bundle the action is pinned to.
     pub bundle: String,
     pub current_step: Option<String>,
     pub error: Option<String>,
     pub idempotency_key: Option<String>,
+    /// The name of the API token that submitted it.
+    pub submitted_by: Option<String>,
     /// Bumped on every change; pass it as `since` to wait for the next one.
     pub revision: i64,
     pub created_at: String,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
+    /// When a cancel was first asked for. Once set, the action ends
+    /// `cancelled` at its next chance, even across a restart.
+    pub cancel_requested_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub steps: Option<Vec<StepView>>,
 }
 
-#[derive(Debug, Serialize)]
+/// One step of an action.
+#[derive(Debug, Serialize, ToSchema)]
 pub struct StepView {
     pub seq: u32,
     pub name: String,
+    /// The bundle step definition it runs.
     pub step: String,
+    /// pending, running, succeeded, failed, skipped or cancelled.
+    #[schema(value_type = String, example = "succeeded")]
     pub status: &'static str,
     pub attempt: u32,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
+    /// What the step returned, any JSON (secrets masked as `***`).
+    #[schema(value_type = Option<Value>)]
     pub output: Option<Value>,
     pub error: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ActionList {
     pub actions: Vec<ActionView>,
-    /// Pass as `before` to get the next page; absent on the last page.
+    /// Pass as `before` to get the next page; null on the last page.
     pub next_before: Option<i64>,
+}
+
+/// An action kind new actions can use.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KindView {
+    pub name: String,
+    pub description: String,
+    /// Each param's schema (a JSON Schema subset: type, enum, pattern, …).
+    #[schema(value_type = Object)]
+    pub params: BTreeMap<String, Value>,
+    /// Step names, in order.
+    pub steps: Vec<String>,
+    pub bundle: String,
+    pub bundle_name: String,
+    pub bundle_version: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KindList {
+    pub kinds: Vec<KindView>,
+}
+
+/// `/v1/health`: `status` alone without a credential; the rest with a read
+/// credential.
+#[derive(Debug, Default, Serialize, ToSchema)]
+pub struct Health {
+    /// ok, or degraded when the database does not answer.
+    pub status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database: Option<DatabaseHealth>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub actions: Option<ActionCounts>,
+    /// This server's name (`actions.owner`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store: Option<StoreCounters>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<&'static str>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DatabaseHealth {
+    /// sqlite or mysql.
+    pub backend: &'static str,
+    pub reachable: bool,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ActionCounts {
+    pub running: usize,
+    pub queued: usize,
+}
+
+/// The store's counters since start.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StoreCounters {
+    pub transactions: u64,
+    pub rows_written: u64,
+    pub writes: u64,
+    pub commit_seconds: f64,
+}
+
+/// A bundle the server holds.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BundleView {
+    pub hash: String,
+    pub name: String,
+    pub version: String,
+    pub abi: u32,
+    pub size: u64,
+    /// Key id of the signing key.
+    pub signer: String,
+    /// active, draining, drained or revoked.
+    #[schema(value_type = String, example = "active")]
+    pub status: &'static str,
+    /// Unfinished actions pinned to it.
+    pub in_flight: i64,
+    pub host_running: bool,
+    pub kinds: Vec<String>,
+    pub steps: Vec<String>,
+    pub created_at: String,
+    pub activated_at: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BundleList {
+    pub bundles: Vec<BundleView>,
+}
+
+/// The multipart body of `POST /v1/bundles`.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct BundleUpload {
+    /// The bundle's bytes.
+    #[schema(format = Binary, content_media_type = "application/octet-stream")]
+    bundle: String,
+    /// The detached signature text (`troupe bundle sign` writes it to BUNDLE.sig).
+    signature: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KeyView {
+    pub key_id: String,
+    /// `ed25519:<64 hex>`.
+    pub public_key: String,
+    pub revoked: bool,
+    /// config (from --trust) or api.
+    #[schema(value_type = String, example = "api")]
+    pub source: &'static str,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KeyList {
+    pub keys: Vec<KeyView>,
+}
+
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"public_key": "ed25519:3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29"}))]
+pub struct AddKey {
+    pub public_key: String,
+}
+
+/// An API token as listed: never its secret.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TokenView {
+    /// The public part of the token (`troupe_<id>_<secret>`).
+    pub id: String,
+    pub name: String,
+    pub scopes: Vec<String>,
+    /// Kinds a submit token may use; null for any.
+    pub kinds: Option<Vec<String>>,
+    pub created_by: String,
+    pub created_at: String,
+    pub expires_at: Option<String>,
+    pub revoked_at: Option<String>,
+    /// Neither revoked nor expired.
+    pub active: bool,
+}
+
+/// A new token, with its text: shown this once.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TokenCreated {
+    #[serde(flatten)]
+    pub info: TokenView,
+    /// `troupe_<id>_<secret>`; only its hash is stored.
+    pub token: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TokenList {
+    pub tokens: Vec<TokenView>,
+}
+
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"name": "panel", "scopes": ["submit", "operate"], "kinds": ["reboot"], "expires_at": "2027-03-01T00:00:00Z"}))]
+pub struct CreateToken {
+    pub name: String,
+    /// read, submit, operate or admin.
+    pub scopes: Vec<String>,
+    #[serde(default)]
+    pub kinds: Option<Vec<String>>,
+    /// RFC 3339; absent for a token that does not expire.
+    #[serde(default)]
+    pub expires_at: Option<String>,
+}
+
+/// An administrative change.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditView {
+    pub id: i64,
+    pub at: String,
+    /// The token's name, or how the server was configured.
+    pub actor: String,
+    /// bundle.pushed, bundle.activated, key.trusted, key.revoked,
+    /// token.created, token.revoked, secret.set or secret.deleted.
+    pub event: String,
+    /// A bundle hash, key id, token id or secret name.
+    pub subject: String,
+    #[schema(value_type = Option<Value>)]
+    pub detail: Option<Value>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditList {
+    pub entries: Vec<AuditView>,
+    pub next_before: Option<i64>,
+}
+
+/// A secret as listed: never its value.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SecretView {
+    pub name: String,
+    pub updated_at: String,
+    pub updated_by: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SecretList {
+    pub secrets: Vec<SecretView>,
+}
+
+#[derive(Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"value": "correct horse battery staple"}))]
+pub struct SetSecret {
+    pub value: String,
+}
+
+/// Every error: a stable code and a message for people.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable; see the `ErrorCode` schema for every code.
+    #[schema(value_type = crate::error::ErrorCode)]
+    pub code: &'static str,
+    pub message: String,
 }
 
 pub fn time(t: &Timestamp) -> String {
@@ -76,10 +326,12 @@ impl ActionView {
             current_step: a.current_step,
             error: a.error,
             idempotency_key: a.idempotency_key,
+            submitted_by: a.submitted_by,
             revision: a.revision,
             created_at: time(&a.created_at),
             started_at: a.started_at.as_ref().map(time),
             finished_at: a.finished_at.as_ref().map(time),
+            cancel_requested_at: a.cancel_requested_at.as_ref().map(time),
             steps: with_steps.then(|| a.steps.into_iter().map(StepView::new).collect()),
         }
     }
@@ -97,6 +349,99 @@ impl StepView {
             finished_at: s.finished_at.as_ref().map(time),
             output: s.output,
             error: s.error,
+        }
+    }
+}
+
+impl From<engine::BundleInfo> for BundleView {
+    fn from(b: engine::BundleInfo) -> BundleView {
+        BundleView {
+            hash: b.hash,
+            name: b.name,
+            version: b.version,
+            abi: b.abi,
+            size: b.size,
+            signer: b.signer,
+            status: b.status.as_str(),
+            in_flight: b.in_flight,
+            host_running: b.host_running,
+            kinds: b.kinds,
+            steps: b.steps,
+            created_at: time(&b.created_at),
+            activated_at: time(&b.activated_at),
+        }
+    }
+}
+
+impl From<engine::KeyInfo> for KeyView {
+    fn from(k: engine::KeyInfo) -> KeyView {
+        KeyView {
+            key_id: k.key.id().to_string(),
+            public_key: k.key.to_string(),
+            revoked: k.revoked,
+            source: if k.configured { "config" } else { "api" },
+        }
+    }
+}
+
+impl From<&engine::access::TokenInfo> for TokenView {
+    fn from(t: &engine::access::TokenInfo) -> TokenView {
+        TokenView {
+            id: t.id.clone(),
+            name: t.name.clone(),
+            scopes: t.scopes.iter().map(|s| s.as_str().to_owned()).collect(),
+            kinds: t.kinds.clone(),
+            created_by: t.created_by.clone(),
+            created_at: time(&t.created_at),
+            expires_at: t.expires_at.as_ref().map(time),
+            revoked_at: t.revoked_at.as_ref().map(time),
+            active: t.is_active(engine::model::now()),
+        }
+    }
+}
+
+impl From<&engine::store::AuditEntry> for AuditView {
+    fn from(e: &engine::store::AuditEntry) -> AuditView {
+        AuditView {
+            id: e.id,
+            at: time(&e.at),
+            actor: e.actor.clone(),
+            event: e.event.clone(),
+            subject: e.subject.clone(),
+            detail: e.detail.clone(),
+        }
+    }
+}
+
+impl From<&engine::SecretInfo> for SecretView {
+    fn from(s: &engine::SecretInfo) -> SecretView {
+        SecretView {
+            name: s.name.clone(),
+            updated_at: time(&s.updated_at),
+            updated_by: s.updated_by.clone(),
+        }
+    }
+}
+
+impl From<engine::KindInfo> for KindView {
+    fn from(k: engine::KindInfo) -> KindView {
+        KindView {
+            name: k.name,
+            description: k.description,
+            params: k
+                .params
+                .into_iter()
+                .map(|(name, spec)| {
+                    (
+                        name,
+                        serde_json::to_value(spec).expect("a schema serializes"),
+                    )
+                })
+                .collect(),
+            steps: k.steps,
+            bundle: k.bundle,
+            bundle_name: k.bundle_name,
+            bundle_version: k.bundle_version,
         }
     }
 }

@@ -7,7 +7,7 @@
 //! drained: its Step actors are dropped and its step host exits, so its code
 //! is unloaded. It loads again on demand if an action names it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -105,7 +105,7 @@ impl AgencyHandle {
             host_command,
             grace,
             bundles: HashMap::new(),
-            active: HashMap::new(),
+            active: BTreeMap::new(),
             revoked: HashSet::new(),
             pins: HashMap::new(),
             hosts: HashMap::new(),
@@ -210,7 +210,10 @@ struct Agency {
     grace: Duration,
     bundles: HashMap<BundleHash, Arc<LoadedBundle>>,
     /// bundle name → its active version.
-    active: HashMap<String, BundleHash>,
+    /// Ordered by name, so that should two active bundles provide one kind
+    /// (the Source Authority refuses that; data from older versions may hold
+    /// it) the one whose name sorts first serves it, every time.
+    active: BTreeMap<String, BundleHash>,
     revoked: HashSet<KeyId>,
     pins: HashMap<BundleHash, usize>,
     hosts: HashMap<BundleHash, StepHost>,
@@ -394,7 +397,7 @@ impl Agency {
             }
             return Ok(bundle.clone());
         }
-        // Of the active bundles, the first found that provides the kind.
+        // Of the active bundles, the first by name that provides the kind.
         self.active
             .values()
             .filter_map(|h| self.bundles.get(h))

@@ -12,13 +12,14 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use serde_json::json;
 use signing::{BundleHash, KeyId, PublicKey, Signature, Trust, VerifiedBundle};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::agency::{AgencyHandle, LoadedBundle};
 use crate::bundle::{self, manifest::compare_versions};
 use crate::error::{Error, Result};
-use crate::store::{BundleRow, Store, Write};
+use crate::store::{AuditEntry, BundleRow, Store, Write};
 
 /// What happened to a pushed bundle.
 #[derive(Debug, Clone)]
@@ -41,18 +42,22 @@ enum Msg {
     Admit {
         bytes: Vec<u8>,
         signature: String,
+        by: String,
         reply: oneshot::Sender<Result<Admitted>>,
     },
     Activate {
         hash: String,
+        by: String,
         reply: oneshot::Sender<Result<Arc<LoadedBundle>>>,
     },
     Trust {
         key: PublicKey,
+        by: String,
         reply: oneshot::Sender<Result<KeyInfo>>,
     },
     Revoke {
         id: String,
+        by: String,
         reply: oneshot::Sender<Result<KeyInfo>>,
     },
     Keys {
@@ -120,25 +125,32 @@ impl AuthorityHandle {
         rx.await.map_err(|_| Error::ShuttingDown)
     }
 
-    pub(crate) async fn admit(&self, bytes: Vec<u8>, signature: String) -> Result<Admitted> {
+    /// `by` names who asked, for the audit log.
+    pub(crate) async fn admit(
+        &self,
+        bytes: Vec<u8>,
+        signature: String,
+        by: String,
+    ) -> Result<Admitted> {
         self.ask(|reply| Msg::Admit {
             bytes,
             signature,
+            by,
             reply,
         })
         .await?
     }
 
-    pub(crate) async fn activate(&self, hash: String) -> Result<Arc<LoadedBundle>> {
-        self.ask(|reply| Msg::Activate { hash, reply }).await?
+    pub(crate) async fn activate(&self, hash: String, by: String) -> Result<Arc<LoadedBundle>> {
+        self.ask(|reply| Msg::Activate { hash, by, reply }).await?
     }
 
-    pub(crate) async fn trust(&self, key: PublicKey) -> Result<KeyInfo> {
-        self.ask(|reply| Msg::Trust { key, reply }).await?
+    pub(crate) async fn trust(&self, key: PublicKey, by: String) -> Result<KeyInfo> {
+        self.ask(|reply| Msg::Trust { key, by, reply }).await?
     }
 
-    pub(crate) async fn revoke(&self, id: String) -> Result<KeyInfo> {
-        self.ask(|reply| Msg::Revoke { id, reply }).await?
+    pub(crate) async fn revoke(&self, id: String, by: String) -> Result<KeyInfo> {
+        self.ask(|reply| Msg::Revoke { id, by, reply }).await?
     }
 
     pub(crate) async fn keys(&self) -> Result<Vec<KeyInfo>> {
@@ -161,18 +173,19 @@ impl Authority {
                 Msg::Admit {
                     bytes,
                     signature,
+                    by,
                     reply,
                 } => {
-                    let _ = reply.send(self.admit(bytes, &signature).await);
+                    let _ = reply.send(self.admit(bytes, &signature, &by).await);
                 }
-                Msg::Activate { hash, reply } => {
-                    let _ = reply.send(self.activate(&hash).await);
+                Msg::Activate { hash, by, reply } => {
+                    let _ = reply.send(self.activate(&hash, &by).await);
                 }
-                Msg::Trust { key, reply } => {
-                    let _ = reply.send(self.add_key(key).await);
+                Msg::Trust { key, by, reply } => {
+                    let _ = reply.send(self.add_key(key, &by).await);
                 }
-                Msg::Revoke { id, reply } => {
-                    let _ = reply.send(self.revoke(&id).await);
+                Msg::Revoke { id, by, reply } => {
+                    let _ = reply.send(self.revoke(&id, &by).await);
                 }
                 Msg::Keys { reply } => {
                     let _ = reply.send(self.key_infos());
@@ -199,7 +212,7 @@ impl Authority {
             .ok_or_else(|| Error::KeyNotFound(id.to_string()))
     }
 
-    async fn admit(&mut self, bytes: Vec<u8>, signature: &str) -> Result<Admitted> {
+    async fn admit(&mut self, bytes: Vec<u8>, signature: &str, by: &str) -> Result<Admitted> {
         let signature = Signature::from_text(signature)?;
         let verified = signing::verify(bytes, &signature, &self.trust)?;
         let hash = verified.hash();
@@ -215,6 +228,7 @@ impl Authority {
                 .iter()
                 .any(|st| st.active && st.bundle.manifest.name == bundle.manifest.name);
             if !name_active {
+                self.check_kinds(&bundle.manifest).await?;
                 self.agency.activate(hash).await?;
             }
             return Ok(Admitted {
@@ -223,6 +237,9 @@ impl Authority {
             });
         }
         let claims = verified.claims();
+        let manifest = bundle::inspect(verified.bytes())?;
+        bundle::manifest::require_semver(&manifest.version)?;
+        self.check_kinds(&manifest).await?;
         if let Some(newest) = rows
             .iter()
             .filter(|r| r.name == claims.name)
@@ -250,14 +267,49 @@ impl Authority {
             activated_at: now,
         };
         let content: Arc<[u8]> = verified.bytes().into();
+        let audit = AuditEntry::new(
+            by,
+            "bundle.pushed",
+            &row.hash,
+            json!({ "name": row.name, "version": row.version, "signer": row.signer }),
+        );
         self.store
-            .write(vec![Write::InsertBundle(Box::new(row), content)])
+            .write(vec![
+                Write::InsertBundle(Box::new(row), content),
+                Write::Audit(Box::new(audit)),
+            ])
             .await?;
         self.agency.activate(hash).await?;
         Ok(Admitted {
             bundle,
             created: true,
         })
+    }
+
+    /// Refuses a bundle that would provide a kind another bundle name's
+    /// active version provides: each kind comes from exactly one bundle, so
+    /// which code runs never depends on order.
+    async fn check_kinds(&self, manifest: &bundle::Manifest) -> Result<()> {
+        for state in self.agency.states().await? {
+            let other = &state.bundle.manifest;
+            if !state.active || state.revoked || other.name == manifest.name {
+                continue;
+            }
+            let kinds: Vec<String> = manifest
+                .kinds
+                .keys()
+                .filter(|k| other.kinds.contains_key(*k))
+                .cloned()
+                .collect();
+            if !kinds.is_empty() {
+                return Err(Error::KindConflict {
+                    bundle: manifest.name.clone(),
+                    other: format!("{} {}", other.name, other.version),
+                    kinds,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Unpacks and probes a verified bundle; on any failure removes what it
@@ -287,7 +339,7 @@ impl Authority {
         result
     }
 
-    async fn activate(&mut self, hash: &str) -> Result<Arc<LoadedBundle>> {
+    async fn activate(&mut self, hash: &str, by: &str) -> Result<Arc<LoadedBundle>> {
         let parsed: BundleHash = hash
             .parse()
             .map_err(|_| Error::BundleNotLoaded(hash.to_owned()))?;
@@ -319,17 +371,27 @@ impl Authority {
                 key: bundle.signer.to_string(),
             });
         }
+        self.check_kinds(&bundle.manifest).await?;
+        let audit = AuditEntry::new(
+            by,
+            "bundle.activated",
+            hash,
+            json!({ "name": bundle.manifest.name, "version": bundle.manifest.version }),
+        );
         self.store
-            .write(vec![Write::ActivateBundle {
-                hash: hash.to_owned(),
-                at: crate::model::now(),
-            }])
+            .write(vec![
+                Write::ActivateBundle {
+                    hash: hash.to_owned(),
+                    at: crate::model::now(),
+                },
+                Write::Audit(Box::new(audit)),
+            ])
             .await?;
         self.agency.activate(parsed).await?;
         Ok(bundle)
     }
 
-    async fn add_key(&mut self, key: PublicKey) -> Result<KeyInfo> {
+    async fn add_key(&mut self, key: PublicKey, by: &str) -> Result<KeyInfo> {
         let id = key.id();
         if self.trust.is_revoked(id) {
             return Err(Error::KeyRevoked(id.to_string()));
@@ -346,14 +408,22 @@ impl Authority {
                 public_key: key.to_string(),
                 at: crate::model::now(),
             };
-            self.store.write(vec![write]).await?;
+            let audit = AuditEntry::new(
+                by,
+                "key.trusted",
+                &id.to_string(),
+                json!({ "public_key": key.to_string() }),
+            );
+            self.store
+                .write(vec![write, Write::Audit(Box::new(audit))])
+                .await?;
         }
         self.trust.add(key);
         tracing::info!(key_id = %id, "key trusted");
         self.key_info(id)
     }
 
-    async fn revoke(&mut self, id: &str) -> Result<KeyInfo> {
+    async fn revoke(&mut self, id: &str, by: &str) -> Result<KeyInfo> {
         let id: KeyId = id.parse().map_err(|_| Error::KeyNotFound(id.to_owned()))?;
         let key = self.key_info(id)?.key;
         let write = Write::RevokeKey {
@@ -361,7 +431,10 @@ impl Authority {
             public_key: key.to_string(),
             at: crate::model::now(),
         };
-        self.store.write(vec![write]).await?;
+        let audit = AuditEntry::new(by, "key.revoked", &id.to_string(), json!({}));
+        self.store
+            .write(vec![write, Write::Audit(Box::new(audit))])
+            .await?;
         self.trust.revoke(id);
         self.agency.revoke(id);
         tracing::warn!(key_id = %id, "key revoked: its bundles take no new actions and in-flight ones fail at their next step");

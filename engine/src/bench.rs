@@ -81,9 +81,13 @@ impl EngineProbe {
             cancel_grace: Duration::from_secs(1),
             host_command,
             trusted_keys: vec![key.public()],
+            vars: Default::default(),
+            secrets_key: crate::secrets::SecretsKey::generate().expect("randomness"),
         })
         .await?;
-        engine.admit_bundle(bytes, signature.to_text()).await?;
+        engine
+            .admit_bundle(bytes, signature.to_text(), "bench")
+            .await?;
         Ok(EngineProbe { engine, dir })
     }
 
@@ -95,6 +99,7 @@ impl EngineProbe {
             params: Default::default(),
             idempotency_key: None,
             bundle: None,
+            submitted_by: None,
         };
         let Ok(submitted) = self.engine.submit(new).await else {
             return false;

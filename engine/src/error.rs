@@ -6,8 +6,15 @@ use crate::model::{ActionId, ActionStatus};
 pub enum Error {
     #[error("unknown action kind {kind:?}; known kinds: {known}")]
     UnknownKind { kind: String, known: String },
-    #[error("action kind {kind:?} needs the param {param:?}")]
-    MissingParam { kind: String, param: String },
+    #[error("action kind {kind:?} needs the params {}", params.join(", "))]
+    MissingParam { kind: String, params: Vec<String> },
+    #[error("{0}")]
+    InvalidParam(String),
+    #[error(
+        "action kind {kind:?} needs the deployment variable {var:?}, which this server does not set; \
+         start it with --var {var}=… (or TROUPE_VAR_{})", var.to_uppercase()
+    )]
+    KindNotConfigured { kind: String, var: String },
     #[error("{0}")]
     InvalidRequest(String),
     #[error("no action with id {0}")]
@@ -34,10 +41,32 @@ pub enum Error {
         version: String,
         newest: String,
     },
+    #[error(
+        "bundle {bundle} provides the kind{} {} that the active bundle {other} provides; \
+         a kind comes from one bundle: rename the kind, or remove it from one of them",
+        if kinds.len() == 1 { "" } else { "s" }, kinds.join(", ")
+    )]
+    KindConflict {
+        bundle: String,
+        other: String,
+        kinds: Vec<String>,
+    },
     #[error("key {0} was revoked; a revoked key cannot be trusted again, generate a new one")]
     KeyRevoked(String),
     #[error("no key with id {0} is known")]
     KeyNotFound(String),
+    #[error(
+        "a token named {0:?} already exists (names stay taken after a token is revoked); choose another name"
+    )]
+    TokenNameTaken(String),
+    #[error("no secret named {0:?} is set")]
+    SecretNotFound(String),
+    #[error("no API token with id {0}")]
+    TokenNotFound(String),
+    /// The database refused a write for its content (a constraint, a value
+    /// it cannot hold); trying it again cannot succeed.
+    #[error("the database refused a write: {0}")]
+    WriteRefused(String),
     #[error("the database is unavailable: {0}")]
     Database(#[from] sqlx::Error),
     #[error("database migration failed: {0}")]
@@ -47,7 +76,10 @@ pub enum Error {
         context: String,
         source: std::io::Error,
     },
-    #[error("the engine is shutting down")]
+    #[error(
+        "the server is shutting down and takes no new work; submit again once it is back \
+         (with an idempotency key, a retry is safe)"
+    )]
     ShuttingDown,
 }
 

@@ -10,15 +10,18 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
+pub mod access;
 mod actor;
 mod agency;
 mod authority;
 pub mod bundle;
 mod control;
 mod error;
+pub mod failpoints;
 pub mod host;
 pub mod model;
 mod runner;
+pub mod secrets;
 mod step;
 pub mod store;
 
@@ -32,12 +35,13 @@ pub use error::{Error, Result};
 pub use host::HostCommand;
 pub use signing::{self, BundleHash, PublicKey};
 
+use access::{Principal, Refused, Scope, TokenInfo, TokenSpec, Tokens};
 use agency::AgencyHandle;
 use authority::AuthorityHandle;
-use control::{CancelOutcome, ControlHandle};
+use control::{CancelOutcome, ControlHandle, SubmitOrder};
 use model::{Action, ActionFilter, ActionId, ActionStatus, NewAction, Submitted};
 use runner::Shared;
-use store::{Outcome, Store, Write};
+use store::{AuditEntry, Outcome, Store, TokenRow, Write};
 
 /// Validated engine settings.
 #[derive(Debug, Clone)]
@@ -57,6 +61,12 @@ pub struct Config {
     pub host_command: HostCommand,
     /// Keys trusted to sign bundles, besides those added through the API.
     pub trusted_keys: Vec<PublicKey>,
+    /// Deployment variables for manifests' `{{vars.NAME}}` (e.g. the
+    /// command that reboots a server here): set by the operator, never by
+    /// a request.
+    pub vars: std::collections::BTreeMap<String, String>,
+    /// The key secrets are encrypted under (see `secrets`).
+    pub secrets_key: secrets::SecretsKey,
 }
 
 pub const MAX_TARGET_LEN: usize = 255;
@@ -75,6 +85,12 @@ struct Inner {
     authority: AuthorityHandle,
     control: ControlHandle,
     shared: Arc<Shared>,
+    tokens: Tokens,
+    submits: SubmitOrder,
+    /// Woken when an action may be stored without Control holding it (an
+    /// insert whose commit answered with an error may still have gone
+    /// through); see [`Engine::spawn_adopter`].
+    adopt: tokio::sync::Notify,
 }
 
 /// Where a bundle is in its life.
@@ -120,12 +136,30 @@ pub struct BundleInfo {
     pub activated_at: model::Timestamp,
 }
 
+/// A secret as listed: never its value.
+#[derive(Debug, Clone)]
+pub struct SecretInfo {
+    pub name: String,
+    pub updated_at: model::Timestamp,
+    pub updated_by: String,
+}
+
+impl From<&store::SecretRow> for SecretInfo {
+    fn from(row: &store::SecretRow) -> SecretInfo {
+        SecretInfo {
+            name: row.name.clone(),
+            updated_at: row.updated_at,
+            updated_by: row.updated_by.clone(),
+        }
+    }
+}
+
 /// Summary of a kind the engine can run.
 #[derive(Debug, Clone)]
 pub struct KindInfo {
     pub name: String,
     pub description: String,
-    pub params: Vec<String>,
+    pub params: std::collections::BTreeMap<String, bundle::params::ParamSpec>,
     pub steps: Vec<String>,
     pub bundle: String,
     pub bundle_name: String,
@@ -147,6 +181,13 @@ impl Engine {
             owner: config.node_id.clone(),
             lease: config.lease,
             stopping: CancellationToken::new(),
+            closed: CancellationToken::new(),
+            secrets_key: config.secrets_key.clone(),
+            vars: config
+                .vars
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                .collect(),
         });
         let authority = AuthorityHandle::start(
             store.clone(),
@@ -156,6 +197,9 @@ impl Engine {
         )
         .await?;
         let control = ControlHandle::spawn(shared.clone(), config.max_running);
+        let tokens = Tokens::default();
+        tokens.replace_all(store.tokens().await?);
+        tokens.spawn_refresh(store.clone(), shared.stopping.clone());
         let engine = Engine {
             inner: Arc::new(Inner {
                 config,
@@ -164,10 +208,51 @@ impl Engine {
                 authority,
                 control,
                 shared,
+                tokens,
+                submits: SubmitOrder::default(),
+                adopt: tokio::sync::Notify::new(),
             }),
         };
         engine.spawn_lease_renewal();
+        engine.spawn_adopter();
         Ok(engine)
+    }
+
+    /// After an insert whose outcome is unknown, looks for unfinished
+    /// actions Control does not hold and hands them over (as on a restart;
+    /// Control ignores the ones it has), so an action stored just as the
+    /// database failed is not left unrun. Retries until the database answers.
+    fn spawn_adopter(&self) {
+        let engine = self.clone();
+        tokio::spawn(async move {
+            let stopping = engine.inner.shared.stopping.clone();
+            loop {
+                tokio::select! {
+                    _ = engine.inner.adopt.notified() => {}
+                    _ = stopping.cancelled() => return,
+                }
+                let mut delay = Duration::from_millis(200);
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = stopping.cancelled() => return,
+                    }
+                    match engine.resume().await {
+                        Ok(n) => {
+                            tracing::info!(
+                                unfinished = n,
+                                "checked for actions stored while the database failed"
+                            );
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot yet check for actions stored while the database failed; retrying");
+                            delay = (delay * 2).min(Duration::from_secs(5));
+                        }
+                    }
+                }
+            }
+        });
     }
 
     fn spawn_lease_renewal(&self) {
@@ -177,7 +262,8 @@ impl Engine {
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(every) => {}
-                    _ = shared.stopping.cancelled() => return,
+                    // Renewed through the drain: the actions are still ours.
+                    _ = shared.closed.cancelled() => return,
                 }
                 let renew = Write::RenewLeases {
                     owner: shared.owner.clone(),
@@ -199,14 +285,26 @@ impl Engine {
     }
 
     /// Hands a bundle and its detached signature to the Source Authority:
-    /// the one way code gets into the engine.
-    pub async fn admit_bundle(&self, bytes: Vec<u8>, signature: String) -> Result<Admitted> {
-        self.inner.authority.admit(bytes, signature).await
+    /// the one way code gets into the engine. `by` names who asked (a
+    /// token's name) for the audit log.
+    pub async fn admit_bundle(
+        &self,
+        bytes: Vec<u8>,
+        signature: String,
+        by: &str,
+    ) -> Result<Admitted> {
+        self.inner
+            .authority
+            .admit(bytes, signature, by.to_owned())
+            .await
     }
 
     /// Makes a bundle the server holds the active version of its name again.
-    pub async fn activate_bundle(&self, hash: &str) -> Result<BundleInfo> {
-        self.inner.authority.activate(hash.to_owned()).await?;
+    pub async fn activate_bundle(&self, hash: &str, by: &str) -> Result<BundleInfo> {
+        self.inner
+            .authority
+            .activate(hash.to_owned(), by.to_owned())
+            .await?;
         self.bundle(hash).await
     }
 
@@ -291,14 +389,251 @@ impl Engine {
     }
 
     /// Trusts a public key (in its `ed25519:…` text form) for signing bundles.
-    pub async fn trust_key(&self, public_key: &str) -> Result<KeyInfo> {
-        self.inner.authority.trust(public_key.parse()?).await
+    pub async fn trust_key(&self, public_key: &str, by: &str) -> Result<KeyInfo> {
+        self.inner
+            .authority
+            .trust(public_key.parse()?, by.to_owned())
+            .await
     }
 
     /// Revokes a key: its bundles take no new actions, and actions in flight
     /// on them fail at their next step.
-    pub async fn revoke_key(&self, key_id: &str) -> Result<KeyInfo> {
-        self.inner.authority.revoke(key_id.to_owned()).await
+    pub async fn revoke_key(&self, key_id: &str, by: &str) -> Result<KeyInfo> {
+        self.inner
+            .authority
+            .revoke(key_id.to_owned(), by.to_owned())
+            .await
+    }
+
+    /// Who a bearer token belongs to, checked against the in-memory copy of
+    /// `api_tokens` (no database read).
+    pub fn authenticate(&self, token: &str) -> Result<Principal, Refused> {
+        self.inner.tokens.authenticate(token, model::now())
+    }
+
+    /// Creates an API token; returns it as listed and its text, which is
+    /// shown this once and stored only as a hash.
+    pub async fn create_token(&self, spec: TokenSpec, by: &str) -> Result<(TokenInfo, String)> {
+        let name = spec.name.trim();
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-@".contains(c))
+        {
+            return Err(Error::InvalidRequest(
+                "a token name is 1 to 64 letters, digits, '.', '_', '-' or '@'".into(),
+            ));
+        }
+        if spec.scopes.is_empty() {
+            return Err(Error::InvalidRequest(
+                "a token needs at least one scope: read, submit, operate or admin".into(),
+            ));
+        }
+        if let Some(kinds) = &spec.kinds {
+            if !spec.scopes.contains(&Scope::Submit) {
+                return Err(Error::InvalidRequest(
+                    "kinds limit what a token may submit: give it the submit scope too".into(),
+                ));
+            }
+            if kinds.is_empty() || kinds.iter().any(|k| k.is_empty() || k.contains(',')) {
+                return Err(Error::InvalidRequest(
+                    "kinds must be a non-empty list of kind names".into(),
+                ));
+            }
+        }
+        let now = model::now();
+        if spec.expires_at.is_some_and(|at| at <= now) {
+            return Err(Error::InvalidRequest(
+                "the expiry is in the past; give a time in the future".into(),
+            ));
+        }
+        if self
+            .inner
+            .store
+            .tokens()
+            .await?
+            .iter()
+            .any(|t| t.name == name)
+        {
+            return Err(Error::TokenNameTaken(name.to_owned()));
+        }
+        let (id, text) =
+            access::generate().map_err(Error::io("generating a token from the OS's randomness"))?;
+        let row = TokenRow {
+            id: id.clone(),
+            name: name.to_owned(),
+            scopes: access::scopes_text(&spec.scopes),
+            kinds: spec.kinds.as_ref().map(|k| k.join(",")),
+            secret_hash: access::hash(&text),
+            created_by: by.to_owned(),
+            created_at: now,
+            expires_at: spec.expires_at,
+            revoked_at: None,
+        };
+        let audit = AuditEntry::new(
+            by,
+            "token.created",
+            &id,
+            json!({ "name": row.name, "scopes": row.scopes, "kinds": row.kinds, "expires_at": row.expires_at }),
+        );
+        self.inner
+            .store
+            .write(vec![
+                Write::CreateToken(Box::new(row.clone())),
+                Write::Audit(Box::new(audit)),
+            ])
+            .await?;
+        self.inner.tokens.put(row.clone());
+        tracing::info!(token_id = %id, name = %row.name, scopes = %row.scopes, by, "API token created");
+        Ok((TokenInfo::from_row(&row), text))
+    }
+
+    /// Stores a token whose text the operator chose (the old single
+    /// `--admin-token`), with the admin scope, unless it is already stored.
+    /// A stored one that was revoked stays revoked.
+    pub async fn import_admin_token(&self, text: &str) -> Result<()> {
+        let id = access::legacy_id(text);
+        if self.inner.store.tokens().await?.iter().any(|t| t.id == id) {
+            return Ok(());
+        }
+        let row = TokenRow {
+            id: id.clone(),
+            name: format!("admin-token-{}", &id[..8]),
+            scopes: Scope::Admin.as_str().to_owned(),
+            kinds: None,
+            secret_hash: access::hash(text),
+            created_by: "--admin-token".into(),
+            created_at: model::now(),
+            expires_at: None,
+            revoked_at: None,
+        };
+        let audit = AuditEntry::new(
+            "--admin-token",
+            "token.created",
+            &id,
+            json!({ "name": row.name, "scopes": "admin", "imported": true }),
+        );
+        self.inner
+            .store
+            .write(vec![
+                Write::CreateToken(Box::new(row.clone())),
+                Write::Audit(Box::new(audit)),
+            ])
+            .await?;
+        self.inner.tokens.put(row);
+        Ok(())
+    }
+
+    /// Every API token, oldest first (never their secrets).
+    pub async fn tokens(&self) -> Result<Vec<TokenInfo>> {
+        let rows = self.inner.store.tokens().await?;
+        self.inner.tokens.replace_all(rows.clone());
+        Ok(rows.iter().map(TokenInfo::from_row).collect())
+    }
+
+    /// Revokes an API token: refused from the next request on, on this
+    /// server at once and on others within [`access::REFRESH`].
+    pub async fn revoke_token(&self, id: &str, by: &str) -> Result<TokenInfo> {
+        let Some(mut row) = self
+            .inner
+            .store
+            .tokens()
+            .await?
+            .into_iter()
+            .find(|t| t.id == id)
+        else {
+            return Err(Error::TokenNotFound(id.to_owned()));
+        };
+        let at = model::now();
+        let audit = AuditEntry::new(by, "token.revoked", id, json!({ "name": row.name }));
+        self.inner
+            .store
+            .write(vec![
+                Write::RevokeToken {
+                    id: id.to_owned(),
+                    at,
+                },
+                Write::Audit(Box::new(audit)),
+            ])
+            .await?;
+        row.revoked_at.get_or_insert(at);
+        self.inner.tokens.put(row.clone());
+        tracing::warn!(token_id = %id, name = %row.name, by, "API token revoked");
+        Ok(TokenInfo::from_row(&row))
+    }
+
+    /// Stores a secret for steps (encrypted); replaces one of the same name.
+    pub async fn set_secret(&self, name: &str, value: &str, by: &str) -> Result<SecretInfo> {
+        if !secrets::is_valid_name(name) {
+            return Err(Error::InvalidRequest(
+                "a secret name is 1 to 128 letters, digits, '_' or '-'".into(),
+            ));
+        }
+        if value.is_empty() || value.len() > secrets::MAX_SECRET {
+            return Err(Error::InvalidRequest(format!(
+                "a secret's value is 1 to {} bytes",
+                secrets::MAX_SECRET
+            )));
+        }
+        let (nonce, ciphertext) = self
+            .inner
+            .config
+            .secrets_key
+            .seal(name, value)
+            .map_err(Error::io("encrypting a secret"))?;
+        let row = store::SecretRow {
+            name: name.to_owned(),
+            nonce,
+            ciphertext,
+            updated_at: model::now(),
+            updated_by: by.to_owned(),
+        };
+        let audit = AuditEntry::new(by, "secret.set", name, json!({}));
+        self.inner
+            .store
+            .write(vec![
+                Write::SetSecret(Box::new(row.clone())),
+                Write::Audit(Box::new(audit)),
+            ])
+            .await?;
+        tracing::info!(secret = name, by, "secret set");
+        Ok(SecretInfo::from(&row))
+    }
+
+    pub async fn delete_secret(&self, name: &str, by: &str) -> Result<()> {
+        let audit = AuditEntry::new(by, "secret.deleted", name, json!({}));
+        let outcome = self
+            .inner
+            .store
+            .write(vec![
+                Write::DeleteSecret {
+                    name: name.to_owned(),
+                },
+                Write::Audit(Box::new(audit)),
+            ])
+            .await?;
+        if outcome[0] == (Outcome::Done { rows: 0 }) {
+            return Err(Error::SecretNotFound(name.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// The secrets that are set: names and who set them, never values.
+    pub async fn secrets(&self) -> Result<Vec<SecretInfo>> {
+        Ok(self
+            .inner
+            .store
+            .all_secrets()
+            .await?
+            .iter()
+            .map(SecretInfo::from)
+            .collect())
+    }
+
+    /// The audit log, newest first.
+    pub async fn audit(&self, limit: u32, before: Option<i64>) -> Result<Vec<AuditEntry>> {
+        self.inner.store.audit(limit, before).await
     }
 
     /// Hands every unfinished action in the database to Control, oldest first.
@@ -346,7 +681,7 @@ impl Engine {
                     .map(|(name, k)| KindInfo {
                         name: name.clone(),
                         description: k.description.clone(),
-                        params: k.params.clone(),
+                        params: k.params.specs(),
                         steps: k.steps.iter().map(|s| s.name().to_owned()).collect(),
                         bundle: b.hash.to_string(),
                         bundle_name: b.manifest.name.clone(),
@@ -361,6 +696,9 @@ impl Engine {
 
     /// Validates a request, records the action durably and hands it to Control.
     pub async fn submit(&self, new: NewAction) -> Result<Submitted> {
+        if self.inner.shared.stopping.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
         let target = new.target.trim();
         if target.is_empty() {
             return Err(Error::InvalidRequest("target must not be empty".into()));
@@ -387,10 +725,21 @@ impl Engine {
             .resolve(new.kind.clone(), new.bundle.clone())
             .await?;
         let kind = &bundle.manifest.kinds[&new.kind];
-        if let Some(param) = kind.params.iter().find(|p| !new.params.contains_key(*p)) {
-            return Err(Error::MissingParam {
+        let mut new = new;
+        kind.params.apply(&mut new.params).map_err(|e| match e {
+            bundle::params::ParamError::Missing(params) => Error::MissingParam {
                 kind: new.kind.clone(),
-                param: param.clone(),
+                params,
+            },
+            bundle::params::ParamError::Invalid(message) => Error::InvalidParam(message),
+        })?;
+        if let Some(var) = bundle::manifest::vars_used(kind)
+            .into_iter()
+            .find(|v| !self.inner.config.vars.contains_key(v))
+        {
+            return Err(Error::KindNotConfigured {
+                kind: new.kind.clone(),
+                var,
             });
         }
         let request = json!({ "kind": new.kind, "target": new.target, "params": new.params });
@@ -406,6 +755,11 @@ impl Engine {
         // When the target is idle and there is room, Control reserves it and
         // the insert starts the action too: one commit fewer before its
         // first step runs.
+        //
+        // Submits for one target go one at a time from here until Control
+        // holds the action, so ids, and so start order, follow the order in
+        // which they were accepted even when they share a group commit.
+        let turn = self.inner.submits.turn(&new.target).await;
         let reserved = !steps.is_empty() && self.inner.control.reserve(&new.target).await;
         let at = crate::model::now();
         let insert = Write::Insert {
@@ -426,6 +780,11 @@ impl Engine {
             let outcome = inner.store.write(vec![insert]).await.map(|o| o[0]);
             let action = match outcome {
                 Ok(Outcome::Inserted(id)) => Some(Action { id, ..built }),
+                // The commit may have gone through all the same.
+                Err(_) => {
+                    inner.adopt.notify_one();
+                    None
+                }
                 _ => None,
             };
             match (&action, reserved) {
@@ -434,6 +793,7 @@ impl Engine {
                 (None, true) => inner.control.unreserve(target),
                 (None, false) => {}
             }
+            inner.submits.done(turn);
             outcome.map(|o| (o, action))
         });
         let (outcome, action) = handover.await.map_err(|_| Error::ShuttingDown)??;
@@ -504,7 +864,9 @@ impl Engine {
                 }
                 // Intermediate changes were not read: read the state now.
                 _ = tokio::time::sleep_until(deadline) => return self.action(id).await,
-                _ = self.inner.shared.stopping.cancelled() => break,
+                // Served through a shutdown's drain, so a client following an
+                // action sees it end if it ends by then.
+                _ = self.inner.shared.closed.cancelled() => break,
             }
         }
         match action {
@@ -519,9 +881,19 @@ impl Engine {
 
     /// Cancels a queued action at once; asks a running one to stop (its
     /// current step is cancelled and the rest skipped).
+    /// Cancels an unfinished action. The request is committed first
+    /// (`cancel_requested_at`), so once this returns `Ok` the action ends
+    /// `cancelled` whatever happens next: a running step is asked to stop,
+    /// a queued action ends at once, and a runner that starts or resumes the
+    /// action later (after a crash, a shutdown, a failed write) ends it.
     pub async fn cancel(&self, id: ActionId) -> Result<Action> {
-        let action = self.action(id).await?;
-        if action.status.is_terminal() {
+        let request = Write::RequestCancel {
+            id,
+            at: crate::model::now(),
+        };
+        if self.inner.store.write(vec![request]).await?[0] == (Outcome::Done { rows: 0 }) {
+            // Unknown, or already ended.
+            let action = self.action(id).await?;
             return Err(Error::NotCancellable {
                 id,
                 status: action.status,
@@ -530,28 +902,41 @@ impl Engine {
         match self.inner.control.cancel(id).await {
             CancelOutcome::Running => {}
             CancelOutcome::Dequeued | CancelOutcome::Unknown => {
-                let outcome = self
-                    .inner
-                    .store
-                    .write(vec![Write::CancelQueued {
-                        id,
-                        at: crate::model::now(),
-                    }])
-                    .await?[0];
-                if outcome == (Outcome::Done { rows: 0 }) {
-                    // It started meanwhile: ask Control again.
-                    self.inner.control.cancel(id).await;
+                match self.cancel_queued(id).await {
+                    Ok(Outcome::Done { rows: 0 }) => {
+                        // It started meanwhile: ask Control again.
+                        self.inner.control.cancel(id).await;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        // Out of Control's queue but still `queued` in the
+                        // database: hand it back, and its runner ends it.
+                        tracing::warn!(action_id = id, error = %e, "could not end a cancelled queued action; it ends when the database answers");
+                        self.inner.adopt.notify_one();
+                    }
                 }
             }
         }
         self.action(id).await
     }
 
+    async fn cancel_queued(&self, id: ActionId) -> Result<Outcome> {
+        fail::fail_point!("store.cancel_queued", |_| Err(Error::Database(
+            sqlx::Error::Protocol("the write failed (injected)".into())
+        )));
+        let write = Write::CancelQueued {
+            id,
+            at: crate::model::now(),
+        };
+        Ok(self.inner.store.write(vec![write]).await?[0])
+    }
+
     pub async fn control_stats(&self) -> ControlStats {
         self.inner.control.stats().await
     }
 
-    /// Stops starting steps and ends long-polls; [`Engine::shutdown`] finishes the job.
+    /// Stops starting steps and refuses new submits (`ShuttingDown`);
+    /// [`Engine::shutdown`] finishes the job.
     pub fn begin_shutdown(&self) {
         self.inner.shared.stopping.cancel();
     }
@@ -570,6 +955,10 @@ impl Engine {
                 "steps still running at the shutdown deadline; they resume on the next start"
             );
         }
+        // Hosts first: once they (and what their plugins started) are gone,
+        // no step of ours is running, and the actions may be handed over.
+        self.inner.agency.shutdown().await;
+        self.inner.shared.closed.cancel();
         let release = Write::Release {
             owner: self.inner.config.node_id.clone(),
             at: crate::model::now(),
@@ -577,6 +966,5 @@ impl Engine {
         if let Err(e) = self.inner.store.write(vec![release]).await {
             tracing::warn!(error = %e, "could not release unfinished actions; they resume when their lease expires");
         }
-        self.inner.agency.shutdown().await;
     }
 }

@@ -96,11 +96,16 @@ pub struct Action {
     pub current_step: Option<String>,
     pub error: Option<String>,
     pub idempotency_key: Option<String>,
+    /// The name of the API token that submitted it.
+    pub submitted_by: Option<String>,
     pub owner: Option<String>,
     pub revision: i64,
     pub created_at: Timestamp,
     pub started_at: Option<Timestamp>,
     pub finished_at: Option<Timestamp>,
+    /// When a cancel was first asked for; the action ends `cancelled` at
+    /// its next chance, however the server got there.
+    pub cancel_requested_at: Option<Timestamp>,
     pub steps: Vec<StepRecord>,
 }
 
@@ -127,6 +132,8 @@ pub struct NewAction {
     pub idempotency_key: Option<String>,
     /// Pin to this bundle hash instead of the kind's active bundle.
     pub bundle: Option<String>,
+    /// The name of the API token submitting it.
+    pub submitted_by: Option<String>,
 }
 
 /// What `submit` did with a request.

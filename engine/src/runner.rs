@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::agency::{AgencyHandle, LoadedBundle};
 use crate::bundle::template;
 use crate::model::{Action, ActionStatus, StepStatus};
+use crate::secrets::{self, LoadError};
 use crate::step::StepResult;
 use crate::store::{Outcome, Store, Write};
 
@@ -21,17 +22,25 @@ pub(crate) struct Shared {
     pub(crate) lease: Duration,
     /// Set when the server shuts down: runners stop before their next step.
     pub(crate) stopping: CancellationToken,
+    /// Set once the shutdown's drain is over: long-polls end, leases are no
+    /// longer renewed.
+    pub(crate) closed: CancellationToken,
+    /// Deployment variables, for `{{vars.NAME}}`.
+    pub(crate) vars: serde_json::Map<String, serde_json::Value>,
+    pub(crate) secrets_key: crate::secrets::SecretsKey,
 }
 
 impl Shared {
     /// Writes, retrying while the database is unavailable: the engine cannot
-    /// move an action on without recording it, so it waits instead.
-    async fn persist(&self, writes: &[Write]) -> Option<Vec<Outcome>> {
+    /// move an action on without recording it, so it waits instead. A write
+    /// the database refuses for its content is not retried.
+    async fn persist(&self, writes: &[Write]) -> Result<Vec<Outcome>, Halt> {
         let mut delay = Duration::from_millis(100);
         loop {
             match self.store.write(writes.to_vec()).await {
-                Ok(outcomes) => return Some(outcomes),
-                Err(crate::Error::ShuttingDown) => return None,
+                Ok(outcomes) => return Ok(outcomes),
+                Err(crate::Error::ShuttingDown) => return Err(Halt::Stopping),
+                Err(crate::Error::WriteRefused(why)) => return Err(Halt::Refused(why)),
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot record action progress; retrying");
                     tokio::time::sleep(delay).await;
@@ -46,14 +55,35 @@ impl Shared {
     }
 }
 
+/// Why a runner could not record its progress.
+enum Halt {
+    /// The server is stopping: the action resumes on the next start.
+    Stopping,
+    /// The database refused the write itself; the action cannot go on.
+    Refused(String),
+}
+
+impl From<Halt> for End {
+    fn from(halt: Halt) -> End {
+        match halt {
+            Halt::Stopping => End::Paused,
+            Halt::Refused(why) => End::Refused(why),
+        }
+    }
+}
+
 /// Commits `writes`, then applies them to `mirror`, the runner's copy of
 /// the action as committed.
-async fn commit(shared: &Shared, mirror: &mut Action, writes: Vec<Write>) -> Option<Vec<Outcome>> {
+async fn commit(
+    shared: &Shared,
+    mirror: &mut Action,
+    writes: Vec<Write>,
+) -> Result<Vec<Outcome>, Halt> {
     let outcomes = shared.persist(&writes).await?;
     for w in &writes {
         w.apply_to(mirror);
     }
-    Some(outcomes)
+    Ok(outcomes)
 }
 
 enum End {
@@ -62,6 +92,8 @@ enum End {
     Finished(ActionStatus, Option<String>),
     /// The server is stopping; the action resumes on the next start.
     Paused,
+    /// The database refused a write of the action's progress.
+    Refused(String),
 }
 
 /// Runs `action`. `begun` when its insert also started it and its first
@@ -90,6 +122,15 @@ pub(crate) async fn run(
         }
         Err(_) => return,
     };
+    // A cancel recorded before this runner began (while the action waited,
+    // or before a crash or shutdown) ends it without running anything more.
+    if action.cancel_requested_at.is_some() {
+        let writes = end_running_steps(&action, |seq| step_cancelled(id, seq));
+        tracing::info!(action_id = id, "action cancelled before it could go on");
+        let error = Some(CANCELLED.to_owned());
+        finish(&shared, mirror, ActionStatus::Cancelled, error, writes).await;
+        return;
+    }
     // The start rides with the first step's start, in one commit (or was
     // committed with the insert).
     let mut carry = Vec::new();
@@ -118,9 +159,13 @@ pub(crate) async fn run(
             finish(&shared, mirror, status, error, carry).await
         }
         End::Gone => {}
+        End::Refused(why) => {
+            tracing::error!(action_id = id, error = %why, "the database refused to record this action's progress; ending it");
+            refused(&shared, mirror, &why).await;
+        }
         End::Paused => {
             if !carry.is_empty() {
-                shared.persist(&carry).await;
+                let _ = shared.persist(&carry).await;
             }
             tracing::info!(
                 action_id = id,
@@ -128,6 +173,31 @@ pub(crate) async fn run(
             );
         }
     }
+}
+
+/// Ends an action whose runner died (`why`, e.g. "panicked: …") with its
+/// step, if one was running, failed: it is not resumed, since the failure
+/// would likely repeat, and a half-run step needs a person to look.
+pub(crate) async fn abandon(shared: &Shared, id: crate::model::ActionId, why: &str) {
+    let action = loop {
+        match shared.store.action(id).await {
+            Ok(a) => break a,
+            Err(crate::Error::ShuttingDown) => return,
+            Err(e) => {
+                tracing::warn!(action_id = id, error = %e, "cannot read the action to end it; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    let Some(action) = action.filter(|a| !a.status.is_terminal()) else {
+        return;
+    };
+    let error = format!(
+        "internal error: the engine's runner for this action {why}; the action was stopped \
+         (see the server log) and may be resubmitted once the target's state is checked"
+    );
+    let writes = end_running_steps(&action, |seq| step_failed(id, seq, &error));
+    finish(shared, action, ActionStatus::Failed, Some(error), writes).await;
 }
 
 /// Ends the action; the last write carries its final state for waiters.
@@ -145,13 +215,39 @@ async fn finish(
         at: crate::model::now(),
         last: None,
     });
+    let committed = mirror.clone();
     for w in &writes {
         w.apply_to(&mut mirror);
     }
     if let Some(Write::Finish { last, .. }) = writes.last_mut() {
         *last = Some(Arc::new(mirror));
     }
-    shared.persist(&writes).await;
+    if let Err(Halt::Refused(why)) = shared.persist(&writes).await {
+        tracing::error!(action_id = committed.id, error = %why, "the database refused to record this action's end; ending it failed");
+        refused(shared, committed, &why).await;
+    }
+}
+
+/// Ends an action `failed` after the database refused a write of its
+/// progress (so the write is lost: the error says so), with the step that
+/// was running (as `action`, the state last committed, has it). If even that
+/// is refused, the action is left for an operator, and the log says why.
+async fn refused(shared: &Shared, action: Action, why: &str) {
+    let error = format!(
+        "troupe could not record this action's progress and stopped it: the database refused the write ({why}); \
+         the last step may have run: check the target before resubmitting"
+    );
+    let mut writes = end_running_steps(&action, |seq| step_failed(action.id, seq, &error));
+    writes.push(Write::Finish {
+        id: action.id,
+        status: ActionStatus::Failed,
+        error: Some(error),
+        at: crate::model::now(),
+        last: None,
+    });
+    if let Err(Halt::Refused(again)) = shared.persist(&writes).await {
+        tracing::error!(action_id = action.id, error = %again, "the database refused to end the action too; it stays as it is");
+    }
 }
 
 /// Runs the action's steps. A step's success is not written on its own: it
@@ -179,13 +275,21 @@ async fn steps(
         );
     };
     let mut outputs = Map::new();
+    // Every secret value delivered to this action's steps so far: masked in
+    // whatever any of its steps output or report.
+    let mut delivered: Vec<String> = Vec::new();
     for (seq, step_use) in kind.steps.iter().enumerate() {
+        fail::fail_point!("runner.before_step");
         let seq = seq as u32;
         let name = step_use.name();
+        let needs = crate::bundle::manifest::secrets_used(step_use);
         let record = action.steps.iter().find(|s| s.seq == seq);
         let mut attempt = record.map_or(0, |r| r.attempt);
         // Started with the insert, not interrupted: it has not run yet.
         let mut prestarted = begun && seq == 0;
+        // Whether the step is recorded `running`, so that ending the action
+        // must end the step too.
+        let mut open = prestarted || record.is_some_and(|r| r.status == StepStatus::Running);
         match record.map(|r| r.status).filter(|_| !prestarted) {
             Some(StepStatus::Succeeded) => {
                 let output = record.and_then(|r| r.output.clone()).unwrap_or(Value::Null);
@@ -223,7 +327,7 @@ async fn steps(
         let mut failures = 0;
         loop {
             if cancel.is_cancelled() {
-                return cancelled(carry, action, seq, prestarted);
+                return cancelled(carry, action, seq, open);
             }
             let started_at;
             if prestarted {
@@ -247,20 +351,36 @@ async fn steps(
                 };
                 let starting = matches!(carry.first(), Some(Write::Start { .. }));
                 match commit(shared, mirror, with(carry, start)).await {
-                    None => return End::Paused,
-                    Some(o) if starting && o[0] == (Outcome::Done { rows: 0 }) => return End::Gone,
-                    Some(_) => {}
+                    Err(halt) => return halt.into(),
+                    Ok(o) if starting && o[0] == (Outcome::Done { rows: 0 }) => return End::Gone,
+                    Ok(_) => open = true,
                 }
             }
+            let secrets = if needs.is_empty() {
+                Ok(Default::default())
+            } else {
+                secrets::load(&shared.store, &shared.secrets_key, &needs).await
+            };
+            let secrets = match secrets {
+                Ok(values) => {
+                    remember(&mut delivered, &values);
+                    Ok(values)
+                }
+                Err(LoadError::Missing(m)) => Err(StepResult::Fatal(m)),
+                Err(LoadError::Unavailable(m)) => Err(StepResult::Retryable(m)),
+            };
             let scope = json!({
                 "action": { "id": id, "kind": action.kind, "target": action.target, "params": action.params },
                 "target": action.target,
                 "kind": action.kind,
                 "params": action.params,
                 "steps": outputs,
+                "vars": shared.vars,
+                "secrets": secrets.as_ref().ok(),
             });
-            let result = match template::resolve(&step_use.settings, &scope) {
-                Ok(settings) => {
+            let result = match (secrets, template::resolve(&step_use.settings, &scope)) {
+                (Err(failed), _) => failed,
+                (Ok(_), Ok(settings)) => {
                     let input = json!({
                         "action": scope["action"],
                         "settings": settings,
@@ -279,8 +399,16 @@ async fn steps(
                         )
                         .await
                 }
-                Err(e) => StepResult::Fatal(format!("invalid settings: {e}")),
+                (Ok(_), Err(e)) => StepResult::Fatal(format!("invalid settings: {e}")),
             };
+            drop(scope);
+            let result = bound(mask(result, &delivered));
+            // A step that ended any way but well after a cancel was asked
+            // for ends cancelled (also while the server stops: a cancel is
+            // never turned into a pause).
+            if cancel.is_cancelled() && !matches!(result, StepResult::Ok(_)) {
+                return cancelled(carry, action, seq, true);
+            }
             // A step cut short by the server stopping did not fail: leave it
             // `running`, and the next start applies the interrupted-step rules.
             if shared.stopping.is_cancelled() && !matches!(result, StepResult::Ok(_)) {
@@ -290,15 +418,19 @@ async fn steps(
             let (error, may_retry) = match result {
                 StepResult::Ok(output) => {
                     let text = serde_json::to_string(&output).expect("JSON serializes");
-                    let done = Write::StepSucceeded {
-                        id,
-                        seq,
-                        output: text,
-                        at: crate::model::now(),
-                    };
-                    carry.push(done);
-                    outputs.insert(name.to_owned(), output);
-                    break;
+                    if text.len() > MAX_OUTPUT_BYTES {
+                        (output_too_large(text.len()), false)
+                    } else {
+                        let done = Write::StepSucceeded {
+                            id,
+                            seq,
+                            output: text,
+                            at: crate::model::now(),
+                        };
+                        carry.push(done);
+                        outputs.insert(name.to_owned(), output);
+                        break;
+                    }
                 }
                 StepResult::Cancelled => return cancelled(carry, action, seq, true),
                 StepResult::Retryable(msg) => (msg, true),
@@ -316,7 +448,9 @@ async fn steps(
                     error,
                     at: crate::model::now(),
                 };
-                commit(shared, mirror, with(carry, failed)).await;
+                if let Err(Halt::Refused(why)) = commit(shared, mirror, with(carry, failed)).await {
+                    return End::Refused(why);
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(policy.backoff(failures)) => {}
                     _ = cancel.cancelled() => {}
@@ -339,18 +473,34 @@ async fn steps(
     End::Finished(ActionStatus::Succeeded, None)
 }
 
+/// The error a cancelled action ends with.
+const CANCELLED: &str = "cancelled on request";
+
 fn cancelled(carry: &mut Vec<Write>, action: &Action, seq: u32, in_step: bool) -> End {
     if in_step {
-        let end = Write::StepEnded {
-            id: action.id,
-            seq,
-            status: StepStatus::Cancelled,
-            error: "cancelled".into(),
-            at: crate::model::now(),
-        };
-        carry.push(end);
+        carry.push(step_cancelled(action.id, seq));
     }
-    End::Finished(ActionStatus::Cancelled, Some("cancelled on request".into()))
+    End::Finished(ActionStatus::Cancelled, Some(CANCELLED.into()))
+}
+
+/// A write ending each step the action has recorded `running`.
+fn end_running_steps(action: &Action, end: impl Fn(u32) -> Write) -> Vec<Write> {
+    action
+        .steps
+        .iter()
+        .filter(|s| s.status == StepStatus::Running)
+        .map(|s| end(s.seq))
+        .collect()
+}
+
+fn step_cancelled(id: crate::model::ActionId, seq: u32) -> Write {
+    Write::StepEnded {
+        id,
+        seq,
+        status: StepStatus::Cancelled,
+        error: "cancelled".into(),
+        at: crate::model::now(),
+    }
 }
 
 fn step_failed(id: crate::model::ActionId, seq: u32, error: &str) -> Write {
@@ -361,6 +511,79 @@ fn step_failed(id: crate::model::ActionId, seq: u32, error: &str) -> Write {
         error: error.to_owned(),
         at: crate::model::now(),
     }
+}
+
+/// Adds newly delivered secret values, longest first (so one that contains
+/// another is masked whole).
+fn remember(delivered: &mut Vec<String>, values: &std::collections::BTreeMap<String, String>) {
+    for v in values.values() {
+        if !delivered.contains(v) {
+            delivered.push(v.clone());
+        }
+    }
+    delivered.sort_by_key(|v| std::cmp::Reverse(v.len()));
+}
+
+/// The step's result with every delivered secret value replaced by `***`.
+fn mask(result: StepResult, delivered: &[String]) -> StepResult {
+    if delivered.is_empty() {
+        return result;
+    }
+    let text = |mut s: String| {
+        secrets::mask_in(&mut s, delivered);
+        s
+    };
+    match result {
+        StepResult::Ok(mut v) => {
+            secrets::mask_value(&mut v, delivered);
+            StepResult::Ok(v)
+        }
+        StepResult::Retryable(m) => StepResult::Retryable(text(m)),
+        StepResult::Fatal(m) => StepResult::Fatal(text(m)),
+        StepResult::TimedOut(m) => StepResult::TimedOut(text(m)),
+        StepResult::Cancelled => StepResult::Cancelled,
+    }
+}
+
+/// The most of a step's error message troupe stores; the rest is cut.
+pub(crate) const MAX_ERROR_BYTES: usize = 16 << 10;
+/// The largest step output troupe stores; a larger one fails its step.
+pub(crate) const MAX_OUTPUT_BYTES: usize = 1 << 20;
+
+/// Why an output of `len` bytes (as JSON) fails its step.
+fn output_too_large(len: usize) -> String {
+    format!(
+        "the step's output is {len} bytes as JSON, over the limit of {} MiB that troupe stores; \
+         have the step return less (a summary, or where it put the rest)",
+        MAX_OUTPUT_BYTES >> 20
+    )
+}
+
+/// The step's error message cut to [`MAX_ERROR_BYTES`] (saying how much was
+/// cut). An output's size is checked where it is serialized for storing.
+fn bound(result: StepResult) -> StepResult {
+    match result {
+        StepResult::Ok(output) => StepResult::Ok(output),
+        StepResult::Retryable(m) => StepResult::Retryable(cut(m)),
+        StepResult::Fatal(m) => StepResult::Fatal(cut(m)),
+        StepResult::TimedOut(m) => StepResult::TimedOut(cut(m)),
+        StepResult::Cancelled => StepResult::Cancelled,
+    }
+}
+
+/// `text` cut to [`MAX_ERROR_BYTES`] on a character boundary.
+fn cut(mut text: String) -> String {
+    if text.len() <= MAX_ERROR_BYTES {
+        return text;
+    }
+    let mut end = MAX_ERROR_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let rest = text.len() - end;
+    text.truncate(end);
+    text.push_str(&format!(" [… {rest} more bytes cut]"));
+    text
 }
 
 /// The carried writes followed by `next`, to commit together.

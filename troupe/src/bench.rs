@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::{Value, json};
 
-use crate::cli::parse_duration;
+use crate::args::parse_duration;
 use crate::client::Client;
 
 #[derive(Args)]
@@ -37,6 +37,9 @@ pub(crate) struct BenchArgs {
     /// Measure a running server instead of starting one (CPU, memory and per-action database figures need a server bench started).
     #[arg(long)]
     server: Option<String>,
+    /// With --server: a file holding an API token with the submit scope (or set TROUPE_TOKEN).
+    #[arg(long, env = "TROUPE_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -117,6 +120,7 @@ fn start_server(db: &str) -> Result<OwnServer> {
             "1024",
             "--node-id",
             "bench",
+            "--ensure-admin-token",
         ])
         .arg("--data-dir")
         .arg(&dir)
@@ -316,12 +320,29 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
         Some(_) => None,
         None => Some(start_server(&args.db)?),
     };
-    let url = own
-        .as_ref()
-        .map(|s| s.url.clone())
-        .or(args.server.clone())
-        .expect("one of them");
-    let client = Arc::new(Client::new(&url)?);
+    let (url, token) = match (&own, &args.server) {
+        // The server it started wrote its first admin token to its data directory.
+        (Some(own), _) => (
+            own.url.clone(),
+            Some(
+                std::fs::read_to_string(own.dir.join(crate::args::ADMIN_TOKEN_FILE))
+                    .context("reading the benchmark server's admin token")?
+                    .trim()
+                    .to_owned(),
+            ),
+        ),
+        (None, Some(server)) => {
+            let arg = crate::args::ServerArg {
+                server: server.clone(),
+                token: std::env::var("TROUPE_TOKEN").ok(),
+                token_file: args.token_file.clone(),
+                ca_cert: std::env::var_os("TROUPE_CA_CERT").map(PathBuf::from),
+            };
+            (server.clone(), arg.token()?)
+        }
+        (None, None) => unreachable!("bench starts a server unless --server is given"),
+    };
+    let client = Arc::new(Client::new(&url, token)?);
     let deadline = Instant::now() + args.timeout;
     let pid = own.as_ref().map(|s| s.child.id());
 

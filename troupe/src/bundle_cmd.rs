@@ -10,7 +10,7 @@ use clap::Subcommand;
 use engine::signing::{PublicKey, SecretKey, Signature, Trust};
 use serde_json::{Value, json};
 
-use crate::cli::ServerArg;
+use crate::args::ServerArg;
 use crate::client::Client;
 
 #[derive(Subcommand)]
@@ -92,19 +92,15 @@ pub(crate) enum KeysCommand {
         #[command(flatten)]
         server: ServerArg,
     },
-    /// Trust a public key (ed25519:…) for signing bundles.
+    /// Trust a public key (ed25519:…) for signing bundles (needs an admin token).
     Trust {
         public_key: String,
-        #[arg(long, env = "TROUPE_ADMIN_TOKEN", hide_env_values = true)]
-        admin_token: String,
         #[command(flatten)]
         server: ServerArg,
     },
     /// Revoke a key: its bundles take no new actions, and actions in flight on them fail.
     Revoke {
         key_id: String,
-        #[arg(long, env = "TROUPE_ADMIN_TOKEN", hide_env_values = true)]
-        admin_token: String,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -283,7 +279,7 @@ pub(crate) async fn run(cmd: BundleCommand) -> Result<ExitCode> {
             server,
         } => {
             let (bytes, sig) = read_signed(&bundle, signature)?;
-            let b = Client::new(&server.server)?.push(bytes, sig).await?;
+            let b = Client::connect(&server)?.push(bytes, sig).await?;
             return print_json_or(json, &b, |b| {
                 println!(
                     "pushed {} {} ({}), now {}",
@@ -295,7 +291,7 @@ pub(crate) async fn run(cmd: BundleCommand) -> Result<ExitCode> {
             });
         }
         BundleCommand::List { json, server } => {
-            let v = Client::new(&server.server)?.get("/v1/bundles", &[]).await?;
+            let v = Client::connect(&server)?.get("/v1/bundles", &[]).await?;
             return print_json_or(json, &v, |v| {
                 for b in v["bundles"].as_array().into_iter().flatten() {
                     print_bundle(b);
@@ -303,8 +299,8 @@ pub(crate) async fn run(cmd: BundleCommand) -> Result<ExitCode> {
             });
         }
         BundleCommand::Activate { hash, server } => {
-            let b = Client::new(&server.server)?
-                .post(&format!("/v1/bundles/{hash}/activate"), &json!({}), None)
+            let b = Client::connect(&server)?
+                .post(&format!("/v1/bundles/{hash}/activate"), &json!({}))
                 .await?;
             print_bundle(&b);
         }
@@ -328,7 +324,7 @@ pub(crate) async fn run_keys(cmd: KeysCommand) -> Result<ExitCode> {
             println!("{}", key.public());
         }
         KeysCommand::List { json, server } => {
-            let v = Client::new(&server.server)?.get("/v1/keys", &[]).await?;
+            let v = Client::connect(&server)?.get("/v1/keys", &[]).await?;
             return print_json_or(json, &v, |v| {
                 for k in v["keys"].as_array().into_iter().flatten() {
                     let state = if k["revoked"] == true {
@@ -346,31 +342,15 @@ pub(crate) async fn run_keys(cmd: KeysCommand) -> Result<ExitCode> {
                 }
             });
         }
-        KeysCommand::Trust {
-            public_key,
-            admin_token,
-            server,
-        } => {
-            let k = Client::new(&server.server)?
-                .post(
-                    "/v1/keys",
-                    &json!({ "public_key": public_key }),
-                    Some(&admin_token),
-                )
+        KeysCommand::Trust { public_key, server } => {
+            let k = Client::connect(&server)?
+                .post("/v1/keys", &json!({ "public_key": public_key }))
                 .await?;
             println!("trusted key {}", s(&k["key_id"]));
         }
-        KeysCommand::Revoke {
-            key_id,
-            admin_token,
-            server,
-        } => {
-            let k = Client::new(&server.server)?
-                .post(
-                    &format!("/v1/keys/{key_id}/revoke"),
-                    &json!({}),
-                    Some(&admin_token),
-                )
+        KeysCommand::Revoke { key_id, server } => {
+            let k = Client::connect(&server)?
+                .post(&format!("/v1/keys/{key_id}/revoke"), &json!({}))
                 .await?;
             println!("revoked key {}", s(&k["key_id"]));
         }

@@ -1,13 +1,12 @@
 //! Command-line arguments and dispatch.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 use serde_json::{Map, Value, json};
 
+use crate::args::ServerArg;
 use crate::client::Client;
 
 #[derive(Parser)]
@@ -19,18 +18,6 @@ use crate::client::Client;
 pub(crate) struct Cli {
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Args, Clone)]
-pub(crate) struct ServerArg {
-    /// The troupe server to talk to.
-    #[arg(
-        long,
-        env = "TROUPE_SERVER",
-        default_value = "http://127.0.0.1:7878",
-        global = true
-    )]
-    pub(crate) server: String,
 }
 
 #[derive(Subcommand)]
@@ -116,6 +103,24 @@ enum Command {
     /// Generate signing keys; list, trust and revoke the server's keys.
     #[command(subcommand)]
     Keys(crate::bundle_cmd::KeysCommand),
+    /// Create, list and revoke API tokens (needs an admin token).
+    #[command(subcommand)]
+    Tokens(crate::admin_cmd::TokensCommand),
+    /// Set, list and delete secrets for steps (needs an admin token).
+    #[command(subcommand)]
+    Secrets(crate::admin_cmd::SecretsCommand),
+    /// Show the audit log: who pushed, activated, trusted, revoked or created what (needs an admin token).
+    Audit {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Only entries with an id below this (for paging).
+        #[arg(long)]
+        before: Option<i64>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArg,
+    },
     /// Measure throughput, latency, CPU, memory and database work per action.
     Bench(crate::bench::BenchArgs),
     /// Create or upgrade the database schema, then exit.
@@ -150,7 +155,7 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             server,
         } => {
             let params = parse_params(&params, &params_json)?;
-            let client = Client::new(&server.server)?;
+            let client = Client::connect(&server)?;
             let mut body = json!({ "kind": kind, "target": target, "params": params });
             if let Some(key) = idempotency_key {
                 body["idempotency_key"] = json!(key);
@@ -179,7 +184,7 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             json,
             server,
         } => {
-            let client = Client::new(&server.server)?;
+            let client = Client::connect(&server)?;
             let action = client.action(id).await?;
             if wait {
                 return crate::watch::follow(&client, action, json).await;
@@ -200,7 +205,7 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             json,
             server,
         } => {
-            let client = Client::new(&server.server)?;
+            let client = Client::connect(&server)?;
             let mut query = vec![("limit", limit.to_string())];
             query.extend(target.map(|v| ("target", v)));
             query.extend(status.map(|v| ("status", v)));
@@ -215,7 +220,7 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Cancel { id, wait, server } => {
-            let client = Client::new(&server.server)?;
+            let client = Client::connect(&server)?;
             let action = client.cancel(id).await?;
             if wait {
                 return crate::watch::follow(&client, action, false).await;
@@ -227,7 +232,7 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Kinds { json, server } => {
-            let client = Client::new(&server.server)?;
+            let client = Client::connect(&server)?;
             let kinds = client.get("/v1/kinds", &[]).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&kinds)?);
@@ -245,14 +250,8 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
                         k["description"].as_str().unwrap_or("")
                     );
                     println!("{:<16} steps: {}", "", steps.join(" → "));
-                    let params: Vec<&str> = k["params"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(Value::as_str)
-                        .collect();
-                    if !params.is_empty() {
-                        println!("{:<16} params: {}", "", params.join(", "));
+                    for (name, spec) in k["params"].as_object().into_iter().flatten() {
+                        println!("{:<16} param {name}: {}", "", describe_param(spec));
                     }
                 }
             }
@@ -260,6 +259,14 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Bundle(cmd) => crate::bundle_cmd::run(cmd).await,
         Command::Keys(cmd) => crate::bundle_cmd::run_keys(cmd).await,
+        Command::Tokens(cmd) => crate::admin_cmd::run(cmd).await,
+        Command::Secrets(cmd) => crate::admin_cmd::run_secrets(cmd).await,
+        Command::Audit {
+            limit,
+            before,
+            json,
+            server,
+        } => crate::admin_cmd::audit(limit, before, json, server).await,
         Command::Bench(args) => crate::bench::bench(args).await,
         Command::Migrate { db } => {
             engine::store::Store::connect(&db)
@@ -269,6 +276,37 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// One param's schema as a line: `an integer, 1 to 65535, default 22`.
+fn describe_param(spec: &Value) -> String {
+    let mut parts = vec![spec["type"].as_str().unwrap_or("any").to_owned()];
+    if let Some(one_of) = spec["enum"].as_array() {
+        let values: Vec<String> = one_of.iter().map(Value::to_string).collect();
+        parts.push(format!("one of {}", values.join(", ")));
+    }
+    match (spec["minimum"].as_f64(), spec["maximum"].as_f64()) {
+        (Some(a), Some(b)) => parts.push(format!("{a} to {b}")),
+        (Some(a), None) => parts.push(format!("at least {a}")),
+        (None, Some(b)) => parts.push(format!("at most {b}")),
+        (None, None) => {}
+    }
+    if let Some(p) = spec["pattern"].as_str() {
+        parts.push(format!("matching {p}"));
+    }
+    let required = spec["required"]
+        .as_bool()
+        .unwrap_or(spec["default"].is_null());
+    match (&spec["default"], required) {
+        (Value::Null, true) => parts.push("required".into()),
+        (Value::Null, false) => parts.push("optional".into()),
+        (d, _) => parts.push(format!("default {d}")),
+    }
+    let mut line = parts.join(", ");
+    if let Some(d) = spec["description"].as_str() {
+        line.push_str(&format!(" — {d}"));
+    }
+    line
 }
 
 fn parse_params(strings: &[String], jsons: &[String]) -> Result<Map<String, Value>> {
@@ -288,29 +326,4 @@ fn parse_params(strings: &[String], jsons: &[String]) -> Result<Map<String, Valu
         out.insert(k.to_owned(), v);
     }
     Ok(out)
-}
-
-/// The data directory: `--data-dir`, `TROUPE_DATA`, or `./troupe-data`.
-pub(crate) fn default_db(data_dir: &std::path::Path) -> String {
-    format!("sqlite://{}", data_dir.join("troupe.db").display())
-}
-
-pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a duration such as 30s, 500ms or 2m"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "" | "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!(
-            "{s:?}: expected a duration such as 30s, 500ms or 2m"
-        )),
-    }
-}
-
-pub(crate) fn data_dir_arg(dir: Option<PathBuf>) -> PathBuf {
-    dir.unwrap_or_else(|| PathBuf::from("troupe-data"))
 }

@@ -3,32 +3,90 @@
 use anyhow::{Result, anyhow};
 use serde_json::Value;
 
+/// The server could not be reached or is briefly unable to answer
+/// (stopping, restarting, its database away): worth trying again. Found with
+/// `anyhow::Error::downcast_ref`.
+#[derive(Debug)]
+pub(crate) struct Unavailable(String);
+
+impl std::fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unavailable {}
+
 pub(crate) struct Client {
     http: reqwest::Client,
     base: String,
+    token: Option<String>,
 }
 
 impl Client {
-    pub(crate) fn new(base: &str) -> Result<Client> {
+    /// A client for the server and credential the command line names.
+    pub(crate) fn connect(arg: &crate::args::ServerArg) -> Result<Client> {
+        Client::with_ca(&arg.server, arg.token()?, arg.ca_cert.as_deref())
+    }
+
+    pub(crate) fn new(base: &str, token: Option<String>) -> Result<Client> {
+        Client::with_ca(base, token, None)
+    }
+
+    /// With `ca_cert`, an https:// server's certificate must chain to the
+    /// CA(s) in that PEM file, and nothing else is trusted; without it, to
+    /// the system's trusted roots.
+    pub(crate) fn with_ca(
+        base: &str,
+        token: Option<String>,
+        ca_cert: Option<&std::path::Path>,
+    ) -> Result<Client> {
         let base = base.trim_end_matches('/').to_owned();
         if !base.starts_with("http://") && !base.starts_with("https://") {
             return Err(anyhow!(
-                "--server {base:?} must be an http:// URL such as http://127.0.0.1:7878"
+                "--server {base:?} must be an http:// or https:// URL such as http://127.0.0.1:7878"
             ));
         }
-        let http = reqwest::Client::builder().build()?;
-        Ok(Client { http, base })
+        let builder = reqwest::Client::builder();
+        let builder = match ca_cert {
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .map_err(|e| anyhow!("reading the CA certificate {}: {e}", path.display()))?;
+                let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                    .map_err(|e| anyhow!("{} is not a PEM certificate: {e}", path.display()))?;
+                if certs.is_empty() {
+                    return Err(anyhow!("{} holds no PEM certificate", path.display()));
+                }
+                builder.tls_certs_only(certs)
+            }
+            // Plain HTTP needs no trust store (and a machine may have none).
+            None if base.starts_with("http://") => builder.tls_certs_only([]),
+            None => builder,
+        };
+        let http = builder
+            .build()
+            .map_err(|e| anyhow!("setting up the HTTP client: {e}"))?;
+        Ok(Client { http, base, token })
     }
 
-    async fn send(&self, req: reqwest::RequestBuilder) -> Result<Value> {
+    async fn send(&self, mut req: reqwest::RequestBuilder) -> Result<Value> {
+        if let Some(token) = &self.token {
+            req = req.bearer_auth(token);
+        }
         let resp = req.send().await.map_err(|e| {
-            if e.is_connect() {
+            if let Some(reason) = tls_failure(&e) {
                 anyhow!(
-                    "cannot reach the troupe server at {}: is `troupe serve` running? (set --server or TROUPE_SERVER)",
+                    "cannot verify the TLS certificate of {}: {reason}; pass the CA that signed it with --ca-cert FILE (or TROUPE_CA_CERT)",
                     self.base
                 )
+            } else if e.is_connect() {
+                anyhow::Error::new(Unavailable(format!(
+                    "cannot reach the troupe server at {}: is `troupe serve` running? (set --server or TROUPE_SERVER)",
+                    self.base
+                )))
             } else {
-                anyhow!("request to {} failed: {e}", self.base)
+                // The connection broke mid-request (the server went away).
+                anyhow::Error::new(Unavailable(format!("request to {} failed: {e}", self.base)))
             }
         })?;
         let status = resp.status();
@@ -40,6 +98,14 @@ impl Client {
             body["error"]["code"].as_str(),
             body["error"]["message"].as_str(),
         ) {
+            (Some("unauthorized"), Some(message)) if self.token.is_none() => Err(anyhow!(
+                "{message} [unauthorized]\nno API token was given: pass --token-file FILE or set TROUPE_TOKEN \
+                 (a new server writes its first admin token to DATA_DIR/{})",
+                crate::args::ADMIN_TOKEN_FILE
+            )),
+            (Some(code @ ("shutting_down" | "database_unavailable")), Some(message)) => Err(
+                anyhow::Error::new(Unavailable(format!("{message} [{code}]"))),
+            ),
             (Some(code), Some(message)) => Err(anyhow!("{message} [{code}]")),
             _ => Err(anyhow!("the server answered {status}")),
         }
@@ -50,17 +116,19 @@ impl Client {
             .await
     }
 
-    pub(crate) async fn post(
-        &self,
-        path: &str,
-        body: &Value,
-        token: Option<&str>,
-    ) -> Result<Value> {
-        let mut req = self.http.post(format!("{}{path}", self.base)).json(body);
-        if let Some(token) = token {
-            req = req.bearer_auth(token);
-        }
-        self.send(req).await
+    pub(crate) async fn put(&self, path: &str, body: &Value) -> Result<Value> {
+        self.send(self.http.put(format!("{}{path}", self.base)).json(body))
+            .await
+    }
+
+    pub(crate) async fn delete(&self, path: &str) -> Result<Value> {
+        self.send(self.http.delete(format!("{}{path}", self.base)))
+            .await
+    }
+
+    pub(crate) async fn post(&self, path: &str, body: &Value) -> Result<Value> {
+        self.send(self.http.post(format!("{}{path}", self.base)).json(body))
+            .await
     }
 
     /// Pushes a bundle and its signature (multipart).
@@ -124,4 +192,23 @@ impl Client {
         )
         .await
     }
+}
+
+/// The certificate error under a failed request, if that is why it failed.
+fn tls_failure(e: &reqwest::Error) -> Option<String> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return Some(tls.to_string());
+        }
+        // An io::Error's `source` skips the error it wraps: look inside.
+        source = match err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    None
 }

@@ -11,9 +11,12 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::json;
 
-use crate::cli::data_dir_arg;
+use crate::args::data_dir_arg;
 use crate::client::Client;
 use crate::serve::ServeArgs;
+
+/// How the demo server "reboots" a server: harmlessly.
+const DEMO_REBOOT: &str = "echo \"rebooting $TROUPE_TARGET (simulated)\"; sleep 1";
 
 #[derive(Args)]
 pub(crate) struct DemoArgs {
@@ -51,9 +54,14 @@ fn builtin_library() -> Result<PathBuf> {
 }
 
 pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
+    if !args.listen.ip().is_loopback() {
+        bail!(
+            "the demo serves plain HTTP, so it listens on loopback only (not {}); use `troupe serve` with --tls-cert for more",
+            args.listen
+        );
+    }
     let data_dir = data_dir_arg(args.data_dir);
-    std::fs::create_dir_all(&data_dir)
-        .with_context(|| format!("creating {}", data_dir.display()))?;
+    crate::serve::create_private_dir(&data_dir)?;
     let library = builtin_library()?;
     let lib = std::fs::read(&library).with_context(|| format!("reading {}", library.display()))?;
     let manifest = include_str!("../../steps/builtin/bundle.toml");
@@ -87,9 +95,15 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
         db: None,
         data_dir: Some(data_dir.clone()),
         listen: args.listen,
+        tls_cert: None,
+        tls_key: None,
+        allow_plain_http: false,
         bundles: Vec::new(),
         trust: vec![key.public().to_string()],
         admin_token: None,
+        ensure_admin_token: true,
+        secrets_key: None,
+        vars: vec![("reboot_command".into(), DEMO_REBOOT.into())],
         max_running: 64,
         node_id: None,
         shutdown_grace: Duration::from_secs(10),
@@ -97,6 +111,11 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
         lease: Duration::from_secs(30),
     };
     let engine = crate::serve::start_engine(&serve).await?;
+    let token_path = data_dir.join(crate::args::ADMIN_TOKEN_FILE);
+    let token = std::fs::read_to_string(&token_path)
+        .with_context(|| format!("reading {}", token_path.display()))?
+        .trim()
+        .to_owned();
     let listener = crate::serve::bind(args.listen).await?;
     let addr = listener.local_addr()?;
     let db_path = data_dir.join("troupe.db");
@@ -108,8 +127,8 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(crate::serve::serve_until(
         engine,
-        None,
         listener,
+        None,
         serve.shutdown_grace,
         async move {
             tokio::select! {
@@ -119,7 +138,7 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
         },
     ));
 
-    let client = Client::new(&format!("http://{addr}"))?;
+    let client = Client::new(&format!("http://{addr}"), Some(token))?;
     println!();
     println!("$ troupe bundle push {}", bundle_path.display());
     match client.push(bytes, signature).await {
@@ -138,17 +157,19 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
         Err(e) => return Err(e),
     }
     let target = "vps-demo";
-    let command = format!("echo 'rebooting {target} (simulated)'; sleep 1");
     println!();
     println!(
-        "$ troupe submit reboot --target {target} --param host=127.0.0.1 --param port={} --param reboot_command=\"{command}\" --wait",
+        "(this demo server reboots by running: {DEMO_REBOOT}; a real one sets --var reboot_command)"
+    );
+    println!(
+        "$ troupe submit reboot --target {target} --param host=127.0.0.1 --param-json port={} --wait",
         addr.port()
     );
     let action = client
         .submit(&json!({
             "kind": "reboot",
             "target": target,
-            "params": { "host": "127.0.0.1", "port": addr.port().to_string(), "reboot_command": command },
+            "params": { "host": "127.0.0.1", "port": addr.port() },
         }))
         .await?;
     let id = action["id"].as_i64().unwrap_or_default();
@@ -164,7 +185,10 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
         "  sqlite3 {} \"SELECT seq, name, status, attempt, error FROM action_steps WHERE action_id = {id} ORDER BY seq\"",
         db_path.display()
     );
-    println!("or over HTTP:  curl -s http://{addr}/v1/actions/{id}");
+    println!(
+        "or over HTTP:  curl -s -H \"Authorization: Bearer $(cat {})\" http://{addr}/v1/actions/{id}",
+        token_path.display()
+    );
     if args.exit {
         let _ = stop_tx.send(());
     } else {
@@ -172,7 +196,7 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
         println!("The server keeps running at http://{addr}; in another terminal try:");
         println!("  troupe list --server http://{addr}");
         println!(
-            "  troupe submit run --target demo --param command='uptime' --wait --server http://{addr}"
+            "  troupe submit run --target demo --param-json argv='[\"uptime\"]' --wait --server http://{addr}"
         );
         println!("Press Ctrl-C to stop it.");
     }

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use engine::{Config, Engine, HostCommand};
 
-use crate::cli::{data_dir_arg, default_db, parse_duration};
+use crate::args::{data_dir_arg, default_db, parse_duration};
 
 #[derive(Args, Clone)]
 pub(crate) struct ServeArgs {
@@ -22,13 +22,28 @@ pub(crate) struct ServeArgs {
     /// Address for the REST API. Use port 0 for any free port.
     #[arg(long, env = "TROUPE_LISTEN", default_value = "127.0.0.1:7878")]
     pub(crate) listen: SocketAddr,
+    /// PEM certificate chain for HTTPS on the API (with --tls-key); reloaded on SIGHUP or when the file changes.
+    #[arg(long, env = "TROUPE_TLS_CERT", requires = "tls_key")]
+    pub(crate) tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "TROUPE_TLS_KEY", requires = "tls_cert")]
+    pub(crate) tls_key: Option<PathBuf>,
+    /// Serve plain HTTP on an address other than loopback (only behind a proxy that terminates TLS).
+    #[arg(long, env = "TROUPE_ALLOW_PLAIN_HTTP")]
+    pub(crate) allow_plain_http: bool,
     /// A signed bundle file to load at start (its signature is FILE.sig). Repeat for more.
     #[arg(long = "bundle", env = "TROUPE_BUNDLES", value_delimiter = ',')]
     pub(crate) bundles: Vec<PathBuf>,
     /// A public key (ed25519:…) trusted to sign bundles. Repeat for more.
     #[arg(long = "trust", env = "TROUPE_TRUST", value_delimiter = ',')]
     pub(crate) trust: Vec<String>,
-    /// Bearer token that allows adding and revoking signing keys over the API [default: key management off]
+    /// A deployment variable NAME=VALUE for manifests' {{vars.NAME}}, e.g. reboot_command='virsh reboot "$TROUPE_TARGET"'. Repeat for more; TROUPE_VAR_NAME=VALUE in the environment works too.
+    #[arg(long = "var", value_name = "NAME=VALUE", value_parser = parse_var)]
+    pub(crate) vars: Vec<(String, String)>,
+    /// The key secrets are encrypted under [default: DATA_DIR/secrets.key, created on first start]. Every server sharing a database needs the same one.
+    #[arg(long, env = "TROUPE_SECRETS_KEY_FILE")]
+    pub(crate) secrets_key: Option<PathBuf>,
+    /// Deprecated: an admin token of your choosing, imported once as an API token with the admin scope. Create tokens with `troupe tokens create` instead.
     #[arg(long, env = "TROUPE_ADMIN_TOKEN", hide_env_values = true)]
     pub(crate) admin_token: Option<String>,
     /// How many actions may run at once across all targets.
@@ -43,6 +58,9 @@ pub(crate) struct ServeArgs {
     /// After a step is cancelled or times out, how long it may take to stop before its host is killed.
     #[arg(long, env = "TROUPE_CANCEL_GRACE", default_value = "2s", value_parser = parse_duration)]
     pub(crate) cancel_grace: Duration,
+    /// Write a fresh admin token to DATA_DIR/admin.token whenever the file there is missing or stale, even if other admin tokens exist: for tools that own their data directory (troupe bench).
+    #[arg(long, hide = true)]
+    pub(crate) ensure_admin_token: bool,
     /// How long this server's claim on a running action lasts without renewal.
     #[arg(long, env = "TROUPE_LEASE", default_value = "30s", value_parser = parse_duration)]
     pub(crate) lease: Duration,
@@ -51,10 +69,10 @@ pub(crate) struct ServeArgs {
 impl ServeArgs {
     pub(crate) fn config(&self) -> Result<Config> {
         let data_dir = data_dir_arg(self.data_dir.clone());
-        std::fs::create_dir_all(&data_dir)
-            .with_context(|| format!("creating data directory {}", data_dir.display()))?;
+        create_private_dir(&data_dir)?;
         let exe =
             std::env::current_exe().context("finding the troupe executable for step hosts")?;
+        let secrets_key = load_secrets_key(self.secrets_key.as_deref(), &data_dir)?;
         Ok(Config {
             database_url: self.db.clone().unwrap_or_else(|| default_db(&data_dir)),
             data_dir,
@@ -67,12 +85,78 @@ impl ServeArgs {
                 .iter()
                 .map(|k| k.parse().with_context(|| format!("--trust {k:?}")))
                 .collect::<Result<_>>()?,
+            secrets_key,
+            vars: vars_from_env()
+                .into_iter()
+                .chain(self.vars.iter().cloned())
+                .collect(),
             host_command: HostCommand {
                 program: exe.into(),
                 args: vec![crate::STEP_HOST_ARG.into()],
             },
         })
     }
+}
+
+/// Creates the data directory readable by this user only (it holds the
+/// first admin token and the secrets key); an existing one is left as it is.
+pub(crate) fn create_private_dir(dir: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating data directory {}", dir.display()))
+}
+
+/// The secrets key from `--secrets-key`, or from the data directory, where
+/// it is created (mode 0600) on first start.
+fn load_secrets_key(
+    given: Option<&std::path::Path>,
+    data_dir: &std::path::Path,
+) -> Result<engine::secrets::SecretsKey> {
+    use engine::secrets::SecretsKey;
+    let path = match given {
+        Some(p) => p.to_owned(),
+        None => {
+            let path = data_dir.join("secrets.key");
+            if !path.exists() {
+                let key = SecretsKey::generate().context("generating a secrets key")?;
+                write_secret(&path, key.to_text().trim_end())?;
+                tracing::info!(file = %path.display(), "created the key secrets are encrypted under; back it up, and give every server sharing this database the same one (--secrets-key)");
+            }
+            path
+        }
+    };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading the secrets key {}", path.display()))?;
+    SecretsKey::from_text(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+fn parse_var(s: &str) -> Result<(String, String), String> {
+    let (name, value) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NAME=VALUE"))?;
+    let name = name.trim();
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(format!(
+            "{name:?}: a variable name is letters, digits and '_'"
+        ));
+    }
+    Ok((name.to_ascii_lowercase(), value.to_owned()))
+}
+
+/// `TROUPE_VAR_NAME=VALUE` from the environment, as `name`.
+fn vars_from_env() -> Vec<(String, String)> {
+    std::env::vars()
+        .filter_map(|(k, v)| {
+            k.strip_prefix("TROUPE_VAR_")
+                .map(|name| (name.to_ascii_lowercase(), v))
+        })
+        .collect()
 }
 
 fn hostname() -> String {
@@ -92,7 +176,10 @@ pub(crate) async fn start_engine(args: &ServeArgs) -> Result<Engine> {
         .with_context(|| format!("starting the engine on {db}"))?;
     for path in &args.bundles {
         let (bytes, signature) = crate::bundle_cmd::read_signed(path, None)?;
-        match engine.admit_bundle(bytes, signature).await {
+        match engine
+            .admit_bundle(bytes, signature, "serve --bundle")
+            .await
+        {
             Ok(a) => {
                 let b = &a.bundle;
                 let kinds: Vec<&str> = b.manifest.kinds.keys().map(String::as_str).collect();
@@ -110,6 +197,22 @@ pub(crate) async fn start_engine(args: &ServeArgs) -> Result<Engine> {
             "no bundle loaded yet: push a signed one with `troupe bundle push`, or pass --bundle FILE"
         );
     }
+    ensure_admin_token(
+        &engine,
+        &data_dir_arg(args.data_dir.clone()),
+        args.ensure_admin_token,
+    )
+    .await?;
+    if let Some(token) = &args.admin_token {
+        engine
+            .import_admin_token(token)
+            .await
+            .context("importing --admin-token")?;
+        tracing::warn!(
+            "--admin-token (TROUPE_ADMIN_TOKEN) is deprecated: it was stored as an admin API token; \
+             create named tokens with `troupe tokens create`, then revoke it and drop the flag"
+        );
+    }
     let resumed = engine
         .resume()
         .await
@@ -121,33 +224,120 @@ pub(crate) async fn start_engine(args: &ServeArgs) -> Result<Engine> {
     Ok(engine)
 }
 
+/// Makes sure someone can administer the server: when no active admin token
+/// exists (a new database), creates one and writes it to
+/// `DATA_DIR/admin.token` (mode 0600), which the CLI on this host reads by
+/// default. With `always`, also when the file is missing or stale though
+/// other admin tokens exist (the demo, which owns its data directory).
+pub(crate) async fn ensure_admin_token(
+    engine: &Engine,
+    data_dir: &std::path::Path,
+    always: bool,
+) -> Result<()> {
+    use engine::access::Scope;
+    let path = data_dir.join(crate::args::ADMIN_TOKEN_FILE);
+    if let Ok(text) = std::fs::read_to_string(&path)
+        && engine
+            .authenticate(text.trim())
+            .is_ok_and(|p| p.allows(Scope::Admin))
+    {
+        return Ok(());
+    }
+    let now = engine::model::now();
+    let tokens = engine.tokens().await?;
+    let has_admin = tokens
+        .iter()
+        .any(|t| t.is_active(now) && t.scopes.contains(&Scope::Admin));
+    if has_admin && !always {
+        return Ok(());
+    }
+    let name = (1..)
+        .map(|n| {
+            if n == 1 {
+                "admin".to_owned()
+            } else {
+                format!("admin-{n}")
+            }
+        })
+        .find(|n| tokens.iter().all(|t| &t.name != n))
+        .expect("an unused name");
+    let spec = engine::access::TokenSpec {
+        name,
+        scopes: vec![Scope::Admin],
+        kinds: None,
+        expires_at: None,
+    };
+    let (info, text) = engine
+        .create_token(spec, "troupe serve (first start)")
+        .await?;
+    write_secret(&path, &text)?;
+    tracing::info!(
+        token_id = %info.id,
+        file = %path.display(),
+        "no admin token existed: created one and wrote it to the file (mode 0600); the CLI on this host reads it from there"
+    );
+    Ok(())
+}
+
+/// Writes `text` to `path` readable by this user only, replacing it whole.
+fn write_secret(path: &std::path::Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    file.write_all(text.as_bytes())?;
+    file.write_all(b"\n")?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
 pub(crate) async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await.with_context(|| {
         format!("listening on {addr} (is another troupe running? choose another with --listen)")
     })
 }
 
-/// Serves the API until `stop` resolves, then shuts the engine down gracefully.
+/// Serves the API until `stop` resolves, then shuts the engine down
+/// gracefully. The API keeps answering through the drain: new work gets
+/// `503 shutting_down`, reads and long-polls are served until the engine has
+/// stopped, so a client following an action sees it end if it ends by then.
 pub(crate) async fn serve_until(
     engine: Engine,
-    admin_token: Option<String>,
     listener: tokio::net::TcpListener,
+    tls: Option<api::tls::Tls>,
     grace: Duration,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let for_signal = engine.clone();
     let state = api::AppState {
         engine: engine.clone(),
-        admin_token,
     };
-    api::serve(listener, state, async move {
-        stop.await;
-        tracing::info!("shutting down: no new requests; letting running steps finish");
-        for_signal.begin_shutdown();
-    })
-    .await
-    .context("serving HTTP")?;
+    let (close_http, http_closed) = tokio::sync::oneshot::channel::<()>();
+    let mut http = tokio::spawn(api::serve(listener, state, tls, async move {
+        let _ = http_closed.await;
+    }));
+    tokio::select! {
+        _ = stop => {}
+        served = &mut http => {
+            engine.shutdown(grace).await;
+            return served.context("the HTTP server task")?.context("serving HTTP");
+        }
+    }
+    tracing::info!(
+        "shutting down: new work is refused (503 shutting_down) while running steps finish; reads are still served"
+    );
+    engine.begin_shutdown();
     engine.shutdown(grace).await;
+    let _ = close_http.send(());
+    http.await
+        .context("the HTTP server task")?
+        .context("serving HTTP")?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -162,19 +352,41 @@ pub(crate) async fn shutdown_signal() {
 }
 
 pub(crate) async fn run(args: ServeArgs) -> Result<ExitCode> {
+    let tls = tls(&args).await?;
     let engine = start_engine(&args).await?;
     let listener = bind(args.listen).await?;
     let addr = listener.local_addr()?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     // Scripts and tests read this line to find the port.
-    println!("troupe listening on http://{addr}");
-    tracing::info!(%addr, "REST API ready");
+    println!("troupe listening on {scheme}://{addr}");
+    tracing::info!(%addr, scheme, "REST API ready");
     serve_until(
         engine,
-        args.admin_token.clone(),
         listener,
+        tls,
         args.shutdown_grace,
         shutdown_signal(),
     )
     .await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The certificate to serve, checked before anything starts; refuses plain
+/// HTTP beyond loopback unless the operator says a proxy handles TLS.
+async fn tls(args: &ServeArgs) -> Result<Option<api::tls::Tls>> {
+    match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let files = api::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            };
+            Ok(Some(api::tls::Tls::load(files).await?))
+        }
+        _ if args.listen.ip().is_loopback() || args.allow_plain_http => Ok(None),
+        _ => anyhow::bail!(
+            "--listen {} is not a loopback address, and plain HTTP would send API tokens in clear text: \
+             give --tls-cert and --tls-key (see deploy/tls.md), or --allow-plain-http if a proxy in front terminates TLS",
+            args.listen
+        ),
+    }
 }

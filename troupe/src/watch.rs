@@ -43,12 +43,19 @@ fn mark(status: &str) -> &'static str {
     }
 }
 
+/// How long `--wait` keeps trying to reach a server that went away (a
+/// restart, a deploy) before giving up.
+const RECONNECT_FOR: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Prints step changes as they happen until the action finishes. Exits
-/// non-zero unless it succeeded.
+/// non-zero unless it succeeded. Rides over the server going away and
+/// coming back (a restart), saying so on stderr.
 pub(crate) async fn follow(client: &Client, mut action: Value, json: bool) -> Result<ExitCode> {
     let id = action["id"].as_i64().unwrap_or_default();
     let mut seen: HashMap<u64, (String, u64)> = HashMap::new();
     let mut last_status = String::new();
+    // Since when the server has been unreachable, if it is.
+    let mut lost: Option<std::time::Instant> = None;
     if !json {
         println!(
             "action {id}: {} on {}",
@@ -98,7 +105,32 @@ pub(crate) async fn follow(client: &Client, mut action: Value, json: bool) -> Re
             break;
         }
         let revision = action["revision"].as_i64().unwrap_or_default();
-        action = client.wait(id, revision).await?;
+        match client.wait(id, revision).await {
+            Ok(next) => {
+                if lost.take().is_some() {
+                    eprintln!("reconnected; following action {id} again");
+                }
+                action = next;
+            }
+            Err(e) => {
+                let Some(gone) = e.downcast_ref::<crate::client::Unavailable>() else {
+                    return Err(e);
+                };
+                let since = *lost.get_or_insert_with(|| {
+                    eprintln!(
+                        "lost the server ({gone}); reconnecting to keep following action {id} (for up to {} min)",
+                        RECONNECT_FOR.as_secs() / 60
+                    );
+                    std::time::Instant::now()
+                });
+                if since.elapsed() > RECONNECT_FOR {
+                    return Err(e.context(format!(
+                        "gave up following action {id}; it may still finish: see `troupe status {id}`"
+                    )));
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
     }
     let status = s(&action["status"]);
     if json {

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::Invalid;
+use super::params::Params;
 
 /// The only manifest format this engine reads.
 pub const FORMAT: u32 = 1;
@@ -96,9 +97,10 @@ impl Retry {
 pub struct KindDef {
     #[serde(default)]
     pub description: String,
-    /// Params a request for this kind must carry.
+    /// The params a request for this kind carries: a list of required
+    /// names, or a table of typed schemas (see `params.rs`).
     #[serde(default)]
-    pub params: Vec<String>,
+    pub params: Params,
     pub steps: Vec<StepUse>,
 }
 
@@ -191,6 +193,10 @@ impl Manifest {
             if def.steps.is_empty() {
                 return bad(format!("kind {kind:?} has no steps"));
             }
+            for (name, spec) in def.params.specs() {
+                spec.check(&name)
+                    .map_err(|e| Invalid::Manifest(format!("kind {kind:?}: {e}")))?;
+            }
             let mut seen = BTreeSet::new();
             for u in &def.steps {
                 if !self.steps.contains_key(&u.step) {
@@ -211,6 +217,9 @@ impl Manifest {
                         u.name()
                     ));
                 }
+                check_templates(kind, def, u, &seen).map_err(|e| {
+                    Invalid::Manifest(format!("kind {kind:?}, step {:?}: {e}", u.name()))
+                })?;
             }
         }
         Ok(())
@@ -235,9 +244,101 @@ impl Manifest {
     }
 }
 
-/// Orders versions by their dot-separated parts, numerically where both
-/// parts are numbers (`1.10.0` > `1.9.3`), as text otherwise.
+/// What a step use's templates may name: the action's target, kind and id,
+/// declared params, outputs of earlier steps, and deployment variables. A
+/// `shell` setting is run by `sh -c`, so it may hold no request data at all:
+/// only literal text and `{{vars.NAME}}`, which the operator configures.
+fn check_templates(
+    kind: &str,
+    def: &KindDef,
+    u: &StepUse,
+    earlier: &BTreeSet<&str>,
+) -> Result<(), String> {
+    for path in super::template::paths(&u.settings)? {
+        let mut parts = path.split('.');
+        let root = parts.next().unwrap_or_default();
+        let next = parts.next();
+        match (root, next) {
+            ("target" | "kind", None) | ("action", Some("id" | "kind" | "target")) => {}
+            ("params", Some(p)) if def.params.declares(p) => {}
+            ("params", Some(p)) => {
+                return Err(format!(
+                    "the template {{{{{path}}}}} names param {p:?}, which kind {kind:?} does not declare in `params`"
+                ));
+            }
+            ("steps", Some(s)) if earlier.contains(s) && s != u.name() => {}
+            ("steps", Some(s)) => {
+                return Err(format!(
+                    "the template {{{{{path}}}}} names step {s:?}, which does not run before this one"
+                ));
+            }
+            ("vars", Some(_)) => {}
+            ("secrets", Some(name)) if crate::secrets::is_valid_name(name) => {}
+            _ => {
+                return Err(format!(
+                    "the template {{{{{path}}}}} names nothing; use target, kind, action.id, params.NAME, steps.NAME…, vars.NAME or secrets.NAME"
+                ));
+            }
+        }
+    }
+    if let Some(shell) = u.settings.get("shell") {
+        let Some(text) = shell.as_str() else {
+            return Err("`shell` must be a string".into());
+        };
+        if let Some(path) = super::template::paths(shell)?
+            .into_iter()
+            .find(|p| !p.starts_with("vars."))
+        {
+            return Err(format!(
+                "`shell` may not contain {{{{{path}}}}}: a shell command line must not be built from request data                  ({text:?}). Pass the value as its own `argv` element or as an `env` variable the script reads (\"$NAME\")"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The secrets (`{{secrets.NAME}}`) a step use's settings name.
+pub fn secrets_used(u: &StepUse) -> Vec<String> {
+    super::template::paths(&u.settings)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|p| p.strip_prefix("secrets.").map(str::to_owned))
+        .collect()
+}
+
+/// The deployment variables (`{{vars.NAME}}`) a kind's steps use.
+pub fn vars_used(def: &KindDef) -> BTreeSet<String> {
+    def.steps
+        .iter()
+        .flat_map(|u| super::template::paths(&u.settings).unwrap_or_default())
+        .filter_map(|p| p.strip_prefix("vars.").map(str::to_owned))
+        .collect()
+}
+
+/// New bundles need a semver version (`troupe bundle build` and push check
+/// this; bundles stored before it was required still load).
+pub fn require_semver(version: &str) -> Result<(), Invalid> {
+    semver::Version::parse(version).map(drop).map_err(|e| {
+        Invalid::Manifest(format!(
+            "version {version:?} is not semantic versioning (MAJOR.MINOR.PATCH, e.g. 1.4.0 or 2.0.0-rc.1): {e}"
+        ))
+    })
+}
+
+/// Orders versions by semver precedence: `1.0.0-rc.1` < `1.0.0` <
+/// `1.0.1`, build metadata ignored (`1.0.0+a` and `1.0.0+b` are the same
+/// version). A version stored before versions had to be semver is compared
+/// by its dot-separated parts.
 pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
+    match (semver::Version::parse(a), semver::Version::parse(b)) {
+        (Ok(a), Ok(b)) => a.cmp_precedence(&b),
+        _ => compare_dotted(a, b),
+    }
+}
+
+/// Dot-separated parts, numerically where both parts are numbers
+/// (`1.10.0` > `1.9.3`), as text otherwise.
+fn compare_dotted(a: &str, b: &str) -> std::cmp::Ordering {
     let mut left = a.split(['.', '-', '+']);
     let mut right = b.split(['.', '-', '+']);
     loop {
@@ -272,7 +373,7 @@ mod tests {
     const GOOD: &str = r#"
         format = 1
         name = "t"
-        version = "1"
+        version = "1.0.0"
         abi = 1
         library = "t"
         [steps.a]
@@ -313,6 +414,26 @@ mod tests {
         assert_eq!(compare_versions("0.1.0", "0.1.0"), Equal);
         assert_eq!(compare_versions("0.1", "0.1.1"), Less);
         assert_eq!(compare_versions("2", "10"), Less);
+    }
+
+    #[test]
+    fn versions_follow_semver_precedence() {
+        use std::cmp::Ordering::*;
+        assert_eq!(compare_versions("1.0.0", "1.0.0-rc1"), Greater);
+        assert_eq!(compare_versions("1.0.0-rc.2", "1.0.0-rc.1"), Greater);
+        assert_eq!(compare_versions("1.0.0-alpha", "1.0.0-alpha.1"), Less);
+        assert_eq!(compare_versions("1.0.0-rc.10", "1.0.0-rc.9"), Greater);
+        assert_eq!(compare_versions("1.0.0+build.5", "1.0.0+build.4"), Equal);
+        assert_eq!(compare_versions("2.0.0", "10.0.0"), Less);
+    }
+
+    #[test]
+    fn versions_must_be_semver() {
+        assert!(
+            matches!(require_semver("v1"), Err(Invalid::Manifest(m)) if m.contains("semantic"))
+        );
+        assert!(matches!(require_semver("1"), Err(Invalid::Manifest(_))));
+        require_semver("2.0.0-rc.1+b7").unwrap();
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use signing::{BundleHash, VerifiedBundle};
 
 pub mod manifest;
+pub mod params;
 pub mod template;
 
 pub use manifest::Manifest;
@@ -82,6 +83,7 @@ pub struct Unpacked {
 /// The output is deterministic: the same inputs give the same hash.
 pub fn build(manifest_text: &str, libraries: &[(&str, &[u8])]) -> Result<Vec<u8>, Invalid> {
     let manifest = Manifest::parse(manifest_text)?;
+    manifest::require_semver(&manifest.version)?;
     let options = zip::write::SimpleFileOptions::default()
         .compression_method(zip::CompressionMethod::Deflated)
         .last_modified_time(zip::DateTime::default())
@@ -130,7 +132,21 @@ pub fn open(verified: &VerifiedBundle, root: &Path) -> Result<Unpacked, crate::E
     }
 
     let dir = root.join(hash.to_string());
-    if !dir.join(&lib_path).is_file() {
+    // An unpacked copy is used only if it holds exactly the verified bytes:
+    // a cache changed on disk is never loaded.
+    let fresh = match unpacked_matches(&dir, &entries) {
+        CacheState::Same => false,
+        CacheState::Missing => true,
+        CacheState::Modified(what) => {
+            tracing::warn!(
+                bundle = %hash,
+                "the unpacked copy at {} was modified ({what}); unpacking it again from the verified archive",
+                dir.display()
+            );
+            true
+        }
+    };
+    if fresh {
         let staging = root.join(format!(".{hash}.{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&staging);
         for (name, data) in &entries {
@@ -162,6 +178,28 @@ pub fn open(verified: &VerifiedBundle, root: &Path) -> Result<Unpacked, crate::E
         dir,
         library,
     })
+}
+
+/// What `open` found where a bundle unpacks.
+enum CacheState {
+    Same,
+    Missing,
+    Modified(String),
+}
+
+/// Compares the files under `dir` with the archive's entries, byte for byte.
+fn unpacked_matches(dir: &Path, entries: &[(String, Vec<u8>)]) -> CacheState {
+    if !dir.is_dir() {
+        return CacheState::Missing;
+    }
+    for (name, data) in entries {
+        match std::fs::read(dir.join(name)) {
+            Ok(on_disk) if on_disk == *data => {}
+            Ok(_) => return CacheState::Modified(format!("{name} differs")),
+            Err(e) => return CacheState::Modified(format!("{name}: {e}")),
+        }
+    }
+    CacheState::Same
 }
 
 /// Checks an archive and its manifest without unpacking or trusting it
@@ -283,7 +321,7 @@ fn declared_entries(bytes: &[u8]) -> Option<usize> {
 mod tests {
     use super::*;
 
-    const MANIFEST: &str = "format = 1\nname = \"t\"\nversion = \"1\"\nabi = 1\nlibrary = \"t\"\n[steps.a]\ntimeout_ms = 10\n";
+    const MANIFEST: &str = "format = 1\nname = \"t\"\nversion = \"1.0.0\"\nabi = 1\nlibrary = \"t\"\n[steps.a]\ntimeout_ms = 10\n";
 
     /// Signs `bytes` with a throwaway key, as the Source Authority would have checked.
     fn verified(bytes: &[u8]) -> VerifiedBundle {

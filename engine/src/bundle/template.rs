@@ -56,6 +56,33 @@ fn resolve_str(s: &str, scope: &Value) -> Result<Value, String> {
     Ok(Value::String(out))
 }
 
+/// The path of every `{{…}}` in `settings` (unclosed ones are errors).
+pub fn paths(settings: &Value) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    collect(settings, &mut out)?;
+    Ok(out)
+}
+
+fn collect(v: &Value, out: &mut Vec<String>) -> Result<(), String> {
+    match v {
+        Value::String(s) => {
+            let mut rest = s.as_str();
+            while let Some(start) = rest.find("{{") {
+                let after = &rest[start + 2..];
+                let end = after
+                    .find("}}")
+                    .ok_or_else(|| format!("unclosed template in {s:?}"))?;
+                out.push(after[..end].trim().to_owned());
+                rest = &after[end + 2..];
+            }
+        }
+        Value::Array(items) => items.iter().try_for_each(|i| collect(i, out))?,
+        Value::Object(map) => map.values().try_for_each(|i| collect(i, out))?,
+        _ => {}
+    }
+    Ok(())
+}
+
 fn lookup<'a>(path: &str, scope: &'a Value) -> Result<&'a Value, String> {
     let mut cur = scope;
     for part in path.split('.') {

@@ -16,6 +16,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 pub(crate) mod protocol;
 pub mod server;
+mod session;
 
 use crate::bundle::Invalid;
 
@@ -54,6 +55,18 @@ struct Inner {
     exports: Vec<String>,
 }
 
+/// Variables a step host inherits from the server; everything else is
+/// dropped.
+pub const HOST_ENV: &[&str] = &[
+    "PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "HOME", "USER", "LOGNAME",
+];
+
+fn host_env() -> impl Iterator<Item = (OsString, OsString)> {
+    HOST_ENV
+        .iter()
+        .filter_map(|name| std::env::var_os(name).map(|v| (OsString::from(name), v)))
+}
+
 impl StepHost {
     /// Starts a host for `library` and waits for its `HELLO`.
     pub(crate) async fn spawn(
@@ -64,9 +77,14 @@ impl StepHost {
         let mut child = tokio::process::Command::new(&cmd.program)
             .args(&cmd.args)
             .arg(library)
+            // Plugins get a clean environment: never the server's
+            // configuration (database URL, tokens) or anything else it
+            // inherited. Secrets reach a step through its input only.
+            .env_clear()
+            .envs(host_env())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .map_err(crate::Error::io(format!(
@@ -76,6 +94,8 @@ impl StepHost {
         let pid = child.id().unwrap_or_default();
         let stdin = child.stdin.take().expect("stdin is piped");
         let mut stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        tokio::spawn(log_output(stderr, label.to_owned()));
 
         let hello =
             tokio::time::timeout(Duration::from_secs(30), protocol::read_async(&mut stdout)).await;
@@ -149,6 +169,10 @@ impl StepHost {
                         child.wait().await
                     }
                 };
+                // Whatever its plugin started goes with it.
+                if pid != 0 {
+                    let _ = tokio::task::spawn_blocking(move || session::kill_marked(pid)).await;
+                }
                 let _ = exit_tx.send(
                     status
                         .map(describe_exit)
@@ -224,8 +248,15 @@ impl StepHost {
             let _ = tx.send(CallResult::Crashed("step host is not running".into()));
             return (id, rx);
         }
+        let frame = protocol::call(id, function, input);
+        if let Some(message) = protocol::too_large("input", frame.len(), input.len()) {
+            let body = message.into_bytes();
+            let status = sdk::ffi::STATUS_FATAL;
+            let _ = tx.send(CallResult::Done { status, body });
+            return (id, rx);
+        }
         self.inner.pending.lock().unwrap().insert(id, tx);
-        if !self.inner.outbox.send(protocol::call(id, function, input))
+        if !self.inner.outbox.send(frame)
             && let Some(tx) = self.inner.pending.lock().unwrap().remove(&id)
         {
             let _ = tx.send(CallResult::Crashed("step host is not running".into()));
@@ -339,6 +370,49 @@ impl Outbox {
         if backlog.is_empty() {
             state.queued = false;
         }
+    }
+}
+
+/// The longest line of plugin output logged whole; longer ones are cut.
+const MAX_LOG_LINE: usize = 4096;
+
+/// Logs what the host and its plugin print (their stdout and stderr both
+/// arrive here), a line at a time, each cut at `MAX_LOG_LINE` bytes.
+async fn log_output(mut from: impl tokio::io::AsyncRead + Unpin, host: String) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::with_capacity(MAX_LOG_LINE);
+    let mut chunk = vec![0u8; 8192];
+    let mut skipping = false;
+    let emit = |line: &[u8], cut: bool| {
+        let text = String::from_utf8_lossy(line);
+        let text = text.trim_end_matches('\r');
+        let more = if cut { " [line cut]" } else { "" };
+        tracing::info!(target: "troupe::plugin", host = %host, "{text}{more}");
+    };
+    loop {
+        let n = match from.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        for &b in &chunk[..n] {
+            if b == b'\n' {
+                if !skipping {
+                    emit(&buf, false);
+                }
+                buf.clear();
+                skipping = false;
+            } else if !skipping {
+                buf.push(b);
+                if buf.len() >= MAX_LOG_LINE {
+                    emit(&buf, true);
+                    buf.clear();
+                    skipping = true;
+                }
+            }
+        }
+    }
+    if !buf.is_empty() {
+        emit(&buf, false);
     }
 }
 

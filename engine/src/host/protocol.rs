@@ -20,8 +20,20 @@ pub(crate) const HELLO: u8 = 3;
 pub(crate) const DONE: u8 = 4;
 pub(crate) const FAILED: u8 = 5;
 
-/// Frames larger than this are refused as corrupt.
+/// Frames larger than this are refused as corrupt. Neither side sends one:
+/// a call whose input or output would not fit fails on its own instead (see
+/// [`too_large`]).
 pub(crate) const MAX_FRAME: usize = 64 << 20;
+
+/// Why a call's input or output of `len` bytes cannot be sent, if it cannot.
+pub(crate) fn too_large(what: &str, frame_len: usize, len: usize) -> Option<String> {
+    (frame_len > MAX_FRAME).then(|| {
+        format!(
+            "the step's {what} is {len} bytes, over the limit of {} MiB a step call may carry",
+            MAX_FRAME >> 20
+        )
+    })
+}
 
 #[derive(Debug)]
 pub(crate) struct Frame {

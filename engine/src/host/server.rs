@@ -94,10 +94,31 @@ impl Plugin {
     }
 }
 
-/// Runs a step host on stdin/stdout for the library at `path`. Returns the
-/// process exit code.
+/// Runs a step host for the library at `path`, reading calls on stdin and
+/// answering on stdout. Returns the process exit code.
+///
+/// Plugins print: before the library loads, the protocol moves to a private
+/// copy of stdout and fd 1 is pointed at stderr, so whatever a plugin writes
+/// to either ends up in the engine's log, never among the frames.
 pub fn serve(path: &Path) -> i32 {
-    let stdout = Arc::new(Mutex::new(BufWriter::new(std::io::stdout())));
+    // Mark what plugins start, so it can be found and ended with the host
+    // (see `session`).
+    // SAFETY: the process is still single-threaded: nothing else reads or
+    // writes the environment.
+    unsafe {
+        std::env::set_var(
+            super::session::MARK,
+            super::session::mark(std::process::id()),
+        );
+    }
+    let channel = match take_stdout() {
+        Ok(channel) => channel,
+        Err(e) => {
+            eprintln!("step host: cannot set aside the protocol channel: {e}");
+            return 4;
+        }
+    };
+    let stdout = Arc::new(Mutex::new(BufWriter::new(channel)));
     let send = {
         let stdout = stdout.clone();
         move |frame: Vec<u8>| {
@@ -124,9 +145,15 @@ pub fn serve(path: &Path) -> i32 {
     loop {
         let frame = match protocol::read_sync(&mut stdin) {
             Ok(Some(frame)) => frame,
-            Ok(None) => return 0,
+            // The engine closed the pipe or went away: nothing will collect
+            // the results, so stop everything the calls started.
+            Ok(None) => {
+                super::session::kill_marked(std::process::id());
+                return 0;
+            }
             Err(e) => {
                 eprintln!("step host: reading from the engine failed: {e}");
+                super::session::kill_marked(std::process::id());
                 return 3;
             }
         };
@@ -147,6 +174,13 @@ pub fn serve(path: &Path) -> i32 {
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .remove(&frame.id);
+                    // An output too big for one frame fails this call only.
+                    let frame_len = 4 + 9 + 4 + body.len();
+                    let (status, body) = match protocol::too_large("output", frame_len, body.len())
+                    {
+                        Some(message) => (sdk::ffi::STATUS_FATAL, message.into_bytes()),
+                        None => (status, body),
+                    };
                     send(protocol::encode(
                         DONE,
                         frame.id,
@@ -169,6 +203,15 @@ pub fn serve(path: &Path) -> i32 {
         }
         let _ = stdout.lock().map(|mut o| o.flush());
     }
+}
+
+/// Returns a private copy of stdout for the protocol and points fd 1 at
+/// stderr.
+fn take_stdout() -> std::io::Result<std::fs::File> {
+    use std::os::fd::AsFd;
+    let channel = std::io::stdout().as_fd().try_clone_to_owned()?;
+    rustix::stdio::dup2_stdout(std::io::stderr())?;
+    Ok(std::fs::File::from(channel))
 }
 
 type Job = Box<dyn FnOnce() + Send>;

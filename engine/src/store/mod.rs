@@ -21,6 +21,7 @@ use crate::model::{
     Action, ActionFilter, ActionId, ActionStatus, NewAction, StepStatus, Timestamp,
 };
 
+mod access;
 mod sql;
 
 /// One change to the database. A caller's list of writes commits atomically.
@@ -86,6 +87,13 @@ pub(crate) enum Write {
         /// published to waiters so they need not read it back.
         last: Option<Arc<Action>>,
     },
+    /// Records that a cancel was asked for, if the action is unfinished
+    /// (`Done { rows: 0 }` if it had already ended). The first request's
+    /// time stays.
+    RequestCancel {
+        id: ActionId,
+        at: Timestamp,
+    },
     /// Cancels an action only if it is still queued.
     CancelQueued {
         id: ActionId,
@@ -124,6 +132,73 @@ pub(crate) enum Write {
         public_key: String,
         at: Timestamp,
     },
+    /// Stores a new API token (its hash, never its text).
+    CreateToken(Box<TokenRow>),
+    RevokeToken {
+        id: String,
+        at: Timestamp,
+    },
+    /// Records an administrative change in `audit_log`.
+    Audit(Box<AuditEntry>),
+    /// Stores a secret (encrypted), replacing any of the same name.
+    SetSecret(Box<SecretRow>),
+    DeleteSecret {
+        name: String,
+    },
+}
+
+/// A row of `secrets`: the value only as ciphertext.
+#[derive(Debug, Clone)]
+pub struct SecretRow {
+    pub name: String,
+    pub nonce: Vec<u8>,
+    pub ciphertext: Vec<u8>,
+    pub updated_at: Timestamp,
+    pub updated_by: String,
+}
+
+/// A row of `api_tokens`.
+#[derive(Debug, Clone)]
+pub struct TokenRow {
+    pub id: String,
+    pub name: String,
+    /// Comma-separated scopes.
+    pub scopes: String,
+    /// Comma-separated kinds, for a submit token limited to some.
+    pub kinds: Option<String>,
+    pub secret_hash: String,
+    pub created_by: String,
+    pub created_at: Timestamp,
+    pub expires_at: Option<Timestamp>,
+    pub revoked_at: Option<Timestamp>,
+}
+
+/// A row of `audit_log`: who changed what, when.
+#[derive(Debug, Clone)]
+pub struct AuditEntry {
+    /// Assigned by the database; 0 before the entry is stored.
+    pub id: i64,
+    pub at: Timestamp,
+    pub actor: String,
+    /// What happened, e.g. `bundle.pushed`, `key.revoked`, `token.created`.
+    pub event: String,
+    /// What it happened to: a bundle hash, a key id, a token id.
+    pub subject: String,
+    /// More about it, as JSON.
+    pub detail: Option<serde_json::Value>,
+}
+
+impl AuditEntry {
+    pub fn new(actor: &str, event: &str, subject: &str, detail: serde_json::Value) -> AuditEntry {
+        AuditEntry {
+            id: 0,
+            at: crate::model::now(),
+            actor: actor.to_owned(),
+            event: event.to_owned(),
+            subject: subject.to_owned(),
+            detail: Some(detail),
+        }
+    }
 }
 
 /// A stored bundle's metadata (its bytes are fetched separately).
@@ -220,6 +295,10 @@ impl Write {
             Write::Finish {
                 status, error, at, ..
             } => end(action, *status, error.clone(), *at),
+            Write::RequestCancel { at, .. } if !action.status.is_terminal() => {
+                action.cancel_requested_at.get_or_insert(*at);
+                action.revision += 1;
+            }
             Write::CancelQueued { at, .. } if action.status == ActionStatus::Queued => {
                 let error = Some("cancelled before it started".to_owned());
                 end(action, ActionStatus::Cancelled, error, *at);
@@ -265,11 +344,13 @@ impl Write {
                 .map(|(name, _)| name.clone()),
             error: None,
             idempotency_key: new.idempotency_key.clone(),
+            submitted_by: new.submitted_by.clone(),
             owner: Some(owner.clone()),
             revision: i64::from(begun),
             created_at: *at,
             started_at: begun.then_some(*at),
             finished_at: None,
+            cancel_requested_at: None,
             steps: steps
                 .iter()
                 .enumerate()
@@ -303,6 +384,7 @@ impl Write {
             | Write::StepAttemptFailed { id, .. }
             | Write::StepEnded { id, .. }
             | Write::Finish { id, .. }
+            | Write::RequestCancel { id, .. }
             | Write::CancelQueued { id, .. }
             | Write::Claim { id, .. } => Some(*id),
             Write::Insert { .. }
@@ -311,7 +393,12 @@ impl Write {
             | Write::InsertBundle(..)
             | Write::ActivateBundle { .. }
             | Write::TrustKey { .. }
-            | Write::RevokeKey { .. } => None,
+            | Write::RevokeKey { .. }
+            | Write::CreateToken(..)
+            | Write::RevokeToken { .. }
+            | Write::Audit(..)
+            | Write::SetSecret(..)
+            | Write::DeleteSecret { .. } => None,
         }
     }
 }
@@ -384,7 +471,66 @@ struct Caps {
 
 struct Request {
     writes: Vec<Write>,
-    reply: oneshot::Sender<Result<Vec<Outcome>, String>>,
+    reply: oneshot::Sender<Result<Vec<Outcome>, Failed>>,
+}
+
+/// Why a commit failed, as the writer saw it.
+#[derive(Debug, Clone)]
+struct Failed {
+    message: String,
+    /// It failed at `COMMIT`: it may have been committed all the same.
+    unknown: bool,
+    /// The database refused the write itself (a constraint, a value it
+    /// cannot hold): trying again cannot help. Otherwise the failure is the
+    /// connection's or the moment's (lost connection, deadlock, lock wait
+    /// timeout, the server restarting) and a retry may succeed.
+    permanent: bool,
+}
+
+impl From<sqlx::Error> for Failed {
+    fn from(e: sqlx::Error) -> Failed {
+        Failed {
+            permanent: is_permanent(&e),
+            unknown: false,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<sql::ApplyError> for Failed {
+    fn from(e: sql::ApplyError) -> Failed {
+        Failed {
+            unknown: e.at_commit,
+            ..Failed::from(e.error)
+        }
+    }
+}
+
+/// Whether the database refused a write for what it holds, not for the
+/// state of the connection.
+fn is_permanent(e: &sqlx::Error) -> bool {
+    use sqlx::error::ErrorKind;
+    let sqlx::Error::Database(db) = e else {
+        // Lost connections, pool timeouts, I/O: worth another try.
+        return false;
+    };
+    if matches!(
+        db.kind(),
+        ErrorKind::UniqueViolation
+            | ErrorKind::ForeignKeyViolation
+            | ErrorKind::NotNullViolation
+            | ErrorKind::CheckViolation
+    ) {
+        return true;
+    }
+    match db.code().as_deref() {
+        // MySQL/MariaDB: data too long, incorrect value, out of range,
+        // packet too large.
+        Some("1406" | "1366" | "1264" | "1153" | "22001" | "22003" | "22007") => true,
+        // SQLite: string or blob too big, constraint, mismatch.
+        Some("18" | "19" | "20") => true,
+        _ => false,
+    }
 }
 
 /// A handle to the store. Cheap to clone.
@@ -503,7 +649,12 @@ impl Store {
             .map_err(|_| Error::ShuttingDown)?;
         match rx.await {
             Ok(Ok(outcomes)) => Ok(outcomes),
-            Ok(Err(message)) => Err(Error::Database(sqlx::Error::Protocol(message))),
+            Ok(Err(Failed {
+                message,
+                permanent: true,
+                ..
+            })) => Err(Error::WriteRefused(message)),
+            Ok(Err(Failed { message, .. })) => Err(Error::Database(sqlx::Error::Protocol(message))),
             Err(_) => Err(Error::ShuttingDown),
         }
     }
@@ -554,6 +705,37 @@ impl Store {
         Ok(match &self.read {
             Pool::Sqlite(p) => sql::sqlite::bundle_content(p, hash).await?,
             Pool::MySql(p) => sql::mysql::bundle_content(p, hash).await?,
+        })
+    }
+
+    pub async fn tokens(&self) -> Result<Vec<TokenRow>> {
+        Ok(match &self.read {
+            Pool::Sqlite(p) => access::sqlite::tokens(p).await?,
+            Pool::MySql(p) => access::mysql::tokens(p).await?,
+        })
+    }
+
+    /// The named secrets that are set (as stored: encrypted).
+    pub async fn secrets(&self, names: &[String]) -> Result<Vec<SecretRow>> {
+        Ok(match &self.read {
+            Pool::Sqlite(p) => access::sqlite::secrets(p, names).await?,
+            Pool::MySql(p) => access::mysql::secrets(p, names).await?,
+        })
+    }
+
+    /// Every secret, by name (as stored: encrypted).
+    pub async fn all_secrets(&self) -> Result<Vec<SecretRow>> {
+        Ok(match &self.read {
+            Pool::Sqlite(p) => access::sqlite::all_secrets(p).await?,
+            Pool::MySql(p) => access::mysql::all_secrets(p).await?,
+        })
+    }
+
+    /// Audit entries, newest first: at most `limit`, ids below `before`.
+    pub async fn audit(&self, limit: u32, before: Option<i64>) -> Result<Vec<AuditEntry>> {
+        Ok(match &self.read {
+            Pool::Sqlite(p) => access::sqlite::audit(p, limit, before).await?,
+            Pool::MySql(p) => access::mysql::audit(p, limit, before).await?,
         })
     }
 
@@ -624,7 +806,7 @@ async fn writer(
         }
         let all: Vec<&Write> = batch.iter().flat_map(|r| r.writes.iter()).collect();
         commits.count.fetch_add(1, Ordering::SeqCst);
-        let applied = conn.apply(caps, &all, &stats).await;
+        let applied = commit_once(&mut conn, caps, &all, &stats).await;
         commits.count.fetch_sub(1, Ordering::SeqCst);
         commits.ended.notify_waiters();
         match applied {
@@ -637,20 +819,71 @@ async fn writer(
             }
             Err(e) if batch.len() == 1 => {
                 let req = batch.pop().unwrap();
-                let _ = req.reply.send(Err(e.to_string()));
+                let _ = req.reply.send(Err(e));
             }
+            // The batch may have been committed: applying its writes again
+            // one by one could store them twice. Every caller hears of it
+            // (and those that may go on retry idempotent writes).
+            Err(e) if e.unknown => {
+                for req in batch.drain(..) {
+                    let _ = req.reply.send(Err(e.clone()));
+                }
+            }
+            // Rolled back: one bad write must not fail its neighbours.
             Err(_) => {
                 for req in batch.drain(..) {
                     let writes: Vec<&Write> = req.writes.iter().collect();
-                    let result = conn.apply(caps, &writes, &stats).await;
+                    let result = commit_once(&mut conn, caps, &writes, &stats).await;
                     if let Ok(outcomes) = &result {
                         watchers.publish(&writes, outcomes);
                     }
-                    let _ = req.reply.send(result.map_err(|e| e.to_string()));
+                    let _ = req.reply.send(result);
                 }
             }
         }
     }
+}
+
+/// One transaction for `writes`, with the failure points around it.
+async fn commit_once(
+    conn: &mut WriterConn,
+    caps: Caps,
+    writes: &[&Write],
+    stats: &StoreStats,
+) -> Result<Vec<Outcome>, Failed> {
+    injected_refusal(writes)?;
+    let outcomes = conn.apply(caps, writes, stats).await?;
+    injected_after_commit(writes)?;
+    Ok(outcomes)
+}
+
+/// The `store.refuse_step_success` failure point: the database refuses a
+/// step's result as it would a value it cannot hold.
+fn injected_refusal(writes: &[&Write]) -> Result<(), Failed> {
+    if writes
+        .iter()
+        .any(|w| matches!(w, Write::StepSucceeded { .. }))
+    {
+        fail::fail_point!("store.refuse_step_success", |_| Err(Failed {
+            message: "Data too long for column 'output' (injected)".into(),
+            permanent: true,
+            unknown: false,
+        }));
+    }
+    Ok(())
+}
+
+/// The `store.after_insert_commit` failure point: a commit that went
+/// through but whose answer was lost (see [`crate::failpoints`]).
+fn injected_after_commit(writes: &[&Write]) -> Result<(), Failed> {
+    if writes.iter().any(|w| matches!(w, Write::Insert { .. })) {
+        fail::fail_point!("store.after_insert_commit", |_| Err(Failed {
+            message: "the connection was lost during COMMIT (injected)".into(),
+            permanent: false,
+            unknown: true,
+        }));
+    }
+    Ok(())
 }
 
 /// Fills `batch` with the next requests: everything waiting and, while
@@ -663,6 +896,9 @@ async fn next_batch(
     batch: &mut Vec<Request>,
 ) {
     let Some(first) = rx.recv().await else { return };
+    // Test builds: `sleep(MS)` here lets concurrent writes pile up, so a
+    // test can count on them sharing this batch.
+    fail::fail_point!("store.before_batch");
     let mut count = first.writes.len();
     batch.push(first);
     while count < MAX_BATCH {
@@ -712,7 +948,7 @@ impl WriterConn {
         caps: Caps,
         writes: &[&Write],
         stats: &StoreStats,
-    ) -> Result<Vec<Outcome>, sqlx::Error> {
+    ) -> Result<Vec<Outcome>, Failed> {
         let began = std::time::Instant::now();
         let conn = match &mut self.conn {
             Some(conn) => conn,

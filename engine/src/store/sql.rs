@@ -12,8 +12,8 @@ use crate::model::{
 macro_rules! select_actions {
     ($($rest:literal),*) => {
         concat!(
-            "SELECT id, kind, target, params, status, bundle, current_step, error, idempotency_key, owner, revision, \
-             created_at, started_at, finished_at FROM actions",
+            "SELECT id, kind, target, params, status, bundle, current_step, error, idempotency_key, submitted_by, owner, \
+             revision, created_at, started_at, finished_at, cancel_requested_at FROM actions",
             $($rest),*
         )
     };
@@ -333,6 +333,32 @@ const JOINED_STEP_COLUMNS: StepColumns = [
     "s_error",
 ];
 
+/// A failed [`sqlite::apply`] or [`mysql::apply`].
+pub(crate) struct ApplyError {
+    pub(crate) error: sqlx::Error,
+    /// It failed at `COMMIT`, so the database may have committed it all the
+    /// same: the outcome is unknown. Before `COMMIT`, nothing was.
+    pub(crate) at_commit: bool,
+}
+
+impl ApplyError {
+    fn at_commit(error: sqlx::Error) -> ApplyError {
+        ApplyError {
+            error,
+            at_commit: true,
+        }
+    }
+}
+
+impl From<sqlx::Error> for ApplyError {
+    fn from(error: sqlx::Error) -> ApplyError {
+        ApplyError {
+            error,
+            at_commit: false,
+        }
+    }
+}
+
 macro_rules! sql_backend {
     ($module:ident, $db:ty, $pool:ty, $conn:ty, $last_id:ident) => {
         pub(super) mod $module {
@@ -357,15 +383,18 @@ macro_rules! sql_backend {
                 writes: &[&Write],
                 returning: bool,
                 implicit: bool,
-            ) -> Result<(Vec<Outcome>, u64), sqlx::Error> {
+            ) -> Result<(Vec<Outcome>, u64), ApplyError> {
                 if implicit {
                     let applied = apply_in(conn, writes, returning).await?;
-                    sqlx::raw_sql("COMMIT").execute(&mut *conn).await?;
+                    sqlx::raw_sql("COMMIT")
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(ApplyError::at_commit)?;
                     return Ok(applied);
                 }
                 let mut tx = sqlx::Connection::begin(conn).await?;
                 let applied = apply_in(&mut tx, writes, returning).await?;
-                tx.commit().await?;
+                tx.commit().await.map_err(ApplyError::at_commit)?;
                 Ok(applied)
             }
 
@@ -473,9 +502,9 @@ macro_rules! sql_backend {
                 items: &[&Write],
                 returning: bool,
             ) -> Result<(Vec<ActionId>, u64), sqlx::Error> {
-                const ROW: &str = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+                const ROW: &str = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
                 const INSERT: &str = "INSERT INTO actions (kind, target, params, status, bundle, idempotency_key, \
-                                      request_hash, owner, revision, created_at, started_at, lease_expires_at, current_step) VALUES ";
+                                      submitted_by, request_hash, owner, revision, created_at, started_at, lease_expires_at, current_step) VALUES ";
                 let bind = |q: Q, w: &Write| match w {
                     Write::Insert { new, bundle, request_hash, owner, steps, at, start } => {
                         let begun = start.is_some() && !steps.is_empty();
@@ -485,6 +514,7 @@ macro_rules! sql_backend {
                             .bind(if begun { "running" } else { "queued" })
                             .bind(bundle)
                             .bind(&new.idempotency_key)
+                            .bind(&new.submitted_by)
                             .bind(request_hash)
                             .bind(owner)
                             .bind(i64::from(begun))
@@ -616,7 +646,10 @@ macro_rules! sql_backend {
                     }
                     Write::StepAttemptFailed { id, seq, attempt, started_at, error, at } => {
                         let a = sqlx::query(
-                            "INSERT INTO action_step_attempts (action_id, seq, attempt, started_at, finished_at, error) \
+                            // REPLACE (the same in both databases): writing an
+                            // attempt again, after a commit whose answer was
+                            // lost, is harmless.
+                            "REPLACE INTO action_step_attempts (action_id, seq, attempt, started_at, finished_at, error) \
                              VALUES (?, ?, ?, ?, ?, ?)",
                         )
                         .bind(id)
@@ -665,6 +698,17 @@ macro_rules! sql_backend {
                         .rows_affected();
                         // A succeeded action has no pending steps left to skip.
                         if *status == ActionStatus::Succeeded { a } else { a + skip_pending(tx, *id).await? }
+                    }
+                    Write::RequestCancel { id, at } => {
+                        sqlx::query(
+                            "UPDATE actions SET cancel_requested_at = COALESCE(cancel_requested_at, ?), revision = revision + 1 \
+                             WHERE id = ? AND status IN ('queued', 'running')",
+                        )
+                        .bind(at)
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected()
                     }
                     Write::CancelQueued { id, at } => {
                         let a = sqlx::query(
@@ -771,6 +815,13 @@ macro_rules! sql_backend {
                             .rows_affected()
                         }
                     }
+                    Write::CreateToken(..)
+                    | Write::RevokeToken { .. }
+                    | Write::Audit(..)
+                    | Write::SetSecret(..)
+                    | Write::DeleteSecret { .. } => {
+                        super::super::access::$module::apply(tx, w).await?
+                    }
                 };
                 Ok(Outcome::Done { rows })
             }
@@ -802,11 +853,13 @@ macro_rules! sql_backend {
                     current_step: row.try_get("current_step")?,
                     error: row.try_get("error")?,
                     idempotency_key: row.try_get("idempotency_key")?,
+                    submitted_by: row.try_get("submitted_by")?,
                     owner: row.try_get("owner")?,
                     revision: row.try_get("revision")?,
                     created_at: row.try_get::<DateTime<Utc>, _>("created_at")?,
                     started_at: row.try_get("started_at")?,
                     finished_at: row.try_get("finished_at")?,
+                    cancel_requested_at: row.try_get("cancel_requested_at")?,
                     steps: Vec::new(),
                 })
             }
@@ -843,8 +896,8 @@ macro_rules! sql_backend {
             /// One action with its steps, in one statement.
             pub(crate) async fn action(pool: &$pool, id: ActionId) -> Result<Option<Action>, sqlx::Error> {
                 const Q: &str = "SELECT a.id, a.kind, a.target, a.params, a.status, a.bundle, a.current_step, a.error, \
-                     a.idempotency_key, a.owner, a.revision, a.created_at, a.started_at, a.finished_at, \
-                     s.seq AS s_seq, s.name AS s_name, s.step AS s_step, s.status AS s_status, s.attempt AS s_attempt, \
+                     a.idempotency_key, a.submitted_by, a.owner, a.revision, a.created_at, a.started_at, a.finished_at, \
+                     a.cancel_requested_at, s.seq AS s_seq, s.name AS s_name, s.step AS s_step, s.status AS s_status, s.attempt AS s_attempt, \
                      s.started_at AS s_started_at, s.finished_at AS s_finished_at, s.output AS s_output, s.error AS s_error \
                      FROM actions a LEFT JOIN action_steps s ON s.action_id = a.id WHERE a.id = ?";
                 let rows = sqlx::query(Q).bind(id).fetch_all(pool).await?;

@@ -37,6 +37,7 @@ fn insert(target: &str, key: Option<&str>, start: bool) -> Write {
             params: Map::new(),
             idempotency_key: key.map(str::to_owned),
             bundle: None,
+            submitted_by: Some("panel".into()),
         },
         bundle: "b".repeat(64),
         request_hash: "h".repeat(64),
@@ -77,7 +78,9 @@ fn batch(a: ActionId, b: ActionId, c: ActionId, d: ActionId) -> Vec<Write> {
     vec![
         start(a, 1),
         step_started(a, 0, 1),
+        Write::RequestCancel { id: b, at: at(2) },
         Write::CancelQueued { id: b, at: at(2) },
+        Write::RequestCancel { id: b, at: at(3) },
         start(b, 3),
         step_started(b, 0, 3),
         insert("t-keyed", Some("key-1"), false),
@@ -169,20 +172,26 @@ async fn batch_equals_one_by_one(together: Store, alone: Store) {
     }
     let outcomes = together.write(writes.clone()).await.unwrap();
     assert_eq!(
-        outcomes[3],
+        outcomes[5],
         Outcome::Done { rows: 0 },
         "the cancelled action's start"
     );
     assert_eq!(outcomes[0], Outcome::Done { rows: 1 }, "a start");
-    assert!(
-        matches!(outcomes[5], Outcome::Inserted(5)),
-        "{:?}",
-        outcomes[5]
+    assert_eq!(outcomes[2], Outcome::Done { rows: 1 }, "a cancel request");
+    assert_eq!(
+        outcomes[4],
+        Outcome::Done { rows: 0 },
+        "a cancel request too late"
     );
     assert!(
-        matches!(outcomes[12], Outcome::Inserted(6)),
+        matches!(outcomes[7], Outcome::Inserted(5)),
         "{:?}",
-        outcomes[12]
+        outcomes[7]
+    );
+    assert!(
+        matches!(outcomes[14], Outcome::Inserted(6)),
+        "{:?}",
+        outcomes[14]
     );
     // What an insert stores, as the engine builds it without reading it back.
     for (i, w) in writes.iter().enumerate() {
@@ -315,4 +324,106 @@ async fn live_actions_publish_their_end() {
         .unwrap();
     assert_eq!(outcome[0], Outcome::Done { rows: 0 });
     assert!(store.watch(id).1, "an action a cancel missed stays live");
+}
+
+/// Writing an attempt again (after a commit whose answer was lost) is
+/// harmless; a write the database refuses for its content is reported as
+/// refused, not as the database being away, and writes sent with it are not
+/// failed with it.
+async fn repeats_are_harmless_and_refusals_told_apart(store: Store, refuses_long_text: bool) {
+    let id = inserted(&store, "t-refused").await;
+    let attempt = |n: u32, error: String| Write::StepAttemptFailed {
+        id,
+        seq: 0,
+        attempt: n,
+        started_at: at(0),
+        error,
+        at: at(n as i64),
+    };
+    store.write(vec![attempt(1, "one".into())]).await.unwrap();
+    store.write(vec![attempt(1, "one".into())]).await.unwrap();
+    if !refuses_long_text {
+        return;
+    }
+    // Over a MariaDB TEXT column; the good writes go at the same moment
+    // (likely into the same group commit).
+    let good: Vec<_> = (2..12)
+        .map(|n| {
+            let (store, write) = (store.clone(), attempt(n, format!("attempt {n}")));
+            tokio::spawn(async move { store.write(vec![write]).await })
+        })
+        .collect();
+    let bad = store.write(vec![attempt(1, "x".repeat(70_000))]).await;
+    assert!(matches!(bad, Err(crate::Error::WriteRefused(_))), "{bad:?}");
+    for g in good {
+        g.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test]
+async fn sqlite_repeats_are_harmless() {
+    let store = Store::connect(&sqlite_url("repeats")).await.unwrap();
+    repeats_are_harmless_and_refusals_told_apart(store, false).await;
+}
+
+#[tokio::test]
+async fn mariadb_repeats_are_harmless_and_refusals_told_apart() {
+    let store = Store::connect(&mysql_url("refused").await).await.unwrap();
+    repeats_are_harmless_and_refusals_told_apart(store, true).await;
+}
+
+/// The gathering rule: while a group commit is under way, the next writer
+/// collects what arrives instead of committing each write on its own. A
+/// row lock held from another connection keeps the first commit waiting;
+/// ten writes arriving one by one meanwhile go in one more commit.
+#[tokio::test]
+async fn mariadb_writers_gather_while_a_commit_is_under_way() {
+    use sqlx::Connection;
+    use std::sync::atomic::Ordering;
+    let url = mysql_url("gather").await;
+    let store = Store::connect(&url).await.unwrap();
+    let mut ids = Vec::new();
+    for n in 0..11 {
+        ids.push(inserted(&store, &format!("t-gather-{n}")).await);
+    }
+    let claim = |id| Write::Claim {
+        id,
+        owner: "test".into(),
+        lease_until: at(60_000),
+    };
+    let mut locker = sqlx::MySqlConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql("BEGIN").execute(&mut locker).await.unwrap();
+    sqlx::query("SELECT id FROM actions WHERE id = ? FOR UPDATE")
+        .bind(ids[0])
+        .fetch_all(&mut locker)
+        .await
+        .unwrap();
+
+    let before = store.stats().transactions.load(Ordering::SeqCst);
+    let blocked = {
+        let (store, write) = (store.clone(), claim(ids[0]));
+        tokio::spawn(async move { store.write(vec![write]).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let mut rest = Vec::new();
+    for &id in &ids[1..] {
+        let (store, write) = (store.clone(), claim(id));
+        rest.push(tokio::spawn(async move { store.write(vec![write]).await }));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        store.stats().transactions.load(Ordering::SeqCst),
+        before,
+        "nothing committed while the first commit waits"
+    );
+    sqlx::raw_sql("COMMIT").execute(&mut locker).await.unwrap();
+    blocked.await.unwrap().unwrap();
+    for w in rest {
+        w.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        store.stats().transactions.load(Ordering::SeqCst) - before,
+        2,
+        "the blocked commit, and one for the ten writes gathered meanwhile"
+    );
 }

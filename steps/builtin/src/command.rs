@@ -1,7 +1,10 @@
 //! `run_command`: run a program (argv) or a `sh -c` string, with a timeout,
-//! keeping the tail of its output. A non-zero exit fails the step.
+//! keeping the tail of its output. A non-zero exit fails the step. The
+//! command runs in a process group of its own; a cancel or a timeout kills
+//! the whole group.
 
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -62,7 +65,10 @@ pub(crate) fn run_command(
             ));
         }
     };
-    cmd.envs(&s.env)
+    // A process group of its own, so a cancel or timeout can stop everything
+    // the command started, not just the command.
+    cmd.process_group(0)
+        .envs(&s.env)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -82,6 +88,9 @@ pub(crate) fn run_command(
         }
         let timed_out = deadline.is_some_and(|d| Instant::now() >= d);
         if cx.is_cancelled() || timed_out {
+            if let Some(group) = rustix::process::Pid::from_raw(child.id() as i32) {
+                let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+            }
             let _ = child.kill();
             let _ = child.wait();
             return Err(if timed_out {

@@ -29,6 +29,22 @@ fn echo(_cx: &Context<'_>, input: StepInput) -> Result<Value, StepError> {
 }
 
 #[derive(Deserialize)]
+struct RecordSettings {
+    /// Where to write the input, as JSON.
+    path: String,
+}
+
+/// Writes its whole input to a file: how tests see what a step was given,
+/// beyond what troupe stores (which masks secrets).
+fn record(_cx: &Context<'_>, input: StepInput<Value>) -> Result<Value, StepError> {
+    let settings: RecordSettings =
+        serde_json::from_value(input.settings.clone()).map_err(StepError::fatal)?;
+    let text = json!({ "settings": input.settings, "outputs": input.outputs }).to_string();
+    std::fs::write(&settings.path, text).map_err(StepError::fatal)?;
+    Ok(json!({ "recorded": settings.path, "settings": input.settings }))
+}
+
+#[derive(Deserialize)]
 struct FailSettings {
     /// Fail with a retryable error on the first `retryable_times` attempts,
     /// then succeed. Without it, fail fatally every time.
@@ -64,6 +80,12 @@ fn sleep_ms(cx: &Context<'_>, input: StepInput<SleepSettings>) -> Result<Value, 
     Ok(json!({ "slept_ms": input.settings.ms }))
 }
 
+/// Sleeps, ignoring cancellation (but within its timeout).
+fn stubborn(_cx: &Context<'_>, input: StepInput<SleepSettings>) -> Result<Value, StepError> {
+    std::thread::sleep(Duration::from_millis(input.settings.ms));
+    Ok(json!({ "slept_ms": input.settings.ms }))
+}
+
 fn panic(_cx: &Context<'_>, _input: StepInput) -> Result<Value, StepError> {
     panic!("testkit panic step was asked to panic");
 }
@@ -77,6 +99,48 @@ fn hang(_cx: &Context<'_>, _input: StepInput) -> Result<Value, StepError> {
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }
+}
+
+#[derive(Deserialize)]
+struct SpawnSettings {
+    /// Arguments for `sleep`: a unique number lets tests find the process.
+    seconds: String,
+}
+
+/// Starts `sleep SECONDS` and then ignores cancellation: only killing its
+/// host ends the step, and the child must not outlive the host.
+fn spawn_and_hang(_cx: &Context<'_>, input: StepInput<SpawnSettings>) -> Result<Value, StepError> {
+    let _child = std::process::Command::new("sleep")
+        .arg(&input.settings.seconds)
+        .spawn()
+        .map_err(StepError::fatal)?;
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+#[derive(Deserialize)]
+struct BlobSettings {
+    bytes: usize,
+}
+
+/// Returns a string of `bytes` bytes: for output size limits.
+fn blob(_cx: &Context<'_>, input: StepInput<BlobSettings>) -> Result<Value, StepError> {
+    Ok(json!({ "blob": "x".repeat(input.settings.bytes) }))
+}
+
+/// Prints to stdout and stderr the way careless plugins do, then succeeds.
+fn chatty(_cx: &Context<'_>, _input: StepInput) -> Result<Value, StepError> {
+    for i in 0..200 {
+        println!("chatty plugin says hello on stdout ({i})");
+        eprintln!("chatty plugin says hello on stderr ({i})");
+    }
+    // A partial line and raw bytes, too.
+    print!("no newline at the end");
+    use std::io::Write;
+    let _ = std::io::stdout().write_all(&[0xff, 0xfe, b'\n']);
+    let _ = std::io::stdout().flush();
+    Ok(json!({ "said": "hello" }))
 }
 
 /// Reports which bundle version ran it, the library's own version, and the
@@ -96,10 +160,15 @@ fn version(_cx: &Context<'_>, input: StepInput) -> Result<Value, StepError> {
 sdk::export_steps! {
     "noop" => noop,
     "echo" => echo,
+    "record" => record,
     "fail" => fail,
     "sleep_ms" => sleep_ms,
     "panic" => panic,
     "abort" => abort,
     "hang" => hang,
     "version" => version,
+    "spawn_and_hang" => spawn_and_hang,
+    "blob" => blob,
+    "chatty" => chatty,
+    "stubborn" => stubborn,
 }

@@ -201,11 +201,10 @@ async fn steps_that_overrun_their_timeout_are_stopped(db: Db) {
     let hang = server.submit("hang", "vps-2", json!({})).await;
     let a = server.finished(slow).await;
     assert_eq!(a["status"], "failed");
+    let err = a["error"].as_str().unwrap();
+    // It stopped on the flag: its host was not killed.
     assert!(
-        a["error"]
-            .as_str()
-            .unwrap()
-            .contains("timed out after 300 ms"),
+        err.contains("timed out after 300 ms") && !err.contains("did not stop"),
         "{a}"
     );
     let b = server.finished(hang).await;
@@ -272,8 +271,14 @@ async fn plugin_panic_and_abort_fail_only_their_steps(db: Db) {
     );
 
     // An abort takes down its step host, failing the steps in flight there.
+    // A step running meanwhile on another bundle's host is untouched.
+    let bystander = server
+        .submit("run", "vps-3", json!({ "argv": ["sleep", "1"] }))
+        .await;
+    server
+        .until(bystander, "running", |a| a["current_step"] == "run_command")
+        .await;
     let aborts = server.submit("abort", "vps-2", json!({})).await;
-    let bystander = server.submit("sleep", "vps-3", json!({ "ms": 50 })).await;
     let b = server.finished(aborts).await;
     assert_eq!(b["status"], "failed");
     assert!(
@@ -285,14 +290,7 @@ async fn plugin_panic_and_abort_fail_only_their_steps(db: Db) {
     );
 
     let c = server.finished(bystander).await;
-    assert!(
-        c["status"] == "succeeded"
-            || c["error"]
-                .as_str()
-                .unwrap_or("")
-                .contains("step host crashed"),
-        "a bystander fails only if it shared the crashed host mid-step: {c}"
-    );
+    assert_eq!(c["status"], "succeeded", "a step on another host: {c}");
     // The engine carries on with a fresh host.
     let after = server.submit("noop3", "vps-2", json!({})).await;
     assert_eq!(server.finished(after).await["status"], "succeeded");
@@ -303,14 +301,14 @@ async fn plugin_panic_and_abort_fail_only_their_steps(db: Db) {
 async fn idempotency_keys_make_resubmission_safe(db: Db) {
     let env = Env::new(db).await;
     let server = env.serve();
-    let body = json!({ "kind": "noop3", "target": "vps-1", "params": { "a": 1 }, "idempotency_key": "req-42" });
+    let body = json!({ "kind": "echo", "target": "vps-1", "params": { "size": 1 }, "idempotency_key": "req-42" });
     let (s1, first) = server.post("/v1/actions", &body).await;
     assert_eq!(s1, 202, "{first}");
     let (s2, second) = server.post("/v1/actions", &body).await;
     assert_eq!(s2, 200, "{second}");
     assert_eq!(first["id"], second["id"]);
     let mut other: Value = body.clone();
-    other["params"]["a"] = json!(2);
+    other["params"]["size"] = json!(2);
     let (s3, conflict) = server.post("/v1/actions", &other).await;
     assert_eq!(s3, 409, "{conflict}");
     assert_eq!(conflict["error"]["code"], "idempotency_conflict");

@@ -10,7 +10,7 @@ use crate::harness::{
 
 /// Builds a zip with Python's zipfile, which happily writes what we refuse:
 /// entries are (name, bytes, is_symlink).
-fn zip_of(entries: &[(&str, &[u8], bool)]) -> Vec<u8> {
+pub(crate) fn zip_of(entries: &[(&str, &[u8], bool)]) -> Vec<u8> {
     let dir = scratch_dir("zip");
     let mut script = String::from(
         "import sys, zipfile\nz = zipfile.ZipFile(sys.argv[1], 'w', zipfile.ZIP_DEFLATED)\n",
@@ -43,7 +43,7 @@ fn testkit_manifest(edit: impl Fn(String) -> String) -> Vec<u8> {
         .into_bytes()
 }
 
-fn triple() -> String {
+pub(crate) fn triple() -> String {
     let good = std::fs::read(&bundles().testkit).unwrap();
     let text = String::from_utf8_lossy(&good).into_owned();
     let start = text.find("lib/").unwrap() + 4;
@@ -82,14 +82,14 @@ async fn every_bad_bundle_is_refused_and_nothing_is_stored(db: Db) {
     // A key the server trusted, then revoked.
     let revoked = signing::SecretKey::from_seed([43; 32]);
     let (s, _) = server
-        .admin_post(
+        .post(
             "/v1/keys",
             &json!({ "public_key": revoked.public().to_string() }),
         )
         .await;
     assert_eq!(s, 201);
     let (s, _) = server
-        .admin_post(
+        .post(
             &format!("/v1/keys/{}/revoke", revoked.public().id()),
             &json!({}),
         )
@@ -320,8 +320,6 @@ async fn serve_refuses_bad_bundles_at_start(db: Db) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-
-    let _ = b.dir.as_path();
 }
 
 both_dbs!(

@@ -37,11 +37,8 @@ fn demo_runs_a_reboot_to_completion() {
 async fn submit_wait_status_list_and_cancel() {
     let env = Env::new(Db::Sqlite).await;
     let server = env.serve();
-    let s = server.url.as_str();
 
-    let ok = troupe(&[
-        "submit", "noop3", "--target", "vps-1", "--wait", "--server", s,
-    ]);
+    let ok = server.cli(&["submit", "noop3", "--target", "vps-1", "--wait"]);
     let t = text(&ok);
     assert!(ok.status.success(), "{t}");
     assert!(
@@ -49,7 +46,7 @@ async fn submit_wait_status_list_and_cancel() {
         "{t}"
     );
 
-    let failed = troupe(&[
+    let failed = server.cli(&[
         "submit",
         "fail",
         "--target",
@@ -57,13 +54,11 @@ async fn submit_wait_status_list_and_cancel() {
         "--param",
         "message=broken on purpose",
         "--wait",
-        "--server",
-        s,
     ]);
     assert!(!failed.status.success(), "a failed action exits non-zero");
     assert!(text(&failed).contains("broken on purpose"));
 
-    let status = troupe(&["status", "1", "--server", s]);
+    let status = server.cli(&["status", "1"]);
     assert!(status.status.success());
     assert!(
         text(&status).contains("noop3 on vps-1"),
@@ -71,14 +66,14 @@ async fn submit_wait_status_list_and_cancel() {
         text(&status)
     );
 
-    let list = troupe(&["list", "--server", s]);
+    let list = server.cli(&["list"]);
     assert!(
         text(&list).contains("fail") && text(&list).contains("noop3"),
         "{}",
         text(&list)
     );
 
-    let json = troupe(&[
+    let json = server.cli(&[
         "submit",
         "echo",
         "--target",
@@ -86,13 +81,11 @@ async fn submit_wait_status_list_and_cancel() {
         "--param-json",
         "size=3",
         "--json",
-        "--server",
-        s,
     ]);
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(v["params"]["size"], 3);
 
-    let long = troupe(&[
+    let long = server.cli(&[
         "submit",
         "sleep",
         "--target",
@@ -100,8 +93,6 @@ async fn submit_wait_status_list_and_cancel() {
         "--param-json",
         "ms=30000",
         "--json",
-        "--server",
-        s,
     ]);
     let v: serde_json::Value = serde_json::from_slice(&long.stdout).unwrap();
     let id = v["id"].to_string();
@@ -110,10 +101,10 @@ async fn submit_wait_status_list_and_cancel() {
             a["status"] == "running"
         })
         .await;
-    let cancel = troupe(&["cancel", &id, "--wait", "--server", s]);
+    let cancel = server.cli(&["cancel", &id, "--wait"]);
     assert!(text(&cancel).contains("cancelled"), "{}", text(&cancel));
 
-    let unknown = troupe(&["submit", "nope", "--target", "t", "--server", s]);
+    let unknown = server.cli(&["submit", "nope", "--target", "t"]);
     assert!(!unknown.status.success());
     assert!(
         text(&unknown).contains("unknown_kind"),
@@ -129,8 +120,22 @@ async fn submit_wait_status_list_and_cancel() {
         text(&down)
     );
 
+    // `submit --help` documents every flag the README shows for it.
     let help = troupe(&["submit", "--help"]);
-    assert!(text(&help).contains("--target"));
+    assert!(help.status.success());
+    for flag in [
+        "--target",
+        "--param ",
+        "--param-json",
+        "--idempotency-key",
+        "--wait",
+    ] {
+        assert!(
+            text(&help).contains(flag),
+            "{flag} is not in:\n{}",
+            text(&help)
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,7 +144,6 @@ async fn keys_sign_verify_push_list_activate() {
 
     let env = Env::new(Db::Sqlite).await;
     let server = env.serve();
-    let s = server.url.as_str();
     let dir = scratch_dir("cli-keys");
     let key = dir.join("release.key");
     let out = troupe(&["keys", "generate", "--out", key.to_str().unwrap()]);
@@ -187,35 +191,20 @@ async fn keys_sign_verify_push_list_activate() {
     assert!(!wrong.status.success(), "{}", text(&wrong));
 
     // The server does not trust the new key until the admin says so.
-    let push = troupe(&["bundle", "push", bundle.to_str().unwrap(), "--server", s]);
+    let push = server.cli(&["bundle", "push", bundle.to_str().unwrap()]);
     assert!(
         !push.status.success() && text(&push).contains("signature_untrusted_key"),
         "{}",
         text(&push)
     );
-    let trust = troupe(&[
-        "keys",
-        "trust",
-        &public,
-        "--admin-token",
-        crate::harness::ADMIN_TOKEN,
-        "--server",
-        s,
-    ]);
+    let trust = server.cli(&["keys", "trust", &public]);
     assert!(trust.status.success(), "{}", text(&trust));
-    let push = troupe(&[
-        "bundle",
-        "push",
-        bundle.to_str().unwrap(),
-        "--json",
-        "--server",
-        s,
-    ]);
+    let push = server.cli(&["bundle", "push", bundle.to_str().unwrap(), "--json"]);
     assert!(push.status.success(), "{}", text(&push));
     let pushed: serde_json::Value = serde_json::from_slice(&push.stdout).unwrap();
     assert_eq!(pushed["status"], "active");
 
-    let list = troupe(&["bundle", "list", "--server", s]);
+    let list = server.cli(&["bundle", "list"]);
     let t = text(&list);
     assert!(
         t.contains("testkit 0.1.0") && t.contains("testkit 0.2.0") && t.contains("active"),
@@ -229,12 +218,32 @@ async fn keys_sign_verify_push_list_activate() {
         .next()
         .unwrap()
         .to_owned();
-    let activate = troupe(&["bundle", "activate", &v1, "--server", s]);
+    let activate = server.cli(&["bundle", "activate", &v1]);
     assert!(
         activate.status.success() && text(&activate).contains("active"),
         "{}",
         text(&activate)
     );
-    let keys = troupe(&["keys", "list", "--server", s]);
-    assert!(text(&keys).contains("trusted"), "{}", text(&keys));
+    // The key trusted over the API is listed as such, beside the one from
+    // --trust.
+    let keys = server.cli(&["keys", "list", "--json"]);
+    assert!(keys.status.success(), "{}", text(&keys));
+    let keys: serde_json::Value = serde_json::from_slice(&keys.stdout).unwrap();
+    let find = |public: &str| {
+        keys["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["public_key"] == public)
+            .cloned()
+            .unwrap_or_else(|| panic!("{public} not listed: {keys}"))
+    };
+    let added = find(&public);
+    assert_eq!(
+        (&added["source"], &added["revoked"]),
+        (&"api".into(), &false.into()),
+        "{added}"
+    );
+    let configured = find(&crate::harness::bundles().public_key);
+    assert_eq!(configured["source"], "config", "{configured}");
 }

@@ -93,10 +93,7 @@ pub(crate) struct Bundles {
     pub(crate) builtin: PathBuf,
     pub(crate) key: PathBuf,
     pub(crate) public_key: String,
-    pub(crate) dir: PathBuf,
 }
-
-pub(crate) const ADMIN_TOKEN: &str = "test-admin-token";
 
 pub(crate) fn bundles() -> &'static Bundles {
     static BUNDLES: OnceLock<Bundles> = OnceLock::new();
@@ -147,7 +144,6 @@ pub(crate) fn bundles() -> &'static Bundles {
             builtin: build("builtin"),
             key,
             public_key,
-            dir,
         }
     })
 }
@@ -203,6 +199,42 @@ pub(crate) fn testkit_version(version: &str, key: &signing::SecretKey) -> (Vec<u
     (bytes, sig)
 }
 
+/// Runs `troupe bundle build` on `manifest` with the testkit library;
+/// returns the bundle's bytes, or what the build said when it refused.
+pub(crate) fn build_testkit(manifest: &str) -> Result<Vec<u8>, String> {
+    let dir = scratch_dir("testkit-manifest");
+    let manifest_path = dir.join("bundle.toml");
+    std::fs::write(&manifest_path, manifest).unwrap();
+    let out = dir.join("t.bundle");
+    let library = target_dir().join("libtestkit.so");
+    let o = troupe(&[
+        "bundle",
+        "build",
+        manifest_path.to_str().unwrap(),
+        "--library",
+        library.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let result = if o.status.success() {
+        Ok(std::fs::read(&out).unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// An HTTP client for tests (reqwest is built with rustls and no default
+/// crypto provider: the one process-wide provider is installed first).
+pub(crate) fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .tls_certs_only([])
+        .build()
+        .expect("an HTTP client")
+}
+
 /// A database and data directory for one test.
 pub(crate) struct Env {
     pub(crate) db_url: String,
@@ -244,11 +276,14 @@ impl Env {
     }
 
     pub(crate) fn serve_with(&self, extra: &[&str]) -> Server {
+        self.serve_with_env(extra, &[])
+    }
+
+    /// Starts `troupe serve` with extra flags and environment variables.
+    pub(crate) fn serve_with_env(&self, extra: &[&str], envs: &[(&str, &str)]) -> Server {
         let b = bundles();
         let mut args = vec![
             "serve".to_owned(),
-            "--listen".into(),
-            "127.0.0.1:0".into(),
             "--data-dir".into(),
             self.dir.to_str().unwrap().into(),
             "--db".into(),
@@ -259,15 +294,19 @@ impl Env {
             b.builtin.to_str().unwrap().into(),
             "--trust".into(),
             b.public_key.clone(),
-            "--admin-token".into(),
-            ADMIN_TOKEN.into(),
             "--cancel-grace".into(),
             "500ms".into(),
-            "--node-id".into(),
-            "test-node".into(),
         ];
+        // Any free port and one node id, unless `extra` names others (to
+        // restart at an address, to run a second server).
+        if !extra.contains(&"--listen") {
+            args.extend(["--listen".into(), "127.0.0.1:0".into()]);
+        }
+        if !extra.contains(&"--node-id") {
+            args.extend(["--node-id".into(), "test-node".into()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
-        Server::start(&args)
+        Server::start(&args, &self.dir, envs)
     }
 
     /// A pool on the test's database, to check what the tables hold.
@@ -291,16 +330,20 @@ impl Drop for Env {
     }
 }
 
-/// A running `troupe serve` process, killed when dropped.
+/// A running `troupe serve` process, killed when dropped. Its requests carry
+/// the admin token the server wrote to its data directory on first start.
 pub(crate) struct Server {
     child: Child,
     pub(crate) url: String,
     http: reqwest::Client,
     stderr_log: PathBuf,
+    /// The file holding the server's first admin token.
+    pub(crate) token_file: PathBuf,
+    pub(crate) token: String,
 }
 
 impl Server {
-    fn start(args: &[String]) -> Server {
+    pub(crate) fn start(args: &[String], data_dir: &Path, envs: &[(&str, &str)]) -> Server {
         let log = std::env::temp_dir().join(format!(
             "troupe-e2e-{}-{}.log",
             std::process::id(),
@@ -309,6 +352,7 @@ impl Server {
         let mut child = Command::new(troupe_bin())
             .args(args)
             .env("RUST_LOG", "info,sqlx=warn")
+            .envs(envs.iter().copied())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -335,12 +379,69 @@ impl Server {
             .expect("the listening line")
             .trim()
             .to_owned();
+        let token_file = data_dir.join("admin.token");
+        let token = std::fs::read_to_string(&token_file)
+            .expect("the server wrote its first admin token")
+            .trim()
+            .to_owned();
         Server {
             child,
             url,
-            http: reqwest::Client::new(),
+            http: http_client(),
             stderr_log: log,
+            token_file,
+            token,
         }
+    }
+
+    /// Runs the CLI against this server as its admin.
+    pub(crate) fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(troupe_bin())
+            .args(args)
+            .args(["--server", &self.url])
+            .env("TROUPE_TOKEN_FILE", &self.token_file)
+            .output()
+            .expect("running troupe")
+    }
+
+    /// A request with `token` as its bearer credential, or none.
+    pub(crate) async fn request_as(
+        &self,
+        token: Option<&str>,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<String>,
+    ) -> (StatusCode, Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.url));
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            req = req.header("content-type", "application/json").body(body);
+        }
+        let resp = req.send().await.expect("HTTP request to troupe");
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// Creates a token with these scopes (and kinds); returns its text.
+    pub(crate) async fn token_with(
+        &self,
+        name: &str,
+        scopes: &[&str],
+        kinds: Option<&[&str]>,
+    ) -> String {
+        let mut body = json!({ "name": name, "scopes": scopes });
+        if let Some(kinds) = kinds {
+            body["kinds"] = json!(kinds);
+        }
+        let (status, t) = self.post("/v1/tokens", &body).await;
+        assert_eq!(status, StatusCode::CREATED, "{t}");
+        t["token"].as_str().unwrap().to_owned()
     }
 
     pub(crate) fn log(&self) -> String {
@@ -353,17 +454,7 @@ impl Server {
         path: &str,
         body: Option<String>,
     ) -> (StatusCode, Value) {
-        let mut req = self.http.request(method, format!("{}{path}", self.url));
-        if let Some(body) = body {
-            req = req.header("content-type", "application/json").body(body);
-        }
-        let resp = req.send().await.expect("HTTP request to troupe");
-        let status = resp.status();
-        let text = resp.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        self.request_as(Some(&self.token), method, path, body).await
     }
 
     pub(crate) async fn get(&self, path: &str) -> (StatusCode, Value) {
@@ -386,28 +477,11 @@ impl Server {
         let resp = self
             .http
             .post(format!("{}/v1/bundles", self.url))
+            .bearer_auth(&self.token)
             .multipart(form)
             .send()
             .await
             .expect("push");
-        let status = resp.status();
-        let text = resp.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    }
-
-    /// POST as the admin.
-    pub(crate) async fn admin_post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
-        let resp = self
-            .http
-            .post(format!("{}{path}", self.url))
-            .bearer_auth(ADMIN_TOKEN)
-            .json(body)
-            .send()
-            .await
-            .expect("admin request");
         let status = resp.status();
         let text = resp.text().await.unwrap();
         (
@@ -465,6 +539,15 @@ impl Server {
                 "action {id} never reached {what}: {body}"
             );
         }
+    }
+
+    /// Sends a signal (`HUP`, `STOP`, …) to the server process.
+    pub(crate) fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill -{name}");
     }
 
     pub(crate) fn kill9(mut self) {

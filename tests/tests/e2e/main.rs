@@ -4,11 +4,20 @@
 
 mod harness;
 
+mod access;
 mod actions;
 mod bad_input;
 mod bench;
+mod boundary;
 mod bundles;
+mod cancel;
 mod cli;
+mod dbrestart;
+mod drain;
+mod faults;
+mod lease;
+mod openapi;
 mod recovery;
 mod reload;
 mod tidy;
+mod tls;

@@ -126,10 +126,14 @@ async fn sigkill_under_load_loses_nothing_acknowledged(db: Db) {
     let server = env.serve();
     let mut acked = Vec::new();
     for i in 0..60 {
-        let kind = if i % 2 == 0 { "noop3" } else { "sleep" };
+        let (kind, params) = if i % 2 == 0 {
+            ("noop3", json!({}))
+        } else {
+            ("sleep", json!({ "ms": 30 }))
+        };
         acked.push(
             server
-                .submit(kind, &format!("load-{}", i % 12), json!({ "ms": 30 }))
+                .submit(kind, &format!("load-{}", i % 12), params)
                 .await,
         );
     }

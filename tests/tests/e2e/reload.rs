@@ -172,9 +172,11 @@ async fn revoking_a_signer_stops_its_bundles(db: Db) {
     let id = other.public().id().to_string();
 
     let (status, body) = server
-        .post(
+        .request_as(
+            None,
+            reqwest::Method::POST,
             "/v1/keys",
-            &json!({ "public_key": other.public().to_string() }),
+            Some(json!({ "public_key": other.public().to_string() }).to_string()),
         )
         .await;
     assert_eq!(
@@ -183,7 +185,7 @@ async fn revoking_a_signer_stops_its_bundles(db: Db) {
         "{body}"
     );
     let (status, body) = server
-        .admin_post(
+        .post(
             "/v1/keys",
             &json!({ "public_key": other.public().to_string() }),
         )
@@ -200,7 +202,7 @@ async fn revoking_a_signer_stops_its_bundles(db: Db) {
         .until(running, "running", |a| a["current_step"] == "sleep_ms")
         .await;
     let (status, body) = server
-        .admin_post(&format!("/v1/keys/{id}/revoke"), &json!({}))
+        .post(&format!("/v1/keys/{id}/revoke"), &json!({}))
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["revoked"], true);

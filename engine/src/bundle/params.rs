@@ -1,0 +1,350 @@
+//! Typed action params: the subset of JSON Schema a kind declares in its
+//! manifest (`type`, `enum`, `pattern`, `minimum`/`maximum`,
+//! `min_length`/`max_length`, `items`, `required`, `default`), checked when
+//! an action is submitted so a bad request is refused before anything is
+//! stored.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The JSON types a param can have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ParamType {
+    String,
+    Integer,
+    Number,
+    Boolean,
+    Array,
+    Object,
+}
+
+impl ParamType {
+    fn as_str(self) -> &'static str {
+        match self {
+            ParamType::String => "a string",
+            ParamType::Integer => "an integer",
+            ParamType::Number => "a number",
+            ParamType::Boolean => "true or false",
+            ParamType::Array => "a list",
+            ParamType::Object => "an object",
+        }
+    }
+
+    fn matches(self, v: &Value) -> bool {
+        match self {
+            ParamType::String => v.is_string(),
+            ParamType::Integer => v.is_i64() || v.is_u64(),
+            ParamType::Number => v.is_number(),
+            ParamType::Boolean => v.is_boolean(),
+            ParamType::Array => v.is_array(),
+            ParamType::Object => v.is_object(),
+        }
+    }
+}
+
+/// One param's schema.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParamSpec {
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<ParamType>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Whether a request must carry it; defaults to true unless a default is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub required: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<Value>,
+    #[serde(default, rename = "enum", skip_serializing_if = "Option::is_none")]
+    pub one_of: Option<Vec<Value>>,
+    /// A regular expression a string must match (anchor it with `^…$`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pattern: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minimum: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maximum: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_length: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_length: Option<usize>,
+    /// The schema of a list's items.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub items: Option<Box<ParamSpec>>,
+    /// `pattern`, compiled on first use.
+    #[serde(skip)]
+    compiled: std::sync::OnceLock<regex::Regex>,
+}
+
+impl ParamSpec {
+    pub fn is_required(&self) -> bool {
+        self.required.unwrap_or(self.default.is_none())
+    }
+
+    /// Checks the schema itself (at manifest load): a pattern compiles, a
+    /// default satisfies the rest.
+    pub(crate) fn check(&self, name: &str) -> Result<(), String> {
+        if let Some(p) = &self.pattern {
+            regex::Regex::new(p).map_err(|e| format!("param {name:?}: bad pattern: {e}"))?;
+        }
+        if let Some(items) = &self.items {
+            if self.kind.is_some_and(|k| k != ParamType::Array) {
+                return Err(format!("param {name:?}: `items` needs type = \"array\""));
+            }
+            items.check(&format!("{name}[]"))?;
+        }
+        if let Some(d) = &self.default {
+            self.validate(name, d)
+                .map_err(|e| format!("the default does not fit its own schema: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Checks a value; the error names the field and what was expected.
+    pub fn validate(&self, name: &str, v: &Value) -> Result<(), String> {
+        if let Some(t) = self.kind
+            && !t.matches(v)
+        {
+            let hint = if v.is_string() && t != ParamType::String {
+                " (from the CLI, pass it with --param-json)"
+            } else {
+                ""
+            };
+            return Err(format!(
+                "param {name:?} must be {}, not {}{hint}",
+                t.as_str(),
+                describe(v)
+            ));
+        }
+        if let Some(allowed) = &self.one_of
+            && !allowed.contains(v)
+        {
+            let list: Vec<String> = allowed.iter().map(Value::to_string).collect();
+            return Err(format!(
+                "param {name:?} must be one of {}, not {v}",
+                list.join(", ")
+            ));
+        }
+        if let Some(n) = v.as_f64() {
+            if let Some(min) = self.minimum
+                && n < min
+            {
+                return Err(format!("param {name:?} must be at least {min}, not {v}"));
+            }
+            if let Some(max) = self.maximum
+                && n > max
+            {
+                return Err(format!("param {name:?} must be at most {max}, not {v}"));
+            }
+        }
+        let len = match v {
+            Value::String(s) => Some(s.chars().count()),
+            Value::Array(a) => Some(a.len()),
+            _ => None,
+        };
+        if let Some(len) = len {
+            if let Some(min) = self.min_length
+                && len < min
+            {
+                return Err(format!(
+                    "param {name:?} must have at least {min} characters or items, not {len}"
+                ));
+            }
+            if let Some(max) = self.max_length
+                && len > max
+            {
+                return Err(format!(
+                    "param {name:?} must have at most {max} characters or items, not {len}"
+                ));
+            }
+        }
+        if let (Some(p), Value::String(s)) = (&self.pattern, v) {
+            let re = match self.compiled.get() {
+                Some(re) => re,
+                None => {
+                    let re = regex::Regex::new(p).map_err(|e| e.to_string())?;
+                    self.compiled.get_or_init(|| re)
+                }
+            };
+            if !re.is_match(s) {
+                return Err(format!("param {name:?} must match {p}, not {s:?}"));
+            }
+        }
+        if let (Some(items), Value::Array(a)) = (&self.items, v) {
+            for (i, item) in a.iter().enumerate() {
+                items.validate(&format!("{name}[{i}]"), item)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn describe(v: &Value) -> String {
+    match v {
+        Value::String(s) => format!("the string {s:?}"),
+        Value::Null => "null".into(),
+        other => other.to_string(),
+    }
+}
+
+/// What a kind says about its params: the old list of required names (any
+/// type), or a table of schemas.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Params {
+    Names(Vec<String>),
+    Schema(BTreeMap<String, ParamSpec>),
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params::Names(Vec::new())
+    }
+}
+
+impl Params {
+    /// Every declared param with its schema (a listed name: required, any type).
+    pub fn specs(&self) -> BTreeMap<String, ParamSpec> {
+        match self {
+            Params::Names(names) => names
+                .iter()
+                .map(|n| (n.clone(), ParamSpec::default()))
+                .collect(),
+            Params::Schema(map) => map.clone(),
+        }
+    }
+
+    pub fn declares(&self, name: &str) -> bool {
+        match self {
+            Params::Names(names) => names.iter().any(|n| n == name),
+            Params::Schema(map) => map.contains_key(name),
+        }
+    }
+
+    /// Checks a request's params and fills in defaults. Errors name the
+    /// field: an unknown one, a missing one, or one that breaks its schema.
+    pub fn apply(&self, params: &mut Map<String, Value>) -> Result<(), ParamError> {
+        let specs = self.specs();
+        if let Some(unknown) = params.keys().find(|k| !specs.contains_key(*k)) {
+            let known: Vec<&str> = specs.keys().map(String::as_str).collect();
+            return Err(ParamError::Invalid(format!(
+                "unknown param {unknown:?}; this kind takes {}",
+                if known.is_empty() {
+                    "no params".to_owned()
+                } else {
+                    known.join(", ")
+                }
+            )));
+        }
+        let missing: Vec<&str> = specs
+            .iter()
+            .filter(|(name, spec)| spec.is_required() && !params.contains_key(*name))
+            .map(|(name, _)| name.as_str())
+            .collect();
+        if !missing.is_empty() {
+            return Err(ParamError::Missing(
+                missing.iter().map(|m| m.to_string()).collect(),
+            ));
+        }
+        for (name, spec) in &specs {
+            match params.get(name) {
+                Some(v) => spec.validate(name, v).map_err(ParamError::Invalid)?,
+                None => {
+                    if let Some(d) = &spec.default {
+                        params.insert(name.clone(), d.clone());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a request's params were refused.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ParamError {
+    /// Required params the request lacks (all of them).
+    Missing(Vec<String>),
+    Invalid(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn schema() -> Params {
+        let toml = r#"
+            host = { type = "string", pattern = "^[a-z0-9.-]+$", max_length = 20 }
+            port = { type = "integer", minimum = 1, maximum = 65535, default = 22 }
+            mode = { type = "string", enum = ["soft", "hard"], required = false }
+            ratio = { type = "number", minimum = 0.5 }
+            argv = { type = "array", min_length = 1, items = { type = "string" }, required = false }
+        "#;
+        let map: BTreeMap<String, ParamSpec> = toml::from_str(toml).unwrap();
+        for (n, s) in &map {
+            s.check(n).unwrap();
+        }
+        Params::Schema(map)
+    }
+
+    fn apply(v: Value) -> Result<Map<String, Value>, ParamError> {
+        let mut m = v.as_object().unwrap().clone();
+        schema().apply(&mut m).map(|()| m)
+    }
+
+    fn invalid(v: Value) -> String {
+        match apply(v) {
+            Err(ParamError::Invalid(m)) => m,
+            other => panic!("expected invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn valid_params_pass_and_get_defaults() {
+        let m = apply(json!({ "host": "vps-1.example", "ratio": 1 })).unwrap();
+        assert_eq!(m["port"], 22);
+        assert!(!m.contains_key("mode"));
+    }
+
+    #[test]
+    fn every_rule_names_the_field() {
+        let base = json!({ "host": "h", "ratio": 1 });
+        let with = |k: &str, v: Value| {
+            let mut b = base.clone();
+            b[k] = v;
+            b
+        };
+        let m = invalid(with("port", json!("22")));
+        assert!(
+            m.contains("\"port\" must be an integer") && m.contains("--param-json"),
+            "{m}"
+        );
+        assert!(invalid(with("port", json!(0))).contains("at least 1"));
+        assert!(invalid(with("port", json!(70000))).contains("at most 65535"));
+        assert!(invalid(with("port", json!(2.5))).contains("an integer"));
+        assert!(invalid(with("mode", json!("gentle"))).contains("one of \"soft\", \"hard\""));
+        assert!(invalid(with("host", json!("a; rm -rf /"))).contains("must match"));
+        assert!(invalid(with("host", json!("a".repeat(21)))).contains("at most 20"));
+        assert!(invalid(with("ratio", json!(0.1))).contains("at least 0.5"));
+        assert!(invalid(with("ratio", json!(true))).contains("a number"));
+        assert!(invalid(with("argv", json!([]))).contains("at least 1"));
+        assert!(invalid(with("argv", json!(["ls", 3]))).contains("\"argv[1]\" must be a string"));
+        assert!(invalid(with("colour", json!("red"))).contains("unknown param \"colour\""));
+        assert_eq!(
+            apply(json!({})).unwrap_err(),
+            ParamError::Missing(vec!["host".into(), "ratio".into()])
+        );
+    }
+
+    #[test]
+    fn bad_schemas_are_refused() {
+        let bad: ParamSpec = toml::from_str("pattern = \"(\"").unwrap();
+        assert!(bad.check("x").unwrap_err().contains("bad pattern"));
+        let bad: ParamSpec = toml::from_str("type = \"integer\"\ndefault = \"x\"").unwrap();
+        assert!(bad.check("x").unwrap_err().contains("default"));
+    }
+}

@@ -1,0 +1,26 @@
+//! Failure points for tests, from the `fail` crate: named places where a
+//! test can make the engine fail on purpose (a commit that reports an error
+//! after it went through, a runner that panics) instead of hoping a timing
+//! window opens. They exist only in builds with the `failpoints` feature,
+//! which the workspace's test build turns on; elsewhere they compile to
+//! nothing.
+//!
+//! A test arms them for a server it starts through the `FAILPOINTS`
+//! environment variable, e.g. `FAILPOINTS='runner.before_step=1*panic'`
+//! (see the `fail` crate for the grammar). The points:
+//!
+//! | name | where | what `return` does |
+//! | --- | --- | --- |
+//! | `store.after_insert_commit` | a commit that inserted actions | reports an error although the commit went through |
+//! | `runner.before_step` | a runner, before each step | (use `panic`) |
+//! | `store.refuse_step_success` | a commit holding a step's success | the database refuses it (a permanent error) |
+//! | `store.cancel_queued` | `Engine::cancel`, ending a queued action | the write fails |
+
+/// Arms the points named in `FAILPOINTS`, if this build has them.
+pub fn arm() {
+    #[cfg(feature = "failpoints")]
+    if let Ok(spec) = std::env::var("FAILPOINTS") {
+        tracing::warn!(%spec, "failure points armed (a test build)");
+        std::mem::forget(fail::FailScenario::setup());
+    }
+}

@@ -1,0 +1,176 @@
+//! The SQL of `api_tokens`, `audit_log` and `secrets`, expanded for each backend like
+//! `sql.rs`. These writes are rare (an operator's change), so each runs as
+//! its own statement inside whatever group commit carries it.
+
+use super::{AuditEntry, SecretRow, TokenRow, Write};
+
+macro_rules! access_backend {
+    ($module:ident, $db:ty, $pool:ty, $conn:ty) => {
+        pub(super) mod $module {
+            use sqlx::Row;
+
+            use super::*;
+
+            type DbRow = <$db as sqlx::Database>::Row;
+
+            /// Runs one token or audit write; returns the rows it changed.
+            pub(crate) async fn apply(tx: &mut $conn, w: &Write) -> Result<u64, sqlx::Error> {
+                let done = match w {
+                    Write::CreateToken(t) => sqlx::query(
+                        "INSERT INTO api_tokens (id, name, scopes, kinds, secret_hash, created_by, created_at, expires_at) \
+                         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    )
+                    .bind(&t.id)
+                    .bind(&t.name)
+                    .bind(&t.scopes)
+                    .bind(&t.kinds)
+                    .bind(&t.secret_hash)
+                    .bind(&t.created_by)
+                    .bind(t.created_at)
+                    .bind(t.expires_at)
+                    .execute(&mut *tx)
+                    .await?,
+                    Write::RevokeToken { id, at } => {
+                        sqlx::query("UPDATE api_tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?")
+                            .bind(at)
+                            .bind(id)
+                            .execute(&mut *tx)
+                            .await?
+                    }
+                    Write::Audit(e) => sqlx::query(
+                        "INSERT INTO audit_log (at, actor, event, subject, detail) VALUES (?, ?, ?, ?, ?)",
+                    )
+                    .bind(e.at)
+                    .bind(&e.actor)
+                    .bind(&e.event)
+                    .bind(&e.subject)
+                    .bind(e.detail.as_ref().map(|d| d.to_string()))
+                    .execute(&mut *tx)
+                    .await?,
+                    // Delete and insert: the same SQL on both databases.
+                    Write::SetSecret(row) => {
+                        sqlx::query("DELETE FROM secrets WHERE name = ?")
+                            .bind(&row.name)
+                            .execute(&mut *tx)
+                            .await?;
+                        sqlx::query(
+                            "INSERT INTO secrets (name, nonce, ciphertext, updated_at, updated_by) VALUES (?, ?, ?, ?, ?)",
+                        )
+                        .bind(&row.name)
+                        .bind(&row.nonce)
+                        .bind(&row.ciphertext)
+                        .bind(row.updated_at)
+                        .bind(&row.updated_by)
+                        .execute(&mut *tx)
+                        .await?
+                    }
+                    Write::DeleteSecret { name } => {
+                        sqlx::query("DELETE FROM secrets WHERE name = ?")
+                            .bind(name)
+                            .execute(&mut *tx)
+                            .await?
+                    }
+                    _ => unreachable!("access::apply takes token, audit and secret writes"),
+                };
+                Ok(done.rows_affected())
+            }
+
+            fn secret_row(r: &DbRow) -> Result<SecretRow, sqlx::Error> {
+                Ok(SecretRow {
+                    name: r.try_get("name")?,
+                    nonce: r.try_get("nonce")?,
+                    ciphertext: r.try_get("ciphertext")?,
+                    updated_at: r.try_get("updated_at")?,
+                    updated_by: r.try_get("updated_by")?,
+                })
+            }
+
+            pub(crate) async fn secrets(pool: &$pool, names: &[String]) -> Result<Vec<SecretRow>, sqlx::Error> {
+                if names.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let text = format!(
+                    "SELECT name, nonce, ciphertext, updated_at, updated_by FROM secrets WHERE name IN ({})",
+                    vec!["?"; names.len()].join(", ")
+                );
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(text));
+                for n in names {
+                    q = q.bind(n);
+                }
+                q.fetch_all(pool).await?.iter().map(secret_row).collect()
+            }
+
+            pub(crate) async fn all_secrets(pool: &$pool) -> Result<Vec<SecretRow>, sqlx::Error> {
+                sqlx::query("SELECT name, nonce, ciphertext, updated_at, updated_by FROM secrets ORDER BY name")
+                    .fetch_all(pool)
+                    .await?
+                    .iter()
+                    .map(secret_row)
+                    .collect()
+            }
+
+            fn token_row(r: &DbRow) -> Result<TokenRow, sqlx::Error> {
+                Ok(TokenRow {
+                    id: r.try_get("id")?,
+                    name: r.try_get("name")?,
+                    scopes: r.try_get("scopes")?,
+                    kinds: r.try_get("kinds")?,
+                    secret_hash: r.try_get("secret_hash")?,
+                    created_by: r.try_get("created_by")?,
+                    created_at: r.try_get("created_at")?,
+                    expires_at: r.try_get("expires_at")?,
+                    revoked_at: r.try_get("revoked_at")?,
+                })
+            }
+
+            pub(crate) async fn tokens(pool: &$pool) -> Result<Vec<TokenRow>, sqlx::Error> {
+                sqlx::query(
+                    "SELECT id, name, scopes, kinds, secret_hash, created_by, created_at, expires_at, revoked_at \
+                     FROM api_tokens ORDER BY created_at, id",
+                )
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(token_row)
+                .collect()
+            }
+
+            pub(crate) async fn audit(
+                pool: &$pool,
+                limit: u32,
+                before: Option<i64>,
+            ) -> Result<Vec<AuditEntry>, sqlx::Error> {
+                let rows = sqlx::query(
+                    "SELECT id, at, actor, event, subject, detail FROM audit_log \
+                     WHERE (? IS NULL OR id < ?) ORDER BY id DESC LIMIT ?",
+                )
+                .bind(before)
+                .bind(before)
+                .bind(i64::from(limit))
+                .fetch_all(pool)
+                .await?;
+                rows.iter()
+                    .map(|r| {
+                        let detail: Option<String> = r.try_get("detail")?;
+                        Ok(AuditEntry {
+                            id: r.try_get("id")?,
+                            at: r.try_get("at")?,
+                            actor: r.try_get("actor")?,
+                            event: r.try_get("event")?,
+                            subject: r.try_get("subject")?,
+                            detail: detail.map(|d| serde_json::from_str(&d).unwrap_or(serde_json::Value::String(d))),
+                        })
+                    })
+                    .collect()
+            }
+        }
+    };
+}
+
+access_backend!(
+    sqlite,
+    sqlx::Sqlite,
+    sqlx::SqlitePool,
+    sqlx::SqliteConnection
+);
+access_backend!(mysql, sqlx::MySql, sqlx::MySqlPool, sqlx::MySqlConnection);

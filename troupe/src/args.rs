@@ -1,0 +1,85 @@
+//! Arguments and helpers that several commands share: how a client finds
+//! and authenticates to its server, durations, the data directory.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+/// The file in the data directory that holds the server's first admin token.
+pub(crate) const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+#[derive(Args, Clone)]
+pub(crate) struct ServerArg {
+    /// The troupe server to talk to.
+    #[arg(
+        long,
+        env = "TROUPE_SERVER",
+        default_value = "http://127.0.0.1:7878",
+        global = true
+    )]
+    pub(crate) server: String,
+    /// An API token (troupe_…). Prefer --token-file or TROUPE_TOKEN: a command line is visible to other users.
+    #[arg(long, env = "TROUPE_TOKEN", hide_env_values = true, global = true)]
+    pub(crate) token: Option<String>,
+    /// A file holding the API token [default: admin.token in TROUPE_DATA or ./troupe-data, if present]
+    #[arg(long, env = "TROUPE_TOKEN_FILE", global = true)]
+    pub(crate) token_file: Option<PathBuf>,
+    /// For an https:// server: a PEM file with the CA certificate(s) that signed its certificate (only these are trusted).
+    #[arg(long, env = "TROUPE_CA_CERT", global = true)]
+    pub(crate) ca_cert: Option<PathBuf>,
+}
+
+impl ServerArg {
+    /// The token to send: `--token`, else `--token-file`, else the admin
+    /// token a local server wrote to its data directory.
+    pub(crate) fn token(&self) -> Result<Option<String>> {
+        if let Some(token) = &self.token {
+            return Ok(Some(token.trim().to_owned()));
+        }
+        if let Some(path) = &self.token_file {
+            return read_token(path).map(Some);
+        }
+        let local =
+            data_dir_arg(std::env::var_os("TROUPE_DATA").map(PathBuf::from)).join(ADMIN_TOKEN_FILE);
+        if local.is_file() {
+            return read_token(&local).map(Some);
+        }
+        Ok(None)
+    }
+}
+
+fn read_token(path: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the API token from {}", path.display()))?;
+    Ok(text.trim().to_owned())
+}
+
+/// The default database: SQLite in the data directory.
+pub(crate) fn default_db(data_dir: &Path) -> String {
+    format!("sqlite://{}", data_dir.join("troupe.db").display())
+}
+
+/// The data directory: the one given, or `./troupe-data`.
+pub(crate) fn data_dir_arg(dir: Option<PathBuf>) -> PathBuf {
+    dir.unwrap_or_else(|| PathBuf::from("troupe-data"))
+}
+
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a duration such as 30s, 500ms, 2m, 24h or 30d"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        "d" => Ok(Duration::from_secs(n * 86400)),
+        _ => Err(format!(
+            "{s:?}: expected a duration such as 30s, 500ms, 2m, 24h or 30d"
+        )),
+    }
+}
