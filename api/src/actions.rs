@@ -16,7 +16,7 @@ use engine::model::{ActionFilter, ActionId, ActionStatus, NewAction};
 use crate::auth::{Caller, MaybeCaller, Operate, Read, Submit};
 use crate::wire::{
     ActionCounts, ActionList, ActionView, DatabaseHealth, ErrorBody, Health, KindList, KindView,
-    StoreCounters, SubmitRequest,
+    StepLogList, StepLogView, StoreCounters, SubmitRequest,
 };
 use crate::{ApiError, MAX_BODY, MAX_WAIT};
 
@@ -205,6 +205,29 @@ pub(crate) async fn show(
         }
     };
     Ok(Json(ActionView::new(action, true)))
+}
+
+/// What an action's steps logged, by step and attempt (a running attempt's
+/// lines appear when it ends).
+#[utoipa::path(
+    get, path = "/v1/actions/{id}/logs", tag = "actions",
+    params(("id" = i64, Path)),
+    security(("bearer" = ["read"])),
+    responses(
+        (status = 200, body = StepLogList),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody),
+    )
+)]
+pub(crate) async fn logs(
+    _: Caller<Read>,
+    State(engine): State<Engine>,
+    Path(id): Path<String>,
+) -> Result<Json<StepLogList>, ApiError> {
+    let logs = engine.logs(parse_id(&id)?).await?;
+    Ok(Json(StepLogList {
+        logs: logs.into_iter().map(StepLogView::from).collect(),
+    }))
 }
 
 /// List actions, newest first.

@@ -7,6 +7,7 @@
 //! | GET | `/v1/actions` | list, newest first: `target`, `status`, `kind`, `limit`, `before` |
 //! | GET | `/v1/actions/{id}` | one action with its steps; `wait=30s` long-polls until it finishes, `since=REV` until it changes |
 //! | POST | `/v1/actions/{id}/cancel` | cancel |
+//! | GET | `/v1/actions/{id}/logs` | what its steps logged, by step and attempt |
 //! | GET | `/v1/kinds` | the action kinds this server runs |
 //! | GET | `/v1/health` | liveness (open); with a credential, database and queue details |
 //! | GET, POST | `/v1/bundles`, `/v1/bundles/{hash}[/content\|/activate]` | bundles (see `bundles`) |
@@ -75,6 +76,7 @@ fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(actions::submit, actions::list))
         .routes(routes!(actions::show))
         .routes(routes!(actions::cancel))
+        .routes(routes!(actions::logs))
         .routes(routes!(actions::kinds))
         .routes(routes!(actions::health))
         .merge(uploads)

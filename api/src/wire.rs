@@ -80,6 +80,38 @@ pub struct StepView {
     pub error: Option<String>,
 }
 
+/// What one attempt of a step logged.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StepLogView {
+    pub seq: u32,
+    /// The step's name in its kind.
+    pub step: String,
+    pub attempt: u32,
+    /// The lines the step logged, each ending in a newline (secrets masked
+    /// as `***`; at most 64 KiB, a cut is marked).
+    pub log: String,
+    /// When the attempt ended.
+    pub logged_at: String,
+}
+
+impl From<engine::model::StepLog> for StepLogView {
+    fn from(l: engine::model::StepLog) -> StepLogView {
+        StepLogView {
+            seq: l.seq,
+            step: l.step,
+            attempt: l.attempt,
+            log: l.log,
+            logged_at: time(&l.logged_at),
+        }
+    }
+}
+
+/// The logs of an action's steps, by step and attempt.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StepLogList {
+    pub logs: Vec<StepLogView>,
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ActionList {
     pub actions: Vec<ActionView>,

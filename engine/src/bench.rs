@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::agency::AgencyHandle;
-use crate::host::{CallResult, HostCommand, StepHost};
+use crate::host::{Answer, CallResult, HostCommand, StepHost};
 
 /// A real Agency actor, to time one `tell` and one `ask` through its mailbox.
 pub struct AgencyProbe(AgencyHandle);
@@ -39,7 +39,13 @@ impl HostProbe {
     /// One call over the pipes; true if the step succeeded.
     pub async fn call(&self, function: &str, input: &[u8]) -> bool {
         let (_, rx) = self.0.call(function, input);
-        matches!(rx.await, Ok(CallResult::Done { status: 0, .. }))
+        matches!(
+            rx.await,
+            Ok(Answer {
+                result: CallResult::Done { status: 0, .. },
+                ..
+            })
+        )
     }
 }
 

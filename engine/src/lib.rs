@@ -823,6 +823,20 @@ impl Engine {
             .ok_or(Error::ActionNotFound(id))
     }
 
+    /// What action `id`'s steps logged (`sdk::Context::log`), by step and
+    /// attempt; empty if nothing was logged yet. A running attempt's lines
+    /// are stored when it ends.
+    pub async fn logs(&self, id: ActionId) -> Result<Vec<model::StepLog>> {
+        let action = self.action(id).await?;
+        let mut logs = self.inner.store.logs(id).await?;
+        for log in &mut logs {
+            if let Some(step) = action.steps.iter().find(|s| s.seq == log.seq) {
+                log.step = step.name.clone();
+            }
+        }
+        Ok(logs)
+    }
+
     /// Waits up to `timeout` for the action to finish or, with `since`, for
     /// its revision to pass `since`; returns it as it is then.
     pub async fn wait(

@@ -123,6 +123,18 @@ pub struct StepRecord {
     pub error: Option<String>,
 }
 
+/// What one attempt of a step logged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepLog {
+    pub seq: u32,
+    /// The step's name in its kind (filled in from the action).
+    pub step: String,
+    pub attempt: u32,
+    /// Lines, each ending in a newline.
+    pub log: String,
+    pub logged_at: Timestamp,
+}
+
 /// A request to run an action.
 #[derive(Debug, Clone)]
 pub struct NewAction {

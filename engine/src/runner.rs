@@ -11,7 +11,7 @@ use crate::agency::{AgencyHandle, LoadedBundle};
 use crate::bundle::template;
 use crate::model::{Action, ActionStatus, StepStatus};
 use crate::secrets::{self, LoadError};
-use crate::step::StepResult;
+use crate::step::{Attempt, StepResult};
 use crate::store::{Outcome, Store, Write};
 
 /// What every runner needs.
@@ -378,8 +378,8 @@ async fn steps(
                 "vars": shared.vars,
                 "secrets": secrets.as_ref().ok(),
             });
-            let result = match (secrets, template::resolve(&step_use.settings, &scope)) {
-                (Err(failed), _) => failed,
+            let ran = match (secrets, template::resolve(&step_use.settings, &scope)) {
+                (Err(failed), _) => failed.into(),
                 (Ok(_), Ok(settings)) => {
                     let input = json!({
                         "action": scope["action"],
@@ -399,10 +399,22 @@ async fn steps(
                         )
                         .await
                 }
-                (Ok(_), Err(e)) => StepResult::Fatal(format!("invalid settings: {e}")),
+                (Ok(_), Err(e)) => StepResult::Fatal(format!("invalid settings: {e}")).into(),
             };
             drop(scope);
+            let Attempt { result, mut log } = ran;
             let result = bound(mask(result, &delivered));
+            // What the attempt logged rides with its outcome, whatever that is.
+            if !log.is_empty() {
+                secrets::mask_in(&mut log, &delivered);
+                carry.push(Write::StepLog {
+                    id,
+                    seq,
+                    attempt,
+                    log,
+                    at: crate::model::now(),
+                });
+            }
             // A step that ended any way but well after a cancel was asked
             // for ends cancelled (also while the server stops: a cancel is
             // never turned into a pause).

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agency::AgencyHandle;
 use crate::bundle::manifest::StepDef;
-use crate::host::{CallResult, StepHost};
+use crate::host::{Answer, CallResult, StepHost};
 
 /// How one attempt of a step ended.
 #[derive(Debug)]
@@ -20,6 +20,22 @@ pub(crate) enum StepResult {
     Fatal(String),
     TimedOut(String),
     Cancelled,
+}
+
+/// One attempt: how it ended and what the step logged.
+#[derive(Debug)]
+pub(crate) struct Attempt {
+    pub(crate) result: StepResult,
+    pub(crate) log: String,
+}
+
+impl From<StepResult> for Attempt {
+    fn from(result: StepResult) -> Attempt {
+        Attempt {
+            result,
+            log: String::new(),
+        }
+    }
 }
 
 /// The Step actor for one (bundle, step). Its state is the step's
@@ -74,10 +90,10 @@ impl StepHandle {
     }
 
     /// Runs one attempt. `cancel` stops it early (its result is `Cancelled`).
-    pub(crate) async fn run(&self, input: Vec<u8>, cancel: CancellationToken) -> StepResult {
+    pub(crate) async fn run(&self, input: Vec<u8>, cancel: CancellationToken) -> Attempt {
         let host = match self.live_host().await {
             Ok(host) => host,
-            Err(e) => return StepResult::Fatal(format!("cannot start a step host: {e}")),
+            Err(e) => return StepResult::Fatal(format!("cannot start a step host: {e}")).into(),
         };
         let call = Call {
             host,
@@ -110,7 +126,7 @@ struct Call<'a> {
 }
 
 impl Call<'_> {
-    async fn execute(self, input: Vec<u8>, cancel: CancellationToken) -> StepResult {
+    async fn execute(self, input: Vec<u8>, cancel: CancellationToken) -> Attempt {
         let (id, rx) = self.host.call(self.function, &input);
         tokio::pin!(rx);
         let timed_out = tokio::select! {
@@ -128,28 +144,52 @@ impl Call<'_> {
         } else {
             format!("step {:?} was cancelled", self.name)
         };
-        tokio::select! {
-            r = &mut rx => match (timed_out, outcome(r.ok())) {
+        let stopped = |attempt: Attempt| {
+            let result = match (timed_out, attempt.result) {
                 (false, StepResult::Ok(v)) => StepResult::Ok(v),
                 (false, _) => StepResult::Cancelled,
-                (true, _) => StepResult::TimedOut(why),
-            },
+                (true, _) => StepResult::TimedOut(why.clone()),
+            };
+            Attempt {
+                result,
+                log: attempt.log,
+            }
+        };
+        tokio::select! {
+            r = &mut rx => stopped(outcome(r.ok())),
             _ = tokio::time::sleep(self.grace) => {
                 let reason = format!("{why} and did not stop within {} ms", self.grace.as_millis());
                 tracing::warn!(step = self.name, pid = self.host.pid(), "{reason}; killing its step host");
                 self.host.kill(reason.clone());
-                if timed_out { StepResult::TimedOut(reason) } else { StepResult::Cancelled }
+                // The host's end answers the call, with what it logged.
+                let log = tokio::time::timeout(KILLED_ANSWER, rx).await;
+                let log = log.ok().and_then(|r| r.ok()).map(|a| a.log).unwrap_or_default();
+                let result = if timed_out { StepResult::TimedOut(reason) } else { StepResult::Cancelled };
+                Attempt { result, log }
             }
         }
     }
 }
 
-fn outcome(r: Option<CallResult>) -> StepResult {
+/// How long a call on a killed host waits for the host's end to answer it
+/// (with what the step logged) before giving up on the log.
+const KILLED_ANSWER: Duration = Duration::from_secs(2);
+
+fn outcome(r: Option<Answer>) -> Attempt {
+    let Some(Answer { result, log }) = r else {
+        return StepResult::Fatal("step host dropped the call".into()).into();
+    };
+    Attempt {
+        result: result_of(result),
+        log,
+    }
+}
+
+fn result_of(r: CallResult) -> StepResult {
     use sdk::ffi::*;
     match r {
-        None => StepResult::Fatal("step host dropped the call".into()),
-        Some(CallResult::Crashed(msg)) => StepResult::Fatal(msg),
-        Some(CallResult::Done { status, body }) => {
+        CallResult::Crashed(msg) => StepResult::Fatal(msg),
+        CallResult::Done { status, body } => {
             let text = || String::from_utf8_lossy(&body).into_owned();
             match status {
                 STATUS_OK => match serde_json::from_slice(&body) {

@@ -57,6 +57,9 @@ enum Command {
         /// Follow it live until it finishes.
         #[arg(long)]
         wait: bool,
+        /// Also show what its steps logged, by step and attempt.
+        #[arg(long)]
+        logs: bool,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -162,7 +165,7 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             }
             let action = client.submit(&body).await?;
             if wait {
-                return crate::watch::follow(&client, action, json).await;
+                return crate::watch::follow(&client, action, json, false).await;
             }
             if json {
                 println!("{}", serde_json::to_string_pretty(&action)?);
@@ -181,18 +184,25 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Status {
             id,
             wait,
+            logs,
             json,
             server,
         } => {
             let client = Client::connect(&server)?;
-            let action = client.action(id).await?;
+            let mut action = client.action(id).await?;
             if wait {
-                return crate::watch::follow(&client, action, json).await;
+                return crate::watch::follow(&client, action, json, logs).await;
+            }
+            if logs {
+                action["logs"] = client.logs(id).await?["logs"].take();
             }
             if json {
                 println!("{}", serde_json::to_string_pretty(&action)?);
             } else {
                 crate::watch::print_action(&action);
+                if logs {
+                    crate::watch::print_logs(&action);
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -223,7 +233,7 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             let client = Client::connect(&server)?;
             let action = client.cancel(id).await?;
             if wait {
-                return crate::watch::follow(&client, action, false).await;
+                return crate::watch::follow(&client, action, false, false).await;
             }
             println!(
                 "action {id} is {}",

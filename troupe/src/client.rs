@@ -172,6 +172,11 @@ impl Client {
         self.get(&format!("/v1/actions/{id}"), &[]).await
     }
 
+    /// What the action's steps logged: `{"logs": [...]}`.
+    pub(crate) async fn logs(&self, id: i64) -> Result<Value> {
+        self.get(&format!("/v1/actions/{id}/logs"), &[]).await
+    }
+
     /// Long-polls until the action changes past `since` or finishes.
     pub(crate) async fn wait(&self, id: i64, since: i64) -> Result<Value> {
         self.get(

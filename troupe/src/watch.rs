@@ -50,7 +50,14 @@ const RECONNECT_FOR: std::time::Duration = std::time::Duration::from_secs(600);
 /// Prints step changes as they happen until the action finishes. Exits
 /// non-zero unless it succeeded. Rides over the server going away and
 /// coming back (a restart), saying so on stderr.
-pub(crate) async fn follow(client: &Client, mut action: Value, json: bool) -> Result<ExitCode> {
+/// With `logs`, what the steps logged follows the end (in `--json`, as the
+/// action's `logs`).
+pub(crate) async fn follow(
+    client: &Client,
+    mut action: Value,
+    json: bool,
+    logs: bool,
+) -> Result<ExitCode> {
     let id = action["id"].as_i64().unwrap_or_default();
     let mut seen: HashMap<u64, (String, u64)> = HashMap::new();
     let mut last_status = String::new();
@@ -132,6 +139,9 @@ pub(crate) async fn follow(client: &Client, mut action: Value, json: bool) -> Re
             }
         }
     }
+    if logs {
+        action["logs"] = client.logs(id).await?["logs"].take();
+    }
     let status = s(&action["status"]);
     if json {
         println!("{}", serde_json::to_string_pretty(&action)?);
@@ -140,6 +150,9 @@ pub(crate) async fn follow(client: &Client, mut action: Value, json: bool) -> Re
         match action["error"].as_str() {
             Some(err) => println!("action {id} {status} after {took}: {err}"),
             None => println!("action {id} {status} in {took}"),
+        }
+        if logs {
+            print_logs(&action);
         }
     }
     Ok(if status == "succeeded" {
@@ -184,6 +197,23 @@ pub(crate) fn print_action(a: &Value) {
             line.push_str(&format!("  {err}"));
         }
         println!("{}", line.trim_end());
+    }
+}
+
+/// Prints the `logs` of `v` (an action or a log list), by step and attempt.
+pub(crate) fn print_logs(v: &Value) {
+    let logs = v["logs"].as_array().cloned().unwrap_or_default();
+    if logs.is_empty() {
+        println!("(no step logged anything)");
+    }
+    for log in logs {
+        println!(
+            "--- {} (step {}), attempt {} ---",
+            s(&log["step"]),
+            log["seq"],
+            log["attempt"]
+        );
+        print!("{}", s(&log["log"]));
     }
 }
 

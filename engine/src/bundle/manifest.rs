@@ -153,11 +153,8 @@ impl Manifest {
                 self.format
             ));
         }
-        if self.abi != sdk::ABI_VERSION {
-            return Err(Invalid::Abi {
-                found: self.abi,
-                supported: sdk::ABI_VERSION,
-            });
+        if !(sdk::OLDEST_ABI_VERSION..=sdk::ABI_VERSION).contains(&self.abi) {
+            return Err(Invalid::Abi { found: self.abi });
         }
         if !is_name(&self.name) {
             return bad(format!(
@@ -403,7 +400,7 @@ mod tests {
         let abi = GOOD.replace("abi = 1", "abi = 99");
         assert!(matches!(
             Manifest::parse(&abi),
-            Err(Invalid::Abi { found: 99, .. })
+            Err(Invalid::Abi { found: 99 })
         ));
     }
 

@@ -35,9 +35,11 @@ pub enum Invalid {
     #[error("invalid manifest: {0}")]
     Manifest(String),
     #[error(
-        "the bundle was built for plugin ABI {found}, but this troupe supports ABI {supported}; rebuild it against the current sdk"
+        "the bundle was built for plugin ABI {found}, but this troupe supports ABI {} to {}; rebuild it against the current sdk",
+        sdk::OLDEST_ABI_VERSION,
+        sdk::ABI_VERSION
     )]
-    Abi { found: u32, supported: u32 },
+    Abi { found: u32 },
     #[error(
         "the bundle has no library for this platform ({TARGET}); it has: {found}. Build the plugin for {TARGET} and add it with `troupe bundle build`"
     )]

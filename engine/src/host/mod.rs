@@ -37,6 +37,49 @@ pub(crate) enum CallResult {
     Crashed(String),
 }
 
+/// What a caller gets back: the call's result and what it logged
+/// (`sdk::Context::log`), one line per line, at most
+/// [`protocol::MAX_CALL_LOG`] bytes.
+#[derive(Debug)]
+pub(crate) struct Answer {
+    pub(crate) result: CallResult,
+    pub(crate) log: String,
+}
+
+/// A call sent and not yet answered.
+struct Pending {
+    tx: oneshot::Sender<Answer>,
+    log: Vec<u8>,
+}
+
+impl Pending {
+    fn new(tx: oneshot::Sender<Answer>) -> Pending {
+        Pending {
+            tx,
+            log: Vec::new(),
+        }
+    }
+
+    fn log(&mut self, line: &[u8]) {
+        if self.log.len() + line.len() < protocol::MAX_CALL_LOG {
+            self.log.extend_from_slice(line);
+            self.log.push(b'\n');
+        }
+    }
+
+    fn answer(self, result: CallResult) {
+        answer(self.tx, result, self.log);
+    }
+}
+
+fn answer(tx: oneshot::Sender<Answer>, result: CallResult, log: Vec<u8>) {
+    let log = match String::from_utf8(log) {
+        Ok(log) => log,
+        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    };
+    let _ = tx.send(Answer { result, log });
+}
+
 /// A handle to a running step host. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct StepHost {
@@ -45,7 +88,7 @@ pub(crate) struct StepHost {
 
 struct Inner {
     outbox: Arc<Outbox>,
-    pending: Mutex<HashMap<u64, oneshot::Sender<CallResult>>>,
+    pending: Mutex<HashMap<u64, Pending>>,
     next_id: AtomicU64,
     alive: AtomicBool,
     kill: Notify,
@@ -102,12 +145,8 @@ impl StepHost {
         let exports = match hello {
             Ok(Ok(Some(f))) if f.kind == protocol::HELLO && f.payload.len() >= 4 => {
                 let abi = u32::from_le_bytes(f.payload[..4].try_into().unwrap());
-                if abi != sdk::ABI_VERSION {
-                    return Err(Invalid::Abi {
-                        found: abi,
-                        supported: sdk::ABI_VERSION,
-                    }
-                    .into());
+                if !(sdk::OLDEST_ABI_VERSION..=sdk::ABI_VERSION).contains(&abi) {
+                    return Err(Invalid::Abi { found: abi }.into());
                 }
                 serde_json::from_slice::<Vec<String>>(&f.payload[4..]).map_err(|e| {
                     Invalid::Library(format!("the library listed its steps as invalid JSON: {e}"))
@@ -191,8 +230,13 @@ impl StepHost {
                         Ok(Some(f)) if f.kind == protocol::DONE && f.payload.len() >= 4 => {
                             let status = i32::from_le_bytes(f.payload[..4].try_into().unwrap());
                             let body = f.payload[4..].to_vec();
-                            if let Some(tx) = inner.pending.lock().unwrap().remove(&f.id) {
-                                let _ = tx.send(CallResult::Done { status, body });
+                            if let Some(call) = inner.pending.lock().unwrap().remove(&f.id) {
+                                call.answer(CallResult::Done { status, body });
+                            }
+                        }
+                        Ok(Some(f)) if f.kind == protocol::LOG => {
+                            if let Some(call) = inner.pending.lock().unwrap().get_mut(&f.id) {
+                                call.log(&f.payload);
                             }
                         }
                         Ok(Some(f)) => {
@@ -214,8 +258,8 @@ impl StepHost {
                 if !pending.is_empty() || reason_is_none(&inner) {
                     tracing::warn!(host = %label, pid = inner.pid, in_flight = pending.len(), "{message}");
                 }
-                for (_, tx) in pending {
-                    let _ = tx.send(CallResult::Crashed(message.clone()));
+                for (_, call) in pending {
+                    call.answer(CallResult::Crashed(message.clone()));
                 }
                 inner.exited.notify_waiters();
             });
@@ -237,29 +281,33 @@ impl StepHost {
     }
 
     /// Sends a call; the receiver yields its result (or the host's crash).
-    pub(crate) fn call(
-        &self,
-        function: &str,
-        input: &[u8],
-    ) -> (u64, oneshot::Receiver<CallResult>) {
+    pub(crate) fn call(&self, function: &str, input: &[u8]) -> (u64, oneshot::Receiver<Answer>) {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         if !self.is_alive() {
-            let _ = tx.send(CallResult::Crashed("step host is not running".into()));
+            answer(
+                tx,
+                CallResult::Crashed("step host is not running".into()),
+                Vec::new(),
+            );
             return (id, rx);
         }
         let frame = protocol::call(id, function, input);
         if let Some(message) = protocol::too_large("input", frame.len(), input.len()) {
             let body = message.into_bytes();
             let status = sdk::ffi::STATUS_FATAL;
-            let _ = tx.send(CallResult::Done { status, body });
+            answer(tx, CallResult::Done { status, body }, Vec::new());
             return (id, rx);
         }
-        self.inner.pending.lock().unwrap().insert(id, tx);
+        self.inner
+            .pending
+            .lock()
+            .unwrap()
+            .insert(id, Pending::new(tx));
         if !self.inner.outbox.send(frame)
-            && let Some(tx) = self.inner.pending.lock().unwrap().remove(&id)
+            && let Some(call) = self.inner.pending.lock().unwrap().remove(&id)
         {
-            let _ = tx.send(CallResult::Crashed("step host is not running".into()));
+            call.answer(CallResult::Crashed("step host is not running".into()));
         }
         (id, rx)
     }

@@ -11,6 +11,7 @@
 //! | `HELLO` | host → engine | `abi: u32 LE`, JSON array of exported steps |
 //! | `DONE` | host → engine | `status: i32 LE` (`sdk::ffi::STATUS_*`), output JSON or message |
 //! | `FAILED` | host → engine | a message; the host could not start and exits |
+//! | `LOG` | host → engine | one line of the call's log (`sdk::Context::log`), before its `DONE` |
 
 use std::io::{self, Read, Write};
 
@@ -19,6 +20,11 @@ pub(crate) const CANCEL: u8 = 2;
 pub(crate) const HELLO: u8 = 3;
 pub(crate) const DONE: u8 = 4;
 pub(crate) const FAILED: u8 = 5;
+pub(crate) const LOG: u8 = 6;
+
+/// The most of one call's log a host sends (the rest is cut, saying so),
+/// and the most the engine keeps of one attempt's log.
+pub(crate) const MAX_CALL_LOG: usize = 64 << 10;
 
 /// Frames larger than this are refused as corrupt. Neither side sends one:
 /// a call whose input or output would not fit fails on its own instead (see

@@ -6,14 +6,15 @@
 #![allow(unsafe_code)]
 
 use std::collections::HashMap;
+use std::ffi::c_void;
 use std::io::{BufReader, BufWriter, Write};
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use sdk::ffi::{Buf, Call};
 
-use super::protocol::{self, CALL, CANCEL, DONE, FAILED, HELLO};
+use super::protocol::{self, CALL, CANCEL, DONE, FAILED, HELLO, LOG, MAX_CALL_LOG};
 
 type AbiFn = unsafe extern "C" fn() -> u32;
 type StepsFn = unsafe extern "C" fn() -> Buf;
@@ -66,13 +67,21 @@ impl Plugin {
         }
     }
 
-    fn run(&self, function: &str, input: &[u8], cancel: &AtomicU32) -> (i32, Vec<u8>) {
+    fn run(
+        &self,
+        function: &str,
+        input: &[u8],
+        cancel: &AtomicU32,
+        log: &CallLog,
+    ) -> (i32, Vec<u8>) {
         let call = Call {
             step: function.as_ptr(),
             step_len: function.len(),
             input: input.as_ptr(),
             input_len: input.len(),
             cancel,
+            log: Some(log_line),
+            log_sink: log as *const CallLog as *const c_void,
         };
         let mut out = Buf {
             ptr: std::ptr::null_mut(),
@@ -92,6 +101,56 @@ impl Plugin {
             (status, bytes)
         }
     }
+}
+
+/// The protocol channel to the engine, shared by the calls' threads.
+#[derive(Clone)]
+struct Channel(Arc<Mutex<BufWriter<std::fs::File>>>);
+
+impl Channel {
+    fn send(&self, frame: &[u8]) {
+        let mut out = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        // The engine going away closes the pipe; the read loop ends too.
+        let _ = protocol::write_sync(&mut *out, frame);
+    }
+}
+
+/// One call's log: its lines go to the engine as `LOG` frames, ahead of the
+/// call's `DONE`, up to [`MAX_CALL_LOG`] bytes; past that, one line says so.
+struct CallLog {
+    id: u64,
+    channel: Channel,
+    used: AtomicUsize,
+}
+
+impl CallLog {
+    fn line(&self, line: &[u8]) {
+        let line = line.strip_suffix(b"\n").unwrap_or(line);
+        let before = self.used.fetch_add(line.len() + 1, Ordering::Relaxed);
+        if before + line.len() < MAX_CALL_LOG {
+            self.channel.send(&protocol::encode(LOG, self.id, &[line]));
+        } else if before < MAX_CALL_LOG {
+            let note = format!(
+                "[log cut: the step logged more than {} KiB]",
+                MAX_CALL_LOG >> 10
+            );
+            self.channel
+                .send(&protocol::encode(LOG, self.id, &[note.as_bytes()]));
+        }
+    }
+}
+
+/// The `sdk::ffi::LogFn` the host gives every call.
+unsafe extern "C" fn log_line(sink: *const c_void, line: *const u8, len: usize) {
+    // SAFETY: `sink` is the `CallLog` that `Plugin::run` passed, alive until
+    // the call returns; the library passes a valid line.
+    let (log, line) = unsafe {
+        (
+            &*(sink as *const CallLog),
+            std::slice::from_raw_parts(line, len),
+        )
+    };
+    log.line(line);
 }
 
 /// Runs a step host for the library at `path`, reading calls on stdin and
@@ -118,23 +177,15 @@ pub fn serve(path: &Path) -> i32 {
             return 4;
         }
     };
-    let stdout = Arc::new(Mutex::new(BufWriter::new(channel)));
-    let send = {
-        let stdout = stdout.clone();
-        move |frame: Vec<u8>| {
-            let mut out = stdout.lock().unwrap_or_else(|e| e.into_inner());
-            // The engine going away closes the pipe; the read loop ends too.
-            let _ = protocol::write_sync(&mut *out, &frame);
-        }
-    };
+    let channel = Channel(Arc::new(Mutex::new(BufWriter::new(channel))));
     let plugin = match Plugin::load(path) {
         Ok((plugin, abi, steps)) => {
             let steps = serde_json::to_vec(&steps).unwrap_or_default();
-            send(protocol::encode(HELLO, 0, &[&abi.to_le_bytes(), &steps]));
+            channel.send(&protocol::encode(HELLO, 0, &[&abi.to_le_bytes(), &steps]));
             Arc::new(plugin)
         }
         Err(message) => {
-            send(protocol::encode(FAILED, 0, &[message.as_bytes()]));
+            channel.send(&protocol::encode(FAILED, 0, &[message.as_bytes()]));
             return 2;
         }
     };
@@ -164,10 +215,15 @@ pub fn serve(path: &Path) -> i32 {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(frame.id, flag.clone());
-                let (plugin, in_flight, send) = (plugin.clone(), in_flight.clone(), send.clone());
+                let (plugin, in_flight) = (plugin.clone(), in_flight.clone());
+                let log = CallLog {
+                    id: frame.id,
+                    channel: channel.clone(),
+                    used: AtomicUsize::new(0),
+                };
                 workers.run(Box::new(move || {
                     let (status, body) = match protocol::parse_call(&frame.payload) {
-                        Some((function, input)) => plugin.run(function, input, &flag),
+                        Some((function, input)) => plugin.run(function, input, &flag, &log),
                         None => (sdk::ffi::STATUS_FATAL, b"malformed call frame".to_vec()),
                     };
                     in_flight
@@ -181,7 +237,7 @@ pub fn serve(path: &Path) -> i32 {
                         Some(message) => (sdk::ffi::STATUS_FATAL, message.into_bytes()),
                         None => (status, body),
                     };
-                    send(protocol::encode(
+                    log.channel.send(&protocol::encode(
                         DONE,
                         frame.id,
                         &[&status.to_le_bytes(), &body],
@@ -201,7 +257,7 @@ pub fn serve(path: &Path) -> i32 {
                 eprintln!("step host: ignoring unknown frame kind {other}");
             }
         }
-        let _ = stdout.lock().map(|mut o| o.flush());
+        let _ = channel.0.lock().map(|mut o| o.flush());
     }
 }
 

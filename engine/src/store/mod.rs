@@ -69,6 +69,15 @@ pub(crate) enum Write {
         error: String,
         at: Timestamp,
     },
+    /// What an attempt logged. Stored once per attempt (writing it again
+    /// replaces it); never on its own, always with the attempt's outcome.
+    StepLog {
+        id: ActionId,
+        seq: u32,
+        attempt: u32,
+        log: String,
+        at: Timestamp,
+    },
     /// The step ended without success (failed or cancelled).
     StepEnded {
         id: ActionId,
@@ -382,6 +391,7 @@ impl Write {
             | Write::StepStarted { id, .. }
             | Write::StepSucceeded { id, .. }
             | Write::StepAttemptFailed { id, .. }
+            | Write::StepLog { id, .. }
             | Write::StepEnded { id, .. }
             | Write::Finish { id, .. }
             | Write::RequestCancel { id, .. }
@@ -675,6 +685,14 @@ impl Store {
         Ok(match &self.read {
             Pool::Sqlite(p) => sql::sqlite::action(p, id).await?,
             Pool::MySql(p) => sql::mysql::action(p, id).await?,
+        })
+    }
+
+    /// What action `id`'s steps logged, by step and attempt.
+    pub async fn logs(&self, id: ActionId) -> Result<Vec<crate::model::StepLog>> {
+        Ok(match &self.read {
+            Pool::Sqlite(p) => sql::sqlite::logs(p, id).await?,
+            Pool::MySql(p) => sql::mysql::logs(p, id).await?,
         })
     }
 

@@ -670,6 +670,18 @@ macro_rules! sql_backend {
                             .rows_affected();
                         a + b + bump(tx, *id).await?
                     }
+                    Write::StepLog { id, seq, attempt, log, at } => {
+                        // REPLACE, like an attempt's row: safe to repeat.
+                        sqlx::query("REPLACE INTO step_logs (action_id, seq, attempt, log, logged_at) VALUES (?, ?, ?, ?, ?)")
+                            .bind(id)
+                            .bind(*seq as i64)
+                            .bind(*attempt as i64)
+                            .bind(log)
+                            .bind(at)
+                            .execute(&mut *tx)
+                            .await?
+                            .rows_affected()
+                    }
                     Write::StepEnded { id, seq, status, error, at } => {
                         let a = sqlx::query(
                             "UPDATE action_steps SET status = ?, error = ?, finished_at = ? WHERE action_id = ? AND seq = ?",
@@ -914,6 +926,26 @@ macro_rules! sql_backend {
                 // columns in an on-disk temporary table.
                 action.steps.sort_by_key(|s| s.seq);
                 Ok(Some(action))
+            }
+
+            pub(crate) async fn logs(pool: &$pool, id: ActionId) -> Result<Vec<crate::model::StepLog>, sqlx::Error> {
+                let rows = sqlx::query(
+                    "SELECT seq, attempt, log, logged_at FROM step_logs WHERE action_id = ? ORDER BY seq, attempt",
+                )
+                .bind(id)
+                .fetch_all(pool)
+                .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(crate::model::StepLog {
+                            seq: r.try_get::<i64, _>("seq")? as u32,
+                            step: String::new(),
+                            attempt: r.try_get::<i64, _>("attempt")? as u32,
+                            log: r.try_get("log")?,
+                            logged_at: r.try_get("logged_at")?,
+                        })
+                    })
+                    .collect()
             }
 
             pub(crate) async fn list(pool: &$pool, f: &ActionFilter) -> Result<Vec<Action>, sqlx::Error> {

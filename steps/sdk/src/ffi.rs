@@ -14,6 +14,7 @@
 //! they are caught and reported as [`STATUS_PANIC`] with the panic message.
 #![allow(unsafe_code)]
 
+use std::ffi::c_void;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::AtomicU32;
 
@@ -49,7 +50,15 @@ impl Buf {
     }
 }
 
+/// Receives one line of a call's log: `sink` is [`Call::log_sink`], the line
+/// is UTF-8 without its newline. Safe to call from any thread while the call
+/// runs, never after it returned.
+pub type LogFn = unsafe extern "C" fn(sink: *const c_void, line: *const u8, len: usize);
+
 /// One call of a step. The host owns every pointer for the duration of the call.
+///
+/// Fields are only ever appended, in a new ABI version: a library built for
+/// an older one reads the prefix it knows.
 #[repr(C)]
 pub struct Call {
     pub step: *const u8,
@@ -58,6 +67,24 @@ pub struct Call {
     pub input_len: usize,
     /// Set to non-zero by the host when the call should stop (C: `_Atomic uint32_t`).
     pub cancel: *const AtomicU32,
+    /// ABI 2: where [`Context::log`] lines go, or null to print them on stderr.
+    pub log: Option<LogFn>,
+    /// ABI 2: passed back to `log` with every line.
+    pub log_sink: *const c_void,
+}
+
+/// The host's log callback for one call.
+struct Sink(LogFn, *const c_void);
+
+// SAFETY: the host accepts lines from any thread while the call runs (see
+// `LogFn`), and `Context` does not outlive the call.
+unsafe impl Sync for Sink {}
+
+impl Sink {
+    fn line(&self, line: &str) {
+        // SAFETY: the host keeps the sink valid until the call returns.
+        unsafe { (self.0)(self.1, line.as_ptr(), line.len()) }
+    }
 }
 
 #[doc(hidden)]
@@ -79,7 +106,13 @@ pub unsafe fn call(call: *const Call, out: *mut Buf, dispatch: Dispatch) -> i32 
     let (status, bytes) = match std::str::from_utf8(step) {
         Err(_) => (STATUS_UNKNOWN_STEP, b"step name is not UTF-8".to_vec()),
         Ok(name) => {
-            let cx = Context::new(cancel);
+            let sink = call.log.map(|log| Sink(log, call.log_sink));
+            let log = sink.as_ref().map(|sink| move |line: &str| sink.line(line));
+            let log = log.as_ref().map(|f| f as &(dyn Fn(&str) + Sync));
+            let cx = match log {
+                Some(log) => Context::with_log(cancel, log),
+                None => Context::new(cancel),
+            };
             match catch_unwind(AssertUnwindSafe(|| dispatch(name, &cx, input))) {
                 Ok(None) => (
                     STATUS_UNKNOWN_STEP,

@@ -25,8 +25,16 @@ use serde_json::{Map, Value};
 pub mod ffi;
 
 /// The version of the C ABI described in [`ffi`]. A bundle's manifest names
-/// the ABI it was built for and the engine refuses any other.
-pub const ABI_VERSION: u32 = 1;
+/// the ABI it was built for; the engine loads [`OLDEST_ABI_VERSION`] up to
+/// this one and refuses any other.
+///
+/// - 1: calls with a cancel flag.
+/// - 2: adds [`Context::log`], lines kept in the step's log.
+pub const ABI_VERSION: u32 = 2;
+
+/// The oldest ABI the engine still loads. ABI 2 only appended fields to
+/// [`ffi::Call`], so a library built for ABI 1 reads the calls it gets.
+pub const OLDEST_ABI_VERSION: u32 = 1;
 
 /// What a step receives on every call.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -109,12 +117,41 @@ impl std::error::Error for StepError {}
 /// Per-call context handed to a step by the host.
 pub struct Context<'a> {
     cancel: &'a AtomicU32,
+    log: Option<&'a (dyn Fn(&str) + Sync + 'a)>,
 }
 
 impl<'a> Context<'a> {
-    /// A context whose cancel flag is `flag`; useful to call steps directly in tests.
+    /// A context whose cancel flag is `flag`; useful to call steps directly
+    /// in tests. Its [`log`](Context::log) lines go to stderr.
     pub fn new(flag: &'a AtomicU32) -> Self {
-        Context { cancel: flag }
+        Context {
+            cancel: flag,
+            log: None,
+        }
+    }
+
+    /// A context whose [`log`](Context::log) lines go to `log`, one call
+    /// per line.
+    pub fn with_log(flag: &'a AtomicU32, log: &'a (dyn Fn(&str) + Sync + 'a)) -> Self {
+        Context {
+            cancel: flag,
+            log: Some(log),
+        }
+    }
+
+    /// Adds a line to this call's log, which troupe keeps with the step's
+    /// attempt (`troupe status ID --logs`, `GET /v1/actions/{id}/logs`).
+    ///
+    /// Use this rather than `println!`: a step host runs many calls at once,
+    /// so what a plugin prints cannot be told apart by call and goes to the
+    /// server's log only. A step's log is bounded (64 KiB per attempt; the
+    /// cut is marked) and secrets delivered to the action are masked in it.
+    pub fn log(&self, line: impl fmt::Display) {
+        let line = line.to_string();
+        match self.log {
+            Some(log) => log(&line),
+            None => eprintln!("{line}"),
+        }
     }
 
     /// True once the engine asked this call to stop (timeout or cancel).

@@ -157,7 +157,41 @@ fn version(_cx: &Context<'_>, input: StepInput) -> Result<Value, StepError> {
     }))
 }
 
+#[derive(Deserialize)]
+struct LoggerSettings {
+    lines: usize,
+    #[serde(default)]
+    text: String,
+    /// Fail this many first attempts with a retryable error.
+    #[serde(default)]
+    retryable_times: u32,
+    /// Then sleep this long, ignoring cancellation.
+    #[serde(default)]
+    hang_ms: u64,
+}
+
+/// Logs `lines` lines naming its target and attempt (and one from a helper
+/// thread), then fails, hangs or succeeds as its settings say.
+fn logger(cx: &Context<'_>, input: StepInput<LoggerSettings>) -> Result<Value, StepError> {
+    let s = &input.settings;
+    for i in 0..s.lines {
+        cx.log(format_args!(
+            "{} line {i} (attempt {}){}",
+            input.action.target, input.attempt, s.text
+        ));
+    }
+    std::thread::scope(|scope| {
+        scope.spawn(|| cx.log(format_args!("{} from a helper thread", input.action.target)));
+    });
+    if input.attempt <= s.retryable_times {
+        return Err(StepError::retryable("not yet"));
+    }
+    std::thread::sleep(Duration::from_millis(s.hang_ms));
+    Ok(json!({ "logged": s.lines }))
+}
+
 sdk::export_steps! {
+    "logger" => logger,
     "noop" => noop,
     "echo" => echo,
     "record" => record,

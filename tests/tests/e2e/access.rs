@@ -25,6 +25,7 @@ pub(crate) fn routes() -> Vec<(Method, &'static str, &'static str, Option<Value>
         (Method::GET, "/v1/actions", "read", None),
         (Method::GET, "/v1/actions/1", "read", None),
         (Method::POST, "/v1/actions/1/cancel", "operate", None),
+        (Method::GET, "/v1/actions/1/logs", "read", None),
         (Method::GET, "/v1/kinds", "read", None),
         (Method::GET, "/v1/bundles", "read", None),
         (Method::POST, "/v1/bundles", "admin", None),

@@ -115,7 +115,7 @@ async fn every_bad_bundle_is_refused_and_nothing_is_stored(db: Db) {
     });
     let bad_abi = testkit_manifest(|m| {
         m.replace("version = \"0.1.0\"", "version = \"0.5.0\"")
-            .replace("abi = 1", "abi = 99")
+            .replace("abi = 2", "abi = 99")
     });
 
     let mut cases: Vec<(&str, Vec<u8>, String, &str)> = vec![

@@ -161,7 +161,8 @@ pub(crate) fn sign_with(
         version: version.into(),
         sha256: signing::BundleHash::of(bytes),
         size: bytes.len() as u64,
-        abi: 1,
+        // What the testkit's manifest says.
+        abi: 2,
         signed_at: 1_800_000_000,
     };
     signing::Signature::sign(key, claims).unwrap().to_text()

@@ -16,6 +16,7 @@ mod dbrestart;
 mod drain;
 mod faults;
 mod lease;
+mod logs;
 mod openapi;
 mod recovery;
 mod reload;
