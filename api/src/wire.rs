@@ -68,7 +68,7 @@ pub struct StepView {
     pub name: String,
     /// The bundle step definition it runs.
     pub step: String,
-    /// pending, running, succeeded, failed, skipped or cancelled.
+    /// pending, waiting (for a node), running, succeeded, failed, skipped or cancelled.
     #[schema(value_type = String, example = "succeeded")]
     pub status: &'static str,
     pub attempt: u32,
@@ -78,6 +78,10 @@ pub struct StepView {
     #[schema(value_type = Option<Value>)]
     pub output: Option<Value>,
     pub error: Option<String>,
+    /// While `waiting`: the capabilities no connected node has
+    /// (`hypervisor=kvm, node=hv-17`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
 }
 
 /// What one attempt of a step logged.
@@ -381,6 +385,7 @@ impl StepView {
             finished_at: s.finished_at.as_ref().map(time),
             output: s.output,
             error: s.error,
+            waiting_for: s.waiting_for,
         }
     }
 }

@@ -20,6 +20,7 @@ mod error;
 pub mod failpoints;
 pub mod host;
 pub mod model;
+pub mod placement;
 mod runner;
 pub mod secrets;
 mod step;
@@ -760,7 +761,13 @@ impl Engine {
         // holds the action, so ids, and so start order, follow the order in
         // which they were accepted even when they share a group commit.
         let turn = self.inner.submits.turn(&new.target).await;
-        let reserved = !steps.is_empty() && self.inner.control.reserve(&new.target).await;
+        // (Not when the first step must be placed on a node first.)
+        let placed_first = kind
+            .steps
+            .first()
+            .is_some_and(|u| !u.requires(&bundle.manifest.steps[&u.step]).is_empty());
+        let reserved =
+            !steps.is_empty() && !placed_first && self.inner.control.reserve(&new.target).await;
         let at = crate::model::now();
         let insert = Write::Insert {
             new: new.clone(),

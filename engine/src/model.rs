@@ -64,9 +64,11 @@ status_enum! {
 }
 
 status_enum! {
-    /// Where one step of an action is.
+    /// Where one step of an action is. `waiting`: for a node that has what
+    /// the step requires; the attempt has not started.
     StepStatus {
         Pending = "pending",
+        Waiting = "waiting",
         Running = "running",
         Succeeded = "succeeded",
         Failed = "failed",
@@ -121,6 +123,9 @@ pub struct StepRecord {
     pub finished_at: Option<Timestamp>,
     pub output: Option<Value>,
     pub error: Option<String>,
+    /// While `waiting`: the requirement no connected node meets
+    /// (`hypervisor=kvm`).
+    pub waiting_for: Option<String>,
 }
 
 /// What one attempt of a step logged.

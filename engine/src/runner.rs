@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::agency::{AgencyHandle, LoadedBundle};
 use crate::bundle::template;
 use crate::model::{Action, ActionStatus, StepStatus};
+use crate::placement::Requirement;
 use crate::secrets::{self, LoadError};
 use crate::step::{Attempt, StepResult};
 use crate::store::{Outcome, Store, Write};
@@ -287,9 +288,11 @@ async fn steps(
         let mut attempt = record.map_or(0, |r| r.attempt);
         // Started with the insert, not interrupted: it has not run yet.
         let mut prestarted = begun && seq == 0;
-        // Whether the step is recorded `running`, so that ending the action
-        // must end the step too.
-        let mut open = prestarted || record.is_some_and(|r| r.status == StepStatus::Running);
+        // Whether the step is recorded `running` (or `waiting`), so that
+        // ending the action must end the step too.
+        let mut open = prestarted
+            || record
+                .is_some_and(|r| matches!(r.status, StepStatus::Running | StepStatus::Waiting));
         match record.map(|r| r.status).filter(|_| !prestarted) {
             Some(StepStatus::Succeeded) => {
                 let output = record.and_then(|r| r.output.clone()).unwrap_or(Value::Null);
@@ -324,12 +327,32 @@ async fn steps(
                 return End::Finished(ActionStatus::Failed, Some(error));
             }
         };
+        let requires = step_use.requires(&handle.def);
         let mut failures = 0;
         loop {
             if cancel.is_cancelled() {
                 return cancelled(carry, action, seq, open);
             }
             let started_at;
+            if !requires.is_empty() && !prestarted {
+                let scope = json!({
+                    "action": { "id": id, "kind": action.kind, "target": action.target, "params": action.params },
+                    "target": action.target,
+                    "kind": action.kind,
+                    "params": action.params,
+                    "steps": outputs,
+                    "vars": shared.vars,
+                });
+                let placed = Placing {
+                    shared,
+                    action,
+                    seq,
+                    name,
+                    timeout: handle.def.placement_timeout(),
+                    cancel,
+                };
+                return placed.wait(mirror, carry, &requires, &scope).await;
+            }
             if prestarted {
                 // Its start is durable, so it runs even if the server is stopping.
                 prestarted = false;
@@ -485,6 +508,72 @@ async fn steps(
     End::Finished(ActionStatus::Succeeded, None)
 }
 
+/// Finds where a step that requires capabilities runs.
+struct Placing<'a> {
+    shared: &'a Shared,
+    action: &'a Action,
+    seq: u32,
+    name: &'a str,
+    timeout: Duration,
+    cancel: &'a CancellationToken,
+}
+
+impl Placing<'_> {
+    /// Records the step `waiting` for a node that meets its requirements,
+    /// and waits: until the placement timeout (the action fails naming the
+    /// requirement), a cancel, or the server stopping (paused: a waiting
+    /// step has not run, so it is placed again on the next start,
+    /// idempotent or not).
+    ///
+    /// Remote nodes do not attach to the engine yet, so no node ever
+    /// matches and this always ends the action; once they do, it returns the
+    /// node the step runs on.
+    async fn wait(
+        self,
+        mirror: &mut Action,
+        carry: &mut Vec<Write>,
+        requires: &std::collections::BTreeMap<String, String>,
+        scope: &Value,
+    ) -> End {
+        let (id, seq, name) = (self.action.id, self.seq, self.name);
+        let wants = match Requirement::resolve(requires, scope) {
+            Ok(wants) => wants,
+            Err(e) => {
+                let error = format!("cannot place step {name:?}: {e}");
+                carry.push(step_failed(id, seq, &error));
+                return End::Finished(ActionStatus::Failed, Some(error));
+            }
+        };
+        let waiting = Write::StepWaiting {
+            id,
+            seq,
+            name: name.to_owned(),
+            waiting_for: wants.to_string(),
+        };
+        let starting = matches!(carry.first(), Some(Write::Start { .. }));
+        match commit(self.shared, mirror, with(carry, waiting)).await {
+            Err(halt) => return halt.into(),
+            Ok(o) if starting && o[0] == (Outcome::Done { rows: 0 }) => return End::Gone,
+            Ok(_) => {}
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(self.timeout) => {
+                let error = format!(
+                    "no node with {wants} was connected within {} s; connect a node that has it, or give the step a longer placement_timeout_ms",
+                    self.timeout.as_secs_f64()
+                );
+                carry.push(step_failed(id, seq, &error));
+                End::Finished(
+                    ActionStatus::Failed,
+                    Some(format!("step {name:?} failed: {error}")),
+                )
+            }
+            _ = self.cancel.cancelled() => cancelled(carry, self.action, seq, true),
+            _ = self.shared.stopping.cancelled() => End::Paused,
+        }
+    }
+}
+
 /// The error a cancelled action ends with.
 const CANCELLED: &str = "cancelled on request";
 
@@ -495,12 +584,12 @@ fn cancelled(carry: &mut Vec<Write>, action: &Action, seq: u32, in_step: bool) -
     End::Finished(ActionStatus::Cancelled, Some(CANCELLED.into()))
 }
 
-/// A write ending each step the action has recorded `running`.
+/// A write ending each step the action has recorded `running` or `waiting`.
 fn end_running_steps(action: &Action, end: impl Fn(u32) -> Write) -> Vec<Write> {
     action
         .steps
         .iter()
-        .filter(|s| s.status == StepStatus::Running)
+        .filter(|s| matches!(s.status, StepStatus::Running | StepStatus::Waiting))
         .map(|s| end(s.seq))
         .collect()
 }

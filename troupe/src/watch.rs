@@ -37,6 +37,7 @@ fn mark(status: &str) -> &'static str {
         "succeeded" => "ok  ",
         "failed" => "FAIL",
         "running" => ">>  ",
+        "waiting" => "wait",
         "cancelled" => "stop",
         "skipped" => "skip",
         _ => "    ",
@@ -91,7 +92,7 @@ pub(crate) async fn follow(
                 if key.1 > 1 {
                     line.push_str(&format!(" attempt {}", key.1));
                 }
-                if key.0 != "running" {
+                if !matches!(key.0.as_str(), "running" | "waiting") {
                     line.push_str(&format!(
                         " {}",
                         elapsed(&step["started_at"], &step["finished_at"])
@@ -99,6 +100,9 @@ pub(crate) async fn follow(
                 }
                 if let Some(err) = step["error"].as_str() {
                     line.push_str(&format!("  {err}"));
+                }
+                if let Some(wants) = step["waiting_for"].as_str() {
+                    line.push_str(&format!("  for a node with {wants}"));
                 }
                 println!("{}", line.trim_end());
                 seen.insert(seq, key);
@@ -195,6 +199,9 @@ pub(crate) fn print_action(a: &Value) {
         }
         if let Some(err) = step["error"].as_str() {
             line.push_str(&format!("  {err}"));
+        }
+        if let Some(wants) = step["waiting_for"].as_str() {
+            line.push_str(&format!("  for a node with {wants}"));
         }
         println!("{}", line.trim_end());
     }

@@ -42,6 +42,20 @@ pub struct StepDef {
     pub idempotent: bool,
     #[serde(default)]
     pub retry: Retry,
+    /// Capabilities a node must have to run this step: `name = "value"`
+    /// (exactly that value) or `name = "*"` (any value). Empty: the step
+    /// runs on the app server's own step hosts. A kind's use of the step
+    /// can add to these (and take values from the action).
+    #[serde(default)]
+    pub requires: BTreeMap<String, String>,
+    /// How long a step that requires capabilities waits for a matching node
+    /// before it fails.
+    #[serde(default = "default_placement_timeout")]
+    pub placement_timeout_ms: u64,
+}
+
+fn default_placement_timeout() -> u64 {
+    300_000
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -116,6 +130,11 @@ pub struct StepUse {
     /// Settings handed to the step, with `{{…}}` templates.
     #[serde(default = "empty_object", rename = "with")]
     pub settings: Value,
+    /// Capabilities a node must have to run this use of the step, over the
+    /// step's own `requires`; values may be templates
+    /// (`node = "{{params.hypervisor}}"`).
+    #[serde(default)]
+    pub requires: BTreeMap<String, String>,
 }
 
 fn empty_object() -> Value {
@@ -130,11 +149,23 @@ impl StepDef {
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms)
     }
+
+    pub fn placement_timeout(&self) -> Duration {
+        Duration::from_millis(self.placement_timeout_ms)
+    }
 }
 
 impl StepUse {
     pub fn name(&self) -> &str {
         self.name.as_deref().unwrap_or(&self.step)
+    }
+
+    /// What a node must have to run this use of `def`: the step's
+    /// requirements with this use's over them (templates unresolved).
+    pub fn requires(&self, def: &StepDef) -> BTreeMap<String, String> {
+        let mut all = def.requires.clone();
+        all.extend(self.requires.clone());
+        all
     }
 }
 
@@ -180,6 +211,15 @@ impl Manifest {
                     "step {name:?}: retry.attempts counts the first attempt and must be at least 1"
                 ));
             }
+            for (capability, value) in &def.requires {
+                check_requirement(capability, value, false)
+                    .map_err(|e| Invalid::Manifest(format!("step {name:?}: {e}")))?;
+            }
+            if def.placement_timeout_ms == 0 {
+                return bad(format!(
+                    "step {name:?}: placement_timeout_ms must be above 0"
+                ));
+            }
         }
         for (kind, def) in &self.kinds {
             if !is_name(kind) {
@@ -217,6 +257,15 @@ impl Manifest {
                 check_templates(kind, def, u, &seen).map_err(|e| {
                     Invalid::Manifest(format!("kind {kind:?}, step {:?}: {e}", u.name()))
                 })?;
+                for (capability, value) in &u.requires {
+                    check_requirement(capability, value, true)
+                        .and_then(|()| {
+                            check_paths(kind, def, u, &seen, &Value::from(value.as_str()))
+                        })
+                        .map_err(|e| {
+                            Invalid::Manifest(format!("kind {kind:?}, step {:?}: {e}", u.name()))
+                        })?;
+                }
             }
         }
         Ok(())
@@ -241,6 +290,34 @@ impl Manifest {
     }
 }
 
+/// A requirement `capability = value`: a capability name, and a value that
+/// is a literal, `*` (any value), or — in a kind, where there is an action
+/// to take it from — a template.
+fn check_requirement(capability: &str, value: &str, templates: bool) -> Result<(), String> {
+    if !crate::placement::is_capability_name(capability) {
+        return Err(format!(
+            "requires: {capability:?} is not a capability name (letters, digits, '_', '-', '.'; at most 64)"
+        ));
+    }
+    if value.is_empty() {
+        return Err(format!(
+            "requires: {capability} = \"\" matches nothing; give a value, or \"*\" for any"
+        ));
+    }
+    if value.contains("{{") && !templates {
+        return Err(format!(
+            "requires: {capability} = {value:?}: a step's own requirements are fixed; take values from the action in the kind that uses it (`requires` on the step use)"
+        ));
+    }
+    let paths = super::template::paths(&Value::from(value))?;
+    if let Some(path) = paths.iter().find(|p| p.starts_with("secrets.")) {
+        return Err(format!(
+            "requires: {capability} = {value:?}: placement may not use {{{{{path}}}}}; requirements are shown to operators"
+        ));
+    }
+    Ok(())
+}
+
 /// What a step use's templates may name: the action's target, kind and id,
 /// declared params, outputs of earlier steps, and deployment variables. A
 /// `shell` setting is run by `sh -c`, so it may hold no request data at all:
@@ -251,7 +328,33 @@ fn check_templates(
     u: &StepUse,
     earlier: &BTreeSet<&str>,
 ) -> Result<(), String> {
-    for path in super::template::paths(&u.settings)? {
+    check_paths(kind, def, u, earlier, &u.settings)?;
+    if let Some(shell) = u.settings.get("shell") {
+        let Some(text) = shell.as_str() else {
+            return Err("`shell` must be a string".into());
+        };
+        if let Some(path) = super::template::paths(shell)?
+            .into_iter()
+            .find(|p| !p.starts_with("vars."))
+        {
+            return Err(format!(
+                "`shell` may not contain {{{{{path}}}}}: a shell command line must not be built from request data \
+                 ({text:?}). Pass the value as its own `argv` element or as an `env` variable the script reads (\"$NAME\")"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks that every template in `value` names something the step use can see.
+fn check_paths(
+    kind: &str,
+    def: &KindDef,
+    u: &StepUse,
+    earlier: &BTreeSet<&str>,
+    value: &Value,
+) -> Result<(), String> {
+    for path in super::template::paths(value)? {
         let mut parts = path.split('.');
         let root = parts.next().unwrap_or_default();
         let next = parts.next();
@@ -276,19 +379,6 @@ fn check_templates(
                     "the template {{{{{path}}}}} names nothing; use target, kind, action.id, params.NAME, steps.NAME…, vars.NAME or secrets.NAME"
                 ));
             }
-        }
-    }
-    if let Some(shell) = u.settings.get("shell") {
-        let Some(text) = shell.as_str() else {
-            return Err("`shell` must be a string".into());
-        };
-        if let Some(path) = super::template::paths(shell)?
-            .into_iter()
-            .find(|p| !p.starts_with("vars."))
-        {
-            return Err(format!(
-                "`shell` may not contain {{{{{path}}}}}: a shell command line must not be built from request data                  ({text:?}). Pass the value as its own `argv` element or as an `env` variable the script reads (\"$NAME\")"
-            ));
         }
     }
     Ok(())
@@ -387,6 +477,62 @@ mod tests {
         assert_eq!(k.steps[1].name(), "again");
         assert_eq!(m.steps["a"].retry.attempts, 1);
         assert_eq!(m.functions().into_iter().collect::<Vec<_>>(), ["a"]);
+    }
+
+    #[test]
+    fn requirements_merge_and_are_checked() {
+        let placed = GOOD
+            .replace(
+                "timeout_ms = 10\n",
+                "timeout_ms = 10\n        requires = { hypervisor = \"kvm\", gpu = \"*\" }\n",
+            )
+            .replace(
+                "[kinds.k]",
+                "[kinds.k]\n        params.hv = { type = \"string\" }",
+            )
+            .replace(
+                "{ step = \"a\" }",
+                "{ step = \"a\", requires = { node = \"{{params.hv}}\", gpu = \"a100\" } }",
+            );
+        let m = Manifest::parse(&placed).unwrap();
+        let def = &m.steps["a"];
+        assert_eq!(def.placement_timeout_ms, 300_000);
+        let merged = m.kinds["k"].steps[0].requires(def);
+        assert_eq!(
+            format!("{merged:?}"),
+            r#"{"gpu": "a100", "hypervisor": "kvm", "node": "{{params.hv}}"}"#
+        );
+        assert_eq!(m.kinds["k"].steps[1].requires(def).len(), 2);
+
+        let refused = |from: &str, to: &str, why: &str| {
+            let text = placed.replace(from, to);
+            match Manifest::parse(&text) {
+                Err(Invalid::Manifest(m)) => assert!(m.contains(why), "{m}"),
+                other => panic!("{to}: {other:?}"),
+            }
+        };
+        refused(
+            "hypervisor = \"kvm\"",
+            "hypervisor = \"{{params.hv}}\"",
+            "are fixed",
+        );
+        refused(
+            "hypervisor = \"kvm\"",
+            "\"has space\" = \"kvm\"",
+            "not a capability name",
+        );
+        refused("gpu = \"*\"", "gpu = \"\"", "matches nothing");
+        refused("{{params.hv}}", "{{params.nope}}", "does not declare");
+        refused(
+            "{{params.hv}}",
+            "{{secrets.bmc}}",
+            "may not use {{secrets.bmc}}",
+        );
+        refused(
+            "requires = { hypervisor",
+            "placement_timeout_ms = 0\n        requires = { hypervisor",
+            "placement_timeout_ms",
+        );
     }
 
     #[test]

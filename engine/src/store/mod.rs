@@ -69,6 +69,14 @@ pub(crate) enum Write {
         error: String,
         at: Timestamp,
     },
+    /// No node meets what the step requires (`waiting_for`): it waits,
+    /// without an attempt started.
+    StepWaiting {
+        id: ActionId,
+        seq: u32,
+        name: String,
+        waiting_for: String,
+    },
     /// What an attempt logged. Stored once per attempt (writing it again
     /// replaces it); never on its own, always with the attempt's outcome.
     StepLog {
@@ -265,9 +273,25 @@ impl Write {
                     s.attempt = *attempt;
                     s.started_at = Some(*at);
                     s.finished_at = None;
+                    s.waiting_for = None;
                 }
                 action.current_step = Some(name.clone());
                 action.revision += 1;
+            }
+            Write::StepWaiting {
+                seq,
+                name,
+                waiting_for,
+                ..
+            } => {
+                if let Some(s) = step(action, *seq) {
+                    s.status = StepStatus::Waiting;
+                    s.waiting_for = Some(waiting_for.clone());
+                }
+                if action.status == ActionStatus::Running {
+                    action.current_step = Some(name.clone());
+                    action.revision += 1;
+                }
             }
             Write::StepSucceeded {
                 seq, output, at, ..
@@ -299,6 +323,7 @@ impl Write {
                     s.status = *status;
                     s.error = Some(error.clone());
                     s.finished_at = Some(*at);
+                    s.waiting_for = None;
                 }
             }
             Write::Finish {
@@ -375,6 +400,7 @@ impl Write {
                             StepStatus::Pending
                         },
                         attempt: u32::from(first),
+                        waiting_for: None,
                         started_at: first.then_some(*at),
                         finished_at: None,
                         output: None,
@@ -392,6 +418,7 @@ impl Write {
             | Write::StepSucceeded { id, .. }
             | Write::StepAttemptFailed { id, .. }
             | Write::StepLog { id, .. }
+            | Write::StepWaiting { id, .. }
             | Write::StepEnded { id, .. }
             | Write::Finish { id, .. }
             | Write::RequestCancel { id, .. }
@@ -423,9 +450,10 @@ fn end(action: &mut Action, status: ActionStatus, error: Option<String>, at: Tim
         for s in action
             .steps
             .iter_mut()
-            .filter(|s| s.status == StepStatus::Pending)
+            .filter(|s| matches!(s.status, StepStatus::Pending | StepStatus::Waiting))
         {
             s.status = StepStatus::Skipped;
+            s.waiting_for = None;
         }
     }
 }

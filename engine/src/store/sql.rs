@@ -168,7 +168,7 @@ const STEP_SUCCEEDED: CaseUpdate = CaseUpdate {
 const STEP_STARTED: CaseUpdate = CaseUpdate {
     table: "action_steps",
     key: "action_id",
-    set: "status = 'running', finished_at = NULL",
+    set: "status = 'running', finished_at = NULL, waiting_for = NULL",
     columns: &[("attempt", "{}"), ("started_at", "{}")],
     matching: Some("seq"),
     cond: Some(
@@ -305,8 +305,8 @@ fn step_chunks<T>(items: &[T]) -> Vec<&[T]> {
 }
 
 /// Where a row holds a step's columns: `seq, name, step, status, attempt,
-/// started_at, finished_at, output, error`.
-type StepColumns = [&'static str; 9];
+/// started_at, finished_at, output, error, waiting_for`.
+type StepColumns = [&'static str; 10];
 
 const STEP_COLUMNS: StepColumns = [
     "seq",
@@ -318,6 +318,7 @@ const STEP_COLUMNS: StepColumns = [
     "finished_at",
     "output",
     "error",
+    "waiting_for",
 ];
 
 /// The same, as aliased when joined with `actions`.
@@ -331,6 +332,7 @@ const JOINED_STEP_COLUMNS: StepColumns = [
     "s_finished_at",
     "s_output",
     "s_error",
+    "s_waiting_for",
 ];
 
 /// A failed [`sqlite::apply`] or [`mysql::apply`].
@@ -670,6 +672,26 @@ macro_rules! sql_backend {
                             .rows_affected();
                         a + b + bump(tx, *id).await?
                     }
+                    Write::StepWaiting { id, seq, name, waiting_for } => {
+                        let a = sqlx::query(
+                            "UPDATE action_steps SET status = 'waiting', waiting_for = ? WHERE action_id = ? AND seq = ?",
+                        )
+                        .bind(waiting_for)
+                        .bind(id)
+                        .bind(*seq as i64)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                        let b = sqlx::query(
+                            "UPDATE actions SET current_step = ?, revision = revision + 1 WHERE id = ? AND status = 'running'",
+                        )
+                        .bind(name)
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                        a + b
+                    }
                     Write::StepLog { id, seq, attempt, log, at } => {
                         // REPLACE, like an attempt's row: safe to repeat.
                         sqlx::query("REPLACE INTO step_logs (action_id, seq, attempt, log, logged_at) VALUES (?, ?, ?, ?, ?)")
@@ -684,7 +706,7 @@ macro_rules! sql_backend {
                     }
                     Write::StepEnded { id, seq, status, error, at } => {
                         let a = sqlx::query(
-                            "UPDATE action_steps SET status = ?, error = ?, finished_at = ? WHERE action_id = ? AND seq = ?",
+                            "UPDATE action_steps SET status = ?, error = ?, finished_at = ?, waiting_for = NULL WHERE action_id = ? AND seq = ?",
                         )
                         .bind(status.as_str())
                         .bind(error)
@@ -846,8 +868,12 @@ macro_rules! sql_backend {
                     .rows_affected())
             }
 
+            /// Steps that never ran (pending, or waiting for a node) are skipped.
             async fn skip_pending(tx: &mut $conn, id: ActionId) -> Result<u64, sqlx::Error> {
-                Ok(sqlx::query("UPDATE action_steps SET status = 'skipped' WHERE action_id = ? AND status = 'pending'")
+                Ok(sqlx::query(
+                    "UPDATE action_steps SET status = 'skipped', waiting_for = NULL \
+                     WHERE action_id = ? AND status IN ('pending', 'waiting')",
+                )
                     .bind(id)
                     .execute(&mut *tx)
                     .await?
@@ -878,7 +904,7 @@ macro_rules! sql_backend {
 
             /// A step from `row`, whose columns are named as in `cols`.
             fn step_row(row: &DbRow, cols: &StepColumns) -> Result<StepRecord, sqlx::Error> {
-                let [seq, name, step, status, attempt, started_at, finished_at, output, error] = cols;
+                let [seq, name, step, status, attempt, started_at, finished_at, output, error, waiting_for] = cols;
                 let output: Option<String> = row.try_get(*output)?;
                 Ok(StepRecord {
                     seq: row.try_get::<i64, _>(*seq)? as u32,
@@ -890,12 +916,13 @@ macro_rules! sql_backend {
                     finished_at: row.try_get(*finished_at)?,
                     output: output.map(|o| serde_json::from_str(&o).unwrap_or(Value::String(o))),
                     error: row.try_get(*error)?,
+                    waiting_for: row.try_get(*waiting_for)?,
                 })
             }
 
             async fn with_steps(pool: &$pool, mut action: Action) -> Result<Action, sqlx::Error> {
                 let rows = sqlx::query(
-                    "SELECT seq, name, step, status, attempt, started_at, finished_at, output, error \
+                    "SELECT seq, name, step, status, attempt, started_at, finished_at, output, error, waiting_for \
                      FROM action_steps WHERE action_id = ? ORDER BY seq",
                 )
                 .bind(action.id)
@@ -910,7 +937,8 @@ macro_rules! sql_backend {
                 const Q: &str = "SELECT a.id, a.kind, a.target, a.params, a.status, a.bundle, a.current_step, a.error, \
                      a.idempotency_key, a.submitted_by, a.owner, a.revision, a.created_at, a.started_at, a.finished_at, \
                      a.cancel_requested_at, s.seq AS s_seq, s.name AS s_name, s.step AS s_step, s.status AS s_status, s.attempt AS s_attempt, \
-                     s.started_at AS s_started_at, s.finished_at AS s_finished_at, s.output AS s_output, s.error AS s_error \
+                     s.started_at AS s_started_at, s.finished_at AS s_finished_at, s.output AS s_output, s.error AS s_error, \
+                     s.waiting_for AS s_waiting_for \
                      FROM actions a LEFT JOIN action_steps s ON s.action_id = a.id WHERE a.id = ?";
                 let rows = sqlx::query(Q).bind(id).fetch_all(pool).await?;
                 let Some(first) = rows.first() else {

@@ -92,7 +92,26 @@ fn batch(a: ActionId, b: ActionId, c: ActionId, d: ActionId) -> Vec<Write> {
         step_started(a, 1, 6),
         insert("t-plain", None, false),
         start(d, 7),
+        Write::StepWaiting {
+            id: d,
+            seq: 0,
+            name: "s0".into(),
+            waiting_for: "gpu=*".into(),
+        },
+        Write::StepWaiting {
+            id: c,
+            seq: 2,
+            name: "s2".into(),
+            waiting_for: "node=hv-1".into(),
+        },
         step_started(d, 0, 7),
+        Write::StepLog {
+            id: d,
+            seq: 0,
+            attempt: 1,
+            log: "one\n".into(),
+            at: at(7),
+        },
         Write::StepEnded {
             id: d,
             seq: 0,
@@ -342,6 +361,16 @@ async fn repeats_are_harmless_and_refusals_told_apart(store: Store, refuses_long
     };
     store.write(vec![attempt(1, "one".into())]).await.unwrap();
     store.write(vec![attempt(1, "one".into())]).await.unwrap();
+    let log = || Write::StepLog {
+        id,
+        seq: 0,
+        attempt: 1,
+        log: "a line\n".into(),
+        at: at(1),
+    };
+    store.write(vec![log()]).await.unwrap();
+    store.write(vec![log()]).await.unwrap();
+    assert_eq!(store.logs(id).await.unwrap().len(), 1);
     if !refuses_long_text {
         return;
     }

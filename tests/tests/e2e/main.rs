@@ -18,6 +18,7 @@ mod faults;
 mod lease;
 mod logs;
 mod openapi;
+mod placement;
 mod recovery;
 mod reload;
 mod tidy;
