@@ -82,6 +82,9 @@ pub struct StepView {
     /// (`hypervisor=kvm, node=hv-17`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waiting_for: Option<String>,
+    /// The remote node its latest attempt ran on; absent: the app server.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// What one attempt of a step logged.
@@ -386,6 +389,7 @@ impl StepView {
             output: s.output,
             error: s.error,
             waiting_for: s.waiting_for,
+            node: s.node,
         }
     }
 }

@@ -20,6 +20,7 @@ mod error;
 pub mod failpoints;
 pub mod host;
 pub mod model;
+pub mod nodes;
 pub mod placement;
 mod runner;
 pub mod secrets;
@@ -184,6 +185,7 @@ impl Engine {
             stopping: CancellationToken::new(),
             closed: CancellationToken::new(),
             secrets_key: config.secrets_key.clone(),
+            nodes: nodes::Nodes::default(),
             vars: config
                 .vars
                 .iter()
@@ -275,6 +277,11 @@ impl Engine {
                 }
             }
         });
+    }
+
+    /// The connected remote nodes: the transport attaches them here.
+    pub fn nodes(&self) -> &nodes::Nodes {
+        &self.inner.shared.nodes
     }
 
     pub fn store(&self) -> &Store {

@@ -126,6 +126,8 @@ pub struct StepRecord {
     /// While `waiting`: the requirement no connected node meets
     /// (`hypervisor=kvm`).
     pub waiting_for: Option<String>,
+    /// The remote node its latest attempt ran on; `None`: the app server.
+    pub node: Option<String>,
 }
 
 /// What one attempt of a step logged.

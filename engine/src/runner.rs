@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::agency::{AgencyHandle, LoadedBundle};
 use crate::bundle::template;
 use crate::model::{Action, ActionStatus, StepStatus};
+use crate::nodes::{CallKey, Placed};
 use crate::placement::Requirement;
 use crate::secrets::{self, LoadError};
 use crate::step::{Attempt, StepResult};
@@ -29,6 +30,8 @@ pub(crate) struct Shared {
     /// Deployment variables, for `{{vars.NAME}}`.
     pub(crate) vars: serde_json::Map<String, serde_json::Value>,
     pub(crate) secrets_key: crate::secrets::SecretsKey,
+    /// Connected remote nodes, for steps that require capabilities.
+    pub(crate) nodes: crate::nodes::Nodes,
 }
 
 impl Shared {
@@ -334,6 +337,7 @@ async fn steps(
                 return cancelled(carry, action, seq, open);
             }
             let started_at;
+            let mut placed = None;
             if !requires.is_empty() && !prestarted {
                 let scope = json!({
                     "action": { "id": id, "kind": action.kind, "target": action.target, "params": action.params },
@@ -343,7 +347,7 @@ async fn steps(
                     "steps": outputs,
                     "vars": shared.vars,
                 });
-                let placed = Placing {
+                let placing = Placing {
                     shared,
                     action,
                     seq,
@@ -351,7 +355,10 @@ async fn steps(
                     timeout: handle.def.placement_timeout(),
                     cancel,
                 };
-                return placed.wait(mirror, carry, &requires, &scope).await;
+                match placing.wait(mirror, carry, &requires, &scope).await {
+                    Ok(node) => placed = Some(node),
+                    Err(end) => return end,
+                }
             }
             if prestarted {
                 // Its start is durable, so it runs even if the server is stopping.
@@ -372,6 +379,13 @@ async fn steps(
                     attempt,
                     at: started_at,
                 };
+                if let Some(node) = &placed {
+                    carry.push(Write::StepPlaced {
+                        id,
+                        seq,
+                        node: node.name.clone(),
+                    });
+                }
                 let starting = matches!(carry.first(), Some(Write::Start { .. }));
                 match commit(shared, mirror, with(carry, start)).await {
                     Err(halt) => return halt.into(),
@@ -415,12 +429,18 @@ async fn steps(
                             "hash": bundle.hash.to_string(),
                         },
                     });
-                    handle
-                        .run(
-                            serde_json::to_vec(&input).expect("JSON serializes"),
-                            cancel.child_token(),
-                        )
-                        .await
+                    let input = serde_json::to_vec(&input).expect("JSON serializes");
+                    match &placed {
+                        None => handle.run(input, cancel.child_token()).await,
+                        Some(node) => {
+                            let key = CallKey {
+                                action: id,
+                                seq,
+                                attempt,
+                            };
+                            handle.run_on(node, key, input, cancel.child_token()).await
+                        }
+                    }
                 }
                 (Ok(_), Err(e)) => StepResult::Fatal(format!("invalid settings: {e}")).into(),
             };
@@ -480,6 +500,7 @@ async fn steps(
                     seq,
                     attempt,
                     started_at,
+                    node: placed.as_ref().map(|n| n.name.clone()),
                     error,
                     at: crate::model::now(),
                 };
@@ -519,57 +540,70 @@ struct Placing<'a> {
 }
 
 impl Placing<'_> {
-    /// Records the step `waiting` for a node that meets its requirements,
-    /// and waits: until the placement timeout (the action fails naming the
-    /// requirement), a cancel, or the server stopping (paused: a waiting
-    /// step has not run, so it is placed again on the next start,
-    /// idempotent or not).
-    ///
-    /// Remote nodes do not attach to the engine yet, so no node ever
-    /// matches and this always ends the action; once they do, it returns the
-    /// node the step runs on.
+    /// Finds a connected node that meets the step's requirements and
+    /// returns it, counted busy until dropped. While there is none, the
+    /// step is recorded `waiting` and waits for the nodes to change: until
+    /// the placement timeout (the action fails naming the requirement), a
+    /// cancel, or the server stopping (paused: a waiting step has not run,
+    /// so it is placed again on the next start, idempotent or not).
     async fn wait(
         self,
         mirror: &mut Action,
         carry: &mut Vec<Write>,
         requires: &std::collections::BTreeMap<String, String>,
         scope: &Value,
-    ) -> End {
+    ) -> Result<Placed, End> {
         let (id, seq, name) = (self.action.id, self.seq, self.name);
         let wants = match Requirement::resolve(requires, scope) {
             Ok(wants) => wants,
             Err(e) => {
                 let error = format!("cannot place step {name:?}: {e}");
                 carry.push(step_failed(id, seq, &error));
-                return End::Finished(ActionStatus::Failed, Some(error));
+                return Err(End::Finished(ActionStatus::Failed, Some(error)));
             }
         };
-        let waiting = Write::StepWaiting {
-            id,
-            seq,
-            name: name.to_owned(),
-            waiting_for: wants.to_string(),
-        };
-        let starting = matches!(carry.first(), Some(Write::Start { .. }));
-        match commit(self.shared, mirror, with(carry, waiting)).await {
-            Err(halt) => return halt.into(),
-            Ok(o) if starting && o[0] == (Outcome::Done { rows: 0 }) => return End::Gone,
-            Ok(_) => {}
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(self.timeout) => {
-                let error = format!(
-                    "no node with {wants} was connected within {} s; connect a node that has it, or give the step a longer placement_timeout_ms",
-                    self.timeout.as_secs_f64()
-                );
-                carry.push(step_failed(id, seq, &error));
-                End::Finished(
-                    ActionStatus::Failed,
-                    Some(format!("step {name:?} failed: {error}")),
-                )
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut changed = self.shared.nodes.changed();
+        let mut recorded = false;
+        loop {
+            changed.borrow_and_update();
+            if let Some(node) = self.shared.nodes.place(&wants) {
+                return Ok(node);
             }
-            _ = self.cancel.cancelled() => cancelled(carry, self.action, seq, true),
-            _ = self.shared.stopping.cancelled() => End::Paused,
+            if !recorded {
+                recorded = true;
+                let waiting = Write::StepWaiting {
+                    id,
+                    seq,
+                    name: name.to_owned(),
+                    waiting_for: wants.to_string(),
+                };
+                let starting = matches!(carry.first(), Some(Write::Start { .. }));
+                match commit(self.shared, mirror, with(carry, waiting)).await {
+                    Err(halt) => return Err(halt.into()),
+                    Ok(o) if starting && o[0] == (Outcome::Done { rows: 0 }) => {
+                        return Err(End::Gone);
+                    }
+                    // A node may have come while that committed: look again.
+                    Ok(_) => continue,
+                }
+            }
+            tokio::select! {
+                _ = changed.changed() => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    let error = format!(
+                        "no node with {wants} was connected within {} s; connect a node that has it, or give the step a longer placement_timeout_ms",
+                        self.timeout.as_secs_f64()
+                    );
+                    carry.push(step_failed(id, seq, &error));
+                    return Err(End::Finished(
+                        ActionStatus::Failed,
+                        Some(format!("step {name:?} failed: {error}")),
+                    ));
+                }
+                _ = self.cancel.cancelled() => return Err(cancelled(carry, self.action, seq, true)),
+                _ = self.shared.stopping.cancelled() => return Err(End::Paused),
+            }
         }
     }
 }

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::agency::AgencyHandle;
 use crate::bundle::manifest::StepDef;
 use crate::host::{Answer, CallResult, StepHost};
+use crate::nodes::{CallKey, Placed, RemoteCall};
 
 /// How one attempt of a step ended.
 #[derive(Debug)]
@@ -96,13 +97,34 @@ impl StepHandle {
             Err(e) => return StepResult::Fatal(format!("cannot start a step host: {e}")).into(),
         };
         let call = Call {
-            host,
+            on: On::Host(host),
             name: &self.inner.name,
-            function: &self.inner.function,
             timeout: self.def.timeout(),
             grace: self.inner.grace,
         };
-        call.execute(input, cancel).await
+        call.execute(&self.inner.function, input, cancel).await
+    }
+
+    /// Runs one attempt on a remote node, under the same timeout, cancel
+    /// and grace rules as on a local host (the node enforces the kill).
+    pub(crate) async fn run_on(
+        &self,
+        node: &Placed,
+        key: CallKey,
+        input: Vec<u8>,
+        cancel: CancellationToken,
+    ) -> Attempt {
+        let call = Call {
+            on: On::Node {
+                node,
+                key,
+                bundle: self.inner.bundle,
+            },
+            name: &self.inner.name,
+            timeout: self.def.timeout(),
+            grace: self.inner.grace,
+        };
+        call.execute(&self.inner.function, input, cancel).await
     }
 
     /// The step's host, or a fresh one from the Agency if it died.
@@ -117,24 +139,50 @@ impl StepHandle {
     }
 }
 
+/// Where one attempt runs: the step's local host or a remote node. The
+/// timeout, cancel and grace rules below are the same for both.
+enum On<'a> {
+    Host(StepHost),
+    Node {
+        node: &'a Placed,
+        key: CallKey,
+        bundle: signing::BundleHash,
+    },
+}
+
 struct Call<'a> {
-    host: StepHost,
+    on: On<'a>,
     name: &'a str,
-    function: &'a str,
     timeout: Duration,
     grace: Duration,
 }
 
 impl Call<'_> {
-    async fn execute(self, input: Vec<u8>, cancel: CancellationToken) -> Attempt {
-        let (id, rx) = self.host.call(self.function, &input);
+    async fn execute(self, function: &str, input: Vec<u8>, cancel: CancellationToken) -> Attempt {
+        let (id, rx) = match &self.on {
+            On::Host(host) => host.call(function, &input),
+            On::Node { node, key, bundle } => {
+                let rx = node.link.call(RemoteCall {
+                    key: *key,
+                    bundle: *bundle,
+                    function: function.to_owned(),
+                    input,
+                    timeout: self.timeout,
+                    grace: self.grace,
+                });
+                (0, rx)
+            }
+        };
         tokio::pin!(rx);
         let timed_out = tokio::select! {
             r = &mut rx => return outcome(r.ok()),
             _ = tokio::time::sleep(self.timeout) => true,
             _ = cancel.cancelled() => false,
         };
-        self.host.cancel(id);
+        match &self.on {
+            On::Host(host) => host.cancel(id),
+            On::Node { node, key, .. } => node.link.cancel(*key),
+        }
         let why = if timed_out {
             format!(
                 "step {:?} timed out after {} ms",
@@ -159,8 +207,16 @@ impl Call<'_> {
             r = &mut rx => stopped(outcome(r.ok())),
             _ = tokio::time::sleep(self.grace) => {
                 let reason = format!("{why} and did not stop within {} ms", self.grace.as_millis());
-                tracing::warn!(step = self.name, pid = self.host.pid(), "{reason}; killing its step host");
-                self.host.kill(reason.clone());
+                match &self.on {
+                    On::Host(host) => {
+                        tracing::warn!(step = self.name, pid = host.pid(), "{reason}; killing its step host");
+                        host.kill(reason.clone());
+                    }
+                    // The node kills its own step host after the grace.
+                    On::Node { node, key, .. } => {
+                        tracing::warn!(step = self.name, node = %node.name, call = %key, "{reason}");
+                    }
+                }
                 // The host's end answers the call, with what it logged.
                 let log = tokio::time::timeout(KILLED_ANSWER, rx).await;
                 let log = log.ok().and_then(|r| r.ok()).map(|a| a.log).unwrap_or_default();

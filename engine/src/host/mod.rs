@@ -28,9 +28,9 @@ pub struct HostCommand {
     pub args: Vec<OsString>,
 }
 
-/// The outcome of one call, as the host reported it.
+/// The outcome of one call, as the host (or node) reported it.
 #[derive(Debug)]
-pub(crate) enum CallResult {
+pub enum CallResult {
     /// `status` is one of `sdk::ffi::STATUS_*`.
     Done { status: i32, body: Vec<u8> },
     /// The host died before answering.
@@ -41,9 +41,9 @@ pub(crate) enum CallResult {
 /// (`sdk::Context::log`), one line per line, at most
 /// [`protocol::MAX_CALL_LOG`] bytes.
 #[derive(Debug)]
-pub(crate) struct Answer {
-    pub(crate) result: CallResult,
-    pub(crate) log: String,
+pub struct Answer {
+    pub result: CallResult,
+    pub log: String,
 }
 
 /// A call sent and not yet answered.

@@ -66,8 +66,17 @@ pub(crate) enum Write {
         seq: u32,
         attempt: u32,
         started_at: Timestamp,
+        /// The remote node it ran on; `None`: the app server.
+        node: Option<String>,
         error: String,
         at: Timestamp,
+    },
+    /// The next attempt runs on remote node `node` (committed with its
+    /// `StepStarted`).
+    StepPlaced {
+        id: ActionId,
+        seq: u32,
+        node: String,
     },
     /// No node meets what the step requires (`waiting_for`): it waits,
     /// without an attempt started.
@@ -278,6 +287,11 @@ impl Write {
                 action.current_step = Some(name.clone());
                 action.revision += 1;
             }
+            Write::StepPlaced { seq, node, .. } => {
+                if let Some(s) = step(action, *seq) {
+                    s.node = Some(node.clone());
+                }
+            }
             Write::StepWaiting {
                 seq,
                 name,
@@ -401,6 +415,7 @@ impl Write {
                         },
                         attempt: u32::from(first),
                         waiting_for: None,
+                        node: None,
                         started_at: first.then_some(*at),
                         finished_at: None,
                         output: None,
@@ -419,6 +434,7 @@ impl Write {
             | Write::StepAttemptFailed { id, .. }
             | Write::StepLog { id, .. }
             | Write::StepWaiting { id, .. }
+            | Write::StepPlaced { id, .. }
             | Write::StepEnded { id, .. }
             | Write::Finish { id, .. }
             | Write::RequestCancel { id, .. }

@@ -305,8 +305,8 @@ fn step_chunks<T>(items: &[T]) -> Vec<&[T]> {
 }
 
 /// Where a row holds a step's columns: `seq, name, step, status, attempt,
-/// started_at, finished_at, output, error, waiting_for`.
-type StepColumns = [&'static str; 10];
+/// started_at, finished_at, output, error, waiting_for, node`.
+type StepColumns = [&'static str; 11];
 
 const STEP_COLUMNS: StepColumns = [
     "seq",
@@ -319,6 +319,7 @@ const STEP_COLUMNS: StepColumns = [
     "output",
     "error",
     "waiting_for",
+    "node",
 ];
 
 /// The same, as aliased when joined with `actions`.
@@ -333,6 +334,7 @@ const JOINED_STEP_COLUMNS: StepColumns = [
     "s_output",
     "s_error",
     "s_waiting_for",
+    "s_node",
 ];
 
 /// A failed [`sqlite::apply`] or [`mysql::apply`].
@@ -646,19 +648,20 @@ macro_rules! sql_backend {
                     Write::Start { .. } | Write::StepStarted { .. } | Write::StepSucceeded { .. } => {
                         unreachable!("{w:?} is committed with its segment")
                     }
-                    Write::StepAttemptFailed { id, seq, attempt, started_at, error, at } => {
+                    Write::StepAttemptFailed { id, seq, attempt, started_at, node, error, at } => {
                         let a = sqlx::query(
                             // REPLACE (the same in both databases): writing an
                             // attempt again, after a commit whose answer was
                             // lost, is harmless.
-                            "REPLACE INTO action_step_attempts (action_id, seq, attempt, started_at, finished_at, error) \
-                             VALUES (?, ?, ?, ?, ?, ?)",
+                            "REPLACE INTO action_step_attempts (action_id, seq, attempt, started_at, finished_at, node, error) \
+                             VALUES (?, ?, ?, ?, ?, ?, ?)",
                         )
                         .bind(id)
                         .bind(*seq as i64)
                         .bind(*attempt as i64)
                         .bind(started_at)
                         .bind(at)
+                        .bind(node)
                         .bind(error)
                         .execute(&mut *tx)
                         .await?
@@ -671,6 +674,15 @@ macro_rules! sql_backend {
                             .await?
                             .rows_affected();
                         a + b + bump(tx, *id).await?
+                    }
+                    Write::StepPlaced { id, seq, node } => {
+                        sqlx::query("UPDATE action_steps SET node = ? WHERE action_id = ? AND seq = ?")
+                            .bind(node)
+                            .bind(id)
+                            .bind(*seq as i64)
+                            .execute(&mut *tx)
+                            .await?
+                            .rows_affected()
                     }
                     Write::StepWaiting { id, seq, name, waiting_for } => {
                         let a = sqlx::query(
@@ -904,7 +916,7 @@ macro_rules! sql_backend {
 
             /// A step from `row`, whose columns are named as in `cols`.
             fn step_row(row: &DbRow, cols: &StepColumns) -> Result<StepRecord, sqlx::Error> {
-                let [seq, name, step, status, attempt, started_at, finished_at, output, error, waiting_for] = cols;
+                let [seq, name, step, status, attempt, started_at, finished_at, output, error, waiting_for, node] = cols;
                 let output: Option<String> = row.try_get(*output)?;
                 Ok(StepRecord {
                     seq: row.try_get::<i64, _>(*seq)? as u32,
@@ -917,12 +929,13 @@ macro_rules! sql_backend {
                     output: output.map(|o| serde_json::from_str(&o).unwrap_or(Value::String(o))),
                     error: row.try_get(*error)?,
                     waiting_for: row.try_get(*waiting_for)?,
+                    node: row.try_get(*node)?,
                 })
             }
 
             async fn with_steps(pool: &$pool, mut action: Action) -> Result<Action, sqlx::Error> {
                 let rows = sqlx::query(
-                    "SELECT seq, name, step, status, attempt, started_at, finished_at, output, error, waiting_for \
+                    "SELECT seq, name, step, status, attempt, started_at, finished_at, output, error, waiting_for, node \
                      FROM action_steps WHERE action_id = ? ORDER BY seq",
                 )
                 .bind(action.id)
@@ -938,7 +951,7 @@ macro_rules! sql_backend {
                      a.idempotency_key, a.submitted_by, a.owner, a.revision, a.created_at, a.started_at, a.finished_at, \
                      a.cancel_requested_at, s.seq AS s_seq, s.name AS s_name, s.step AS s_step, s.status AS s_status, s.attempt AS s_attempt, \
                      s.started_at AS s_started_at, s.finished_at AS s_finished_at, s.output AS s_output, s.error AS s_error, \
-                     s.waiting_for AS s_waiting_for \
+                     s.waiting_for AS s_waiting_for, s.node AS s_node \
                      FROM actions a LEFT JOIN action_steps s ON s.action_id = a.id WHERE a.id = ?";
                 let rows = sqlx::query(Q).bind(id).fetch_all(pool).await?;
                 let Some(first) = rows.first() else {

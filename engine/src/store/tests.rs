@@ -104,6 +104,11 @@ fn batch(a: ActionId, b: ActionId, c: ActionId, d: ActionId) -> Vec<Write> {
             name: "s2".into(),
             waiting_for: "node=hv-1".into(),
         },
+        Write::StepPlaced {
+            id: d,
+            seq: 0,
+            node: "hv-1".into(),
+        },
         step_started(d, 0, 7),
         Write::StepLog {
             id: d,
@@ -356,6 +361,7 @@ async fn repeats_are_harmless_and_refusals_told_apart(store: Store, refuses_long
         seq: 0,
         attempt: n,
         started_at: at(0),
+        node: Some("hv-1".into()),
         error,
         at: at(n as i64),
     };

@@ -1,0 +1,300 @@
+//! Remote nodes as the engine sees them: which are connected, what they
+//! can do, how busy they are, and the one thing the engine needs from a
+//! connection to each — a [`NodeLink`] that carries step calls. How a node
+//! connects (transport, TLS, its identity) is not the engine's business:
+//! the transport attaches a link with [`Nodes::attach`] and the link stays
+//! placeable until the returned [`Attached`] is dropped.
+//!
+//! The runner places a step that requires capabilities with
+//! [`Nodes::place`]: among the connected, non-draining nodes whose
+//! capabilities meet the requirement, the one with the fewest steps in
+//! flight.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use tokio::sync::{oneshot, watch};
+
+use crate::host::Answer;
+use crate::model::{ActionId, Timestamp};
+use crate::placement::Requirement;
+
+/// Names one attempt of one step everywhere: in the engine, on the wire and
+/// on the node (which reports results by it, also after a reconnect).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CallKey {
+    pub action: ActionId,
+    pub seq: u32,
+    pub attempt: u32,
+}
+
+impl std::fmt::Display for CallKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}/{}", self.action, self.seq, self.attempt)
+    }
+}
+
+/// One step call for a node.
+#[derive(Debug, Clone)]
+pub struct RemoteCall {
+    pub key: CallKey,
+    /// The bundle the action is pinned to; the node fetches it by this hash
+    /// if it lacks it, and verifies it with its own keys.
+    pub bundle: signing::BundleHash,
+    /// The exported function to call.
+    pub function: String,
+    /// The step's input JSON, as a local step host would get it.
+    pub input: Vec<u8>,
+    /// The step's timeout and the grace after a cancel before the node
+    /// kills its step host, which the node enforces itself.
+    pub timeout: Duration,
+    pub grace: Duration,
+}
+
+/// The engine's side of a connection to one node.
+pub trait NodeLink: Send + Sync + 'static {
+    /// Sends a call. The receiver yields its answer, or a
+    /// `CallResult::Crashed` naming the node if the link ends first.
+    fn call(&self, call: RemoteCall) -> oneshot::Receiver<Answer>;
+    /// Asks the node to stop the call: its step sees the cancel flag, and
+    /// the node kills its step host if the step has not stopped after the
+    /// grace.
+    fn cancel(&self, key: CallKey);
+}
+
+/// What the registry shows of a connected node.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    pub name: String,
+    pub capabilities: BTreeMap<String, String>,
+    pub connected_at: Timestamp,
+    pub in_flight: usize,
+    pub draining: bool,
+}
+
+/// The connected nodes. Cheap to clone.
+#[derive(Clone)]
+pub struct Nodes {
+    inner: Arc<Registry>,
+}
+
+struct Registry {
+    nodes: Mutex<BTreeMap<String, Entry>>,
+    /// Bumped whenever placement could come out differently.
+    changed: watch::Sender<u64>,
+}
+
+struct Entry {
+    capabilities: BTreeMap<String, String>,
+    link: Arc<dyn NodeLink>,
+    in_flight: Arc<AtomicUsize>,
+    draining: bool,
+    connected_at: Timestamp,
+    /// Which connection this is: a reconnect replaces the entry, and the
+    /// old connection's [`Attached`] must not remove the new one.
+    epoch: u64,
+}
+
+impl Default for Nodes {
+    fn default() -> Self {
+        Nodes {
+            inner: Arc::new(Registry {
+                nodes: Mutex::default(),
+                changed: watch::channel(0).0,
+            }),
+        }
+    }
+}
+
+impl Nodes {
+    /// Makes a connected node placeable until the returned guard is dropped.
+    /// A node that connects again replaces its earlier connection.
+    pub fn attach(
+        &self,
+        name: &str,
+        capabilities: BTreeMap<String, String>,
+        link: Arc<dyn NodeLink>,
+    ) -> Attached {
+        static EPOCH: AtomicUsize = AtomicUsize::new(1);
+        let epoch = EPOCH.fetch_add(1, Ordering::Relaxed) as u64;
+        let entry = Entry {
+            capabilities,
+            link,
+            in_flight: Arc::default(),
+            draining: false,
+            connected_at: crate::model::now(),
+            epoch,
+        };
+        self.inner.lock().insert(name.to_owned(), entry);
+        self.inner.bump();
+        Attached {
+            registry: Arc::downgrade(&self.inner),
+            name: name.to_owned(),
+            epoch,
+        }
+    }
+
+    /// A connected node's capabilities changed (a probe's result).
+    pub fn set_capabilities(&self, name: &str, capabilities: BTreeMap<String, String>) {
+        if let Some(e) = self.inner.lock().get_mut(name) {
+            e.capabilities = capabilities;
+        }
+        self.inner.bump();
+    }
+
+    /// A draining node gets no new steps; those in flight finish.
+    pub fn set_draining(&self, name: &str, draining: bool) {
+        if let Some(e) = self.inner.lock().get_mut(name) {
+            e.draining = draining;
+        }
+        self.inner.bump();
+    }
+
+    pub fn list(&self) -> Vec<NodeInfo> {
+        self.inner
+            .lock()
+            .iter()
+            .map(|(name, e)| NodeInfo {
+                name: name.clone(),
+                capabilities: e.capabilities.clone(),
+                connected_at: e.connected_at,
+                in_flight: e.in_flight.load(Ordering::Relaxed),
+                draining: e.draining,
+            })
+            .collect()
+    }
+
+    /// The least busy connected, non-draining node that meets `wants`
+    /// (ties go to the first name), counted busy until the `Placed` drops.
+    pub(crate) fn place(&self, wants: &Requirement) -> Option<Placed> {
+        let nodes = self.inner.lock();
+        let (name, e) = nodes
+            .iter()
+            .filter(|(_, e)| !e.draining && wants.matches(&e.capabilities))
+            .min_by_key(|(_, e)| e.in_flight.load(Ordering::Relaxed))?;
+        e.in_flight.fetch_add(1, Ordering::Relaxed);
+        Some(Placed {
+            name: name.clone(),
+            link: e.link.clone(),
+            in_flight: e.in_flight.clone(),
+        })
+    }
+
+    /// Changes whenever placement could come out differently (a node came,
+    /// went, changed capabilities or drain state).
+    pub(crate) fn changed(&self) -> watch::Receiver<u64> {
+        self.inner.changed.subscribe()
+    }
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
+        self.nodes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|n| *n += 1);
+    }
+}
+
+/// Keeps a node placeable; dropping it detaches the node (its connection
+/// ended).
+pub struct Attached {
+    registry: Weak<Registry>,
+    name: String,
+    epoch: u64,
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        let Some(registry) = self.registry.upgrade() else {
+            return;
+        };
+        let mut nodes = registry.lock();
+        if nodes.get(&self.name).is_some_and(|e| e.epoch == self.epoch) {
+            nodes.remove(&self.name);
+        }
+        drop(nodes);
+        registry.bump();
+    }
+}
+
+/// A node chosen for one attempt; it counts as busy until this drops.
+pub(crate) struct Placed {
+    pub(crate) name: String,
+    pub(crate) link: Arc<dyn NodeLink>,
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl Drop for Placed {
+    fn drop(&mut self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    struct Idle;
+
+    impl NodeLink for Idle {
+        fn call(&self, _: RemoteCall) -> oneshot::Receiver<Answer> {
+            oneshot::channel().1
+        }
+        fn cancel(&self, _: CallKey) {}
+    }
+
+    fn caps(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn wants(pairs: &[(&str, &str)]) -> Requirement {
+        Requirement::resolve(&caps(pairs), &json!({})).unwrap()
+    }
+
+    #[test]
+    fn places_on_the_least_busy_matching_node_and_never_elsewhere() {
+        let nodes = Nodes::default();
+        let mut changed = nodes.changed();
+        let _a = nodes.attach("hv-1", caps(&[("hypervisor", "kvm")]), Arc::new(Idle));
+        let _b = nodes.attach("hv-2", caps(&[("hypervisor", "kvm")]), Arc::new(Idle));
+        let _c = nodes.attach("gpu-1", caps(&[("gpu", "a100")]), Arc::new(Idle));
+        assert!(changed.has_changed().unwrap());
+        changed.mark_unchanged();
+
+        let kvm = wants(&[("hypervisor", "kvm")]);
+        let first = nodes.place(&kvm).unwrap();
+        assert_eq!(first.name, "hv-1");
+        let second = nodes.place(&kvm).unwrap();
+        assert_eq!(second.name, "hv-2", "the idle one");
+        drop(first);
+        assert_eq!(nodes.place(&kvm).unwrap().name, "hv-1");
+
+        assert!(nodes.place(&wants(&[("hypervisor", "xen")])).is_none());
+        assert_eq!(nodes.place(&wants(&[("gpu", "*")])).unwrap().name, "gpu-1");
+
+        nodes.set_draining("gpu-1", true);
+        assert!(changed.has_changed().unwrap());
+        assert!(nodes.place(&wants(&[("gpu", "*")])).is_none(), "draining");
+    }
+
+    #[test]
+    fn a_reconnect_replaces_the_old_connection() {
+        let nodes = Nodes::default();
+        let old = nodes.attach("hv-1", caps(&[("a", "1")]), Arc::new(Idle));
+        let new = nodes.attach("hv-1", caps(&[("a", "2")]), Arc::new(Idle));
+        drop(old);
+        let listed = nodes.list();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].capabilities["a"], "2");
+        drop(new);
+        assert!(nodes.list().is_empty());
+    }
+}
