@@ -27,7 +27,7 @@ macro_rules! needs {
         }
     )*};
 }
-needs!(Read => Read, Submit => Submit, Operate => Operate, Admin => Admin);
+needs!(Read => Read, Submit => Submit, Operate => Operate, Admin => Admin, Join => Join);
 
 /// The authenticated caller of a handler that needs scope `S`.
 pub(crate) struct Caller<S> {
@@ -75,6 +75,7 @@ pub(crate) fn missing_scope(principal: &Principal, scope: Scope) -> ApiError {
         Scope::Submit => "missing_scope_submit",
         Scope::Operate => "missing_scope_operate",
         Scope::Admin => "missing_scope_admin",
+        Scope::Join => "missing_scope_join",
     };
     let has: Vec<&str> = principal.scopes.iter().map(|s| s.as_str()).collect();
     ApiError::new(

@@ -56,6 +56,7 @@ pub const CODES: &[(&str, u16, &str)] = &[
         403,
         "the token lacks the admin scope",
     ),
+    ("missing_scope_join", 403, "the token lacks the join scope"),
     (
         "kind_not_allowed",
         403,

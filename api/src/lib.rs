@@ -15,6 +15,9 @@
 //! | GET, POST | `/v1/tokens`, `/v1/tokens/{id}/revoke` | API tokens (see `admin`) |
 //! | GET | `/v1/audit` | the audit log |
 //! | GET, PUT, DELETE | `/v1/secrets`, `/v1/secrets/{name}` | secrets for steps (values never leave) |
+//! | GET | `/v1/nodes` | the connected remote nodes |
+//! | GET | `/v1/nodes/connect` | a node's connection (WebSocket; see `nodes`) |
+//! | GET | `/v1/nodes/bundles/{hash}[/signature]` | a bundle's bytes and signature, for a node to verify |
 //! | GET | `/openapi.json` | this API's OpenAPI 3.1 description (open) |
 //!
 //! Every endpoint but `/v1/health` and `/openapi.json` needs a bearer token
@@ -40,6 +43,7 @@ mod admin;
 mod auth;
 mod bundles;
 mod error;
+mod nodes;
 mod openapi;
 pub mod tls;
 pub mod wire;
@@ -90,6 +94,10 @@ fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(admin::audit))
         .routes(routes!(admin::list_secrets))
         .routes(routes!(admin::set_secret, admin::delete_secret))
+        .routes(routes!(nodes::list))
+        .routes(routes!(nodes::connect))
+        .routes(routes!(nodes::bundle))
+        .routes(routes!(nodes::signature))
         .split_for_parts()
 }
 

@@ -87,6 +87,37 @@ pub struct StepView {
     pub node: Option<String>,
 }
 
+/// A connected remote node.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NodeView {
+    pub name: String,
+    /// What it can do: key/value pairs steps' `requires` match against.
+    #[schema(value_type = Object)]
+    pub capabilities: std::collections::BTreeMap<String, String>,
+    pub connected_at: String,
+    /// Steps it runs now.
+    pub in_flight: usize,
+    /// A draining node gets no new steps.
+    pub draining: bool,
+}
+
+impl From<engine::nodes::NodeInfo> for NodeView {
+    fn from(n: engine::nodes::NodeInfo) -> NodeView {
+        NodeView {
+            name: n.name,
+            capabilities: n.capabilities,
+            connected_at: time(&n.connected_at),
+            in_flight: n.in_flight,
+            draining: n.draining,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NodeList {
+    pub nodes: Vec<NodeView>,
+}
+
 /// What one attempt of a step logged.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct StepLogView {

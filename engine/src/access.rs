@@ -34,10 +34,19 @@ pub enum Scope {
     Operate,
     /// Bundles, keys, tokens, the audit log.
     Admin,
+    /// A remote node: connect, take step calls, fetch bundles. Nothing
+    /// else, not even `read`.
+    Join,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 4] = [Scope::Read, Scope::Submit, Scope::Operate, Scope::Admin];
+    pub const ALL: [Scope; 5] = [
+        Scope::Read,
+        Scope::Submit,
+        Scope::Operate,
+        Scope::Admin,
+        Scope::Join,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -45,6 +54,7 @@ impl Scope {
             Scope::Submit => "submit",
             Scope::Operate => "operate",
             Scope::Admin => "admin",
+            Scope::Join => "join",
         }
     }
 }
@@ -61,7 +71,7 @@ impl FromStr for Scope {
         Scope::ALL
             .into_iter()
             .find(|scope| scope.as_str() == s)
-            .ok_or_else(|| format!("unknown scope {s:?}; use read, submit, operate or admin"))
+            .ok_or_else(|| format!("unknown scope {s:?}; use read, submit, operate, admin or join"))
     }
 }
 
@@ -77,10 +87,11 @@ pub struct Principal {
 }
 
 impl Principal {
+    /// Admin allows everything; every scope but `join` allows `read`.
     pub fn allows(&self, scope: Scope) -> bool {
         self.scopes
             .iter()
-            .any(|&s| s == scope || s == Scope::Admin || scope == Scope::Read)
+            .any(|&s| s == scope || s == Scope::Admin || (scope == Scope::Read && s != Scope::Join))
     }
 
     /// Whether this principal may submit actions of `kind`.

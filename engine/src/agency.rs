@@ -16,7 +16,7 @@ use std::time::Duration;
 use signing::{BundleHash, KeyId};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::bundle::{self, Invalid, Manifest};
+use crate::bundle::{self, Manifest};
 use crate::error::{Error, Result};
 use crate::host::{HostCommand, StepHost};
 use crate::step::StepHandle;
@@ -347,18 +347,7 @@ impl Agency {
         }
         let label = format!("{}@{}", unpacked.manifest.name, unpacked.hash.short());
         // Probe the library in a step host, never in this process.
-        let host = StepHost::spawn(&self.host_command, &unpacked.library, &label).await?;
-        let missing: Vec<String> = unpacked
-            .manifest
-            .functions()
-            .into_iter()
-            .filter(|f| !host.exports().iter().any(|e| e == f))
-            .map(str::to_owned)
-            .collect();
-        if !missing.is_empty() {
-            host.shutdown("bundle rejected").await;
-            return Err(Invalid::MissingSteps(missing).into());
-        }
+        let host = StepHost::start(&self.host_command, &unpacked).await?;
         let loaded = Arc::new(LoadedBundle {
             hash: unpacked.hash,
             manifest: unpacked.manifest,

@@ -24,7 +24,7 @@ pub mod nodes;
 pub mod placement;
 mod runner;
 pub mod secrets;
-mod step;
+pub mod step;
 pub mod store;
 
 #[doc(hidden)]
@@ -389,6 +389,19 @@ impl Engine {
             .store
             .bundle_content(hash)
             .await?
+            .ok_or_else(|| Error::BundleNotLoaded(hash.to_owned()))
+    }
+
+    /// The detached signature the bundle was admitted with (what a node
+    /// verifies it by, with its own keys).
+    pub async fn bundle_signature(&self, hash: &str) -> Result<String> {
+        self.inner
+            .store
+            .bundles()
+            .await?
+            .into_iter()
+            .find(|b| b.hash == hash)
+            .map(|b| b.signature)
             .ok_or_else(|| Error::BundleNotLoaded(hash.to_owned()))
     }
 

@@ -15,7 +15,7 @@ use crate::nodes::{CallKey, Placed, RemoteCall};
 
 /// How one attempt of a step ended.
 #[derive(Debug)]
-pub(crate) enum StepResult {
+pub enum StepResult {
     Ok(Value),
     Retryable(String),
     Fatal(String),
@@ -25,9 +25,45 @@ pub(crate) enum StepResult {
 
 /// One attempt: how it ended and what the step logged.
 #[derive(Debug)]
-pub(crate) struct Attempt {
-    pub(crate) result: StepResult,
-    pub(crate) log: String,
+pub struct Attempt {
+    pub result: StepResult,
+    pub log: String,
+}
+
+impl Attempt {
+    /// The attempt as a step host reports one: `(sdk::ffi::STATUS_*, output
+    /// JSON or message)`. A timeout or cancel is a fatal error here; the
+    /// caller's own timer decides what it was.
+    pub fn into_status(self) -> (i32, String) {
+        use sdk::ffi::*;
+        match self.result {
+            StepResult::Ok(v) => (STATUS_OK, v.to_string()),
+            StepResult::Retryable(m) => (STATUS_RETRYABLE, m),
+            StepResult::Fatal(m) | StepResult::TimedOut(m) => (STATUS_FATAL, m),
+            StepResult::Cancelled => (STATUS_FATAL, "cancelled".into()),
+        }
+    }
+}
+
+/// Runs one call of `function` on `host` under the rules every step call
+/// follows (timeout, cancel, kill after the grace): how a remote node runs
+/// the calls it is sent.
+pub async fn run_on_host(
+    host: StepHost,
+    name: &str,
+    function: &str,
+    input: Vec<u8>,
+    timeout: Duration,
+    grace: Duration,
+    cancel: CancellationToken,
+) -> Attempt {
+    let call = Call {
+        on: On::Host(host),
+        name,
+        timeout,
+        grace,
+    };
+    call.execute(function, input, cancel).await
 }
 
 impl From<StepResult> for Attempt {

@@ -26,6 +26,11 @@ enum Command {
     Serve(crate::serve::ServeArgs),
     /// Run a demo: a server on embedded SQLite, the built-in bundle, and a reboot action shown live.
     Demo(crate::demo::DemoArgs),
+    /// Run a remote node: connect out to an app server and run the steps placed here.
+    Node(crate::node_cmd::NodeArgs),
+    /// The remote nodes connected to a server.
+    #[command(subcommand)]
+    Nodes(crate::node_cmd::NodesCommand),
     /// Submit an action.
     Submit {
         /// The action kind, e.g. `reboot` (see `troupe kinds`).
@@ -137,7 +142,7 @@ enum Command {
 impl Cli {
     pub(crate) fn default_log_filter(&self) -> &'static str {
         match self.command {
-            Command::Serve(_) | Command::Migrate { .. } => "info,sqlx=warn",
+            Command::Serve(_) | Command::Node(_) | Command::Migrate { .. } => "info,sqlx=warn",
             _ => "warn",
         }
     }
@@ -147,6 +152,8 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => crate::serve::run(args).await,
         Command::Demo(args) => crate::demo::run(args).await,
+        Command::Node(args) => args.run().await,
+        Command::Nodes(command) => command.run().await,
         Command::Submit {
             kind,
             target,

@@ -82,7 +82,7 @@ fn answer(tx: oneshot::Sender<Answer>, result: CallResult, log: Vec<u8>) {
 
 /// A handle to a running step host. Cheap to clone.
 #[derive(Clone)]
-pub(crate) struct StepHost {
+pub struct StepHost {
     inner: Arc<Inner>,
 }
 
@@ -112,7 +112,7 @@ fn host_env() -> impl Iterator<Item = (OsString, OsString)> {
 
 impl StepHost {
     /// Starts a host for `library` and waits for its `HELLO`.
-    pub(crate) async fn spawn(
+    pub async fn spawn(
         cmd: &HostCommand,
         library: &Path,
         label: &str,
@@ -268,11 +268,33 @@ impl StepHost {
         Ok(StepHost { inner })
     }
 
-    pub(crate) fn exports(&self) -> &[String] {
+    /// Starts a host for an unpacked bundle and checks that its library
+    /// exports every function the manifest names.
+    pub async fn start(
+        cmd: &HostCommand,
+        unpacked: &crate::bundle::Unpacked,
+    ) -> Result<StepHost, crate::Error> {
+        let label = format!("{}@{}", unpacked.manifest.name, unpacked.hash.short());
+        let host = StepHost::spawn(cmd, &unpacked.library, &label).await?;
+        let missing: Vec<String> = unpacked
+            .manifest
+            .functions()
+            .into_iter()
+            .filter(|f| !host.exports().iter().any(|e| e == f))
+            .map(str::to_owned)
+            .collect();
+        if !missing.is_empty() {
+            host.shutdown("bundle rejected").await;
+            return Err(Invalid::MissingSteps(missing).into());
+        }
+        Ok(host)
+    }
+
+    pub fn exports(&self) -> &[String] {
         &self.inner.exports
     }
 
-    pub(crate) fn is_alive(&self) -> bool {
+    pub fn is_alive(&self) -> bool {
         self.inner.alive.load(Ordering::SeqCst)
     }
 
@@ -327,7 +349,7 @@ impl StepHost {
     }
 
     /// Stops the host and waits until it has exited.
-    pub(crate) async fn shutdown(&self, reason: &str) {
+    pub async fn shutdown(&self, reason: &str) {
         let exited = self.inner.exited.notified();
         tokio::pin!(exited);
         exited.as_mut().enable();

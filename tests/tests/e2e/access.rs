@@ -77,17 +77,32 @@ pub(crate) fn routes() -> Vec<(Method, &'static str, &'static str, Option<Value>
             Some(json!({ "value": "v" })),
         ),
         (Method::DELETE, "/v1/secrets/scope_test", "admin", None),
+        (Method::GET, "/v1/nodes", "read", None),
+        (Method::GET, "/v1/nodes/connect", "join", None),
+        (
+            Method::GET,
+            leak(format!("/v1/nodes/bundles/{h}")),
+            "join",
+            None,
+        ),
+        (
+            Method::GET,
+            leak(format!("/v1/nodes/bundles/{h}/signature")),
+            "join",
+            None,
+        ),
     ]
 }
 
-/// Which of the test tokens hold each scope (every scope includes read;
-/// admin includes all).
+/// Which of the test tokens hold each scope (every scope but join includes
+/// read; admin includes all).
 fn holders(scope: &str) -> &'static [&'static str] {
     match scope {
         "read" => &["read", "submit", "operate", "admin"],
         "submit" => &["submit", "admin"],
         "operate" => &["operate", "admin"],
         "admin" => &["admin"],
+        "join" => &["join", "admin"],
         _ => unreachable!(),
     }
 }
@@ -96,7 +111,7 @@ async fn every_endpoint_needs_its_scope(db: Db) {
     let env = Env::new(db).await;
     let server = env.serve();
     let mut tokens = std::collections::HashMap::new();
-    for scope in ["read", "submit", "operate"] {
+    for scope in ["read", "submit", "operate", "join"] {
         tokens.insert(
             scope,
             server

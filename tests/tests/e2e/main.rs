@@ -17,6 +17,7 @@ mod drain;
 mod faults;
 mod lease;
 mod logs;
+mod nodes;
 mod openapi;
 mod placement;
 mod recovery;

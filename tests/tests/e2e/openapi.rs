@@ -159,6 +159,7 @@ async fn the_description_matches_what_the_server_does(db: Db) {
         ("/v1/secrets".to_owned(), "/v1/secrets"),
         ("/v1/actions/999999".to_owned(), "/v1/actions/{id}"),
         ("/v1/actions?limit=0".to_owned(), "/v1/actions"),
+        ("/v1/nodes".to_owned(), "/v1/nodes"),
     ] {
         checked(&server, s, None, Method::GET, template, &path, None).await;
     }
@@ -321,7 +322,7 @@ fn template_of(path: &str) -> String {
     path.split('/')
         .enumerate()
         .map(|(i, part)| match (i, part) {
-            (3, p) if p.len() == 64 => "{hash}".to_owned(),
+            (3 | 4, p) if p.len() == 64 => "{hash}".to_owned(),
             (3, p) if p.chars().all(|c| c.is_ascii_digit()) => "{id}".to_owned(),
             (3, p) if p.len() == 16 => "{id}".to_owned(),
             (3, "scope_test") => "{name}".to_owned(),

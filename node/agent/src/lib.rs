@@ -1,0 +1,284 @@
+//! `troupe node`: the agent on a remote host. It keeps one outbound
+//! WebSocket to its app server (see `node_protocol`), says what it can do,
+//! and runs the step calls it is sent in step hosts of its own, exactly as
+//! the server runs local ones (`engine::step::run_on_host`: the same
+//! timeout, cancel and kill-after-grace rules).
+//!
+//! Bundles are fetched by hash on first need and verified here, with this
+//! node's own trusted keys, by the same checks the server's Source
+//! Authority makes (`signing::verify`, then `engine::bundle::open`): the
+//! server only carries the bytes. A bundle that fails is not kept.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use futures_util::{SinkExt, StreamExt};
+use node_protocol::{CallKey, FromNode, PROTOCOL, ToNode};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+mod bundles;
+
+pub use bundles::Bundles;
+
+/// How to reach the server and what this node is.
+pub struct Config {
+    /// `http://HOST:PORT` or `https://HOST:PORT`: the server's API.
+    pub server: String,
+    /// An API token with the `join` scope.
+    pub token: String,
+    pub name: String,
+    pub capabilities: BTreeMap<String, String>,
+    /// Where fetched bundles are kept, by hash.
+    pub data_dir: PathBuf,
+    /// The keys this node accepts bundles from; the server's word counts
+    /// for nothing.
+    pub trust: signing::Trust,
+    pub host_command: engine::host::HostCommand,
+    /// For an `https://` server: the roots its certificate must chain to.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// Runs the node until `stop` is cancelled, reconnecting (1 s doubling to
+/// 30 s, with jitter) whenever the connection ends. A refusal that cannot
+/// change by retrying (a bad token, a name in use) ends it with an error.
+pub async fn run(config: Config, stop: CancellationToken) -> Result<()> {
+    let config = Arc::new(config);
+    let bundles = Arc::new(Bundles::new(&config)?);
+    let mut delay = Duration::from_secs(1);
+    loop {
+        let outcome = tokio::select! {
+            r = session(&config, &bundles) => r,
+            _ = stop.cancelled() => return Ok(()),
+        };
+        match outcome {
+            Ok(()) => {
+                tracing::warn!(server = %config.server, "the server closed the connection; reconnecting");
+                delay = Duration::from_secs(1);
+            }
+            Err(e) if e.downcast_ref::<Refused>().is_some() => return Err(e),
+            Err(e) => {
+                tracing::warn!(server = %config.server, error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "not connected to the server")
+            }
+        }
+        let jitter = Duration::from_millis(u64::from(std::process::id() % 250));
+        tokio::select! {
+            _ = tokio::time::sleep(delay + jitter) => {}
+            _ = stop.cancelled() => return Ok(()),
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// The server refused this node for a reason retrying cannot fix.
+#[derive(Debug)]
+struct Refused(String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// One connection: hello, then calls until it ends.
+async fn session(config: &Arc<Config>, bundles: &Arc<Bundles>) -> Result<()> {
+    let mut ws = connect(config).await?;
+    let hello = FromNode::Hello {
+        name: config.name.clone(),
+        capabilities: config.capabilities.clone(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        protocol: PROTOCOL,
+    };
+    ws.send(Message::text(serde_json::to_string(&hello)?))
+        .await?;
+    match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
+        Ok(Some(Ok(Message::Text(text)))) => match serde_json::from_str::<ToNode>(&text) {
+            Ok(ToNode::Welcome { .. }) => {}
+            _ => bail!("the server answered the hello with {text}"),
+        },
+        Ok(Some(Ok(Message::Close(Some(frame))))) => {
+            return Err(Refused(format!("the server refused this node: {}", frame.reason)).into());
+        }
+        Ok(Some(Ok(other))) => bail!("the server answered the hello with {other:?}"),
+        Ok(Some(Err(e))) => return Err(e.into()),
+        Ok(None) => bail!("the server closed the connection after the hello"),
+        Err(_) => bail!("the server did not answer the hello within 30 s"),
+    }
+    tracing::info!(server = %config.server, node = %config.name, "connected");
+
+    let (mut sink, mut stream) = ws.split();
+    let (out, mut outbox) = mpsc::unbounded_channel::<FromNode>();
+    let calls: Arc<Mutex<HashMap<CallKey, CancellationToken>>> = Arc::default();
+    loop {
+        tokio::select! {
+            message = stream.next() => {
+                let text = match message {
+                    Some(Ok(Message::Text(text))) => text,
+                    Some(Ok(Message::Close(_))) | None => return Ok(()),
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => return Err(e.into()),
+                };
+                match serde_json::from_str::<ToNode>(&text) {
+                    Ok(ToNode::Call { key, bundle, function, input, timeout_ms, grace_ms }) => {
+                        let cancel = CancellationToken::new();
+                        calls.lock().unwrap().insert(key, cancel.clone());
+                        let call = Call {
+                            key,
+                            bundle,
+                            function,
+                            input,
+                            timeout: Duration::from_millis(timeout_ms),
+                            grace: Duration::from_millis(grace_ms),
+                        };
+                        let (bundles, out, calls) = (bundles.clone(), out.clone(), calls.clone());
+                        tokio::spawn(async move {
+                            let done = call.run(&bundles, cancel).await;
+                            calls.lock().unwrap().remove(&key);
+                            let _ = out.send(done);
+                        });
+                    }
+                    Ok(ToNode::Cancel { key }) => {
+                        if let Some(cancel) = calls.lock().unwrap().get(&key) {
+                            cancel.cancel();
+                        }
+                    }
+                    Ok(ToNode::Welcome { .. }) => {}
+                    Err(e) => tracing::warn!(error = %e, "ignoring a message this node does not understand"),
+                }
+            }
+            Some(message) = outbox.recv() => {
+                sink.send(Message::text(serde_json::to_string(&message)?)).await?;
+            }
+        }
+    }
+}
+
+type Socket = tokio_tungstenite::WebSocketStream<Box<dyn Stream>>;
+
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+
+/// Opens the WebSocket, over TLS for an `https://` server.
+async fn connect(config: &Config) -> Result<Socket> {
+    let (secure, rest) = if let Some(rest) = config.server.strip_prefix("https://") {
+        (true, rest)
+    } else if let Some(rest) = config.server.strip_prefix("http://") {
+        (false, rest)
+    } else {
+        return Err(Refused(format!(
+            "--server {:?} must be an http:// or https:// URL",
+            config.server
+        ))
+        .into());
+    };
+    let authority = rest.trim_end_matches('/');
+    let host = authority
+        .rsplit_once(':')
+        .map_or(authority, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let addr = if authority.contains(':') {
+        authority.to_owned()
+    } else {
+        format!("{authority}:{}", if secure { 443 } else { 80 })
+    };
+    let tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    tcp.set_nodelay(true)?;
+    let stream: Box<dyn Stream> = if secure {
+        let tls = config
+            .tls
+            .clone()
+            .ok_or_else(|| anyhow!("an https:// server needs TLS roots"))?;
+        let name = rustls_pki_types::ServerName::try_from(host.to_owned())
+            .map_err(|e| anyhow!("{host:?} is not a server name: {e}"))?;
+        let stream = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await
+            .with_context(|| {
+                format!("TLS with {addr} (pass the CA that signed its certificate with --ca-cert)")
+            })?;
+        Box::new(stream)
+    } else {
+        Box::new(tcp)
+    };
+    let scheme = if secure { "wss" } else { "ws" };
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
+            "{scheme}://{authority}/v1/nodes/connect"
+        ))?;
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", config.token)
+            .parse()
+            .map_err(|_| Refused("the token is not a valid header value".into()))?,
+    );
+    match tokio_tungstenite::client_async(request, stream).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            let status = response.status();
+            let body = response
+                .body()
+                .as_deref()
+                .map(String::from_utf8_lossy)
+                .unwrap_or_default()
+                .into_owned();
+            let message = format!("the server refused the connection ({status}): {body}");
+            if matches!(status.as_u16(), 401 | 403) {
+                Err(Refused(message).into())
+            } else {
+                Err(anyhow!(message))
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// One call to run.
+struct Call {
+    key: CallKey,
+    bundle: String,
+    function: String,
+    input: String,
+    timeout: Duration,
+    grace: Duration,
+}
+
+impl Call {
+    async fn run(self, bundles: &Bundles, cancel: CancellationToken) -> FromNode {
+        let key = self.key;
+        let done = |status: i32, body: String, log: String| FromNode::Done {
+            key,
+            status,
+            body,
+            log,
+        };
+        let host = match bundles.host(&self.bundle).await {
+            Ok(host) => host,
+            Err(e) => {
+                tracing::warn!(bundle = %self.bundle, error = %e, "cannot run a call");
+                return done(sdk::ffi::STATUS_FATAL, format!("{e:#}"), String::new());
+            }
+        };
+        let attempt = engine::step::run_on_host(
+            host,
+            &self.function,
+            &self.function,
+            self.input.into_bytes(),
+            self.timeout,
+            self.grace,
+            cancel,
+        )
+        .await;
+        let log = attempt.log.clone();
+        let (status, body) = attempt.into_status();
+        done(status, body, log)
+    }
+}

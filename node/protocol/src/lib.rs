@@ -1,0 +1,123 @@
+//! What a troupe server and a remote node say to each other over their one
+//! connection: a WebSocket (`GET /v1/nodes/connect`, over the API's TLS),
+//! one JSON message per text frame. The node connects out (no inbound port
+//! on the node), authenticated by an API token with the `join` scope; many
+//! step calls share the connection, each named by its [`CallKey`].
+//!
+//! ```text
+//! node → server   Hello { name, capabilities, version }
+//! server → node   Welcome { protocol }            (or the connection closes with a reason)
+//! server → node   Call { key, bundle, function, input, timeout_ms, grace_ms }
+//! server → node   Cancel { key }
+//! node → server   Done { key, status, body, log }
+//! node → server   Capabilities { capabilities }  (a probe's result changed)
+//! ```
+//!
+//! A node lacking a call's bundle fetches it by hash
+//! (`GET /v1/nodes/bundles/{hash}` and `…/signature`, same token) and
+//! verifies it with its own trusted keys before loading it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Bumped when a message changes incompatibly.
+pub const PROTOCOL: u32 = 1;
+
+/// One attempt of one step: the same key on the server and on the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct CallKey {
+    pub action: i64,
+    pub seq: u32,
+    pub attempt: u32,
+}
+
+/// Messages from a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum FromNode {
+    /// The first message: who the node is and what it can do.
+    Hello {
+        name: String,
+        capabilities: BTreeMap<String, String>,
+        /// The troupe version the node runs.
+        version: String,
+        protocol: u32,
+    },
+    /// A call's end. `status` is one of `sdk::ffi::STATUS_*`; `body` is the
+    /// output JSON or the error message; `log` what the step logged.
+    Done {
+        key: CallKey,
+        status: i32,
+        body: String,
+        log: String,
+    },
+    /// The node's capabilities changed.
+    Capabilities {
+        capabilities: BTreeMap<String, String>,
+    },
+}
+
+/// Messages to a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ToNode {
+    /// The node is in: calls may follow.
+    Welcome { protocol: u32 },
+    /// Run `function` of bundle `bundle` (SHA-256, hex) with `input` (the
+    /// step's input JSON, as text). The node enforces `timeout_ms` too, and
+    /// after a cancel kills its step host once `grace_ms` have passed.
+    Call {
+        key: CallKey,
+        bundle: String,
+        function: String,
+        input: String,
+        timeout_ms: u64,
+        grace_ms: u64,
+    },
+    /// Stop the call: set its cancel flag.
+    Cancel { key: CallKey },
+}
+
+/// A node name: letters, digits, `-`, `_` and `.`, at most 64 bytes.
+pub fn is_node_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_tagged_json() {
+        let key = CallKey {
+            action: 7,
+            seq: 1,
+            attempt: 2,
+        };
+        let m = ToNode::Cancel { key };
+        let text = serde_json::to_string(&m).unwrap();
+        assert_eq!(
+            text,
+            r#"{"type":"cancel","key":{"action":7,"seq":1,"attempt":2}}"#
+        );
+        assert_eq!(serde_json::from_str::<ToNode>(&text).unwrap(), m);
+        let hello: FromNode = serde_json::from_str(
+            r#"{"type":"hello","name":"hv-1","capabilities":{"a":"b"},"version":"0.1.0","protocol":1}"#,
+        )
+        .unwrap();
+        assert!(matches!(hello, FromNode::Hello { name, .. } if name == "hv-1"));
+    }
+
+    #[test]
+    fn node_names() {
+        assert!(is_node_name("hv-17.ams3"));
+        assert!(!is_node_name(""));
+        assert!(!is_node_name("a b"));
+        assert!(!is_node_name(&"a".repeat(65)));
+    }
+}

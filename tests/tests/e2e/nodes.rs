@@ -1,0 +1,312 @@
+//! Remote nodes: real `troupe node` processes connect to a real server over
+//! loopback, run the steps placed on them, fetch bundles by hash on first
+//! need and verify them with their own keys.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::harness::{Db, Env, Server, both_dbs, bundles, scratch_dir, troupe_bin};
+
+/// A running `troupe node`, killed when dropped.
+struct Node {
+    child: Child,
+    log: PathBuf,
+    data: PathBuf,
+}
+
+impl Node {
+    fn start(server: &Server, token_file: &std::path::Path, name: &str, extra: &[&str]) -> Node {
+        let data = scratch_dir(&format!("node-{name}"));
+        let log = data.with_extension("log");
+        let trust = bundles().public_key.clone();
+        let mut args = vec![
+            "node",
+            "--server",
+            &server.url,
+            "--token-file",
+            token_file.to_str().unwrap(),
+            "--name",
+            name,
+            "--data-dir",
+            data.to_str().unwrap(),
+        ];
+        if !extra.contains(&"--trust") {
+            args.extend(["--trust", &trust]);
+        }
+        args.extend(extra);
+        let child = Command::new(troupe_bin())
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting troupe node");
+        Node { child, log, data }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The signed archives in its cache.
+    fn cached(&self) -> Vec<String> {
+        std::fs::read_dir(self.data.join("bundles"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".bundle"))
+            .collect()
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+        let _ = std::fs::remove_dir_all(&self.data);
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// A token with the join scope, in a file.
+async fn join_token(server: &Server, env: &Env) -> PathBuf {
+    let token = server.token_with("nodes", &["join"], None).await;
+    let path = env.dir.join("join.token");
+    std::fs::write(&path, token).unwrap();
+    path
+}
+
+/// Waits until the server lists these nodes (at most 30 s).
+async fn connected(server: &Server, names: &[&str], nodes: &[&Node]) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, list) = server.get("/v1/nodes").await;
+        assert_eq!(status, 200, "{list}");
+        let listed: Vec<&str> = list["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|n| n["name"].as_str())
+            .collect();
+        if names.iter().all(|n| listed.contains(n)) {
+            return list;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nodes {names:?} did not connect: {list}\n{}",
+            nodes
+                .iter()
+                .map(|n| n.log())
+                .collect::<Vec<_>>()
+                .join("\n---\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn steps_run_on_the_node_that_has_what_they_need(db: Db) {
+    let env = Env::new(db).await;
+    let server = env.serve();
+    let token = join_token(&server, &env).await;
+    let hv17 = Node::start(
+        &server,
+        &token,
+        "hv-17",
+        &["--capability", "hypervisor=kvm"],
+    );
+    let hv18 = Node::start(
+        &server,
+        &token,
+        "hv-18",
+        &["--capability", "hypervisor=kvm"],
+    );
+    let gpu = Node::start(&server, &token, "gpu-1", &["--capability", "gpu=a100"]);
+    let list = connected(&server, &["hv-17", "hv-18", "gpu-1"], &[&hv17, &hv18, &gpu]).await;
+    let hv = list["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "hv-17")
+        .unwrap();
+    assert_eq!(hv["capabilities"]["hypervisor"], "kvm", "{list}");
+    assert_eq!(hv["capabilities"]["node"], "hv-17", "built in: {list}");
+    assert_eq!(hv["capabilities"]["os"], std::env::consts::OS);
+    assert!(hv18.cached().is_empty() && hv17.cached().is_empty());
+
+    // The step that names its node runs there, the one before it here.
+    let id = server
+        .submit("placed", "vps-123", json!({ "hypervisor": "hv-17" }))
+        .await;
+    let done = server.finished(id).await;
+    assert_eq!(done["status"], "succeeded", "{done}\n{}", hv17.log());
+    assert!(done["steps"][0]["node"].is_null(), "{done}");
+    assert_eq!(done["steps"][1]["node"], "hv-17", "{done}");
+    // Pulled on demand, by the node that needed it only.
+    assert_eq!(hv17.cached().len(), 1, "{:?}", hv17.cached());
+    assert!(hv18.cached().is_empty(), "{:?}", hv18.cached());
+    let pool = env.sql().await;
+    let node: Option<String> =
+        sqlx::query_scalar("SELECT node FROM action_steps WHERE action_id = ? AND seq = 1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(node.as_deref(), Some("hv-17"));
+
+    // Presence: any node with a gpu; never one without.
+    let id = server.submit("placed_gpu", "vps-1", json!({})).await;
+    let done = server.finished(id).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["steps"][0]["node"], "gpu-1", "{done}");
+
+    // A node no step names gets nothing; one that is named but absent waits.
+    let id = server
+        .submit("placed", "vps-9", json!({ "hypervisor": "hv-99" }))
+        .await;
+    let done = server.finished(id).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert!(
+        done["steps"][1]["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("no node with hypervisor=kvm, node=hv-99"),
+        "{done}"
+    );
+
+    let out = server.cli(&["nodes", "list"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("hv-17") && text.contains("hypervisor=kvm"),
+        "{text}"
+    );
+}
+
+async fn a_node_refuses_a_bundle_signed_by_a_key_it_does_not_trust(db: Db) {
+    let env = Env::new(db).await;
+    let server = env.serve();
+    let token = join_token(&server, &env).await;
+    let other = signing::SecretKey::from_seed([9; 32]).public().to_string();
+    let node = Node::start(
+        &server,
+        &token,
+        "hv-17",
+        &["--capability", "hypervisor=kvm", "--trust", &other],
+    );
+    connected(&server, &["hv-17"], &[&node]).await;
+    let id = server
+        .submit("placed", "vps-123", json!({ "hypervisor": "hv-17" }))
+        .await;
+    let done = server.finished(id).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    let error = done["steps"][1]["error"].as_str().unwrap();
+    assert!(
+        error.contains("refused on this node") && error.contains("which this node does not trust"),
+        "{error}"
+    );
+    assert!(
+        node.cached().is_empty(),
+        "nothing is kept: {:?}",
+        node.cached()
+    );
+}
+
+async fn a_node_without_a_join_token_is_refused(db: Db) {
+    let env = Env::new(db).await;
+    let server = env.serve();
+    let read = server.token_with("reader", &["read"], None).await;
+    let path = env.dir.join("read.token");
+    std::fs::write(&path, read).unwrap();
+    let mut node = Node::start(&server, &path, "hv-17", &["--capability", "hypervisor=kvm"]);
+    let status = wait_exit(&mut node.child, Duration::from_secs(30));
+    assert!(!status.success(), "it gives up: {}", node.log());
+    assert!(
+        node.log().contains("missing_scope_join") || node.log().contains("join scope"),
+        "{}",
+        node.log()
+    );
+    let (_, list) = server.get("/v1/nodes").await;
+    assert_eq!(list["nodes"], json!([]), "{list}");
+
+    // A join token cannot read anything else.
+    let join = std::fs::read_to_string(join_token(&server, &env).await).unwrap();
+    let (status, body) = server
+        .request_as(Some(&join), reqwest::Method::GET, "/v1/actions", None)
+        .await;
+    assert_eq!(status, 403, "{body}");
+}
+
+async fn cancel_and_loss_reach_steps_on_nodes(db: Db) {
+    let env = Env::new(db).await;
+    let server = env.serve();
+    let token = join_token(&server, &env).await;
+    let mut node = Node::start(
+        &server,
+        &token,
+        "hv-17",
+        &["--capability", "hypervisor=kvm"],
+    );
+    connected(&server, &["hv-17"], &[&node]).await;
+
+    // Cancel reaches the step on the node, which stops.
+    let id = server
+        .submit("node_sleep", "vps-1", json!({ "ms": 30000 }))
+        .await;
+    server
+        .until(id, "running on the node", |a| {
+            a["steps"][0]["status"] == "running"
+        })
+        .await;
+    let started = Instant::now();
+    let (status, body) = server
+        .post(&format!("/v1/actions/{id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let done = server.finished(id).await;
+    assert_eq!(done["status"], "cancelled", "{done}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A node that dies mid-step fails its (not idempotent) step, naming it.
+    let id = server
+        .submit("node_sleep", "vps-2", json!({ "ms": 30000 }))
+        .await;
+    server
+        .until(id, "running on the node", |a| {
+            a["steps"][0]["status"] == "running"
+        })
+        .await;
+    node.kill9();
+    let done = server.finished(id).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    let error = done["steps"][0]["error"].as_str().unwrap();
+    assert!(error.contains("node hv-17 went away"), "{error}");
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "the node did not exit");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+both_dbs!(
+    steps_run_on_the_node_that_has_what_they_need,
+    a_node_refuses_a_bundle_signed_by_a_key_it_does_not_trust,
+    a_node_without_a_join_token_is_refused,
+    cancel_and_loss_reach_steps_on_nodes,
+);
