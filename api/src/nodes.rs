@@ -175,7 +175,7 @@ async fn session(engine: Engine, token: String, socket: WebSocket) {
                     );
                     return refuse(&mut sink, &why).await;
                 }
-                if !node_protocol::is_node_name(&name) {
+                if !engine::placement::is_capability_name(&name) {
                     let why = format!(
                         "{name:?} is not a node name (letters, digits, '-', '_', '.'; at most 64)"
                     );

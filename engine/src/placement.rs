@@ -82,7 +82,8 @@ impl fmt::Display for Requirement {
     }
 }
 
-/// Capability names: letters, digits, `_`, `-` and `.`, at most 64 bytes.
+/// Capability names, and node names (a node's name is its `node`
+/// capability): letters, digits, `_`, `-` and `.`, at most 64 bytes.
 pub fn is_capability_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64

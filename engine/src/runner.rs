@@ -339,14 +339,7 @@ async fn steps(
             let started_at;
             let mut placed = None;
             if !requires.is_empty() && !prestarted {
-                let scope = json!({
-                    "action": { "id": id, "kind": action.kind, "target": action.target, "params": action.params },
-                    "target": action.target,
-                    "kind": action.kind,
-                    "params": action.params,
-                    "steps": outputs,
-                    "vars": shared.vars,
-                });
+                let scope = scope_of(action, &outputs, &shared.vars);
                 let placing = Placing {
                     shared,
                     action,
@@ -406,15 +399,8 @@ async fn steps(
                 Err(LoadError::Missing(m)) => Err(StepResult::Fatal(m)),
                 Err(LoadError::Unavailable(m)) => Err(StepResult::Retryable(m)),
             };
-            let scope = json!({
-                "action": { "id": id, "kind": action.kind, "target": action.target, "params": action.params },
-                "target": action.target,
-                "kind": action.kind,
-                "params": action.params,
-                "steps": outputs,
-                "vars": shared.vars,
-                "secrets": secrets.as_ref().ok(),
-            });
+            let mut scope = scope_of(action, &outputs, &shared.vars);
+            scope["secrets"] = json!(secrets.as_ref().ok());
             let ran = match (secrets, template::resolve(&step_use.settings, &scope)) {
                 (Err(failed), _) => failed.into(),
                 (Ok(_), Ok(settings)) => {
@@ -606,6 +592,19 @@ impl Placing<'_> {
             }
         }
     }
+}
+
+/// What templates in a step use's settings and requirements see (secrets
+/// are added for settings only).
+fn scope_of(action: &Action, outputs: &Map<String, Value>, vars: &Map<String, Value>) -> Value {
+    json!({
+        "action": { "id": action.id, "kind": action.kind, "target": action.target, "params": action.params },
+        "target": action.target,
+        "kind": action.kind,
+        "params": action.params,
+        "steps": outputs,
+        "vars": vars,
+    })
 }
 
 /// The error a cancelled action ends with.

@@ -59,7 +59,7 @@ impl NodeArgs {
                 .map(|h| h.trim().to_owned())
                 .context("reading the host name; pass --name")?,
         };
-        if !node_protocol::is_node_name(&name) {
+        if !engine::placement::is_capability_name(&name) {
             bail!("--name {name:?}: use letters, digits, '-', '_' or '.' (at most 64)");
         }
         // Built in: what every node can say of itself; flags add to them.

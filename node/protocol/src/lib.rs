@@ -79,15 +79,6 @@ pub enum ToNode {
     Cancel { key: CallKey },
 }
 
-/// A node name: letters, digits, `-`, `_` and `.`, at most 64 bytes.
-pub fn is_node_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,13 +102,5 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(hello, FromNode::Hello { name, .. } if name == "hv-1"));
-    }
-
-    #[test]
-    fn node_names() {
-        assert!(is_node_name("hv-17.ams3"));
-        assert!(!is_node_name(""));
-        assert!(!is_node_name("a b"));
-        assert!(!is_node_name(&"a".repeat(65)));
     }
 }
