@@ -208,14 +208,23 @@ async fn session(engine: Engine, token: String, socket: WebSocket) {
         .nodes()
         .attach(&name, capabilities.clone(), link.clone());
     tracing::info!(node = %name, token = %token, ?capabilities, "node connected");
+    // Heartbeats: a ping every second; a node silent for the timeout (cut
+    // off, stopped, its host frozen) counts as gone.
+    let silence = engine.config().node_timeout;
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
+    let mut heard = tokio::time::Instant::now();
     loop {
         tokio::select! {
             message = stream.next() => {
                 let text = match message {
                     Some(Ok(Message::Text(text))) => text,
                     Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-                    Some(Ok(_)) => continue,
+                    Some(Ok(_)) => {
+                        heard = tokio::time::Instant::now();
+                        continue;
+                    }
                 };
+                heard = tokio::time::Instant::now();
                 match serde_json::from_str::<FromNode>(&text) {
                     Ok(FromNode::Done { key, status, body, log }) => {
                         if let Some(tx) = link.pending.lock().unwrap().remove(&key) {
@@ -232,6 +241,15 @@ async fn session(engine: Engine, token: String, socket: WebSocket) {
             }
             Some(message) = outbox.recv() => {
                 if send(&mut sink, &message).await.is_err() {
+                    break;
+                }
+            }
+            _ = heartbeat.tick() => {
+                if heard.elapsed() > silence {
+                    tracing::warn!(node = %name, silent_ms = heard.elapsed().as_millis() as u64, "node stopped answering; dropping its connection");
+                    break;
+                }
+                if sink.send(Message::Ping(Bytes::new())).await.is_err() {
                     break;
                 }
             }

@@ -60,6 +60,9 @@ pub struct Config {
     pub lease: Duration,
     /// How long a step may take to stop after being asked before its host is killed.
     pub cancel_grace: Duration,
+    /// How long a connected node may stay silent before it counts as gone
+    /// (the server pings it every second).
+    pub node_timeout: Duration,
     pub host_command: HostCommand,
     /// Keys trusted to sign bundles, besides those added through the API.
     pub trusted_keys: Vec<PublicKey>,

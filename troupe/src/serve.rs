@@ -58,6 +58,9 @@ pub(crate) struct ServeArgs {
     /// After a step is cancelled or times out, how long it may take to stop before its host is killed.
     #[arg(long, env = "TROUPE_CANCEL_GRACE", default_value = "2s", value_parser = parse_duration)]
     pub(crate) cancel_grace: Duration,
+    /// How long a remote node may stay silent (it is pinged every second) before it counts as gone and its steps in flight fail.
+    #[arg(long, env = "TROUPE_NODE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub(crate) node_timeout: Duration,
     /// Write a fresh admin token to DATA_DIR/admin.token whenever the file there is missing or stale, even if other admin tokens exist: for tools that own their data directory (troupe bench).
     #[arg(long, hide = true)]
     pub(crate) ensure_admin_token: bool,
@@ -80,6 +83,7 @@ impl ServeArgs {
             max_running: self.max_running,
             lease: self.lease,
             cancel_grace: self.cancel_grace,
+            node_timeout: self.node_timeout,
             trusted_keys: self
                 .trust
                 .iter()

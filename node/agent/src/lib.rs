@@ -74,6 +74,10 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<()> {
     }
 }
 
+/// How long the server may stay silent (it pings every second) before the
+/// node connects again.
+const SERVER_SILENCE: Duration = Duration::from_secs(15);
+
 /// The server refused this node for a reason retrying cannot fix.
 #[derive(Debug)]
 struct Refused(String);
@@ -115,9 +119,14 @@ async fn session(config: &Arc<Config>, bundles: &Arc<Bundles>) -> Result<()> {
     let (mut sink, mut stream) = ws.split();
     let (out, mut outbox) = mpsc::unbounded_channel::<FromNode>();
     let calls: Arc<Mutex<HashMap<CallKey, CancellationToken>>> = Arc::default();
+    // The server pings every second; silence this long means it is gone
+    // (or the way to it is), so connect again.
+    let mut check = tokio::time::interval(Duration::from_secs(1));
+    let mut heard = tokio::time::Instant::now();
     loop {
         tokio::select! {
             message = stream.next() => {
+                heard = tokio::time::Instant::now();
                 let text = match message {
                     Some(Ok(Message::Text(text))) => text,
                     Some(Ok(Message::Close(_))) | None => return Ok(()),
@@ -154,6 +163,13 @@ async fn session(config: &Arc<Config>, bundles: &Arc<Bundles>) -> Result<()> {
             }
             Some(message) = outbox.recv() => {
                 sink.send(Message::text(serde_json::to_string(&message)?)).await?;
+            }
+            _ = check.tick() => {
+                if heard.elapsed() > SERVER_SILENCE {
+                    bail!("the server sent nothing for {} s", SERVER_SILENCE.as_secs());
+                }
+                // Answers the server's pings.
+                sink.flush().await?;
             }
         }
     }

@@ -293,6 +293,63 @@ async fn cancel_and_loss_reach_steps_on_nodes(db: Db) {
     assert!(error.contains("node hv-17 went away"), "{error}");
 }
 
+async fn a_silent_node_is_detected_and_comes_back(db: Db) {
+    let env = Env::new(db).await;
+    let server = env.serve_with(&["--node-timeout", "2s"]);
+    let token = join_token(&server, &env).await;
+    let node = Node::start(
+        &server,
+        &token,
+        "hv-17",
+        &["--capability", "hypervisor=kvm"],
+    );
+    connected(&server, &["hv-17"], &[&node]).await;
+    let id = server
+        .submit("node_sleep", "vps-1", json!({ "ms": 20000 }))
+        .await;
+    server
+        .until(id, "running on the node", |a| {
+            a["steps"][0]["status"] == "running"
+        })
+        .await;
+
+    // Frozen: its heartbeats stop, and within the timeout it is gone.
+    signal(&node, "STOP");
+    let frozen = Instant::now();
+    let done = server.finished(id).await;
+    let took = frozen.elapsed();
+    assert_eq!(done["status"], "failed", "{done}");
+    assert!(
+        done["steps"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("node hv-17 went away"),
+        "{done}"
+    );
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(5),
+        "detected after {took:?}"
+    );
+    let (_, list) = server.get("/v1/nodes").await;
+    assert_eq!(list["nodes"], json!([]), "{list}");
+
+    // Thawed: it notices its connection is gone and connects again.
+    signal(&node, "CONT");
+    connected(&server, &["hv-17"], &[&node]).await;
+    let id = server
+        .submit("node_sleep", "vps-1", json!({ "ms": 10 }))
+        .await;
+    assert_eq!(server.finished(id).await["status"], "succeeded");
+}
+
+fn signal(node: &Node, which: &str) {
+    let status = Command::new("kill")
+        .args([format!("-{which}"), node.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
 fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
     let deadline = Instant::now() + within;
     loop {
@@ -309,4 +366,5 @@ both_dbs!(
     a_node_refuses_a_bundle_signed_by_a_key_it_does_not_trust,
     a_node_without_a_join_token_is_refused,
     cancel_and_loss_reach_steps_on_nodes,
+    a_silent_node_is_detected_and_comes_back,
 );
