@@ -72,6 +72,7 @@ pub const CODES: &[(&str, u16, &str)] = &[
     ("bundle_not_found", 404, "no bundle with that hash"),
     ("key_not_found", 404, "no key with that id"),
     ("token_not_found", 404, "no token with that id"),
+    ("node_not_found", 404, "no node by that name"),
     ("secret_not_found", 404, "no secret with that name"),
     ("no_route", 404, "no such endpoint"),
     (
@@ -253,6 +254,7 @@ impl From<engine::Error> for ApiError {
             E::KeyRevoked(_) => (StatusCode::CONFLICT, "key_revoked"),
             E::TokenNameTaken(_) => (StatusCode::CONFLICT, "token_name_taken"),
             E::TokenNotFound(_) => (StatusCode::NOT_FOUND, "token_not_found"),
+            E::NodeNotFound(_) => (StatusCode::NOT_FOUND, "node_not_found"),
             E::SecretNotFound(_) => (StatusCode::NOT_FOUND, "secret_not_found"),
             E::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
             E::Database(_) | E::Migrate(_) => {

@@ -24,28 +24,36 @@ use node_protocol::{FromNode, PROTOCOL, ToNode};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::ApiError;
-use crate::auth::{Caller, Join, Read};
+use crate::auth::{Admin, Caller, Join, MaybeCaller, Read, missing_scope};
 use crate::wire::{ErrorBody, NodeList, NodeView};
+use engine::access::Scope;
+use engine::nodes::Admission;
 
 /// How long a new connection has to say hello.
 const HELLO_WITHIN: Duration = Duration::from_secs(10);
 
-/// A node's connection: upgrade to a WebSocket, then `node_protocol`.
+/// A node's connection: upgrade to a WebSocket, then `node_protocol`. A
+/// node that has joined needs no token; a new one joins with a `join`
+/// token, or without one waits for an admin's `accept`.
 #[utoipa::path(
     get, path = "/v1/nodes/connect", tag = "nodes",
-    security(("bearer" = ["join"])),
+    security((), ("bearer" = ["join"])),
     responses(
         (status = 101, description = "switching to the node protocol (a WebSocket)"),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
     )
 )]
 pub(crate) async fn connect(
-    caller: Caller<Join>,
+    MaybeCaller(caller): MaybeCaller,
     State(engine): State<Engine>,
     ws: WebSocketUpgrade,
-) -> Response {
-    let token = caller.principal.name.clone();
-    ws.on_upgrade(move |socket| session(engine, token, socket))
+) -> Result<Response, ApiError> {
+    let token = match caller {
+        Some(p) if p.allows(Scope::Join) => Some(p.name),
+        Some(p) => return Err(missing_scope(&p, Scope::Join)),
+        None => None,
+    };
+    Ok(ws.on_upgrade(move |socket| session(engine, token, socket)))
 }
 
 /// The bytes of a bundle, for a node to verify with its own keys.
@@ -59,7 +67,7 @@ pub(crate) async fn connect(
     )
 )]
 pub(crate) async fn bundle(
-    _: Caller<Join>,
+    _: NodeSession,
     State(engine): State<Engine>,
     Path(hash): Path<String>,
 ) -> Result<Response, ApiError> {
@@ -82,7 +90,7 @@ pub(crate) async fn bundle(
     )
 )]
 pub(crate) async fn signature(
-    _: Caller<Join>,
+    _: NodeSession,
     State(engine): State<Engine>,
     Path(hash): Path<String>,
 ) -> Result<Response, ApiError> {
@@ -90,20 +98,100 @@ pub(crate) async fn signature(
     Ok(([(header::CONTENT_TYPE, "text/plain")], text).into_response())
 }
 
-/// The connected nodes: capabilities, since when, steps in flight.
+/// The nodes that joined or asked to: status, key, connected or not,
+/// capabilities, steps in flight.
 #[utoipa::path(
     get, path = "/v1/nodes", tag = "nodes",
     security(("bearer" = ["read"])),
-    responses((status = 200, body = NodeList), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody))
+    responses(
+        (status = 200, body = NodeList), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 503, body = ErrorBody),
+    )
 )]
-pub(crate) async fn list(_: Caller<Read>, State(engine): State<Engine>) -> Json<NodeList> {
+pub(crate) async fn list(
+    _: Caller<Read>,
+    State(engine): State<Engine>,
+) -> Result<Json<NodeList>, ApiError> {
+    let live = engine.nodes().list();
     let nodes = engine
-        .nodes()
-        .list()
+        .node_rows()
+        .await?
         .into_iter()
-        .map(NodeView::from)
+        .map(|row| {
+            let connected = live.iter().find(|n| n.name == row.name);
+            NodeView::new(row, connected)
+        })
         .collect();
-    Json(NodeList { nodes })
+    Ok(Json(NodeList { nodes }))
+}
+
+/// Let a pending node in: it takes calls from its next connection.
+#[utoipa::path(
+    post, path = "/v1/nodes/{name}/accept", tag = "nodes",
+    params(("name" = String, Path)),
+    security(("bearer" = ["admin"])),
+    responses(
+        (status = 200, body = NodeView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody),
+    )
+)]
+pub(crate) async fn accept(
+    caller: Caller<Admin>,
+    State(engine): State<Engine>,
+    Path(name): Path<String>,
+) -> Result<Json<NodeView>, ApiError> {
+    let row = engine.accept_node(&name, &caller.principal.name).await?;
+    Ok(Json(NodeView::new(row, None)))
+}
+
+/// Remove a node: its key is refused from now on and its connection ends
+/// at once; its steps in flight fail naming it.
+#[utoipa::path(
+    post, path = "/v1/nodes/{name}/remove", tag = "nodes",
+    params(("name" = String, Path)),
+    security(("bearer" = ["admin"])),
+    responses(
+        (status = 200, body = NodeView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody),
+    )
+)]
+pub(crate) async fn remove(
+    caller: Caller<Admin>,
+    State(engine): State<Engine>,
+    Path(name): Path<String>,
+) -> Result<Json<NodeView>, ApiError> {
+    let row = engine.remove_node(&name, &caller.principal.name).await?;
+    Ok(Json(NodeView::new(row, None)))
+}
+
+/// Drain a node (`?undo=true` to stop draining): it gets no new steps;
+/// those in flight finish. Held by this server until it restarts.
+#[utoipa::path(
+    post, path = "/v1/nodes/{name}/drain", tag = "nodes",
+    params(("name" = String, Path), ("undo" = Option<bool>, Query)),
+    security(("bearer" = ["admin"])),
+    responses(
+        (status = 200, body = NodeView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody),
+    )
+)]
+pub(crate) async fn drain(
+    _: Caller<Admin>,
+    State(engine): State<Engine>,
+    Path(name): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<HashMap<String, String>>,
+) -> Result<Json<NodeView>, ApiError> {
+    let row = engine
+        .node_rows()
+        .await?
+        .into_iter()
+        .find(|n| n.name == name)
+        .ok_or(engine::Error::NodeNotFound(name.clone()))?;
+    let undo = q.get("undo").is_some_and(|v| v == "true");
+    engine.nodes().set_draining(&name, !undo);
+    let live = engine.nodes().list();
+    let connected = live.iter().find(|n| n.name == name);
+    Ok(Json(NodeView::new(row, connected)))
 }
 
 /// Calls sent on one connection and not answered yet.
@@ -114,6 +202,9 @@ struct Link {
     name: String,
     out: mpsc::UnboundedSender<ToNode>,
     pending: Pending,
+    /// Set when the node is removed: the session says why and ends.
+    closed: Mutex<Option<String>>,
+    close: tokio::sync::Notify,
 }
 
 impl NodeLink for Link {
@@ -140,6 +231,11 @@ impl NodeLink for Link {
     fn cancel(&self, key: CallKey) {
         let _ = self.out.send(ToNode::Cancel { key: wire_key(key) });
     }
+
+    fn close(&self, reason: &str) {
+        *self.closed.lock().unwrap() = Some(reason.to_owned());
+        self.close.notify_one();
+    }
 }
 
 fn wire_key(key: CallKey) -> node_protocol::CallKey {
@@ -158,13 +254,29 @@ fn gone(node: &str) -> Answer {
 }
 
 /// One node connection, from its hello to its end.
-async fn session(engine: Engine, token: String, socket: WebSocket) {
+async fn session(engine: Engine, token: Option<String>, socket: WebSocket) {
     let (mut sink, mut stream) = socket.split();
+    let Some(nonce) = random_hex() else {
+        return;
+    };
+    if send(
+        &mut sink,
+        &ToNode::Challenge {
+            nonce: nonce.clone(),
+        },
+    )
+    .await
+    .is_err()
+    {
+        return;
+    }
     let hello = tokio::time::timeout(HELLO_WITHIN, stream.next()).await;
     let (name, capabilities) = match hello {
         Ok(Some(Ok(Message::Text(text)))) => match serde_json::from_str::<FromNode>(&text) {
             Ok(FromNode::Hello {
                 name,
+                public_key,
+                answer,
                 capabilities,
                 protocol,
                 ..
@@ -188,6 +300,48 @@ async fn session(engine: Engine, token: String, socket: WebSocket) {
                     let why = format!("{bad:?} is not a capability name");
                     return refuse(&mut sink, &why).await;
                 }
+                let key = match public_key.parse::<signing::PublicKey>() {
+                    Ok(key) if signing::node::check(&key, &nonce, &name, &answer) => key,
+                    _ => {
+                        let why = "the hello is not signed by the node key it names";
+                        return refuse(&mut sink, why).await;
+                    }
+                };
+                match engine
+                    .admit_node(&name, &key, token.as_deref(), &capabilities)
+                    .await
+                {
+                    Ok(Admission::Accepted) => {}
+                    Ok(Admission::Pending) => {
+                        let reason = format!(
+                            "node {name:?} waits for an admin: `troupe nodes accept {name}` (or start it with a join token)"
+                        );
+                        tracing::info!(node = %name, key = %key, "a node asked to join; it waits for `troupe nodes accept`");
+                        let _ = send(
+                            &mut sink,
+                            &ToNode::Refused {
+                                retry: true,
+                                reason,
+                            },
+                        )
+                        .await;
+                        return;
+                    }
+                    Ok(Admission::Refused(why)) => return refuse(&mut sink, &why).await,
+                    Err(e) => {
+                        tracing::warn!(node = %name, error = %e, "cannot record a node's hello");
+                        let reason = "the server cannot reach its database; try again".to_owned();
+                        let _ = send(
+                            &mut sink,
+                            &ToNode::Refused {
+                                retry: true,
+                                reason,
+                            },
+                        )
+                        .await;
+                        return;
+                    }
+                }
                 (name, capabilities)
             }
             _ => return refuse(&mut sink, "the first message must be a hello").await,
@@ -199,15 +353,24 @@ async fn session(engine: Engine, token: String, socket: WebSocket) {
         name: name.clone(),
         out,
         pending: Mutex::default(),
+        closed: Mutex::default(),
+        close: tokio::sync::Notify::new(),
     });
-    let welcome = ToNode::Welcome { protocol: PROTOCOL };
+    let Some(session) = random_hex() else {
+        return;
+    };
+    let session = format!("node_{session}");
+    let attached = engine
+        .nodes()
+        .attach(&name, capabilities.clone(), link.clone(), &session);
+    let welcome = ToNode::Welcome {
+        protocol: PROTOCOL,
+        session,
+    };
     if send(&mut sink, &welcome).await.is_err() {
         return;
     }
-    let attached = engine
-        .nodes()
-        .attach(&name, capabilities.clone(), link.clone());
-    tracing::info!(node = %name, token = %token, ?capabilities, "node connected");
+    tracing::info!(node = %name, token = token.as_deref().unwrap_or("none"), ?capabilities, "node connected");
     // Heartbeats: a ping every second; a node silent for the timeout (cut
     // off, stopped, its host frozen) counts as gone.
     let silence = engine.config().node_timeout;
@@ -244,6 +407,11 @@ async fn session(engine: Engine, token: String, socket: WebSocket) {
                     break;
                 }
             }
+            _ = link.close.notified() => {
+                let reason = link.closed.lock().unwrap().clone().unwrap_or_default();
+                let _ = send(&mut sink, &ToNode::Refused { retry: false, reason }).await;
+                break;
+            }
             _ = heartbeat.tick() => {
                 if heard.elapsed() > silence {
                     tracing::warn!(node = %name, silent_ms = heard.elapsed().as_millis() as u64, "node stopped answering; dropping its connection");
@@ -263,6 +431,45 @@ async fn session(engine: Engine, token: String, socket: WebSocket) {
     }
 }
 
+/// 32 random bytes as hex.
+fn random_hex() -> Option<String> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).ok()?;
+    Some(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// A connected node, by the session credential its `Welcome` carried.
+pub(crate) struct NodeSession;
+
+impl axum::extract::FromRequestParts<crate::AppState> for NodeSession {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &crate::AppState,
+    ) -> Result<Self, ApiError> {
+        let session = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|v| v.starts_with("node_"));
+        match session {
+            Some(s) if state.engine.nodes().by_session(s).is_some() => Ok(NodeSession),
+            Some(_) => Err(ApiError::new(
+                axum::http::StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this node session has ended; the node gets a new one when it connects again",
+            )),
+            // Not a node session: a join token (or admin) will do.
+            None => Caller::<Join>::from_request_parts(parts, state)
+                .await
+                .map(|_| NodeSession),
+        }
+    }
+}
+
 async fn send(
     sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
     message: &ToNode,
@@ -271,18 +478,18 @@ async fn send(
     sink.send(Message::Text(text.into())).await
 }
 
-/// Closes the connection saying why (a close frame's reason is at most 123
-/// bytes).
+/// Refuses the node for good, saying why, and ends the connection.
 async fn refuse(sink: &mut futures_util::stream::SplitSink<WebSocket, Message>, why: &str) {
     tracing::warn!("refused a node: {why}");
-    let mut reason = why.to_owned();
-    while reason.len() > 120 {
-        reason.pop();
-    }
+    let refused = ToNode::Refused {
+        retry: false,
+        reason: why.to_owned(),
+    };
+    let _ = send(sink, &refused).await;
     let _ = sink
         .send(Message::Close(Some(CloseFrame {
             code: axum::extract::ws::close_code::POLICY,
-            reason: reason.into(),
+            reason: "refused".into(),
         })))
         .await;
 }

@@ -87,28 +87,56 @@ pub struct StepView {
     pub node: Option<String>,
 }
 
-/// A connected remote node.
+/// A remote node that joined or asked to.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct NodeView {
     pub name: String,
-    /// What it can do: key/value pairs steps' `requires` match against.
+    /// pending (waits for `troupe nodes accept`), accepted or removed.
+    #[schema(example = "accepted")]
+    pub status: String,
+    /// Its node key (`ed25519:…`).
+    pub public_key: String,
+    pub connected: bool,
+    /// What it can do (as it said when it last connected): key/value pairs
+    /// steps' `requires` match against.
     #[schema(value_type = Object)]
-    pub capabilities: std::collections::BTreeMap<String, String>,
-    pub connected_at: String,
+    pub capabilities: serde_json::Map<String, Value>,
+    /// Since when it is connected, if it is.
+    pub connected_at: Option<String>,
+    pub last_seen_at: Option<String>,
     /// Steps it runs now.
     pub in_flight: usize,
     /// A draining node gets no new steps.
     pub draining: bool,
+    /// Who let it in: an admin token's name, or the join token it joined with.
+    pub accepted_by: Option<String>,
 }
 
-impl From<engine::nodes::NodeInfo> for NodeView {
-    fn from(n: engine::nodes::NodeInfo) -> NodeView {
+impl NodeView {
+    pub fn new(row: engine::store::NodeRow, live: Option<&engine::nodes::NodeInfo>) -> NodeView {
+        let capabilities = match live {
+            Some(n) => n
+                .capabilities
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                .collect(),
+            None => row
+                .capabilities
+                .as_deref()
+                .and_then(|c| serde_json::from_str(c).ok())
+                .unwrap_or_default(),
+        };
         NodeView {
-            name: n.name,
-            capabilities: n.capabilities,
-            connected_at: time(&n.connected_at),
-            in_flight: n.in_flight,
-            draining: n.draining,
+            name: row.name,
+            status: row.status,
+            public_key: row.public_key,
+            connected: live.is_some(),
+            capabilities,
+            connected_at: live.map(|n| time(&n.connected_at)),
+            last_seen_at: row.last_seen_at.as_ref().map(time),
+            in_flight: live.map_or(0, |n| n.in_flight),
+            draining: live.is_some_and(|n| n.draining),
+            accepted_by: row.accepted_by,
         }
     }
 }

@@ -63,6 +63,8 @@ pub enum Error {
     SecretNotFound(String),
     #[error("no API token with id {0}")]
     TokenNotFound(String),
+    #[error("no node named {0:?} has joined or asked to")]
+    NodeNotFound(String),
     /// The database refused a write for its content (a constraint, a value
     /// it cannot hold); trying it again cannot succeed.
     #[error("the database refused a write: {0}")]

@@ -287,6 +287,136 @@ impl Engine {
         &self.inner.shared.nodes
     }
 
+    /// Decides on a node's hello, its key already proven (it signed the
+    /// challenge). A name seen for the first time is accepted when it comes
+    /// with a join token and recorded `pending` without one; after that the
+    /// name belongs to its key: another key is refused, and so is a removed
+    /// one. A pending node that comes back with a join token is accepted.
+    pub async fn admit_node(
+        &self,
+        name: &str,
+        key: &signing::PublicKey,
+        join_token: Option<&str>,
+        capabilities: &std::collections::BTreeMap<String, String>,
+    ) -> Result<nodes::Admission> {
+        use nodes::Admission;
+        let now = model::now();
+        let key_text = key.to_string();
+        let known = match self.node_row(name).await {
+            Ok(row) => Some(row),
+            Err(Error::NodeNotFound(_)) => None,
+            Err(e) => return Err(e),
+        };
+        let mut writes = Vec::new();
+        let mut row = match known {
+            Some(row) if row.public_key != key_text && row.status != "removed" => {
+                return Ok(Admission::Refused(format!(
+                    "the name {name:?} belongs to another node key; pick another --name, or have an admin remove the old node (`troupe nodes remove {name}`)"
+                )));
+            }
+            Some(row) if row.status == "removed" && row.public_key == key_text => {
+                return Ok(Admission::Refused(format!(
+                    "node {name:?} was removed; its key is no longer accepted (a new key, from a fresh data directory, can join again)"
+                )));
+            }
+            Some(row) if row.public_key == key_text => row,
+            // New, or a removed name taken by a new key.
+            _ => store::NodeRow {
+                name: name.to_owned(),
+                public_key: key_text,
+                status: "pending".into(),
+                created_at: now,
+                accepted_at: None,
+                accepted_by: None,
+                capabilities: None,
+                last_seen_at: None,
+            },
+        };
+        if row.status == "pending"
+            && let Some(token) = join_token
+        {
+            row.status = "accepted".into();
+            row.accepted_at = Some(now);
+            row.accepted_by = Some(token.to_owned());
+            writes.push(Write::Audit(Box::new(AuditEntry::new(
+                token,
+                "node.joined",
+                name,
+                json!({ "public_key": row.public_key }),
+            ))));
+        }
+        row.capabilities = Some(json!(capabilities).to_string());
+        row.last_seen_at = Some(now);
+        let admission = match row.status.as_str() {
+            "accepted" => Admission::Accepted,
+            _ => Admission::Pending,
+        };
+        writes.insert(0, Write::PutNode(Box::new(row)));
+        self.inner.store.write(writes).await?;
+        Ok(admission)
+    }
+
+    /// Lets a pending node in (it takes calls from its next connection).
+    pub async fn accept_node(&self, name: &str, by: &str) -> Result<store::NodeRow> {
+        let mut row = self.node_row(name).await?;
+        if row.status != "accepted" {
+            row.status = "accepted".into();
+            row.accepted_at = Some(model::now());
+            row.accepted_by = Some(by.to_owned());
+            let audit = AuditEntry::new(
+                by,
+                "node.accepted",
+                name,
+                json!({ "public_key": row.public_key }),
+            );
+            self.inner
+                .store
+                .write(vec![
+                    Write::PutNode(Box::new(row.clone())),
+                    Write::Audit(Box::new(audit)),
+                ])
+                .await?;
+        }
+        Ok(row)
+    }
+
+    /// Removes a node: its key is refused from now on and its connection
+    /// ends at once (its steps in flight fail naming it).
+    pub async fn remove_node(&self, name: &str, by: &str) -> Result<store::NodeRow> {
+        let mut row = self.node_row(name).await?;
+        row.status = "removed".into();
+        let audit = AuditEntry::new(
+            by,
+            "node.removed",
+            name,
+            json!({ "public_key": row.public_key }),
+        );
+        self.inner
+            .store
+            .write(vec![
+                Write::PutNode(Box::new(row.clone())),
+                Write::Audit(Box::new(audit)),
+            ])
+            .await?;
+        self.nodes()
+            .disconnect(name, "this node was removed by an admin");
+        tracing::warn!(node = %name, by, "node removed");
+        Ok(row)
+    }
+
+    /// Every node that joined or asked to, by name.
+    pub async fn node_rows(&self) -> Result<Vec<store::NodeRow>> {
+        self.inner.store.node_rows().await
+    }
+
+    async fn node_row(&self, name: &str) -> Result<store::NodeRow> {
+        self.node_rows()
+            .await?
+            .into_iter()
+            .find(|n| n.name == name)
+            .ok_or_else(|| Error::NodeNotFound(name.to_owned()))
+    }
+
     pub fn store(&self) -> &Store {
         &self.inner.store
     }

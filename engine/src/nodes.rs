@@ -62,6 +62,19 @@ pub trait NodeLink: Send + Sync + 'static {
     /// the node kills its step host if the step has not stopped after the
     /// grace.
     fn cancel(&self, key: CallKey);
+    /// Ends the connection (the node was removed), telling the node why.
+    fn close(&self, reason: &str);
+}
+
+/// What a node's hello gets (see `Engine::admit_node`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// It may take calls.
+    Accepted,
+    /// It waits for an operator: `troupe nodes accept NAME`.
+    Pending,
+    /// Not with this key; why, for the node's operator.
+    Refused(String),
 }
 
 /// What the registry shows of a connected node.
@@ -82,12 +95,17 @@ pub struct Nodes {
 
 struct Registry {
     nodes: Mutex<BTreeMap<String, Entry>>,
+    /// Nodes drained on this server, connected or not: a reconnect does not
+    /// undo a drain.
+    draining: Mutex<std::collections::BTreeSet<String>>,
     /// Bumped whenever placement could come out differently.
     changed: watch::Sender<u64>,
 }
 
 struct Entry {
     capabilities: BTreeMap<String, String>,
+    /// SHA-256 (hex) of the connection's session credential.
+    session: String,
     link: Arc<dyn NodeLink>,
     in_flight: Arc<AtomicUsize>,
     draining: bool,
@@ -102,6 +120,7 @@ impl Default for Nodes {
         Nodes {
             inner: Arc::new(Registry {
                 nodes: Mutex::default(),
+                draining: Mutex::default(),
                 changed: watch::channel(0).0,
             }),
         }
@@ -111,19 +130,23 @@ impl Default for Nodes {
 impl Nodes {
     /// Makes a connected node placeable until the returned guard is dropped.
     /// A node that connects again replaces its earlier connection.
+    /// `session` is the bearer credential the node downloads bundles with
+    /// while this connection lasts (see [`Nodes::by_session`]).
     pub fn attach(
         &self,
         name: &str,
         capabilities: BTreeMap<String, String>,
         link: Arc<dyn NodeLink>,
+        session: &str,
     ) -> Attached {
         static EPOCH: AtomicUsize = AtomicUsize::new(1);
         let epoch = EPOCH.fetch_add(1, Ordering::Relaxed) as u64;
         let entry = Entry {
             capabilities,
+            session: digest(session),
             link,
             in_flight: Arc::default(),
-            draining: false,
+            draining: self.inner.draining.lock().unwrap().contains(name),
             connected_at: crate::model::now(),
             epoch,
         };
@@ -146,8 +169,34 @@ impl Nodes {
 
     /// A draining node gets no new steps; those in flight finish.
     pub fn set_draining(&self, name: &str, draining: bool) {
+        let mut drained = self.inner.draining.lock().unwrap();
+        if draining {
+            drained.insert(name.to_owned());
+        } else {
+            drained.remove(name);
+        }
+        drop(drained);
         if let Some(e) = self.inner.lock().get_mut(name) {
             e.draining = draining;
+        }
+        self.inner.bump();
+    }
+
+    /// The connected node whose session credential this is.
+    pub fn by_session(&self, session: &str) -> Option<String> {
+        let wanted = digest(session);
+        self.inner
+            .lock()
+            .iter()
+            .find(|(_, e)| e.session == wanted)
+            .map(|(name, _)| name.clone())
+    }
+
+    /// Ends a node's connection at once (it was removed).
+    pub fn disconnect(&self, name: &str, reason: &str) {
+        let entry = self.inner.lock().remove(name);
+        if let Some(e) = entry {
+            e.link.close(reason);
         }
         self.inner.bump();
     }
@@ -187,6 +236,16 @@ impl Nodes {
     pub(crate) fn changed(&self) -> watch::Receiver<u64> {
         self.inner.changed.subscribe()
     }
+}
+
+/// Credentials are compared by digest, so a lookup's timing says nothing
+/// about the secret.
+fn digest(secret: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(secret.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 impl Registry {
@@ -246,6 +305,7 @@ mod tests {
             oneshot::channel().1
         }
         fn cancel(&self, _: CallKey) {}
+        fn close(&self, _: &str) {}
     }
 
     fn caps(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -263,9 +323,14 @@ mod tests {
     fn places_on_the_least_busy_matching_node_and_never_elsewhere() {
         let nodes = Nodes::default();
         let mut changed = nodes.changed();
-        let _a = nodes.attach("hv-1", caps(&[("hypervisor", "kvm")]), Arc::new(Idle));
-        let _b = nodes.attach("hv-2", caps(&[("hypervisor", "kvm")]), Arc::new(Idle));
-        let _c = nodes.attach("gpu-1", caps(&[("gpu", "a100")]), Arc::new(Idle));
+        let _a = nodes.attach("hv-1", caps(&[("hypervisor", "kvm")]), Arc::new(Idle), "s");
+        let _b = nodes.attach("hv-2", caps(&[("hypervisor", "kvm")]), Arc::new(Idle), "s");
+        let _c = nodes.attach(
+            "gpu-1",
+            caps(&[("gpu", "a100")]),
+            Arc::new(Idle),
+            "gpu-session",
+        );
         assert!(changed.has_changed().unwrap());
         changed.mark_unchanged();
 
@@ -279,6 +344,8 @@ mod tests {
 
         assert!(nodes.place(&wants(&[("hypervisor", "xen")])).is_none());
         assert_eq!(nodes.place(&wants(&[("gpu", "*")])).unwrap().name, "gpu-1");
+        assert_eq!(nodes.by_session("gpu-session").as_deref(), Some("gpu-1"));
+        assert_eq!(nodes.by_session("nope"), None);
 
         nodes.set_draining("gpu-1", true);
         assert!(changed.has_changed().unwrap());
@@ -288,8 +355,8 @@ mod tests {
     #[test]
     fn a_reconnect_replaces_the_old_connection() {
         let nodes = Nodes::default();
-        let old = nodes.attach("hv-1", caps(&[("a", "1")]), Arc::new(Idle));
-        let new = nodes.attach("hv-1", caps(&[("a", "2")]), Arc::new(Idle));
+        let old = nodes.attach("hv-1", caps(&[("a", "1")]), Arc::new(Idle), "s");
+        let new = nodes.attach("hv-1", caps(&[("a", "2")]), Arc::new(Idle), "s");
         drop(old);
         let listed = nodes.list();
         assert_eq!(listed.len(), 1);

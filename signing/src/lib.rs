@@ -8,6 +8,7 @@
 mod hash;
 mod hex;
 mod keys;
+pub mod node;
 mod signature;
 
 pub use hash::{BundleHash, InvalidHash};

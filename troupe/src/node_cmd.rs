@@ -17,9 +17,9 @@ pub(crate) struct NodeArgs {
     /// The app server's API: http://HOST:PORT on loopback, else https://HOST:PORT.
     #[arg(long, env = "TROUPE_SERVER")]
     server: String,
-    /// A file holding an API token with the join scope (`troupe tokens create --scope join`).
+    /// A file holding an API token with the join scope (`troupe tokens create --scope join`), to join without an admin's `troupe nodes accept`; a node that has joined needs none.
     #[arg(long, env = "TROUPE_NODE_TOKEN_FILE")]
-    token_file: PathBuf,
+    token_file: Option<PathBuf>,
     /// This node's name (letters, digits, '-', '_', '.') [default: the host name].
     #[arg(long, env = "TROUPE_NODE_NAME")]
     name: Option<String>,
@@ -49,10 +49,15 @@ pub(crate) struct NodeArgs {
 
 impl NodeArgs {
     pub(crate) async fn run(self) -> Result<ExitCode> {
-        let token = std::fs::read_to_string(&self.token_file)
-            .with_context(|| format!("reading the join token from {}", self.token_file.display()))?
-            .trim()
-            .to_owned();
+        let token = match &self.token_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the join token from {}", path.display()))?
+                    .trim()
+                    .to_owned(),
+            ),
+            None => None,
+        };
         let name = match self.name {
             Some(name) => name,
             None => std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -104,11 +109,14 @@ impl NodeArgs {
             (None, false) => None,
         };
         crate::serve::create_private_dir(&self.data_dir)?;
+        let key = node_key(&self.data_dir)?;
+        tracing::info!(name = %name, key = %key.public(), "node identity");
         let exe = std::env::current_exe().context("finding the troupe executable")?;
         let config = node::Config {
             server: self.server.trim_end_matches('/').to_owned(),
             token,
             name,
+            key,
             capabilities,
             data_dir: self.data_dir,
             trust,
@@ -137,6 +145,19 @@ impl NodeArgs {
     }
 }
 
+/// This node's key: `node.key` in its data directory, made on first start.
+fn node_key(dir: &std::path::Path) -> Result<signing::SecretKey> {
+    let path = dir.join("node.key");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => signing::SecretKey::from_text(&text)
+            .with_context(|| format!("reading the node key {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            crate::bundle_cmd::generate_key(&path)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading the node key {}", path.display())),
+    }
+}
+
 /// TLS that trusts only the CA certificate(s) in `path`.
 fn client_tls(path: &std::path::Path) -> Result<rustls::ClientConfig> {
     use rustls_pki_types::CertificateDer;
@@ -160,10 +181,30 @@ fn client_tls(path: &std::path::Path) -> Result<rustls::ClientConfig> {
 
 #[derive(Subcommand)]
 pub(crate) enum NodesCommand {
-    /// The connected nodes: capabilities, since when, steps in flight.
+    /// The nodes that joined or asked to: status, connected or not, capabilities, steps in flight.
     List {
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Let a pending node in (admin).
+    Accept {
+        name: String,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Remove a node: its key is refused from now on and it is disconnected at once (admin).
+    Remove {
+        name: String,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Give a node no new steps; those in flight finish (--undo to give it steps again; admin).
+    Drain {
+        name: String,
+        #[arg(long)]
+        undo: bool,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -172,6 +213,37 @@ pub(crate) enum NodesCommand {
 impl NodesCommand {
     pub(crate) async fn run(self) -> Result<ExitCode> {
         match self {
+            NodesCommand::Accept { name, server } => {
+                let client = Client::connect(&server)?;
+                client
+                    .post(&format!("/v1/nodes/{name}/accept"), &serde_json::json!({}))
+                    .await?;
+                println!("node {name} accepted; it takes steps from its next connection");
+                Ok(ExitCode::SUCCESS)
+            }
+            NodesCommand::Remove { name, server } => {
+                let client = Client::connect(&server)?;
+                client
+                    .post(&format!("/v1/nodes/{name}/remove"), &serde_json::json!({}))
+                    .await?;
+                println!("node {name} removed; its key is refused from now on");
+                Ok(ExitCode::SUCCESS)
+            }
+            NodesCommand::Drain { name, undo, server } => {
+                let client = Client::connect(&server)?;
+                let path = if undo {
+                    format!("/v1/nodes/{name}/drain?undo=true")
+                } else {
+                    format!("/v1/nodes/{name}/drain")
+                };
+                client.post(&path, &serde_json::json!({})).await?;
+                if undo {
+                    println!("node {name} takes new steps again");
+                } else {
+                    println!("node {name} is draining: no new steps; those in flight finish");
+                }
+                Ok(ExitCode::SUCCESS)
+            }
             NodesCommand::List { json, server } => {
                 let client = Client::connect(&server)?;
                 let list = client.get("/v1/nodes", &[]).await?;
@@ -181,7 +253,7 @@ impl NodesCommand {
                 }
                 let nodes = list["nodes"].as_array().cloned().unwrap_or_default();
                 if nodes.is_empty() {
-                    println!("no node is connected");
+                    println!("no node has joined or asked to");
                 }
                 for n in nodes {
                     let caps: Vec<String> = n["capabilities"]
@@ -190,16 +262,28 @@ impl NodesCommand {
                         .flatten()
                         .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
                         .collect();
+                    let state = match (
+                        n["status"].as_str(),
+                        n["connected"] == true,
+                        n["draining"] == true,
+                    ) {
+                        (Some("accepted"), true, true) => "draining",
+                        (Some("accepted"), true, false) => "connected",
+                        (Some("accepted"), false, _) => "offline",
+                        (Some(other), _, _) => other,
+                        (None, _, _) => "?",
+                    };
+                    let seen = n["connected_at"]
+                        .as_str()
+                        .map(|t| format!("since {t}"))
+                        .or_else(|| n["last_seen_at"].as_str().map(|t| format!("last seen {t}")))
+                        .unwrap_or_default();
                     println!(
-                        "{:<20} {:<9} in flight {:<4} since {}  {}",
+                        "{:<20} {:<9} in flight {:<4} {}  {}",
                         n["name"].as_str().unwrap_or("?"),
-                        if n["draining"] == true {
-                            "draining"
-                        } else {
-                            "ready"
-                        },
+                        state,
                         n["in_flight"],
-                        n["connected_at"].as_str().unwrap_or(""),
+                        seen,
                         caps.join(" ")
                     );
                 }

@@ -2,7 +2,7 @@
 //! `sql.rs`. These writes are rare (an operator's change), so each runs as
 //! its own statement inside whatever group commit carries it.
 
-use super::{AuditEntry, SecretRow, TokenRow, Write};
+use super::{AuditEntry, NodeRow, SecretRow, TokenRow, Write};
 
 macro_rules! access_backend {
     ($module:ident, $db:ty, $pool:ty, $conn:ty) => {
@@ -64,6 +64,27 @@ macro_rules! access_backend {
                         .execute(&mut *tx)
                         .await?
                     }
+                    // Delete and insert, as for secrets.
+                    Write::PutNode(n) => {
+                        sqlx::query("DELETE FROM nodes WHERE name = ?")
+                            .bind(&n.name)
+                            .execute(&mut *tx)
+                            .await?;
+                        sqlx::query(
+                            "INSERT INTO nodes (name, public_key, status, created_at, accepted_at, accepted_by, capabilities, last_seen_at) \
+                             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        )
+                        .bind(&n.name)
+                        .bind(&n.public_key)
+                        .bind(&n.status)
+                        .bind(n.created_at)
+                        .bind(n.accepted_at)
+                        .bind(&n.accepted_by)
+                        .bind(&n.capabilities)
+                        .bind(n.last_seen_at)
+                        .execute(&mut *tx)
+                        .await?
+                    }
                     Write::DeleteSecret { name } => {
                         sqlx::query("DELETE FROM secrets WHERE name = ?")
                             .bind(name)
@@ -106,6 +127,29 @@ macro_rules! access_backend {
                     .await?
                     .iter()
                     .map(secret_row)
+                    .collect()
+            }
+
+            pub(crate) async fn nodes(pool: &$pool) -> Result<Vec<NodeRow>, sqlx::Error> {
+                let rows = sqlx::query(
+                    "SELECT name, public_key, status, created_at, accepted_at, accepted_by, capabilities, last_seen_at \
+                     FROM nodes ORDER BY name",
+                )
+                .fetch_all(pool)
+                .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(NodeRow {
+                            name: r.try_get("name")?,
+                            public_key: r.try_get("public_key")?,
+                            status: r.try_get("status")?,
+                            created_at: r.try_get("created_at")?,
+                            accepted_at: r.try_get("accepted_at")?,
+                            accepted_by: r.try_get("accepted_by")?,
+                            capabilities: r.try_get("capabilities")?,
+                            last_seen_at: r.try_get("last_seen_at")?,
+                        })
+                    })
                     .collect()
             }
 

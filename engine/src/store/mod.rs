@@ -160,6 +160,8 @@ pub(crate) enum Write {
     },
     /// Stores a new API token (its hash, never its text).
     CreateToken(Box<TokenRow>),
+    /// Stores a node's row, replacing one of the same name.
+    PutNode(Box<NodeRow>),
     RevokeToken {
         id: String,
         at: Timestamp,
@@ -181,6 +183,21 @@ pub struct SecretRow {
     pub ciphertext: Vec<u8>,
     pub updated_at: Timestamp,
     pub updated_by: String,
+}
+
+/// A row of `nodes`.
+#[derive(Debug, Clone)]
+pub struct NodeRow {
+    pub name: String,
+    pub public_key: String,
+    /// `pending`, `accepted` or `removed`.
+    pub status: String,
+    pub created_at: Timestamp,
+    pub accepted_at: Option<Timestamp>,
+    pub accepted_by: Option<String>,
+    /// JSON object.
+    pub capabilities: Option<String>,
+    pub last_seen_at: Option<Timestamp>,
 }
 
 /// A row of `api_tokens`.
@@ -448,6 +465,7 @@ impl Write {
             | Write::TrustKey { .. }
             | Write::RevokeKey { .. }
             | Write::CreateToken(..)
+            | Write::PutNode(..)
             | Write::RevokeToken { .. }
             | Write::Audit(..)
             | Write::SetSecret(..)
@@ -767,6 +785,13 @@ impl Store {
         Ok(match &self.read {
             Pool::Sqlite(p) => sql::sqlite::bundle_content(p, hash).await?,
             Pool::MySql(p) => sql::mysql::bundle_content(p, hash).await?,
+        })
+    }
+
+    pub async fn node_rows(&self) -> Result<Vec<NodeRow>> {
+        Ok(match &self.read {
+            Pool::Sqlite(p) => access::sqlite::nodes(p).await?,
+            Pool::MySql(p) => access::mysql::nodes(p).await?,
         })
     }
 

@@ -862,6 +862,7 @@ macro_rules! sql_backend {
                         }
                     }
                     Write::CreateToken(..)
+                    | Write::PutNode(..)
                     | Write::RevokeToken { .. }
                     | Write::Audit(..)
                     | Write::SetSecret(..)

@@ -16,7 +16,8 @@ pub struct Bundles {
     dir: PathBuf,
     trust: Trust,
     server: String,
-    token: String,
+    /// The session credential of the current connection.
+    session: Mutex<Option<String>>,
     http: reqwest::Client,
     host_command: HostCommand,
     /// One slot per hash: callers needing the same bundle wait on it, so
@@ -38,12 +39,17 @@ impl Bundles {
             dir,
             trust: config.trust.clone(),
             server: config.server.trim_end_matches('/').to_owned(),
-            token: config.token.clone(),
+            session: Mutex::default(),
             http: builder.build().context("setting up the HTTP client")?,
             host_command: config.host_command.clone(),
             slots: Mutex::default(),
             fetched_bytes: AtomicU64::new(0),
         })
+    }
+
+    /// Downloads use this connection's session credential.
+    pub(crate) fn set_session(&self, session: String) {
+        *self.session.lock().unwrap() = Some(session);
     }
 
     /// Bytes of bundles fetched from the server since start.
@@ -133,10 +139,11 @@ impl Bundles {
 
     async fn get(&self, path: &str) -> Result<Vec<u8>> {
         let url = format!("{}{path}", self.server);
-        let resp = self
-            .http
-            .get(&url)
-            .bearer_auth(&self.token)
+        let mut req = self.http.get(&url);
+        if let Some(session) = self.session.lock().unwrap().as_deref() {
+            req = req.bearer_auth(session);
+        }
+        let resp = req
             .send()
             .await
             .with_context(|| format!("fetching {url}"))?;

@@ -29,9 +29,12 @@ pub use bundles::Bundles;
 pub struct Config {
     /// `http://HOST:PORT` or `https://HOST:PORT`: the server's API.
     pub server: String,
-    /// An API token with the `join` scope.
-    pub token: String,
+    /// An API token with the `join` scope, to join without an admin's
+    /// accept; a node that has joined needs none.
+    pub token: Option<String>,
     pub name: String,
+    /// This node's identity (`node.key` in its data directory).
+    pub key: signing::SecretKey,
     pub capabilities: BTreeMap<String, String>,
     /// Where fetched bundles are kept, by hash.
     pub data_dir: PathBuf,
@@ -93,26 +96,31 @@ impl std::error::Error for Refused {}
 /// One connection: hello, then calls until it ends.
 async fn session(config: &Arc<Config>, bundles: &Arc<Bundles>) -> Result<()> {
     let mut ws = connect(config).await?;
+    let nonce = match next_message(&mut ws).await? {
+        ToNode::Challenge { nonce } => nonce,
+        other => bail!("the server began with {other:?} instead of a challenge"),
+    };
     let hello = FromNode::Hello {
         name: config.name.clone(),
+        public_key: config.key.public().to_string(),
+        answer: signing::node::answer(&config.key, &nonce, &config.name),
         capabilities: config.capabilities.clone(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         protocol: PROTOCOL,
     };
     ws.send(Message::text(serde_json::to_string(&hello)?))
         .await?;
-    match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
-        Ok(Some(Ok(Message::Text(text)))) => match serde_json::from_str::<ToNode>(&text) {
-            Ok(ToNode::Welcome { .. }) => {}
-            _ => bail!("the server answered the hello with {text}"),
-        },
-        Ok(Some(Ok(Message::Close(Some(frame))))) => {
-            return Err(Refused(format!("the server refused this node: {}", frame.reason)).into());
-        }
-        Ok(Some(Ok(other))) => bail!("the server answered the hello with {other:?}"),
-        Ok(Some(Err(e))) => return Err(e.into()),
-        Ok(None) => bail!("the server closed the connection after the hello"),
-        Err(_) => bail!("the server did not answer the hello within 30 s"),
+    match next_message(&mut ws).await? {
+        ToNode::Welcome { session, .. } => bundles.set_session(session),
+        ToNode::Refused {
+            retry: true,
+            reason,
+        } => bail!("{reason}"),
+        ToNode::Refused {
+            retry: false,
+            reason,
+        } => return Err(Refused(format!("the server refused this node: {reason}")).into()),
+        other => bail!("the server answered the hello with {other:?}"),
     }
     tracing::info!(server = %config.server, node = %config.name, "connected");
 
@@ -157,7 +165,10 @@ async fn session(config: &Arc<Config>, bundles: &Arc<Bundles>) -> Result<()> {
                             cancel.cancel();
                         }
                     }
-                    Ok(ToNode::Welcome { .. }) => {}
+                    Ok(ToNode::Refused { reason, .. }) => {
+                        return Err(Refused(format!("the server refused this node: {reason}")).into());
+                    }
+                    Ok(ToNode::Welcome { .. } | ToNode::Challenge { .. }) => {}
                     Err(e) => tracing::warn!(error = %e, "ignoring a message this node does not understand"),
                 }
             }
@@ -171,6 +182,24 @@ async fn session(config: &Arc<Config>, bundles: &Arc<Bundles>) -> Result<()> {
                 // Answers the server's pings.
                 sink.flush().await?;
             }
+        }
+    }
+}
+
+/// The next protocol message during the handshake (within 30 s).
+async fn next_message(ws: &mut Socket) -> Result<ToNode> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => {
+                return serde_json::from_str(&text)
+                    .with_context(|| format!("the server sent {text:?}"));
+            }
+            Ok(Some(Ok(Message::Close(_)))) | Ok(None) => {
+                bail!("the server closed the connection")
+            }
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(e))) => return Err(e.into()),
+            Err(_) => bail!("the server did not answer within 30 s"),
         }
     }
 }
@@ -230,12 +259,14 @@ async fn connect(config: &Config) -> Result<Socket> {
         tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
             "{scheme}://{authority}/v1/nodes/connect"
         ))?;
-    request.headers_mut().insert(
-        "authorization",
-        format!("Bearer {}", config.token)
-            .parse()
-            .map_err(|_| Refused("the token is not a valid header value".into()))?,
-    );
+    if let Some(token) = &config.token {
+        request.headers_mut().insert(
+            "authorization",
+            format!("Bearer {token}")
+                .parse()
+                .map_err(|_| Refused("the token is not a valid header value".into()))?,
+        );
+    }
     match tokio_tungstenite::client_async(request, stream).await {
         Ok((ws, _)) => Ok(ws),
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {

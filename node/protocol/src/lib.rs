@@ -1,12 +1,16 @@
 //! What a troupe server and a remote node say to each other over their one
 //! connection: a WebSocket (`GET /v1/nodes/connect`, over the API's TLS),
 //! one JSON message per text frame. The node connects out (no inbound port
-//! on the node), authenticated by an API token with the `join` scope; many
-//! step calls share the connection, each named by its [`CallKey`].
+//! on the node) and proves its identity by signing the server's challenge
+//! with its node key (`signing::node`); a name is bound to the first key
+//! that used it. A new node joins with an API token with the `join` scope,
+//! or waits for an admin to accept it. Many step calls share the
+//! connection, each named by its [`CallKey`].
 //!
 //! ```text
-//! node → server   Hello { name, capabilities, version }
-//! server → node   Welcome { protocol }            (or the connection closes with a reason)
+//! server → node   Challenge { nonce }
+//! node → server   Hello { name, public_key, answer, capabilities, version, protocol }
+//! server → node   Welcome { protocol }  or  Refused { retry, reason }
 //! server → node   Call { key, bundle, function, input, timeout_ms, grace_ms }
 //! server → node   Cancel { key }
 //! node → server   Done { key, status, body, log }
@@ -14,8 +18,9 @@
 //! ```
 //!
 //! A node lacking a call's bundle fetches it by hash
-//! (`GET /v1/nodes/bundles/{hash}` and `…/signature`, same token) and
-//! verifies it with its own trusted keys before loading it.
+//! (`GET /v1/nodes/bundles/{hash}` and `…/signature`, with the session
+//! credential from `Welcome`) and verifies it with its own trusted keys
+//! before loading it.
 
 use std::collections::BTreeMap;
 
@@ -39,6 +44,10 @@ pub enum FromNode {
     /// The first message: who the node is and what it can do.
     Hello {
         name: String,
+        /// The node key, `ed25519:…`.
+        public_key: String,
+        /// The key's signature of the challenge and the name.
+        answer: String,
         capabilities: BTreeMap<String, String>,
         /// The troupe version the node runs.
         version: String,
@@ -62,8 +71,16 @@ pub enum FromNode {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ToNode {
-    /// The node is in: calls may follow.
-    Welcome { protocol: u32 },
+    /// The first message: what the node signs to prove its key.
+    Challenge { nonce: String },
+    /// The node is in: calls may follow. `session` is the bearer
+    /// credential for its bundle downloads, valid while this connection
+    /// lasts.
+    Welcome { protocol: u32, session: String },
+    /// The node may not take calls; the connection ends. With `retry`, it
+    /// may later (it waits for an admin to accept it); without, not with
+    /// this key.
+    Refused { retry: bool, reason: String },
     /// Run `function` of bundle `bundle` (SHA-256, hex) with `input` (the
     /// step's input JSON, as text). The node enforces `timeout_ms` too, and
     /// after a cancel kills its step host once `grace_ms` have passed.
@@ -98,7 +115,7 @@ mod tests {
         );
         assert_eq!(serde_json::from_str::<ToNode>(&text).unwrap(), m);
         let hello: FromNode = serde_json::from_str(
-            r#"{"type":"hello","name":"hv-1","capabilities":{"a":"b"},"version":"0.1.0","protocol":1}"#,
+            r#"{"type":"hello","name":"hv-1","public_key":"k","answer":"a","capabilities":{"a":"b"},"version":"0.1.0","protocol":1}"#,
         )
         .unwrap();
         assert!(matches!(hello, FromNode::Hello { name, .. } if name == "hv-1"));

@@ -19,20 +19,38 @@ struct Node {
 
 impl Node {
     fn start(server: &Server, token_file: &std::path::Path, name: &str, extra: &[&str]) -> Node {
-        let data = scratch_dir(&format!("node-{name}"));
+        Node::start_in(
+            server,
+            Some(token_file),
+            name,
+            extra,
+            scratch_dir(&format!("node-{name}")),
+        )
+    }
+
+    /// With `token_file: None`, the node has no join token: it waits for an
+    /// admin's accept unless it joined before (`data` holds its key).
+    fn start_in(
+        server: &Server,
+        token_file: Option<&std::path::Path>,
+        name: &str,
+        extra: &[&str],
+        data: PathBuf,
+    ) -> Node {
         let log = data.with_extension("log");
         let trust = bundles().public_key.clone();
         let mut args = vec![
             "node",
             "--server",
             &server.url,
-            "--token-file",
-            token_file.to_str().unwrap(),
             "--name",
             name,
             "--data-dir",
             data.to_str().unwrap(),
         ];
+        if let Some(token) = token_file {
+            args.extend(["--token-file", token.to_str().unwrap()]);
+        }
         if !extra.contains(&"--trust") {
             args.extend(["--trust", &trust]);
         }
@@ -84,7 +102,7 @@ async fn join_token(server: &Server, env: &Env) -> PathBuf {
     path
 }
 
-/// Waits until the server lists these nodes (at most 30 s).
+/// Waits until the server lists these nodes connected (at most 30 s).
 async fn connected(server: &Server, names: &[&str], nodes: &[&Node]) -> Value {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -94,6 +112,7 @@ async fn connected(server: &Server, names: &[&str], nodes: &[&Node]) -> Value {
             .as_array()
             .unwrap()
             .iter()
+            .filter(|n| n["connected"] == true)
             .filter_map(|n| n["name"].as_str())
             .collect();
         if names.iter().all(|n| listed.contains(n)) {
@@ -331,7 +350,7 @@ async fn a_silent_node_is_detected_and_comes_back(db: Db) {
         "detected after {took:?}"
     );
     let (_, list) = server.get("/v1/nodes").await;
-    assert_eq!(list["nodes"], json!([]), "{list}");
+    assert_eq!(list["nodes"][0]["connected"], false, "{list}");
 
     // Thawed: it notices its connection is gone and connects again.
     signal(&node, "CONT");
@@ -340,6 +359,110 @@ async fn a_silent_node_is_detected_and_comes_back(db: Db) {
         .submit("node_sleep", "vps-1", json!({ "ms": 10 }))
         .await;
     assert_eq!(server.finished(id).await["status"], "succeeded");
+}
+
+async fn nodes_prove_their_key_and_need_a_join_token_or_an_accept(db: Db) {
+    let env = Env::new(db).await;
+    let server = env.serve();
+    let node_of = |list: &Value, name: &str| -> Value {
+        list["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == name)
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+
+    // No token: it asks to join and waits; nothing is placed on it.
+    let data = scratch_dir("node-hv-17-data");
+    let node = Node::start_in(
+        &server,
+        None,
+        "hv-17",
+        &["--capability", "hypervisor=kvm"],
+        data.clone(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let pending = loop {
+        let (_, list) = server.get("/v1/nodes").await;
+        let n = node_of(&list, "hv-17");
+        if n["status"] == "pending" {
+            break n;
+        }
+        assert!(Instant::now() < deadline, "{list}\n{}", node.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(pending["connected"], false, "{pending}");
+    assert!(
+        pending["public_key"]
+            .as_str()
+            .unwrap()
+            .starts_with("ed25519:")
+    );
+    let key = std::fs::read_to_string(data.join("node.key")).unwrap();
+    assert!(key.starts_with("troupe-secret-key-v1"), "its own key, kept");
+    let id = server
+        .submit("placed", "vps-1", json!({ "hypervisor": "hv-17" }))
+        .await;
+    server
+        .until(id, "waiting for the node", |a| {
+            a["steps"][1]["status"] == "waiting"
+        })
+        .await;
+
+    // Accepted: it connects on its next try, and the step runs there.
+    let out = server.cli(&["nodes", "accept", "hv-17"]);
+    assert!(out.status.success(), "{out:?}");
+    let done = server.finished(id).await;
+    assert_eq!(done["status"], "succeeded", "{done}\n{}", node.log());
+    assert_eq!(done["steps"][1]["node"], "hv-17");
+
+    // Another key under its name is refused, join token or not.
+    let token = join_token(&server, &env).await;
+    let mut impostor = Node::start(
+        &server,
+        &token,
+        "hv-17",
+        &["--capability", "hypervisor=kvm"],
+    );
+    let status = wait_exit(&mut impostor.child, Duration::from_secs(30));
+    assert!(!status.success());
+    assert!(
+        impostor.log().contains("belongs to another node key"),
+        "{}",
+        impostor.log()
+    );
+
+    // Removed: disconnected at once and refused from then on.
+    let out = server.cli(&["nodes", "remove", "hv-17"]);
+    assert!(out.status.success(), "{out:?}");
+    let mut node = node;
+    let status = wait_exit(&mut node.child, Duration::from_secs(10));
+    assert!(!status.success());
+    assert!(node.log().contains("removed"), "{}", node.log());
+    let (_, list) = server.get("/v1/nodes").await;
+    assert_eq!(node_of(&list, "hv-17")["status"], "removed", "{list}");
+    let restarted = Node::start_in(&server, Some(&token), "hv-17", &[], data.clone());
+    let mut restarted = restarted;
+    let status = wait_exit(&mut restarted.child, Duration::from_secs(30));
+    assert!(
+        !status.success(),
+        "a removed key stays out, even with a join token"
+    );
+
+    // Who let whom in, and who removed it, is audited.
+    let (_, audit) = server.get("/v1/audit").await;
+    let events: Vec<&str> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["event"].as_str())
+        .collect();
+    assert!(
+        events.contains(&"node.accepted") && events.contains(&"node.removed"),
+        "{audit}"
+    );
 }
 
 fn signal(node: &Node, which: &str) {
@@ -367,4 +490,5 @@ both_dbs!(
     a_node_without_a_join_token_is_refused,
     cancel_and_loss_reach_steps_on_nodes,
     a_silent_node_is_detected_and_comes_back,
+    nodes_prove_their_key_and_need_a_join_token_or_an_accept,
 );
