@@ -195,7 +195,7 @@ pub(crate) async fn drain(
 }
 
 /// Calls sent on one connection and not answered yet.
-type Pending = Mutex<HashMap<node_protocol::CallKey, oneshot::Sender<Answer>>>;
+type Pending = Mutex<HashMap<node_protocol::CallKey, (oneshot::Sender<Answer>, bool)>>;
 
 /// The engine's handle on one connection.
 struct Link {
@@ -211,7 +211,10 @@ impl NodeLink for Link {
     fn call(&self, call: RemoteCall) -> oneshot::Receiver<Answer> {
         let (tx, rx) = oneshot::channel();
         let key = wire_key(call.key);
-        self.pending.lock().unwrap().insert(key, tx);
+        self.pending
+            .lock()
+            .unwrap()
+            .insert(key, (tx, call.idempotent));
         let message = ToNode::Call {
             key,
             bundle: call.bundle.to_string(),
@@ -221,9 +224,12 @@ impl NodeLink for Link {
             grace_ms: call.grace.as_millis() as u64,
         };
         if self.out.send(message).is_err()
-            && let Some(tx) = self.pending.lock().unwrap().remove(&key)
+            && let Some((tx, _)) = self.pending.lock().unwrap().remove(&key)
         {
-            let _ = tx.send(gone(&self.name));
+            let _ = tx.send(engine::nodes::away(
+                &self.name,
+                "the call could not be sent",
+            ));
         }
         rx
     }
@@ -238,18 +244,19 @@ impl NodeLink for Link {
     }
 }
 
-fn wire_key(key: CallKey) -> node_protocol::CallKey {
-    node_protocol::CallKey {
+fn engine_key(key: node_protocol::CallKey) -> CallKey {
+    CallKey {
         action: key.action,
         seq: key.seq,
         attempt: key.attempt,
     }
 }
 
-fn gone(node: &str) -> Answer {
-    Answer {
-        result: CallResult::Crashed(format!("node {node} went away while the step ran")),
-        log: String::new(),
+fn wire_key(key: CallKey) -> node_protocol::CallKey {
+    node_protocol::CallKey {
+        action: key.action,
+        seq: key.seq,
+        attempt: key.attempt,
     }
 }
 
@@ -390,10 +397,20 @@ async fn session(engine: Engine, token: Option<String>, socket: WebSocket) {
                 heard = tokio::time::Instant::now();
                 match serde_json::from_str::<FromNode>(&text) {
                     Ok(FromNode::Done { key, status, body, log }) => {
-                        if let Some(tx) = link.pending.lock().unwrap().remove(&key) {
+                        let waiting = link.pending.lock().unwrap().remove(&key).map(|(tx, _)| tx);
+                        let waiting = waiting.or_else(|| engine.nodes().unpark(&name, engine_key(key)));
+                        if let Some(tx) = waiting {
                             let result = CallResult::Done { status, body: body.into_bytes() };
                             let _ = tx.send(Answer { result, log });
                         }
+                        // Delivered, or a repeat of one that was: the node may forget it.
+                        if send(&mut sink, &ToNode::Ack { key }).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(FromNode::Holding { keys }) => {
+                        let keys: Vec<_> = keys.into_iter().map(engine_key).collect();
+                        engine.nodes().holding(&name, &keys);
                     }
                     Ok(FromNode::Capabilities { capabilities }) => {
                         engine.nodes().set_capabilities(&name, capabilities);
@@ -424,10 +441,21 @@ async fn session(engine: Engine, token: Option<String>, socket: WebSocket) {
         }
     }
     drop(attached);
+    // Its calls go on without us. An idempotent one fails now, to be
+    // retried (maybe elsewhere); any other waits for the node to come back
+    // and report it, up to the grace.
     let pending: Vec<_> = link.pending.lock().unwrap().drain().collect();
     tracing::warn!(node = %name, in_flight = pending.len(), "node disconnected");
-    for (_, tx) in pending {
-        let _ = tx.send(gone(&name));
+    let grace = engine.config().node_grace;
+    for (key, (tx, idempotent)) in pending {
+        if idempotent {
+            let _ = tx.send(engine::nodes::away(
+                &name,
+                "it is idempotent, so it may run again",
+            ));
+        } else {
+            engine.nodes().park(&name, engine_key(key), tx, grace);
+        }
     }
 }
 

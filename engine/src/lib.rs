@@ -63,6 +63,9 @@ pub struct Config {
     /// How long a connected node may stay silent before it counts as gone
     /// (the server pings it every second).
     pub node_timeout: Duration,
+    /// How long a call on a node that went away (or was in flight when
+    /// this server stopped) waits for the node to come back and report it.
+    pub node_grace: Duration,
     pub host_command: HostCommand,
     /// Keys trusted to sign bundles, besides those added through the API.
     pub trusted_keys: Vec<PublicKey>,
@@ -189,6 +192,7 @@ impl Engine {
             closed: CancellationToken::new(),
             secrets_key: config.secrets_key.clone(),
             nodes: nodes::Nodes::default(),
+            node_grace: config.node_grace,
             vars: config
                 .vars
                 .iter()

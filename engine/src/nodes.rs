@@ -10,7 +10,7 @@
 //! capabilities meet the requirement, the one with the fewest steps in
 //! flight.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -51,12 +51,16 @@ pub struct RemoteCall {
     /// kills its step host, which the node enforces itself.
     pub timeout: Duration,
     pub grace: Duration,
+    /// Whether running it twice is harmless: if the node goes away, an
+    /// idempotent call fails at once (to be retried, maybe elsewhere); any
+    /// other waits for the node to come back and report (`Nodes::park`).
+    pub idempotent: bool,
 }
 
 /// The engine's side of a connection to one node.
 pub trait NodeLink: Send + Sync + 'static {
     /// Sends a call. The receiver yields its answer, or a
-    /// `CallResult::Crashed` naming the node if the link ends first.
+    /// `CallResult::Lost` naming the node if the link ends first.
     fn call(&self, call: RemoteCall) -> oneshot::Receiver<Answer>;
     /// Asks the node to stop the call: its step sees the cancel flag, and
     /// the node kills its step host if the step has not stopped after the
@@ -95,6 +99,9 @@ pub struct Nodes {
 
 struct Registry {
     nodes: Mutex<BTreeMap<String, Entry>>,
+    /// Calls whose node is away, by node and key: answered when it comes
+    /// back and reports, or with an error once the grace is over.
+    parked: Mutex<HashMap<(String, CallKey), oneshot::Sender<Answer>>>,
     /// Nodes drained on this server, connected or not: a reconnect does not
     /// undo a drain.
     draining: Mutex<std::collections::BTreeSet<String>>,
@@ -120,6 +127,7 @@ impl Default for Nodes {
         Nodes {
             inner: Arc::new(Registry {
                 nodes: Mutex::default(),
+                parked: Mutex::default(),
                 draining: Mutex::default(),
                 changed: watch::channel(0).0,
             }),
@@ -180,6 +188,77 @@ impl Nodes {
             e.draining = draining;
         }
         self.inner.bump();
+    }
+
+    /// Keeps `tx` for the answer to `key` while `node` is away: the node
+    /// keeps running its calls and reports them when it reconnects
+    /// ([`Nodes::unpark`]); after `grace` the call fails naming the node.
+    pub fn park(&self, node: &str, key: CallKey, tx: oneshot::Sender<Answer>, grace: Duration) {
+        let slot = (node.to_owned(), key);
+        self.inner.parked().insert(slot.clone(), tx);
+        let registry = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            let Some(registry) = registry.upgrade() else {
+                return;
+            };
+            let tx = registry.parked().remove(&slot);
+            if let Some(tx) = tx {
+                let _ = tx.send(away(
+                    &slot.0,
+                    &format!(
+                        "did not come back within {} s to report it",
+                        grace.as_secs()
+                    ),
+                ));
+            }
+        });
+    }
+
+    /// The waiting caller of a parked call its node now reports.
+    pub fn unpark(&self, node: &str, key: CallKey) -> Option<oneshot::Sender<Answer>> {
+        self.inner.parked().remove(&(node.to_owned(), key))
+    }
+
+    /// A node that reconnected says which calls it still holds (running, or
+    /// done and not yet reported): a parked call it does not hold is lost
+    /// (the node restarted) and fails now.
+    pub fn holding(&self, node: &str, keys: &[CallKey]) {
+        let lost: Vec<_> = {
+            let mut parked = self.inner.parked();
+            let gone: Vec<_> = parked
+                .keys()
+                .filter(|(n, k)| n == node && !keys.contains(k))
+                .cloned()
+                .collect();
+            gone.into_iter()
+                .filter_map(|slot| parked.remove(&slot))
+                .collect()
+        };
+        for tx in lost {
+            let _ = tx.send(away(node, "came back without it (the node restarted)"));
+        }
+    }
+
+    /// Waits for the answer to a call that was in flight on `node` when this
+    /// server stopped: the node reports it when it connects (up to `grace`).
+    pub(crate) fn reattach(
+        &self,
+        node: &str,
+        key: CallKey,
+        grace: Duration,
+    ) -> oneshot::Receiver<Answer> {
+        let (tx, rx) = oneshot::channel();
+        self.park(node, key, tx, grace);
+        rx
+    }
+
+    /// Asks `node`, if it is connected, to stop call `key`.
+    pub(crate) fn cancel(&self, node: &str, key: CallKey) {
+        let link = self.inner.lock().get(node).map(|e| e.link.clone());
+        if let Some(link) = link {
+            link.cancel(key);
+        }
     }
 
     /// The connected node whose session credential this is.
@@ -248,7 +327,23 @@ fn digest(secret: &str) -> String {
         .collect()
 }
 
+/// The answer of a call whose node went away.
+pub fn away(node: &str, what: &str) -> Answer {
+    Answer {
+        result: crate::host::CallResult::Lost(format!(
+            "node {node} went away while the step ran and {what}"
+        )),
+        log: String::new(),
+    }
+}
+
 impl Registry {
+    fn parked(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<(String, CallKey), oneshot::Sender<Answer>>> {
+        self.parked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
         self.nodes.lock().unwrap_or_else(|e| e.into_inner())
     }

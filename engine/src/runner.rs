@@ -32,6 +32,9 @@ pub(crate) struct Shared {
     pub(crate) secrets_key: crate::secrets::SecretsKey,
     /// Connected remote nodes, for steps that require capabilities.
     pub(crate) nodes: crate::nodes::Nodes,
+    /// How long a step in flight on a node waits for the node to report it
+    /// after this server restarted.
+    pub(crate) node_grace: Duration,
 }
 
 impl Shared {
@@ -302,6 +305,9 @@ async fn steps(
                 outputs.insert(name.to_owned(), output);
                 continue;
             }
+            // It was running on a node, which keeps running it without us
+            // and reports it when it reconnects: follow it there.
+            Some(StepStatus::Running) if record.is_some_and(|r| r.node.is_some()) => {}
             Some(StepStatus::Running) => {
                 let def = &bundle.manifest.steps[&step_use.step];
                 if !def.idempotent {
@@ -332,13 +338,18 @@ async fn steps(
         };
         let requires = step_use.requires(&handle.def);
         let mut failures = 0;
+        // An attempt this server sent to a node before it stopped.
+        let mut resume_on = record
+            .filter(|r| r.status == StepStatus::Running && !prestarted)
+            .and_then(|r| r.node.clone());
         loop {
             if cancel.is_cancelled() {
                 return cancelled(carry, action, seq, open);
             }
             let started_at;
             let mut placed = None;
-            if !requires.is_empty() && !prestarted {
+            let reattached = resume_on.take();
+            if reattached.is_none() && !requires.is_empty() && !prestarted {
                 let scope = scope_of(action, &outputs, &shared.vars);
                 let placing = Placing {
                     shared,
@@ -353,7 +364,7 @@ async fn steps(
                     Err(end) => return end,
                 }
             }
-            if prestarted {
+            if prestarted || reattached.is_some() {
                 // Its start is durable, so it runs even if the server is stopping.
                 prestarted = false;
                 started_at = record
@@ -416,14 +427,26 @@ async fn steps(
                         },
                     });
                     let input = serde_json::to_vec(&input).expect("JSON serializes");
-                    match &placed {
-                        None => handle.run(input, cancel.child_token()).await,
-                        Some(node) => {
-                            let key = CallKey {
-                                action: id,
-                                seq,
-                                attempt,
-                            };
+                    let key = CallKey {
+                        action: id,
+                        seq,
+                        attempt,
+                    };
+                    match (&reattached, &placed) {
+                        (Some(node), _) => {
+                            tracing::info!(action_id = id, step = name, node = %node, "following a step that ran on a node while this server was down");
+                            handle
+                                .reattach(
+                                    &shared.nodes,
+                                    node,
+                                    key,
+                                    shared.node_grace,
+                                    cancel.child_token(),
+                                )
+                                .await
+                        }
+                        (None, None) => handle.run(input, cancel.child_token()).await,
+                        (None, Some(node)) => {
                             handle.run_on(node, key, input, cancel.child_token()).await
                         }
                     }
@@ -475,7 +498,7 @@ async fn steps(
                 }
                 StepResult::Cancelled => return cancelled(carry, action, seq, true),
                 StepResult::Retryable(msg) => (msg, true),
-                StepResult::TimedOut(msg) => (msg, handle.def.idempotent),
+                StepResult::TimedOut(msg) | StepResult::Lost(msg) => (msg, handle.def.idempotent),
                 StepResult::Fatal(msg) => (msg, false),
             };
             failures += 1;
@@ -486,7 +509,10 @@ async fn steps(
                     seq,
                     attempt,
                     started_at,
-                    node: placed.as_ref().map(|n| n.name.clone()),
+                    node: placed
+                        .as_ref()
+                        .map(|n| n.name.clone())
+                        .or(reattached.clone()),
                     error,
                     at: crate::model::now(),
                 };
@@ -675,6 +701,7 @@ fn mask(result: StepResult, delivered: &[String]) -> StepResult {
         StepResult::Retryable(m) => StepResult::Retryable(text(m)),
         StepResult::Fatal(m) => StepResult::Fatal(text(m)),
         StepResult::TimedOut(m) => StepResult::TimedOut(text(m)),
+        StepResult::Lost(m) => StepResult::Lost(text(m)),
         StepResult::Cancelled => StepResult::Cancelled,
     }
 }
@@ -701,6 +728,7 @@ fn bound(result: StepResult) -> StepResult {
         StepResult::Retryable(m) => StepResult::Retryable(cut(m)),
         StepResult::Fatal(m) => StepResult::Fatal(cut(m)),
         StepResult::TimedOut(m) => StepResult::TimedOut(cut(m)),
+        StepResult::Lost(m) => StepResult::Lost(cut(m)),
         StepResult::Cancelled => StepResult::Cancelled,
     }
 }

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::agency::AgencyHandle;
 use crate::bundle::manifest::StepDef;
 use crate::host::{Answer, CallResult, StepHost};
-use crate::nodes::{CallKey, Placed, RemoteCall};
+use crate::nodes::{CallKey, Nodes, Placed, RemoteCall};
 
 /// How one attempt of a step ended.
 #[derive(Debug)]
@@ -20,6 +20,8 @@ pub enum StepResult {
     Retryable(String),
     Fatal(String),
     TimedOut(String),
+    /// Its node went away: retried only if running it twice is harmless.
+    Lost(String),
     Cancelled,
 }
 
@@ -39,7 +41,9 @@ impl Attempt {
         match self.result {
             StepResult::Ok(v) => (STATUS_OK, v.to_string()),
             StepResult::Retryable(m) => (STATUS_RETRYABLE, m),
-            StepResult::Fatal(m) | StepResult::TimedOut(m) => (STATUS_FATAL, m),
+            StepResult::Fatal(m) | StepResult::TimedOut(m) | StepResult::Lost(m) => {
+                (STATUS_FATAL, m)
+            }
             StepResult::Cancelled => (STATUS_FATAL, "cancelled".into()),
         }
     }
@@ -62,6 +66,7 @@ pub async fn run_on_host(
         name,
         timeout,
         grace,
+        idempotent: false,
     };
     call.execute(function, input, cancel).await
 }
@@ -137,8 +142,31 @@ impl StepHandle {
             name: &self.inner.name,
             timeout: self.def.timeout(),
             grace: self.inner.grace,
+            idempotent: self.def.idempotent,
         };
         call.execute(&self.inner.function, input, cancel).await
+    }
+
+    /// Follows an attempt that was running on `node` when this server
+    /// stopped: the node reports it when it reconnects (within `wait`),
+    /// under the same timeout and cancel rules, timed from now.
+    pub(crate) async fn reattach(
+        &self,
+        nodes: &Nodes,
+        node: &str,
+        key: CallKey,
+        wait: Duration,
+        cancel: CancellationToken,
+    ) -> Attempt {
+        let rx = nodes.reattach(node, key, wait);
+        let call = Call {
+            on: On::Reattached { nodes, node, key },
+            name: &self.inner.name,
+            timeout: self.def.timeout().max(wait),
+            grace: self.inner.grace,
+            idempotent: self.def.idempotent,
+        };
+        call.follow(0, rx, cancel).await
     }
 
     /// Runs one attempt on a remote node, under the same timeout, cancel
@@ -159,6 +187,7 @@ impl StepHandle {
             name: &self.inner.name,
             timeout: self.def.timeout(),
             grace: self.inner.grace,
+            idempotent: self.def.idempotent,
         };
         call.execute(&self.inner.function, input, cancel).await
     }
@@ -184,6 +213,13 @@ enum On<'a> {
         key: CallKey,
         bundle: signing::BundleHash,
     },
+    /// A call already running on `node` (sent before this server
+    /// restarted), whose answer the node reports when it reconnects.
+    Reattached {
+        nodes: &'a Nodes,
+        node: &'a str,
+        key: CallKey,
+    },
 }
 
 struct Call<'a> {
@@ -191,6 +227,7 @@ struct Call<'a> {
     name: &'a str,
     timeout: Duration,
     grace: Duration,
+    idempotent: bool,
 }
 
 impl Call<'_> {
@@ -205,10 +242,22 @@ impl Call<'_> {
                     input,
                     timeout: self.timeout,
                     grace: self.grace,
+                    idempotent: self.idempotent,
                 });
                 (0, rx)
             }
+            On::Reattached { .. } => unreachable!("a reattached call is only followed"),
         };
+        self.follow(id, rx, cancel).await
+    }
+
+    /// Waits for a started call under the timeout, cancel and grace rules.
+    async fn follow(
+        self,
+        id: u64,
+        rx: tokio::sync::oneshot::Receiver<Answer>,
+        cancel: CancellationToken,
+    ) -> Attempt {
         tokio::pin!(rx);
         let timed_out = tokio::select! {
             r = &mut rx => return outcome(r.ok()),
@@ -218,6 +267,7 @@ impl Call<'_> {
         match &self.on {
             On::Host(host) => host.cancel(id),
             On::Node { node, key, .. } => node.link.cancel(*key),
+            On::Reattached { nodes, node, key } => nodes.cancel(node, *key),
         }
         let why = if timed_out {
             format!(
@@ -252,6 +302,9 @@ impl Call<'_> {
                     On::Node { node, key, .. } => {
                         tracing::warn!(step = self.name, node = %node.name, call = %key, "{reason}");
                     }
+                    On::Reattached { node, key, .. } => {
+                        tracing::warn!(step = self.name, node = %node, call = %key, "{reason}");
+                    }
                 }
                 // The host's end answers the call, with what it logged.
                 let log = tokio::time::timeout(KILLED_ANSWER, rx).await;
@@ -281,6 +334,7 @@ fn result_of(r: CallResult) -> StepResult {
     use sdk::ffi::*;
     match r {
         CallResult::Crashed(msg) => StepResult::Fatal(msg),
+        CallResult::Lost(msg) => StepResult::Lost(msg),
         CallResult::Done { status, body } => {
             let text = || String::from_utf8_lossy(&body).into_owned();
             match status {

@@ -109,6 +109,7 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
         shutdown_grace: Duration::from_secs(10),
         cancel_grace: Duration::from_secs(2),
         node_timeout: Duration::from_secs(5),
+        node_grace: Duration::from_secs(60),
         lease: Duration::from_secs(30),
     };
     let engine = crate::serve::start_engine(&serve).await?;

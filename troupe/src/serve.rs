@@ -61,6 +61,9 @@ pub(crate) struct ServeArgs {
     /// How long a remote node may stay silent (it is pinged every second) before it counts as gone and its steps in flight fail.
     #[arg(long, env = "TROUPE_NODE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub(crate) node_timeout: Duration,
+    /// How long a step on a node that went away (or that ran while this server was down) waits for the node to come back and report it before it fails.
+    #[arg(long, env = "TROUPE_NODE_GRACE", default_value = "60s", value_parser = parse_duration)]
+    pub(crate) node_grace: Duration,
     /// Write a fresh admin token to DATA_DIR/admin.token whenever the file there is missing or stale, even if other admin tokens exist: for tools that own their data directory (troupe bench).
     #[arg(long, hide = true)]
     pub(crate) ensure_admin_token: bool,
@@ -84,6 +87,7 @@ impl ServeArgs {
             lease: self.lease,
             cancel_grace: self.cancel_grace,
             node_timeout: self.node_timeout,
+            node_grace: self.node_grace,
             trusted_keys: self
                 .trust
                 .iter()

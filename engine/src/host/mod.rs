@@ -35,6 +35,9 @@ pub enum CallResult {
     Done { status: i32, body: Vec<u8> },
     /// The host died before answering.
     Crashed(String),
+    /// The node running it went away; whether the step ran, and how far,
+    /// is unknown.
+    Lost(String),
 }
 
 /// What a caller gets back: the call's result and what it logged

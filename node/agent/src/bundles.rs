@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use engine::host::{HostCommand, StepHost};
@@ -96,10 +97,7 @@ impl Bundles {
                 }
             }
         }
-        let bytes = self.get(&format!("/v1/nodes/bundles/{hash}")).await?;
-        let text = self
-            .get(&format!("/v1/nodes/bundles/{hash}/signature"))
-            .await?;
+        let (bytes, text) = self.download(hash).await?;
         self.fetched_bytes
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         let text =
@@ -109,6 +107,38 @@ impl Bundles {
         write_readonly(&archive, verified.bytes())?;
         write_readonly(&sig_file, text.as_bytes())?;
         Ok(verified)
+    }
+
+    /// The bundle's bytes and signature from the server. A download cut
+    /// short (the server restarting, the connection between sessions) is
+    /// tried again for up to a minute; what the server refuses is not.
+    async fn download(&self, hash: BundleHash) -> Result<(Vec<u8>, Vec<u8>)> {
+        let deadline = tokio::time::Instant::now() + DOWNLOAD_FOR;
+        let mut delay = Duration::from_millis(250);
+        loop {
+            let attempt = async {
+                let bytes = self.get(&format!("/v1/nodes/bundles/{hash}")).await?;
+                let text = self
+                    .get(&format!("/v1/nodes/bundles/{hash}/signature"))
+                    .await?;
+                Ok::<_, Fetch>((bytes, text))
+            };
+            match attempt.await {
+                Ok(got) => return Ok(got),
+                Err(Fetch::Refused(e)) => return Err(e),
+                Err(Fetch::Cut(e)) if tokio::time::Instant::now() + delay > deadline => {
+                    return Err(e.context(format!(
+                        "could not download bundle {hash} within {} s",
+                        DOWNLOAD_FOR.as_secs()
+                    )));
+                }
+                Err(Fetch::Cut(e)) => {
+                    tracing::warn!(bundle = %hash, error = %format!("{e:#}"), "bundle download cut short; trying again");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
     }
 
     fn check(&self, hash: BundleHash, bytes: Vec<u8>, signature: &str) -> Result<VerifiedBundle> {
@@ -137,29 +167,45 @@ impl Bundles {
         )
     }
 
-    async fn get(&self, path: &str) -> Result<Vec<u8>> {
+    async fn get(&self, path: &str) -> Result<Vec<u8>, Fetch> {
         let url = format!("{}{path}", self.server);
         let mut req = self.http.get(&url);
-        if let Some(session) = self.session.lock().unwrap().as_deref() {
+        let session = self.session.lock().unwrap().clone();
+        if let Some(session) = session {
             req = req.bearer_auth(session);
         }
-        let resp = req
-            .send()
-            .await
-            .with_context(|| format!("fetching {url}"))?;
+        let cut = |e: reqwest::Error| {
+            Fetch::Cut(anyhow::Error::new(e).context(format!("fetching {url}")))
+        };
+        let resp = req.send().await.map_err(cut)?;
         let status = resp.status();
-        let body = resp
-            .bytes()
-            .await
-            .with_context(|| format!("reading {url}"))?;
-        if !status.is_success() {
-            return Err(anyhow!(
-                "fetching {url}: {status}: {}",
-                String::from_utf8_lossy(&body)
-            ));
+        let body = resp.bytes().await.map_err(cut)?;
+        if status.is_success() {
+            return Ok(body.to_vec());
         }
-        Ok(body.to_vec())
+        let e = anyhow!(
+            "fetching {url}: {status}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        // A session that ended with its connection comes back with the
+        // next one; a server error may pass.
+        if status == reqwest::StatusCode::UNAUTHORIZED || status.is_server_error() {
+            Err(Fetch::Cut(e))
+        } else {
+            Err(Fetch::Refused(e))
+        }
     }
+}
+
+/// How long a bundle download keeps trying through connection trouble.
+const DOWNLOAD_FOR: Duration = Duration::from_secs(60);
+
+/// Why a download failed.
+enum Fetch {
+    /// Worth trying again.
+    Cut(anyhow::Error),
+    /// The server's answer stands.
+    Refused(anyhow::Error),
 }
 
 fn write_readonly(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -17,7 +17,6 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use futures_util::{SinkExt, StreamExt};
 use node_protocol::{CallKey, FromNode, PROTOCOL, ToNode};
-use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
@@ -52,10 +51,11 @@ pub struct Config {
 pub async fn run(config: Config, stop: CancellationToken) -> Result<()> {
     let config = Arc::new(config);
     let bundles = Arc::new(Bundles::new(&config)?);
+    let calls = Arc::new(Calls::default());
     let mut delay = Duration::from_secs(1);
     loop {
         let outcome = tokio::select! {
-            r = session(&config, &bundles) => r,
+            r = session(&config, &bundles, &calls) => r,
             _ = stop.cancelled() => return Ok(()),
         };
         match outcome {
@@ -93,8 +93,67 @@ impl std::fmt::Display for Refused {
 
 impl std::error::Error for Refused {}
 
+/// The node's calls, across connections: a call keeps running when the
+/// connection drops, and its result waits here until a connection can
+/// carry it.
+#[derive(Default)]
+struct Calls {
+    running: Mutex<HashMap<CallKey, CancellationToken>>,
+    results: Mutex<Results>,
+    ready: tokio::sync::Notify,
+}
+
+/// Ended calls' `Done` messages, kept until the server acknowledges them.
+#[derive(Default)]
+struct Results {
+    /// Not yet sent on this connection, oldest first.
+    unsent: std::collections::VecDeque<(CallKey, FromNode)>,
+    /// Sent, not yet acknowledged: sent again on the next connection.
+    sent: Vec<(CallKey, FromNode)>,
+}
+
+impl Calls {
+    fn finished(&self, key: CallKey, done: FromNode) {
+        self.running.lock().unwrap().remove(&key);
+        self.results.lock().unwrap().unsent.push_back((key, done));
+        self.ready.notify_one();
+    }
+
+    /// A new connection: what was sent on the last one and not
+    /// acknowledged goes again.
+    fn reconnected(&self) {
+        let mut results = self.results.lock().unwrap();
+        let sent = std::mem::take(&mut results.sent);
+        for item in sent.into_iter().rev() {
+            results.unsent.push_front(item);
+        }
+    }
+
+    fn next_unsent(&self) -> Option<(CallKey, FromNode)> {
+        self.results.lock().unwrap().unsent.pop_front()
+    }
+
+    fn sent(&self, item: (CallKey, FromNode)) {
+        self.results.lock().unwrap().sent.push(item);
+    }
+
+    fn acknowledged(&self, key: CallKey) {
+        self.results.lock().unwrap().sent.retain(|(k, _)| *k != key);
+    }
+
+    /// Every call this node holds: running, or ended and not yet
+    /// acknowledged.
+    fn holding(&self) -> Vec<CallKey> {
+        let mut keys: Vec<CallKey> = self.running.lock().unwrap().keys().copied().collect();
+        let results = self.results.lock().unwrap();
+        keys.extend(results.unsent.iter().map(|(k, _)| *k));
+        keys.extend(results.sent.iter().map(|(k, _)| *k));
+        keys
+    }
+}
+
 /// One connection: hello, then calls until it ends.
-async fn session(config: &Arc<Config>, bundles: &Arc<Bundles>) -> Result<()> {
+async fn session(config: &Arc<Config>, bundles: &Arc<Bundles>, calls: &Arc<Calls>) -> Result<()> {
     let mut ws = connect(config).await?;
     let nonce = match next_message(&mut ws).await? {
         ToNode::Challenge { nonce } => nonce,
@@ -125,13 +184,23 @@ async fn session(config: &Arc<Config>, bundles: &Arc<Bundles>) -> Result<()> {
     tracing::info!(server = %config.server, node = %config.name, "connected");
 
     let (mut sink, mut stream) = ws.split();
-    let (out, mut outbox) = mpsc::unbounded_channel::<FromNode>();
-    let calls: Arc<Mutex<HashMap<CallKey, CancellationToken>>> = Arc::default();
+    calls.reconnected();
+    let holding = FromNode::Holding {
+        keys: calls.holding(),
+    };
+    sink.send(Message::text(serde_json::to_string(&holding)?))
+        .await?;
     // The server pings every second; silence this long means it is gone
     // (or the way to it is), so connect again.
     let mut check = tokio::time::interval(Duration::from_secs(1));
     let mut heard = tokio::time::Instant::now();
     loop {
+        // Results first: those kept while disconnected, then new ones.
+        while let Some(item) = calls.next_unsent() {
+            let text = serde_json::to_string(&item.1)?;
+            calls.sent(item);
+            sink.send(Message::text(text)).await?;
+        }
         tokio::select! {
             message = stream.next() => {
                 heard = tokio::time::Instant::now();
@@ -144,7 +213,7 @@ async fn session(config: &Arc<Config>, bundles: &Arc<Bundles>) -> Result<()> {
                 match serde_json::from_str::<ToNode>(&text) {
                     Ok(ToNode::Call { key, bundle, function, input, timeout_ms, grace_ms }) => {
                         let cancel = CancellationToken::new();
-                        calls.lock().unwrap().insert(key, cancel.clone());
+                        calls.running.lock().unwrap().insert(key, cancel.clone());
                         let call = Call {
                             key,
                             bundle,
@@ -153,18 +222,18 @@ async fn session(config: &Arc<Config>, bundles: &Arc<Bundles>) -> Result<()> {
                             timeout: Duration::from_millis(timeout_ms),
                             grace: Duration::from_millis(grace_ms),
                         };
-                        let (bundles, out, calls) = (bundles.clone(), out.clone(), calls.clone());
+                        let (bundles, calls) = (bundles.clone(), calls.clone());
                         tokio::spawn(async move {
                             let done = call.run(&bundles, cancel).await;
-                            calls.lock().unwrap().remove(&key);
-                            let _ = out.send(done);
+                            calls.finished(key, done);
                         });
                     }
                     Ok(ToNode::Cancel { key }) => {
-                        if let Some(cancel) = calls.lock().unwrap().get(&key) {
+                        if let Some(cancel) = calls.running.lock().unwrap().get(&key) {
                             cancel.cancel();
                         }
                     }
+                    Ok(ToNode::Ack { key }) => calls.acknowledged(key),
                     Ok(ToNode::Refused { reason, .. }) => {
                         return Err(Refused(format!("the server refused this node: {reason}")).into());
                     }
@@ -172,9 +241,7 @@ async fn session(config: &Arc<Config>, bundles: &Arc<Bundles>) -> Result<()> {
                     Err(e) => tracing::warn!(error = %e, "ignoring a message this node does not understand"),
                 }
             }
-            Some(message) = outbox.recv() => {
-                sink.send(Message::text(serde_json::to_string(&message)?)).await?;
-            }
+            _ = calls.ready.notified() => {}
             _ = check.tick() => {
                 if heard.elapsed() > SERVER_SILENCE {
                     bail!("the server sent nothing for {} s", SERVER_SILENCE.as_secs());

@@ -10,10 +10,12 @@
 //! ```text
 //! server → node   Challenge { nonce }
 //! node → server   Hello { name, public_key, answer, capabilities, version, protocol }
-//! server → node   Welcome { protocol }  or  Refused { retry, reason }
+//! server → node   Welcome { protocol, session }  or  Refused { retry, reason }
+//! node → server   Holding { keys }              (calls it runs, or ran and will report)
 //! server → node   Call { key, bundle, function, input, timeout_ms, grace_ms }
 //! server → node   Cancel { key }
-//! node → server   Done { key, status, body, log }
+//! node → server   Done { key, status, body, log }  (kept and sent again until acknowledged)
+//! server → node   Ack { key }
 //! node → server   Capabilities { capabilities }  (a probe's result changed)
 //! ```
 //!
@@ -61,6 +63,10 @@ pub enum FromNode {
         body: String,
         log: String,
     },
+    /// Sent right after `Welcome`: the calls the node holds (running, or
+    /// ended and about to be reported), so the server can fail at once
+    /// those it waits for that the node lost (it restarted).
+    Holding { keys: Vec<CallKey> },
     /// The node's capabilities changed.
     Capabilities {
         capabilities: BTreeMap<String, String>,
@@ -94,6 +100,9 @@ pub enum ToNode {
     },
     /// Stop the call: set its cancel flag.
     Cancel { key: CallKey },
+    /// The server has the call's `Done`: the node may forget it. Until
+    /// then the node sends it again on every new connection.
+    Ack { key: CallKey },
 }
 
 #[cfg(test)]

@@ -264,7 +264,7 @@ async fn a_node_without_a_join_token_is_refused(db: Db) {
 
 async fn cancel_and_loss_reach_steps_on_nodes(db: Db) {
     let env = Env::new(db).await;
-    let server = env.serve();
+    let server = env.serve_with(&["--node-grace", "3s"]);
     let token = join_token(&server, &env).await;
     let mut node = Node::start(
         &server,
@@ -296,7 +296,8 @@ async fn cancel_and_loss_reach_steps_on_nodes(db: Db) {
         started.elapsed()
     );
 
-    // A node that dies mid-step fails its (not idempotent) step, naming it.
+    // A node that dies mid-step and does not come back within the grace
+    // fails its (not idempotent) step, naming it.
     let id = server
         .submit("node_sleep", "vps-2", json!({ "ms": 30000 }))
         .await;
@@ -309,7 +310,121 @@ async fn cancel_and_loss_reach_steps_on_nodes(db: Db) {
     let done = server.finished(id).await;
     assert_eq!(done["status"], "failed", "{done}");
     let error = done["steps"][0]["error"].as_str().unwrap();
-    assert!(error.contains("node hv-17 went away"), "{error}");
+    assert!(
+        error.contains("node hv-17 went away while the step ran and did not come back within 3 s"),
+        "{error}"
+    );
+}
+
+async fn a_restarted_node_fails_the_steps_it_lost_at_once(db: Db) {
+    let env = Env::new(db).await;
+    let server = env.serve();
+    let token = join_token(&server, &env).await;
+    let data = scratch_dir("node-hv-17-lost");
+    let mut node = Node::start_in(
+        &server,
+        Some(&token),
+        "hv-17",
+        &["--capability", "hypervisor=kvm"],
+        data.clone(),
+    );
+    connected(&server, &["hv-17"], &[&node]).await;
+    let id = server
+        .submit("node_sleep", "vps-2", json!({ "ms": 30000 }))
+        .await;
+    server
+        .until(id, "running on the node", |a| {
+            a["steps"][0]["status"] == "running"
+        })
+        .await;
+    node.kill9();
+    // The same node (same key, same data), restarted: it no longer has the call.
+    let keep = std::mem::ManuallyDrop::new(node);
+    let again = Node::start_in(
+        &server,
+        None,
+        "hv-17",
+        &["--capability", "hypervisor=kvm"],
+        data,
+    );
+    let started = Instant::now();
+    let done = server.finished(id).await;
+    assert_eq!(done["status"], "failed", "{done}\n{}", again.log());
+    let error = done["steps"][0]["error"].as_str().unwrap();
+    assert!(
+        error.contains("came back without it (the node restarted)"),
+        "{error}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "not the 60 s grace: {:?}",
+        started.elapsed()
+    );
+    drop(again);
+    let _ = std::fs::remove_file(&keep.log);
+}
+
+async fn a_step_on_a_node_survives_a_server_restart(db: Db) {
+    let env = Env::new(db).await;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let server = env.serve_with(&["--listen", &listen]);
+    let token = join_token(&server, &env).await;
+    let node = Node::start(
+        &server,
+        &token,
+        "hv-17",
+        &["--capability", "hypervisor=kvm"],
+    );
+    connected(&server, &["hv-17"], &[&node]).await;
+    warm(&server).await;
+    let id = server
+        .submit("node_sleep", "vps-1", json!({ "ms": 3000 }))
+        .await;
+    server
+        .until(id, "running on the node", |a| {
+            a["steps"][0]["status"] == "running"
+        })
+        .await;
+    server.kill9();
+
+    // The node keeps running it, reconnects, and reports; the action goes
+    // on, and the step (not idempotent) ran once.
+    let server = env.serve_with(&["--listen", &listen]);
+    let done = server.finished(id).await;
+    assert_eq!(
+        done["status"],
+        "succeeded",
+        "{done}\n{}\n{}",
+        node.log(),
+        server.log()
+    );
+    assert_eq!(done["steps"][0]["attempt"], 1, "{done}");
+    assert_eq!(done["steps"][0]["node"], "hv-17");
+    assert_eq!(done["steps"][0]["output"]["slept_ms"], 3000, "{done}");
+    let pool = env.sql().await;
+    let retried: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM action_step_attempts")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(retried, 0);
+}
+
+/// Runs one short step on the node, so it holds the bundle before a test
+/// interrupts a step there (rather than its download).
+async fn warm(server: &Server) {
+    let id = server
+        .submit("node_sleep", "warm-up", json!({ "ms": 1 }))
+        .await;
+    assert_eq!(server.finished(id).await["status"], "succeeded");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 async fn a_silent_node_is_detected_and_comes_back(db: Db) {
@@ -323,8 +438,9 @@ async fn a_silent_node_is_detected_and_comes_back(db: Db) {
         &["--capability", "hypervisor=kvm"],
     );
     connected(&server, &["hv-17"], &[&node]).await;
+    warm(&server).await;
     let id = server
-        .submit("node_sleep", "vps-1", json!({ "ms": 20000 }))
+        .submit("node_sleep", "vps-1", json!({ "ms": 4000 }))
         .await;
     server
         .until(id, "running on the node", |a| {
@@ -332,33 +448,32 @@ async fn a_silent_node_is_detected_and_comes_back(db: Db) {
         })
         .await;
 
-    // Frozen: its heartbeats stop, and within the timeout it is gone.
+    // Frozen: its heartbeats stop, and within the timeout it is dropped.
     signal(&node, "STOP");
     let frozen = Instant::now();
-    let done = server.finished(id).await;
+    let deadline = frozen + Duration::from_secs(10);
+    loop {
+        let (_, list) = server.get("/v1/nodes").await;
+        if list["nodes"][0]["connected"] == false {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never dropped: {list}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Silence counts from the last message (up to a heartbeat before the stop).
     let took = frozen.elapsed();
-    assert_eq!(done["status"], "failed", "{done}");
     assert!(
-        done["steps"][0]["error"]
-            .as_str()
-            .unwrap()
-            .contains("node hv-17 went away"),
-        "{done}"
-    );
-    assert!(
-        took >= Duration::from_secs(2) && took < Duration::from_secs(5),
+        took >= Duration::from_secs(1) && took < Duration::from_secs(5),
         "detected after {took:?}"
     );
-    let (_, list) = server.get("/v1/nodes").await;
-    assert_eq!(list["nodes"][0]["connected"], false, "{list}");
 
-    // Thawed: it notices its connection is gone and connects again.
+    // Thawed within the grace: it connects again and reports the step it
+    // kept running; the action succeeds, the step ran once.
     signal(&node, "CONT");
+    let done = server.finished(id).await;
+    assert_eq!(done["status"], "succeeded", "{done}\n{}", node.log());
+    assert_eq!(done["steps"][0]["attempt"], 1, "{done}");
     connected(&server, &["hv-17"], &[&node]).await;
-    let id = server
-        .submit("node_sleep", "vps-1", json!({ "ms": 10 }))
-        .await;
-    assert_eq!(server.finished(id).await["status"], "succeeded");
 }
 
 async fn nodes_prove_their_key_and_need_a_join_token_or_an_accept(db: Db) {
@@ -490,5 +605,7 @@ both_dbs!(
     a_node_without_a_join_token_is_refused,
     cancel_and_loss_reach_steps_on_nodes,
     a_silent_node_is_detected_and_comes_back,
+    a_restarted_node_fails_the_steps_it_lost_at_once,
+    a_step_on_a_node_survives_a_server_restart,
     nodes_prove_their_key_and_need_a_join_token_or_an_accept,
 );
