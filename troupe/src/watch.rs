@@ -104,6 +104,9 @@ pub(crate) async fn follow(
                 if let Some(wants) = step["waiting_for"].as_str() {
                     line.push_str(&format!("  for a node with {wants}"));
                 }
+                if let Some(node) = step["node"].as_str() {
+                    line.push_str(&format!("  on {node}"));
+                }
                 println!("{}", line.trim_end());
                 seen.insert(seq, key);
             }
@@ -202,6 +205,9 @@ pub(crate) fn print_action(a: &Value) {
         }
         if let Some(wants) = step["waiting_for"].as_str() {
             line.push_str(&format!("  for a node with {wants}"));
+        }
+        if let Some(node) = step["node"].as_str() {
+            line.push_str(&format!("  on {node}"));
         }
         println!("{}", line.trim_end());
     }

@@ -168,6 +168,12 @@ async fn steps_run_on_the_node_that_has_what_they_need(db: Db) {
     assert_eq!(done["status"], "succeeded", "{done}\n{}", hv17.log());
     assert!(done["steps"][0]["node"].is_null(), "{done}");
     assert_eq!(done["steps"][1]["node"], "hv-17", "{done}");
+    let shown = server.cli(&["status", &id.to_string()]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown.contains("on hv-17"),
+        "the CLI shows where it ran: {shown}"
+    );
     // Pulled on demand, by the node that needed it only.
     assert_eq!(hv17.cached().len(), 1, "{:?}", hv17.cached());
     assert!(hv18.cached().is_empty(), "{:?}", hv18.cached());
