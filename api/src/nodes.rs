@@ -67,11 +67,14 @@ pub(crate) async fn connect(
     )
 )]
 pub(crate) async fn bundle(
-    _: NodeSession,
+    NodeSession(node): NodeSession,
     State(engine): State<Engine>,
     Path(hash): Path<String>,
 ) -> Result<Response, ApiError> {
     let bytes = engine.bundle_content(&hash).await?;
+    if let Some(node) = node {
+        engine.nodes().pulled(&node, bytes.len() as u64);
+    }
     Ok((
         [(header::CONTENT_TYPE, "application/octet-stream")],
         Bytes::from(bytes),
@@ -466,8 +469,9 @@ fn random_hex() -> Option<String> {
     Some(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// A connected node, by the session credential its `Welcome` carried.
-pub(crate) struct NodeSession;
+/// A connected node, by the session credential its `Welcome` carried (its
+/// name), or a join token's holder (`None`).
+pub(crate) struct NodeSession(Option<String>);
 
 impl axum::extract::FromRequestParts<crate::AppState> for NodeSession {
     type Rejection = ApiError;
@@ -484,16 +488,18 @@ impl axum::extract::FromRequestParts<crate::AppState> for NodeSession {
             .map(str::trim)
             .filter(|v| v.starts_with("node_"));
         match session {
-            Some(s) if state.engine.nodes().by_session(s).is_some() => Ok(NodeSession),
-            Some(_) => Err(ApiError::new(
-                axum::http::StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "this node session has ended; the node gets a new one when it connects again",
-            )),
+            Some(s) => match state.engine.nodes().by_session(s) {
+                Some(name) => Ok(NodeSession(Some(name))),
+                None => Err(ApiError::new(
+                    axum::http::StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "this node session has ended; the node gets a new one when it connects again",
+                )),
+            },
             // Not a node session: a join token (or admin) will do.
             None => Caller::<Join>::from_request_parts(parts, state)
                 .await
-                .map(|_| NodeSession),
+                .map(|_| NodeSession(None)),
         }
     }
 }

@@ -110,6 +110,8 @@ pub struct NodeView {
     pub draining: bool,
     /// Who let it in: an admin token's name, or the join token it joined with.
     pub accepted_by: Option<String>,
+    /// Bundle bytes it downloaded from this server since the server started.
+    pub pulled_bytes: u64,
 }
 
 impl NodeView {
@@ -137,6 +139,7 @@ impl NodeView {
             in_flight: live.map_or(0, |n| n.in_flight),
             draining: live.is_some_and(|n| n.draining),
             accepted_by: row.accepted_by,
+            pulled_bytes: live.map_or(0, |n| n.pulled_bytes),
         }
     }
 }

@@ -89,6 +89,8 @@ pub struct NodeInfo {
     pub connected_at: Timestamp,
     pub in_flight: usize,
     pub draining: bool,
+    /// Bundle bytes it downloaded from this server since the server started.
+    pub pulled_bytes: u64,
 }
 
 /// The connected nodes. Cheap to clone.
@@ -105,6 +107,8 @@ struct Registry {
     /// Nodes drained on this server, connected or not: a reconnect does not
     /// undo a drain.
     draining: Mutex<std::collections::BTreeSet<String>>,
+    /// Bundle bytes each node downloaded, across its connections.
+    pulled: Mutex<HashMap<String, u64>>,
     /// Bumped whenever placement could come out differently.
     changed: watch::Sender<u64>,
 }
@@ -129,6 +133,7 @@ impl Default for Nodes {
                 nodes: Mutex::default(),
                 parked: Mutex::default(),
                 draining: Mutex::default(),
+                pulled: Mutex::default(),
                 changed: watch::channel(0).0,
             }),
         }
@@ -280,11 +285,24 @@ impl Nodes {
         self.inner.bump();
     }
 
+    /// Counts bundle bytes a node downloaded.
+    pub fn pulled(&self, node: &str, bytes: u64) {
+        *self
+            .inner
+            .pulled
+            .lock()
+            .unwrap()
+            .entry(node.to_owned())
+            .or_default() += bytes;
+    }
+
     pub fn list(&self) -> Vec<NodeInfo> {
+        let pulled = self.inner.pulled.lock().unwrap().clone();
         self.inner
             .lock()
             .iter()
             .map(|(name, e)| NodeInfo {
+                pulled_bytes: pulled.get(name).copied().unwrap_or_default(),
                 name: name.clone(),
                 capabilities: e.capabilities.clone(),
                 connected_at: e.connected_at,

@@ -279,10 +279,11 @@ impl NodesCommand {
                         .or_else(|| n["last_seen_at"].as_str().map(|t| format!("last seen {t}")))
                         .unwrap_or_default();
                     println!(
-                        "{:<20} {:<9} in flight {:<4} {}  {}",
+                        "{:<20} {:<9} in flight {:<4} pulled {:>6} KiB  {}  {}",
                         n["name"].as_str().unwrap_or("?"),
                         state,
                         n["in_flight"],
+                        n["pulled_bytes"].as_u64().unwrap_or_default() / 1024,
                         seen,
                         caps.join(" ")
                     );

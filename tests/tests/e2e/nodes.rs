@@ -214,6 +214,48 @@ async fn steps_run_on_the_node_that_has_what_they_need(db: Db) {
     );
 }
 
+async fn steps_that_need_one_bundle_at_once_make_one_download(db: Db) {
+    let env = Env::new(db).await;
+    let server = env.serve();
+    let token = join_token(&server, &env).await;
+    let node = Node::start(
+        &server,
+        &token,
+        "hv-17",
+        &["--capability", "hypervisor=kvm"],
+    );
+    connected(&server, &["hv-17"], &[&node]).await;
+    // Submitted together: the four calls reach the node before its bundle does.
+    let submit = |i: u32| {
+        let server = &server;
+        async move {
+            server
+                .submit("node_sleep", &format!("vps-{i}"), json!({ "ms": 200 }))
+                .await
+        }
+    };
+    let (a, b, c, d) = tokio::join!(submit(0), submit(1), submit(2), submit(3));
+    let ids = [a, b, c, d];
+    for id in ids {
+        assert_eq!(server.finished(id).await["status"], "succeeded");
+    }
+    let (_, bundles) = server.get("/v1/bundles").await;
+    let size = bundles["bundles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "testkit")
+        .unwrap()["size"]
+        .as_u64()
+        .unwrap();
+    let (_, list) = server.get("/v1/nodes").await;
+    assert_eq!(
+        list["nodes"][0]["pulled_bytes"], size,
+        "one download: {list}"
+    );
+    assert_eq!(node.cached().len(), 1);
+}
+
 async fn a_node_refuses_a_bundle_signed_by_a_key_it_does_not_trust(db: Db) {
     let env = Env::new(db).await;
     let server = env.serve();
@@ -607,6 +649,7 @@ fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
 
 both_dbs!(
     steps_run_on_the_node_that_has_what_they_need,
+    steps_that_need_one_bundle_at_once_make_one_download,
     a_node_refuses_a_bundle_signed_by_a_key_it_does_not_trust,
     a_node_without_a_join_token_is_refused,
     cancel_and_loss_reach_steps_on_nodes,
