@@ -263,25 +263,21 @@ fn wire_key(key: CallKey) -> node_protocol::CallKey {
     }
 }
 
-/// One node connection, from its hello to its end.
-async fn session(engine: Engine, token: Option<String>, socket: WebSocket) {
-    let (mut sink, mut stream) = socket.split();
-    let Some(nonce) = random_hex() else {
-        return;
+/// The hello: checks the node's proof of its key and asks the engine
+/// whether it may take calls. `None`: the node was told why not.
+async fn handshake(
+    engine: &Engine,
+    token: Option<&str>,
+    sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
+    stream: &mut futures_util::stream::SplitStream<WebSocket>,
+) -> Option<(String, std::collections::BTreeMap<String, String>)> {
+    let nonce = random_hex()?;
+    let challenge = ToNode::Challenge {
+        nonce: nonce.clone(),
     };
-    if send(
-        &mut sink,
-        &ToNode::Challenge {
-            nonce: nonce.clone(),
-        },
-    )
-    .await
-    .is_err()
-    {
-        return;
-    }
+    send(sink, &challenge).await.ok()?;
     let hello = tokio::time::timeout(HELLO_WITHIN, stream.next()).await;
-    let (name, capabilities) = match hello {
+    match hello {
         Ok(Some(Ok(Message::Text(text)))) => match serde_json::from_str::<FromNode>(&text) {
             Ok(FromNode::Hello {
                 name,
@@ -295,32 +291,41 @@ async fn session(engine: Engine, token: Option<String>, socket: WebSocket) {
                     let why = format!(
                         "this server speaks node protocol {PROTOCOL}, the node {protocol}; run the same troupe version on both"
                     );
-                    return refuse(&mut sink, &why).await;
+                    {
+                        refuse(sink, &why).await;
+                        return None;
+                    }
                 }
                 if !engine::placement::is_capability_name(&name) {
                     let why = format!(
                         "{name:?} is not a node name (letters, digits, '-', '_', '.'; at most 64)"
                     );
-                    return refuse(&mut sink, &why).await;
+                    {
+                        refuse(sink, &why).await;
+                        return None;
+                    }
                 }
                 if let Some(bad) = capabilities
                     .keys()
                     .find(|k| !engine::placement::is_capability_name(k))
                 {
                     let why = format!("{bad:?} is not a capability name");
-                    return refuse(&mut sink, &why).await;
+                    {
+                        refuse(sink, &why).await;
+                        return None;
+                    }
                 }
                 let key = match public_key.parse::<signing::PublicKey>() {
                     Ok(key) if signing::node::check(&key, &nonce, &name, &answer) => key,
                     _ => {
                         let why = "the hello is not signed by the node key it names";
-                        return refuse(&mut sink, why).await;
+                        {
+                            refuse(sink, why).await;
+                            return None;
+                        }
                     }
                 };
-                match engine
-                    .admit_node(&name, &key, token.as_deref(), &capabilities)
-                    .await
-                {
+                match engine.admit_node(&name, &key, token, &capabilities).await {
                     Ok(Admission::Accepted) => {}
                     Ok(Admission::Pending) => {
                         let reason = format!(
@@ -328,35 +333,51 @@ async fn session(engine: Engine, token: Option<String>, socket: WebSocket) {
                         );
                         tracing::info!(node = %name, key = %key, "a node asked to join; it waits for `troupe nodes accept`");
                         let _ = send(
-                            &mut sink,
+                            sink,
                             &ToNode::Refused {
                                 retry: true,
                                 reason,
                             },
                         )
                         .await;
-                        return;
+                        return None;
                     }
-                    Ok(Admission::Refused(why)) => return refuse(&mut sink, &why).await,
+                    Ok(Admission::Refused(why)) => {
+                        refuse(sink, &why).await;
+                        return None;
+                    }
                     Err(e) => {
                         tracing::warn!(node = %name, error = %e, "cannot record a node's hello");
                         let reason = "the server cannot reach its database; try again".to_owned();
                         let _ = send(
-                            &mut sink,
+                            sink,
                             &ToNode::Refused {
                                 retry: true,
                                 reason,
                             },
                         )
                         .await;
-                        return;
+                        return None;
                     }
                 }
-                (name, capabilities)
+                Some((name, capabilities))
             }
-            _ => return refuse(&mut sink, "the first message must be a hello").await,
+            _ => {
+                refuse(sink, "the first message must be a hello").await;
+                None
+            }
         },
-        _ => return,
+        _ => None,
+    }
+}
+
+/// One node connection, from its hello to its end.
+async fn session(engine: Engine, token: Option<String>, socket: WebSocket) {
+    let (mut sink, mut stream) = socket.split();
+    let Some((name, capabilities)) =
+        handshake(&engine, token.as_deref(), &mut sink, &mut stream).await
+    else {
+        return;
     };
     let (out, mut outbox) = mpsc::unbounded_channel();
     let link = Arc::new(Link {
