@@ -140,6 +140,17 @@ enum Command {
 }
 
 impl Cli {
+    /// Whether the command only prints: then a closed pipe (`| head`)
+    /// should end it quietly, as it does any Unix tool. The server, the
+    /// demo and the node keep ignoring SIGPIPE (a client that goes away
+    /// must not stop them).
+    pub(crate) fn prints_only(&self) -> bool {
+        !matches!(
+            self.command,
+            Command::Serve(_) | Command::Demo(_) | Command::Node(_)
+        )
+    }
+
     pub(crate) fn default_log_filter(&self) -> &'static str {
         match self.command {
             Command::Serve(_) | Command::Node(_) | Command::Migrate { .. } => "info,sqlx=warn",

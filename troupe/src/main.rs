@@ -30,12 +30,17 @@ fn main() -> ExitCode {
     // The one TLS crypto provider (ring), for the CLI's HTTPS.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = cli::Cli::parse();
+    if cli.prints_only() {
+        restore_sigpipe();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(cli.default_log_filter())),
         )
         .with_writer(std::io::stderr)
+        // Colours for a terminal only, never into a log file or journal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     engine::failpoints::arm();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -51,6 +56,16 @@ fn main() -> ExitCode {
             eprintln!("error: {}", describe(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Lets a closed stdout end the process, instead of `println!` panicking.
+#[allow(unsafe_code)]
+fn restore_sigpipe() {
+    // SAFETY: called before any thread starts; setting a signal's
+    // disposition to the default touches no memory of ours.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

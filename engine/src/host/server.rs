@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::io::{BufReader, BufWriter, Write};
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use sdk::ffi::{Buf, Call};
@@ -120,16 +120,24 @@ impl Channel {
 struct CallLog {
     id: u64,
     channel: Channel,
-    used: AtomicUsize,
+    /// Bytes sent so far (with a newline each), and whether the cut was.
+    kept: Mutex<(usize, bool)>,
 }
 
 impl CallLog {
     fn line(&self, line: &[u8]) {
         let line = line.strip_suffix(b"\n").unwrap_or(line);
-        let before = self.used.fetch_add(line.len() + 1, Ordering::Relaxed);
-        if before + line.len() < MAX_CALL_LOG {
+        // Held while sending, so lines from the step's threads keep order.
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        let (bytes, cut) = &mut *kept;
+        if *cut {
+            return;
+        }
+        if *bytes + line.len() < MAX_CALL_LOG {
+            *bytes += line.len() + 1;
             self.channel.send(&protocol::encode(LOG, self.id, &[line]));
-        } else if before < MAX_CALL_LOG {
+        } else {
+            *cut = true;
             let note = format!(
                 "[log cut: the step logged more than {} KiB]",
                 MAX_CALL_LOG >> 10
@@ -219,7 +227,7 @@ pub fn serve(path: &Path) -> i32 {
                 let log = CallLog {
                     id: frame.id,
                     channel: channel.clone(),
-                    used: AtomicUsize::new(0),
+                    kept: Mutex::default(),
                 };
                 workers.run(Box::new(move || {
                     let (status, body) = match protocol::parse_call(&frame.payload) {

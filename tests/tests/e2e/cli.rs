@@ -247,3 +247,27 @@ async fn keys_sign_verify_push_list_activate() {
     let configured = find(&crate::harness::bundles().public_key);
     assert_eq!(configured["source"], "config", "{configured}");
 }
+
+/// `troupe status … | head` ends the way any Unix tool does when its
+/// reader goes away (SIGPIPE), not with a panic and a backtrace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_pipe_ends_a_client_command_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let env = Env::new(Db::Sqlite).await;
+    let server = env.serve();
+    let id = server.submit("noop1", "t", serde_json::json!({})).await;
+    server.finished(id).await;
+    let mut child = std::process::Command::new(troupe_bin())
+        .args(["status", &id.to_string(), "--server", &server.url])
+        .env("TROUPE_TOKEN_FILE", &server.token_file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The reader is gone before the command prints anything.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.signal(), Some(13), "SIGPIPE: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -85,21 +85,25 @@ async fn each_attempt_keeps_its_own_lines(db: Db) {
 async fn a_long_log_is_cut_saying_so(db: Db) {
     let env = Env::new(db).await;
     let server = env.serve();
-    let padding = "x".repeat(100);
-    let id = server
-        .submit("logs", "t", json!({ "lines": 5000, "text": padding }))
-        .await;
-    assert_eq!(server.finished(id).await["status"], "succeeded");
-    let logs = logs_of(&server, id).await;
-    let text = logs[0]["log"].as_str().unwrap();
-    assert!(text.len() <= 64 << 10, "{} bytes kept", text.len());
-    assert!(text.len() > 60 << 10, "{} bytes kept", text.len());
-    assert!(text.starts_with("t line 0 (attempt 1)x"), "{}", &text[..80]);
-    assert!(
-        text.ends_with("[log cut: the step logged more than 64 KiB]\n"),
-        "{}",
-        &text[text.len() - 200..]
-    );
+    // Lines of several lengths, so the cut falls at different places
+    // against the limit; every log must end with the note.
+    for pad in [1, 23, 100, 311] {
+        let padding = "x".repeat(pad);
+        let id = server
+            .submit("logs", "t", json!({ "lines": 5000, "text": padding }))
+            .await;
+        assert_eq!(server.finished(id).await["status"], "succeeded");
+        let logs = logs_of(&server, id).await;
+        let text = logs[0]["log"].as_str().unwrap();
+        assert!(text.len() <= (64 << 10) + 64, "{} bytes kept", text.len());
+        assert!(text.len() > 60 << 10, "{} bytes kept", text.len());
+        assert!(text.starts_with("t line 0 (attempt 1)x"), "{}", &text[..80]);
+        assert!(
+            text.ends_with("[log cut: the step logged more than 64 KiB]\n"),
+            "padding {pad}: {}",
+            &text[text.len() - 200..]
+        );
+    }
 }
 
 async fn secrets_are_masked_in_logs(db: Db) {
