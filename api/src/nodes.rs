@@ -471,8 +471,11 @@ async fn session(engine: Engine, token: Option<String>, socket: WebSocket) {
     let pending: Vec<_> = link.pending.lock().unwrap().drain().collect();
     tracing::warn!(node = %name, in_flight = pending.len(), "node disconnected");
     let grace = engine.config().node_grace;
+    let removed = link.closed.lock().unwrap().is_some();
     for (key, (tx, idempotent)) in pending {
-        if idempotent {
+        if removed {
+            let _ = tx.send(engine::nodes::away(&name, "was removed"));
+        } else if idempotent {
             let _ = tx.send(engine::nodes::away(
                 &name,
                 "it is idempotent, so it may run again",

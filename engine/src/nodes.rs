@@ -229,11 +229,16 @@ impl Nodes {
     /// done and not yet reported): a parked call it does not hold is lost
     /// (the node restarted) and fails now.
     pub fn holding(&self, node: &str, keys: &[CallKey]) {
+        self.fail_parked(node, keys, "came back without it (the node restarted)");
+    }
+
+    /// Fails `node`'s parked calls but `keep`, saying `what` happened.
+    fn fail_parked(&self, node: &str, keep: &[CallKey], what: &str) {
         let lost: Vec<_> = {
             let mut parked = self.inner.parked();
             let gone: Vec<_> = parked
                 .keys()
-                .filter(|(n, k)| n == node && !keys.contains(k))
+                .filter(|(n, k)| n == node && !keep.contains(k))
                 .cloned()
                 .collect();
             gone.into_iter()
@@ -241,7 +246,7 @@ impl Nodes {
                 .collect()
         };
         for tx in lost {
-            let _ = tx.send(away(node, "came back without it (the node restarted)"));
+            let _ = tx.send(away(node, what));
         }
     }
 
@@ -276,12 +281,14 @@ impl Nodes {
             .map(|(name, _)| name.clone())
     }
 
-    /// Ends a node's connection at once (it was removed).
+    /// Ends a node's connection at once, and fails the calls that waited
+    /// for it to come back (it was removed).
     pub fn disconnect(&self, name: &str, reason: &str) {
         let entry = self.inner.lock().remove(name);
         if let Some(e) = entry {
             e.link.close(reason);
         }
+        self.fail_parked(name, &[], "was removed");
         self.inner.bump();
     }
 

@@ -597,9 +597,33 @@ async fn nodes_prove_their_key_and_need_a_join_token_or_an_accept(db: Db) {
         impostor.log()
     );
 
-    // Removed: disconnected at once and refused from then on.
+    // Removed: disconnected at once and refused from then on; its step in
+    // flight fails now, not after the grace.
+    let busy = server
+        .submit("node_sleep", "vps-2", json!({ "ms": 30000 }))
+        .await;
+    server
+        .until(busy, "running on the node", |a| {
+            a["steps"][0]["status"] == "running"
+        })
+        .await;
     let out = server.cli(&["nodes", "remove", "hv-17"]);
     assert!(out.status.success(), "{out:?}");
+    let removed_at = Instant::now();
+    let done = server.finished(busy).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert!(
+        done["steps"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("node hv-17 went away while the step ran and was removed"),
+        "{done}"
+    );
+    assert!(
+        removed_at.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        removed_at.elapsed()
+    );
     let mut node = node;
     let status = wait_exit(&mut node.child, Duration::from_secs(10));
     assert!(!status.success());
