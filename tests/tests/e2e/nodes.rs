@@ -364,6 +364,49 @@ async fn cancel_and_loss_reach_steps_on_nodes(db: Db) {
     );
 }
 
+async fn an_idempotent_step_of_a_lost_node_runs_again_elsewhere(db: Db) {
+    let env = Env::new(db).await;
+    let server = env.serve();
+    let token = join_token(&server, &env).await;
+    let mut nodes = vec![
+        Node::start(&server, &token, "hv-1", &["--capability", "hypervisor=kvm"]),
+        Node::start(&server, &token, "hv-2", &["--capability", "hypervisor=kvm"]),
+    ];
+    connected(&server, &["hv-1", "hv-2"], &[&nodes[0], &nodes[1]]).await;
+    let id = server
+        .submit("node_sleep_again", "vps-1", json!({ "ms": 3000 }))
+        .await;
+    let running = server
+        .until(id, "running on a node", |a| {
+            a["steps"][0]["status"] == "running"
+        })
+        .await;
+    let first = running["steps"][0]["node"].as_str().unwrap().to_owned();
+    let index = if first == "hv-1" { 0 } else { 1 };
+    nodes[index].kill9();
+    let done = server.finished(id).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["steps"][0]["attempt"], 2, "{done}");
+    assert_ne!(
+        done["steps"][0]["node"],
+        first.as_str(),
+        "retried on the other node: {done}"
+    );
+    let pool = env.sql().await;
+    let (node, error): (Option<String>, String) = sqlx::query_as(
+        "SELECT node, error FROM action_step_attempts WHERE action_id = ? AND attempt = 1",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(node.as_deref(), Some(first.as_str()));
+    assert!(
+        error.contains("it is idempotent, so it may run again"),
+        "{error}"
+    );
+}
+
 async fn a_restarted_node_fails_the_steps_it_lost_at_once(db: Db) {
     let env = Env::new(db).await;
     let server = env.serve();
@@ -679,6 +722,7 @@ both_dbs!(
     cancel_and_loss_reach_steps_on_nodes,
     a_silent_node_is_detected_and_comes_back,
     a_restarted_node_fails_the_steps_it_lost_at_once,
+    an_idempotent_step_of_a_lost_node_runs_again_elsewhere,
     a_step_on_a_node_survives_a_server_restart,
     nodes_prove_their_key_and_need_a_join_token_or_an_accept,
 );
