@@ -368,7 +368,7 @@ async fn an_idempotent_step_of_a_lost_node_runs_again_elsewhere(db: Db) {
     let env = Env::new(db).await;
     let server = env.serve();
     let token = join_token(&server, &env).await;
-    let mut nodes = vec![
+    let mut nodes = [
         Node::start(&server, &token, "hv-1", &["--capability", "hypervisor=kvm"]),
         Node::start(&server, &token, "hv-2", &["--capability", "hypervisor=kvm"]),
     ];
