@@ -122,7 +122,8 @@ pub(crate) async fn list(
         .into_iter()
         .map(|row| {
             let connected = live.iter().find(|n| n.name == row.name);
-            NodeView::new(row, connected)
+            let pulled = engine.nodes().pulled_bytes(&row.name);
+            NodeView::new(row, connected, pulled)
         })
         .collect();
     Ok(Json(NodeList { nodes }))
@@ -144,7 +145,8 @@ pub(crate) async fn accept(
     Path(name): Path<String>,
 ) -> Result<Json<NodeView>, ApiError> {
     let row = engine.accept_node(&name, &caller.principal.name).await?;
-    Ok(Json(NodeView::new(row, None)))
+    let pulled = engine.nodes().pulled_bytes(&name);
+    Ok(Json(NodeView::new(row, None, pulled)))
 }
 
 /// Remove a node: its key is refused from now on and its connection ends
@@ -164,7 +166,8 @@ pub(crate) async fn remove(
     Path(name): Path<String>,
 ) -> Result<Json<NodeView>, ApiError> {
     let row = engine.remove_node(&name, &caller.principal.name).await?;
-    Ok(Json(NodeView::new(row, None)))
+    let pulled = engine.nodes().pulled_bytes(&name);
+    Ok(Json(NodeView::new(row, None, pulled)))
 }
 
 /// Drain a node (`?undo=true` to stop draining): it gets no new steps;
@@ -194,7 +197,8 @@ pub(crate) async fn drain(
     engine.nodes().set_draining(&name, !undo);
     let live = engine.nodes().list();
     let connected = live.iter().find(|n| n.name == name);
-    Ok(Json(NodeView::new(row, connected)))
+    let pulled = engine.nodes().pulled_bytes(&name);
+    Ok(Json(NodeView::new(row, connected, pulled)))
 }
 
 /// Calls sent on one connection and not answered yet.

@@ -115,7 +115,11 @@ pub struct NodeView {
 }
 
 impl NodeView {
-    pub fn new(row: engine::store::NodeRow, live: Option<&engine::nodes::NodeInfo>) -> NodeView {
+    pub fn new(
+        row: engine::store::NodeRow,
+        live: Option<&engine::nodes::NodeInfo>,
+        pulled_bytes: u64,
+    ) -> NodeView {
         let capabilities = match live {
             Some(n) => n
                 .capabilities
@@ -139,7 +143,7 @@ impl NodeView {
             in_flight: live.map_or(0, |n| n.in_flight),
             draining: live.is_some_and(|n| n.draining),
             accepted_by: row.accepted_by,
-            pulled_bytes: live.map_or(0, |n| n.pulled_bytes),
+            pulled_bytes,
         }
     }
 }

@@ -89,8 +89,6 @@ pub struct NodeInfo {
     pub connected_at: Timestamp,
     pub in_flight: usize,
     pub draining: bool,
-    /// Bundle bytes it downloaded from this server since the server started.
-    pub pulled_bytes: u64,
 }
 
 /// The connected nodes. Cheap to clone.
@@ -303,13 +301,23 @@ impl Nodes {
             .or_default() += bytes;
     }
 
+    /// Bundle bytes `node` downloaded since this server started, connected
+    /// now or not.
+    pub fn pulled_bytes(&self, node: &str) -> u64 {
+        self.inner
+            .pulled
+            .lock()
+            .unwrap()
+            .get(node)
+            .copied()
+            .unwrap_or_default()
+    }
+
     pub fn list(&self) -> Vec<NodeInfo> {
-        let pulled = self.inner.pulled.lock().unwrap().clone();
         self.inner
             .lock()
             .iter()
             .map(|(name, e)| NodeInfo {
-                pulled_bytes: pulled.get(name).copied().unwrap_or_default(),
                 name: name.clone(),
                 capabilities: e.capabilities.clone(),
                 connected_at: e.connected_at,

@@ -256,6 +256,60 @@ async fn steps_that_need_one_bundle_at_once_make_one_download(db: Db) {
     assert_eq!(node.cached().len(), 1);
 }
 
+async fn a_corrupted_node_cache_is_found_on_restart(db: Db) {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new(db).await;
+    let server = env.serve();
+    let token = join_token(&server, &env).await;
+    let data = scratch_dir("node-hv-17-cache");
+    let caps = ["--capability", "hypervisor=kvm"];
+    let mut node = Node::start_in(&server, Some(&token), "hv-17", &caps, data.clone());
+    connected(&server, &["hv-17"], &[&node]).await;
+    warm(&server).await;
+    node.kill9();
+    let (_, list) = server.get("/v1/nodes").await;
+    let first_pull = list["nodes"][0]["pulled_bytes"].as_u64().unwrap();
+
+    // Someone changes the cached archive while the node is down.
+    let archive = std::fs::read_dir(data.join("bundles"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "bundle"))
+        .expect("the signed archive is cached");
+    std::fs::set_permissions(&archive, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut bytes = std::fs::read(&archive).unwrap();
+    let n = bytes.len() / 2;
+    bytes[n] ^= 0xff;
+    std::fs::write(&archive, bytes).unwrap();
+
+    let again = Node::start_in(&server, None, "hv-17", &caps, data);
+    connected(&server, &["hv-17"], &[&again]).await;
+    let id = server
+        .submit("node_sleep", "vps-1", json!({ "ms": 1 }))
+        .await;
+    assert_eq!(
+        server.finished(id).await["status"],
+        "succeeded",
+        "{}",
+        again.log()
+    );
+    assert!(
+        again
+            .log()
+            .contains("the cached copy does not verify; fetching it again"),
+        "{}",
+        again.log()
+    );
+    let (_, list) = server.get("/v1/nodes").await;
+    assert_eq!(
+        list["nodes"][0]["pulled_bytes"].as_u64().unwrap(),
+        2 * first_pull,
+        "fetched again, once: {list}"
+    );
+    drop(node);
+}
+
 async fn a_node_refuses_a_bundle_signed_by_a_key_it_does_not_trust(db: Db) {
     let env = Env::new(db).await;
     let server = env.serve();
@@ -717,6 +771,7 @@ fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
 both_dbs!(
     steps_run_on_the_node_that_has_what_they_need,
     steps_that_need_one_bundle_at_once_make_one_download,
+    a_corrupted_node_cache_is_found_on_restart,
     a_node_refuses_a_bundle_signed_by_a_key_it_does_not_trust,
     a_node_without_a_join_token_is_refused,
     cancel_and_loss_reach_steps_on_nodes,
