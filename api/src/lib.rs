@@ -133,7 +133,16 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    // TCP_NODELAY on every connection: a node's call and its answer are small
+    // frames, and with Nagle's algorithm each would wait for a delayed ACK
+    // (40 ms here).
     let Some(tls) = tls else {
+        use axum::serve::ListenerExt;
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY on a connection");
+            }
+        });
         return axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await;
@@ -145,7 +154,10 @@ pub async fn serve(
         shutdown.await;
         stop.graceful_shutdown(None);
     });
-    axum_server::from_tcp_rustls(listener.into_std()?, tls.config.clone())?
+    let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(tls.config.clone())
+        .acceptor(axum_server::accept::NoDelayAcceptor::new());
+    axum_server::from_tcp(listener.into_std()?)?
+        .acceptor(acceptor)
         .handle(handle)
         .serve(app)
         .await

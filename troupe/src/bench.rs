@@ -46,6 +46,14 @@ pub(crate) struct BenchArgs {
     /// Give up on the whole benchmark after this long.
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     timeout: Duration,
+    /// Also start this many `troupe node` processes on loopback and run the
+    /// same workload with its steps placed on them (`--remote-kind`), next to
+    /// the local run.
+    #[arg(long, default_value_t = 0)]
+    nodes: usize,
+    /// The kind for the remote run: its steps require the `bench` capability the bench nodes have.
+    #[arg(long, default_value = "noop3_remote")]
+    remote_kind: String,
 }
 
 /// A `troupe serve` child process started for the benchmark.
@@ -53,10 +61,18 @@ struct OwnServer {
     child: Child,
     url: String,
     dir: PathBuf,
+    /// The throwaway key its bundle is signed with (`ed25519:…`).
+    trust: String,
+    /// `troupe node` processes started for the remote run.
+    nodes: Vec<Child>,
 }
 
 impl Drop for OwnServer {
     fn drop(&mut self) {
+        for node in &mut self.nodes {
+            let _ = node.kill();
+            let _ = node.wait();
+        }
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
@@ -143,7 +159,59 @@ fn start_server(db: &str) -> Result<OwnServer> {
         url: url.to_owned(),
         child,
         dir,
+        trust: key.public().to_string(),
+        nodes: Vec::new(),
     })
+}
+
+impl OwnServer {
+    /// Starts `count` nodes with the `bench` capability and waits (up to
+    /// 30 s) until they are connected.
+    async fn start_nodes(&mut self, client: &Client, count: usize) -> Result<()> {
+        let token = client
+            .post(
+                "/v1/tokens",
+                &json!({ "name": "bench-nodes", "scopes": ["join"] }),
+            )
+            .await?;
+        let token_file = self.dir.join("join.token");
+        std::fs::write(&token_file, token["token"].as_str().unwrap_or_default())?;
+        let exe = std::env::current_exe()?;
+        for i in 0..count {
+            let child = Command::new(&exe)
+                .args(["node", "--server", &self.url, "--trust", &self.trust])
+                .args([
+                    "--name",
+                    &format!("bench-node-{i}"),
+                    "--capability",
+                    "bench=yes",
+                ])
+                .arg("--token-file")
+                .arg(&token_file)
+                .arg("--data-dir")
+                .arg(self.dir.join(format!("node-{i}")))
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .context("starting troupe node")?;
+            self.nodes.push(child);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let list = client.get("/v1/nodes", &[]).await?;
+            let up = list["nodes"]
+                .as_array()
+                .map_or(0, |n| n.iter().filter(|n| n["connected"] == true).count());
+            if up >= count {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("only {up} of {count} bench nodes connected within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 /// CPU seconds and peak RSS of a process and its children, from /proc.
@@ -316,7 +384,10 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
     if args.actions == 0 || args.concurrency == 0 {
         bail!("-n and -c must be at least 1");
     }
-    let own = match &args.server {
+    if args.nodes > 0 && args.server.is_some() {
+        bail!("--nodes starts nodes for the server bench starts; it does not go with --server");
+    }
+    let mut own = match &args.server {
         Some(_) => None,
         None => Some(start_server(&args.db)?),
     };
@@ -344,6 +415,11 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
     };
     let client = Arc::new(Client::new(&url, token)?);
     let deadline = Instant::now() + args.timeout;
+    if let Some(own) = own.as_mut()
+        && args.nodes > 0
+    {
+        own.start_nodes(&client, args.nodes).await?;
+    }
     let pid = own.as_ref().map(|s| s.child.id());
 
     // Warm up: start the step host and the connection pool.
@@ -417,6 +493,52 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
         "failed": loaded.failed + light.as_ref().map_or(0, |l| l.failed),
         "missing": loaded.missing + light.as_ref().map_or(0, |l| l.missing),
     });
+    let mut report = report;
+    if args.nodes > 0 {
+        // The same workload, its steps on the nodes.
+        let kind = &args.remote_kind;
+        let c = args.concurrency.min(16);
+        run(client.clone(), kind, c, c, deadline, "remote-warmup").await?;
+        let loaded = run(
+            client.clone(),
+            kind,
+            args.actions,
+            args.concurrency,
+            deadline,
+            "remote",
+        )
+        .await?;
+        let light = if args.light > 0 {
+            Some(
+                run(
+                    client.clone(),
+                    kind,
+                    args.light,
+                    1,
+                    deadline,
+                    "remote-light",
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
+        let done = loaded.latencies.len() as f64;
+        let failed = loaded.failed + light.as_ref().map_or(0, |l| l.failed);
+        let missing = loaded.missing + light.as_ref().map_or(0, |l| l.missing);
+        report["remote"] = json!({
+            "kind": kind,
+            "nodes": args.nodes,
+            "throughput_per_s": done / loaded.seconds,
+            "seconds": loaded.seconds,
+            "latency": latency_json(&loaded),
+            "light_latency": light.as_ref().map(latency_json),
+            "failed": failed,
+            "missing": missing,
+        });
+        report["failed"] = json!(report["failed"].as_u64().unwrap_or(0) + failed as u64);
+        report["missing"] = json!(report["missing"].as_u64().unwrap_or(0) + missing as u64);
+    }
     let bad = report["failed"].as_u64().unwrap_or(0) + report["missing"].as_u64().unwrap_or(0);
     if args.json {
         println!("{report}");
@@ -482,6 +604,23 @@ fn print_table(r: &Value) {
         f(&d["transactions_per_action"]),
         f(&d["rows_per_action"])
     );
+    let remote = &r["remote"];
+    if !remote.is_null() {
+        println!(
+            "  remote ({} on {} nodes)  {} actions/s; C={}: {}",
+            remote["kind"].as_str().unwrap_or(""),
+            remote["nodes"],
+            f(&remote["throughput_per_s"]),
+            r["concurrency"],
+            lat(&remote["latency"])
+        );
+        if !remote["light_latency"].is_null() {
+            println!(
+                "  remote latency (C=1)     {}",
+                lat(&remote["light_latency"])
+            );
+        }
+    }
     println!(
         "  failed or missing        {} failed, {} missing",
         r["failed"], r["missing"]

@@ -98,4 +98,47 @@ async fn bench_smoke(db: Db) {
     }
 }
 
+/// `--nodes`: the same workload with its steps on real `troupe node`
+/// processes, reported next to the local run.
+#[test]
+fn bench_with_nodes_reports_the_remote_run() {
+    let out = troupe(&[
+        "bench",
+        "-n",
+        "20",
+        "-c",
+        "4",
+        "--light",
+        "5",
+        "--nodes",
+        "2",
+        "--json",
+        "--timeout",
+        "120s",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let remote = &r["remote"];
+    assert_eq!(remote["nodes"], 2, "{r}");
+    assert_eq!(remote["kind"], "noop3_remote", "{r}");
+    assert_eq!(
+        (remote["failed"].as_u64(), remote["missing"].as_u64()),
+        (Some(0), Some(0)),
+        "{r}"
+    );
+    for path in [
+        "/throughput_per_s",
+        "/latency/p50_ms",
+        "/light_latency/p50_ms",
+    ] {
+        let v = remote.pointer(path).and_then(|v| v.as_f64());
+        assert!(v.is_some_and(|v| v > 0.0), "{path}: {r}");
+    }
+}
+
 both_dbs!(bench_smoke);
