@@ -120,13 +120,20 @@ pub(crate) async fn list(
         .node_rows()
         .await?
         .into_iter()
-        .map(|row| {
-            let connected = live.iter().find(|n| n.name == row.name);
-            let pulled = engine.nodes().pulled_bytes(&row.name);
-            NodeView::new(row, connected, pulled)
-        })
+        .map(|row| view(&engine, &live, row))
         .collect();
     Ok(Json(NodeList { nodes }))
+}
+
+/// A node's row with what the registry knows of it now.
+fn view(
+    engine: &Engine,
+    live: &[engine::nodes::NodeInfo],
+    row: engine::store::NodeRow,
+) -> NodeView {
+    let connected = live.iter().find(|n| n.name == row.name);
+    let pulled = engine.nodes().pulled_bytes(&row.name);
+    NodeView::new(row, connected, pulled)
 }
 
 /// Let a pending node in: it takes calls from its next connection.
@@ -145,8 +152,7 @@ pub(crate) async fn accept(
     Path(name): Path<String>,
 ) -> Result<Json<NodeView>, ApiError> {
     let row = engine.accept_node(&name, &caller.principal.name).await?;
-    let pulled = engine.nodes().pulled_bytes(&name);
-    Ok(Json(NodeView::new(row, None, pulled)))
+    Ok(Json(view(&engine, &engine.nodes().list(), row)))
 }
 
 /// Remove a node: its key is refused from now on and its connection ends
@@ -166,8 +172,7 @@ pub(crate) async fn remove(
     Path(name): Path<String>,
 ) -> Result<Json<NodeView>, ApiError> {
     let row = engine.remove_node(&name, &caller.principal.name).await?;
-    let pulled = engine.nodes().pulled_bytes(&name);
-    Ok(Json(NodeView::new(row, None, pulled)))
+    Ok(Json(view(&engine, &engine.nodes().list(), row)))
 }
 
 /// Drain a node (`?undo=true` to stop draining): it gets no new steps;
@@ -187,18 +192,10 @@ pub(crate) async fn drain(
     Path(name): Path<String>,
     axum::extract::Query(q): axum::extract::Query<HashMap<String, String>>,
 ) -> Result<Json<NodeView>, ApiError> {
-    let row = engine
-        .node_rows()
-        .await?
-        .into_iter()
-        .find(|n| n.name == name)
-        .ok_or(engine::Error::NodeNotFound(name.clone()))?;
+    let row = engine.node(&name).await?;
     let undo = q.get("undo").is_some_and(|v| v == "true");
     engine.nodes().set_draining(&name, !undo);
-    let live = engine.nodes().list();
-    let connected = live.iter().find(|n| n.name == name);
-    let pulled = engine.nodes().pulled_bytes(&name);
-    Ok(Json(NodeView::new(row, connected, pulled)))
+    Ok(Json(view(&engine, &engine.nodes().list(), row)))
 }
 
 /// Calls sent on one connection and not answered yet.

@@ -306,7 +306,7 @@ impl Engine {
         use nodes::Admission;
         let now = model::now();
         let key_text = key.to_string();
-        let known = match self.node_row(name).await {
+        let known = match self.node(name).await {
             Ok(row) => Some(row),
             Err(Error::NodeNotFound(_)) => None,
             Err(e) => return Err(e),
@@ -362,24 +362,12 @@ impl Engine {
 
     /// Lets a pending node in (it takes calls from its next connection).
     pub async fn accept_node(&self, name: &str, by: &str) -> Result<store::NodeRow> {
-        let mut row = self.node_row(name).await?;
+        let mut row = self.node(name).await?;
         if row.status != "accepted" {
             row.status = "accepted".into();
             row.accepted_at = Some(model::now());
             row.accepted_by = Some(by.to_owned());
-            let audit = AuditEntry::new(
-                by,
-                "node.accepted",
-                name,
-                json!({ "public_key": row.public_key }),
-            );
-            self.inner
-                .store
-                .write(vec![
-                    Write::PutNode(Box::new(row.clone())),
-                    Write::Audit(Box::new(audit)),
-                ])
-                .await?;
+            self.put_node(&row, by, "node.accepted").await?;
         }
         Ok(row)
     }
@@ -387,12 +375,21 @@ impl Engine {
     /// Removes a node: its key is refused from now on and its connection
     /// ends at once (its steps in flight fail naming it).
     pub async fn remove_node(&self, name: &str, by: &str) -> Result<store::NodeRow> {
-        let mut row = self.node_row(name).await?;
+        let mut row = self.node(name).await?;
         row.status = "removed".into();
+        self.put_node(&row, by, "node.removed").await?;
+        self.nodes()
+            .disconnect(name, "this node was removed by an admin");
+        tracing::warn!(node = %name, by, "node removed");
+        Ok(row)
+    }
+
+    /// Stores a node's changed row with the audit entry that records it.
+    async fn put_node(&self, row: &store::NodeRow, by: &str, event: &str) -> Result<()> {
         let audit = AuditEntry::new(
             by,
-            "node.removed",
-            name,
+            event,
+            &row.name,
             json!({ "public_key": row.public_key }),
         );
         self.inner
@@ -402,10 +399,7 @@ impl Engine {
                 Write::Audit(Box::new(audit)),
             ])
             .await?;
-        self.nodes()
-            .disconnect(name, "this node was removed by an admin");
-        tracing::warn!(node = %name, by, "node removed");
-        Ok(row)
+        Ok(())
     }
 
     /// Every node that joined or asked to, by name.
@@ -413,7 +407,8 @@ impl Engine {
         self.inner.store.node_rows().await
     }
 
-    async fn node_row(&self, name: &str) -> Result<store::NodeRow> {
+    /// The node that joined or asked to under `name`.
+    pub async fn node(&self, name: &str) -> Result<store::NodeRow> {
         self.node_rows()
             .await?
             .into_iter()

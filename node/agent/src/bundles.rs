@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,7 +23,6 @@ pub struct Bundles {
     /// One slot per hash: callers needing the same bundle wait on it, so
     /// one fetch serves them all.
     slots: Mutex<HashMap<BundleHash, Arc<tokio::sync::Mutex<Option<StepHost>>>>>,
-    fetched_bytes: AtomicU64,
 }
 
 impl Bundles {
@@ -44,18 +42,12 @@ impl Bundles {
             http: builder.build().context("setting up the HTTP client")?,
             host_command: config.host_command.clone(),
             slots: Mutex::default(),
-            fetched_bytes: AtomicU64::new(0),
         })
     }
 
     /// Downloads use this connection's session credential.
     pub(crate) fn set_session(&self, session: String) {
         *self.session.lock().unwrap() = Some(session);
-    }
-
-    /// Bytes of bundles fetched from the server since start.
-    pub fn fetched_bytes(&self) -> u64 {
-        self.fetched_bytes.load(Ordering::Relaxed)
     }
 
     /// A running step host for bundle `hash`, fetching, verifying and
@@ -98,8 +90,6 @@ impl Bundles {
             }
         }
         let (bytes, text) = self.download(hash).await?;
-        self.fetched_bytes
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         let text =
             String::from_utf8(text).map_err(|_| anyhow!("the signature of {hash} is not text"))?;
         let verified = self.check(hash, bytes, &text)?;

@@ -380,11 +380,7 @@ async fn cancel_and_loss_reach_steps_on_nodes(db: Db) {
     let id = server
         .submit("node_sleep", "vps-1", json!({ "ms": 30000 }))
         .await;
-    server
-        .until(id, "running on the node", |a| {
-            a["steps"][0]["status"] == "running"
-        })
-        .await;
+    running_on_node(&server, id).await;
     let started = Instant::now();
     let (status, body) = server
         .post(&format!("/v1/actions/{id}/cancel"), &json!({}))
@@ -403,11 +399,7 @@ async fn cancel_and_loss_reach_steps_on_nodes(db: Db) {
     let id = server
         .submit("node_sleep", "vps-2", json!({ "ms": 30000 }))
         .await;
-    server
-        .until(id, "running on the node", |a| {
-            a["steps"][0]["status"] == "running"
-        })
-        .await;
+    running_on_node(&server, id).await;
     node.kill9();
     let done = server.finished(id).await;
     assert_eq!(done["status"], "failed", "{done}");
@@ -430,11 +422,7 @@ async fn an_idempotent_step_of_a_lost_node_runs_again_elsewhere(db: Db) {
     let id = server
         .submit("node_sleep_again", "vps-1", json!({ "ms": 3000 }))
         .await;
-    let running = server
-        .until(id, "running on a node", |a| {
-            a["steps"][0]["status"] == "running"
-        })
-        .await;
+    let running = running_on_node(&server, id).await;
     let first = running["steps"][0]["node"].as_str().unwrap().to_owned();
     let index = if first == "hv-1" { 0 } else { 1 };
     nodes[index].kill9();
@@ -477,11 +465,7 @@ async fn a_restarted_node_fails_the_steps_it_lost_at_once(db: Db) {
     let id = server
         .submit("node_sleep", "vps-2", json!({ "ms": 30000 }))
         .await;
-    server
-        .until(id, "running on the node", |a| {
-            a["steps"][0]["status"] == "running"
-        })
-        .await;
+    running_on_node(&server, id).await;
     node.kill9();
     // The same node (same key, same data), restarted: it no longer has the call.
     let keep = std::mem::ManuallyDrop::new(node);
@@ -526,11 +510,7 @@ async fn a_step_on_a_node_survives_a_server_restart(db: Db) {
     let id = server
         .submit("node_sleep", "vps-1", json!({ "ms": 3000 }))
         .await;
-    server
-        .until(id, "running on the node", |a| {
-            a["steps"][0]["status"] == "running"
-        })
-        .await;
+    running_on_node(&server, id).await;
     server.kill9();
 
     // The node keeps running it, reconnects, and reports; the action goes
@@ -553,6 +533,15 @@ async fn a_step_on_a_node_survives_a_server_restart(db: Db) {
         .await
         .unwrap();
     assert_eq!(retried, 0);
+}
+
+/// Waits until the action's first step runs (on a node).
+async fn running_on_node(server: &Server, id: i64) -> Value {
+    server
+        .until(id, "running on a node", |a| {
+            a["steps"][0]["status"] == "running"
+        })
+        .await
 }
 
 /// Runs one short step on the node, so it holds the bundle before a test
@@ -587,11 +576,7 @@ async fn a_silent_node_is_detected_and_comes_back(db: Db) {
     let id = server
         .submit("node_sleep", "vps-1", json!({ "ms": 4000 }))
         .await;
-    server
-        .until(id, "running on the node", |a| {
-            a["steps"][0]["status"] == "running"
-        })
-        .await;
+    running_on_node(&server, id).await;
 
     // Frozen: its heartbeats stop, and within the timeout it is dropped.
     signal(&node, "STOP");
@@ -699,11 +684,7 @@ async fn nodes_prove_their_key_and_need_a_join_token_or_an_accept(db: Db) {
     let busy = server
         .submit("node_sleep", "vps-2", json!({ "ms": 30000 }))
         .await;
-    server
-        .until(busy, "running on the node", |a| {
-            a["steps"][0]["status"] == "running"
-        })
-        .await;
+    running_on_node(&server, busy).await;
     let out = server.cli(&["nodes", "remove", "hv-17"]);
     assert!(out.status.success(), "{out:?}");
     let removed_at = Instant::now();
