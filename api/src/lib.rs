@@ -15,7 +15,7 @@
 //! | GET, POST | `/v1/tokens`, `/v1/tokens/{id}/revoke` | API tokens (see `admin`) |
 //! | GET | `/v1/audit` | the audit log |
 //! | GET, PUT, DELETE | `/v1/secrets`, `/v1/secrets/{name}` | secrets for steps (values never leave) |
-//! | GET, POST | `/v1/nodes`, `/v1/nodes/{name}/accept\|remove\|drain` | remote nodes |
+//! | GET, POST | `/v1/nodes`, `/v1/nodes/{name}[/accept\|remove\|drain]` | remote nodes |
 //! | GET | `/v1/nodes/connect` | a node's connection (WebSocket; see `nodes`) |
 //! | GET | `/v1/nodes/bundles/{hash}[/signature]` | a bundle's bytes and signature, for a node to verify |
 //! | GET | `/openapi.json` | this API's OpenAPI 3.1 description (open) |
@@ -95,6 +95,7 @@ fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(admin::list_secrets))
         .routes(routes!(admin::set_secret, admin::delete_secret))
         .routes(routes!(nodes::list))
+        .routes(routes!(nodes::get))
         .routes(routes!(nodes::accept))
         .routes(routes!(nodes::remove))
         .routes(routes!(nodes::drain))

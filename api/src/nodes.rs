@@ -44,16 +44,21 @@ const HELLO_WITHIN: Duration = Duration::from_secs(10);
     )
 )]
 pub(crate) async fn connect(
-    MaybeCaller(caller): MaybeCaller,
+    caller: Result<MaybeCaller, ApiError>,
     State(engine): State<Engine>,
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
+    let address = peer.map(|p| p.0.0.to_string());
+    // A token that no longer works (expired, revoked) does not keep out a
+    // node that joined with it: the handshake refuses only new ones.
     let token = match caller {
-        Some(p) if p.allows(Scope::Join) => Some(p.name),
-        Some(p) => return Err(missing_scope(&p, Scope::Join)),
-        None => None,
+        Ok(MaybeCaller(Some(p))) if p.allows(Scope::Join) => Ok(Some(p.name)),
+        Ok(MaybeCaller(Some(p))) => return Err(missing_scope(&p, Scope::Join)),
+        Ok(MaybeCaller(None)) => Ok(None),
+        Err(e) => Err(e.message),
     };
-    Ok(ws.on_upgrade(move |socket| session(engine, token, socket)))
+    Ok(ws.on_upgrade(move |socket| session(engine, token, address, socket)))
 }
 
 /// The bytes of a bundle, for a node to verify with its own keys.
@@ -125,6 +130,25 @@ pub(crate) async fn list(
     Ok(Json(NodeList { nodes }))
 }
 
+/// One node: its row, and what the registry knows of it now.
+#[utoipa::path(
+    get, path = "/v1/nodes/{name}", tag = "nodes",
+    params(("name" = String, Path)),
+    security(("bearer" = ["read"])),
+    responses(
+        (status = 200, body = NodeView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody),
+    )
+)]
+pub(crate) async fn get(
+    _: Caller<Read>,
+    State(engine): State<Engine>,
+    Path(name): Path<String>,
+) -> Result<Json<NodeView>, ApiError> {
+    let row = engine.node(&name).await?;
+    Ok(Json(view(&engine, &engine.nodes().list(), row)))
+}
+
 /// A node's row with what the registry knows of it now.
 fn view(
     engine: &Engine,
@@ -176,7 +200,8 @@ pub(crate) async fn remove(
 }
 
 /// Drain a node (`?undo=true` to stop draining): it gets no new steps;
-/// those in flight finish. Held by this server until it restarts.
+/// those in flight finish. It stays drained across reconnects and server
+/// restarts.
 #[utoipa::path(
     post, path = "/v1/nodes/{name}/drain", tag = "nodes",
     params(("name" = String, Path), ("undo" = Option<bool>, Query)),
@@ -187,14 +212,15 @@ pub(crate) async fn remove(
     )
 )]
 pub(crate) async fn drain(
-    _: Caller<Admin>,
+    caller: Caller<Admin>,
     State(engine): State<Engine>,
     Path(name): Path<String>,
     axum::extract::Query(q): axum::extract::Query<HashMap<String, String>>,
 ) -> Result<Json<NodeView>, ApiError> {
-    let row = engine.node(&name).await?;
     let undo = q.get("undo").is_some_and(|v| v == "true");
-    engine.nodes().set_draining(&name, !undo);
+    let row = engine
+        .drain_node(&name, !undo, &caller.principal.name)
+        .await?;
     Ok(Json(view(&engine, &engine.nodes().list(), row)))
 }
 
@@ -230,10 +256,7 @@ impl NodeLink for Link {
         if self.out.send(message).is_err()
             && let Some((tx, _)) = self.pending.lock().unwrap().remove(&key)
         {
-            let _ = tx.send(engine::nodes::away(
-                &self.name,
-                "the call could not be sent",
-            ));
+            let _ = tx.send(engine::nodes::unsent(&self.name));
         }
         rx
     }
@@ -268,7 +291,7 @@ fn wire_key(key: CallKey) -> node_protocol::CallKey {
 /// whether it may take calls. `None`: the node was told why not.
 async fn handshake(
     engine: &Engine,
-    token: Option<&str>,
+    token: Result<Option<&str>, &str>,
     sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
     stream: &mut futures_util::stream::SplitStream<WebSocket>,
 ) -> Option<(String, std::collections::BTreeMap<String, String>)> {
@@ -326,7 +349,20 @@ async fn handshake(
                         }
                     }
                 };
-                match engine.admit_node(&name, &key, token, &capabilities).await {
+                if let Err(why) = token {
+                    // Only a node that is in already gets past a bad token.
+                    let known = engine.node(&name).await.ok();
+                    let member = known
+                        .is_some_and(|n| n.status == "accepted" && n.public_key == key.to_string());
+                    if !member {
+                        refuse(sink, &format!("its token was refused: {why}")).await;
+                        return None;
+                    }
+                }
+                match engine
+                    .admit_node(&name, &key, token.ok().flatten(), &capabilities)
+                    .await
+                {
                     Ok(Admission::Accepted) => {}
                     Ok(Admission::Pending) => {
                         let reason = format!(
@@ -373,10 +409,20 @@ async fn handshake(
 }
 
 /// One node connection, from its hello to its end.
-async fn session(engine: Engine, token: Option<String>, socket: WebSocket) {
+async fn session(
+    engine: Engine,
+    token: Result<Option<String>, String>,
+    address: Option<String>,
+    socket: WebSocket,
+) {
     let (mut sink, mut stream) = socket.split();
-    let Some((name, capabilities)) =
-        handshake(&engine, token.as_deref(), &mut sink, &mut stream).await
+    let Some((name, capabilities)) = handshake(
+        &engine,
+        token.as_ref().map(Option::as_deref).map_err(String::as_str),
+        &mut sink,
+        &mut stream,
+    )
+    .await
     else {
         return;
     };
@@ -392,9 +438,15 @@ async fn session(engine: Engine, token: Option<String>, socket: WebSocket) {
         return;
     };
     let session = format!("node_{session}");
-    let attached = engine
-        .nodes()
-        .attach(&name, capabilities.clone(), link.clone(), &session);
+    let attached = engine.nodes().attach(
+        &name,
+        engine::nodes::Connection {
+            capabilities: capabilities.clone(),
+            link: link.clone(),
+            session: session.clone(),
+            address,
+        },
+    );
     let welcome = ToNode::Welcome {
         protocol: PROTOCOL,
         session,
@@ -402,6 +454,7 @@ async fn session(engine: Engine, token: Option<String>, socket: WebSocket) {
     if send(&mut sink, &welcome).await.is_err() {
         return;
     }
+    let token = token.ok().flatten();
     tracing::info!(node = %name, token = token.as_deref().unwrap_or("none"), ?capabilities, "node connected");
     // Heartbeats: a ping every second; a node silent for the timeout (cut
     // off, stopped, its host frozen) counts as gone.
@@ -411,15 +464,13 @@ async fn session(engine: Engine, token: Option<String>, socket: WebSocket) {
     loop {
         tokio::select! {
             message = stream.next() => {
+                heard = tokio::time::Instant::now();
+                attached.heard();
                 let text = match message {
                     Some(Ok(Message::Text(text))) => text,
                     Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-                    Some(Ok(_)) => {
-                        heard = tokio::time::Instant::now();
-                        continue;
-                    }
+                    Some(Ok(_)) => continue,
                 };
-                heard = tokio::time::Instant::now();
                 match serde_json::from_str::<FromNode>(&text) {
                     Ok(FromNode::Done { key, status, body, log }) => {
                         let waiting = link.pending.lock().unwrap().remove(&key).map(|(tx, _)| tx);
@@ -438,7 +489,17 @@ async fn session(engine: Engine, token: Option<String>, socket: WebSocket) {
                         engine.nodes().holding(&name, &keys);
                     }
                     Ok(FromNode::Capabilities { capabilities }) => {
-                        engine.nodes().set_capabilities(&name, capabilities);
+                        match capabilities.keys().find(|k| !engine::placement::is_capability_name(k)) {
+                            Some(bad) => tracing::warn!(node = %name, capability = %bad, "ignoring capabilities with a bad name"),
+                            None => {
+                                tracing::info!(node = %name, ?capabilities, "node capabilities changed");
+                                engine.nodes().set_capabilities(&name, capabilities);
+                            }
+                        }
+                    }
+                    Ok(FromNode::Bundles { cached, loaded }) => {
+                        let cached = cached.into_iter().map(|b| (b.hash, b.bytes)).collect();
+                        engine.nodes().set_bundles(&name, engine::nodes::NodeBundles { cached, loaded });
                     }
                     Ok(FromNode::Hello { .. }) => {}
                     Err(e) => tracing::warn!(node = %name, error = %e, "ignoring a message the server does not understand"),

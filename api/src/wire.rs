@@ -103,6 +103,12 @@ pub struct NodeView {
     pub capabilities: serde_json::Map<String, Value>,
     /// Since when it is connected, if it is.
     pub connected_at: Option<String>,
+    /// The address its connection comes from, if it is connected.
+    pub address: Option<String>,
+    /// When the server last heard from it (a message or a heartbeat), if it
+    /// is connected.
+    pub last_heard_at: Option<String>,
+    /// When it last connected.
     pub last_seen_at: Option<String>,
     /// Steps it runs now.
     pub in_flight: usize,
@@ -112,6 +118,19 @@ pub struct NodeView {
     pub accepted_by: Option<String>,
     /// Bundle bytes it downloaded from this server since the server started.
     pub pulled_bytes: u64,
+    /// The verified bundles in its cache, as it last reported them (empty
+    /// while it is not connected).
+    pub bundles: Vec<NodeBundleView>,
+}
+
+/// A bundle in a node's cache.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NodeBundleView {
+    pub hash: String,
+    /// The signed archive's size.
+    pub bytes: u64,
+    /// Whether a step host on the node has it loaded now.
+    pub loaded: bool,
 }
 
 impl NodeView {
@@ -139,11 +158,26 @@ impl NodeView {
             connected: live.is_some(),
             capabilities,
             connected_at: live.map(|n| time(&n.connected_at)),
+            address: live.and_then(|n| n.address.clone()),
+            last_heard_at: live.map(|n| time(&n.last_heard)),
             last_seen_at: row.last_seen_at.as_ref().map(time),
             in_flight: live.map_or(0, |n| n.in_flight),
-            draining: live.is_some_and(|n| n.draining),
+            draining: row.draining_since.is_some(),
             accepted_by: row.accepted_by,
             pulled_bytes,
+            bundles: live
+                .map(|n| {
+                    n.bundles
+                        .cached
+                        .iter()
+                        .map(|(hash, bytes)| NodeBundleView {
+                            hash: hash.clone(),
+                            bytes: *bytes,
+                            loaded: n.bundles.loaded.contains(hash),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 }

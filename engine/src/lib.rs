@@ -191,7 +191,7 @@ impl Engine {
             stopping: CancellationToken::new(),
             closed: CancellationToken::new(),
             secrets_key: config.secrets_key.clone(),
-            nodes: nodes::Nodes::default(),
+            nodes: drained_nodes(&store).await?,
             node_grace: config.node_grace,
             vars: config
                 .vars
@@ -334,6 +334,7 @@ impl Engine {
                 accepted_by: None,
                 capabilities: None,
                 last_seen_at: None,
+                draining_since: None,
             },
         };
         if row.status == "pending"
@@ -402,17 +403,37 @@ impl Engine {
         Ok(())
     }
 
+    /// Drains a node (or, with `draining: false`, gives it steps again):
+    /// it gets no new steps; those in flight finish. Kept in its row, so it
+    /// holds across reconnects and server restarts.
+    pub async fn drain_node(&self, name: &str, draining: bool, by: &str) -> Result<store::NodeRow> {
+        let mut row = self.node(name).await?;
+        if row.draining_since.is_some() != draining {
+            row.draining_since = draining.then(model::now);
+            let event = if draining {
+                "node.drained"
+            } else {
+                "node.undrained"
+            };
+            self.put_node(&row, by, event).await?;
+        }
+        self.nodes().set_draining(name, draining);
+        Ok(row)
+    }
+
     /// Every node that joined or asked to, by name.
     pub async fn node_rows(&self) -> Result<Vec<store::NodeRow>> {
-        self.inner.store.node_rows().await
+        self.inner.store.node_rows(None).await
     }
 
     /// The node that joined or asked to under `name`.
     pub async fn node(&self, name: &str) -> Result<store::NodeRow> {
-        self.node_rows()
+        self.inner
+            .store
+            .node_rows(Some(name))
             .await?
             .into_iter()
-            .find(|n| n.name == name)
+            .next()
             .ok_or_else(|| Error::NodeNotFound(name.to_owned()))
     }
 
@@ -1140,4 +1161,15 @@ impl Engine {
             tracing::warn!(error = %e, "could not release unfinished actions; they resume when their lease expires");
         }
     }
+}
+
+/// The node registry, with the nodes an admin drained marked so.
+async fn drained_nodes(store: &Store) -> Result<nodes::Nodes> {
+    let nodes = nodes::Nodes::default();
+    for row in store.node_rows(None).await? {
+        if row.draining_since.is_some() {
+            nodes.set_draining(&row.name, true);
+        }
+    }
+    Ok(nodes)
 }

@@ -11,7 +11,7 @@
 //! flight.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -87,8 +87,35 @@ pub struct NodeInfo {
     pub name: String,
     pub capabilities: BTreeMap<String, String>,
     pub connected_at: Timestamp,
+    /// When the server last heard from it (any message or heartbeat).
+    pub last_heard: Timestamp,
+    /// The address its connection comes from.
+    pub address: Option<String>,
     pub in_flight: usize,
     pub draining: bool,
+    /// The bundles in its cache and those loaded in its step hosts, as it
+    /// last reported them.
+    pub bundles: NodeBundles,
+}
+
+/// A node's report of its bundle cache.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeBundles {
+    /// Verified archives kept on the node, by hash, with their sizes.
+    pub cached: Vec<(String, u64)>,
+    /// Hashes of the bundles loaded in a running step host.
+    pub loaded: Vec<String>,
+}
+
+/// A connection about to be attached to the registry.
+pub struct Connection {
+    /// What it says it can do. `node` is always its name, whatever it says.
+    pub capabilities: BTreeMap<String, String>,
+    pub link: Arc<dyn NodeLink>,
+    /// The bearer credential the node downloads bundles with while this
+    /// connection lasts (see [`Nodes::by_session`]).
+    pub session: String,
+    pub address: Option<String>,
 }
 
 /// The connected nodes. Cheap to clone.
@@ -113,6 +140,10 @@ struct Registry {
 
 struct Entry {
     capabilities: BTreeMap<String, String>,
+    address: Option<String>,
+    /// Unix milliseconds; shared with the connection's [`Attached`].
+    last_heard: Arc<AtomicI64>,
+    bundles: NodeBundles,
     /// SHA-256 (hex) of the connection's session credential.
     session: String,
     link: Arc<dyn NodeLink>,
@@ -141,21 +172,17 @@ impl Default for Nodes {
 impl Nodes {
     /// Makes a connected node placeable until the returned guard is dropped.
     /// A node that connects again replaces its earlier connection.
-    /// `session` is the bearer credential the node downloads bundles with
-    /// while this connection lasts (see [`Nodes::by_session`]).
-    pub fn attach(
-        &self,
-        name: &str,
-        capabilities: BTreeMap<String, String>,
-        link: Arc<dyn NodeLink>,
-        session: &str,
-    ) -> Attached {
+    pub fn attach(&self, name: &str, connection: Connection) -> Attached {
         static EPOCH: AtomicUsize = AtomicUsize::new(1);
         let epoch = EPOCH.fetch_add(1, Ordering::Relaxed) as u64;
+        let last_heard = Arc::new(AtomicI64::new(unix_ms()));
         let entry = Entry {
-            capabilities,
-            session: digest(session),
-            link,
+            capabilities: own_name(name, connection.capabilities),
+            address: connection.address,
+            last_heard: last_heard.clone(),
+            bundles: NodeBundles::default(),
+            session: digest(&connection.session),
+            link: connection.link,
             in_flight: Arc::default(),
             draining: self.inner.draining.lock().unwrap().contains(name),
             connected_at: crate::model::now(),
@@ -167,15 +194,24 @@ impl Nodes {
             registry: Arc::downgrade(&self.inner),
             name: name.to_owned(),
             epoch,
+            last_heard,
         }
     }
 
-    /// A connected node's capabilities changed (a probe's result).
+    /// A connected node's capabilities changed (a probe's result). `node`
+    /// stays its name, whatever it says.
     pub fn set_capabilities(&self, name: &str, capabilities: BTreeMap<String, String>) {
         if let Some(e) = self.inner.lock().get_mut(name) {
-            e.capabilities = capabilities;
+            e.capabilities = own_name(name, capabilities);
         }
         self.inner.bump();
+    }
+
+    /// What a connected node reports of its bundle cache.
+    pub fn set_bundles(&self, name: &str, bundles: NodeBundles) {
+        if let Some(e) = self.inner.lock().get_mut(name) {
+            e.bundles = bundles;
+        }
     }
 
     /// A draining node gets no new steps; those in flight finish.
@@ -321,8 +357,11 @@ impl Nodes {
                 name: name.clone(),
                 capabilities: e.capabilities.clone(),
                 connected_at: e.connected_at,
+                last_heard: from_unix_ms(e.last_heard.load(Ordering::Relaxed)),
+                address: e.address.clone(),
                 in_flight: e.in_flight.load(Ordering::Relaxed),
                 draining: e.draining,
+                bundles: e.bundles.clone(),
             })
             .collect()
     }
@@ -350,6 +389,21 @@ impl Nodes {
     }
 }
 
+/// A node's capabilities with `node` set to its name: a node cannot claim
+/// another's name to be sent its steps.
+fn own_name(name: &str, mut capabilities: BTreeMap<String, String>) -> BTreeMap<String, String> {
+    capabilities.insert("node".to_owned(), name.to_owned());
+    capabilities
+}
+
+fn unix_ms() -> i64 {
+    crate::model::now().timestamp_millis()
+}
+
+fn from_unix_ms(ms: i64) -> Timestamp {
+    chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
 /// Credentials are compared by digest, so a lookup's timing says nothing
 /// about the secret.
 fn digest(secret: &str) -> String {
@@ -358,6 +412,17 @@ fn digest(secret: &str) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// The answer of a call that could not be sent to its node: it did not run
+/// there.
+pub fn unsent(node: &str) -> Answer {
+    Answer {
+        result: crate::host::CallResult::NotSent(format!(
+            "the call never reached node {node} (its connection had ended): the step did not run there"
+        )),
+        log: String::new(),
+    }
 }
 
 /// The answer of a call whose node went away.
@@ -392,6 +457,14 @@ pub struct Attached {
     registry: Weak<Registry>,
     name: String,
     epoch: u64,
+    last_heard: Arc<AtomicI64>,
+}
+
+impl Attached {
+    /// The node was heard from just now.
+    pub fn heard(&self) {
+        self.last_heard.store(unix_ms(), Ordering::Relaxed);
+    }
 }
 
 impl Drop for Attached {
@@ -443,6 +516,28 @@ mod tests {
             .collect()
     }
 
+    fn idle(pairs: &[(&str, &str)], session: &str) -> Connection {
+        Connection {
+            capabilities: caps(pairs),
+            link: Arc::new(Idle),
+            session: session.to_owned(),
+            address: None,
+        }
+    }
+
+    #[test]
+    fn a_node_cannot_claim_another_nodes_name() {
+        let nodes = Nodes::default();
+        let _a = nodes.attach("hv-1", idle(&[("node", "hv-2")], "s"));
+        assert!(nodes.place(&wants(&[("node", "hv-2")])).is_none());
+        nodes.set_capabilities("hv-1", caps(&[("node", "hv-2")]));
+        assert!(nodes.place(&wants(&[("node", "hv-2")])).is_none());
+        assert_eq!(
+            nodes.place(&wants(&[("node", "hv-1")])).unwrap().name,
+            "hv-1"
+        );
+    }
+
     fn wants(pairs: &[(&str, &str)]) -> Requirement {
         Requirement::resolve(&caps(pairs), &json!({})).unwrap()
     }
@@ -451,14 +546,9 @@ mod tests {
     fn places_on_the_least_busy_matching_node_and_never_elsewhere() {
         let nodes = Nodes::default();
         let mut changed = nodes.changed();
-        let _a = nodes.attach("hv-1", caps(&[("hypervisor", "kvm")]), Arc::new(Idle), "s");
-        let _b = nodes.attach("hv-2", caps(&[("hypervisor", "kvm")]), Arc::new(Idle), "s");
-        let _c = nodes.attach(
-            "gpu-1",
-            caps(&[("gpu", "a100")]),
-            Arc::new(Idle),
-            "gpu-session",
-        );
+        let _a = nodes.attach("hv-1", idle(&[("hypervisor", "kvm")], "s"));
+        let _b = nodes.attach("hv-2", idle(&[("hypervisor", "kvm")], "s"));
+        let _c = nodes.attach("gpu-1", idle(&[("gpu", "a100")], "gpu-session"));
         assert!(changed.has_changed().unwrap());
         changed.mark_unchanged();
 
@@ -483,8 +573,8 @@ mod tests {
     #[test]
     fn a_reconnect_replaces_the_old_connection() {
         let nodes = Nodes::default();
-        let old = nodes.attach("hv-1", caps(&[("a", "1")]), Arc::new(Idle), "s");
-        let new = nodes.attach("hv-1", caps(&[("a", "2")]), Arc::new(Idle), "s");
+        let old = nodes.attach("hv-1", idle(&[("a", "1")], "s"));
+        let new = nodes.attach("hv-1", idle(&[("a", "2")], "s"));
         drop(old);
         let listed = nodes.list();
         assert_eq!(listed.len(), 1);

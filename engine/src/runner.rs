@@ -447,6 +447,14 @@ async fn steps(
                         }
                         (None, None) => handle.run(input, cancel.child_token()).await,
                         (None, Some(node)) => {
+                            #[cfg(feature = "failpoints")]
+                            if let Some(ms) = (|| {
+                                fail::fail_point!("runner.before_remote_call", |ms| ms
+                                    .and_then(|ms| ms.parse::<u64>().ok()));
+                                None
+                            })() {
+                                tokio::time::sleep(Duration::from_millis(ms)).await;
+                            }
                             handle.run_on(node, key, input, cancel.child_token()).await
                         }
                     }
@@ -478,6 +486,8 @@ async fn steps(
             if shared.stopping.is_cancelled() && !matches!(result, StepResult::Ok(_)) {
                 return End::Paused;
             }
+            // A call that never reached its node did not run.
+            let ran = !matches!(result, StepResult::NotRun(_));
             // A timeout is retried only when running the step twice is harmless.
             let (error, may_retry) = match result {
                 StepResult::Ok(output) => {
@@ -500,10 +510,14 @@ async fn steps(
                 StepResult::Retryable(msg) => (msg, true),
                 StepResult::TimedOut(msg) | StepResult::Lost(msg) => (msg, handle.def.idempotent),
                 StepResult::Fatal(msg) => (msg, false),
+                // It did not run: no failure to count, and placed again.
+                StepResult::NotRun(msg) => (msg, true),
             };
-            failures += 1;
+            if ran {
+                failures += 1;
+            }
             let policy = &handle.def.retry;
-            if may_retry && failures < policy.attempts && !cancel.is_cancelled() {
+            if may_retry && (failures < policy.attempts || !ran) && !cancel.is_cancelled() {
                 let failed = Write::StepAttemptFailed {
                     id,
                     seq,
@@ -520,7 +534,7 @@ async fn steps(
                     return End::Refused(why);
                 }
                 tokio::select! {
-                    _ = tokio::time::sleep(policy.backoff(failures)) => {}
+                    _ = tokio::time::sleep(policy.backoff(failures.max(1))) => {}
                     _ = cancel.cancelled() => {}
                     _ = shared.stopping.cancelled() => {}
                 }
@@ -702,6 +716,7 @@ fn mask(result: StepResult, delivered: &[String]) -> StepResult {
         StepResult::Fatal(m) => StepResult::Fatal(text(m)),
         StepResult::TimedOut(m) => StepResult::TimedOut(text(m)),
         StepResult::Lost(m) => StepResult::Lost(text(m)),
+        StepResult::NotRun(m) => StepResult::NotRun(text(m)),
         StepResult::Cancelled => StepResult::Cancelled,
     }
 }
@@ -729,6 +744,7 @@ fn bound(result: StepResult) -> StepResult {
         StepResult::Fatal(m) => StepResult::Fatal(cut(m)),
         StepResult::TimedOut(m) => StepResult::TimedOut(cut(m)),
         StepResult::Lost(m) => StepResult::Lost(cut(m)),
+        StepResult::NotRun(m) => StepResult::NotRun(cut(m)),
         StepResult::Cancelled => StepResult::Cancelled,
     }
 }

@@ -22,6 +22,9 @@ pub enum StepResult {
     TimedOut(String),
     /// Its node went away: retried only if running it twice is harmless.
     Lost(String),
+    /// The call never reached its node: it did not run, so it is placed
+    /// again whatever its retry policy.
+    NotRun(String),
     Cancelled,
 }
 
@@ -41,9 +44,10 @@ impl Attempt {
         match self.result {
             StepResult::Ok(v) => (STATUS_OK, v.to_string()),
             StepResult::Retryable(m) => (STATUS_RETRYABLE, m),
-            StepResult::Fatal(m) | StepResult::TimedOut(m) | StepResult::Lost(m) => {
-                (STATUS_FATAL, m)
-            }
+            StepResult::Fatal(m)
+            | StepResult::TimedOut(m)
+            | StepResult::Lost(m)
+            | StepResult::NotRun(m) => (STATUS_FATAL, m),
             StepResult::Cancelled => (STATUS_FATAL, "cancelled".into()),
         }
     }
@@ -335,6 +339,7 @@ fn result_of(r: CallResult) -> StepResult {
     match r {
         CallResult::Crashed(msg) => StepResult::Fatal(msg),
         CallResult::Lost(msg) => StepResult::Lost(msg),
+        CallResult::NotSent(msg) => StepResult::NotRun(msg),
         CallResult::Done { status, body } => {
             let text = || String::from_utf8_lossy(&body).into_owned();
             match status {

@@ -143,6 +143,42 @@ fn scopes(t: &Value) -> String {
     text
 }
 
+/// Creates a token and prints it (once: only its hash is stored).
+pub(crate) async fn create_token(
+    server: &ServerArg,
+    name: &str,
+    wanted: &[String],
+    kinds: &[String],
+    expires_in: Option<Duration>,
+    json: bool,
+) -> Result<Value> {
+    let mut body = json!({ "name": name, "scopes": wanted });
+    if !kinds.is_empty() {
+        body["kinds"] = json!(kinds);
+    }
+    if let Some(ttl) = expires_in {
+        let at = chrono::Utc::now() + ttl;
+        body["expires_at"] = json!(at.to_rfc3339());
+    }
+    let t = Client::connect(server)?.post("/v1/tokens", &body).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&t)?);
+    } else {
+        eprintln!(
+            "created token {} ({}) with scopes {}{}; it is shown only now:",
+            s(&t["id"]),
+            s(&t["name"]),
+            scopes(&t),
+            match t["expires_at"].as_str() {
+                Some(at) => format!(", expiring {at}"),
+                None => String::new(),
+            }
+        );
+        println!("{}", s(&t["token"]));
+    }
+    Ok(t)
+}
+
 pub(crate) async fn run(cmd: TokensCommand) -> Result<ExitCode> {
     match cmd {
         TokensCommand::Create {
@@ -153,30 +189,7 @@ pub(crate) async fn run(cmd: TokensCommand) -> Result<ExitCode> {
             json,
             server,
         } => {
-            let mut body = json!({ "name": name, "scopes": wanted });
-            if !kinds.is_empty() {
-                body["kinds"] = json!(kinds);
-            }
-            if let Some(ttl) = expires_in {
-                let at = chrono::Utc::now() + ttl;
-                body["expires_at"] = json!(at.to_rfc3339());
-            }
-            let t = Client::connect(&server)?.post("/v1/tokens", &body).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&t)?);
-            } else {
-                eprintln!(
-                    "created token {} ({}) with scopes {}{}; it is shown only now:",
-                    s(&t["id"]),
-                    s(&t["name"]),
-                    scopes(&t),
-                    match t["expires_at"].as_str() {
-                        Some(at) => format!(", expiring {at}"),
-                        None => String::new(),
-                    }
-                );
-                println!("{}", s(&t["token"]));
-            }
+            create_token(&server, &name, &wanted, &kinds, expires_in, json).await?;
         }
         TokensCommand::List { json, server } => {
             let v = Client::connect(&server)?.get("/v1/tokens", &[]).await?;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Subcommand};
 
-use crate::args::ServerArg;
+use crate::args::{ServerArg, parse_duration, parse_size};
 use crate::client::Client;
 
 #[derive(Args)]
@@ -31,6 +31,18 @@ pub(crate) struct NodeArgs {
         value_delimiter = ','
     )]
     capabilities: Vec<String>,
+    /// A capability found by a command, as KEY=COMMAND (run by /bin/sh -c): present while the command exits 0, its value the first line it prints (`true` if none). Run at start and every --probe-every; a failing probe drops the capability, so steps that need it go elsewhere. Repeat for more.
+    #[arg(long = "probe", value_name = "KEY=COMMAND")]
+    probes: Vec<String>,
+    /// How often probes run again.
+    #[arg(long, env = "TROUPE_NODE_PROBE_EVERY", default_value = "30s", value_parser = parse_duration)]
+    probe_every: std::time::Duration,
+    /// A loaded bundle no step used for this long is unloaded (a version a newer one replaced goes after 5 s idle).
+    #[arg(long, env = "TROUPE_NODE_UNLOAD_AFTER", default_value = "10m", value_parser = parse_duration)]
+    unload_after: std::time::Duration,
+    /// The bundle cache's size limit (e.g. 500MiB, 2GiB): bundles no step uses are evicted, least recently used first, to stay under it.
+    #[arg(long, env = "TROUPE_NODE_CACHE_SIZE", default_value = "2GiB", value_parser = parse_size)]
+    cache_size: u64,
     /// A public key (ed25519:…) this node accepts bundles from. Repeat for more; the server's trust does not count here.
     #[arg(
         long = "trust",
@@ -68,21 +80,7 @@ impl NodeArgs {
             bail!("--name {name:?}: use letters, digits, '-', '_' or '.' (at most 64)");
         }
         // Built in: what every node can say of itself; flags add to them.
-        let mut capabilities = BTreeMap::from([
-            ("node".to_owned(), name.clone()),
-            ("os".to_owned(), std::env::consts::OS.to_owned()),
-            ("arch".to_owned(), std::env::consts::ARCH.to_owned()),
-            (
-                "cpus".to_owned(),
-                std::thread::available_parallelism()
-                    .map_or(1, |n| n.get())
-                    .to_string(),
-            ),
-            (
-                "troupe_version".to_owned(),
-                env!("CARGO_PKG_VERSION").to_owned(),
-            ),
-        ]);
+        let mut capabilities: BTreeMap<String, String> = node::built_in(&name);
         for pair in &self.capabilities {
             let (k, v) = pair
                 .split_once('=')
@@ -96,6 +94,24 @@ impl NodeArgs {
                 bail!("--capability node=…: `node` is the node's name; set it with --name");
             }
             capabilities.insert(k.to_owned(), v.to_owned());
+        }
+        let mut probes = Vec::new();
+        for pair in &self.probes {
+            let (k, command) = pair
+                .split_once('=')
+                .ok_or_else(|| anyhow!("--probe {pair:?}: expected KEY=COMMAND"))?;
+            if !engine::placement::is_capability_name(k) || command.trim().is_empty() {
+                bail!(
+                    "--probe {pair:?}: KEY is letters, digits, '_', '-', '.'; COMMAND is not empty"
+                );
+            }
+            if k == "node" {
+                bail!("--probe node=…: `node` is the node's name; set it with --name");
+            }
+            probes.push(node::Probe {
+                name: k.to_owned(),
+                command: command.to_owned(),
+            });
         }
         let mut trust = signing::Trust::default();
         for key in &self.trust {
@@ -118,6 +134,10 @@ impl NodeArgs {
             name,
             key,
             capabilities,
+            probes,
+            probe_every: self.probe_every,
+            unload_after: self.unload_after,
+            cache_size: self.cache_size,
             data_dir: self.data_dir,
             trust,
             host_command: engine::HostCommand {
@@ -181,13 +201,24 @@ fn client_tls(path: &std::path::Path) -> Result<rustls::ClientConfig> {
 
 #[derive(Subcommand)]
 pub(crate) enum NodesCommand {
-    /// The nodes that joined or asked to: status, connected or not, capabilities, steps in flight.
+    /// The nodes that joined or asked to: status, address, last heartbeat, steps in flight, bundles cached and pulled, capabilities.
     List {
         #[arg(long)]
         json: bool,
         #[command(flatten)]
         server: ServerArg,
     },
+    /// One node in full, with the bundles in its cache.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Join tokens: let new hosts in without accepting each by hand (admin).
+    #[command(subcommand)]
+    Token(NodeTokenCommand),
     /// Let a pending node in (admin).
     Accept {
         name: String,
@@ -210,9 +241,61 @@ pub(crate) enum NodesCommand {
     },
 }
 
+#[derive(Subcommand)]
+pub(crate) enum NodeTokenCommand {
+    /// Create a join token (an API token with only the join scope); prints it once. Revoke it with `troupe tokens revoke ID`.
+    Create {
+        /// How long it can be used to join; nodes that joined stay in after it expires.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        ttl: std::time::Duration,
+        /// Its name, recorded as who let each node in [default: join-<date and time>]
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+}
+
 impl NodesCommand {
     pub(crate) async fn run(self) -> Result<ExitCode> {
         match self {
+            NodesCommand::Token(NodeTokenCommand::Create {
+                ttl,
+                name,
+                json,
+                server,
+            }) => {
+                let name = name.unwrap_or_else(|| {
+                    format!("join-{}", chrono::Utc::now().format("%Y%m%dT%H%M%SZ"))
+                });
+                crate::admin_cmd::create_token(
+                    &server,
+                    &name,
+                    &["join".to_owned()],
+                    &[],
+                    Some(ttl),
+                    json,
+                )
+                .await?;
+                if !json {
+                    eprintln!(
+                        "on each new host, put it in a file only troupe can read and run: troupe node --server URL --token-file FILE --trust KEY …"
+                    );
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            NodesCommand::Show { name, json, server } => {
+                let client = Client::connect(&server)?;
+                let n = client.get(&format!("/v1/nodes/{name}"), &[]).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&n)?);
+                    return Ok(ExitCode::SUCCESS);
+                }
+                print_node(&n, true);
+                Ok(ExitCode::SUCCESS)
+            }
             NodesCommand::Accept { name, server } => {
                 let client = Client::connect(&server)?;
                 client
@@ -256,40 +339,79 @@ impl NodesCommand {
                     println!("no node has joined or asked to");
                 }
                 for n in nodes {
-                    let caps: Vec<String> = n["capabilities"]
-                        .as_object()
-                        .into_iter()
-                        .flatten()
-                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
-                        .collect();
-                    let state = match (
-                        n["status"].as_str(),
-                        n["connected"] == true,
-                        n["draining"] == true,
-                    ) {
-                        (Some("accepted"), true, true) => "draining",
-                        (Some("accepted"), true, false) => "connected",
-                        (Some("accepted"), false, _) => "offline",
-                        (Some(other), _, _) => other,
-                        (None, _, _) => "?",
-                    };
-                    let seen = n["connected_at"]
-                        .as_str()
-                        .map(|t| format!("since {t}"))
-                        .or_else(|| n["last_seen_at"].as_str().map(|t| format!("last seen {t}")))
-                        .unwrap_or_default();
-                    println!(
-                        "{:<20} {:<9} in flight {:<4} pulled {:>6} KiB  {}  {}",
-                        n["name"].as_str().unwrap_or("?"),
-                        state,
-                        n["in_flight"],
-                        n["pulled_bytes"].as_u64().unwrap_or_default() / 1024,
-                        seen,
-                        caps.join(" ")
-                    );
+                    print_node(&n, false);
                 }
                 Ok(ExitCode::SUCCESS)
             }
         }
+    }
+}
+
+/// A node as text: one line, or (`full`) its details and cached bundles.
+fn print_node(n: &serde_json::Value, full: bool) {
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
+    let caps: Vec<String> = n["capabilities"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+        .collect();
+    let state = match (
+        n["status"].as_str(),
+        n["connected"] == true,
+        n["draining"] == true,
+    ) {
+        (Some("accepted"), true, true) => "draining",
+        (Some("accepted"), true, false) => "connected",
+        (Some("accepted"), false, _) => "offline",
+        (Some(other), _, _) => other,
+        (None, _, _) => "?",
+    };
+    let bundles = n["bundles"].as_array().cloned().unwrap_or_default();
+    let pulled_kib = n["pulled_bytes"].as_u64().unwrap_or_default() / 1024;
+    if !full {
+        let seen = match n["last_heard_at"].as_str() {
+            Some(t) => format!("heard {t}"),
+            None => format!("last seen {}", text(&n["last_seen_at"])),
+        };
+        println!(
+            "{:<20} {:<9} {:<21} {}  in flight {:<4} bundles {:<3} pulled {:>6} KiB  {}",
+            text(&n["name"]),
+            state,
+            text(&n["address"]),
+            seen,
+            n["in_flight"],
+            bundles.len(),
+            pulled_kib,
+            caps.join(" ")
+        );
+        return;
+    }
+    println!("node          {}", text(&n["name"]));
+    println!("state         {state}");
+    println!("key           {}", text(&n["public_key"]));
+    println!("accepted by   {}", text(&n["accepted_by"]));
+    println!("address       {}", text(&n["address"]));
+    println!("connected at  {}", text(&n["connected_at"]));
+    println!("last heard    {}", text(&n["last_heard_at"]));
+    println!("last seen     {}", text(&n["last_seen_at"]));
+    println!("in flight     {}", n["in_flight"]);
+    println!("pulled        {pulled_kib} KiB");
+    println!("capabilities  {}", caps.join(" "));
+    if bundles.is_empty() {
+        println!("bundles       none cached");
+    }
+    for (i, b) in bundles.iter().enumerate() {
+        println!(
+            "{}{}  {:>6} KiB{}",
+            if i == 0 {
+                "bundles       "
+            } else {
+                "              "
+            },
+            text(&b["hash"]),
+            b["bytes"].as_u64().unwrap_or_default() / 1024,
+            if b["loaded"] == true { "  loaded" } else { "" }
+        );
     }
 }

@@ -38,6 +38,8 @@ pub enum CallResult {
     /// The node running it went away; whether the step ran, and how far,
     /// is unknown.
     Lost(String),
+    /// The call never reached its node: the step did not run.
+    NotSent(String),
 }
 
 /// What a caller gets back: the call's result and what it logged

@@ -71,8 +71,8 @@ macro_rules! access_backend {
                             .execute(&mut *tx)
                             .await?;
                         sqlx::query(
-                            "INSERT INTO nodes (name, public_key, status, created_at, accepted_at, accepted_by, capabilities, last_seen_at) \
-                             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            "INSERT INTO nodes (name, public_key, status, created_at, accepted_at, accepted_by, capabilities, last_seen_at, draining_since) \
+                             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         )
                         .bind(&n.name)
                         .bind(&n.public_key)
@@ -82,6 +82,7 @@ macro_rules! access_backend {
                         .bind(&n.accepted_by)
                         .bind(&n.capabilities)
                         .bind(n.last_seen_at)
+                        .bind(n.draining_since)
                         .execute(&mut *tx)
                         .await?
                     }
@@ -130,13 +131,18 @@ macro_rules! access_backend {
                     .collect()
             }
 
-            pub(crate) async fn nodes(pool: &$pool) -> Result<Vec<NodeRow>, sqlx::Error> {
-                let rows = sqlx::query(
-                    "SELECT name, public_key, status, created_at, accepted_at, accepted_by, capabilities, last_seen_at \
-                     FROM nodes ORDER BY name",
-                )
-                .fetch_all(pool)
-                .await?;
+            /// Every node, or the one named `name`.
+            pub(crate) async fn nodes(pool: &$pool, name: Option<&str>) -> Result<Vec<NodeRow>, sqlx::Error> {
+                let columns = "SELECT name, public_key, status, created_at, accepted_at, accepted_by, capabilities, last_seen_at, draining_since FROM nodes";
+                let rows = match name {
+                    Some(name) => sqlx::query(sqlx::AssertSqlSafe(format!("{columns} WHERE name = ?")))
+                        .bind(name)
+                        .fetch_all(pool)
+                        .await?,
+                    None => sqlx::query(sqlx::AssertSqlSafe(format!("{columns} ORDER BY name")))
+                        .fetch_all(pool)
+                        .await?,
+                };
                 rows.iter()
                     .map(|r| {
                         Ok(NodeRow {
@@ -148,6 +154,7 @@ macro_rules! access_backend {
                             accepted_by: r.try_get("accepted_by")?,
                             capabilities: r.try_get("capabilities")?,
                             last_seen_at: r.try_get("last_seen_at")?,
+                            draining_since: r.try_get("draining_since")?,
                         })
                     })
                     .collect()

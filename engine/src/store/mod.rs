@@ -198,6 +198,8 @@ pub struct NodeRow {
     /// JSON object.
     pub capabilities: Option<String>,
     pub last_seen_at: Option<Timestamp>,
+    /// Set while it is drained: it gets no new steps.
+    pub draining_since: Option<Timestamp>,
 }
 
 /// A row of `api_tokens`.
@@ -788,10 +790,11 @@ impl Store {
         })
     }
 
-    pub async fn node_rows(&self) -> Result<Vec<NodeRow>> {
+    /// Every node that joined or asked to, or only the one named `name`.
+    pub async fn node_rows(&self, name: Option<&str>) -> Result<Vec<NodeRow>> {
         Ok(match &self.read {
-            Pool::Sqlite(p) => access::sqlite::nodes(p).await?,
-            Pool::MySql(p) => access::mysql::nodes(p).await?,
+            Pool::Sqlite(p) => access::sqlite::nodes(p, name).await?,
+            Pool::MySql(p) => access::mysql::nodes(p, name).await?,
         })
     }
 

@@ -21,8 +21,11 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 mod bundles;
+mod capabilities;
 
 pub use bundles::Bundles;
+use capabilities::Capabilities;
+pub use capabilities::{Probe, built_in};
 
 /// How to reach the server and what this node is.
 pub struct Config {
@@ -34,7 +37,12 @@ pub struct Config {
     pub name: String,
     /// This node's identity (`node.key` in its data directory).
     pub key: signing::SecretKey,
+    /// What it can do, besides its probes' findings ([`built_in`] and the
+    /// operator's pairs).
     pub capabilities: BTreeMap<String, String>,
+    /// Capabilities found by commands, run again every `probe_every`.
+    pub probes: Vec<Probe>,
+    pub probe_every: Duration,
     /// Where fetched bundles are kept, by hash.
     pub data_dir: PathBuf,
     /// The keys this node accepts bundles from; the server's word counts
@@ -43,6 +51,11 @@ pub struct Config {
     pub host_command: engine::host::HostCommand,
     /// For an `https://` server: the roots its certificate must chain to.
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// A loaded bundle no call used for this long is unloaded.
+    pub unload_after: Duration,
+    /// The bundle cache's size limit, in bytes: bundles not in use are
+    /// evicted, least recently used first, to stay under it.
+    pub cache_size: u64,
 }
 
 /// Runs the node until `stop` is cancelled, reconnecting (1 s doubling to
@@ -52,10 +65,23 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<()> {
     let config = Arc::new(config);
     let bundles = Arc::new(Bundles::new(&config)?);
     let calls = Arc::new(Calls::default());
+    let caps = Arc::new(
+        Capabilities::new(
+            config.capabilities.clone(),
+            config.probes.clone(),
+            config.probe_every,
+        )
+        .await,
+    );
+    tokio::spawn(bundles.clone().tidy(stop.clone()));
+    {
+        let (caps, stop) = (caps.clone(), stop.clone());
+        tokio::spawn(async move { caps.run(stop).await });
+    }
     let mut delay = Duration::from_secs(1);
     loop {
         let outcome = tokio::select! {
-            r = session(&config, &bundles, &calls) => r,
+            r = session(&config, &bundles, &calls, &caps) => r,
             _ = stop.cancelled() => return Ok(()),
         };
         match outcome {
@@ -153,8 +179,15 @@ impl Calls {
 }
 
 /// One connection: hello, then calls until it ends.
-async fn session(config: &Arc<Config>, bundles: &Arc<Bundles>, calls: &Arc<Calls>) -> Result<()> {
+async fn session(
+    config: &Arc<Config>,
+    bundles: &Arc<Bundles>,
+    calls: &Arc<Calls>,
+    caps: &Capabilities,
+) -> Result<()> {
     let mut ws = connect(config).await?;
+    let mut caps_changed = caps.subscribe();
+    let mut bundles_changed = bundles.subscribe();
     let nonce = match next_message(&mut ws).await? {
         ToNode::Challenge { nonce } => nonce,
         other => bail!("the server began with {other:?} instead of a challenge"),
@@ -163,7 +196,7 @@ async fn session(config: &Arc<Config>, bundles: &Arc<Bundles>, calls: &Arc<Calls
         name: config.name.clone(),
         public_key: config.key.public().to_string(),
         answer: signing::node::answer(&config.key, &nonce, &config.name),
-        capabilities: config.capabilities.clone(),
+        capabilities: caps_changed.borrow_and_update().clone(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         protocol: PROTOCOL,
     };
@@ -189,6 +222,9 @@ async fn session(config: &Arc<Config>, bundles: &Arc<Bundles>, calls: &Arc<Calls
         keys: calls.holding(),
     };
     sink.send(Message::text(serde_json::to_string(&holding)?))
+        .await?;
+    bundles_changed.mark_unchanged();
+    sink.send(Message::text(serde_json::to_string(&bundles.report())?))
         .await?;
     // The server pings every second; silence this long means it is gone
     // (or the way to it is), so connect again.
@@ -242,6 +278,15 @@ async fn session(config: &Arc<Config>, bundles: &Arc<Bundles>, calls: &Arc<Calls
                 }
             }
             _ = calls.ready.notified() => {}
+            Ok(()) = caps_changed.changed() => {
+                let capabilities = caps_changed.borrow_and_update().clone();
+                let message = FromNode::Capabilities { capabilities };
+                sink.send(Message::text(serde_json::to_string(&message)?)).await?;
+            }
+            Ok(()) = bundles_changed.changed() => {
+                bundles_changed.mark_unchanged();
+                sink.send(Message::text(serde_json::to_string(&bundles.report())?)).await?;
+            }
             _ = check.tick() => {
                 if heard.elapsed() > SERVER_SILENCE {
                     bail!("the server sent nothing for {} s", SERVER_SILENCE.as_secs());
@@ -366,7 +411,7 @@ struct Call {
 }
 
 impl Call {
-    async fn run(self, bundles: &Bundles, cancel: CancellationToken) -> FromNode {
+    async fn run(self, bundles: &Arc<Bundles>, cancel: CancellationToken) -> FromNode {
         let key = self.key;
         let done = |status: i32, body: String, log: String| FromNode::Done {
             key,
@@ -374,15 +419,15 @@ impl Call {
             body,
             log,
         };
-        let host = match bundles.host(&self.bundle).await {
-            Ok(host) => host,
+        let lease = match bundles.host(&self.bundle).await {
+            Ok(lease) => lease,
             Err(e) => {
                 tracing::warn!(bundle = %self.bundle, error = %e, "cannot run a call");
                 return done(sdk::ffi::STATUS_FATAL, format!("{e:#}"), String::new());
             }
         };
         let attempt = engine::step::run_on_host(
-            host,
+            lease.host.clone(),
             &self.function,
             &self.function,
             self.input.into_bytes(),

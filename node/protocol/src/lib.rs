@@ -17,6 +17,7 @@
 //! node → server   Done { key, status, body, log }  (kept and sent again until acknowledged)
 //! server → node   Ack { key }
 //! node → server   Capabilities { capabilities }  (a probe's result changed)
+//! node → server   Bundles { cached, loaded }     (after Welcome, and when its cache changes)
 //! ```
 //!
 //! A node lacking a call's bundle fetches it by hash
@@ -71,6 +72,21 @@ pub enum FromNode {
     Capabilities {
         capabilities: BTreeMap<String, String>,
     },
+    /// What the node's bundle cache holds (verified archives, by hash) and
+    /// which of them are loaded in a running step host.
+    Bundles {
+        cached: Vec<CachedBundle>,
+        loaded: Vec<String>,
+    },
+}
+
+/// A verified bundle archive in a node's cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CachedBundle {
+    /// SHA-256, hex.
+    pub hash: String,
+    /// The archive's size.
+    pub bytes: u64,
 }
 
 /// Messages to a node.

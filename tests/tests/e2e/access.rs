@@ -78,6 +78,7 @@ pub(crate) fn routes() -> Vec<(Method, &'static str, &'static str, Option<Value>
         ),
         (Method::DELETE, "/v1/secrets/scope_test", "admin", None),
         (Method::GET, "/v1/nodes", "read", None),
+        (Method::GET, "/v1/nodes/hv-x", "read", None),
         (Method::POST, "/v1/nodes/hv-x/accept", "admin", None),
         (Method::POST, "/v1/nodes/hv-x/remove", "admin", None),
         (Method::POST, "/v1/nodes/hv-x/drain", "admin", None),

@@ -17,6 +17,7 @@ mod drain;
 mod faults;
 mod lease;
 mod logs;
+mod node_ops;
 mod nodes;
 mod openapi;
 mod placement;

@@ -11,14 +11,19 @@ use serde_json::{Value, json};
 use crate::harness::{Db, Env, Server, both_dbs, bundles, scratch_dir, troupe_bin};
 
 /// A running `troupe node`, killed when dropped.
-struct Node {
-    child: Child,
+pub(crate) struct Node {
+    pub(crate) child: Child,
     log: PathBuf,
-    data: PathBuf,
+    pub(crate) data: PathBuf,
 }
 
 impl Node {
-    fn start(server: &Server, token_file: &std::path::Path, name: &str, extra: &[&str]) -> Node {
+    pub(crate) fn start(
+        server: &Server,
+        token_file: &std::path::Path,
+        name: &str,
+        extra: &[&str],
+    ) -> Node {
         Node::start_in(
             server,
             Some(token_file),
@@ -30,7 +35,7 @@ impl Node {
 
     /// With `token_file: None`, the node has no join token: it waits for an
     /// admin's accept unless it joined before (`data` holds its key).
-    fn start_in(
+    pub(crate) fn start_in(
         server: &Server,
         token_file: Option<&std::path::Path>,
         name: &str,
@@ -65,12 +70,12 @@ impl Node {
         Node { child, log, data }
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// The signed archives in its cache.
-    fn cached(&self) -> Vec<String> {
+    pub(crate) fn cached(&self) -> Vec<String> {
         std::fs::read_dir(self.data.join("bundles"))
             .into_iter()
             .flatten()
@@ -80,7 +85,7 @@ impl Node {
             .collect()
     }
 
-    fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -95,7 +100,7 @@ impl Drop for Node {
 }
 
 /// A token with the join scope, in a file.
-async fn join_token(server: &Server, env: &Env) -> PathBuf {
+pub(crate) async fn join_token(server: &Server, env: &Env) -> PathBuf {
     let token = server.token_with("nodes", &["join"], None).await;
     let path = env.dir.join("join.token");
     std::fs::write(&path, token).unwrap();
@@ -103,7 +108,7 @@ async fn join_token(server: &Server, env: &Env) -> PathBuf {
 }
 
 /// Waits until the server lists these nodes connected (at most 30 s).
-async fn connected(server: &Server, names: &[&str], nodes: &[&Node]) -> Value {
+pub(crate) async fn connected(server: &Server, names: &[&str], nodes: &[&Node]) -> Value {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (status, list) = server.get("/v1/nodes").await;
@@ -536,7 +541,7 @@ async fn a_step_on_a_node_survives_a_server_restart(db: Db) {
 }
 
 /// Waits until the action's first step runs (on a node).
-async fn running_on_node(server: &Server, id: i64) -> Value {
+pub(crate) async fn running_on_node(server: &Server, id: i64) -> Value {
     server
         .until(id, "running on a node", |a| {
             a["steps"][0]["status"] == "running"
@@ -546,14 +551,14 @@ async fn running_on_node(server: &Server, id: i64) -> Value {
 
 /// Runs one short step on the node, so it holds the bundle before a test
 /// interrupts a step there (rather than its download).
-async fn warm(server: &Server) {
+pub(crate) async fn warm(server: &Server) {
     let id = server
         .submit("node_sleep", "warm-up", json!({ "ms": 1 }))
         .await;
     assert_eq!(server.finished(id).await["status"], "succeeded");
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -730,7 +735,7 @@ async fn nodes_prove_their_key_and_need_a_join_token_or_an_accept(db: Db) {
     );
 }
 
-fn signal(node: &Node, which: &str) {
+pub(crate) fn signal(node: &Node, which: &str) {
     let status = Command::new("kill")
         .args([format!("-{which}"), node.child.id().to_string()])
         .status()
@@ -738,7 +743,7 @@ fn signal(node: &Node, which: &str) {
     assert!(status.success());
 }
 
-fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+pub(crate) fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
     let deadline = Instant::now() + within;
     loop {
         if let Some(status) = child.try_wait().unwrap() {
