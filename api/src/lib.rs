@@ -62,6 +62,17 @@ pub const MAX_WAIT: Duration = Duration::from_secs(120);
 #[derive(Clone)]
 pub struct AppState {
     pub engine: Engine,
+    /// Bundle bytes recently served to nodes, shared by every download.
+    pub node_bundles: nodes::BundleCache,
+}
+
+impl AppState {
+    pub fn new(engine: Engine) -> AppState {
+        AppState {
+            engine,
+            node_bundles: nodes::BundleCache::default(),
+        }
+    }
 }
 
 impl axum::extract::FromRef<AppState> for Engine {

@@ -73,18 +73,44 @@ pub(crate) async fn connect(
 )]
 pub(crate) async fn bundle(
     NodeSession(node): NodeSession,
-    State(engine): State<Engine>,
+    State(state): State<crate::AppState>,
     Path(hash): Path<String>,
 ) -> Result<Response, ApiError> {
-    let bytes = engine.bundle_content(&hash).await?;
+    let bytes = state.node_bundles.get(&state.engine, &hash).await?;
     if let Some(node) = node {
-        engine.nodes().pulled(&node, bytes.len() as u64);
+        state.engine.nodes().pulled(&node, bytes.len() as u64);
     }
-    Ok((
-        [(header::CONTENT_TYPE, "application/octet-stream")],
-        Bytes::from(bytes),
-    )
-        .into_response())
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+/// The bytes of the bundles nodes downloaded last, so that a thousand
+/// nodes fetching a new version share one copy in memory (and one read
+/// from the database) instead of holding one each.
+#[derive(Clone, Default)]
+pub struct BundleCache {
+    /// Most recently used last; at most [`BundleCache::KEEP`].
+    recent: Arc<tokio::sync::Mutex<Vec<(String, Bytes)>>>,
+}
+
+impl BundleCache {
+    const KEEP: usize = 4;
+
+    async fn get(&self, engine: &Engine, hash: &str) -> Result<Bytes, ApiError> {
+        // Held across the read, so concurrent first downloads read once.
+        let mut recent = self.recent.lock().await;
+        if let Some(i) = recent.iter().position(|(h, _)| h == hash) {
+            let entry = recent.remove(i);
+            let bytes = entry.1.clone();
+            recent.push(entry);
+            return Ok(bytes);
+        }
+        let bytes = Bytes::from(engine.bundle_content(hash).await?);
+        recent.push((hash.to_owned(), bytes.clone()));
+        if recent.len() > Self::KEEP {
+            recent.remove(0);
+        }
+        Ok(bytes)
+    }
 }
 
 /// The detached signature a bundle was admitted with.
@@ -457,10 +483,15 @@ async fn session(
     let token = token.ok().flatten();
     tracing::info!(node = %name, token = token.as_deref().unwrap_or("none"), ?capabilities, "node connected");
     // Heartbeats: a ping every second; a node silent for the timeout (cut
-    // off, stopped, its host frozen) counts as gone.
+    // off, stopped, its host frozen) counts as gone, the moment the timeout
+    // is up.
     let silence = engine.config().node_timeout;
     let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
     let mut heard = tokio::time::Instant::now();
+    // Moved on at each heartbeat rather than each message: one timer
+    // update a second per node.
+    let gone = tokio::time::sleep_until(heard + silence);
+    tokio::pin!(gone);
     loop {
         tokio::select! {
             message = stream.next() => {
@@ -506,7 +537,12 @@ async fn session(
                 }
             }
             Some(message) = outbox.recv() => {
-                if send(&mut sink, &message).await.is_err() {
+                // Calls queued meanwhile go in the same write.
+                let mut batch = vec![message];
+                while batch.len() < 64 && let Ok(more) = outbox.try_recv() {
+                    batch.push(more);
+                }
+                if send_all(&mut sink, &batch).await.is_err() {
                     break;
                 }
             }
@@ -515,11 +551,15 @@ async fn session(
                 let _ = send(&mut sink, &ToNode::Refused { retry: false, reason }).await;
                 break;
             }
-            _ = heartbeat.tick() => {
-                if heard.elapsed() > silence {
+            _ = &mut gone => {
+                if heard.elapsed() >= silence {
                     tracing::warn!(node = %name, silent_ms = heard.elapsed().as_millis() as u64, "node stopped answering; dropping its connection");
                     break;
                 }
+                gone.as_mut().reset(heard + silence);
+            }
+            _ = heartbeat.tick() => {
+                gone.as_mut().reset(heard + silence);
                 if sink.send(Message::Ping(Bytes::new())).await.is_err() {
                     break;
                 }
@@ -596,6 +636,18 @@ async fn send(
 ) -> Result<(), axum::Error> {
     let text = serde_json::to_string(message).expect("messages serialize");
     sink.send(Message::Text(text.into())).await
+}
+
+/// Sends several messages with one flush.
+async fn send_all(
+    sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
+    messages: &[ToNode],
+) -> Result<(), axum::Error> {
+    for message in messages {
+        let text = serde_json::to_string(message).expect("messages serialize");
+        sink.feed(Message::Text(text.into())).await?;
+    }
+    sink.flush().await
 }
 
 /// Refuses the node for good, saying why, and ends the connection.

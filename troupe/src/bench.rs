@@ -18,7 +18,10 @@ use crate::args::parse_duration;
 use crate::client::Client;
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub(crate) struct BenchArgs {
+    #[command(subcommand)]
+    mode: Option<BenchMode>,
     /// Actions in the loaded run.
     #[arg(short = 'n', long, default_value_t = 5000)]
     actions: usize,
@@ -56,11 +59,17 @@ pub(crate) struct BenchArgs {
     remote_kind: String,
 }
 
+#[derive(clap::Subcommand)]
+enum BenchMode {
+    /// Simulate a fleet of nodes (one process, K authenticated connections): server memory and idle CPU, time to detect a lost node under load, bytes sent when many nodes need a new bundle.
+    Fleet(crate::fleet::FleetArgs),
+}
+
 /// A `troupe serve` child process started for the benchmark.
-struct OwnServer {
-    child: Child,
-    url: String,
-    dir: PathBuf,
+pub(crate) struct OwnServer {
+    pub(crate) child: Child,
+    pub(crate) url: String,
+    pub(crate) dir: PathBuf,
     /// The throwaway key its bundle is signed with (`ed25519:…`).
     trust: String,
     /// `troupe node` processes started for the remote run.
@@ -89,7 +98,7 @@ impl Drop for OwnServer {
     }
 }
 
-fn start_server(db: &str) -> Result<OwnServer> {
+pub(crate) fn start_server(db: &str) -> Result<OwnServer> {
     let exe = std::env::current_exe()?;
     let dir = std::env::temp_dir().join(format!("troupe-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -165,6 +174,23 @@ fn start_server(db: &str) -> Result<OwnServer> {
 }
 
 impl OwnServer {
+    /// The testkit library its bundle was built from.
+    pub(crate) fn library(&self) -> Result<Vec<u8>> {
+        let exe = std::env::current_exe()?;
+        let name = format!(
+            "{}testkit{}",
+            std::env::consts::DLL_PREFIX,
+            std::env::consts::DLL_SUFFIX
+        );
+        let path = exe.parent().map(|d| d.join(name)).context("no directory")?;
+        std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
+    }
+
+    /// The throwaway key its bundles are signed with.
+    pub(crate) fn key(&self) -> Result<signing::SecretKey> {
+        crate::bundle_cmd::load_key(&self.dir.join("bench.key"))
+    }
+
     /// Starts `count` nodes with the `bench` capability and waits (up to
     /// 30 s) until they are connected.
     async fn start_nodes(&mut self, client: &Client, count: usize) -> Result<()> {
@@ -216,10 +242,10 @@ impl OwnServer {
 
 /// CPU seconds and peak RSS of a process and its children, from /proc.
 #[derive(Debug, Clone, Copy, Default)]
-struct Usage {
-    server_cpu: f64,
+pub(crate) struct Usage {
+    pub(crate) server_cpu: f64,
     hosts_cpu: f64,
-    server_rss: u64,
+    pub(crate) server_rss: u64,
     hosts_rss: u64,
 }
 
@@ -244,7 +270,7 @@ fn peak_rss(pid: u32) -> u64 {
         .map_or(0, |kb: u64| kb * 1024)
 }
 
-fn usage(pid: u32) -> Usage {
+pub(crate) fn usage(pid: u32) -> Usage {
     let cpu = |f: &[String], from: usize| -> f64 {
         f[from..from + 2]
             .iter()
@@ -280,6 +306,9 @@ fn usage(pid: u32) -> Usage {
 struct Run {
     seconds: f64,
     latencies: Vec<f64>,
+    /// Each succeeded step's time from its start to its result, as the
+    /// server recorded them (ms): the start's commit and the call.
+    steps: Vec<f64>,
     failed: usize,
     missing: usize,
 }
@@ -305,7 +334,7 @@ async fn run(
             label.to_owned(),
         );
         workers.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
+            let (mut lat, mut steps) = (Vec::new(), Vec::new());
             let (mut failed, mut missing) = (0, 0);
             loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -334,33 +363,57 @@ async fn run(
                     }
                 }
                 match a["status"].as_str() {
-                    Some("succeeded") => lat.push(t0.elapsed().as_secs_f64() * 1000.0),
+                    Some("succeeded") => {
+                        lat.push(t0.elapsed().as_secs_f64() * 1000.0);
+                        steps.extend(step_times(&a));
+                    }
                     Some("failed" | "cancelled") => failed += 1,
                     _ => missing += 1,
                 }
             }
-            (lat, failed, missing)
+            (lat, steps, failed, missing)
         }));
     }
     let mut out = Run {
         seconds: 0.0,
         latencies: Vec::new(),
+        steps: Vec::new(),
         failed: 0,
         missing: 0,
     };
     for w in workers {
-        let (lat, failed, missing) = w.await?;
+        let (lat, steps, failed, missing) = w.await?;
         out.latencies.extend(lat);
+        out.steps.extend(steps);
         out.failed += failed;
         out.missing += missing;
     }
     out.seconds = started.elapsed().as_secs_f64();
     out.missing += n.saturating_sub(out.latencies.len() + out.failed + out.missing);
     out.latencies.sort_by(|a, b| a.total_cmp(b));
+    out.steps.sort_by(|a, b| a.total_cmp(b));
     Ok(out)
 }
 
-fn pct(sorted: &[f64], p: f64) -> f64 {
+/// Each step's `finished_at - started_at`, in ms.
+fn step_times(action: &Value) -> Vec<f64> {
+    let at = |v: &Value| chrono::DateTime::parse_from_rfc3339(v.as_str()?).ok();
+    action["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| {
+            let took = at(&s["finished_at"])? - at(&s["started_at"])?;
+            Some(took.num_microseconds()? as f64 / 1000.0)
+        })
+        .collect()
+}
+
+fn step_json(r: &Run) -> Value {
+    json!({ "p50_ms": pct(&r.steps, 0.50), "p99_ms": pct(&r.steps, 0.99) })
+}
+
+pub(crate) fn pct(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -381,6 +434,9 @@ async fn store_stats(client: &Client) -> Option<(f64, f64)> {
 }
 
 pub(crate) async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
+    if let Some(BenchMode::Fleet(fleet)) = args.mode {
+        return crate::fleet::fleet(fleet).await;
+    }
     if args.actions == 0 || args.concurrency == 0 {
         bail!("-n and -c must be at least 1");
     }
@@ -487,6 +543,7 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
         "seconds": loaded.seconds,
         "latency": latency_json(&loaded),
         "light_latency": light.as_ref().map(latency_json),
+        "light_step": light.as_ref().map(step_json),
         "cpu": cpu,
         "peak_rss": rss,
         "db": db,
@@ -533,6 +590,7 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
             "seconds": loaded.seconds,
             "latency": latency_json(&loaded),
             "light_latency": light.as_ref().map(latency_json),
+            "light_step": light.as_ref().map(step_json),
             "failed": failed,
             "missing": missing,
         });
@@ -567,6 +625,13 @@ fn print_table(r: &Value) {
         f(&r["throughput_per_s"]),
         f(&r["seconds"])
     );
+    let step = |l: &Value| {
+        format!(
+            "p50 {} ms  p99 {} ms  (start committed to result, as the server recorded it)",
+            f(&l["p50_ms"]),
+            f(&l["p99_ms"])
+        )
+    };
     let lat = |l: &Value| {
         format!(
             "p50 {} ms  p90 {} ms  p99 {} ms  max {} ms",
@@ -583,6 +648,7 @@ fn print_table(r: &Value) {
     );
     if !r["light_latency"].is_null() {
         println!("  latency (C=1)            {}", lat(&r["light_latency"]));
+        println!("  step (C=1)               {}", step(&r["light_step"]));
     }
     let c = &r["cpu"];
     println!(
@@ -619,6 +685,10 @@ fn print_table(r: &Value) {
                 "  remote latency (C=1)     {}",
                 lat(&remote["light_latency"])
             );
+            println!("  remote step (C=1)        {}", step(&remote["light_step"]));
+            let extra = remote["light_step"]["p50_ms"].as_f64().unwrap_or(f64::NAN)
+                - r["light_step"]["p50_ms"].as_f64().unwrap_or(f64::NAN);
+            println!("  remote step round trip   +{extra:.3} ms over a local step (p50)");
         }
     }
     println!(

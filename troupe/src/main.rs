@@ -11,6 +11,7 @@ mod bundle_cmd;
 mod cli;
 mod client;
 mod demo;
+mod fleet;
 mod node_cmd;
 mod serve;
 mod watch;

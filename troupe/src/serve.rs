@@ -323,9 +323,7 @@ pub(crate) async fn serve_until(
     grace: Duration,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let state = api::AppState {
-        engine: engine.clone(),
-    };
+    let state = api::AppState::new(engine.clone());
     let (close_http, http_closed) = tokio::sync::oneshot::channel::<()>();
     let mut http = tokio::spawn(api::serve(listener, state, tls, async move {
         let _ = http_closed.await;

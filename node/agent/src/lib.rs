@@ -231,11 +231,17 @@ async fn session(
     let mut check = tokio::time::interval(Duration::from_secs(1));
     let mut heard = tokio::time::Instant::now();
     loop {
-        // Results first: those kept while disconnected, then new ones.
+        // Results first: those kept while disconnected, then new ones, in
+        // one write.
+        let mut fed = false;
         while let Some(item) = calls.next_unsent() {
             let text = serde_json::to_string(&item.1)?;
             calls.sent(item);
-            sink.send(Message::text(text)).await?;
+            sink.feed(Message::text(text)).await?;
+            fed = true;
+        }
+        if fed {
+            sink.flush().await?;
         }
         tokio::select! {
             message = stream.next() => {
