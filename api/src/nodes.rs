@@ -32,6 +32,10 @@ use engine::nodes::Admission;
 /// How long a new connection has to say hello.
 const HELLO_WITHIN: Duration = Duration::from_secs(10);
 
+/// Each connection's WebSocket read and write buffer (the default is
+/// 128 KiB each, which at 5,000 nodes is over a gigabyte).
+const WS_BUFFER: usize = 4 << 10;
+
 /// A node's connection: upgrade to a WebSocket, then `node_protocol`. A
 /// node that has joined needs no token; a new one joins with a `join`
 /// token, or without one waits for an admin's `accept`.
@@ -58,7 +62,12 @@ pub(crate) async fn connect(
         Ok(MaybeCaller(None)) => Ok(None),
         Err(e) => Err(e.message),
     };
-    Ok(ws.on_upgrade(move |socket| session(engine, token, address, socket)))
+    // Small buffers: a server holds thousands of these connections, and
+    // their messages are small (a large output grows the buffer as needed).
+    Ok(ws
+        .read_buffer_size(WS_BUFFER)
+        .write_buffer_size(WS_BUFFER)
+        .on_upgrade(move |socket| session(engine, token, address, socket)))
 }
 
 /// The bytes of a bundle, for a node to verify with its own keys.
@@ -482,14 +491,16 @@ async fn session(
     }
     let token = token.ok().flatten();
     tracing::info!(node = %name, token = token.as_deref().unwrap_or("none"), ?capabilities, "node connected");
-    // Heartbeats: a ping every second; a node silent for the timeout (cut
-    // off, stopped, its host frozen) counts as gone, the moment the timeout
-    // is up.
+    // Heartbeats: the node sends one every second (`node_protocol::HEARTBEAT`),
+    // and the server only reads; a node silent for the timeout (cut off,
+    // stopped, its host frozen) counts as gone the moment it is up. The
+    // server's own heartbeat, less often, lets the node notice a server
+    // that is gone.
     let silence = engine.config().node_timeout;
-    let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
+    let mut heartbeat = tokio::time::interval(node_protocol::SERVER_HEARTBEAT);
     let mut heard = tokio::time::Instant::now();
-    // Moved on at each heartbeat rather than each message: one timer
-    // update a second per node.
+    // Moved on when it fires, not at each message: a live node costs one
+    // timer per timeout.
     let gone = tokio::time::sleep_until(heard + silence);
     tokio::pin!(gone);
     loop {
@@ -559,8 +570,8 @@ async fn session(
                 gone.as_mut().reset(heard + silence);
             }
             _ = heartbeat.tick() => {
-                gone.as_mut().reset(heard + silence);
-                if sink.send(Message::Ping(Bytes::new())).await.is_err() {
+                // Unsolicited: the node does not answer it.
+                if sink.send(Message::Pong(Bytes::new())).await.is_err() {
                     break;
                 }
             }

@@ -85,7 +85,7 @@ impl EngineProbe {
             max_running: 64,
             lease: Duration::from_secs(60),
             cancel_grace: Duration::from_secs(1),
-            node_timeout: Duration::from_secs(5),
+            node_timeout: Duration::from_secs(4),
             node_grace: Duration::from_secs(60),
             host_command,
             trusted_keys: vec![key.public()],

@@ -108,7 +108,7 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
         node_id: None,
         shutdown_grace: Duration::from_secs(10),
         cancel_grace: Duration::from_secs(2),
-        node_timeout: Duration::from_secs(5),
+        node_timeout: Duration::from_secs(4),
         node_grace: Duration::from_secs(60),
         lease: Duration::from_secs(30),
     };

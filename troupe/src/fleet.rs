@@ -416,12 +416,14 @@ impl SimNode {
     /// Serves one connection until it ends; returns what the node was told
     /// to be when it did.
     async fn serve(&self, ws: &mut Ws, mode: &mut watch::Receiver<Mode>) -> Mode {
+        let mut heartbeat = tokio::time::interval(node_protocol::HEARTBEAT);
         loop {
             let now = *mode.borrow_and_update();
             match now {
                 Mode::Stop => return Mode::Stop,
                 // Reads nothing, answers nothing, until told otherwise.
                 Mode::Frozen => {
+                    heartbeat.reset();
                     let _ = mode.changed().await;
                     if *mode.borrow() == Mode::Live {
                         // The server has dropped it by now (or will): the
@@ -436,13 +438,6 @@ impl SimNode {
                 message = ws.next() => {
                     let text = match message {
                         Some(Ok(Message::Text(text))) => text,
-                        Some(Ok(Message::Ping(_))) => {
-                            // The pong is queued; send it now.
-                            if ws.flush().await.is_err() {
-                                return *mode.borrow();
-                            }
-                            continue;
-                        }
                         Some(Ok(_)) => continue,
                         _ => return *mode.borrow(),
                     };
@@ -453,6 +448,11 @@ impl SimNode {
                         if ws.send(Message::text(text)).await.is_err() {
                             return *mode.borrow();
                         }
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    if ws.send(Message::Pong(Default::default())).await.is_err() {
+                        return *mode.borrow();
                     }
                 }
                 _ = mode.changed() => {}

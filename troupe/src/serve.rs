@@ -58,8 +58,8 @@ pub(crate) struct ServeArgs {
     /// After a step is cancelled or times out, how long it may take to stop before its host is killed.
     #[arg(long, env = "TROUPE_CANCEL_GRACE", default_value = "2s", value_parser = parse_duration)]
     pub(crate) cancel_grace: Duration,
-    /// How long a remote node may stay silent (it is pinged every second) before it counts as gone and its steps in flight fail.
-    #[arg(long, env = "TROUPE_NODE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    /// How long a remote node may stay silent (it sends a heartbeat every 2 s) before it counts as gone; at least 3s.
+    #[arg(long, env = "TROUPE_NODE_TIMEOUT", default_value = "4s", value_parser = parse_duration)]
     pub(crate) node_timeout: Duration,
     /// How long a step on a node that went away (or that ran while this server was down) waits for the node to come back and report it before it fails.
     #[arg(long, env = "TROUPE_NODE_GRACE", default_value = "60s", value_parser = parse_duration)]
@@ -358,6 +358,13 @@ pub(crate) async fn shutdown_signal() {
 }
 
 pub(crate) async fn run(args: ServeArgs) -> Result<ExitCode> {
+    // Nodes send a heartbeat every 2 s: a shorter timeout would drop live ones.
+    if args.node_timeout < Duration::from_secs(3) {
+        anyhow::bail!(
+            "--node-timeout {:?} is too short: nodes send a heartbeat every 2 s; use 3s or more",
+            args.node_timeout
+        );
+    }
     let tls = tls(&args).await?;
     let engine = start_engine(&args).await?;
     let listener = bind(args.listen).await?;

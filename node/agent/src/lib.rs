@@ -103,8 +103,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<()> {
     }
 }
 
-/// How long the server may stay silent (it pings every second) before the
-/// node connects again.
+/// How long the server may stay silent before the node connects again.
 const SERVER_SILENCE: Duration = Duration::from_secs(15);
 
 /// The server refused this node for a reason retrying cannot fix.
@@ -226,9 +225,10 @@ async fn session(
     bundles_changed.mark_unchanged();
     sink.send(Message::text(serde_json::to_string(&bundles.report())?))
         .await?;
-    // The server pings every second; silence this long means it is gone
-    // (or the way to it is), so connect again.
-    let mut check = tokio::time::interval(Duration::from_secs(1));
+    // A heartbeat every second tells the server this node is alive; the
+    // server's, every few seconds, that it is: silence this long means it
+    // is gone (or the way to it is), so connect again.
+    let mut check = tokio::time::interval(node_protocol::HEARTBEAT);
     let mut heard = tokio::time::Instant::now();
     loop {
         // Results first: those kept while disconnected, then new ones, in
@@ -297,8 +297,7 @@ async fn session(
                 if heard.elapsed() > SERVER_SILENCE {
                     bail!("the server sent nothing for {} s", SERVER_SILENCE.as_secs());
                 }
-                // Answers the server's pings.
-                sink.flush().await?;
+                sink.send(Message::Pong(Default::default())).await?;
             }
         }
     }

@@ -20,6 +20,9 @@
 //! node → server   Bundles { cached, loaded }     (after Welcome, and when its cache changes)
 //! ```
 //!
+//! Both ends send heartbeats as unsolicited pongs: the node every
+//! [`HEARTBEAT`], the server every [`SERVER_HEARTBEAT`].
+//!
 //! A node lacking a call's bundle fetches it by hash
 //! (`GET /v1/nodes/bundles/{hash}` and `…/signature`, with the session
 //! credential from `Welcome`) and verifies it with its own trusted keys
@@ -30,7 +33,16 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// Bumped when a message changes incompatibly.
-pub const PROTOCOL: u32 = 1;
+pub const PROTOCOL: u32 = 2;
+
+/// How often a node sends its heartbeat: an unsolicited WebSocket pong
+/// (RFC 6455, 5.5.3), which needs no answer. The server drops a node it
+/// has heard nothing from for its node timeout.
+pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How often the server sends its own (also an unsolicited pong); a node
+/// that hears nothing from its server for three of these connects again.
+pub const SERVER_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// One attempt of one step: the same key on the server and on the node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
