@@ -556,6 +556,7 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
         let kind = &args.remote_kind;
         let c = args.concurrency.min(16);
         run(client.clone(), kind, c, c, deadline, "remote-warmup").await?;
+        let before = pid.map(usage);
         let loaded = run(
             client.clone(),
             kind,
@@ -565,6 +566,7 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
             "remote",
         )
         .await?;
+        let after = pid.map(usage);
         let light = if args.light > 0 {
             Some(
                 run(
@@ -581,6 +583,14 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
             None
         };
         let done = loaded.latencies.len() as f64;
+        // The server's own work per remote action: on a real fleet the
+        // nodes and their step hosts run elsewhere.
+        let server_cpu = match (before, after) {
+            (Some(b), Some(a)) if done > 0.0 => {
+                json!((a.server_cpu - b.server_cpu) * 1000.0 / done * 1000.0)
+            }
+            _ => Value::Null,
+        };
         let failed = loaded.failed + light.as_ref().map_or(0, |l| l.failed);
         let missing = loaded.missing + light.as_ref().map_or(0, |l| l.missing);
         report["remote"] = json!({
@@ -591,6 +601,7 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
             "latency": latency_json(&loaded),
             "light_latency": light.as_ref().map(latency_json),
             "light_step": light.as_ref().map(step_json),
+            "server_cpu_ms_per_1000": server_cpu,
             "failed": failed,
             "missing": missing,
         });
@@ -689,6 +700,10 @@ fn print_table(r: &Value) {
             let extra = remote["light_step"]["p50_ms"].as_f64().unwrap_or(f64::NAN)
                 - r["light_step"]["p50_ms"].as_f64().unwrap_or(f64::NAN);
             println!("  remote step round trip   +{extra:.3} ms over a local step (p50)");
+            println!(
+                "  remote server CPU        {} ms per 1000 actions (the server alone; nodes and their step hosts run elsewhere on a real fleet)",
+                f(&remote["server_cpu_ms_per_1000"])
+            );
         }
     }
     println!(

@@ -135,8 +135,63 @@ fn bench_with_nodes_reports_the_remote_run() {
         "/throughput_per_s",
         "/latency/p50_ms",
         "/light_latency/p50_ms",
+        "/light_step/p50_ms",
+        "/server_cpu_ms_per_1000",
     ] {
         let v = remote.pointer(path).and_then(|v| v.as_f64());
+        assert!(v.is_some_and(|v| v > 0.0), "{path}: {r}");
+    }
+}
+
+/// `bench fleet`: simulated nodes join, one is lost and detected, steps
+/// run on the fleet, and a new bundle is fetched by some of them.
+#[test]
+fn bench_fleet_reports_every_figure() {
+    let out = troupe(&[
+        "bench",
+        "fleet",
+        "--nodes",
+        "30",
+        "--for",
+        "8s",
+        "--lose-every",
+        "2s",
+        "--rate",
+        "5",
+        "--pull",
+        "4",
+        "--bundle-mb",
+        "1",
+        "--json",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(r["server_lists_connected"], 30, "{r}");
+    let steady = &r["steady"];
+    assert!(steady["nodes_lost"].as_u64().unwrap() >= 1, "{r}");
+    assert_eq!(steady["undetected"], 0, "{r}");
+    assert_eq!(steady["false_drops"], 0, "{r}");
+    assert_eq!(steady["failed"], 0, "{r}");
+    assert!(steady["detected_p99_s"].as_f64().is_some(), "{r}");
+    let pull = &r["pull"];
+    assert_eq!(pull["failed"], 0, "{r}");
+    let bundle = pull["bundle_bytes"].as_u64().unwrap();
+    assert!(bundle >= 1_000_000, "{r}");
+    assert!(
+        pull["bytes_sent"].as_u64().unwrap() > 4 * bundle,
+        "each node fetched the bundle and its signature: {r}"
+    );
+    for path in [
+        "/idle/server_cpu_share_of_one_core",
+        "/idle/server_rss_mb",
+        "/server_peak_rss_mb",
+    ] {
+        let v = r.pointer(path).and_then(|v| v.as_f64());
         assert!(v.is_some_and(|v| v > 0.0), "{path}: {r}");
     }
 }
