@@ -89,6 +89,18 @@ pub(crate) fn missing_scope(principal: &Principal, scope: Scope) -> ApiError {
     )
 }
 
+/// The credential in an `Authorization: Bearer …` header value.
+pub(crate) fn bearer(value: &axum::http::HeaderValue) -> Option<&str> {
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+}
+
 /// The principal behind the request's bearer token, `None` without one.
 fn authenticate(parts: &Parts, state: &AppState) -> Result<Option<Principal>, ApiError> {
     let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
@@ -99,15 +111,7 @@ fn authenticate(parts: &Parts, state: &AppState) -> Result<Option<Principal>, Ap
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.to_string())
         .unwrap_or_default();
-    let token = value
-        .to_str()
-        .ok()
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim);
-    let Some(token) = token else {
+    let Some(token) = bearer(value) else {
         tracing::warn!(%peer, path = %parts.uri.path(), "refused a request: the Authorization header is not `Bearer TOKEN`");
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,

@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use engine::Engine;
 use engine::host::{Answer, CallResult};
 use engine::nodes::{CallKey, NodeLink, RemoteCall};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use node_protocol::{FromNode, PROTOCOL, ToNode};
 use tokio::sync::{mpsc, oneshot};
 
@@ -387,8 +387,10 @@ async fn handshake(
                 if let Err(why) = token {
                     // Only a node that is in already gets past a bad token.
                     let known = engine.node(&name).await.ok();
-                    let member = known
-                        .is_some_and(|n| n.status == "accepted" && n.public_key == key.to_string());
+                    let member = known.is_some_and(|n| {
+                        n.status == engine::model::NodeStatus::Accepted
+                            && n.public_key == key.to_string()
+                    });
                     if !member {
                         refuse(sink, &format!("its token was refused: {why}")).await;
                         return None;
@@ -503,48 +505,35 @@ async fn session(
     // timer per timeout.
     let gone = tokio::time::sleep_until(heard + silence);
     tokio::pin!(gone);
-    loop {
+    'session: loop {
         tokio::select! {
             message = stream.next() => {
                 heard = tokio::time::Instant::now();
                 attached.heard();
-                let text = match message {
-                    Some(Ok(Message::Text(text))) => text,
-                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-                    Some(Ok(_)) => continue,
-                };
-                match serde_json::from_str::<FromNode>(&text) {
-                    Ok(FromNode::Done { key, status, body, log }) => {
-                        let waiting = link.pending.lock().unwrap().remove(&key).map(|(tx, _)| tx);
-                        let waiting = waiting.or_else(|| engine.nodes().unpark(&name, engine_key(key)));
-                        if let Some(tx) = waiting {
-                            let result = CallResult::Done { status, body: body.into_bytes() };
-                            let _ = tx.send(Answer { result, log });
-                        }
-                        // Delivered, or a repeat of one that was: the node may forget it.
-                        if send(&mut sink, &ToNode::Ack { key }).await.is_err() {
-                            break;
-                        }
-                    }
-                    Ok(FromNode::Holding { keys }) => {
-                        let keys: Vec<_> = keys.into_iter().map(engine_key).collect();
-                        engine.nodes().holding(&name, &keys);
-                    }
-                    Ok(FromNode::Capabilities { capabilities }) => {
-                        match capabilities.keys().find(|k| !engine::placement::is_capability_name(k)) {
-                            Some(bad) => tracing::warn!(node = %name, capability = %bad, "ignoring capabilities with a bad name"),
-                            None => {
-                                tracing::info!(node = %name, ?capabilities, "node capabilities changed");
-                                engine.nodes().set_capabilities(&name, capabilities);
+                // Whatever else has arrived is read in this turn too, and the
+                // acknowledgements go out in one write.
+                let mut message = message;
+                let mut acks = 0;
+                for _ in 0..64 {
+                    match message {
+                        Some(Ok(Message::Text(text))) => {
+                            if let Some(key) = handle(&engine, &name, &link, &text) {
+                                if sink.feed(ack(key)).await.is_err() {
+                                    break 'session;
+                                }
+                                acks += 1;
                             }
                         }
+                        Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break 'session,
+                        Some(Ok(_)) => {}
                     }
-                    Ok(FromNode::Bundles { cached, loaded }) => {
-                        let cached = cached.into_iter().map(|b| (b.hash, b.bytes)).collect();
-                        engine.nodes().set_bundles(&name, engine::nodes::NodeBundles { cached, loaded });
+                    match stream.next().now_or_never() {
+                        Some(next) => message = next,
+                        None => break,
                     }
-                    Ok(FromNode::Hello { .. }) => {}
-                    Err(e) => tracing::warn!(node = %name, error = %e, "ignoring a message the server does not understand"),
+                }
+                if acks > 0 && sink.flush().await.is_err() {
+                    break;
                 }
             }
             Some(message) = outbox.recv() => {
@@ -599,6 +588,64 @@ async fn session(
     }
 }
 
+/// Handles one message from a node; the key of a `Done` to acknowledge.
+fn handle(engine: &Engine, name: &str, link: &Link, text: &str) -> Option<node_protocol::CallKey> {
+    match serde_json::from_str::<FromNode>(text) {
+        Ok(FromNode::Done {
+            key,
+            status,
+            body,
+            log,
+        }) => {
+            let waiting = link.pending.lock().unwrap().remove(&key).map(|(tx, _)| tx);
+            let waiting = waiting.or_else(|| engine.nodes().unpark(name, engine_key(key)));
+            if let Some(tx) = waiting {
+                let result = CallResult::Done {
+                    status,
+                    body: body.into_bytes(),
+                };
+                let _ = tx.send(Answer { result, log });
+            }
+            // Delivered, or a repeat of one that was: the node may forget it.
+            return Some(key);
+        }
+        Ok(FromNode::Holding { keys }) => {
+            let keys: Vec<_> = keys.into_iter().map(engine_key).collect();
+            engine.nodes().holding(name, &keys);
+        }
+        Ok(FromNode::Capabilities { capabilities }) => {
+            match capabilities
+                .keys()
+                .find(|k| !engine::placement::is_capability_name(k))
+            {
+                Some(bad) => {
+                    tracing::warn!(node = %name, capability = %bad, "ignoring capabilities with a bad name")
+                }
+                None => {
+                    tracing::info!(node = %name, ?capabilities, "node capabilities changed");
+                    engine.nodes().set_capabilities(name, capabilities);
+                }
+            }
+        }
+        Ok(FromNode::Bundles { cached, loaded }) => {
+            let cached = cached.into_iter().map(|b| (b.hash, b.bytes)).collect();
+            engine
+                .nodes()
+                .set_bundles(name, engine::nodes::NodeBundles { cached, loaded });
+        }
+        Ok(FromNode::Hello { .. }) => {}
+        Err(e) => {
+            tracing::warn!(node = %name, error = %e, "ignoring a message the server does not understand")
+        }
+    }
+    None
+}
+
+fn ack(key: node_protocol::CallKey) -> Message {
+    let text = serde_json::to_string(&ToNode::Ack { key }).expect("messages serialize");
+    Message::Text(text.into())
+}
+
 /// 32 random bytes as hex.
 fn random_hex() -> Option<String> {
     let mut bytes = [0u8; 32];
@@ -620,9 +667,7 @@ impl axum::extract::FromRequestParts<crate::AppState> for NodeSession {
         let session = parts
             .headers
             .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
+            .and_then(crate::auth::bearer)
             .filter(|v| v.starts_with("node_"));
         match session {
             Some(s) => match state.engine.nodes().by_session(s) {

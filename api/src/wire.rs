@@ -153,7 +153,7 @@ impl NodeView {
         };
         NodeView {
             name: row.name,
-            status: row.status,
+            status: row.status.as_str().to_owned(),
             public_key: row.public_key,
             connected: live.is_some(),
             capabilities,

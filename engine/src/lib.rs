@@ -41,7 +41,7 @@ use access::{Principal, Refused, Scope, TokenInfo, TokenSpec, Tokens};
 use agency::AgencyHandle;
 use authority::AuthorityHandle;
 use control::{CancelOutcome, ControlHandle, SubmitOrder};
-use model::{Action, ActionFilter, ActionId, ActionStatus, NewAction, Submitted};
+use model::{Action, ActionFilter, ActionId, ActionStatus, NewAction, NodeStatus, Submitted};
 use runner::Shared;
 use store::{AuditEntry, Outcome, Store, TokenRow, Write};
 
@@ -313,12 +313,12 @@ impl Engine {
         };
         let mut writes = Vec::new();
         let mut row = match known {
-            Some(row) if row.public_key != key_text && row.status != "removed" => {
+            Some(row) if row.public_key != key_text && row.status != NodeStatus::Removed => {
                 return Ok(Admission::Refused(format!(
                     "the name {name:?} belongs to another node key; pick another --name, or have an admin remove the old node (`troupe nodes remove {name}`)"
                 )));
             }
-            Some(row) if row.status == "removed" && row.public_key == key_text => {
+            Some(row) if row.status == NodeStatus::Removed && row.public_key == key_text => {
                 return Ok(Admission::Refused(format!(
                     "node {name:?} was removed; its key is no longer accepted (a new key, from a fresh data directory, can join again)"
                 )));
@@ -328,7 +328,7 @@ impl Engine {
             _ => store::NodeRow {
                 name: name.to_owned(),
                 public_key: key_text,
-                status: "pending".into(),
+                status: NodeStatus::Pending,
                 created_at: now,
                 accepted_at: None,
                 accepted_by: None,
@@ -337,10 +337,10 @@ impl Engine {
                 draining_since: None,
             },
         };
-        if row.status == "pending"
+        if row.status == NodeStatus::Pending
             && let Some(token) = join_token
         {
-            row.status = "accepted".into();
+            row.status = NodeStatus::Accepted;
             row.accepted_at = Some(now);
             row.accepted_by = Some(token.to_owned());
             writes.push(Write::Audit(Box::new(AuditEntry::new(
@@ -352,8 +352,8 @@ impl Engine {
         }
         row.capabilities = Some(json!(capabilities).to_string());
         row.last_seen_at = Some(now);
-        let admission = match row.status.as_str() {
-            "accepted" => Admission::Accepted,
+        let admission = match row.status {
+            NodeStatus::Accepted => Admission::Accepted,
             _ => Admission::Pending,
         };
         writes.insert(0, Write::PutNode(Box::new(row)));
@@ -364,8 +364,8 @@ impl Engine {
     /// Lets a pending node in (it takes calls from its next connection).
     pub async fn accept_node(&self, name: &str, by: &str) -> Result<store::NodeRow> {
         let mut row = self.node(name).await?;
-        if row.status != "accepted" {
-            row.status = "accepted".into();
+        if row.status != NodeStatus::Accepted {
+            row.status = NodeStatus::Accepted;
             row.accepted_at = Some(model::now());
             row.accepted_by = Some(by.to_owned());
             self.put_node(&row, by, "node.accepted").await?;
@@ -377,7 +377,7 @@ impl Engine {
     /// ends at once (its steps in flight fail naming it).
     pub async fn remove_node(&self, name: &str, by: &str) -> Result<store::NodeRow> {
         let mut row = self.node(name).await?;
-        row.status = "removed".into();
+        row.status = NodeStatus::Removed;
         self.put_node(&row, by, "node.removed").await?;
         self.nodes()
             .disconnect(name, "this node was removed by an admin");

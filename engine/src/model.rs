@@ -53,6 +53,16 @@ macro_rules! status_enum {
 }
 
 status_enum! {
+    /// Whether a remote node may take calls: `pending` waits for an admin's
+    /// `troupe nodes accept`; a `removed` node's key is refused for good.
+    NodeStatus {
+        Pending = "pending",
+        Accepted = "accepted",
+        Removed = "removed",
+    }
+}
+
+status_enum! {
     /// Where an action is in its life. The last three are terminal.
     ActionStatus {
         Queued = "queued",

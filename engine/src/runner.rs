@@ -382,14 +382,8 @@ async fn steps(
                     name: name.to_owned(),
                     attempt,
                     at: started_at,
+                    node: placed.as_ref().map(|n| n.name.clone()),
                 };
-                if let Some(node) = &placed {
-                    carry.push(Write::StepPlaced {
-                        id,
-                        seq,
-                        node: node.name.clone(),
-                    });
-                }
                 let starting = matches!(carry.first(), Some(Write::Start { .. }));
                 match commit(shared, mirror, with(carry, start)).await {
                     Err(halt) => return halt.into(),

@@ -76,7 +76,7 @@ macro_rules! access_backend {
                         )
                         .bind(&n.name)
                         .bind(&n.public_key)
-                        .bind(&n.status)
+                        .bind(n.status.as_str())
                         .bind(n.created_at)
                         .bind(n.accepted_at)
                         .bind(&n.accepted_by)
@@ -148,7 +148,10 @@ macro_rules! access_backend {
                         Ok(NodeRow {
                             name: r.try_get("name")?,
                             public_key: r.try_get("public_key")?,
-                            status: r.try_get("status")?,
+                            status: r
+                                .try_get::<String, _>("status")?
+                                .parse()
+                                .map_err(|e: String| sqlx::Error::Decode(e.into()))?,
                             created_at: r.try_get("created_at")?,
                             accepted_at: r.try_get("accepted_at")?,
                             accepted_by: r.try_get("accepted_by")?,

@@ -53,6 +53,8 @@ pub(crate) enum Write {
         name: String,
         attempt: u32,
         at: Timestamp,
+        /// The remote node the attempt runs on; `None`: the app server.
+        node: Option<String>,
     },
     StepSucceeded {
         id: ActionId,
@@ -70,13 +72,6 @@ pub(crate) enum Write {
         node: Option<String>,
         error: String,
         at: Timestamp,
-    },
-    /// The next attempt runs on remote node `node` (committed with its
-    /// `StepStarted`).
-    StepPlaced {
-        id: ActionId,
-        seq: u32,
-        node: String,
     },
     /// No node meets what the step requires (`waiting_for`): it waits,
     /// without an attempt started.
@@ -190,8 +185,7 @@ pub struct SecretRow {
 pub struct NodeRow {
     pub name: String,
     pub public_key: String,
-    /// `pending`, `accepted` or `removed`.
-    pub status: String,
+    pub status: crate::model::NodeStatus,
     pub created_at: Timestamp,
     pub accepted_at: Option<Timestamp>,
     pub accepted_by: Option<String>,
@@ -294,6 +288,7 @@ impl Write {
                 name,
                 attempt,
                 at,
+                node,
                 ..
             } if action.status == ActionStatus::Running => {
                 if let Some(s) = step(action, *seq) {
@@ -302,14 +297,10 @@ impl Write {
                     s.started_at = Some(*at);
                     s.finished_at = None;
                     s.waiting_for = None;
+                    s.node = node.clone();
                 }
                 action.current_step = Some(name.clone());
                 action.revision += 1;
-            }
-            Write::StepPlaced { seq, node, .. } => {
-                if let Some(s) = step(action, *seq) {
-                    s.node = Some(node.clone());
-                }
             }
             Write::StepWaiting {
                 seq,
@@ -453,7 +444,6 @@ impl Write {
             | Write::StepAttemptFailed { id, .. }
             | Write::StepLog { id, .. }
             | Write::StepWaiting { id, .. }
-            | Write::StepPlaced { id, .. }
             | Write::StepEnded { id, .. }
             | Write::Finish { id, .. }
             | Write::RequestCancel { id, .. }

@@ -86,6 +86,7 @@ impl Segment {
 enum Arg<'a> {
     Int(i64),
     Text(&'a str),
+    OptText(Option<&'a str>),
     Time(Timestamp),
 }
 
@@ -169,7 +170,7 @@ const STEP_STARTED: CaseUpdate = CaseUpdate {
     table: "action_steps",
     key: "action_id",
     set: "status = 'running', finished_at = NULL, waiting_for = NULL",
-    columns: &[("attempt", "{}"), ("started_at", "{}")],
+    columns: &[("attempt", "{}"), ("started_at", "{}"), ("node", "{}")],
     matching: Some("seq"),
     cond: Some(
         "EXISTS (SELECT 1 FROM actions WHERE actions.id = action_steps.action_id AND actions.status = 'running')",
@@ -242,12 +243,14 @@ fn step_started_row(w: &Write) -> (ActionId, Vec<Arg<'_>>) {
             seq,
             attempt,
             at,
+            node,
             ..
         } => (
             *id,
             vec![
                 Arg::Int(*attempt as i64),
                 Arg::Time(*at),
+                Arg::OptText(node.as_deref()),
                 Arg::Int(*seq as i64),
             ],
         ),
@@ -595,6 +598,7 @@ macro_rules! sql_backend {
                     match arg {
                         Arg::Int(v) => q.bind(*v),
                         Arg::Text(v) => q.bind(*v),
+                        Arg::OptText(v) => q.bind(*v),
                         Arg::Time(v) => q.bind(*v),
                     }
                 }
@@ -674,15 +678,6 @@ macro_rules! sql_backend {
                             .await?
                             .rows_affected();
                         a + b + bump(tx, *id).await?
-                    }
-                    Write::StepPlaced { id, seq, node } => {
-                        sqlx::query("UPDATE action_steps SET node = ? WHERE action_id = ? AND seq = ?")
-                            .bind(node)
-                            .bind(id)
-                            .bind(*seq as i64)
-                            .execute(&mut *tx)
-                            .await?
-                            .rows_affected()
                     }
                     Write::StepWaiting { id, seq, name, waiting_for } => {
                         let a = sqlx::query(

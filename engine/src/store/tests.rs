@@ -68,6 +68,7 @@ fn batch(a: ActionId, b: ActionId, c: ActionId, d: ActionId) -> Vec<Write> {
         name: format!("s{seq}"),
         attempt: 1,
         at: at(ms),
+        node: None,
     };
     let step_succeeded = |id, seq, ms| Write::StepSucceeded {
         id,
@@ -104,12 +105,14 @@ fn batch(a: ActionId, b: ActionId, c: ActionId, d: ActionId) -> Vec<Write> {
             name: "s2".into(),
             waiting_for: "node=hv-1".into(),
         },
-        Write::StepPlaced {
+        Write::StepStarted {
             id: d,
             seq: 0,
-            node: "hv-1".into(),
+            name: "s0".into(),
+            attempt: 1,
+            at: at(7),
+            node: Some("hv-1".into()),
         },
-        step_started(d, 0, 7),
         Write::StepLog {
             id: d,
             seq: 0,
