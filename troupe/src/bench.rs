@@ -557,6 +557,7 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
         let c = args.concurrency.min(16);
         run(client.clone(), kind, c, c, deadline, "remote-warmup").await?;
         let before = pid.map(usage);
+        let before_db = store_stats(&client).await;
         let loaded = run(
             client.clone(),
             kind,
@@ -567,6 +568,7 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
         )
         .await?;
         let after = pid.map(usage);
+        let after_db = store_stats(&client).await;
         let light = if args.light > 0 {
             Some(
                 run(
@@ -602,6 +604,13 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
             "light_latency": light.as_ref().map(latency_json),
             "light_step": light.as_ref().map(step_json),
             "server_cpu_ms_per_1000": server_cpu,
+            "db": match (before_db, after_db) {
+                (Some(b), Some(a)) if done > 0.0 => json!({
+                    "transactions_per_action": (a.0 - b.0) / done,
+                    "rows_per_action": (a.1 - b.1) / done,
+                }),
+                _ => Value::Null,
+            },
             "failed": failed,
             "missing": missing,
         });
@@ -703,6 +712,11 @@ fn print_table(r: &Value) {
             println!(
                 "  remote server CPU        {} ms per 1000 actions (the server alone; nodes and their step hosts run elsewhere on a real fleet)",
                 f(&remote["server_cpu_ms_per_1000"])
+            );
+            println!(
+                "  remote DB per action     {} write transactions, {} rows",
+                f(&remote["db"]["transactions_per_action"]),
+                f(&remote["db"]["rows_per_action"])
             );
         }
     }
