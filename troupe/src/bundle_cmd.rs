@@ -85,6 +85,11 @@ pub(crate) enum KeysCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Print the public key (ed25519:…) of a secret key file, to give to servers and nodes (--trust).
+    Public {
+        /// The secret key file from `troupe keys generate`.
+        key: PathBuf,
+    },
     /// List the keys the server trusts.
     List {
         #[arg(long)]
@@ -116,6 +121,37 @@ fn sig_path(bundle: &Path, given: Option<PathBuf>) -> PathBuf {
 
 fn read(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// Loads `library` in a step host, as a server would, and checks that it
+/// exports every function the manifest names: a mismatch is found before
+/// anything is signed, not at push time.
+async fn check_exports(m: &engine::bundle::Manifest, library: &Path) -> Result<()> {
+    let exe = std::env::current_exe().context("finding the troupe executable")?;
+    let cmd = engine::HostCommand {
+        program: exe.into(),
+        args: vec![crate::STEP_HOST_ARG.into()],
+    };
+    let library =
+        std::fs::canonicalize(library).with_context(|| format!("finding {}", library.display()))?;
+    let host = engine::host::StepHost::spawn(&cmd, &library, &m.name)
+        .await
+        .with_context(|| format!("loading {} in a step host", library.display()))?;
+    let missing: Vec<&str> = m
+        .functions()
+        .into_iter()
+        .filter(|f| !host.exports().iter().any(|e| e == f))
+        .collect();
+    let exported = host.exports().join(", ");
+    host.shutdown("export check done").await;
+    if !missing.is_empty() {
+        bail!(
+            "the manifest names functions {} does not export: {} (it exports: {exported}); fix the manifest's `function =` or export them with sdk::steps!",
+            library.display(),
+            missing.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// Reads a bundle and its signature file.
@@ -201,6 +237,14 @@ pub(crate) async fn run(cmd: BundleCommand) -> Result<ExitCode> {
             let bytes = engine::bundle::build(&text, &[(&target, &lib)])
                 .with_context(|| format!("in {}", manifest.display()))?;
             let m = engine::bundle::Manifest::parse(&text)?;
+            if target == engine::bundle::TARGET {
+                check_exports(&m, &library).await?;
+            } else {
+                eprintln!(
+                    "note: the library is for {target}, not this machine ({}): its exports are checked when a server for {target} loads it",
+                    engine::bundle::TARGET
+                );
+            }
             let out =
                 out.unwrap_or_else(|| PathBuf::from(format!("{}-{}.bundle", m.name, m.version)));
             std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
@@ -310,6 +354,9 @@ pub(crate) async fn run(cmd: BundleCommand) -> Result<ExitCode> {
 
 pub(crate) async fn run_keys(cmd: KeysCommand) -> Result<ExitCode> {
     match cmd {
+        KeysCommand::Public { key } => {
+            println!("{}", load_key(&key)?.public());
+        }
         KeysCommand::Generate { out } => {
             let key = generate_key(&out)?;
             eprintln!(

@@ -29,6 +29,9 @@ pub(crate) struct DemoArgs {
     /// Stop the server once the demo action has finished instead of serving on.
     #[arg(long)]
     exit: bool,
+    /// Also trust this public key (ed25519:…, from `troupe keys generate` or `troupe keys public`), so bundles you sign can be pushed to the demo. Repeat for more.
+    #[arg(long = "trust", value_name = "KEY")]
+    trust: Vec<String>,
 }
 
 /// The built-in plugin library, which cargo builds next to the troupe binary.
@@ -99,7 +102,9 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
         tls_key: None,
         allow_plain_http: false,
         bundles: Vec::new(),
-        trust: vec![key.public().to_string()],
+        trust: std::iter::once(key.public().to_string())
+            .chain(args.trust.iter().cloned())
+            .collect(),
         admin_token: None,
         ensure_admin_token: true,
         secrets_key: None,
@@ -200,6 +205,15 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
         println!(
             "  troupe submit run --target demo --param-json argv='[\"uptime\"]' --wait --server http://{addr}"
         );
+        if args.trust.is_empty() {
+            println!(
+                "  (to push bundles you sign: restart the demo with --trust $(troupe keys public YOUR.key))"
+            );
+        } else {
+            println!(
+                "  troupe bundle push YOUR.bundle --server http://{addr}   (signed by a key given with --trust)"
+            );
+        }
         println!("Press Ctrl-C to stop it.");
     }
     server.await.context("the demo server task failed")??;

@@ -219,6 +219,15 @@ async fn a_shell_built_from_request_data_is_refused() {
     assert_eq!(status, 422, "{resp}");
     assert_eq!(resp["error"]["code"], "bundle_manifest_invalid");
 
+    // A step the library does not export: refused at build time, after
+    // loading the library in a step host as a server would.
+    let m = format!("{base}\n[steps.ghost]\nfunction = \"no_such_function\"\ntimeout_ms = 1000\n");
+    let err = build_testkit(&m).unwrap_err();
+    assert!(
+        err.contains("does not export") && err.contains("no_such_function"),
+        "{err}"
+    );
+
     // Templates must name something the kind has.
     for (with, says) in [
         ("{ x = \"{{params.undeclared}}\" }", "does not declare"),

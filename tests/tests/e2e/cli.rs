@@ -33,6 +33,52 @@ fn demo_runs_a_reboot_to_completion() {
     assert!(dir.join("troupe-data/troupe.db").is_file());
 }
 
+/// `demo --trust KEY`: the demo server takes a bundle its user signed, and
+/// the CLI in the same directory needs no credential step to push it.
+#[test]
+fn the_demo_trusts_the_users_key() {
+    use std::io::BufRead;
+    let dir = scratch_dir("demo-trust");
+    let b = crate::harness::bundles();
+    let mut demo = std::process::Command::new(troupe_bin())
+        .args(["demo", "--listen", "127.0.0.1:0", "--trust", &b.public_key])
+        .current_dir(&dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut url = None;
+    let mut said = String::new();
+    for line in std::io::BufReader::new(demo.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        said.push_str(&line);
+        said.push('\n');
+        if let Some(rest) = line.strip_prefix("troupe listening on ") {
+            url = rest.split_whitespace().next().map(str::to_owned);
+        }
+        if line.starts_with("Press Ctrl-C") {
+            break;
+        }
+    }
+    let url = url.unwrap_or_else(|| panic!("no address in:\n{said}"));
+    assert!(said.contains("troupe bundle push"), "{said}");
+    let push = std::process::Command::new(troupe_bin())
+        .args([
+            "bundle",
+            "push",
+            b.testkit.to_str().unwrap(),
+            "--server",
+            &url,
+        ])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let _ = demo.kill();
+    let _ = demo.wait();
+    assert!(push.status.success(), "{}", text(&push));
+    assert!(text(&push).contains("testkit"), "{}", text(&push));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_wait_status_list_and_cancel() {
     let env = Env::new(Db::Sqlite).await;
@@ -156,6 +202,17 @@ async fn keys_sign_verify_push_list_activate() {
     );
     let again = troupe(&["keys", "generate", "--out", key.to_str().unwrap()]);
     assert!(!again.status.success(), "never overwrites a key");
+    // The public half of an existing key, any time.
+    let shown = troupe(&["keys", "public", key.to_str().unwrap()]);
+    assert!(shown.status.success(), "{}", text(&shown));
+    assert_eq!(String::from_utf8_lossy(&shown.stdout).trim(), public);
+    let missing = troupe(&["keys", "public", "/nonexistent/k.key"]);
+    assert!(!missing.status.success());
+    assert!(
+        text(&missing).contains("/nonexistent/k.key"),
+        "{}",
+        text(&missing)
+    );
 
     // A v2 of testkit, signed with the new key.
     let (bytes, _) = crate::harness::testkit_version("0.2.0", &crate::harness::test_key());
