@@ -21,6 +21,7 @@ mod node_ops;
 mod nodes;
 mod openapi;
 mod placement;
+mod readme;
 mod recovery;
 mod reload;
 mod tidy;
