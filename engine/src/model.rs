@@ -17,7 +17,7 @@ pub fn now() -> Timestamp {
 }
 
 macro_rules! status_enum {
-    ($(#[$m:meta])* $name:ident { $($variant:ident = $text:literal),+ $(,)? }) => {
+    ($(#[$m:meta])* $name:ident ($noun:literal) { $($variant:ident = $text:literal),+ $(,)? }) => {
         $(#[$m])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         pub enum $name { $($variant),+ }
@@ -42,8 +42,8 @@ macro_rules! status_enum {
                 match s {
                     $($text => Ok($name::$variant),)+
                     _ => Err(format!(
-                        "unknown {} {s:?}; expected one of: {}",
-                        stringify!($name),
+                        "{s:?} is not a {}; expected one of: {}",
+                        $noun,
                         [$($text),+].join(", ")
                     )),
                 }
@@ -55,7 +55,7 @@ macro_rules! status_enum {
 status_enum! {
     /// Whether a remote node may take calls: `pending` waits for an admin's
     /// `troupe nodes accept`; a `removed` node's key is refused for good.
-    NodeStatus {
+    NodeStatus ("node status") {
         Pending = "pending",
         Accepted = "accepted",
         Removed = "removed",
@@ -64,7 +64,7 @@ status_enum! {
 
 status_enum! {
     /// Where an action is in its life. The last three are terminal.
-    ActionStatus {
+    ActionStatus ("status") {
         Queued = "queued",
         Running = "running",
         Succeeded = "succeeded",
@@ -76,7 +76,7 @@ status_enum! {
 status_enum! {
     /// Where one step of an action is. `waiting`: for a node that has what
     /// the step requires; the attempt has not started.
-    StepStatus {
+    StepStatus ("step status") {
         Pending = "pending",
         Waiting = "waiting",
         Running = "running",

@@ -253,10 +253,13 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             if wait {
                 return crate::watch::follow(&client, action, false, false).await;
             }
-            println!(
-                "action {id} is {}",
-                action["status"].as_str().unwrap_or("?")
-            );
+            match action["status"].as_str() {
+                Some("running") => {
+                    println!("cancel requested; action {id} is stopping (--wait to see it end)")
+                }
+                Some(status) => println!("action {id} is {status}"),
+                None => println!("cancel requested for action {id}"),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Kinds { json, server } => {

@@ -104,7 +104,16 @@ async fn bad_requests_get_stable_error_codes(db: Db) {
         let (status, resp) = server.get(&format!("/v1/actions?{query}")).await;
         assert_eq!(status, 400, "{query}: {resp}");
         assert_eq!(resp["error"]["code"], "invalid_query", "{query}");
+        // Said in the API's words, not the code's.
+        let message = resp["error"]["message"].as_str().unwrap();
+        assert!(!message.contains("ActionStatus"), "{message}");
     }
+    let (_, resp) = server.get("/v1/actions?status=bogus").await;
+    let message = resp["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("\"bogus\" is not a status") && message.contains("queued"),
+        "{message}"
+    );
     // A malformed query is refused before the action is looked up.
     let (status, resp) = server.get("/v1/actions/1?wait=soon").await;
     assert_eq!(status, 400, "{resp}");

@@ -147,6 +147,12 @@ async fn submit_wait_status_list_and_cancel() {
             a["status"] == "running"
         })
         .await;
+    let cancel = server.cli(&["cancel", &id]);
+    assert!(
+        text(&cancel).contains(&format!("cancel requested; action {id} is stopping")),
+        "{}",
+        text(&cancel)
+    );
     let cancel = server.cli(&["cancel", &id, "--wait"]);
     assert!(text(&cancel).contains("cancelled"), "{}", text(&cancel));
 
