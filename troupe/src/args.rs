@@ -117,3 +117,34 @@ mod tests {
         assert!(parse_duration("soon").is_err());
     }
 }
+
+/// Finds a plugin library troupe ships (`builtin`, or `testkit` for the
+/// benchmark): in `$TROUPE_LIB_DIR`, next to the executable (a cargo
+/// build), or in `lib/troupe` beside its `bin` directory (where
+/// `deploy/install.sh` puts it).
+pub(crate) fn shipped_library(stem: &str) -> anyhow::Result<PathBuf> {
+    let name = format!(
+        "{}{stem}{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    );
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().unwrap_or(Path::new("."));
+    let mut places: Vec<PathBuf> = Vec::new();
+    if let Some(lib_dir) = std::env::var_os("TROUPE_LIB_DIR") {
+        places.push(PathBuf::from(lib_dir));
+    }
+    places.extend([dir.to_path_buf(), dir.join(".."), dir.join("../lib/troupe")]);
+    for place in &places {
+        let candidate = place.join(&name);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    let looked: Vec<String> = places.iter().map(|p| p.display().to_string()).collect();
+    anyhow::bail!(
+        "the step library {name} was not found (looked in {}); install troupe with deploy/install.sh, \
+         or set TROUPE_LIB_DIR to the directory that holds it (a cargo build puts it next to the troupe binary)",
+        looked.join(", ")
+    )
+}

@@ -103,21 +103,7 @@ pub(crate) fn start_server(db: &str) -> Result<OwnServer> {
     let dir = std::env::temp_dir().join(format!("troupe-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let lib_name = format!(
-        "{}testkit{}",
-        std::env::consts::DLL_PREFIX,
-        std::env::consts::DLL_SUFFIX
-    );
-    let lib_path = exe
-        .parent()
-        .map(|d| d.join(&lib_name))
-        .filter(|p| p.is_file())
-        .with_context(|| {
-            format!(
-                "{lib_name} is not next to {}; build the workspace (cargo build --release)",
-                exe.display()
-            )
-        })?;
+    let lib_path = crate::args::shipped_library("testkit")?;
     let bytes = engine::bundle::build(
         include_str!("../../steps/testkit/bundle.toml"),
         &[(engine::bundle::TARGET, &std::fs::read(&lib_path)?)],
@@ -176,13 +162,7 @@ pub(crate) fn start_server(db: &str) -> Result<OwnServer> {
 impl OwnServer {
     /// The testkit library its bundle was built from.
     pub(crate) fn library(&self) -> Result<Vec<u8>> {
-        let exe = std::env::current_exe()?;
-        let name = format!(
-            "{}testkit{}",
-            std::env::consts::DLL_PREFIX,
-            std::env::consts::DLL_SUFFIX
-        );
-        let path = exe.parent().map(|d| d.join(name)).context("no directory")?;
+        let path = crate::args::shipped_library("testkit")?;
         std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
     }
 

@@ -34,28 +34,6 @@ pub(crate) struct DemoArgs {
     trust: Vec<String>,
 }
 
-/// The built-in plugin library, which cargo builds next to the troupe binary.
-fn builtin_library() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .context("the troupe executable has no parent directory")?;
-    let name = format!(
-        "{}builtin{}",
-        std::env::consts::DLL_PREFIX,
-        std::env::consts::DLL_SUFFIX
-    );
-    for candidate in [dir.join(&name), dir.join("..").join(&name)] {
-        if candidate.is_file() {
-            return Ok(candidate);
-        }
-    }
-    bail!(
-        "the built-in step library {name} is not next to {}; build the whole workspace first: cargo build --release",
-        exe.display()
-    )
-}
-
 pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
     if !args.listen.ip().is_loopback() {
         bail!(
@@ -65,7 +43,7 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
     }
     let data_dir = data_dir_arg(args.data_dir);
     crate::serve::create_private_dir(&data_dir)?;
-    let library = builtin_library()?;
+    let library = crate::args::shipped_library("builtin")?;
     let lib = std::fs::read(&library).with_context(|| format!("reading {}", library.display()))?;
     let manifest = include_str!("../../steps/builtin/bundle.toml");
     let bytes = engine::bundle::build(manifest, &[(engine::bundle::TARGET, &lib)])?;

@@ -33,6 +33,43 @@ fn demo_runs_a_reboot_to_completion() {
     assert!(dir.join("troupe-data/troupe.db").is_file());
 }
 
+/// An installed troupe (the layout `deploy/install.sh` makes: bin/troupe and
+/// lib/troupe/) finds its step library; a lone binary says where it looked
+/// and what to do.
+#[test]
+fn an_installed_binary_finds_its_step_library() {
+    use std::os::unix::fs::PermissionsExt;
+    let prefix = scratch_dir("installed");
+    std::fs::create_dir_all(prefix.join("bin")).unwrap();
+    std::fs::create_dir_all(prefix.join("lib/troupe")).unwrap();
+    let bin = prefix.join("bin/troupe");
+    std::fs::copy(troupe_bin(), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let work = scratch_dir("installed-work");
+    let alone = std::process::Command::new(&bin)
+        .args(["demo", "--exit", "--listen", "127.0.0.1:0"])
+        .current_dir(&work)
+        .output()
+        .unwrap();
+    assert!(!alone.status.success());
+    assert!(
+        text(&alone).contains("install.sh") && text(&alone).contains("TROUPE_LIB_DIR"),
+        "{}",
+        text(&alone)
+    );
+
+    let lib = crate::harness::target_dir().join("libbuiltin.so");
+    std::fs::copy(lib, prefix.join("lib/troupe/libbuiltin.so")).unwrap();
+    let demo = std::process::Command::new(&bin)
+        .args(["demo", "--exit", "--listen", "127.0.0.1:0"])
+        .current_dir(&work)
+        .output()
+        .unwrap();
+    assert!(demo.status.success(), "{}", text(&demo));
+    assert!(text(&demo).contains("succeeded"), "{}", text(&demo));
+}
+
 /// `demo --trust KEY`: the demo server takes a bundle its user signed, and
 /// the CLI in the same directory needs no credential step to push it.
 #[test]
