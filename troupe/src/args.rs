@@ -103,21 +103,6 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(unit).ok_or_else(bad)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_and_durations_parse_with_their_units() {
-        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
-        assert_eq!(parse_size("500MB"), Ok(500_000_000));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert!(parse_size("2 parsecs").is_err());
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert!(parse_duration("soon").is_err());
-    }
-}
-
 /// Finds a plugin library troupe ships (`builtin`, or `testkit` for the
 /// benchmark): in `$TROUPE_LIB_DIR`, next to the executable (a cargo
 /// build), or in `lib/troupe` beside its `bin` directory (where
@@ -147,4 +132,19 @@ pub(crate) fn shipped_library(stem: &str) -> anyhow::Result<PathBuf> {
          or set TROUPE_LIB_DIR to the directory that holds it (a cargo build puts it next to the troupe binary)",
         looked.join(", ")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations_parse_with_their_units() {
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("500MB"), Ok(500_000_000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("2 parsecs").is_err());
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("soon").is_err());
+    }
 }
