@@ -134,6 +134,15 @@ pub(crate) fn shipped_library(stem: &str) -> anyhow::Result<PathBuf> {
     )
 }
 
+/// `1 kind`, `2 kinds`: a count and its noun, in the right number.
+pub(crate) fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,5 +155,7 @@ mod tests {
         assert!(parse_size("2 parsecs").is_err());
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert!(parse_duration("soon").is_err());
+        assert_eq!(count(1, "kind"), "1 kind");
+        assert_eq!(count(3, "kind"), "3 kinds");
     }
 }

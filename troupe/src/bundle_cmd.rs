@@ -249,12 +249,12 @@ pub(crate) async fn run(cmd: BundleCommand) -> Result<ExitCode> {
                 out.unwrap_or_else(|| PathBuf::from(format!("{}-{}.bundle", m.name, m.version)));
             std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
             println!(
-                "{}  {} ({} {}, {} kinds, {} bytes)",
+                "{}  {} ({} {}, {}, {} bytes)",
                 engine::BundleHash::of(&bytes),
                 out.display(),
                 m.name,
                 m.version,
-                m.kinds.len(),
+                crate::args::count(m.kinds.len(), "kind"),
                 bytes.len()
             );
         }

@@ -50,6 +50,9 @@ enum Command {
         /// Show the steps live and exit non-zero unless the action succeeds.
         #[arg(long)]
         wait: bool,
+        /// With --wait: show step outputs and errors whole (by default each is cut to one line).
+        #[arg(long)]
+        full: bool,
         /// Print the API's JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -65,6 +68,10 @@ enum Command {
         /// Also show what its steps logged, by step and attempt.
         #[arg(long)]
         logs: bool,
+        /// Show step outputs and errors whole (by default each is cut to one line).
+        #[arg(long)]
+        full: bool,
+        /// Print the API's JSON instead of text.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -172,6 +179,7 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             params_json,
             idempotency_key,
             wait,
+            full,
             json,
             server,
         } => {
@@ -183,7 +191,12 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             }
             let action = client.submit(&body).await?;
             if wait {
-                return crate::watch::follow(&client, action, json, false).await;
+                let show = crate::watch::Show {
+                    json,
+                    logs: false,
+                    full,
+                };
+                return crate::watch::follow(&client, action, show).await;
             }
             if json {
                 println!("{}", serde_json::to_string_pretty(&action)?);
@@ -203,13 +216,15 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             id,
             wait,
             logs,
+            full,
             json,
             server,
         } => {
             let client = Client::connect(&server)?;
             let mut action = client.action(id).await?;
             if wait {
-                return crate::watch::follow(&client, action, json, logs).await;
+                let show = crate::watch::Show { json, logs, full };
+                return crate::watch::follow(&client, action, show).await;
             }
             if logs {
                 action["logs"] = client.logs(id).await?["logs"].take();
@@ -217,7 +232,7 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&action)?);
             } else {
-                crate::watch::print_action(&action);
+                crate::watch::print_action(&action, full);
                 if logs {
                     crate::watch::print_logs(&action);
                 }
@@ -243,7 +258,7 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
-                crate::watch::print_list(&list);
+                crate::watch::print_list(&list, &query);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -251,7 +266,7 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             let client = Client::connect(&server)?;
             let action = client.cancel(id).await?;
             if wait {
-                return crate::watch::follow(&client, action, false, false).await;
+                return crate::watch::follow(&client, action, Default::default()).await;
             }
             match action["status"].as_str() {
                 Some("running") => {

@@ -158,7 +158,7 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
         }))
         .await?;
     let id = action["id"].as_i64().unwrap_or_default();
-    let code = crate::watch::follow(&client, action, false, false).await?;
+    let code = crate::watch::follow(&client, action, Default::default()).await?;
 
     println!();
     println!("Watch actions in the database:");

@@ -53,12 +53,8 @@ const RECONNECT_FOR: std::time::Duration = std::time::Duration::from_secs(600);
 /// coming back (a restart), saying so on stderr.
 /// With `logs`, what the steps logged follows the end (in `--json`, as the
 /// action's `logs`).
-pub(crate) async fn follow(
-    client: &Client,
-    mut action: Value,
-    json: bool,
-    logs: bool,
-) -> Result<ExitCode> {
+pub(crate) async fn follow(client: &Client, mut action: Value, show: Show) -> Result<ExitCode> {
+    let Show { json, logs, full } = show;
     let id = action["id"].as_i64().unwrap_or_default();
     let mut seen: HashMap<u64, (String, u64)> = HashMap::new();
     let mut last_status = String::new();
@@ -83,31 +79,7 @@ pub(crate) async fn follow(
                 if key.0 == "pending" || seen.get(&seq) == Some(&key) {
                     continue;
                 }
-                let mut line = format!(
-                    "  [{}] {:<20} {:<10}",
-                    mark(&key.0),
-                    s(&step["name"]),
-                    key.0
-                );
-                if key.1 > 1 {
-                    line.push_str(&format!(" attempt {}", key.1));
-                }
-                if !matches!(key.0.as_str(), "running" | "waiting") {
-                    line.push_str(&format!(
-                        " {}",
-                        elapsed(&step["started_at"], &step["finished_at"])
-                    ));
-                }
-                if let Some(err) = step["error"].as_str() {
-                    line.push_str(&format!("  {err}"));
-                }
-                if let Some(wants) = step["waiting_for"].as_str() {
-                    line.push_str(&format!("  for a node with {wants}"));
-                }
-                if let Some(node) = step["node"].as_str() {
-                    line.push_str(&format!("  on {node}"));
-                }
-                println!("{}", line.trim_end());
+                println!("{}", step_line(step, full));
                 seen.insert(seq, key);
             }
             if status != last_status && !is_terminal(&status) && status != "running" {
@@ -169,7 +141,7 @@ pub(crate) async fn follow(
     })
 }
 
-pub(crate) fn print_action(a: &Value) {
+pub(crate) fn print_action(a: &Value, full: bool) {
     println!(
         "action {}  {} on {}  {}",
         a["id"],
@@ -189,28 +161,74 @@ pub(crate) fn print_action(a: &Value) {
         println!("  error    {err}");
     }
     for step in a["steps"].as_array().into_iter().flatten() {
-        let attempt = step["attempt"].as_u64().unwrap_or_default();
-        let mut line = format!(
-            "  [{}] {:<20} {:<10} {}",
-            mark(s(&step["status"])),
-            s(&step["name"]),
-            s(&step["status"]),
-            elapsed(&step["started_at"], &step["finished_at"])
-        );
-        if attempt > 1 {
-            line.push_str(&format!(" ({attempt} attempts)"));
-        }
-        if let Some(err) = step["error"].as_str() {
-            line.push_str(&format!("  {err}"));
-        }
-        if let Some(wants) = step["waiting_for"].as_str() {
-            line.push_str(&format!("  for a node with {wants}"));
-        }
-        if let Some(node) = step["node"].as_str() {
-            line.push_str(&format!("  on {node}"));
-        }
-        println!("{}", line.trim_end());
+        println!("{}", step_line(step, full));
     }
+}
+
+/// How a client command shows an action.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Show {
+    /// The API's JSON instead of text.
+    pub(crate) json: bool,
+    /// What its steps logged, too.
+    pub(crate) logs: bool,
+    /// Outputs and errors whole, not cut to a line.
+    pub(crate) full: bool,
+}
+
+/// Longest output and error shown on a step's line without `--full`.
+const OUTPUT_CUT: usize = 100;
+const ERROR_CUT: usize = 300;
+
+/// One step as a line: its state, time, attempts, where it runs, and what
+/// it returned or why it failed.
+fn step_line(step: &Value, full: bool) -> String {
+    let status = s(&step["status"]);
+    let mut line = format!(
+        "  [{}] {:<20} {:<10}",
+        mark(status),
+        s(&step["name"]),
+        status
+    );
+    if !matches!(status, "running" | "waiting" | "pending") {
+        line.push_str(&format!(
+            " {}",
+            elapsed(&step["started_at"], &step["finished_at"])
+        ));
+    }
+    let attempt = step["attempt"].as_u64().unwrap_or_default();
+    if attempt > 1 {
+        line.push_str(&format!(" (attempt {attempt})"));
+    }
+    if let Some(wants) = step["waiting_for"].as_str() {
+        line.push_str(&format!("  for a node with {wants}"));
+    }
+    if let Some(node) = step["node"].as_str() {
+        line.push_str(&format!("  on {node}"));
+    }
+    if status == "succeeded" && !step["output"].is_null() {
+        line.push_str(&format!(
+            "  → {}",
+            cut(&step["output"].to_string(), OUTPUT_CUT, full)
+        ));
+    }
+    if let Some(err) = step["error"].as_str() {
+        line.push_str(&format!("  {}", cut(err, ERROR_CUT, full)));
+    }
+    line.trim_end().to_owned()
+}
+
+/// `text` on one line, cut to `max` characters unless `full`.
+fn cut(text: &str, max: usize, full: bool) -> String {
+    if full {
+        return text.to_owned();
+    }
+    let one_line = text.replace('\n', " ⏎ ");
+    if one_line.chars().count() <= max {
+        return one_line;
+    }
+    let kept: String = one_line.chars().take(max).collect();
+    format!("{kept}… (--full for all)")
 }
 
 /// Prints the `logs` of `v` (an action or a log list), by step and attempt.
@@ -230,7 +248,9 @@ pub(crate) fn print_logs(v: &Value) {
     }
 }
 
-pub(crate) fn print_list(list: &Value) {
+/// The list as a table; the hint for the next page repeats `query`'s
+/// filters.
+pub(crate) fn print_list(list: &Value, query: &[(&str, String)]) {
     let actions = list["actions"].as_array().cloned().unwrap_or_default();
     if actions.is_empty() {
         println!("no actions");
@@ -252,6 +272,17 @@ pub(crate) fn print_list(list: &Value) {
         );
     }
     if let Some(next) = list["next_before"].as_i64() {
-        println!("more: troupe list --before {next}");
+        let mut hint = String::from("more: troupe list");
+        for (k, v) in query.iter().filter(|(k, _)| *k != "before") {
+            let safe = v
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-:/".contains(c));
+            if safe {
+                hint.push_str(&format!(" --{k} {v}"));
+            } else {
+                hint.push_str(&format!(" --{k} '{}'", v.replace('\'', "'\\''")));
+            }
+        }
+        println!("{hint} --before {next}");
     }
 }

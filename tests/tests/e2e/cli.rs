@@ -155,6 +155,36 @@ async fn submit_wait_status_list_and_cancel() {
         "{}",
         text(&list)
     );
+    // The next page's hint keeps the filters.
+    let page = server.cli(&["list", "--target", "vps-1", "--limit", "1"]);
+    assert!(
+        text(&page).contains("more: troupe list --limit 1 --target vps-1 --before"),
+        "{}",
+        text(&page)
+    );
+
+    // Outputs show in text, cut to a line unless --full.
+    let blob = server.cli(&[
+        "submit",
+        "blob",
+        "--target",
+        "vps-9",
+        "--param-json",
+        "bytes=500",
+        "--wait",
+    ]);
+    let t = text(&blob);
+    assert!(blob.status.success(), "{t}");
+    assert!(t.contains("→ ") && t.contains("(--full for all)"), "{t}");
+    let id = t
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(':')
+        .to_owned();
+    let full = server.cli(&["status", &id, "--full"]);
+    let ft = text(&full);
+    assert!(!ft.contains("(--full for all)") && ft.len() > 500, "{ft}");
 
     let json = server.cli(&[
         "submit",
