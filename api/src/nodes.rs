@@ -260,7 +260,11 @@ pub(crate) async fn drain(
 }
 
 /// Calls sent on one connection and not answered yet.
-type Pending = Mutex<HashMap<node_protocol::CallKey, (oneshot::Sender<Answer>, bool)>>;
+/// Calls sent on one connection and not answered yet: who waits, whether
+/// the call is idempotent, and a time before it was sent.
+type Pending = Mutex<
+    HashMap<node_protocol::CallKey, (oneshot::Sender<Answer>, bool, engine::model::Timestamp)>,
+>;
 
 /// The engine's handle on one connection.
 struct Link {
@@ -279,7 +283,7 @@ impl NodeLink for Link {
         self.pending
             .lock()
             .unwrap()
-            .insert(key, (tx, call.idempotent));
+            .insert(key, (tx, call.idempotent, engine::model::now()));
         let message = ToNode::Call {
             key,
             bundle: call.bundle.to_string(),
@@ -289,7 +293,7 @@ impl NodeLink for Link {
             grace_ms: call.grace.as_millis() as u64,
         };
         if self.out.send(message).is_err()
-            && let Some((tx, _)) = self.pending.lock().unwrap().remove(&key)
+            && let Some((tx, ..)) = self.pending.lock().unwrap().remove(&key)
         {
             let _ = tx.send(engine::nodes::unsent(&self.name));
         }
@@ -329,7 +333,7 @@ async fn handshake(
     token: Result<Option<&str>, &str>,
     sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
     stream: &mut futures_util::stream::SplitStream<WebSocket>,
-) -> Option<(String, std::collections::BTreeMap<String, String>)> {
+) -> Option<(String, std::collections::BTreeMap<String, String>, u64)> {
     let nonce = random_hex()?;
     let challenge = ToNode::Challenge {
         nonce: nonce.clone(),
@@ -344,6 +348,7 @@ async fn handshake(
                 answer,
                 capabilities,
                 protocol,
+                uptime_ms,
                 ..
             }) => {
                 if protocol != PROTOCOL {
@@ -434,7 +439,7 @@ async fn handshake(
                         return None;
                     }
                 }
-                Some((name, capabilities))
+                Some((name, capabilities, uptime_ms))
             }
             _ => {
                 refuse(sink, "the first message must be a hello").await;
@@ -453,7 +458,7 @@ async fn session(
     socket: WebSocket,
 ) {
     let (mut sink, mut stream) = socket.split();
-    let Some((name, capabilities)) = handshake(
+    let Some((name, capabilities, uptime_ms)) = handshake(
         &engine,
         token.as_ref().map(Option::as_deref).map_err(String::as_str),
         &mut sink,
@@ -482,6 +487,8 @@ async fn session(
             link: link.clone(),
             session: session.clone(),
             address,
+            started: engine::model::now()
+                - chrono::TimeDelta::milliseconds(uptime_ms.min(i64::MAX as u64) as i64),
         },
     );
     let welcome = ToNode::Welcome {
@@ -574,7 +581,7 @@ async fn session(
     tracing::warn!(node = %name, in_flight = pending.len(), "node disconnected");
     let grace = engine.config().node_grace;
     let removed = link.closed.lock().unwrap().is_some();
-    for (key, (tx, idempotent)) in pending {
+    for (key, (tx, idempotent, sent_after)) in pending {
         if removed {
             let _ = tx.send(engine::nodes::away(&name, "was removed"));
         } else if idempotent {
@@ -583,7 +590,9 @@ async fn session(
                 "it is idempotent, so it may run again",
             ));
         } else {
-            engine.nodes().park(&name, engine_key(key), tx, grace);
+            engine
+                .nodes()
+                .park(&name, engine_key(key), tx, grace, sent_after);
         }
     }
 }
@@ -597,7 +606,7 @@ fn handle(engine: &Engine, name: &str, link: &Link, text: &str) -> Option<node_p
             body,
             log,
         }) => {
-            let waiting = link.pending.lock().unwrap().remove(&key).map(|(tx, _)| tx);
+            let waiting = link.pending.lock().unwrap().remove(&key).map(|(tx, ..)| tx);
             let waiting = waiting.or_else(|| engine.nodes().unpark(name, engine_key(key)));
             if let Some(tx) = waiting {
                 let result = CallResult::Done {
@@ -609,9 +618,10 @@ fn handle(engine: &Engine, name: &str, link: &Link, text: &str) -> Option<node_p
             // Delivered, or a repeat of one that was: the node may forget it.
             return Some(key);
         }
-        Ok(FromNode::Holding { keys }) => {
+        Ok(FromNode::Holding { keys, acked }) => {
             let keys: Vec<_> = keys.into_iter().map(engine_key).collect();
-            engine.nodes().holding(name, &keys);
+            let acked: Vec<_> = acked.into_iter().map(engine_key).collect();
+            engine.nodes().holding(name, &keys, &acked);
         }
         Ok(FromNode::Capabilities { capabilities }) => {
             match capabilities

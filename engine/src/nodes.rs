@@ -116,6 +116,11 @@ pub struct Connection {
     /// connection lasts (see [`Nodes::by_session`]).
     pub session: String,
     pub address: Option<String>,
+    /// When the node's process started, by this server's clock (its
+    /// uptime taken from now): a node that started after a call was sent
+    /// may have lost it; one that did not has never seen a call it
+    /// neither holds nor acknowledged.
+    pub started: Timestamp,
 }
 
 /// The connected nodes. Cheap to clone.
@@ -128,7 +133,7 @@ struct Registry {
     nodes: Mutex<BTreeMap<String, Entry>>,
     /// Calls whose node is away, by node and key: answered when it comes
     /// back and reports, or with an error once the grace is over.
-    parked: Mutex<HashMap<(String, CallKey), oneshot::Sender<Answer>>>,
+    parked: Mutex<HashMap<(String, CallKey), Parked>>,
     /// Nodes drained on this server, connected or not: a reconnect does not
     /// undo a drain.
     draining: Mutex<std::collections::BTreeSet<String>>,
@@ -138,7 +143,15 @@ struct Registry {
     changed: watch::Sender<u64>,
 }
 
+/// A call waiting for its node to come back and report it.
+struct Parked {
+    tx: oneshot::Sender<Answer>,
+    /// A time before the call was sent, by this server's clock.
+    sent_after: Timestamp,
+}
+
 struct Entry {
+    started: Timestamp,
     capabilities: BTreeMap<String, String>,
     address: Option<String>,
     /// Unix milliseconds; shared with the connection's [`Attached`].
@@ -177,6 +190,7 @@ impl Nodes {
         let epoch = EPOCH.fetch_add(1, Ordering::Relaxed) as u64;
         let last_heard = Arc::new(AtomicI64::new(unix_ms()));
         let entry = Entry {
+            started: connection.started,
             capabilities: own_name(name, connection.capabilities),
             address: connection.address,
             last_heard: last_heard.clone(),
@@ -232,16 +246,27 @@ impl Nodes {
     /// Keeps `tx` for the answer to `key` while `node` is away: the node
     /// keeps running its calls and reports them when it reconnects
     /// ([`Nodes::unpark`]); after `grace` the call fails naming the node.
-    pub fn park(&self, node: &str, key: CallKey, tx: oneshot::Sender<Answer>, grace: Duration) {
+    /// `sent_after` is a time before the call was sent (this server's
+    /// clock).
+    pub fn park(
+        &self,
+        node: &str,
+        key: CallKey,
+        tx: oneshot::Sender<Answer>,
+        grace: Duration,
+        sent_after: Timestamp,
+    ) {
         let slot = (node.to_owned(), key);
-        self.inner.parked().insert(slot.clone(), tx);
+        self.inner
+            .parked()
+            .insert(slot.clone(), Parked { tx, sent_after });
         let registry = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
             tokio::time::sleep(grace).await;
             let Some(registry) = registry.upgrade() else {
                 return;
             };
-            let tx = registry.parked().remove(&slot);
+            let tx = registry.parked().remove(&slot).map(|p| p.tx);
             if let Some(tx) = tx {
                 let _ = tx.send(away(
                     &slot.0,
@@ -256,14 +281,51 @@ impl Nodes {
 
     /// The waiting caller of a parked call its node now reports.
     pub fn unpark(&self, node: &str, key: CallKey) -> Option<oneshot::Sender<Answer>> {
-        self.inner.parked().remove(&(node.to_owned(), key))
+        self.inner
+            .parked()
+            .remove(&(node.to_owned(), key))
+            .map(|p| p.tx)
     }
 
     /// A node that reconnected says which calls it still holds (running, or
-    /// done and not yet reported): a parked call it does not hold is lost
-    /// (the node restarted) and fails now.
-    pub fn holding(&self, node: &str, keys: &[CallKey]) {
-        self.fail_parked(node, keys, "came back without it (the node restarted)");
+    /// done and not yet reported) and which it reported and had
+    /// acknowledged lately. A parked call it does neither of:
+    /// - if the node has been up since before the call was sent, the call
+    ///   never reached it and did not run (it is placed again);
+    /// - if it acknowledged it, it ran, but its result went with a server
+    ///   that stopped before storing it;
+    /// - else the node restarted and may have run it.
+    pub fn holding(&self, node: &str, held: &[CallKey], acked: &[CallKey]) {
+        let started = self.inner.lock().get(node).map(|e| e.started);
+        let gone: Vec<_> = {
+            let mut parked = self.inner.parked();
+            let keys: Vec<_> = parked
+                .keys()
+                .filter(|(n, k)| n == node && !held.contains(k))
+                .cloned()
+                .collect();
+            keys.into_iter()
+                .filter_map(|slot| parked.remove(&slot).map(|p| (slot.1, p)))
+                .collect()
+        };
+        for (key, p) in gone {
+            // `started` errs late (it is taken when the hello arrives), so
+            // a node that may have restarted after the call counts as
+            // having restarted; the slack covers a clock step between.
+            let up_throughout =
+                started.is_some_and(|s| s < p.sent_after - chrono::TimeDelta::milliseconds(250));
+            let answer = if acked.contains(&key) {
+                away(
+                    node,
+                    "ran it, but its result was lost with a server that stopped before storing it",
+                )
+            } else if up_throughout {
+                unsent(node)
+            } else {
+                away(node, "came back without it (the node restarted)")
+            };
+            let _ = p.tx.send(answer);
+        }
     }
 
     /// Fails `node`'s parked calls but `keep`, saying `what` happened.
@@ -276,7 +338,7 @@ impl Nodes {
                 .cloned()
                 .collect();
             gone.into_iter()
-                .filter_map(|slot| parked.remove(&slot))
+                .filter_map(|slot| parked.remove(&slot).map(|p| p.tx))
                 .collect()
         };
         for tx in lost {
@@ -291,9 +353,10 @@ impl Nodes {
         node: &str,
         key: CallKey,
         grace: Duration,
+        sent_after: Timestamp,
     ) -> oneshot::Receiver<Answer> {
         let (tx, rx) = oneshot::channel();
-        self.park(node, key, tx, grace);
+        self.park(node, key, tx, grace, sent_after);
         rx
     }
 
@@ -436,9 +499,7 @@ pub fn away(node: &str, what: &str) -> Answer {
 }
 
 impl Registry {
-    fn parked(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<(String, CallKey), oneshot::Sender<Answer>>> {
+    fn parked(&self) -> std::sync::MutexGuard<'_, HashMap<(String, CallKey), Parked>> {
         self.parked.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -522,6 +583,7 @@ mod tests {
             link: Arc::new(Idle),
             session: session.to_owned(),
             address: None,
+            started: crate::model::now(),
         }
     }
 

@@ -434,7 +434,7 @@ async fn steps(
                                     &shared.nodes,
                                     node,
                                     key,
-                                    shared.node_grace,
+                                    (shared.node_grace, started_at),
                                     cancel.child_token(),
                                 )
                                 .await

@@ -154,15 +154,17 @@ impl StepHandle {
     /// Follows an attempt that was running on `node` when this server
     /// stopped: the node reports it when it reconnects (within `wait`),
     /// under the same timeout and cancel rules, timed from now.
+    /// `started_at` is when the attempt was recorded started (before its
+    /// call could have been sent).
     pub(crate) async fn reattach(
         &self,
         nodes: &Nodes,
         node: &str,
         key: CallKey,
-        wait: Duration,
+        (wait, started_at): (Duration, crate::model::Timestamp),
         cancel: CancellationToken,
     ) -> Attempt {
-        let rx = nodes.reattach(node, key, wait);
+        let rx = nodes.reattach(node, key, wait, started_at);
         let call = Call {
             on: On::Reattached { nodes, node, key },
             name: &self.inner.name,

@@ -71,6 +71,7 @@ pub(crate) enum BundleCommand {
     },
     /// Make a version the server holds active again (the rollback path).
     Activate {
+        /// Its hash, or enough of its start to name one bundle.
         hash: String,
         #[command(flatten)]
         server: ServerArg,
@@ -343,13 +344,42 @@ pub(crate) async fn run(cmd: BundleCommand) -> Result<ExitCode> {
             });
         }
         BundleCommand::Activate { hash, server } => {
-            let b = Client::connect(&server)?
+            let client = Client::connect(&server)?;
+            let hash = full_hash(&client, &hash).await?;
+            let b = client
                 .post(&format!("/v1/bundles/{hash}/activate"), &json!({}))
                 .await?;
             print_bundle(&b);
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The one bundle whose hash starts with `given` (a whole hash passes as is).
+async fn full_hash(client: &Client, given: &str) -> Result<String> {
+    let given = given.to_ascii_lowercase();
+    if given.len() == 64 {
+        return Ok(given);
+    }
+    let list = client.get("/v1/bundles", &[]).await?;
+    let matching: Vec<String> = list["bundles"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|b| b["hash"].as_str())
+        .filter(|h| h.starts_with(&given))
+        .map(str::to_owned)
+        .collect();
+    match matching.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => bail!(
+            "no bundle on the server has a hash starting with {given:?} (see `troupe bundle list`)"
+        ),
+        many => bail!(
+            "{} bundles have hashes starting with {given:?}; give more of it",
+            many.len()
+        ),
+    }
 }
 
 pub(crate) async fn run_keys(cmd: KeysCommand) -> Result<ExitCode> {

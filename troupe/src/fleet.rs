@@ -400,6 +400,7 @@ impl SimNode {
             capabilities: [("bench".to_owned(), "sim".to_owned())].into(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             protocol: PROTOCOL,
+            uptime_ms: 0,
         };
         ws.send(Message::text(serde_json::to_string(&hello)?))
             .await?;
@@ -407,7 +408,10 @@ impl SimNode {
             ToNode::Welcome { session, .. } => *self.session.lock().unwrap() = Some(session),
             other => bail!("expected a welcome, got {other:?}"),
         }
-        let holding = FromNode::Holding { keys: Vec::new() };
+        let holding = FromNode::Holding {
+            keys: Vec::new(),
+            acked: Vec::new(),
+        };
         ws.send(Message::text(serde_json::to_string(&holding)?))
             .await?;
         Ok(ws)

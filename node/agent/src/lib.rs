@@ -121,12 +121,33 @@ impl std::error::Error for Refused {}
 /// The node's calls, across connections: a call keeps running when the
 /// connection drops, and its result waits here until a connection can
 /// carry it.
-#[derive(Default)]
 struct Calls {
+    /// When this process started taking calls.
+    born: std::time::Instant,
     running: Mutex<HashMap<CallKey, CancellationToken>>,
     results: Mutex<Results>,
     ready: tokio::sync::Notify,
+    /// Calls whose results the server acknowledged, newest last, kept for
+    /// [`ACKED_FOR`]: a server that restarts asks about them.
+    acked: Mutex<std::collections::VecDeque<(std::time::Instant, CallKey)>>,
 }
+
+impl Default for Calls {
+    fn default() -> Self {
+        Calls {
+            born: std::time::Instant::now(),
+            running: Mutex::default(),
+            results: Mutex::default(),
+            ready: tokio::sync::Notify::new(),
+            acked: Mutex::default(),
+        }
+    }
+}
+
+/// How long a node remembers that a result was acknowledged (longer than
+/// a server takes to restart), and how many it remembers at most.
+const ACKED_FOR: Duration = Duration::from_secs(600);
+const ACKED_MAX: usize = 20_000;
 
 /// Ended calls' `Done` messages, kept until the server acknowledges them.
 #[derive(Default)]
@@ -164,6 +185,25 @@ impl Calls {
 
     fn acknowledged(&self, key: CallKey) {
         self.results.lock().unwrap().sent.retain(|(k, _)| *k != key);
+        let mut acked = self.acked.lock().unwrap();
+        acked.push_back((std::time::Instant::now(), key));
+        while acked.len() > ACKED_MAX
+            || acked
+                .front()
+                .is_some_and(|(at, _)| at.elapsed() > ACKED_FOR)
+        {
+            acked.pop_front();
+        }
+    }
+
+    /// The calls acknowledged lately.
+    fn acked(&self) -> Vec<CallKey> {
+        let acked = self.acked.lock().unwrap();
+        acked
+            .iter()
+            .filter(|(at, _)| at.elapsed() <= ACKED_FOR)
+            .map(|(_, k)| *k)
+            .collect()
     }
 
     /// Every call this node holds: running, or ended and not yet
@@ -198,6 +238,7 @@ async fn session(
         capabilities: caps_changed.borrow_and_update().clone(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         protocol: PROTOCOL,
+        uptime_ms: calls.born.elapsed().as_millis() as u64,
     };
     ws.send(Message::text(serde_json::to_string(&hello)?))
         .await?;
@@ -219,6 +260,7 @@ async fn session(
     calls.reconnected();
     let holding = FromNode::Holding {
         keys: calls.holding(),
+        acked: calls.acked(),
     };
     sink.send(Message::text(serde_json::to_string(&holding)?))
         .await?;
@@ -254,6 +296,7 @@ async fn session(
                 };
                 match serde_json::from_str::<ToNode>(&text) {
                     Ok(ToNode::Call { key, bundle, function, input, timeout_ms, grace_ms }) => {
+                        tracing::debug!(?key, %function, "call received");
                         let cancel = CancellationToken::new();
                         calls.running.lock().unwrap().insert(key, cancel.clone());
                         let call = Call {

@@ -9,9 +9,9 @@
 //!
 //! ```text
 //! server → node   Challenge { nonce }
-//! node → server   Hello { name, public_key, answer, capabilities, version, protocol }
+//! node → server   Hello { name, public_key, answer, capabilities, version, protocol, uptime_ms }
 //! server → node   Welcome { protocol, session }  or  Refused { retry, reason }
-//! node → server   Holding { keys }              (calls it runs, or ran and will report)
+//! node → server   Holding { keys, acked }       (calls it runs or will report; reported lately)
 //! server → node   Call { key, bundle, function, input, timeout_ms, grace_ms }
 //! server → node   Cancel { key }
 //! node → server   Done { key, status, body, log }  (kept and sent again until acknowledged)
@@ -67,6 +67,11 @@ pub enum FromNode {
         /// The troupe version the node runs.
         version: String,
         protocol: u32,
+        /// How long the node's process has run: a call sent before it
+        /// started may have been lost with a restart; one sent after it
+        /// was not.
+        #[serde(default)]
+        uptime_ms: u64,
     },
     /// A call's end. `status` is one of `sdk::ffi::STATUS_*`; `body` is the
     /// output JSON or the error message; `log` what the step logged.
@@ -79,7 +84,13 @@ pub enum FromNode {
     /// Sent right after `Welcome`: the calls the node holds (running, or
     /// ended and about to be reported), so the server can fail at once
     /// those it waits for that the node lost (it restarted).
-    Holding { keys: Vec<CallKey> },
+    Holding {
+        keys: Vec<CallKey>,
+        /// Calls it reported and had acknowledged in the last minutes: they
+        /// ran, whatever became of their result.
+        #[serde(default)]
+        acked: Vec<CallKey>,
+    },
     /// The node's capabilities changed.
     Capabilities {
         capabilities: BTreeMap<String, String>,

@@ -348,7 +348,11 @@ async fn keys_sign_verify_push_list_activate() {
         .next()
         .unwrap()
         .to_owned();
-    let activate = server.cli(&["bundle", "activate", &v1]);
+    // A prefix will do when only one bundle has it; none or two, it says so.
+    let nothing = server.cli(&["bundle", "activate", "ffffffffff"]);
+    assert!(!nothing.status.success());
+    assert!(text(&nothing).contains("no bundle"), "{}", text(&nothing));
+    let activate = server.cli(&["bundle", "activate", &v1[..8]]);
     assert!(
         activate.status.success() && text(&activate).contains("active"),
         "{}",

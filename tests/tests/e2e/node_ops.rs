@@ -352,7 +352,49 @@ async fn a_call_its_node_never_got_runs_elsewhere(db: Db) {
     assert!(errors[0].contains("never reached node hv-17"), "{errors:?}");
 }
 
+async fn a_call_lost_with_a_server_crash_before_it_was_sent_runs_after_the_restart(db: Db) {
+    let env = Env::new(db).await;
+    let listen = format!("127.0.0.1:{}", free_port());
+    // The step is recorded running on hv-17, then the server dies before
+    // the call leaves it.
+    let server = env.serve_with_env(
+        &["--listen", &listen],
+        &[("FAILPOINTS", "runner.before_remote_call=1*return(5000)")],
+    );
+    let token = join_token(&server, &env).await;
+    let node = Node::start(
+        &server,
+        &token,
+        "hv-17",
+        &["--capability", "hypervisor=kvm"],
+    );
+    connected(&server, &["hv-17"], &[&node]).await;
+    // A node up a while, as nodes are: one that connected just before the
+    // call could have restarted since, as far as the server can tell.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let id = server
+        .submit("node_sleep", "vps-1", json!({ "ms": 10 }))
+        .await;
+    let running = running_on_node(&server, id).await;
+    assert_eq!(running["steps"][0]["node"], "hv-17", "{running}");
+    server.kill9();
+
+    // The node was up all along and never got it: it did not run, so the
+    // restarted server places it again (not idempotent, and run once).
+    let server = env.serve_with(&["--listen", &listen]);
+    let done = server.finished(id).await;
+    assert_eq!(
+        done["status"],
+        "succeeded",
+        "{done}\n{}\n{}",
+        node.log(),
+        server.log()
+    );
+    assert_eq!(done["steps"][0]["node"], "hv-17");
+}
+
 both_dbs!(
+    a_call_lost_with_a_server_crash_before_it_was_sent_runs_after_the_restart,
     a_call_its_node_never_got_runs_elsewhere,
     a_failing_probe_takes_its_capability_away,
     a_new_version_takes_over_on_the_node,

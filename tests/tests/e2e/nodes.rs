@@ -62,7 +62,7 @@ impl Node {
         args.extend(extra);
         let child = Command::new(troupe_bin())
             .args(&args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info,node=debug")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -516,6 +516,13 @@ async fn a_step_on_a_node_survives_a_server_restart(db: Db) {
         .submit("node_sleep", "vps-1", json!({ "ms": 3000 }))
         .await;
     running_on_node(&server, id).await;
+    // Running there, not only recorded so: the node has the call (its
+    // second, after the warm-up's).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while node.log().matches("call received").count() < 2 {
+        assert!(Instant::now() < deadline, "{}", node.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     server.kill9();
 
     // The node keeps running it, reconnects, and reports; the action goes
