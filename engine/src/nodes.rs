@@ -297,18 +297,7 @@ impl Nodes {
     /// - else the node restarted and may have run it.
     pub fn holding(&self, node: &str, held: &[CallKey], acked: &[CallKey]) {
         let started = self.inner.lock().get(node).map(|e| e.started);
-        let gone: Vec<_> = {
-            let mut parked = self.inner.parked();
-            let keys: Vec<_> = parked
-                .keys()
-                .filter(|(n, k)| n == node && !held.contains(k))
-                .cloned()
-                .collect();
-            keys.into_iter()
-                .filter_map(|slot| parked.remove(&slot).map(|p| (slot.1, p)))
-                .collect()
-        };
-        for (key, p) in gone {
+        for (key, p) in self.take_parked(node, held) {
             // `started` errs late (it is taken when the hello arrives), so
             // a node that may have restarted after the call counts as
             // having restarted; the slack covers a clock step between.
@@ -328,22 +317,17 @@ impl Nodes {
         }
     }
 
-    /// Fails `node`'s parked calls but `keep`, saying `what` happened.
-    fn fail_parked(&self, node: &str, keep: &[CallKey], what: &str) {
-        let lost: Vec<_> = {
-            let mut parked = self.inner.parked();
-            let gone: Vec<_> = parked
-                .keys()
-                .filter(|(n, k)| n == node && !keep.contains(k))
-                .cloned()
-                .collect();
-            gone.into_iter()
-                .filter_map(|slot| parked.remove(&slot).map(|p| p.tx))
-                .collect()
-        };
-        for tx in lost {
-            let _ = tx.send(away(node, what));
-        }
+    /// Takes `node`'s parked calls but those in `keep`.
+    fn take_parked(&self, node: &str, keep: &[CallKey]) -> Vec<(CallKey, Parked)> {
+        let mut parked = self.inner.parked();
+        let keys: Vec<_> = parked
+            .keys()
+            .filter(|(n, k)| n == node && !keep.contains(k))
+            .cloned()
+            .collect();
+        keys.into_iter()
+            .filter_map(|slot| parked.remove(&slot).map(|p| (slot.1, p)))
+            .collect()
     }
 
     /// Waits for the answer to a call that was in flight on `node` when this
@@ -385,7 +369,9 @@ impl Nodes {
         if let Some(e) = entry {
             e.link.close(reason);
         }
-        self.fail_parked(name, &[], "was removed");
+        for (_, p) in self.take_parked(name, &[]) {
+            let _ = p.tx.send(away(name, "was removed"));
+        }
         self.inner.bump();
     }
 

@@ -405,6 +405,17 @@ fn latency_json(r: &Run) -> Value {
     json!({ "p50_ms": pct(l, 0.50), "p90_ms": pct(l, 0.90), "p99_ms": pct(l, 0.99), "max_ms": l.last().copied().unwrap_or(f64::NAN) })
 }
 
+/// Write transactions and rows per action between two `store_stats`.
+fn db_per_action(before: Option<(f64, f64)>, after: Option<(f64, f64)>, done: f64) -> Value {
+    match (before, after) {
+        (Some(b), Some(a)) if done > 0.0 => json!({
+            "transactions_per_action": (a.0 - b.0) / done,
+            "rows_per_action": (a.1 - b.1) / done,
+        }),
+        _ => Value::Null,
+    }
+}
+
 async fn store_stats(client: &Client) -> Option<(f64, f64)> {
     let h = client.get("/v1/health", &[]).await.ok()?;
     Some((
@@ -507,12 +518,10 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
     let rss = after.map_or(Value::Null, |a| {
         json!({ "total_mb": (a.server_rss + a.hosts_rss) as f64 / 1e6, "server_mb": a.server_rss as f64 / 1e6, "step_hosts_mb": a.hosts_rss as f64 / 1e6 })
     });
-    let db = match (before_db, after_db) {
-        (Some(b), Some(a)) if done > 0.0 && own.is_some() => json!({
-            "transactions_per_action": (a.0 - b.0) / done,
-            "rows_per_action": (a.1 - b.1) / done,
-        }),
-        _ => Value::Null,
+    let db = if own.is_some() {
+        db_per_action(before_db, after_db, done)
+    } else {
+        Value::Null
     };
     let report = json!({
         "kind": args.kind,
@@ -584,13 +593,7 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
             "light_latency": light.as_ref().map(latency_json),
             "light_step": light.as_ref().map(step_json),
             "server_cpu_ms_per_1000": server_cpu,
-            "db": match (before_db, after_db) {
-                (Some(b), Some(a)) if done > 0.0 => json!({
-                    "transactions_per_action": (a.0 - b.0) / done,
-                    "rows_per_action": (a.1 - b.1) / done,
-                }),
-                _ => Value::Null,
-            },
+            "db": db_per_action(before_db, after_db, done),
             "failed": failed,
             "missing": missing,
         });
