@@ -1003,7 +1003,7 @@ impl Engine {
             .ok_or(Error::ActionNotFound(id))
     }
 
-    /// What action `id`'s steps logged (`sdk::Context::log`), by step and
+    /// What action `id`'s steps logged (`troupe_sdk::Context::log`), by step and
     /// attempt; empty if nothing was logged yet. A running attempt's lines
     /// are stored when it ends.
     pub async fn logs(&self, id: ActionId) -> Result<Vec<model::StepLog>> {

@@ -36,11 +36,11 @@ pub struct Attempt {
 }
 
 impl Attempt {
-    /// The attempt as a step host reports one: `(sdk::ffi::STATUS_*, output
+    /// The attempt as a step host reports one: `(troupe_sdk::ffi::STATUS_*, output
     /// JSON or message)`. A timeout or cancel is a fatal error here; the
     /// caller's own timer decides what it was.
     pub fn into_status(self) -> (i32, String) {
-        use sdk::ffi::*;
+        use troupe_sdk::ffi::*;
         match self.result {
             StepResult::Ok(v) => (STATUS_OK, v.to_string()),
             StepResult::Retryable(m) => (STATUS_RETRYABLE, m),
@@ -337,7 +337,7 @@ fn outcome(r: Option<Answer>) -> Attempt {
 }
 
 fn result_of(r: CallResult) -> StepResult {
-    use sdk::ffi::*;
+    use troupe_sdk::ffi::*;
     match r {
         CallResult::Crashed(msg) => StepResult::Fatal(msg),
         CallResult::Lost(msg) => StepResult::Lost(msg),

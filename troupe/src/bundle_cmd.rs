@@ -147,7 +147,7 @@ async fn check_exports(m: &engine::bundle::Manifest, library: &Path) -> Result<(
     host.shutdown("export check done").await;
     if !missing.is_empty() {
         bail!(
-            "the manifest names functions {} does not export: {} (it exports: {exported}); fix the manifest's `function =` or export them with sdk::steps!",
+            "the manifest names functions {} does not export: {} (it exports: {exported}); fix the manifest's `function =` or export them with troupe_sdk::export_steps!",
             library.display(),
             missing.join(", ")
         );

@@ -19,7 +19,7 @@ pub struct Manifest {
     pub format: u32,
     pub name: String,
     pub version: String,
-    /// The plugin ABI the library was built for (see `sdk::ABI_VERSION`).
+    /// The plugin ABI the library was built for (see `troupe_sdk::ABI_VERSION`).
     pub abi: u32,
     /// The library's base name: `libNAME.so` on Linux.
     pub library: String,
@@ -184,7 +184,7 @@ impl Manifest {
                 self.format
             ));
         }
-        if !(sdk::OLDEST_ABI_VERSION..=sdk::ABI_VERSION).contains(&self.abi) {
+        if !(troupe_sdk::OLDEST_ABI_VERSION..=troupe_sdk::ABI_VERSION).contains(&self.abi) {
             return Err(Invalid::Abi { found: self.abi });
         }
         if !is_name(&self.name) {

@@ -36,8 +36,8 @@ pub enum Invalid {
     Manifest(String),
     #[error(
         "the bundle was built for plugin ABI {found}, but this troupe supports ABI {} to {}; rebuild it against the current sdk",
-        sdk::OLDEST_ABI_VERSION,
-        sdk::ABI_VERSION
+        troupe_sdk::OLDEST_ABI_VERSION,
+        troupe_sdk::ABI_VERSION
     )]
     Abi { found: u32 },
     #[error(

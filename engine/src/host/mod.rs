@@ -31,7 +31,7 @@ pub struct HostCommand {
 /// The outcome of one call, as the host (or node) reported it.
 #[derive(Debug)]
 pub enum CallResult {
-    /// `status` is one of `sdk::ffi::STATUS_*`.
+    /// `status` is one of `troupe_sdk::ffi::STATUS_*`.
     Done { status: i32, body: Vec<u8> },
     /// The host died before answering.
     Crashed(String),
@@ -43,7 +43,7 @@ pub enum CallResult {
 }
 
 /// What a caller gets back: the call's result and what it logged
-/// (`sdk::Context::log`), one line per line, at most
+/// (`troupe_sdk::Context::log`), one line per line, at most
 /// [`protocol::MAX_CALL_LOG`] bytes.
 #[derive(Debug)]
 pub struct Answer {
@@ -153,7 +153,7 @@ impl StepHost {
         let exports = match hello {
             Ok(Ok(Some(f))) if f.kind == protocol::HELLO && f.payload.len() >= 4 => {
                 let abi = u32::from_le_bytes(f.payload[..4].try_into().unwrap());
-                if !(sdk::OLDEST_ABI_VERSION..=sdk::ABI_VERSION).contains(&abi) {
+                if !(troupe_sdk::OLDEST_ABI_VERSION..=troupe_sdk::ABI_VERSION).contains(&abi) {
                     return Err(Invalid::Abi { found: abi }.into());
                 }
                 serde_json::from_slice::<Vec<String>>(&f.payload[4..]).map_err(|e| {
@@ -325,7 +325,7 @@ impl StepHost {
         let frame = protocol::call(id, function, input);
         if let Some(message) = protocol::too_large("input", frame.len(), input.len()) {
             let body = message.into_bytes();
-            let status = sdk::ffi::STATUS_FATAL;
+            let status = troupe_sdk::ffi::STATUS_FATAL;
             answer(tx, CallResult::Done { status, body }, Vec::new());
             return (id, rx);
         }

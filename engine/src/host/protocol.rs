@@ -9,9 +9,9 @@
 //! | `CALL` | engine → host | `name_len: u16 LE`, function name, input JSON |
 //! | `CANCEL` | engine → host | none; sets the call's cancel flag |
 //! | `HELLO` | host → engine | `abi: u32 LE`, JSON array of exported steps |
-//! | `DONE` | host → engine | `status: i32 LE` (`sdk::ffi::STATUS_*`), output JSON or message |
+//! | `DONE` | host → engine | `status: i32 LE` (`troupe_sdk::ffi::STATUS_*`), output JSON or message |
 //! | `FAILED` | host → engine | a message; the host could not start and exits |
-//! | `LOG` | host → engine | one line of the call's log (`sdk::Context::log`), before its `DONE` |
+//! | `LOG` | host → engine | one line of the call's log (`troupe_sdk::Context::log`), before its `DONE` |
 
 use std::io::{self, Read, Write};
 

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use sdk::ffi::{Buf, Call};
+use troupe_sdk::ffi::{Buf, Call};
 
 use super::protocol::{self, CALL, CANCEL, DONE, FAILED, HELLO, LOG, MAX_CALL_LOG};
 
@@ -34,9 +34,11 @@ impl Plugin {
         // passed the engine's checks get here, in a process of their own.
         let lib = unsafe { libloading::Library::new(path) }.map_err(|e| e.to_string())?;
         let sym = |name: &str| {
-            format!("the library does not export `{name}`; was it built with sdk::export_steps!?")
+            format!(
+                "the library does not export `{name}`; was it built with troupe_sdk::export_steps!?"
+            )
         };
-        // SAFETY: the symbol types are the ABI documented in sdk::ffi.
+        // SAFETY: the symbol types are the ABI documented in troupe_sdk::ffi.
         unsafe {
             let abi = *lib
                 .get::<AbiFn>(b"troupe_abi_version")
@@ -148,7 +150,7 @@ impl CallLog {
     }
 }
 
-/// The `sdk::ffi::LogFn` the host gives every call.
+/// The `troupe_sdk::ffi::LogFn` the host gives every call.
 unsafe extern "C" fn log_line(sink: *const c_void, line: *const u8, len: usize) {
     // SAFETY: `sink` is the `CallLog` that `Plugin::run` passed, alive until
     // the call returns; the library passes a valid line.
@@ -232,7 +234,10 @@ pub fn serve(path: &Path) -> i32 {
                 workers.run(Box::new(move || {
                     let (status, body) = match protocol::parse_call(&frame.payload) {
                         Some((function, input)) => plugin.run(function, input, &flag, &log),
-                        None => (sdk::ffi::STATUS_FATAL, b"malformed call frame".to_vec()),
+                        None => (
+                            troupe_sdk::ffi::STATUS_FATAL,
+                            b"malformed call frame".to_vec(),
+                        ),
                     };
                     in_flight
                         .lock()
@@ -242,7 +247,7 @@ pub fn serve(path: &Path) -> i32 {
                     let frame_len = 4 + 9 + 4 + body.len();
                     let (status, body) = match protocol::too_large("output", frame_len, body.len())
                     {
-                        Some(message) => (sdk::ffi::STATUS_FATAL, message.into_bytes()),
+                        Some(message) => (troupe_sdk::ffi::STATUS_FATAL, message.into_bytes()),
                         None => (status, body),
                     };
                     log.channel.send(&protocol::encode(

@@ -471,7 +471,11 @@ impl Call {
             Ok(lease) => lease,
             Err(e) => {
                 tracing::warn!(bundle = %self.bundle, error = %e, "cannot run a call");
-                return done(sdk::ffi::STATUS_FATAL, format!("{e:#}"), String::new());
+                return done(
+                    troupe_sdk::ffi::STATUS_FATAL,
+                    format!("{e:#}"),
+                    String::new(),
+                );
             }
         };
         let attempt = engine::step::run_on_host(

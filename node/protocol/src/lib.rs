@@ -73,7 +73,7 @@ pub enum FromNode {
         #[serde(default)]
         uptime_ms: u64,
     },
-    /// A call's end. `status` is one of `sdk::ffi::STATUS_*`; `body` is the
+    /// A call's end. `status` is one of `troupe_sdk::ffi::STATUS_*`; `body` is the
     /// output JSON or the error message; `log` what the step logged.
     Done {
         key: CallKey,

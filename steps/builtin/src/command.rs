@@ -9,8 +9,8 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sdk::{Context, StepError, StepInput};
 use serde::{Deserialize, Serialize};
+use troupe_sdk::{Context, StepError, StepInput};
 
 #[derive(Deserialize)]
 pub(crate) struct Settings {

@@ -1,8 +1,8 @@
 //! `check_disk`: fail when a filesystem is fuller than a threshold, before a
 //! step (a reboot, say) that a full disk would break.
 
-use sdk::{Context, StepError, StepInput};
 use serde::{Deserialize, Serialize};
+use troupe_sdk::{Context, StepError, StepInput};
 
 #[derive(Deserialize)]
 pub(crate) struct Settings {

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use sdk::{Context, StepError, StepInput};
 use serde::{Deserialize, Serialize};
+use troupe_sdk::{Context, StepError, StepInput};
 
 #[derive(Deserialize)]
 pub(crate) struct Settings {

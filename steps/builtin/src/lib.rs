@@ -1,7 +1,7 @@
 //! troupe's built-in steps: generally useful building blocks that action
 //! kinds configure through their per-step settings.
 
-use sdk::{Context, StepError, StepInput};
+use troupe_sdk::{Context, StepError, StepInput};
 
 mod command;
 mod disk;
@@ -21,7 +21,7 @@ struct SleepSettings {
     ms: u64,
 }
 
-sdk::export_steps! {
+troupe_sdk::export_steps! {
     "check_disk" => disk::check_disk,
     "run_command" => command::run_command,
     "wait_tcp" => tcp::wait_tcp,

@@ -4,8 +4,8 @@
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-use sdk::{Context, StepError, StepInput};
 use serde::{Deserialize, Serialize};
+use troupe_sdk::{Context, StepError, StepInput};
 
 #[derive(Deserialize)]
 pub(crate) struct Settings {

@@ -34,8 +34,11 @@ pub const STATUS_UNKNOWN_STEP: i32 = 4;
 /// A byte buffer owned by the plugin library until passed to `troupe_free`.
 #[repr(C)]
 pub struct Buf {
+    /// Start of the bytes.
     pub ptr: *mut u8,
+    /// How many bytes are in use.
     pub len: usize,
+    /// How many bytes were allocated (what `troupe_free` gives back).
     pub cap: usize,
 }
 
@@ -61,9 +64,13 @@ pub type LogFn = unsafe extern "C" fn(sink: *const c_void, line: *const u8, len:
 /// an older one reads the prefix it knows.
 #[repr(C)]
 pub struct Call {
+    /// The step's name as the library exports it (UTF-8, not NUL-terminated).
     pub step: *const u8,
+    /// Length of `step` in bytes.
     pub step_len: usize,
+    /// The [`StepInput`](crate::StepInput) as UTF-8 JSON.
     pub input: *const u8,
+    /// Length of `input` in bytes.
     pub input_len: usize,
     /// Set to non-zero by the host when the call should stop (C: `_Atomic uint32_t`).
     pub cancel: *const AtomicU32,

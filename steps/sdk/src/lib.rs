@@ -1,19 +1,44 @@
-//! The plugin contract: a step is an ordinary Rust function with typed input,
-//! exported to the engine through the C ABI in [`ffi`].
+//! Write troupe steps in Rust.
 //!
-//! ```ignore
-//! use sdk::{Context, StepError, StepInput};
+//! A step is an ordinary function from a typed [`StepInput`] to a
+//! serializable output or a [`StepError`]. [`export_steps!`] exports a
+//! crate's steps through the small C ABI in [`ffi`]; the crate is built as a
+//! `cdylib`, packed with its `bundle.toml` by `troupe bundle build`, signed,
+//! and pushed to a troupe server, which runs each call in a step host
+//! process of its own (a panic or crash takes down only that host).
 //!
-//! #[derive(serde::Deserialize)]
-//! struct Settings { path: String }
+//! ```
+//! use serde::Deserialize;
+//! use troupe_sdk::{Context, StepError, StepInput};
 //!
-//! fn touch(_cx: &Context, input: StepInput<Settings>) -> Result<serde_json::Value, StepError> {
+//! #[derive(Deserialize)]
+//! struct Settings {
+//!     path: String,
+//! }
+//!
+//! /// Creates an empty file at `settings.path`.
+//! fn touch(cx: &Context, input: StepInput<Settings>) -> Result<serde_json::Value, StepError> {
+//!     cx.log(format_args!("touching {}", input.settings.path));
 //!     std::fs::write(&input.settings.path, b"").map_err(StepError::retryable)?;
 //!     Ok(serde_json::json!({ "touched": input.settings.path }))
 //! }
 //!
-//! sdk::export_steps! { "touch" => touch }
+//! troupe_sdk::export_steps! { "touch" => touch }
+//!
+//! // A step is a plain function, so a unit test calls it directly:
+//! let path = std::env::temp_dir().join("troupe-sdk-doc-touch");
+//! let input = StepInput::new(Settings { path: path.display().to_string() });
+//! let output = touch(&Context::detached(), input).unwrap();
+//! assert_eq!(output["touched"], path.display().to_string());
 //! ```
+//!
+//! What the manifest says about each step (timeout, retries, idempotency,
+//! where it runs), the step contract and the path from `troupe bundle new`
+//! to a pushed bundle are in troupe's `docs/writing-steps.md`; the
+//! `troupe-test` crate runs a bundle's kinds in `cargo test`, with faults
+//! injected on purpose.
+
+#![warn(missing_docs)]
 
 use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -55,9 +80,33 @@ pub struct StepInput<S = Value> {
     pub bundle: Option<BundleRef>,
 }
 
+impl<S> StepInput<S> {
+    /// An input for calling a step directly in a unit test: action 1 of kind
+    /// `test` on target `test`, no params, no earlier outputs, attempt 1.
+    /// Change any field before the call (they are all public).
+    pub fn new(settings: S) -> Self {
+        StepInput {
+            action: ActionInfo {
+                id: 1,
+                kind: "test".to_owned(),
+                target: "test".to_owned(),
+                params: Map::new(),
+            },
+            settings,
+            outputs: Map::new(),
+            attempt: 1,
+            bundle: None,
+        }
+    }
+}
+
+/// Which bundle a step's code came from: with several versions loaded side
+/// by side, each action runs on the one it was submitted with.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BundleRef {
+    /// The manifest's `name`.
     pub name: String,
+    /// The manifest's `version` (semantic versioning).
     pub version: String,
     /// SHA-256 of the bundle file.
     pub hash: String,
@@ -67,11 +116,17 @@ fn one() -> u32 {
     1
 }
 
+/// The action a step runs for.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ActionInfo {
+    /// The action's id, as `troupe status ID` shows it.
     pub id: i64,
+    /// The kind it was submitted as (a `[kinds.NAME]` of the manifest).
     pub kind: String,
+    /// What it acts on, e.g. `vps-123`; one target's actions run one at a
+    /// time, in arrival order.
     pub target: String,
+    /// The params it was submitted with, defaults applied.
     #[serde(default)]
     pub params: Map<String, Value>,
 }
@@ -86,10 +141,14 @@ pub enum StepError {
 }
 
 impl StepError {
+    /// A failure worth retrying: a timeout talking to a service, a busy
+    /// target. The step is run again as its manifest's `retry` allows.
     pub fn retryable(msg: impl fmt::Display) -> Self {
         StepError::Retryable(msg.to_string())
     }
 
+    /// A failure no retry can mend: bad settings, a target in the wrong
+    /// state. The action fails at once.
     pub fn fatal(msg: impl fmt::Display) -> Self {
         StepError::Fatal(msg.to_string())
     }
@@ -99,6 +158,7 @@ impl StepError {
         StepError::Fatal("cancelled".to_owned())
     }
 
+    /// The message, whichever kind of failure it is.
     pub fn message(&self) -> &str {
         match self {
             StepError::Retryable(m) | StepError::Fatal(m) => m,
@@ -118,6 +178,15 @@ impl std::error::Error for StepError {}
 pub struct Context<'a> {
     cancel: &'a AtomicU32,
     log: Option<&'a (dyn Fn(&str) + Sync + 'a)>,
+}
+
+impl Context<'static> {
+    /// A context that is never cancelled, whose [`log`](Context::log) lines
+    /// go to stderr: for calling a step directly in a unit test.
+    pub fn detached() -> Self {
+        static NEVER: AtomicU32 = AtomicU32::new(0);
+        Context::new(&NEVER)
+    }
 }
 
 impl<'a> Context<'a> {
@@ -193,7 +262,7 @@ where
 /// Exports the listed steps from a `cdylib` through troupe's C ABI.
 ///
 /// ```ignore
-/// sdk::export_steps! {
+/// troupe_sdk::export_steps! {
 ///     "noop" => noop,
 ///     "echo" => echo,
 /// }

@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use sdk::{Context, StepError, StepInput};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use troupe_sdk::{Context, StepError, StepInput};
 
 /// The version this library reports; bundles built for version tests set it
 /// with `TROUPE_TESTKIT_VERSION` at compile time.
@@ -190,7 +190,7 @@ fn logger(cx: &Context<'_>, input: StepInput<LoggerSettings>) -> Result<Value, S
     Ok(json!({ "logged": s.lines }))
 }
 
-sdk::export_steps! {
+troupe_sdk::export_steps! {
     "logger" => logger,
     "noop" => noop,
     "echo" => echo,

@@ -13,7 +13,13 @@ fn deps(krate: &str) -> Vec<String> {
 }
 
 const OURS: &[&str] = &[
-    "api", "engine", "signing", "sdk", "builtin", "testkit", "troupe",
+    "api",
+    "engine",
+    "signing",
+    "troupe-sdk",
+    "builtin",
+    "testkit",
+    "troupe",
 ];
 
 #[test]
@@ -32,8 +38,8 @@ fn dependencies_point_one_way() {
         ours("steps/sdk").is_empty(),
         "the SDK depends on no troupe crate"
     );
-    assert_eq!(ours("steps/builtin"), ["sdk"]);
-    assert_eq!(ours("steps/testkit"), ["sdk"]);
+    assert_eq!(ours("steps/builtin"), ["troupe-sdk"]);
+    assert_eq!(ours("steps/testkit"), ["troupe-sdk"]);
     let engine = deps("engine");
     assert!(
         !engine
