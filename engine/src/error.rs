@@ -93,3 +93,9 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<troupe_bundle::Invalid> for Error {
+    fn from(e: troupe_bundle::Invalid) -> Error {
+        Error::Bundle(e.into())
+    }
+}

@@ -82,15 +82,7 @@ impl fmt::Display for Requirement {
     }
 }
 
-/// Capability names, and node names (a node's name is its `node`
-/// capability): letters, digits, `_`, `-` and `.`, at most 64 bytes.
-pub fn is_capability_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
-}
+pub use troupe_bundle::names::is_capability_name;
 
 #[cfg(test)]
 mod tests {

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
+use troupe_bundle::rules::{self, Ending};
 
 use crate::agency::{AgencyHandle, LoadedBundle};
 use crate::bundle::template;
@@ -480,14 +481,11 @@ async fn steps(
             if shared.stopping.is_cancelled() && !matches!(result, StepResult::Ok(_)) {
                 return End::Paused;
             }
-            // A call that never reached its node did not run.
-            let ran = !matches!(result, StepResult::NotRun(_));
-            // A timeout is retried only when running the step twice is harmless.
-            let (error, may_retry) = match result {
+            let (error, ending) = match result {
                 StepResult::Ok(output) => {
                     let text = serde_json::to_string(&output).expect("JSON serializes");
                     if text.len() > MAX_OUTPUT_BYTES {
-                        (output_too_large(text.len()), false)
+                        (output_too_large(text.len()), Ending::Fatal)
                     } else {
                         let done = Write::StepSucceeded {
                             id,
@@ -501,17 +499,18 @@ async fn steps(
                     }
                 }
                 StepResult::Cancelled => return cancelled(carry, action, seq, true),
-                StepResult::Retryable(msg) => (msg, true),
-                StepResult::TimedOut(msg) | StepResult::Lost(msg) => (msg, handle.def.idempotent),
-                StepResult::Fatal(msg) => (msg, false),
-                // It did not run: no failure to count, and placed again.
-                StepResult::NotRun(msg) => (msg, true),
+                StepResult::Retryable(msg) => (msg, Ending::Retryable),
+                StepResult::TimedOut(msg) => (msg, Ending::TimedOut),
+                StepResult::Lost(msg) => (msg, Ending::Lost),
+                StepResult::Fatal(msg) => (msg, Ending::Fatal),
+                StepResult::NotRun(msg) => (msg, Ending::NotRun),
             };
-            if ran {
+            if ending.counts() {
                 failures += 1;
             }
             let policy = &handle.def.retry;
-            if may_retry && (failures < policy.attempts || !ran) && !cancel.is_cancelled() {
+            let again = rules::try_again(policy, handle.def.idempotent, ending, failures);
+            if again && !cancel.is_cancelled() {
                 let failed = Write::StepAttemptFailed {
                     id,
                     seq,

@@ -119,14 +119,7 @@ impl SecretsKey {
     }
 }
 
-/// Whether `name` can name a secret: letters, digits, `_`, `-`, `.`, up to 128.
-pub fn is_valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 128
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_-".contains(c))
-}
+pub use troupe_bundle::names::is_secret_name as is_valid_name;
 
 /// Reads and decrypts the named secrets for one step.
 pub(crate) async fn load(

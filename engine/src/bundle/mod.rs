@@ -9,9 +9,7 @@ use std::path::{Path, PathBuf};
 
 use signing::{BundleHash, VerifiedBundle};
 
-pub mod manifest;
-pub mod params;
-pub mod template;
+pub use troupe_bundle::{manifest, params, template};
 
 pub use manifest::Manifest;
 
@@ -52,6 +50,15 @@ pub enum Invalid {
     TooLarge { name: String, limit: u64 },
     #[error("the library could not be loaded: {0}")]
     Library(String),
+}
+
+impl From<troupe_bundle::Invalid> for Invalid {
+    fn from(e: troupe_bundle::Invalid) -> Invalid {
+        match e {
+            troupe_bundle::Invalid::Manifest(m) => Invalid::Manifest(m),
+            troupe_bundle::Invalid::Abi { found } => Invalid::Abi { found },
+        }
+    }
 }
 
 impl Invalid {
@@ -213,7 +220,9 @@ pub fn inspect(bytes: &[u8]) -> Result<Manifest, Invalid> {
         .find(|(name, _)| name == MANIFEST_PATH)
         .map(|(_, b)| b)
         .ok_or(Invalid::NoManifest)?;
-    Manifest::parse(std::str::from_utf8(text).map_err(|_| Invalid::Manifest("not UTF-8".into()))?)
+    Ok(Manifest::parse(
+        std::str::from_utf8(text).map_err(|_| Invalid::Manifest("not UTF-8".into()))?,
+    )?)
 }
 
 /// Signs bundle bytes with `key`, claiming what the bundle's manifest says

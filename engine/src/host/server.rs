@@ -6,104 +6,14 @@
 #![allow(unsafe_code)]
 
 use std::collections::HashMap;
-use std::ffi::c_void;
 use std::io::{BufReader, BufWriter, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use troupe_sdk::ffi::{Buf, Call};
+use troupe_bundle::plugin::Plugin;
 
 use super::protocol::{self, CALL, CANCEL, DONE, FAILED, HELLO, LOG, MAX_CALL_LOG};
-
-type AbiFn = unsafe extern "C" fn() -> u32;
-type StepsFn = unsafe extern "C" fn() -> Buf;
-type CallFn = unsafe extern "C" fn(*const Call, *mut Buf) -> i32;
-type FreeFn = unsafe extern "C" fn(Buf);
-
-struct Plugin {
-    call: CallFn,
-    free: FreeFn,
-    // Keeps the code mapped for as long as the function pointers are used.
-    _lib: libloading::Library,
-}
-
-impl Plugin {
-    fn load(path: &Path) -> Result<(Plugin, u32, Vec<String>), String> {
-        // SAFETY: loading runs the library's initialisers. Only bundles that
-        // passed the engine's checks get here, in a process of their own.
-        let lib = unsafe { libloading::Library::new(path) }.map_err(|e| e.to_string())?;
-        let sym = |name: &str| {
-            format!(
-                "the library does not export `{name}`; was it built with troupe_sdk::export_steps!?"
-            )
-        };
-        // SAFETY: the symbol types are the ABI documented in troupe_sdk::ffi.
-        unsafe {
-            let abi = *lib
-                .get::<AbiFn>(b"troupe_abi_version")
-                .map_err(|_| sym("troupe_abi_version"))?;
-            let steps = *lib
-                .get::<StepsFn>(b"troupe_steps")
-                .map_err(|_| sym("troupe_steps"))?;
-            let call = *lib
-                .get::<CallFn>(b"troupe_call")
-                .map_err(|_| sym("troupe_call"))?;
-            let free = *lib
-                .get::<FreeFn>(b"troupe_free")
-                .map_err(|_| sym("troupe_free"))?;
-            let abi = abi();
-            let buf = steps();
-            let names = serde_json::from_slice(std::slice::from_raw_parts(buf.ptr, buf.len))
-                .map_err(|e| format!("troupe_steps returned invalid JSON: {e}"));
-            free(buf);
-            Ok((
-                Plugin {
-                    call,
-                    free,
-                    _lib: lib,
-                },
-                abi,
-                names?,
-            ))
-        }
-    }
-
-    fn run(
-        &self,
-        function: &str,
-        input: &[u8],
-        cancel: &AtomicU32,
-        log: &CallLog,
-    ) -> (i32, Vec<u8>) {
-        let call = Call {
-            step: function.as_ptr(),
-            step_len: function.len(),
-            input: input.as_ptr(),
-            input_len: input.len(),
-            cancel,
-            log: Some(log_line),
-            log_sink: log as *const CallLog as *const c_void,
-        };
-        let mut out = Buf {
-            ptr: std::ptr::null_mut(),
-            len: 0,
-            cap: 0,
-        };
-        // SAFETY: `call` and everything it points to outlive the call; the
-        // library fills `out`, which we copy and hand back to it to free.
-        unsafe {
-            let status = (self.call)(&call, &mut out);
-            let bytes = if out.ptr.is_null() {
-                Vec::new()
-            } else {
-                std::slice::from_raw_parts(out.ptr, out.len).to_vec()
-            };
-            (self.free)(out);
-            (status, bytes)
-        }
-    }
-}
 
 /// The protocol channel to the engine, shared by the calls' threads.
 #[derive(Clone)]
@@ -150,19 +60,6 @@ impl CallLog {
     }
 }
 
-/// The `troupe_sdk::ffi::LogFn` the host gives every call.
-unsafe extern "C" fn log_line(sink: *const c_void, line: *const u8, len: usize) {
-    // SAFETY: `sink` is the `CallLog` that `Plugin::run` passed, alive until
-    // the call returns; the library passes a valid line.
-    let (log, line) = unsafe {
-        (
-            &*(sink as *const CallLog),
-            std::slice::from_raw_parts(line, len),
-        )
-    };
-    log.line(line);
-}
-
 /// Runs a step host for the library at `path`, reading calls on stdin and
 /// answering on stdout. Returns the process exit code.
 ///
@@ -189,9 +86,10 @@ pub fn serve(path: &Path) -> i32 {
     };
     let channel = Channel(Arc::new(Mutex::new(BufWriter::new(channel))));
     let plugin = match Plugin::load(path) {
-        Ok((plugin, abi, steps)) => {
-            let steps = serde_json::to_vec(&steps).unwrap_or_default();
-            channel.send(&protocol::encode(HELLO, 0, &[&abi.to_le_bytes(), &steps]));
+        Ok(plugin) => {
+            let steps = serde_json::to_vec(plugin.steps()).unwrap_or_default();
+            let abi = plugin.abi().to_le_bytes();
+            channel.send(&protocol::encode(HELLO, 0, &[&abi, &steps]));
             Arc::new(plugin)
         }
         Err(message) => {
@@ -233,7 +131,9 @@ pub fn serve(path: &Path) -> i32 {
                 };
                 workers.run(Box::new(move || {
                     let (status, body) = match protocol::parse_call(&frame.payload) {
-                        Some((function, input)) => plugin.run(function, input, &flag, &log),
+                        Some((function, input)) => {
+                            plugin.call(function, input, &flag, &|line| log.line(line))
+                        }
                         None => (
                             troupe_sdk::ffi::STATUS_FATAL,
                             b"malformed call frame".to_vec(),

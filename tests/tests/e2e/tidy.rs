@@ -38,6 +38,16 @@ fn dependencies_point_one_way() {
         ours("steps/sdk").is_empty(),
         "the SDK depends on no troupe crate"
     );
+    assert_eq!(
+        ours("steps/bundle"),
+        ["troupe-sdk"],
+        "what a bundle means depends only on the SDK"
+    );
+    assert_eq!(
+        ours("steps/test"),
+        ["troupe-bundle", "troupe-sdk"],
+        "the harness runs steps without the engine"
+    );
     assert_eq!(ours("steps/builtin"), ["troupe-sdk"]);
     assert_eq!(ours("steps/testkit"), ["troupe-sdk"]);
     let engine = deps("engine");

@@ -7,8 +7,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::Invalid;
-use super::params::Params;
+use crate::Invalid;
+use crate::params::Params;
 
 /// The only manifest format this engine reads.
 pub const FORMAT: u32 = 1;
@@ -294,7 +294,7 @@ impl Manifest {
 /// is a literal, `*` (any value), or — in a kind, where there is an action
 /// to take it from — a template.
 fn check_requirement(capability: &str, value: &str, templates: bool) -> Result<(), String> {
-    if !crate::placement::is_capability_name(capability) {
+    if !crate::names::is_capability_name(capability) {
         return Err(format!(
             "requires: {capability:?} is not a capability name (letters, digits, '_', '-', '.'; at most 64)"
         ));
@@ -309,7 +309,7 @@ fn check_requirement(capability: &str, value: &str, templates: bool) -> Result<(
             "requires: {capability} = {value:?}: a step's own requirements are fixed; take values from the action in the kind that uses it (`requires` on the step use)"
         ));
     }
-    let paths = super::template::paths(&Value::from(value))?;
+    let paths = crate::template::paths(&Value::from(value))?;
     if let Some(path) = paths.iter().find(|p| p.starts_with("secrets.")) {
         return Err(format!(
             "requires: {capability} = {value:?}: placement may not use {{{{{path}}}}}; requirements are shown to operators"
@@ -333,7 +333,7 @@ fn check_templates(
         let Some(text) = shell.as_str() else {
             return Err("`shell` must be a string".into());
         };
-        if let Some(path) = super::template::paths(shell)?
+        if let Some(path) = crate::template::paths(shell)?
             .into_iter()
             .find(|p| !p.starts_with("vars."))
         {
@@ -354,7 +354,7 @@ fn check_paths(
     earlier: &BTreeSet<&str>,
     value: &Value,
 ) -> Result<(), String> {
-    for path in super::template::paths(value)? {
+    for path in crate::template::paths(value)? {
         let mut parts = path.split('.');
         let root = parts.next().unwrap_or_default();
         let next = parts.next();
@@ -373,7 +373,7 @@ fn check_paths(
                 ));
             }
             ("vars", Some(_)) => {}
-            ("secrets", Some(name)) if crate::secrets::is_valid_name(name) => {}
+            ("secrets", Some(name)) if crate::names::is_secret_name(name) => {}
             _ => {
                 return Err(format!(
                     "the template {{{{{path}}}}} names nothing; use target, kind, action.id, params.NAME, steps.NAME…, vars.NAME or secrets.NAME"
@@ -386,7 +386,7 @@ fn check_paths(
 
 /// The secrets (`{{secrets.NAME}}`) a step use's settings name.
 pub fn secrets_used(u: &StepUse) -> Vec<String> {
-    super::template::paths(&u.settings)
+    crate::template::paths(&u.settings)
         .unwrap_or_default()
         .into_iter()
         .filter_map(|p| p.strip_prefix("secrets.").map(str::to_owned))
@@ -397,7 +397,7 @@ pub fn secrets_used(u: &StepUse) -> Vec<String> {
 pub fn vars_used(def: &KindDef) -> BTreeSet<String> {
     def.steps
         .iter()
-        .flat_map(|u| super::template::paths(&u.settings).unwrap_or_default())
+        .flat_map(|u| crate::template::paths(&u.settings).unwrap_or_default())
         .filter_map(|p| p.strip_prefix("vars.").map(str::to_owned))
         .collect()
 }

@@ -1,0 +1,20 @@
+//! What may name a capability or a secret.
+
+/// Capability names, and node names (a node's name is its `node`
+/// capability): letters, digits, `_`, `-` and `.`, at most 64 bytes.
+pub fn is_capability_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+/// Whether `name` can name a secret: letters, digits, `_`, `-`, up to 128.
+pub fn is_secret_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-".contains(c))
+}

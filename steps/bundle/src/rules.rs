@@ -1,0 +1,69 @@
+//! When a step runs again: the rules every runner of steps applies (the
+//! engine's, on a server or a node, and the test harness's).
+
+use crate::manifest::Retry;
+
+/// How an attempt that did not succeed ended, as far as trying again goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// The step returned a retryable error.
+    Retryable,
+    /// The step returned a fatal error, panicked, or its host crashed.
+    Fatal,
+    /// The step overran its `timeout_ms` and was stopped; it may have done
+    /// part of its work.
+    TimedOut,
+    /// The node running it went away; whether it ran, and how far, is
+    /// unknown.
+    Lost,
+    /// The call never reached the node: the step did not run.
+    NotRun,
+}
+
+impl Ending {
+    /// Whether the step may be run again after an attempt that ended so: a
+    /// retryable error and a call that never ran, yes; a timeout or a lost
+    /// node only when running it twice is harmless (`idempotent`), as it
+    /// may have run partly; a fatal error never.
+    pub fn may_retry(self, idempotent: bool) -> bool {
+        match self {
+            Ending::Retryable | Ending::NotRun => true,
+            Ending::TimedOut | Ending::Lost => idempotent,
+            Ending::Fatal => false,
+        }
+    }
+
+    /// Whether the attempt counts against `retry.attempts`: a call that
+    /// never ran does not.
+    pub fn counts(self) -> bool {
+        self != Ending::NotRun
+    }
+}
+
+/// Whether to run the step again after an attempt that ended `ending`,
+/// with `failures` counted failures so far (this one included).
+pub fn try_again(retry: &Retry, idempotent: bool, ending: Ending, failures: u32) -> bool {
+    ending.may_retry(idempotent) && (failures < retry.attempts || !ending.counts())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_retry_table() {
+        let retry = Retry {
+            attempts: 2,
+            ..Retry::default()
+        };
+        assert!(try_again(&retry, false, Ending::Retryable, 1));
+        assert!(!try_again(&retry, false, Ending::Retryable, 2));
+        assert!(!try_again(&retry, true, Ending::Fatal, 1));
+        assert!(!try_again(&retry, false, Ending::TimedOut, 1));
+        assert!(try_again(&retry, true, Ending::TimedOut, 1));
+        assert!(!try_again(&retry, false, Ending::Lost, 1));
+        assert!(try_again(&retry, true, Ending::Lost, 1));
+        // Never ran: placed again, however many failures came before.
+        assert!(try_again(&retry, false, Ending::NotRun, 7));
+    }
+}
