@@ -337,26 +337,15 @@ fn outcome(r: Option<Answer>) -> Attempt {
 }
 
 fn result_of(r: CallResult) -> StepResult {
-    use troupe_sdk::ffi::*;
+    use troupe_bundle::plugin::Answer;
     match r {
         CallResult::Crashed(msg) => StepResult::Fatal(msg),
         CallResult::Lost(msg) => StepResult::Lost(msg),
         CallResult::NotSent(msg) => StepResult::NotRun(msg),
-        CallResult::Done { status, body } => {
-            let text = || String::from_utf8_lossy(&body).into_owned();
-            match status {
-                STATUS_OK => match serde_json::from_slice(&body) {
-                    Ok(v) => StepResult::Ok(v),
-                    Err(e) => StepResult::Fatal(format!("step returned invalid JSON: {e}")),
-                },
-                STATUS_RETRYABLE => StepResult::Retryable(text()),
-                STATUS_FATAL => StepResult::Fatal(text()),
-                STATUS_PANIC => StepResult::Fatal(format!("step panicked: {}", text())),
-                STATUS_UNKNOWN_STEP => StepResult::Fatal(text()),
-                other => {
-                    StepResult::Fatal(format!("step returned unknown status {other}: {}", text()))
-                }
-            }
-        }
+        CallResult::Done { status, body } => match troupe_bundle::plugin::answer(status, &body) {
+            Answer::Output(v) => StepResult::Ok(v),
+            Answer::Retryable(m) => StepResult::Retryable(m),
+            Answer::Fatal(m) => StepResult::Fatal(m),
+        },
     }
 }

@@ -133,3 +133,30 @@ unsafe extern "C" fn log_line(sink: *const c_void, line: *const u8, len: usize) 
     };
     log(line);
 }
+
+/// What a call's status and body say, in words a person reads.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    /// The step succeeded with this output.
+    Output(serde_json::Value),
+    /// The step failed, and trying again may help.
+    Retryable(String),
+    /// The step failed for good (or panicked, or is not exported).
+    Fatal(String),
+}
+
+/// Reads a call's `troupe_sdk::ffi::STATUS_*` and body.
+pub fn answer(status: i32, body: &[u8]) -> Answer {
+    use troupe_sdk::ffi::*;
+    let text = || String::from_utf8_lossy(body).into_owned();
+    match status {
+        STATUS_OK => match serde_json::from_slice(body) {
+            Ok(v) => Answer::Output(v),
+            Err(e) => Answer::Fatal(format!("step returned invalid JSON: {e}")),
+        },
+        STATUS_RETRYABLE => Answer::Retryable(text()),
+        STATUS_FATAL | STATUS_UNKNOWN_STEP => Answer::Fatal(text()),
+        STATUS_PANIC => Answer::Fatal(format!("step panicked: {}", text())),
+        other => Answer::Fatal(format!("step returned unknown status {other}: {}", text())),
+    }
+}
