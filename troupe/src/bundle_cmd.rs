@@ -15,6 +15,19 @@ use crate::client::Client;
 
 #[derive(Subcommand)]
 pub(crate) enum BundleCommand {
+    /// Start a step crate: a typed example step, a kind in bundle.toml, a
+    /// unit test and a harness test (troupe-test), ready to `cargo test`.
+    New {
+        /// The crate's and the bundle's name, e.g. vps-steps.
+        name: String,
+        /// Where to create it [default: ./NAME]
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// A troupe checkout, for the troupe-sdk and troupe-test crates the
+        /// step crate depends on [default: the one this troupe was built from]
+        #[arg(long, value_name = "DIR")]
+        troupe_src: Option<PathBuf>,
+    },
     /// Build a bundle (format v1) from a manifest and a plugin library.
     Build {
         /// The manifest, e.g. steps/builtin/bundle.toml.
@@ -225,6 +238,30 @@ fn print_bundle(b: &Value) {
 
 pub(crate) async fn run(cmd: BundleCommand) -> Result<ExitCode> {
     match cmd {
+        BundleCommand::New {
+            name,
+            dir,
+            troupe_src,
+        } => {
+            let dir = crate::scaffold::new(&name, dir, troupe_src)?;
+            let d = dir.display();
+            println!("created step crate {name} in {d}");
+            println!();
+            println!("next:");
+            println!(
+                "  cd {d} && cargo test                 # unit test and the kinds, in the harness"
+            );
+            println!("  cargo build --release");
+            println!(
+                "  troupe bundle build bundle.toml --library target/release/lib{}.so",
+                name.replace('-', "_")
+            );
+            println!(
+                "  troupe bundle sign {name}-0.1.0.bundle --key KEYFILE   # troupe keys generate --out KEYFILE"
+            );
+            println!("  troupe bundle push {name}-0.1.0.bundle");
+            println!("  troupe submit hello --target vps-123 --wait");
+        }
         BundleCommand::Build {
             manifest,
             library,

@@ -13,6 +13,7 @@ mod client;
 mod demo;
 mod fleet;
 mod node_cmd;
+mod scaffold;
 mod serve;
 mod watch;
 

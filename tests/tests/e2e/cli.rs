@@ -3,7 +3,7 @@
 
 use crate::harness::{Db, Env, scratch_dir, troupe, troupe_bin};
 
-fn text(o: &std::process::Output) -> String {
+pub(crate) fn text(o: &std::process::Output) -> String {
     format!(
         "{}{}",
         String::from_utf8_lossy(&o.stdout),
@@ -70,48 +70,74 @@ fn an_installed_binary_finds_its_step_library() {
     assert!(text(&demo).contains("succeeded"), "{}", text(&demo));
 }
 
+/// A `troupe demo` serving on, started in `dir` trusting `keys`.
+pub(crate) struct Demo {
+    process: std::process::Child,
+    /// Its API's address.
+    pub url: String,
+    /// What it printed up to "Press Ctrl-C".
+    pub said: String,
+}
+
+impl Demo {
+    pub(crate) fn start(dir: &std::path::Path, keys: &[&str]) -> Demo {
+        use std::io::BufRead;
+        let mut args = vec!["demo", "--listen", "127.0.0.1:0"];
+        for key in keys {
+            args.extend(["--trust", key]);
+        }
+        let mut process = std::process::Command::new(troupe_bin())
+            .args(args)
+            .current_dir(dir)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut url = None;
+        let mut said = String::new();
+        for line in std::io::BufReader::new(process.stdout.take().unwrap()).lines() {
+            let line = line.unwrap();
+            said.push_str(&line);
+            said.push('\n');
+            if let Some(rest) = line.strip_prefix("troupe listening on ") {
+                url = rest.split_whitespace().next().map(str::to_owned);
+            }
+            if line.starts_with("Press Ctrl-C") {
+                break;
+            }
+        }
+        let url = url.unwrap_or_else(|| panic!("no address in:\n{said}"));
+        Demo { process, url, said }
+    }
+
+    /// Runs the CLI in `dir` against this demo (it finds the demo's
+    /// credential there).
+    pub(crate) fn cli(&self, dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(troupe_bin())
+            .args(args)
+            .args(["--server", &self.url])
+            .current_dir(dir)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
 /// `demo --trust KEY`: the demo server takes a bundle its user signed, and
 /// the CLI in the same directory needs no credential step to push it.
 #[test]
 fn the_demo_trusts_the_users_key() {
-    use std::io::BufRead;
     let dir = scratch_dir("demo-trust");
     let b = crate::harness::bundles();
-    let mut demo = std::process::Command::new(troupe_bin())
-        .args(["demo", "--listen", "127.0.0.1:0", "--trust", &b.public_key])
-        .current_dir(&dir)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut url = None;
-    let mut said = String::new();
-    for line in std::io::BufReader::new(demo.stdout.take().unwrap()).lines() {
-        let line = line.unwrap();
-        said.push_str(&line);
-        said.push('\n');
-        if let Some(rest) = line.strip_prefix("troupe listening on ") {
-            url = rest.split_whitespace().next().map(str::to_owned);
-        }
-        if line.starts_with("Press Ctrl-C") {
-            break;
-        }
-    }
-    let url = url.unwrap_or_else(|| panic!("no address in:\n{said}"));
-    assert!(said.contains("troupe bundle push"), "{said}");
-    let push = std::process::Command::new(troupe_bin())
-        .args([
-            "bundle",
-            "push",
-            b.testkit.to_str().unwrap(),
-            "--server",
-            &url,
-        ])
-        .current_dir(&dir)
-        .output()
-        .unwrap();
-    let _ = demo.kill();
-    let _ = demo.wait();
+    let demo = Demo::start(&dir, &[&b.public_key]);
+    assert!(demo.said.contains("troupe bundle push"), "{}", demo.said);
+    let push = demo.cli(&dir, &["bundle", "push", b.testkit.to_str().unwrap()]);
     assert!(push.status.success(), "{}", text(&push));
     assert!(text(&push).contains("testkit"), "{}", text(&push));
 }
