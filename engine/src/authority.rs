@@ -238,7 +238,7 @@ impl Authority {
         }
         let claims = verified.claims();
         let manifest = bundle::inspect(verified.bytes())?;
-        bundle::manifest::require_semver(&manifest.version)?;
+        manifest.check_new()?;
         self.check_kinds(&manifest).await?;
         if let Some(newest) = rows
             .iter()

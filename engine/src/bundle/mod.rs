@@ -92,7 +92,7 @@ pub struct Unpacked {
 /// The output is deterministic: the same inputs give the same hash.
 pub fn build(manifest_text: &str, libraries: &[(&str, &[u8])]) -> Result<Vec<u8>, Invalid> {
     let manifest = Manifest::parse(manifest_text)?;
-    manifest::require_semver(&manifest.version)?;
+    manifest.check_new()?;
     let options = zip::write::SimpleFileOptions::default()
         .compression_method(zip::CompressionMethod::Deflated)
         .last_modified_time(zip::DateTime::default())

@@ -279,6 +279,45 @@ impl Manifest {
             .collect()
     }
 
+    /// The rules a new bundle must meet beyond what loading checks (bundles
+    /// stored before a rule existed still load): a semver version, and no
+    /// template naming an optional param that has no default — it would
+    /// have no value when a request leaves the param out.
+    pub fn check_new(&self) -> Result<(), Invalid> {
+        require_semver(&self.version)?;
+        for (kind, def) in &self.kinds {
+            let specs = def.params.specs();
+            for u in &def.steps {
+                let mut paths = crate::template::paths(&u.settings).unwrap_or_default();
+                for value in u.requires.values() {
+                    paths.extend(
+                        crate::template::paths(&Value::from(value.as_str())).unwrap_or_default(),
+                    );
+                }
+                for path in paths {
+                    let Some(p) = path
+                        .strip_prefix("params.")
+                        .map(|p| p.split('.').next().unwrap_or(p))
+                    else {
+                        continue;
+                    };
+                    if specs
+                        .get(p)
+                        .is_some_and(|s| !s.is_required() && s.default.is_none())
+                    {
+                        return Err(Invalid::Manifest(format!(
+                            "kind {kind:?}, step {:?}: the template {{{{{path}}}}} names param {p:?}, which is optional \
+                             with no default, so it has no value when a request leaves it out; give it a `default` \
+                             (or make it required)",
+                            u.name()
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The library's file name on this platform.
     pub fn library_file(&self) -> String {
         format!(
@@ -477,6 +516,30 @@ mod tests {
         assert_eq!(k.steps[1].name(), "again");
         assert_eq!(m.steps["a"].retry.attempts, 1);
         assert_eq!(m.functions().into_iter().collect::<Vec<_>>(), ["a"]);
+    }
+
+    /// A template needs a value whenever the step runs: an optional param
+    /// with no default has none when a request leaves it out, so naming it
+    /// is refused at build time, not found at run time.
+    #[test]
+    fn a_template_of_an_optional_param_needs_its_default() {
+        let optional = GOOD
+            .replace(
+                "[kinds.k]",
+                "[kinds.k]\n        params.delay_ms = { type = \"integer\", required = false }",
+            )
+            .replace("with = { x = 1 }", "with = { x = \"{{params.delay_ms}}\" }");
+        // Loading still takes it (a bundle stored before the rule loads);
+        // building or pushing a new one does not.
+        let m = Manifest::parse(&optional).unwrap();
+        match m.check_new() {
+            Err(Invalid::Manifest(m)) => {
+                assert!(m.contains("delay_ms") && m.contains("default"), "{m}")
+            }
+            other => panic!("accepted: {other:?}"),
+        }
+        let defaulted = optional.replace("required = false", "default = 0");
+        Manifest::parse(&defaulted).unwrap().check_new().unwrap();
     }
 
     #[test]

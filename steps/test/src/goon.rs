@@ -39,6 +39,8 @@ pub(crate) enum Act {
     Cancel,
     /// The node running the step goes away while it runs.
     LoseNode(String),
+    /// The step is not called; the attempt succeeds with this output.
+    Output(serde_json::Value),
 }
 
 impl Goon {
@@ -93,6 +95,13 @@ impl Goon {
     /// only when the step is idempotent.
     pub fn lose_node(step: &str) -> Goon {
         Goon::new(step, Act::LoseNode("node-1".to_owned()))
+    }
+
+    /// `step` is not called and succeeds with `output`: a stand-in for a
+    /// step that needs what a test does not have (a hypervisor, a BMC), so
+    /// the rest of the kind can be tested.
+    pub fn output(step: &str, output: serde_json::Value) -> Goon {
+        Goon::new(step, Act::Output(output))
     }
 
     /// Acts on attempt `n` (1 is the first) instead of the first.

@@ -129,6 +129,7 @@ impl Bundle {
     fn load(manifest: Manifest, library: &Path) -> Result<Bundle, Error> {
         let plugin = Plugin::load(library)
             .map_err(|e| Error(format!("cannot load {}: {e}", library.display())))?;
+        manifest.check_new()?;
         if plugin.abi() != manifest.abi {
             return Err(Error(format!(
                 "bundle.toml says abi = {}, but the library was built for ABI {}; set abi = {}",
@@ -172,7 +173,7 @@ impl Bundle {
             vars: Map::new(),
             secrets: BTreeMap::new(),
             goons: Vec::new(),
-            grace: Duration::from_secs(5),
+            grace: Duration::from_secs(2),
         }
     }
 }
@@ -231,7 +232,7 @@ impl Run<'_> {
     }
 
     /// How long a step that overran its timeout, or was cancelled, has to
-    /// return before it is given up on (default 5 s, as `troupe serve`).
+    /// return before it is given up on (default 2 s, as `troupe serve --cancel-grace`).
     pub fn grace(mut self, grace: Duration) -> Self {
         self.grace = grace;
         self
@@ -459,6 +460,7 @@ impl Call<'_> {
             Some(Act::LoseNode(node)) => instant(Outcome::Lost(format!(
                 "node {node} went away while the step ran and did not come back in time"
             ))),
+            Some(Act::Output(output)) => instant(Outcome::Succeeded(output.clone())),
             Some(Act::Cancel) | None => self.call(input, cancel),
         }
     }

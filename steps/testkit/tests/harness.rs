@@ -302,3 +302,16 @@ fn bundle_library() -> std::path::PathBuf {
         .find(|p| p.is_file())
         .expect("cargo built the testkit library")
 }
+
+#[test]
+fn goon_output_stands_in_for_a_step() {
+    // `fail` would fail the action; the goon answers for it.
+    let report = bundle()
+        .kind("fail")
+        .goon(Goon::output("fail", json!({ "rebooted": true })))
+        .run()
+        .unwrap();
+    assert_eq!(report.status, Status::Succeeded, "{report}");
+    assert_eq!(report.output("fail").unwrap()["rebooted"], true);
+    assert_eq!(report.step("never").status, StepStatus::Succeeded);
+}

@@ -19,8 +19,9 @@ fn cargo(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
         .args(args)
         .arg("--offline")
         .current_dir(dir)
-        // Its own target directory: the scaffold is a crate of its own.
-        .env("CARGO_TARGET_DIR", dir.join("target"))
+        // Step crates are crates of their own; the ones a test makes share
+        // a target directory, so their dependencies build once.
+        .env("CARGO_TARGET_DIR", dir.parent().unwrap().join("target"))
         .env_remove("RUSTFLAGS")
         .output()
         .unwrap()
@@ -51,7 +52,7 @@ fn a_new_step_crate_builds_tests_and_runs_on_a_server() {
     // Built, signed and pushed to a demo that trusts the author's key.
     let built = cargo(&krate, &["build"]);
     assert!(built.status.success(), "{}", text(&built));
-    let library = krate.join("target/debug/libvps_steps.so");
+    let library = work.join("target/debug/libvps_steps.so");
     let build = troupe(
         &krate,
         &[
