@@ -74,6 +74,7 @@ pub const CODES: &[(&str, u16, &str)] = &[
     ("token_not_found", 404, "no token with that id"),
     ("node_not_found", 404, "no node by that name"),
     ("secret_not_found", 404, "no secret with that name"),
+    ("goon_not_found", 404, "no goon with that id"),
     ("no_route", 404, "no such endpoint"),
     (
         "idempotency_conflict",
@@ -81,6 +82,11 @@ pub const CODES: &[(&str, u16, &str)] = &[
         "the idempotency key was used for a different request",
     ),
     ("not_cancellable", 409, "the action already finished"),
+    (
+        "goons_off",
+        409,
+        "goons were asked of a server not started with --goons",
+    ),
     (
         "kind_not_configured",
         409,
@@ -256,6 +262,8 @@ impl From<engine::Error> for ApiError {
             E::TokenNotFound(_) => (StatusCode::NOT_FOUND, "token_not_found"),
             E::NodeNotFound(_) => (StatusCode::NOT_FOUND, "node_not_found"),
             E::SecretNotFound(_) => (StatusCode::NOT_FOUND, "secret_not_found"),
+            E::GoonsOff => (StatusCode::CONFLICT, "goons_off"),
+            E::GoonNotFound(_) => (StatusCode::NOT_FOUND, "goon_not_found"),
             E::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
             E::Database(_) | E::Migrate(_) => {
                 // Log the details once, here; never send SQL to clients.

@@ -43,6 +43,7 @@ mod admin;
 mod auth;
 mod bundles;
 mod error;
+mod goons;
 mod nodes;
 mod openapi;
 pub mod tls;
@@ -105,6 +106,8 @@ fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(admin::audit))
         .routes(routes!(admin::list_secrets))
         .routes(routes!(admin::set_secret, admin::delete_secret))
+        .routes(routes!(goons::list, goons::add, goons::clear))
+        .routes(routes!(goons::remove))
         .routes(routes!(nodes::list))
         .routes(routes!(nodes::get))
         .routes(routes!(nodes::accept))

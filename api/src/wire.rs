@@ -435,6 +435,54 @@ pub struct SetSecret {
     pub value: String,
 }
 
+/// A goon a test deployment holds (`troupe serve --goons`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct GoonView {
+    pub id: u64,
+    /// The step (its name in the kind) it acts on.
+    pub step: String,
+    /// The attempt it acts on; null: every attempt.
+    pub attempt: Option<u32>,
+    /// Only actions of this kind; null: any.
+    pub kind: Option<String>,
+    /// How many times it acts in all; null: until removed.
+    pub times: Option<u32>,
+    /// What it does: "crash", "cancel", {"fail": …}, {"delay": …},
+    /// {"lose_node": …} or {"output": …}.
+    #[schema(value_type = Object)]
+    pub act: Value,
+    /// How many attempts it acted on so far.
+    pub acted: u32,
+    pub added_by: String,
+    pub added_at: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct GoonList {
+    pub goons: Vec<GoonView>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct GoonsRemoved {
+    pub removed: usize,
+}
+
+impl From<&engine::goons::Armed> for GoonView {
+    fn from(a: &engine::goons::Armed) -> GoonView {
+        GoonView {
+            id: a.id,
+            step: a.goon.step.clone(),
+            attempt: a.goon.attempt,
+            kind: a.goon.kind.clone(),
+            times: a.goon.times,
+            act: serde_json::to_value(&a.goon.act).unwrap_or_default(),
+            acted: a.acted,
+            added_by: a.added_by.clone(),
+            added_at: time(&a.added_at),
+        }
+    }
+}
+
 /// Every error: a stable code and a message for people.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorBody {

@@ -91,6 +91,7 @@ impl EngineProbe {
             trusted_keys: vec![key.public()],
             vars: Default::default(),
             secrets_key: crate::secrets::SecretsKey::generate().expect("randomness"),
+            goons: false,
         })
         .await?;
         engine

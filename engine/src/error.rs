@@ -53,6 +53,12 @@ pub enum Error {
     },
     #[error("key {0} was revoked; a revoked key cannot be trusted again, generate a new one")]
     KeyRevoked(String),
+    #[error(
+        "goons are off on this server; they inject faults on purpose, so only a test deployment started with `troupe serve --goons` takes them"
+    )]
+    GoonsOff,
+    #[error("no goon with id {0}; `troupe goons list` shows them")]
+    GoonNotFound(u64),
     #[error("no key with id {0} is known")]
     KeyNotFound(String),
     #[error(

@@ -18,6 +18,7 @@ pub mod bundle;
 mod control;
 mod error;
 pub mod failpoints;
+pub mod goons;
 pub mod host;
 pub mod model;
 pub mod nodes;
@@ -75,6 +76,8 @@ pub struct Config {
     pub vars: std::collections::BTreeMap<String, String>,
     /// The key secrets are encrypted under (see `secrets`).
     pub secrets_key: secrets::SecretsKey,
+    /// Whether goons may be added over the API (a test deployment only).
+    pub goons: bool,
 }
 
 pub const MAX_TARGET_LEN: usize = 255;
@@ -193,6 +196,7 @@ impl Engine {
             secrets_key: config.secrets_key.clone(),
             nodes: drained_nodes(&store).await?,
             node_grace: config.node_grace,
+            goons: config.goons.then(Default::default),
             vars: config
                 .vars
                 .iter()
@@ -803,6 +807,51 @@ impl Engine {
             .iter()
             .map(SecretInfo::from)
             .collect())
+    }
+
+    /// The goons this server holds, if it was started with them on.
+    pub fn goons(&self) -> Result<Vec<goons::Armed>> {
+        Ok(self.goons_on()?.list())
+    }
+
+    fn goons_on(&self) -> Result<&goons::Goons> {
+        self.inner.shared.goons.as_deref().ok_or(Error::GoonsOff)
+    }
+
+    /// Arms a goon: from now on it acts on the attempts it matches.
+    pub async fn add_goon(&self, goon: goons::Goon, by: &str) -> Result<goons::Armed> {
+        let goons = self.goons_on()?;
+        goon.check().map_err(Error::InvalidRequest)?;
+        let armed = goons.add(goon, by);
+        let audit = AuditEntry::new(by, "goon.added", &armed.id.to_string(), json!(armed.goon));
+        if let Err(e) = self
+            .inner
+            .store
+            .write(vec![Write::Audit(Box::new(audit))])
+            .await
+        {
+            goons.remove(armed.id);
+            return Err(e);
+        }
+        tracing::warn!(goon = armed.id, by, step = %armed.goon.step, "goon added");
+        Ok(armed)
+    }
+
+    /// Disarms goon `id`, or every goon with `None`; returns how many.
+    pub async fn remove_goons(&self, id: Option<u64>, by: &str) -> Result<usize> {
+        let goons = self.goons_on()?;
+        let removed = match id {
+            Some(id) if goons.remove(id) => 1,
+            Some(id) => return Err(Error::GoonNotFound(id)),
+            None => goons.clear(),
+        };
+        let what = id.map_or_else(|| "all".to_owned(), |id| id.to_string());
+        let audit = AuditEntry::new(by, "goon.removed", &what, json!({ "removed": removed }));
+        self.inner
+            .store
+            .write(vec![Write::Audit(Box::new(audit))])
+            .await?;
+        Ok(removed)
     }
 
     /// The audit log, newest first.

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
+use troupe_bundle::goon::Act;
 use troupe_bundle::rules::{self, Ending};
 
 use crate::agency::{AgencyHandle, LoadedBundle};
@@ -36,6 +37,8 @@ pub(crate) struct Shared {
     /// How long a step in flight on a node waits for the node to report it
     /// after this server restarted.
     pub(crate) node_grace: Duration,
+    /// Faults to inject, when the server runs with goons on.
+    pub(crate) goons: Option<Arc<crate::goons::Goons>>,
 }
 
 impl Shared {
@@ -405,6 +408,18 @@ async fn steps(
                 Err(LoadError::Missing(m)) => Err(StepResult::Fatal(m)),
                 Err(LoadError::Unavailable(m)) => Err(StepResult::Retryable(m)),
             };
+            // A goon of a test deployment may stand in for this attempt.
+            let goon = match (&shared.goons, &reattached) {
+                (Some(goons), None) => goons.take(&action.kind, name, attempt),
+                _ => None,
+            };
+            if let Some(Act::Cancel) = goon {
+                carry.push(Write::RequestCancel {
+                    id,
+                    at: crate::model::now(),
+                });
+                cancel.cancel();
+            }
             let mut scope = scope_of(action, &outputs, &shared.vars);
             scope["secrets"] = json!(secrets.as_ref().ok());
             let ran = match (secrets, template::resolve(&step_use.settings, &scope)) {
@@ -427,30 +442,45 @@ async fn steps(
                         seq,
                         attempt,
                     };
-                    match (&reattached, &placed) {
-                        (Some(node), _) => {
-                            tracing::info!(action_id = id, step = name, node = %node, "following a step that ran on a node while this server was down");
-                            handle
-                                .reattach(
-                                    &shared.nodes,
-                                    node,
-                                    key,
-                                    (shared.node_grace, started_at),
-                                    cancel.child_token(),
-                                )
-                                .await
-                        }
-                        (None, None) => handle.run(input, cancel.child_token()).await,
-                        (None, Some(node)) => {
-                            #[cfg(feature = "failpoints")]
-                            if let Some(ms) = (|| {
-                                fail::fail_point!("runner.before_remote_call", |ms| ms
-                                    .and_then(|ms| ms.parse::<u64>().ok()));
-                                None
-                            })() {
-                                tokio::time::sleep(Duration::from_millis(ms)).await;
+                    let call = async {
+                        match (&reattached, &placed) {
+                            (Some(node), _) => {
+                                tracing::info!(action_id = id, step = name, node = %node, "following a step that ran on a node while this server was down");
+                                handle
+                                    .reattach(
+                                        &shared.nodes,
+                                        node,
+                                        key,
+                                        (shared.node_grace, started_at),
+                                        cancel.child_token(),
+                                    )
+                                    .await
                             }
-                            handle.run_on(node, key, input, cancel.child_token()).await
+                            (None, None) => handle.run(input, cancel.child_token()).await,
+                            (None, Some(node)) => {
+                                #[cfg(feature = "failpoints")]
+                                if let Some(ms) = (|| {
+                                    fail::fail_point!("runner.before_remote_call", |ms| ms
+                                        .and_then(|ms| ms.parse::<u64>().ok()));
+                                    None
+                                })() {
+                                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                                }
+                                handle.run_on(node, key, input, cancel.child_token()).await
+                            }
+                        }
+                    };
+                    match goon {
+                        None => call.await,
+                        Some(act) => {
+                            let node = placed.as_ref().map(|n| n.name.as_str());
+                            let stand_in = StandIn {
+                                name,
+                                timeout: handle.def.timeout(),
+                                node,
+                                cancel,
+                            };
+                            stand_in.act(act, call).await
                         }
                     }
                 }
@@ -546,6 +576,49 @@ async fn steps(
         }
     }
     End::Finished(ActionStatus::Succeeded, None)
+}
+
+/// What a goon does in place of (or before) an attempt's call.
+struct StandIn<'a> {
+    name: &'a str,
+    timeout: Duration,
+    node: Option<&'a str>,
+    cancel: &'a CancellationToken,
+}
+
+impl StandIn<'_> {
+    async fn act(self, act: Act, call: impl std::future::Future<Output = Attempt>) -> Attempt {
+        match act {
+            Act::Fail {
+                retryable: true,
+                message,
+            } => StepResult::Retryable(message).into(),
+            Act::Fail { message, .. } => StepResult::Fatal(message).into(),
+            Act::Crash => StepResult::Fatal(troupe_bundle::goon::CRASHED.to_owned()).into(),
+            Act::LoseNode { node } => {
+                let node = node.as_deref().or(self.node).unwrap_or("node-1");
+                StepResult::Lost(troupe_bundle::goon::lost(node)).into()
+            }
+            Act::Output { output } => StepResult::Ok(output).into(),
+            Act::Cancel => call.await,
+            Act::Delay { .. } => {
+                let (wait, overruns) = act.delay(self.timeout).expect("a delay");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = self.cancel.cancelled() => return StepResult::Cancelled.into(),
+                }
+                if overruns {
+                    let why = format!(
+                        "step {:?} timed out after {} ms",
+                        self.name,
+                        self.timeout.as_millis()
+                    );
+                    return StepResult::TimedOut(why).into();
+                }
+                call.await
+            }
+        }
+    }
 }
 
 /// Finds where a step that requires capabilities runs.

@@ -27,6 +27,7 @@ pub(crate) enum TokensCommand {
         /// Make the token expire after this long, e.g. 24h or 90d [default: never]
         #[arg(long, value_parser = parse_duration)]
         expires_in: Option<Duration>,
+        /// Print the API's JSON instead of text.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -34,6 +35,7 @@ pub(crate) enum TokensCommand {
     },
     /// List API tokens (never their secrets).
     List {
+        /// Print the API's JSON instead of text.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -43,6 +45,9 @@ pub(crate) enum TokensCommand {
     Revoke {
         /// The token's id (the part after troupe_, as `tokens list` shows it).
         id: String,
+        /// Print the API's JSON instead of text.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -59,6 +64,7 @@ pub(crate) enum SecretsCommand {
     },
     /// List the secrets that are set (names only; values never leave the server).
     List {
+        /// Print the API's JSON instead of text.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -220,11 +226,15 @@ pub(crate) async fn run(cmd: TokensCommand) -> Result<ExitCode> {
                 }
             }
         }
-        TokensCommand::Revoke { id, server } => {
+        TokensCommand::Revoke { id, json, server } => {
             let t = Client::connect(&server)?
                 .post(&format!("/v1/tokens/{id}/revoke"), &json!({}))
                 .await?;
-            println!("revoked token {} ({})", s(&t["id"]), s(&t["name"]));
+            if json {
+                println!("{}", serde_json::to_string_pretty(&t)?);
+            } else {
+                println!("revoked token {} ({})", s(&t["id"]), s(&t["name"]));
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -251,7 +261,7 @@ pub(crate) async fn audit(
         };
         println!(
             "{:>5}  {}  {:<20}  {:<17} {}  {}",
-            e["id"],
+            e["id"].as_i64().unwrap_or_default(),
             s(&e["at"]),
             s(&e["actor"]),
             s(&e["event"]),

@@ -63,13 +63,19 @@ pub(crate) enum BundleCommand {
         signature: Option<PathBuf>,
     },
     /// Check a bundle file and print its hash and kinds (no signature needed).
-    Inspect { bundle: PathBuf },
+    Inspect {
+        bundle: PathBuf,
+        /// Print JSON (hash, name, version, abi, kinds and their steps) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Send a signed bundle to the server; it becomes active for new actions.
     Push {
         bundle: PathBuf,
         /// The signature file [default: BUNDLE.sig]
         #[arg(long)]
         signature: Option<PathBuf>,
+        /// Print the API's JSON instead of text.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -77,6 +83,7 @@ pub(crate) enum BundleCommand {
     },
     /// List the bundles the server holds, with their status and actions in flight.
     List {
+        /// Print the API's JSON instead of text.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -86,6 +93,9 @@ pub(crate) enum BundleCommand {
     Activate {
         /// Its hash, or enough of its start to name one bundle.
         hash: String,
+        /// Print the API's JSON instead of text.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -106,6 +116,7 @@ pub(crate) enum KeysCommand {
     },
     /// List the keys the server trusts.
     List {
+        /// Print the API's JSON instead of text.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -114,12 +125,18 @@ pub(crate) enum KeysCommand {
     /// Trust a public key (ed25519:…) for signing bundles (needs an admin token).
     Trust {
         public_key: String,
+        /// Print the API's JSON instead of text.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         server: ServerArg,
     },
     /// Revoke a key: its bundles take no new actions, and actions in flight on them fail.
     Revoke {
         key_id: String,
+        /// Print the API's JSON instead of text.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -344,9 +361,31 @@ pub(crate) async fn run(cmd: BundleCommand) -> Result<ExitCode> {
                 verified.key_id()
             );
         }
-        BundleCommand::Inspect { bundle } => {
+        BundleCommand::Inspect { bundle, json } => {
             let bytes = read(&bundle)?;
             let m = engine::bundle::inspect(&bytes)?;
+            if json {
+                let kinds: serde_json::Map<String, Value> = m
+                    .kinds
+                    .iter()
+                    .map(|(name, k)| {
+                        let steps: Vec<&str> = k.steps.iter().map(|s| s.name()).collect();
+                        (
+                            name.clone(),
+                            json!({ "steps": steps, "description": k.description }),
+                        )
+                    })
+                    .collect();
+                let v = json!({
+                    "hash": engine::BundleHash::of(&bytes).to_string(),
+                    "name": m.name,
+                    "version": m.version,
+                    "abi": m.abi,
+                    "kinds": kinds,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(ExitCode::SUCCESS);
+            }
             println!("hash     {}", engine::BundleHash::of(&bytes));
             println!("bundle   {} {} (ABI {})", m.name, m.version, m.abi);
             for (name, k) in &m.kinds {
@@ -380,13 +419,13 @@ pub(crate) async fn run(cmd: BundleCommand) -> Result<ExitCode> {
                 }
             });
         }
-        BundleCommand::Activate { hash, server } => {
+        BundleCommand::Activate { hash, json, server } => {
             let client = Client::connect(&server)?;
             let hash = full_hash(&client, &hash).await?;
             let b = client
                 .post(&format!("/v1/bundles/{hash}/activate"), &json!({}))
                 .await?;
-            print_bundle(&b);
+            return print_json_or(json, &b, print_bundle);
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -456,17 +495,25 @@ pub(crate) async fn run_keys(cmd: KeysCommand) -> Result<ExitCode> {
                 }
             });
         }
-        KeysCommand::Trust { public_key, server } => {
+        KeysCommand::Trust {
+            public_key,
+            json,
+            server,
+        } => {
             let k = Client::connect(&server)?
                 .post("/v1/keys", &json!({ "public_key": public_key }))
                 .await?;
-            println!("trusted key {}", s(&k["key_id"]));
+            return print_json_or(json, &k, |k| println!("trusted key {}", s(&k["key_id"])));
         }
-        KeysCommand::Revoke { key_id, server } => {
+        KeysCommand::Revoke {
+            key_id,
+            json,
+            server,
+        } => {
             let k = Client::connect(&server)?
                 .post(&format!("/v1/keys/{key_id}/revoke"), &json!({}))
                 .await?;
-            println!("revoked key {}", s(&k["key_id"]));
+            return print_json_or(json, &k, |k| println!("revoked key {}", s(&k["key_id"])));
         }
     }
     Ok(ExitCode::SUCCESS)

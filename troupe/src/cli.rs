@@ -91,6 +91,7 @@ enum Command {
         /// Only actions with an id below this (for paging).
         #[arg(long)]
         before: Option<i64>,
+        /// Print the API's JSON instead of text.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -102,11 +103,15 @@ enum Command {
         /// Wait until the action has stopped.
         #[arg(long)]
         wait: bool,
+        /// Print the API's JSON instead of text.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         server: ServerArg,
     },
     /// List the action kinds the server can run.
     Kinds {
+        /// Print the API's JSON instead of text.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -124,6 +129,9 @@ enum Command {
     /// Set, list and delete secrets for steps (needs an admin token).
     #[command(subcommand)]
     Secrets(crate::admin_cmd::SecretsCommand),
+    /// Make steps misbehave on purpose in a test deployment (a server started with --goons), to rehearse failures (needs an admin token).
+    #[command(subcommand)]
+    Goons(crate::goons_cmd::GoonsCommand),
     /// Show the audit log: who pushed, activated, trusted, revoked or created what (needs an admin token).
     Audit {
         #[arg(long, default_value_t = 50)]
@@ -131,6 +139,7 @@ enum Command {
         /// Only entries with an id below this (for paging).
         #[arg(long)]
         before: Option<i64>,
+        /// Print the API's JSON instead of text.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -262,11 +271,24 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Cancel { id, wait, server } => {
+        Command::Cancel {
+            id,
+            wait,
+            json,
+            server,
+        } => {
             let client = Client::connect(&server)?;
             let action = client.cancel(id).await?;
+            let show = crate::watch::Show {
+                json,
+                ..Default::default()
+            };
             if wait {
-                return crate::watch::follow(&client, action, Default::default()).await;
+                return crate::watch::follow(&client, action, show).await;
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&action)?);
+                return Ok(ExitCode::SUCCESS);
             }
             match action["status"].as_str() {
                 Some("running") => {
@@ -307,6 +329,7 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Keys(cmd) => crate::bundle_cmd::run_keys(cmd).await,
         Command::Tokens(cmd) => crate::admin_cmd::run(cmd).await,
         Command::Secrets(cmd) => crate::admin_cmd::run_secrets(cmd).await,
+        Command::Goons(cmd) => cmd.run().await,
         Command::Audit {
             limit,
             before,

@@ -32,6 +32,9 @@ pub(crate) struct DemoArgs {
     /// Also trust this public key (ed25519:…, from `troupe keys generate` or `troupe keys public`), so bundles you sign can be pushed to the demo. Repeat for more.
     #[arg(long = "trust", value_name = "KEY")]
     trust: Vec<String>,
+    /// Take goons (`troupe goons add`), to rehearse failures on the demo.
+    #[arg(long)]
+    goons: bool,
 }
 
 pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
@@ -94,6 +97,7 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
         node_timeout: Duration::from_secs(4),
         node_grace: Duration::from_secs(60),
         lease: Duration::from_secs(30),
+        goons: args.goons,
     };
     let engine = crate::serve::start_engine(&serve).await?;
     let token_path = data_dir.join(crate::args::ADMIN_TOKEN_FILE);

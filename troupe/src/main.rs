@@ -12,6 +12,7 @@ mod cli;
 mod client;
 mod demo;
 mod fleet;
+mod goons_cmd;
 mod node_cmd;
 mod scaffold;
 mod serve;

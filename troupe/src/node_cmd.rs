@@ -203,6 +203,7 @@ fn client_tls(path: &std::path::Path) -> Result<rustls::ClientConfig> {
 pub(crate) enum NodesCommand {
     /// The nodes that joined or asked to: status, address, last heartbeat, steps in flight, bundles cached and pulled, capabilities.
     List {
+        /// Print the API's JSON instead of text.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -211,6 +212,7 @@ pub(crate) enum NodesCommand {
     /// One node in full, with the bundles in its cache.
     Show {
         name: String,
+        /// Print the API's JSON instead of text.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -222,12 +224,18 @@ pub(crate) enum NodesCommand {
     /// Let a pending node in (admin).
     Accept {
         name: String,
+        /// Print the API's JSON instead of text.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         server: ServerArg,
     },
     /// Remove a node: its key is refused from now on and it is disconnected at once (admin).
     Remove {
         name: String,
+        /// Print the API's JSON instead of text.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -236,6 +244,9 @@ pub(crate) enum NodesCommand {
         name: String,
         #[arg(long)]
         undo: bool,
+        /// Print the API's JSON instead of text.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -251,6 +262,7 @@ pub(crate) enum NodeTokenCommand {
         /// Its name, recorded as who let each node in [default: join-<date and time>]
         #[arg(long)]
         name: Option<String>,
+        /// Print the API's JSON instead of text.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -296,31 +308,46 @@ impl NodesCommand {
                 print_node(&n, true);
                 Ok(ExitCode::SUCCESS)
             }
-            NodesCommand::Accept { name, server } => {
+            NodesCommand::Accept { name, json, server } => {
                 let client = Client::connect(&server)?;
-                client
+                let node = client
                     .post(&format!("/v1/nodes/{name}/accept"), &serde_json::json!({}))
                     .await?;
-                println!("node {name} accepted; it takes steps from its next connection");
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&node)?);
+                } else {
+                    println!("node {name} accepted; it takes steps from its next connection");
+                }
                 Ok(ExitCode::SUCCESS)
             }
-            NodesCommand::Remove { name, server } => {
+            NodesCommand::Remove { name, json, server } => {
                 let client = Client::connect(&server)?;
-                client
+                let node = client
                     .post(&format!("/v1/nodes/{name}/remove"), &serde_json::json!({}))
                     .await?;
-                println!("node {name} removed; its key is refused from now on");
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&node)?);
+                } else {
+                    println!("node {name} removed; its key is refused from now on");
+                }
                 Ok(ExitCode::SUCCESS)
             }
-            NodesCommand::Drain { name, undo, server } => {
+            NodesCommand::Drain {
+                name,
+                undo,
+                json,
+                server,
+            } => {
                 let client = Client::connect(&server)?;
                 let path = if undo {
                     format!("/v1/nodes/{name}/drain?undo=true")
                 } else {
                     format!("/v1/nodes/{name}/drain")
                 };
-                client.post(&path, &serde_json::json!({})).await?;
-                if undo {
+                let node = client.post(&path, &serde_json::json!({})).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&node)?);
+                } else if undo {
                     println!("node {name} takes new steps again");
                 } else {
                     println!("node {name} is draining: no new steps; those in flight finish");
@@ -380,7 +407,7 @@ fn print_node(n: &serde_json::Value, full: bool) {
             state,
             text(&n["address"]),
             seen,
-            n["in_flight"],
+            n["in_flight"].as_u64().unwrap_or_default(),
             bundles.len(),
             pulled_kib,
             caps.join(" ")

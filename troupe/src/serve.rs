@@ -67,6 +67,9 @@ pub(crate) struct ServeArgs {
     /// Write a fresh admin token to DATA_DIR/admin.token whenever the file there is missing or stale, even if other admin tokens exist: for tools that own their data directory (troupe bench).
     #[arg(long, hide = true)]
     pub(crate) ensure_admin_token: bool,
+    /// Take goons over the API (`troupe goons add`): faults injected into steps on purpose, to rehearse failures. For test deployments only: never in production.
+    #[arg(long, env = "TROUPE_GOONS")]
+    pub(crate) goons: bool,
     /// How long this server's claim on a running action lasts without renewal.
     #[arg(long, env = "TROUPE_LEASE", default_value = "30s", value_parser = parse_duration)]
     pub(crate) lease: Duration,
@@ -98,6 +101,7 @@ impl ServeArgs {
                 .into_iter()
                 .chain(self.vars.iter().cloned())
                 .collect(),
+            goons: self.goons,
             host_command: HostCommand {
                 program: exe.into(),
                 args: vec![crate::STEP_HOST_ARG.into()],
@@ -182,6 +186,11 @@ pub(crate) async fn start_engine(args: &ServeArgs) -> Result<Engine> {
     let engine = Engine::start(config)
         .await
         .with_context(|| format!("starting the engine on {db}"))?;
+    if args.goons {
+        tracing::warn!(
+            "goons are on: an admin can make steps fail, stall, crash or cancel on purpose (troupe goons add); for test deployments only"
+        );
+    }
     for path in &args.bundles {
         let (bytes, signature) = crate::bundle_cmd::read_signed(path, None)?;
         match engine

@@ -263,7 +263,8 @@ pub(crate) fn print_list(list: &Value, query: &[(&str, String)]) {
     for a in &actions {
         println!(
             "{:>8}  {:<16} {:<24} {:<10} {:<20} {}",
-            a["id"],
+            // A JSON value's Display ignores width: format the number.
+            a["id"].as_i64().unwrap_or_default(),
             s(&a["kind"]),
             s(&a["target"]),
             s(&a["status"]),

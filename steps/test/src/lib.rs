@@ -48,12 +48,11 @@ use troupe_bundle::plugin::Plugin;
 use troupe_bundle::rules::{self, Ending};
 use troupe_bundle::template;
 
-mod goon;
 mod report;
 
-use goon::Act;
-pub use goon::Goon;
 pub use report::{AttemptReport, Outcome, Report, Status, StepReport, StepStatus};
+use troupe_bundle::goon::Act;
+pub use troupe_bundle::goon::Goon;
 
 /// Why a bundle could not be loaded or an action not run: what a server
 /// would have refused before running anything.
@@ -271,6 +270,7 @@ impl Run<'_> {
             run: &self,
             kind,
             clock: Duration::ZERO,
+            acted: vec![0; self.goons.len()],
         }
         .steps())
     }
@@ -281,9 +281,11 @@ struct Runner<'r> {
     run: &'r Run<'r>,
     kind: &'r KindDef,
     clock: Duration,
+    /// How many times each goon acted.
+    acted: Vec<u32>,
 }
 
-impl Runner<'_> {
+impl<'r> Runner<'r> {
     fn steps(mut self) -> Report {
         let run = self.run;
         let manifest = &run.bundle.manifest;
@@ -309,7 +311,7 @@ impl Runner<'_> {
                 if cancel.load(Ordering::Relaxed) != 0 {
                     return self.end(steps, Status::Cancelled, Some(CANCELLED.to_owned()));
                 }
-                let goon = run.goons.iter().find(|g| g.acts_on(name, attempt));
+                let goon = self.goon(name, attempt);
                 if matches!(goon.map(|g| &g.act), Some(Act::Cancel)) {
                     cancel.store(1, Ordering::Relaxed);
                 }
@@ -390,6 +392,16 @@ impl Runner<'_> {
         self.end(steps, Status::Succeeded, None)
     }
 
+    /// The first goon that acts on this attempt, counted.
+    fn goon(&mut self, step: &str, attempt: u32) -> Option<&'r Goon> {
+        let run = self.run;
+        let (i, goon) = run.goons.iter().enumerate().find(|(i, g)| {
+            g.acts_on(&run.kind, step, attempt) && g.times.is_none_or(|n| self.acted[*i] < n)
+        })?;
+        self.acted[i] += 1;
+        Some(goon)
+    }
+
     fn end(self, steps: Vec<StepReport>, status: Status, error: Option<String>) -> Report {
         Report {
             status,
@@ -435,6 +447,13 @@ impl Call<'_> {
         cancel: &AtomicU32,
     ) -> (Outcome, Vec<String>, Duration) {
         let instant = |outcome| (outcome, Vec::new(), Duration::ZERO);
+        if let Some((d, overruns)) = goon.and_then(|g| g.delay(self.timeout)) {
+            if overruns {
+                return (Outcome::TimedOut(self.timed_out()), Vec::new(), d);
+            }
+            let (outcome, log, took) = self.call(input, cancel);
+            return (outcome, log, took + d);
+        }
         match goon {
             Some(Act::Fail {
                 retryable: true,
@@ -444,23 +463,12 @@ impl Call<'_> {
                 retryable: false,
                 message,
             }) => instant(Outcome::Fatal(message.clone())),
-            // A delay within the timeout: the step then runs.
-            Some(Act::Delay(Some(d))) if *d <= self.timeout => {
-                let (outcome, log, took) = self.call(input, cancel);
-                (outcome, log, took + *d)
-            }
-            Some(Act::Delay(_)) => (
-                Outcome::TimedOut(self.timed_out()),
-                Vec::new(),
-                self.timeout,
-            ),
-            Some(Act::Crash) => instant(Outcome::Fatal(
-                "step host crashed (a goon killed it)".to_owned(),
-            )),
-            Some(Act::LoseNode(node)) => instant(Outcome::Lost(format!(
-                "node {node} went away while the step ran and did not come back in time"
+            Some(Act::Crash) => instant(Outcome::Fatal(troupe_bundle::goon::CRASHED.to_owned())),
+            Some(Act::LoseNode { node }) => instant(Outcome::Lost(troupe_bundle::goon::lost(
+                node.as_deref().unwrap_or("node-1"),
             ))),
-            Some(Act::Output(output)) => instant(Outcome::Succeeded(output.clone())),
+            Some(Act::Output { output }) => instant(Outcome::Succeeded(output.clone())),
+            Some(Act::Delay { .. }) => unreachable!("handled above"),
             Some(Act::Cancel) | None => self.call(input, cancel),
         }
     }

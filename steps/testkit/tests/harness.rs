@@ -315,3 +315,20 @@ fn goon_output_stands_in_for_a_step() {
     assert_eq!(report.output("fail").unwrap()["rebooted"], true);
     assert_eq!(report.step("never").status, StepStatus::Succeeded);
 }
+
+#[test]
+fn goons_can_be_limited_to_a_kind_and_a_number_of_times() {
+    // Once: the fatal error on `one` ends the action.
+    let report = bundle()
+        .kind("noop3")
+        .goon(Goon::fail("one").every_attempt().times(1).fatal())
+        .run()
+        .unwrap();
+    assert_eq!(report.status, Status::Failed);
+    let report = bundle()
+        .kind("noop3")
+        .goon(Goon::fail("one").fatal().for_kind("echo"))
+        .run()
+        .unwrap();
+    assert_eq!(report.status, Status::Succeeded, "a goon for another kind");
+}

@@ -1,0 +1,99 @@
+//! What the CLI prints, held to reviewed snapshots (`insta`): help, lists,
+//! an action's status, and the errors people meet first. A change to any of
+//! them shows up in review as a snapshot diff (`cargo insta review`).
+//! Times, ids and hashes are masked so the snapshots hold across runs.
+
+use serde_json::json;
+
+use crate::harness::{Db, Env, troupe};
+
+fn text(o: &std::process::Output) -> String {
+    crate::cli::text(o)
+}
+
+/// Runs `body` with the filters that mask what differs between runs.
+fn masked(body: impl FnOnce()) {
+    insta::with_settings!({
+        filters => vec![
+            (r"\b[0-9a-f]{64}\b", "[hash]"),
+            (r"\b[0-9a-f]{16}\b", "[key id]"),
+            (r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)", "[time]"),
+            (r"\b\d+(\.\d+)? (ms|s)\b", "[duration]"),
+            (r"127\.0\.0\.1:\d+", "[address]"),
+            (r#""available_bytes":\d+"#, r#""available_bytes":[n]"#),
+            (r#""total_bytes":\d+"#, r#""total_bytes":[n]"#),
+            (r#""used_percent":[\d.]+"#, r#""used_percent":[n]"#),
+        ],
+        prepend_module_to_snapshot => false,
+    }, {
+        body()
+    });
+}
+
+#[test]
+fn help() {
+    masked(|| {
+        for (name, args) in [
+            ("help", &["--help"][..]),
+            ("help_submit", &["submit", "--help"]),
+            ("help_bundle", &["bundle", "--help"]),
+            ("help_bundle_new", &["bundle", "new", "--help"]),
+            ("help_goons_add", &["goons", "add", "--help"]),
+            ("help_nodes", &["nodes", "--help"]),
+        ] {
+            let out = troupe(args);
+            assert!(out.status.success(), "{}", text(&out));
+            insta::assert_snapshot!(name, text(&out));
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_user_sees() {
+    let env = Env::new(Db::Sqlite).await;
+    let server = env.serve_with(&["--goons"]);
+    let cli = |args: &[&str]| text(&server.cli(args));
+
+    let kinds = cli(&["kinds"]);
+    let failed = server
+        .submit("fail", "vps-1", json!({ "message": "disk full" }))
+        .await;
+    server.finished(failed).await;
+    let flaky = server.submit("flaky", "vps-2", json!({})).await;
+    server.finished(flaky).await;
+    let failed = failed.to_string();
+    let flaky = flaky.to_string();
+    cli(&[
+        "goons",
+        "add",
+        "two",
+        "--kind",
+        "noop3",
+        "--every",
+        "--times",
+        "2",
+        "--timeout",
+    ]);
+    cli(&["goons", "add", "one", "--output", r#"{"ok": true}"#]);
+    masked(|| {
+        insta::assert_snapshot!("kinds", kinds);
+        insta::assert_snapshot!("status_failed", cli(&["status", &failed]));
+        insta::assert_snapshot!("status_retried", cli(&["status", &flaky]));
+        insta::assert_snapshot!("list", cli(&["list", "--limit", "2"]));
+        insta::assert_snapshot!("goons_list", cli(&["goons", "list"]));
+        insta::assert_snapshot!("nodes_list_empty", cli(&["nodes", "list"]));
+        insta::assert_snapshot!(
+            "error_missing_param",
+            cli(&["submit", "sleep", "--target", "vps-3"])
+        );
+        insta::assert_snapshot!(
+            "error_string_for_integer",
+            cli(&["submit", "sleep", "--target", "vps-3", "--param", "ms=5"])
+        );
+        insta::assert_snapshot!(
+            "error_unknown_kind",
+            cli(&["submit", "reboot-all", "--target", "vps-3"])
+        );
+        insta::assert_snapshot!("error_unknown_action", cli(&["status", "999999"]));
+    });
+}
