@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::model::{Action, ActionId};
-use crate::runner::{self, Shared};
+use crate::runner::{self, Begun, Shared};
 
 enum Msg {
     Enqueue(Box<Action>),
@@ -19,8 +19,9 @@ enum Msg {
         target: String,
         reply: oneshot::Sender<bool>,
     },
-    /// The reserved action was inserted running: run it now.
-    Begin(Box<Action>),
+    /// The reserved action was inserted running (its first step on a
+    /// node, if placed): run it now.
+    Begin(Box<Action>, Option<crate::nodes::Placed>),
     /// The reserved action was not inserted.
     Unreserve {
         target: String,
@@ -102,8 +103,8 @@ impl ControlHandle {
     }
 
     /// Runs an action inserted running on a reservation.
-    pub(crate) fn begin(&self, action: Action) {
-        let _ = self.tx.send(Msg::Begin(Box::new(action)));
+    pub(crate) fn begin(&self, action: Action, placed: Option<crate::nodes::Placed>) {
+        let _ = self.tx.send(Msg::Begin(Box::new(action), placed));
     }
 
     pub(crate) fn unreserve(&self, target: String) {
@@ -159,10 +160,10 @@ impl Control {
                 Msg::Reserve { target, reply } => {
                     let _ = reply.send(self.reserve(target));
                 }
-                Msg::Begin(action) => {
+                Msg::Begin(action, placed) => {
                     self.reserved -= 1;
                     self.shared.agency.pin(&action.bundle);
-                    self.start(*action, true);
+                    self.start(*action, Begun::WithInsert(placed));
                 }
                 Msg::Unreserve { target } => {
                     self.reserved -= 1;
@@ -274,12 +275,12 @@ impl Control {
             };
             target.busy = true;
             self.queued.remove(&action.id);
-            self.start(action, false);
+            self.start(action, Begun::No);
         }
     }
 
-    /// Spawns the action's runner; `begun` if its insert already started it.
-    fn start(&mut self, action: Action, begun: bool) {
+    /// Spawns the action's runner.
+    fn start(&mut self, action: Action, begun: Begun) {
         let cancel = CancellationToken::new();
         self.running.insert(action.id, cancel.clone());
         let (shared, control) = (self.shared.clone(), self.handle.clone());

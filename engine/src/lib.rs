@@ -983,13 +983,18 @@ impl Engine {
         // holds the action, so ids, and so start order, follow the order in
         // which they were accepted even when they share a group commit.
         let turn = self.inner.submits.turn(&new.target).await;
-        // (Not when the first step must be placed on a node first.)
-        let placed_first = kind
-            .steps
-            .first()
-            .is_some_and(|u| !u.requires(&bundle.manifest.steps[&u.step]).is_empty());
-        let reserved =
-            !steps.is_empty() && !placed_first && self.inner.control.reserve(&new.target).await;
+        // A first step that needs a node starts with the insert only when a
+        // node that has what it needs is free now (it is counted busy
+        // from here); otherwise the runner places it and records it waiting.
+        let first = kind.steps.first();
+        let requires = first.map(|u| u.requires(&bundle.manifest.steps[&u.step]));
+        let placed = match &requires {
+            Some(r) if !r.is_empty() => self.place_at_submit(&new, r),
+            _ => None,
+        };
+        let startable = requires.is_some_and(|r| r.is_empty()) || placed.is_some();
+        let reserved = startable && self.inner.control.reserve(&new.target).await;
+        let placed = placed.filter(|_| reserved);
         let at = crate::model::now();
         let insert = Write::Insert {
             new: new.clone(),
@@ -999,6 +1004,7 @@ impl Engine {
             steps,
             at,
             start: reserved.then(|| at + self.inner.config.lease),
+            node: placed.as_ref().map(|p| p.name.clone()),
         };
         // Recording and handing over run on their own task, so a caller that
         // goes away mid-request cannot leave an action stored but not run.
@@ -1017,7 +1023,7 @@ impl Engine {
                 _ => None,
             };
             match (&action, reserved) {
-                (Some(a), true) => inner.control.begin(a.clone()),
+                (Some(a), true) => inner.control.begin(a.clone(), placed),
                 (Some(a), false) => inner.control.enqueue(a.clone()),
                 (None, true) => inner.control.unreserve(target),
                 (None, false) => {}
@@ -1042,6 +1048,28 @@ impl Engine {
                 unreachable!("an insert reports Inserted, Existing or Conflict")
             }
         }
+    }
+
+    /// A free node for a new action's first step, if its requirements
+    /// resolve before the action has an id (they may name params, the
+    /// target, vars) and a connected node meets them.
+    fn place_at_submit(
+        &self,
+        new: &NewAction,
+        requires: &std::collections::BTreeMap<String, String>,
+    ) -> Option<nodes::Placed> {
+        if requires.values().any(|v| v.contains("action.id")) {
+            return None;
+        }
+        let action = bundle::template::Action {
+            id: 0,
+            kind: &new.kind,
+            target: &new.target,
+            params: &new.params,
+        };
+        let scope = bundle::template::scope(action, &Default::default(), &self.inner.shared.vars);
+        let wants = placement::Requirement::resolve(requires, &scope).ok()?;
+        self.inner.shared.nodes.place(&wants)
     }
 
     pub async fn action(&self, id: ActionId) -> Result<Action> {

@@ -107,14 +107,24 @@ enum End {
     Refused(String),
 }
 
-/// Runs `action`. `begun` when its insert also started it and its first
-/// step (stored `running`, attempt 1) has yet to be called.
+/// How a runner finds its action.
+pub(crate) enum Begun {
+    /// As stored: queued, or resumed after a restart.
+    No,
+    /// Its insert also started it: its first step is stored `running`
+    /// (attempt 1) and has yet to be called, on the node it was placed on
+    /// if it needs one.
+    WithInsert(Option<Placed>),
+}
+
+/// Runs `action`.
 pub(crate) async fn run(
     shared: Arc<Shared>,
     action: Action,
     cancel: CancellationToken,
-    begun: bool,
+    begun: Begun,
 ) {
+    let inserted_running = matches!(begun, Begun::WithInsert(_));
     let id = action.id;
     let mut mirror = action.clone();
     let bundle = match shared.agency.bundle(action.bundle.clone()).await {
@@ -125,7 +135,7 @@ pub(crate) async fn run(
                 action.bundle
             );
             let mut writes = Vec::new();
-            if begun {
+            if inserted_running {
                 writes.push(step_failed(id, 0, &error));
             }
             finish(&shared, mirror, ActionStatus::Failed, Some(error), writes).await;
@@ -145,7 +155,7 @@ pub(crate) async fn run(
     // The start rides with the first step's start, in one commit (or was
     // committed with the insert).
     let mut carry = Vec::new();
-    if !begun {
+    if !inserted_running {
         carry.push(Write::Start {
             id,
             owner: shared.owner.clone(),
@@ -272,9 +282,13 @@ async fn steps(
     mirror: &mut Action,
     cancel: &CancellationToken,
     carry: &mut Vec<Write>,
-    begun: bool,
+    begun: Begun,
 ) -> End {
     let id = action.id;
+    let (begun, mut first_node) = match begun {
+        Begun::No => (false, None),
+        Begun::WithInsert(placed) => (true, placed),
+    };
     let Some(kind) = bundle.manifest.kinds.get(&action.kind) else {
         return End::Finished(
             ActionStatus::Failed,
@@ -369,7 +383,12 @@ async fn steps(
                 }
             }
             if prestarted || reattached.is_some() {
-                // Its start is durable, so it runs even if the server is stopping.
+                // Its start is durable, so it runs even if the server is
+                // stopping (on the node it was placed on at submission, if
+                // it needs one).
+                if prestarted {
+                    placed = first_node.take();
+                }
                 prestarted = false;
                 started_at = record
                     .and_then(|r| r.started_at)
@@ -425,17 +444,15 @@ async fn steps(
             let ran = match (secrets, template::resolve(&step_use.settings, &scope)) {
                 (Err(failed), _) => failed.into(),
                 (Ok(_), Ok(settings)) => {
-                    let input = json!({
-                        "action": scope["action"],
-                        "settings": settings,
-                        "outputs": outputs,
-                        "attempt": attempt,
-                        "bundle": {
-                            "name": bundle.manifest.name,
-                            "version": bundle.manifest.version,
-                            "hash": bundle.hash.to_string(),
-                        },
-                    });
+                    let hash = bundle.hash.to_string();
+                    let manifest = &bundle.manifest;
+                    let input = template::input(
+                        &scope,
+                        settings,
+                        &outputs,
+                        attempt,
+                        [&manifest.name, &manifest.version, &hash],
+                    );
                     let input = serde_json::to_vec(&input).expect("JSON serializes");
                     let key = CallKey {
                         action: id,
@@ -703,14 +720,13 @@ impl Placing<'_> {
 /// What templates in a step use's settings and requirements see (secrets
 /// are added for settings only).
 fn scope_of(action: &Action, outputs: &Map<String, Value>, vars: &Map<String, Value>) -> Value {
-    json!({
-        "action": { "id": action.id, "kind": action.kind, "target": action.target, "params": action.params },
-        "target": action.target,
-        "kind": action.kind,
-        "params": action.params,
-        "steps": outputs,
-        "vars": vars,
-    })
+    let action = template::Action {
+        id: action.id,
+        kind: &action.kind,
+        target: &action.target,
+        params: &action.params,
+    };
+    template::scope(action, outputs, vars)
 }
 
 /// The error a cancelled action ends with.

@@ -40,6 +40,9 @@ pub(crate) enum Write {
         /// until this time, with its first step started (attempt 1), which
         /// saves the separate commit that would start it.
         start: Option<Timestamp>,
+        /// With `start`: the node the first step was placed on, when it
+        /// requires one and one was free at submission.
+        node: Option<String>,
     },
     Start {
         id: ActionId,
@@ -379,6 +382,7 @@ impl Write {
             steps,
             at,
             start,
+            node,
             ..
         } = self
         else {
@@ -425,7 +429,7 @@ impl Write {
                         },
                         attempt: u32::from(first),
                         waiting_for: None,
-                        node: None,
+                        node: node.clone().filter(|_| first),
                         started_at: first.then_some(*at),
                         finished_at: None,
                         output: None,

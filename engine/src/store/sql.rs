@@ -513,7 +513,7 @@ macro_rules! sql_backend {
                 const INSERT: &str = "INSERT INTO actions (kind, target, params, status, bundle, idempotency_key, \
                                       submitted_by, request_hash, owner, revision, created_at, started_at, lease_expires_at, current_step) VALUES ";
                 let bind = |q: Q, w: &Write| match w {
-                    Write::Insert { new, bundle, request_hash, owner, steps, at, start } => {
+                    Write::Insert { new, bundle, request_hash, owner, steps, at, start, .. } => {
                         let begun = start.is_some() && !steps.is_empty();
                         q.bind(&new.kind)
                             .bind(&new.target)
@@ -558,24 +558,27 @@ macro_rules! sql_backend {
                         ids.push(q.execute(&mut *tx).await?.$last_id() as ActionId);
                     }
                 }
-                // (action, seq, name, step, started): the first step of an
-                // action that begins as it is inserted is started.
-                let mut steps: Vec<(ActionId, usize, &String, &String, Option<Timestamp>)> = Vec::new();
+                // (action, seq, name, step, started, node): the first step of
+                // an action that begins as it is inserted is started (on its
+                // node, if it was placed on one).
+                type Row<'a> = (ActionId, usize, &'a String, &'a String, Option<Timestamp>, Option<&'a String>);
+                let mut steps: Vec<Row<'_>> = Vec::new();
                 for (w, &id) in items.iter().zip(&ids) {
-                    if let Write::Insert { steps: s, start, at, .. } = w {
+                    if let Write::Insert { steps: s, start, at, node, .. } = w {
                         steps.extend(s.iter().enumerate().map(|(seq, (name, step))| {
-                            (id, seq, name, step, start.filter(|_| seq == 0).map(|_| *at))
+                            let first = start.is_some() && seq == 0;
+                            (id, seq, name, step, first.then_some(*at), node.as_ref().filter(|_| first))
                         }));
                     }
                 }
                 let mut written = ids.len() as u64;
                 for chunk in step_chunks(&steps) {
                     let text = format!(
-                        "INSERT INTO action_steps (action_id, seq, name, step, status, attempt, started_at) VALUES {}",
-                        rows("(?, ?, ?, ?, ?, ?, ?)", chunk.len())
+                        "INSERT INTO action_steps (action_id, seq, name, step, status, attempt, started_at, node) VALUES {}",
+                        rows("(?, ?, ?, ?, ?, ?, ?, ?)", chunk.len())
                     );
                     let mut q = sqlx::query(sqlx::AssertSqlSafe(text));
-                    for (id, seq, name, step, started) in chunk {
+                    for (id, seq, name, step, started, node) in chunk {
                         q = q
                             .bind(id)
                             .bind(*seq as i64)
@@ -583,7 +586,8 @@ macro_rules! sql_backend {
                             .bind(*step)
                             .bind(if started.is_some() { "running" } else { "pending" })
                             .bind(i64::from(started.is_some()))
-                            .bind(*started);
+                            .bind(*started)
+                            .bind(*node);
                     }
                     written += q.execute(&mut *tx).await?.rows_affected();
                 }

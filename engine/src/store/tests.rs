@@ -47,6 +47,7 @@ fn insert(target: &str, key: Option<&str>, start: bool) -> Write {
             .collect(),
         at: at(0),
         start: start.then(|| at(60_000)),
+        node: start.then(|| "hv-1".to_owned()),
     }
 }
 

@@ -6,8 +6,52 @@
 //! string is interpolated as text. Paths: `target`, `kind`, `action.id`,
 //! `params.NAME`, `steps.NAME.FIELD…` (an earlier step's output).
 
-use serde_json::Value;
+use serde_json::{Map, Value, json};
 
+/// The action a step runs for, as templates and the step see it.
+#[derive(Debug, Clone, Copy)]
+pub struct Action<'a> {
+    pub id: i64,
+    pub kind: &'a str,
+    pub target: &'a str,
+    pub params: &'a Map<String, Value>,
+}
+
+/// What templates resolve against: the action, the outputs of the steps
+/// that succeeded so far (`steps`) and the deployment variables (`vars`).
+/// The runner adds `secrets` for a step's settings.
+pub fn scope(action: Action<'_>, outputs: &Map<String, Value>, vars: &Map<String, Value>) -> Value {
+    json!({
+        "action": { "id": action.id, "kind": action.kind, "target": action.target, "params": action.params },
+        "target": action.target,
+        "kind": action.kind,
+        "params": action.params,
+        "steps": outputs,
+        "vars": vars,
+    })
+}
+
+/// The input a step is called with (`troupe_sdk::StepInput`): the action
+/// from `scope`, the resolved settings, earlier outputs, the attempt, and
+/// the bundle's name, version and hash.
+pub fn input(
+    scope: &Value,
+    settings: Value,
+    outputs: &Map<String, Value>,
+    attempt: u32,
+    bundle: [&str; 3],
+) -> Value {
+    let [name, version, hash] = bundle;
+    json!({
+        "action": scope["action"],
+        "settings": settings,
+        "outputs": outputs,
+        "attempt": attempt,
+        "bundle": { "name": name, "version": version, "hash": hash },
+    })
+}
+
+/// Resolves every `{{…}}` in `settings` against `scope`.
 pub fn resolve(settings: &Value, scope: &Value) -> Result<Value, String> {
     Ok(match settings {
         Value::String(s) => resolve_str(s, scope)?,

@@ -325,13 +325,8 @@ impl<'r> Runner<'r> {
                         Duration::ZERO,
                     ),
                     Ok(settings) => {
-                        let input = json!({
-                            "action": scope["action"],
-                            "settings": settings,
-                            "outputs": outputs,
-                            "attempt": attempt,
-                            "bundle": { "name": manifest.name, "version": manifest.version, "hash": "" },
-                        });
+                        let bundle = [manifest.name.as_str(), &manifest.version, ""];
+                        let input = template::input(&scope, settings, &outputs, attempt, bundle);
                         let call = Call {
                             plugin: &run.bundle.plugin,
                             name,
@@ -414,14 +409,13 @@ impl<'r> Runner<'r> {
     /// What templates see, as on a server.
     fn scope(&self, outputs: &Map<String, Value>) -> Value {
         let run = self.run;
-        json!({
-            "action": { "id": run.id, "kind": run.kind, "target": run.target, "params": run.params },
-            "target": run.target,
-            "kind": run.kind,
-            "params": run.params,
-            "steps": outputs,
-            "vars": run.vars,
-        })
+        let action = template::Action {
+            id: run.id,
+            kind: &run.kind,
+            target: &run.target,
+            params: &run.params,
+        };
+        template::scope(action, outputs, &run.vars)
     }
 }
 

@@ -26,6 +26,8 @@ fn templates_see_params_target_and_earlier_outputs() {
         json!({ "greeting": "hello vps-123", "size": 3 })
     );
     assert_eq!(first["action"]["target"], "vps-123");
+    assert_eq!(first["action"]["params"], json!({ "size": 3 }));
+    assert_eq!(first["attempt"], 1);
     let second = report.output("second").unwrap();
     assert_eq!(second["settings"]["previous"], "hello vps-123");
     assert_eq!(second["settings"]["action"], 42);

@@ -65,30 +65,6 @@ async fn submit_can_wait_for_the_end(db: Db) {
     assert_eq!(list["actions"], json!([]), "nothing stored for a bad wait");
 }
 
-async fn settings_are_templated_from_params_and_outputs(db: Db) {
-    let env = Env::new(db).await;
-    let server = env.serve();
-    let id = server.submit("echo", "vps-7", json!({ "size": 40 })).await;
-    let a = server.finished(id).await;
-    assert_eq!(a["status"], "succeeded", "{a}");
-    let first = &steps(&a)[0]["output"];
-    assert_eq!(
-        first["settings"],
-        json!({ "greeting": "hello vps-7", "size": 40 })
-    );
-    assert_eq!(first["action"]["target"], "vps-7");
-    assert_eq!(first["action"]["params"], json!({ "size": 40 }));
-    let second = &steps(&a)[1]["output"];
-    assert_eq!(
-        second["settings"],
-        json!({ "previous": "hello vps-7", "action": id })
-    );
-    assert_eq!(
-        second["outputs"]["first"]["settings"]["greeting"],
-        "hello vps-7"
-    );
-}
-
 /// Five actions for one target never overlap and finish in submission
 /// order, while another target's actions run alongside them.
 async fn same_target_runs_in_order_others_in_parallel(db: Db) {
@@ -363,7 +339,6 @@ async fn list_filters_and_pages_newest_first(db: Db) {
 both_dbs!(
     success_path,
     submit_can_wait_for_the_end,
-    settings_are_templated_from_params_and_outputs,
     same_target_runs_in_order_others_in_parallel,
     a_failing_action_affects_only_itself,
     retryable_errors_follow_the_retry_policy,
