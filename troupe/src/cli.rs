@@ -167,6 +167,15 @@ impl Cli {
         )
     }
 
+    /// Whether the command runs on one thread. A node's work is a few
+    /// sockets and pipes, and every call crosses several tasks (the
+    /// connection, the call, its step host's reader): on one thread those
+    /// hand-offs are no cross-thread wake-ups. What is heavy (unpacking a
+    /// bundle) runs on the blocking pool.
+    pub(crate) fn single_threaded(&self) -> bool {
+        matches!(self.command, Command::Node(_))
+    }
+
     pub(crate) fn default_log_filter(&self) -> &'static str {
         match self.command {
             Command::Serve(_) | Command::Node(_) | Command::Migrate { .. } => "info,sqlx=warn",
