@@ -1,0 +1,402 @@
+//! What a change to the database is: the `Write`s callers hand the store,
+//! how each one changes an action in memory (the same as its SQL changes
+//! the rows), and what it did.
+
+use std::sync::Arc;
+
+use super::{AuditEntry, BundleRow, NodeRow, SecretRow, TokenRow};
+use crate::model::{Action, ActionId, ActionStatus, NewAction, StepStatus, Timestamp};
+
+/// One change to the database. A caller's list of writes commits atomically.
+#[derive(Debug, Clone)]
+pub(crate) enum Write {
+    Insert {
+        new: NewAction,
+        bundle: String,
+        request_hash: String,
+        owner: String,
+        /// (name, step definition) for each step, in order.
+        steps: Vec<(String, String)>,
+        at: Timestamp,
+        /// Set when Control starts the action as it is inserted (its target
+        /// was idle): the action is stored `running` under `owner`'s lease
+        /// until this time, with its first step started (attempt 1), which
+        /// saves the separate commit that would start it.
+        start: Option<Timestamp>,
+        /// With `start`: the node the first step was placed on, when it
+        /// requires one and one was free at submission.
+        node: Option<String>,
+    },
+    Start {
+        id: ActionId,
+        owner: String,
+        lease_until: Timestamp,
+        at: Timestamp,
+    },
+    StepStarted {
+        id: ActionId,
+        seq: u32,
+        name: String,
+        attempt: u32,
+        at: Timestamp,
+        /// The remote node the attempt runs on; `None`: the app server.
+        node: Option<String>,
+    },
+    StepSucceeded {
+        id: ActionId,
+        seq: u32,
+        output: String,
+        at: Timestamp,
+    },
+    /// An attempt failed and another will follow.
+    StepAttemptFailed {
+        id: ActionId,
+        seq: u32,
+        attempt: u32,
+        started_at: Timestamp,
+        /// The remote node it ran on; `None`: the app server.
+        node: Option<String>,
+        error: String,
+        at: Timestamp,
+    },
+    /// No node meets what the step requires (`waiting_for`): it waits,
+    /// without an attempt started.
+    StepWaiting {
+        id: ActionId,
+        seq: u32,
+        name: String,
+        waiting_for: String,
+    },
+    /// What an attempt logged. Stored once per attempt (writing it again
+    /// replaces it); never on its own, always with the attempt's outcome.
+    StepLog {
+        id: ActionId,
+        seq: u32,
+        attempt: u32,
+        log: String,
+        at: Timestamp,
+    },
+    /// The step ended without success (failed or cancelled).
+    StepEnded {
+        id: ActionId,
+        seq: u32,
+        status: StepStatus,
+        error: String,
+        at: Timestamp,
+    },
+    /// The action ended; its pending steps become `skipped`.
+    Finish {
+        id: ActionId,
+        status: ActionStatus,
+        error: Option<String>,
+        at: Timestamp,
+        /// The action as it is once this commits, if the writer knows it:
+        /// published to waiters so they need not read it back.
+        last: Option<Arc<Action>>,
+    },
+    /// Records that a cancel was asked for, if the action is unfinished
+    /// (`Done { rows: 0 }` if it had already ended). The first request's
+    /// time stays.
+    RequestCancel {
+        id: ActionId,
+        at: Timestamp,
+    },
+    /// Cancels an action only if it is still queued.
+    CancelQueued {
+        id: ActionId,
+        at: Timestamp,
+    },
+    /// Takes ownership of an action (used when resuming after a restart).
+    Claim {
+        id: ActionId,
+        owner: String,
+        lease_until: Timestamp,
+    },
+    RenewLeases {
+        owner: String,
+        until: Timestamp,
+    },
+    /// Gives up ownership of unfinished actions so they resume on next start.
+    Release {
+        owner: String,
+        at: Timestamp,
+    },
+    /// Stores a verified bundle; it becomes its name's active version.
+    InsertBundle(Box<BundleRow>, Arc<[u8]>),
+    /// Makes a stored bundle its name's active version.
+    ActivateBundle {
+        hash: String,
+        at: Timestamp,
+    },
+    TrustKey {
+        key_id: String,
+        public_key: String,
+        at: Timestamp,
+    },
+    /// Revokes a key (recording it first if it came from configuration).
+    RevokeKey {
+        key_id: String,
+        public_key: String,
+        at: Timestamp,
+    },
+    /// Stores a new API token (its hash, never its text).
+    CreateToken(Box<TokenRow>),
+    /// Stores a node's row, replacing one of the same name.
+    PutNode(Box<NodeRow>),
+    RevokeToken {
+        id: String,
+        at: Timestamp,
+    },
+    /// Records an administrative change in `audit_log`.
+    Audit(Box<AuditEntry>),
+    /// Stores a secret (encrypted), replacing any of the same name.
+    SetSecret(Box<SecretRow>),
+    DeleteSecret {
+        name: String,
+    },
+}
+
+impl Write {
+    /// Applies this write to `action` in memory exactly as its SQL changes
+    /// the rows (`store::tests` holds the two to each other).
+    pub(crate) fn apply_to(&self, action: &mut Action) {
+        if self.action_id() != Some(action.id) {
+            return;
+        }
+        fn step(action: &mut Action, seq: u32) -> Option<&mut crate::model::StepRecord> {
+            action.steps.iter_mut().find(|s| s.seq == seq)
+        }
+        match self {
+            Write::Start { owner, at, .. } => {
+                if matches!(action.status, ActionStatus::Queued | ActionStatus::Running) {
+                    action.status = ActionStatus::Running;
+                    action.owner = Some(owner.clone());
+                    action.started_at.get_or_insert(*at);
+                    action.revision += 1;
+                }
+            }
+            // Only for a running action, as in the SQL.
+            Write::StepStarted {
+                seq,
+                name,
+                attempt,
+                at,
+                node,
+                ..
+            } if action.status == ActionStatus::Running => {
+                if let Some(s) = step(action, *seq) {
+                    s.status = StepStatus::Running;
+                    s.attempt = *attempt;
+                    s.started_at = Some(*at);
+                    s.finished_at = None;
+                    s.waiting_for = None;
+                    s.node = node.clone();
+                }
+                action.current_step = Some(name.clone());
+                action.revision += 1;
+            }
+            Write::StepWaiting {
+                seq,
+                name,
+                waiting_for,
+                ..
+            } => {
+                if let Some(s) = step(action, *seq) {
+                    s.status = StepStatus::Waiting;
+                    s.waiting_for = Some(waiting_for.clone());
+                }
+                if action.status == ActionStatus::Running {
+                    action.current_step = Some(name.clone());
+                    action.revision += 1;
+                }
+            }
+            Write::StepSucceeded {
+                seq, output, at, ..
+            } => {
+                if let Some(s) = step(action, *seq) {
+                    s.status = StepStatus::Succeeded;
+                    s.output = Some(
+                        serde_json::from_str(output)
+                            .unwrap_or_else(|_| serde_json::Value::String(output.clone())),
+                    );
+                    s.error = None;
+                    s.finished_at = Some(*at);
+                }
+            }
+            Write::StepAttemptFailed { seq, error, .. } => {
+                if let Some(s) = step(action, *seq) {
+                    s.error = Some(error.clone());
+                }
+                action.revision += 1;
+            }
+            Write::StepEnded {
+                seq,
+                status,
+                error,
+                at,
+                ..
+            } => {
+                if let Some(s) = step(action, *seq) {
+                    s.status = *status;
+                    s.error = Some(error.clone());
+                    s.finished_at = Some(*at);
+                    s.waiting_for = None;
+                }
+            }
+            Write::Finish {
+                status, error, at, ..
+            } => end(action, *status, error.clone(), *at),
+            Write::RequestCancel { at, .. } if !action.status.is_terminal() => {
+                action.cancel_requested_at.get_or_insert(*at);
+                action.revision += 1;
+            }
+            Write::CancelQueued { at, .. } if action.status == ActionStatus::Queued => {
+                let error = Some("cancelled before it started".to_owned());
+                end(action, ActionStatus::Cancelled, error, *at);
+            }
+            Write::Claim { owner, .. } => {
+                action.owner = Some(owner.clone());
+                action.revision += 1;
+            }
+            _ => {}
+        }
+    }
+
+    /// The action an insert stores, given the id it got: the same values
+    /// its SQL writes (`store::tests` holds the two to each other).
+    pub(crate) fn inserted(&self, id: ActionId) -> Option<Action> {
+        let Write::Insert {
+            new,
+            bundle,
+            owner,
+            steps,
+            at,
+            start,
+            node,
+            ..
+        } = self
+        else {
+            return None;
+        };
+        let begun = start.is_some() && !steps.is_empty();
+        Some(Action {
+            id,
+            kind: new.kind.clone(),
+            target: new.target.clone(),
+            params: new.params.clone(),
+            status: if begun {
+                ActionStatus::Running
+            } else {
+                ActionStatus::Queued
+            },
+            bundle: bundle.clone(),
+            current_step: steps
+                .first()
+                .filter(|_| begun)
+                .map(|(name, _)| name.clone()),
+            error: None,
+            idempotency_key: new.idempotency_key.clone(),
+            submitted_by: new.submitted_by.clone(),
+            owner: Some(owner.clone()),
+            revision: i64::from(begun),
+            created_at: *at,
+            started_at: begun.then_some(*at),
+            finished_at: None,
+            cancel_requested_at: None,
+            steps: steps
+                .iter()
+                .enumerate()
+                .map(|(seq, (name, step))| {
+                    let first = begun && seq == 0;
+                    crate::model::StepRecord {
+                        seq: seq as u32,
+                        name: name.clone(),
+                        step: step.clone(),
+                        status: if first {
+                            StepStatus::Running
+                        } else {
+                            StepStatus::Pending
+                        },
+                        attempt: u32::from(first),
+                        waiting_for: None,
+                        node: node.clone().filter(|_| first),
+                        started_at: first.then_some(*at),
+                        finished_at: None,
+                        output: None,
+                        error: None,
+                    }
+                })
+                .collect(),
+        })
+    }
+
+    pub(super) fn action_id(&self) -> Option<ActionId> {
+        match self {
+            Write::Start { id, .. }
+            | Write::StepStarted { id, .. }
+            | Write::StepSucceeded { id, .. }
+            | Write::StepAttemptFailed { id, .. }
+            | Write::StepLog { id, .. }
+            | Write::StepWaiting { id, .. }
+            | Write::StepEnded { id, .. }
+            | Write::Finish { id, .. }
+            | Write::RequestCancel { id, .. }
+            | Write::CancelQueued { id, .. }
+            | Write::Claim { id, .. } => Some(*id),
+            Write::Insert { .. }
+            | Write::RenewLeases { .. }
+            | Write::Release { .. }
+            | Write::InsertBundle(..)
+            | Write::ActivateBundle { .. }
+            | Write::TrustKey { .. }
+            | Write::RevokeKey { .. }
+            | Write::CreateToken(..)
+            | Write::PutNode(..)
+            | Write::RevokeToken { .. }
+            | Write::Audit(..)
+            | Write::SetSecret(..)
+            | Write::DeleteSecret { .. } => None,
+        }
+    }
+}
+
+fn end(action: &mut Action, status: ActionStatus, error: Option<String>, at: Timestamp) {
+    action.status = status;
+    action.error = error;
+    action.finished_at = Some(at);
+    action.owner = None;
+    action.revision += 1;
+    if status != ActionStatus::Succeeded {
+        for s in action
+            .steps
+            .iter_mut()
+            .filter(|s| matches!(s.status, StepStatus::Pending | StepStatus::Waiting))
+        {
+            s.status = StepStatus::Skipped;
+            s.waiting_for = None;
+        }
+    }
+}
+
+/// What one write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Done {
+        rows: u64,
+    },
+    Inserted(ActionId),
+    /// The idempotency key exists with the same request.
+    Existing(ActionId),
+    /// The idempotency key exists with a different request.
+    Conflict,
+}
+
+impl Outcome {
+    pub(super) fn rows(&self) -> u64 {
+        match self {
+            Outcome::Done { rows } => *rows,
+            Outcome::Inserted(_) => 1,
+            Outcome::Existing(_) | Outcome::Conflict => 0,
+        }
+    }
+}

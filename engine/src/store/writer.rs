@@ -1,0 +1,318 @@
+//! The writer: one task (or a few, on MySQL/MariaDB) that commits every
+//! write waiting in one transaction (group commit) and only then answers
+//! each caller.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Outcome, Pool, StoreStats, Watchers, Write, sql};
+
+/// What the writer's database can do beyond the common SQL.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Caps {
+    /// `INSERT … RETURNING` (SQLite 3.35+, MariaDB 10.5+; not MySQL).
+    pub(super) returning: bool,
+    /// Group commits in flight at once: one for SQLite, which has a single
+    /// writer lock; more for a server, which flushes concurrent commits together.
+    pub(super) writers: usize,
+}
+
+pub(super) struct Request {
+    pub(super) writes: Vec<Write>,
+    pub(super) reply: oneshot::Sender<Result<Vec<Outcome>, Failed>>,
+}
+
+/// Why a commit failed, as the writer saw it.
+#[derive(Debug, Clone)]
+pub(super) struct Failed {
+    pub(super) message: String,
+    /// It failed at `COMMIT`: it may have been committed all the same.
+    pub(super) unknown: bool,
+    /// The database refused the write itself (a constraint, a value it
+    /// cannot hold): trying again cannot help. Otherwise the failure is the
+    /// connection's or the moment's (lost connection, deadlock, lock wait
+    /// timeout, the server restarting) and a retry may succeed.
+    pub(super) permanent: bool,
+}
+
+impl From<sqlx::Error> for Failed {
+    fn from(e: sqlx::Error) -> Failed {
+        Failed {
+            permanent: is_permanent(&e),
+            unknown: false,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<sql::ApplyError> for Failed {
+    fn from(e: sql::ApplyError) -> Failed {
+        Failed {
+            unknown: e.at_commit,
+            ..Failed::from(e.error)
+        }
+    }
+}
+
+/// Whether the database refused a write for what it holds, not for the
+/// state of the connection.
+pub(super) fn is_permanent(e: &sqlx::Error) -> bool {
+    use sqlx::error::ErrorKind;
+    let sqlx::Error::Database(db) = e else {
+        // Lost connections, pool timeouts, I/O: worth another try.
+        return false;
+    };
+    if matches!(
+        db.kind(),
+        ErrorKind::UniqueViolation
+            | ErrorKind::ForeignKeyViolation
+            | ErrorKind::NotNullViolation
+            | ErrorKind::CheckViolation
+    ) {
+        return true;
+    }
+    match db.code().as_deref() {
+        // MySQL/MariaDB: data too long, incorrect value, out of range,
+        // packet too large.
+        Some("1406" | "1366" | "1264" | "1153" | "22001" | "22003" | "22007") => true,
+        // SQLite: string or blob too big, constraint, mismatch.
+        Some("18" | "19" | "20") => true,
+        _ => false,
+    }
+}
+
+/// Group commits under way, shared by the writers.
+#[derive(Default)]
+pub(super) struct InFlight {
+    count: std::sync::atomic::AtomicUsize,
+    /// Notified as each commit ends.
+    ended: tokio::sync::Notify,
+}
+
+/// While another commit is under way, a writer keeps gathering writes until
+/// it ends or the batch reaches this many, rather than starting a small
+/// commit beside it: fewer, fuller commits cost the database less per write.
+const GATHER: usize = 32;
+
+/// Largest number of writes committed in one transaction.
+const MAX_BATCH: usize = 512;
+
+/// The group-commit loop: takes every request waiting, commits them in one
+/// transaction, answers them all. If the batch fails, each request is retried
+/// alone so one bad write cannot fail its neighbours.
+///
+/// Several writers may share one queue (see [`Caps::writers`]): while one
+/// waits for its commit to be flushed, the next collects what arrived
+/// meanwhile ([`next_batch`]) and starts its own transaction. A caller has at most one
+/// request in flight per action, so requests that touch the same action
+/// never commit out of order.
+pub(super) async fn run(
+    mut conn: WriterConn,
+    caps: Caps,
+    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Request>>>,
+    commits: Arc<InFlight>,
+    watchers: Arc<Watchers>,
+    stats: Arc<StoreStats>,
+) {
+    let mut batch: Vec<Request> = Vec::new();
+    loop {
+        next_batch(&mut *rx.lock().await, &commits, &mut batch).await;
+        if batch.is_empty() {
+            return;
+        }
+        let all: Vec<&Write> = batch.iter().flat_map(|r| r.writes.iter()).collect();
+        commits.count.fetch_add(1, Ordering::SeqCst);
+        let applied = commit_once(&mut conn, caps, &all, &stats).await;
+        commits.count.fetch_sub(1, Ordering::SeqCst);
+        commits.ended.notify_waiters();
+        match applied {
+            Ok(mut outcomes) => {
+                watchers.publish(&all, &outcomes);
+                for req in batch.drain(..) {
+                    let rest = outcomes.split_off(req.writes.len());
+                    let _ = req.reply.send(Ok(std::mem::replace(&mut outcomes, rest)));
+                }
+            }
+            Err(e) if batch.len() == 1 => {
+                let req = batch.pop().unwrap();
+                let _ = req.reply.send(Err(e));
+            }
+            // The batch may have been committed: applying its writes again
+            // one by one could store them twice. Every caller hears of it
+            // (and those that may go on retry idempotent writes).
+            Err(e) if e.unknown => {
+                for req in batch.drain(..) {
+                    let _ = req.reply.send(Err(e.clone()));
+                }
+            }
+            // Rolled back: one bad write must not fail its neighbours.
+            Err(_) => {
+                for req in batch.drain(..) {
+                    let writes: Vec<&Write> = req.writes.iter().collect();
+                    let result = commit_once(&mut conn, caps, &writes, &stats).await;
+                    if let Ok(outcomes) = &result {
+                        watchers.publish(&writes, outcomes);
+                    }
+                    let _ = req.reply.send(result);
+                }
+            }
+        }
+    }
+}
+
+/// One transaction for `writes`, with the failure points around it.
+pub(super) async fn commit_once(
+    conn: &mut WriterConn,
+    caps: Caps,
+    writes: &[&Write],
+    stats: &StoreStats,
+) -> Result<Vec<Outcome>, Failed> {
+    injected_refusal(writes)?;
+    let outcomes = conn.apply(caps, writes, stats).await?;
+    injected_after_commit(writes)?;
+    Ok(outcomes)
+}
+
+/// The `store.refuse_step_success` failure point: the database refuses a
+/// step's result as it would a value it cannot hold.
+pub(super) fn injected_refusal(writes: &[&Write]) -> Result<(), Failed> {
+    if writes
+        .iter()
+        .any(|w| matches!(w, Write::StepSucceeded { .. }))
+    {
+        fail::fail_point!("store.refuse_step_success", |_| Err(Failed {
+            message: "Data too long for column 'output' (injected)".into(),
+            permanent: true,
+            unknown: false,
+        }));
+    }
+    Ok(())
+}
+
+/// The `store.after_insert_commit` failure point: a commit that went
+/// through but whose answer was lost (see [`crate::failpoints`]).
+pub(super) fn injected_after_commit(writes: &[&Write]) -> Result<(), Failed> {
+    if writes.iter().any(|w| matches!(w, Write::Insert { .. })) {
+        fail::fail_point!("store.after_insert_commit", |_| Err(Failed {
+            message: "the connection was lost during COMMIT (injected)".into(),
+            permanent: false,
+            unknown: true,
+        }));
+    }
+    Ok(())
+}
+
+/// Fills `batch` with the next requests: everything waiting and, while
+/// another commit is under way, what arrives until it ends or [`GATHER`]
+/// writes are in. With the database idle a lone write goes at once. Leaves
+/// `batch` empty when the store has closed.
+pub(super) async fn next_batch(
+    rx: &mut mpsc::Receiver<Request>,
+    commits: &InFlight,
+    batch: &mut Vec<Request>,
+) {
+    let Some(first) = rx.recv().await else { return };
+    // Test builds: `sleep(MS)` here lets concurrent writes pile up, so a
+    // test can count on them sharing this batch.
+    fail::fail_point!("store.before_batch");
+    let mut count = first.writes.len();
+    batch.push(first);
+    while count < MAX_BATCH {
+        let req = match rx.try_recv() {
+            Ok(req) => req,
+            Err(mpsc::error::TryRecvError::Disconnected) => return,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                // Registered before the count is read, so an ending commit
+                // cannot be missed.
+                let ended = commits.ended.notified();
+                tokio::pin!(ended);
+                ended.as_mut().enable();
+                if count >= GATHER || commits.count.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                tokio::select! {
+                    req = rx.recv() => match req {
+                        Some(req) => req,
+                        None => return,
+                    },
+                    _ = &mut ended => return,
+                }
+            }
+        };
+        count += req.writes.len();
+        batch.push(req);
+    }
+}
+
+/// A writer's own connection, taken out of the pool: a pooled connection is
+/// pinged on every release (and, by default, every acquire), which would
+/// cost a round trip per commit. Dropped after any error, since the error may
+/// have broken it; the next commit takes a fresh one.
+pub(super) struct WriterConn {
+    pub(super) pool: Pool,
+    pub(super) conn: Option<Conn>,
+}
+
+pub(super) enum Conn {
+    Sqlite(sqlx::SqliteConnection),
+    MySql(sqlx::MySqlConnection),
+}
+
+impl WriterConn {
+    async fn apply(
+        &mut self,
+        caps: Caps,
+        writes: &[&Write],
+        stats: &StoreStats,
+    ) -> Result<Vec<Outcome>, Failed> {
+        let began = std::time::Instant::now();
+        let conn = match &mut self.conn {
+            Some(conn) => conn,
+            None => self.conn.insert(match &self.pool {
+                Pool::Sqlite(p) => Conn::Sqlite(p.acquire().await?.detach()),
+                Pool::MySql(p) => {
+                    let mut conn = p.acquire().await?.detach();
+                    // Concurrent group commits touch disjoint rows; without
+                    // gap locks (taken under REPEATABLE READ by the range
+                    // scans of batched updates) they cannot deadlock on them.
+                    // With autocommit off, a group commit needs no `BEGIN`.
+                    sqlx::raw_sql(
+                        "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED; SET autocommit = 0",
+                    )
+                    .execute(&mut conn)
+                    .await?;
+                    Conn::MySql(conn)
+                }
+            }),
+        };
+        let result = match conn {
+            Conn::Sqlite(c) => sql::sqlite::apply(c, writes, caps.returning, false).await,
+            Conn::MySql(c) => sql::mysql::apply(c, writes, caps.returning, true).await,
+        };
+        let (outcomes, rows) = result.inspect_err(|_| self.conn = None)?;
+        stats.transactions.fetch_add(1, Ordering::Relaxed);
+        stats
+            .writes
+            .fetch_add(writes.len() as u64, Ordering::Relaxed);
+        stats.rows_written.fetch_add(rows, Ordering::Relaxed);
+        stats
+            .commit_micros
+            .fetch_add(began.elapsed().as_micros() as u64, Ordering::Relaxed);
+        Ok(outcomes)
+    }
+}
+
+/// Whether a server's `VERSION()` is MariaDB 10.5 or later.
+pub(super) fn mariadb_has_returning(version: &str) -> bool {
+    if !version.contains("MariaDB") {
+        return false;
+    }
+    let mut parts = version
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let major = parts.next().unwrap_or(0);
+    let minor = parts.next().unwrap_or(0);
+    (major, minor) >= (10, 5)
+}
