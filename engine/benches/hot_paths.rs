@@ -3,13 +3,13 @@
 //! an action. The last two need the troupe binary and the testkit plugin
 //! built next to this benchmark (`cargo build --release` first).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use engine::HostCommand;
-use engine::bench::{AgencyProbe, EngineProbe, HostProbe};
+use engine::bench::{AgencyProbe, HostProbe};
 
 fn target_dir() -> PathBuf {
     // target/release/deps/hot_paths-HASH → target/release
@@ -125,3 +125,91 @@ fn bench(c: &mut Criterion) {
 
 criterion_group!(benches, bench);
 criterion_main!(benches);
+
+/// A whole engine in this process: real Control, Agency, step host and
+/// store (SQLite on a RAM-backed directory where there is one, so no disk
+/// flush), with a bundle signed by a throwaway key.
+struct EngineProbe {
+    engine: engine::Engine,
+    dir: std::path::PathBuf,
+}
+
+impl EngineProbe {
+    /// `manifest` and `library` make the bundle (the testkit's, in the benchmarks).
+    async fn start(
+        host_command: HostCommand,
+        manifest: &str,
+        library: &Path,
+    ) -> engine::Result<EngineProbe> {
+        let base = Path::new("/dev/shm");
+        let base = if base.is_dir() {
+            base.to_path_buf()
+        } else {
+            std::env::temp_dir()
+        };
+        let dir = base.join(format!("troupe-probe-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a directory for the probe");
+        let lib = std::fs::read(library).expect("the testkit plugin, built");
+        let bytes = engine::bundle::build(manifest, &[(engine::bundle::TARGET, &lib)])?;
+        let key = signing::SecretKey::from_seed([7; 32]);
+        let signature = engine::bundle::sign(&bytes, &key, 0)?;
+        let engine = engine::Engine::start(engine::Config {
+            database_url: format!("sqlite://{}", dir.join("probe.db").display()),
+            data_dir: dir.clone(),
+            node_id: "probe".into(),
+            max_running: 64,
+            lease: Duration::from_secs(60),
+            cancel_grace: Duration::from_secs(1),
+            node_timeout: Duration::from_secs(4),
+            node_grace: Duration::from_secs(60),
+            host_command,
+            trusted_keys: vec![key.public()],
+            vars: Default::default(),
+            secrets_key: engine::secrets::SecretsKey::generate().expect("randomness"),
+            goons: false,
+        })
+        .await?;
+        engine
+            .admit_bundle(bytes, signature.to_text(), "bench")
+            .await?;
+        Ok(EngineProbe { engine, dir })
+    }
+
+    /// Submits an action of `kind` and waits for it; true if it succeeded.
+    async fn run(&self, kind: &str) -> bool {
+        let new = engine::model::NewAction {
+            kind: kind.into(),
+            target: "probe".into(),
+            params: Default::default(),
+            idempotency_key: None,
+            bundle: None,
+            submitted_by: None,
+        };
+        let Ok(submitted) = self.engine.submit(new).await else {
+            return false;
+        };
+        let id = submitted.action.id;
+        matches!(
+            self.engine.wait(id, None, Duration::from_secs(30)).await,
+            Ok(a) if a.status == engine::model::ActionStatus::Succeeded
+        )
+    }
+
+    /// Time the store has spent committing so far.
+    fn commit_time(&self) -> Duration {
+        let micros = self
+            .engine
+            .store()
+            .stats()
+            .commit_micros
+            .load(std::sync::atomic::Ordering::Relaxed);
+        Duration::from_micros(micros)
+    }
+}
+
+impl Drop for EngineProbe {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

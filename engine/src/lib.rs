@@ -28,6 +28,7 @@ pub mod secrets;
 pub mod step;
 pub mod store;
 
+#[cfg(feature = "bench-probes")]
 #[doc(hidden)]
 pub mod bench;
 
