@@ -124,7 +124,6 @@ fn reboot_needs_its_command_configured() {
         .kind("reboot")
         .param("host", "127.0.0.1")
         .run()
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert!(err.to_string().contains("reboot_command"), "{err}");
 }
