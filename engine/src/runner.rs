@@ -355,7 +355,7 @@ async fn steps(
             }
         };
         let requires = step_use.requires(&handle.def);
-        let mut failures = 0;
+        let mut failures = rules::Failures::default();
         // An attempt this server sent to a node before it stopped.
         let mut resume_on = record
             .filter(|r| r.status == StepStatus::Running && !prestarted)
@@ -552,11 +552,8 @@ async fn steps(
                 StepResult::Fatal(msg) => (msg, Ending::Fatal),
                 StepResult::NotRun(msg) => (msg, Ending::NotRun),
             };
-            if ending.counts() {
-                failures += 1;
-            }
             let policy = &handle.def.retry;
-            let again = rules::try_again(policy, handle.def.idempotent, ending, failures);
+            let again = failures.after(ending, policy, handle.def.idempotent);
             if again && !cancel.is_cancelled() {
                 let failed = Write::StepAttemptFailed {
                     id,
@@ -574,7 +571,7 @@ async fn steps(
                     return End::Refused(why);
                 }
                 tokio::select! {
-                    _ = tokio::time::sleep(policy.backoff(failures.max(1))) => {}
+                    _ = tokio::time::sleep(failures.backoff(policy)) => {}
                     _ = cancel.cancelled() => {}
                     _ = shared.stopping.cancelled() => {}
                 }

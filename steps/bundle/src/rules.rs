@@ -1,6 +1,8 @@
 //! When a step runs again: the rules every runner of steps applies (the
 //! engine's, on a server or a node, and the test harness's).
 
+use std::time::Duration;
+
 use crate::manifest::Retry;
 
 /// How an attempt that did not succeed ended, as far as trying again goes.
@@ -44,6 +46,26 @@ impl Ending {
 /// with `failures` counted failures so far (this one included).
 pub fn try_again(retry: &Retry, idempotent: bool, ending: Ending, failures: u32) -> bool {
     ending.may_retry(idempotent) && (failures < retry.attempts || !ending.counts())
+}
+
+/// A step's failed attempts so far, counted as [`try_again`] counts them.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Failures(u32);
+
+impl Failures {
+    /// Counts an attempt that ended `ending`, and says whether to run the
+    /// step again.
+    pub fn after(&mut self, ending: Ending, retry: &Retry, idempotent: bool) -> bool {
+        if ending.counts() {
+            self.0 += 1;
+        }
+        try_again(retry, idempotent, ending, self.0)
+    }
+
+    /// The wait before the next attempt.
+    pub fn backoff(&self, retry: &Retry) -> Duration {
+        retry.backoff(self.0.max(1))
+    }
 }
 
 #[cfg(test)]

@@ -306,7 +306,7 @@ impl<'r> Runner<'r> {
             let name = step_use.name();
             let def = &manifest.steps[&step_use.step];
             let report = &mut steps[seq];
-            let mut failures = 0;
+            let mut failures = rules::Failures::default();
             for attempt in 1.. {
                 if cancel.load(Ordering::Relaxed) != 0 {
                     return self.end(steps, Status::Cancelled, Some(CANCELLED.to_owned()));
@@ -364,11 +364,8 @@ impl<'r> Runner<'r> {
                     Outcome::TimedOut(m) => (m, Ending::TimedOut),
                     Outcome::Lost(m) => (m, Ending::Lost),
                 };
-                if ending.counts() {
-                    failures += 1;
-                }
-                if rules::try_again(&def.retry, def.idempotent, ending, failures) {
-                    self.clock += def.retry.backoff(failures.max(1));
+                if failures.after(ending, &def.retry, def.idempotent) {
+                    self.clock += failures.backoff(&def.retry);
                     continue;
                 }
                 report.status = StepStatus::Failed;
