@@ -242,12 +242,15 @@ pub(crate) async fn run(cmd: TokensCommand) -> Result<ExitCode> {
 
 /// `troupe audit`: administrative changes, newest first.
 pub(crate) async fn audit(
-    limit: u32,
+    limit: Option<u32>,
     before: Option<i64>,
     json: bool,
     server: ServerArg,
 ) -> Result<ExitCode> {
-    let mut query = vec![("limit", limit.to_string())];
+    let mut query: Vec<(&str, String)> = limit
+        .map(|l| ("limit", l.to_string()))
+        .into_iter()
+        .collect();
     query.extend(before.map(|b| ("before", b.to_string())));
     let v = Client::connect(&server)?.get("/v1/audit", &query).await?;
     if json {
@@ -270,7 +273,8 @@ pub(crate) async fn audit(
         );
     }
     if let Some(next) = v["next_before"].as_i64() {
-        println!("more: troupe audit --limit {limit} --before {next}");
+        let limit = limit.map(|l| format!(" --limit {l}")).unwrap_or_default();
+        println!("more: troupe audit{limit} --before {next}");
     }
     Ok(ExitCode::SUCCESS)
 }

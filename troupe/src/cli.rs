@@ -86,8 +86,9 @@ enum Command {
         status: Option<String>,
         #[arg(long)]
         kind: Option<String>,
-        #[arg(long, default_value_t = 20)]
-        limit: u32,
+        /// How many (1 to 1000) [default: the server's, 50]
+        #[arg(long)]
+        limit: Option<u32>,
         /// Only actions with an id below this (for paging).
         #[arg(long)]
         before: Option<i64>,
@@ -134,8 +135,9 @@ enum Command {
     Goons(crate::goons_cmd::GoonsCommand),
     /// Show the audit log: who pushed, activated, trusted, revoked or created what (needs an admin token).
     Audit {
-        #[arg(long, default_value_t = 50)]
-        limit: u32,
+        /// How many (1 to 1000) [default: the server's, 50]
+        #[arg(long)]
+        limit: Option<u32>,
         /// Only entries with an id below this (for paging).
         #[arg(long)]
         before: Option<i64>,
@@ -267,7 +269,10 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             server,
         } => {
             let client = Client::connect(&server)?;
-            let mut query = vec![("limit", limit.to_string())];
+            let mut query: Vec<(&str, String)> = limit
+                .map(|l| ("limit", l.to_string()))
+                .into_iter()
+                .collect();
             query.extend(target.map(|v| ("target", v)));
             query.extend(status.map(|v| ("status", v)));
             query.extend(kind.map(|v| ("kind", v)));
