@@ -122,3 +122,19 @@ fn bundle_new_refuses_a_bad_name_and_an_existing_directory() {
         "mine"
     );
 }
+
+/// The manifest the guide's reference shows is one a build accepts.
+#[test]
+fn the_guides_manifest_reference_is_valid() {
+    let guide =
+        std::fs::read_to_string(crate::harness::workspace().join("docs/writing-steps.md")).unwrap();
+    let section = &guide[guide.find("## The manifest").unwrap()..];
+    let toml = section
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .unwrap();
+    let manifest = engine::bundle::Manifest::parse(toml).unwrap();
+    manifest.check_new().unwrap();
+    assert!(manifest.kinds.contains_key("resize"));
+}
