@@ -5,6 +5,8 @@
 //! The engine's step hosts and `troupe-test`'s harness both use this crate,
 //! so a bundle means the same thing on a server and in `cargo test`.
 
+#![warn(missing_docs)]
+
 pub mod goon;
 pub mod manifest;
 pub mod names;

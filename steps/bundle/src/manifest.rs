@@ -13,17 +13,23 @@ use crate::params::Params;
 /// The only manifest format this engine reads.
 pub const FORMAT: u32 = 1;
 
+/// A bundle's manifest: `bundle.toml` in a step crate, `manifest.toml` in a bundle.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
+    /// The manifest format; this troupe reads [`FORMAT`].
     pub format: u32,
+    /// The bundle's name: letters, digits, `-` and `_`.
     pub name: String,
+    /// Its version: semver for a new bundle, newer than every one of the name before.
     pub version: String,
     /// The plugin ABI the library was built for (see `troupe_sdk::ABI_VERSION`).
     pub abi: u32,
     /// The library's base name: `libNAME.so` on Linux.
     pub library: String,
+    /// The steps the library exports, by name, with the rules they run under.
     pub steps: BTreeMap<String, StepDef>,
+    /// The kinds of action built from the steps, by name.
     #[serde(default)]
     pub kinds: BTreeMap<String, KindDef>,
 }
@@ -35,11 +41,13 @@ pub struct StepDef {
     /// The exported function; defaults to the step's own name.
     #[serde(default)]
     pub function: Option<String>,
+    /// Each attempt is stopped after this long (required, above 0).
     pub timeout_ms: u64,
     /// Whether running the step twice is harmless. An interrupted step is
     /// re-run after a crash only if it is.
     #[serde(default)]
     pub idempotent: bool,
+    /// How often, and how far apart, a failed attempt is tried again.
     #[serde(default)]
     pub retry: Retry,
     /// Capabilities a node must have to run this step: `name = "value"`
@@ -58,6 +66,7 @@ fn default_placement_timeout() -> u64 {
     300_000
 }
 
+/// A step's retry policy: `retry = { attempts = 3, backoff_ms = 1000 }`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Retry {
@@ -67,6 +76,7 @@ pub struct Retry {
     /// The wait before the second attempt; it doubles after each retry.
     #[serde(default = "default_backoff")]
     pub backoff_ms: u64,
+    /// The longest wait between attempts.
     #[serde(default = "default_max_backoff")]
     pub max_backoff_ms: u64,
 }
@@ -109,12 +119,14 @@ impl Retry {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KindDef {
+    /// One line for `troupe kinds`.
     #[serde(default)]
     pub description: String,
     /// The params a request for this kind carries: a list of required
     /// names, or a table of typed schemas (see `params.rs`).
     #[serde(default)]
     pub params: Params,
+    /// The steps, in the order they run.
     pub steps: Vec<StepUse>,
 }
 
@@ -122,6 +134,7 @@ pub struct KindDef {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StepUse {
+    /// The step it uses: a `[steps.NAME]` of the same manifest.
     pub step: String,
     /// The name this use goes by in the action (and in `{{steps.NAME…}}`);
     /// defaults to the step's name. Unique within the kind.
@@ -142,20 +155,24 @@ fn empty_object() -> Value {
 }
 
 impl StepDef {
+    /// The exported function step `name` calls: its `function`, or its name.
     pub fn function<'a>(&'a self, name: &'a str) -> &'a str {
         self.function.as_deref().unwrap_or(name)
     }
 
+    /// `timeout_ms` as a duration.
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms)
     }
 
+    /// `placement_timeout_ms` as a duration.
     pub fn placement_timeout(&self) -> Duration {
         Duration::from_millis(self.placement_timeout_ms)
     }
 }
 
 impl StepUse {
+    /// The name this use goes by: its `name`, or the step's.
     pub fn name(&self) -> &str {
         self.name.as_deref().unwrap_or(&self.step)
     }
@@ -170,6 +187,7 @@ impl StepUse {
 }
 
 impl Manifest {
+    /// Reads and checks a manifest: every rule a loaded bundle must meet ([`Manifest::check_new`] adds those for new ones).
     pub fn parse(text: &str) -> Result<Manifest, Invalid> {
         let m: Manifest = toml::from_str(text).map_err(|e| Invalid::Manifest(e.to_string()))?;
         m.validate()?;

@@ -13,11 +13,17 @@ use serde_json::{Map, Value};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ParamType {
+    /// A JSON string.
     String,
+    /// A whole number.
     Integer,
+    /// Any number.
     Number,
+    /// `true` or `false`.
     Boolean,
+    /// A list.
     Array,
+    /// A JSON object.
     Object,
 }
 
@@ -49,26 +55,34 @@ impl ParamType {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ParamSpec {
+    /// `type`: the JSON type it must have; any when absent.
     #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
     pub kind: Option<ParamType>,
+    /// Shown by `troupe kinds` and `/v1/kinds`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
     /// Whether a request must carry it; defaults to true unless a default is given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub required: Option<bool>,
+    /// The value when a request leaves it out; it must fit the schema.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default: Option<Value>,
+    /// `enum`: the values allowed.
     #[serde(default, rename = "enum", skip_serializing_if = "Option::is_none")]
     pub one_of: Option<Vec<Value>>,
     /// A regular expression a string must match (anchor it with `^…$`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pattern: Option<String>,
+    /// The smallest number allowed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub minimum: Option<f64>,
+    /// The largest number allowed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub maximum: Option<f64>,
+    /// The fewest characters of a string, or items of a list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_length: Option<usize>,
+    /// The most characters of a string, or items of a list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_length: Option<usize>,
     /// The schema of a list's items.
@@ -80,6 +94,7 @@ pub struct ParamSpec {
 }
 
 impl ParamSpec {
+    /// Whether a request must carry it: `required`, or, unset, when there is no default.
     pub fn is_required(&self) -> bool {
         self.required.unwrap_or(self.default.is_none())
     }
@@ -195,7 +210,9 @@ fn describe(v: &Value) -> String {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Params {
+    /// `params = ["host"]`: required params of any type.
     Names(Vec<String>),
+    /// `params.NAME = { … }`: a schema per param.
     Schema(BTreeMap<String, ParamSpec>),
 }
 
@@ -217,6 +234,7 @@ impl Params {
         }
     }
 
+    /// Whether the kind declares param `name`.
     pub fn declares(&self, name: &str) -> bool {
         match self {
             Params::Names(names) => names.iter().any(|n| n == name),
@@ -268,6 +286,7 @@ impl Params {
 pub enum ParamError {
     /// Required params the request lacks (all of them).
     Missing(Vec<String>),
+    /// A param is unknown or breaks its schema; the message names it.
     Invalid(String),
 }
 

@@ -11,9 +11,13 @@ use serde_json::{Map, Value, json};
 /// The action a step runs for, as templates and the step see it.
 #[derive(Debug, Clone, Copy)]
 pub struct Action<'a> {
+    /// The action's id.
     pub id: i64,
+    /// Its kind.
     pub kind: &'a str,
+    /// What it acts on.
     pub target: &'a str,
+    /// Its params, defaults filled in.
     pub params: &'a Map<String, Value>,
 }
 

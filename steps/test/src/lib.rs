@@ -33,6 +33,8 @@
 //! test with it: on a server it would crash only its step host. Use
 //! [`Goon::crash`] to see what troupe does when a host crashes.
 
+#![warn(missing_docs)]
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
