@@ -3,13 +3,25 @@
 
 use crate::harness::{Db, Env, both_dbs, troupe};
 
+/// Runs `troupe ARGS` (a bench with `--json`) and reads its report.
+fn report(args: &[&str]) -> serde_json::Value {
+    let out = troupe(args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap()
+}
+
 async fn bench_smoke(db: Db) {
     let env = Env::new(db).await;
     let db_arg = match db {
         Db::Sqlite => "sqlite".to_owned(),
         Db::MySql => env.db_url.clone(),
     };
-    let out = troupe(&[
+    let r = report(&[
         "bench",
         "-n",
         "20",
@@ -23,13 +35,6 @@ async fn bench_smoke(db: Db) {
         "--timeout",
         "120s",
     ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(
         (r["failed"].as_u64(), r["missing"].as_u64()),
         (Some(0), Some(0)),
@@ -102,7 +107,7 @@ async fn bench_smoke(db: Db) {
 /// processes, reported next to the local run.
 #[test]
 fn bench_with_nodes_reports_the_remote_run() {
-    let out = troupe(&[
+    let r = report(&[
         "bench",
         "-n",
         "20",
@@ -116,13 +121,6 @@ fn bench_with_nodes_reports_the_remote_run() {
         "--timeout",
         "120s",
     ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     let remote = &r["remote"];
     assert_eq!(remote["nodes"], 2, "{r}");
     assert_eq!(remote["kind"], "noop3_remote", "{r}");
@@ -147,7 +145,7 @@ fn bench_with_nodes_reports_the_remote_run() {
 /// run on the fleet, and a new bundle is fetched by some of them.
 #[test]
 fn bench_fleet_reports_every_figure() {
-    let out = troupe(&[
+    let r = report(&[
         "bench",
         "fleet",
         "--nodes",
@@ -164,13 +162,6 @@ fn bench_fleet_reports_every_figure() {
         "1",
         "--json",
     ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(r["server_lists_connected"], 30, "{r}");
     let steady = &r["steady"];
     assert!(steady["nodes_lost"].as_u64().unwrap() >= 1, "{r}");

@@ -5,11 +5,8 @@
 
 use serde_json::json;
 
+use crate::cli::text;
 use crate::harness::{Db, Env, troupe};
-
-fn text(o: &std::process::Output) -> String {
-    crate::cli::text(o)
-}
 
 /// Runs `body` with the filters that mask what differs between runs.
 fn masked(body: impl FnOnce()) {

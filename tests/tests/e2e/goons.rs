@@ -4,11 +4,8 @@
 
 use serde_json::json;
 
-use crate::harness::{Db, Env};
-
-fn text(o: &std::process::Output) -> String {
-    crate::cli::text(o)
-}
+use crate::cli::text;
+use crate::harness::{Db, Env, strings};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn goons_are_off_unless_the_server_is_started_with_them() {
@@ -105,12 +102,7 @@ async fn goons_make_real_steps_misbehave_until_spent_or_removed() {
     let clear = server.cli(&["goons", "remove", "--all"]);
     assert!(text(&clear).contains("2 goons removed"), "{}", text(&clear));
     let (_, audit) = server.get("/v1/audit").await;
-    let events: Vec<&str> = audit["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|e| e["event"].as_str())
-        .collect();
+    let events = strings(&audit["entries"], "event");
     assert_eq!(
         events.iter().filter(|e| **e == "goon.added").count(),
         3,

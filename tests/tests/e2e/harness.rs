@@ -596,3 +596,13 @@ pub(crate) fn step_statuses(action: &Value) -> Vec<String> {
         .map(|s| s["status"].as_str().unwrap().to_owned())
         .collect()
 }
+
+/// The `field` of each object in the JSON list `items`, where it is a string.
+pub(crate) fn strings<'a>(items: &'a serde_json::Value, field: &str) -> Vec<&'a str> {
+    items
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|item| item[field].as_str())
+        .collect()
+}

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::harness::{Db, Env, Server, both_dbs, test_key, testkit_version};
-use crate::nodes::{Node, connected, free_port, join_token, running_on_node, wait_exit};
+use crate::harness::{Db, Env, Server, both_dbs, strings, test_key, testkit_version};
+use crate::nodes::{Node, connected, free_port, join_token, kvm_node, running_on_node, wait_exit};
 
 /// `GET /v1/nodes/{name}`, until `ready` holds (at most 30 s).
 async fn node_until(
@@ -143,12 +143,7 @@ async fn a_new_version_takes_over_on_the_node(db: Db) {
     // leaves the cache; the server hears of both.
     let (v1_hash, v1_pid) = v1;
     let n = node_until(&server, "hv-17", "v1 unloaded and evicted", |n| {
-        let hashes: Vec<&str> = n["bundles"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|b| b["hash"].as_str())
-            .collect();
+        let hashes = strings(&n["bundles"], "hash");
         hashes == [v2_hash.as_str()]
     })
     .await;
@@ -172,13 +167,8 @@ async fn a_step_on_a_node_times_out(db: Db) {
     let env = Env::new(db).await;
     let server = env.serve();
     let token = join_token(&server, &env).await;
-    let node = Node::start(
-        &server,
-        &token,
-        "hv-17",
-        &["--capability", "hypervisor=kvm"],
-    );
-    connected(&server, &["hv-17"], &[&node]).await;
+    // Kept alive to the end of the test.
+    let _node = kvm_node(&server, &token, "hv-17").await;
     let started = Instant::now();
     let id = server
         .submit("node_timeout", "vps-1", json!({ "ms": 20000 }))
@@ -246,12 +236,7 @@ async fn join_tokens_expire_and_can_be_revoked(db: Db) {
     assert!(refused.log().contains("revoked"), "{}", refused.log());
 
     let (_, list) = server.get("/v1/nodes").await;
-    let names: Vec<&str> = list["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|n| n["name"].as_str())
-        .collect();
+    let names = strings(&list["nodes"], "name");
     assert_eq!(names, ["hv-1"], "{list}");
 }
 
@@ -260,13 +245,7 @@ async fn a_drained_node_stays_drained_across_a_restart(db: Db) {
     let listen = format!("127.0.0.1:{}", free_port());
     let server = env.serve_with(&["--listen", &listen]);
     let token = join_token(&server, &env).await;
-    let node = Node::start(
-        &server,
-        &token,
-        "hv-17",
-        &["--capability", "hypervisor=kvm"],
-    );
-    connected(&server, &["hv-17"], &[&node]).await;
+    let node = kvm_node(&server, &token, "hv-17").await;
     let out = server.cli(&["nodes", "drain", "hv-17"]);
     assert!(out.status.success(), "{out:?}");
     server.kill9();
@@ -291,12 +270,7 @@ async fn a_drained_node_stays_drained_across_a_restart(db: Db) {
     assert!(out.status.success(), "{out:?}");
     assert_eq!(server.finished(id).await["status"], "succeeded");
     let (_, audit) = server.get("/v1/audit").await;
-    let events: Vec<&str> = audit["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|e| e["event"].as_str())
-        .collect();
+    let events = strings(&audit["entries"], "event");
     assert!(
         events.contains(&"node.drained") && events.contains(&"node.undrained"),
         "{audit}"
@@ -362,13 +336,7 @@ async fn a_call_lost_with_a_server_crash_before_it_was_sent_runs_after_the_resta
         &[("FAILPOINTS", "runner.before_remote_call=1*return(5000)")],
     );
     let token = join_token(&server, &env).await;
-    let node = Node::start(
-        &server,
-        &token,
-        "hv-17",
-        &["--capability", "hypervisor=kvm"],
-    );
-    connected(&server, &["hv-17"], &[&node]).await;
+    let node = kvm_node(&server, &token, "hv-17").await;
     // A node up a while, as nodes are: one that connected just before the
     // call could have restarted since, as far as the server can tell.
     tokio::time::sleep(Duration::from_secs(1)).await;

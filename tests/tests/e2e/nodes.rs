@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::harness::{Db, Env, Server, both_dbs, bundles, scratch_dir, troupe_bin};
+use crate::harness::{Db, Env, Server, both_dbs, bundles, scratch_dir, strings, troupe_bin};
 
 /// A running `troupe node`, killed when dropped.
 pub(crate) struct Node {
@@ -105,6 +105,14 @@ pub(crate) async fn join_token(server: &Server, env: &Env) -> PathBuf {
     let path = env.dir.join("join.token");
     std::fs::write(&path, token).unwrap();
     path
+}
+
+/// A node named `name` with `hypervisor=kvm`, once the server lists it
+/// connected.
+pub(crate) async fn kvm_node(server: &Server, token: &std::path::Path, name: &str) -> Node {
+    let node = Node::start(server, token, name, &["--capability", "hypervisor=kvm"]);
+    connected(server, &[name], &[&node]).await;
+    node
 }
 
 /// Waits until the server lists these nodes connected (at most 30 s).
@@ -223,13 +231,7 @@ async fn steps_that_need_one_bundle_at_once_make_one_download(db: Db) {
     let env = Env::new(db).await;
     let server = env.serve();
     let token = join_token(&server, &env).await;
-    let node = Node::start(
-        &server,
-        &token,
-        "hv-17",
-        &["--capability", "hypervisor=kvm"],
-    );
-    connected(&server, &["hv-17"], &[&node]).await;
+    let node = kvm_node(&server, &token, "hv-17").await;
     // Submitted together: the four calls reach the node before its bundle does.
     let submit = |i: u32| {
         let server = &server;
@@ -504,13 +506,7 @@ async fn a_step_on_a_node_survives_a_server_restart(db: Db) {
     let listen = format!("127.0.0.1:{port}");
     let server = env.serve_with(&["--listen", &listen]);
     let token = join_token(&server, &env).await;
-    let node = Node::start(
-        &server,
-        &token,
-        "hv-17",
-        &["--capability", "hypervisor=kvm"],
-    );
-    connected(&server, &["hv-17"], &[&node]).await;
+    let node = kvm_node(&server, &token, "hv-17").await;
     warm(&server).await;
     let id = server
         .submit("node_sleep", "vps-1", json!({ "ms": 3000 }))
@@ -577,13 +573,7 @@ async fn a_silent_node_is_detected_and_comes_back(db: Db) {
     let env = Env::new(db).await;
     let server = env.serve_with(&["--node-timeout", "3s"]);
     let token = join_token(&server, &env).await;
-    let node = Node::start(
-        &server,
-        &token,
-        "hv-17",
-        &["--capability", "hypervisor=kvm"],
-    );
-    connected(&server, &["hv-17"], &[&node]).await;
+    let node = kvm_node(&server, &token, "hv-17").await;
     warm(&server).await;
     let id = server
         .submit("node_sleep", "vps-1", json!({ "ms": 4000 }))
@@ -730,12 +720,7 @@ async fn nodes_prove_their_key_and_need_a_join_token_or_an_accept(db: Db) {
 
     // Who let whom in, and who removed it, is audited.
     let (_, audit) = server.get("/v1/audit").await;
-    let events: Vec<&str> = audit["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|e| e["event"].as_str())
-        .collect();
+    let events = strings(&audit["entries"], "event");
     assert!(
         events.contains(&"node.accepted") && events.contains(&"node.removed"),
         "{audit}"
