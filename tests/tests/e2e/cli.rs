@@ -431,3 +431,67 @@ async fn a_closed_pipe_ends_a_client_command_quietly() {
     assert_eq!(out.status.signal(), Some(13), "SIGPIPE: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// Ctrl-C while `--wait` follows an action stops the following, not the
+/// action, and says so: how to follow again and how to stop it. The exit
+/// status is 130, as for any command stopped by Ctrl-C.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_stops_following_and_says_the_action_runs_on() {
+    use std::io::BufRead;
+    let env = Env::new(Db::Sqlite).await;
+    let server = env.serve();
+    let first = server
+        .submit("sleep", "vps-int", serde_json::json!({ "ms": 60000 }))
+        .await;
+    server
+        .until(first, "running", |a| a["status"] == "running")
+        .await;
+    let status_wait = vec!["status".to_owned(), first.to_string(), "--wait".into()];
+    let submit_wait: Vec<String> = [
+        "submit",
+        "sleep",
+        "--target",
+        "vps-int2",
+        "--param-json",
+        "ms=60000",
+        "--wait",
+    ]
+    .map(String::from)
+    .to_vec();
+    for args in [status_wait, submit_wait] {
+        let mut child = std::process::Command::new(troupe_bin())
+            .args(&args)
+            .args(["--server", &server.url])
+            .env("TROUPE_TOKEN_FILE", &server.token_file)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The first line ("action N: …") comes once the CLI follows the
+        // action (and handles Ctrl-C); only then is the interrupt sent.
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut header = String::new();
+        stdout.read_line(&mut header).unwrap();
+        let id: i64 = header
+            .strip_prefix("action ")
+            .and_then(|r| r.split(':').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{args:?}: {header}"));
+        let kill = std::process::Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(130), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "stopped following action {id}; it is still running — `troupe status {id} --wait` to follow again, `troupe cancel {id}` to stop it"
+            )),
+            "{args:?}: {stderr}"
+        );
+        let (_, action) = server.get(&format!("/v1/actions/{id}")).await;
+        assert_eq!(action["status"], "running", "{action}");
+    }
+}
