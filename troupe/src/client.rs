@@ -74,7 +74,13 @@ impl Client {
             req = req.bearer_auth(token);
         }
         let resp = req.send().await.map_err(|e| {
-            if let Some(reason) = tls_failure(&e) {
+            if self.base.starts_with("https://") && not_tls(&e) {
+                anyhow!(
+                    "TLS handshake failed with {}; is the server plain http? (try {})",
+                    self.base,
+                    self.base.replacen("https://", "http://", 1)
+                )
+            } else if let Some(reason) = tls_failure(&e) {
                 anyhow!(
                     "cannot verify the TLS certificate of {}: {reason}; pass the CA that signed it with --ca-cert FILE (or TROUPE_CA_CERT)",
                     self.base
@@ -201,19 +207,39 @@ impl Client {
 
 /// The certificate error under a failed request, if that is why it failed.
 fn tls_failure(e: &reqwest::Error) -> Option<String> {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(err) = source {
-        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
-            return Some(tls.to_string());
-        }
+    causes(e)
+        .find_map(|err| err.downcast_ref::<rustls::Error>())
+        .map(rustls::Error::to_string)
+}
+
+/// Whether a request to an https:// URL failed because what answered does
+/// not speak TLS: its reply is no TLS record, or it closed the connection
+/// (a plain-HTTP server answering the ClientHello with 400) during the
+/// handshake.
+fn not_tls(e: &reqwest::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionReset, UnexpectedEof};
+    causes(e).any(|err| {
+        matches!(
+            err.downcast_ref::<rustls::Error>(),
+            Some(rustls::Error::InvalidMessage(_))
+        ) || (e.is_connect()
+            && err.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                matches!(io.kind(), BrokenPipe | ConnectionReset | UnexpectedEof)
+            }))
+    })
+}
+
+/// The errors under `e`, outermost first.
+fn causes(e: &reqwest::Error) -> impl Iterator<Item = &(dyn std::error::Error + 'static)> {
+    let first: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    std::iter::successors(first, |err| {
         // An io::Error's `source` skips the error it wraps: look inside.
-        source = match err
+        match err
             .downcast_ref::<std::io::Error>()
             .and_then(|io| io.get_ref())
         {
             Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
             None => err.source(),
-        };
-    }
-    None
+        }
+    })
 }
