@@ -43,8 +43,9 @@ pub(crate) enum TokensCommand {
     },
     /// Revoke a token: refused from its next request.
     Revoke {
-        /// The token's id (the part after troupe_, as `tokens list` shows it).
-        id: String,
+        /// The token's name, or its id (as `tokens list` shows them).
+        #[arg(value_name = "NAME|ID")]
+        which: String,
         /// Print the API's JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -226,12 +227,40 @@ pub(crate) async fn run(cmd: TokensCommand) -> Result<ExitCode> {
                 }
             }
         }
-        TokensCommand::Revoke { id, json, server } => {
-            let t = Client::connect(&server)?
-                .post(&format!("/v1/tokens/{id}/revoke"), &json!({}))
+        TokensCommand::Revoke {
+            which: token,
+            json,
+            server,
+        } => {
+            let client = Client::connect(&server)?;
+            let list = client.get("/v1/tokens", &[]).await?;
+            let tokens = list["tokens"].as_array().cloned().unwrap_or_default();
+            // An id first (ids are what the API takes), then a name.
+            let found = tokens
+                .iter()
+                .find(|t| t["id"] == token.as_str())
+                .or_else(|| tokens.iter().find(|t| t["name"] == token.as_str()));
+            let Some(found) = found else {
+                anyhow::bail!(
+                    "no token has the id or name {token:?} (see `troupe tokens list`) [token_not_found]"
+                );
+            };
+            let already = found["revoked_at"].is_string();
+            let t = client
+                .post(
+                    &format!("/v1/tokens/{}/revoke", s(&found["id"])),
+                    &json!({}),
+                )
                 .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&t)?);
+            } else if already {
+                println!(
+                    "token {} ({}) was already revoked at {}; nothing changed",
+                    s(&t["id"]),
+                    s(&t["name"]),
+                    s(&t["revoked_at"])
+                );
             } else {
                 println!("revoked token {} ({})", s(&t["id"]), s(&t["name"]));
             }

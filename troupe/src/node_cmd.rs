@@ -322,11 +322,14 @@ impl NodesCommand {
             }
             NodesCommand::Remove { name, json, server } => {
                 let client = Client::connect(&server)?;
+                let before = client.get(&format!("/v1/nodes/{name}"), &[]).await?;
                 let node = client
                     .post(&format!("/v1/nodes/{name}/remove"), &serde_json::json!({}))
                     .await?;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&node)?);
+                } else if before["status"] == "removed" {
+                    println!("node {name} was already removed; nothing changed");
                 } else {
                     println!("node {name} removed; its key is refused from now on");
                 }
