@@ -495,3 +495,57 @@ async fn ctrl_c_stops_following_and_says_the_action_runs_on() {
         assert_eq!(action["status"], "running", "{action}");
     }
 }
+
+/// A duration needs its unit: `--expires-in 90` is refused, saying how to
+/// write it, rather than read as 90 seconds; nothing is created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duration_without_a_unit_is_refused() {
+    let env = Env::new(Db::Sqlite).await;
+    let server = env.serve();
+    let out = server.cli(&[
+        "tokens",
+        "create",
+        "--name",
+        "ci",
+        "--scope",
+        "read",
+        "--expires-in",
+        "90",
+    ]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("\"90\" has no unit: write it as 90s, 90m, 90h or 90d"),
+        "{}",
+        text(&out)
+    );
+    let (_, tokens) = server.get("/v1/tokens").await;
+    assert_eq!(
+        crate::harness::strings(&tokens["tokens"], "name"),
+        ["admin"],
+        "{tokens}"
+    );
+    for (given, what) in [
+        ("90s", 90),
+        ("24h", 86_400),
+        ("30d", 2_592_000),
+        ("1h 30m", 5400),
+    ] {
+        let name = format!("t{what}");
+        let out = server.cli(&[
+            "tokens",
+            "create",
+            "--name",
+            &name,
+            "--scope",
+            "read",
+            "--expires-in",
+            given,
+            "--json",
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+        let t: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let at: chrono::DateTime<chrono::Utc> = t["expires_at"].as_str().unwrap().parse().unwrap();
+        let left = (at - chrono::Utc::now()).num_seconds();
+        assert!((what - 60..=what).contains(&left), "{given}: {left} s left");
+    }
+}
