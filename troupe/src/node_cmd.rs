@@ -262,6 +262,9 @@ pub(crate) enum NodeTokenCommand {
         /// Its name, recorded as who let each node in [default: join-<date and time>]
         #[arg(long)]
         name: Option<String>,
+        /// Write the token to this new file (mode 0600) instead of printing it; an existing file is never overwritten.
+        #[arg(long, value_name = "FILE")]
+        out: Option<std::path::PathBuf>,
         /// Print the API's JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -276,24 +279,28 @@ impl NodesCommand {
             NodesCommand::Token(NodeTokenCommand::Create {
                 ttl,
                 name,
+                out,
                 json,
                 server,
             }) => {
                 let name = name.unwrap_or_else(|| {
                     format!("join-{}", chrono::Utc::now().format("%Y%m%dT%H%M%SZ"))
                 });
-                crate::admin_cmd::create_token(
-                    &server,
-                    &name,
-                    &["join".to_owned()],
-                    &[],
-                    Some(ttl),
+                let new = crate::admin_cmd::NewToken {
+                    name: &name,
+                    scopes: &["join".to_owned()],
+                    kinds: &[],
+                    expires_in: Some(ttl),
+                    out: out.as_deref(),
                     json,
-                )
-                .await?;
+                };
+                crate::admin_cmd::create_token(&server, new).await?;
                 if !json {
+                    let file = out
+                        .as_deref()
+                        .map_or("FILE".into(), |p| p.display().to_string());
                     eprintln!(
-                        "on each new host, put it in a file only troupe can read and run: troupe node --server URL --token-file FILE --trust KEY …"
+                        "on each new host, copy it to a file only troupe can read and run: troupe node --server URL --token-file {file} --trust KEY …"
                     );
                 }
                 Ok(ExitCode::SUCCESS)

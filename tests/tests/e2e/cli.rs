@@ -549,3 +549,66 @@ async fn a_duration_without_a_unit_is_refused() {
         assert!((what - 60..=what).contains(&left), "{given}: {left} s left");
     }
 }
+
+/// `tokens create --out FILE` and `nodes token create --out FILE` write the
+/// token to a new file only its owner can read (as `keys generate` does),
+/// refuse to overwrite one (before any token is made), and the file works
+/// as `--token-file`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_go_to_a_private_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new(Db::Sqlite).await;
+    let server = env.serve();
+    let dir = scratch_dir("token-out");
+    let panel = dir.join("panel.token");
+    let join = dir.join("node.token");
+    for (args, file) in [
+        (
+            vec!["tokens", "create", "--name", "panel", "--scope", "read"],
+            &panel,
+        ),
+        (vec!["nodes", "token", "create", "--ttl", "1h"], &join),
+    ] {
+        let mut with_out = args.clone();
+        with_out.extend(["--out", file.to_str().unwrap()]);
+        let out = server.cli(&with_out);
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("troupe_"),
+            "the token is not printed: {}",
+            text(&out)
+        );
+        assert!(
+            text(&out).contains(&format!("written to {} (mode 0600)", file.display())),
+            "{}",
+            text(&out)
+        );
+        let meta = std::fs::metadata(file).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert!(
+            std::fs::read_to_string(file)
+                .unwrap()
+                .starts_with("troupe_")
+        );
+
+        let (_, before) = server.get("/v1/tokens").await;
+        let again = server.cli(&with_out);
+        assert!(!again.status.success(), "never overwrites a token file");
+        assert!(
+            text(&again).contains("must not exist yet"),
+            "{}",
+            text(&again)
+        );
+        let (_, after) = server.get("/v1/tokens").await;
+        assert_eq!(
+            before, after,
+            "no token made when the file cannot be written"
+        );
+    }
+    let list = std::process::Command::new(troupe_bin())
+        .args(["kinds", "--server", &server.url, "--token-file"])
+        .arg(&panel)
+        .output()
+        .unwrap();
+    assert!(list.status.success(), "{}", text(&list));
+}
