@@ -400,15 +400,22 @@ pub(crate) async fn run(cmd: BundleCommand) -> Result<ExitCode> {
             server,
         } => {
             let (bytes, sig) = read_signed(&bundle, signature)?;
-            let b = Client::connect(&server)?.push(bytes, sig).await?;
+            let (stored, b) = Client::connect(&server)?.push(bytes, sig).await?;
             return print_json_or(json, &b, |b| {
-                println!(
-                    "pushed {} {} ({}), now {}",
+                let what = format!(
+                    "{} {} ({})",
                     s(&b["name"]),
                     s(&b["version"]),
-                    s(&b["hash"]),
-                    s(&b["status"])
+                    short(s(&b["hash"]))
                 );
+                match s(&b["status"]) {
+                    status if stored => println!("pushed {what}, now {status}"),
+                    "active" => println!("{what} is already held and active; nothing was pushed"),
+                    status => println!(
+                        "{what} is already held ({status}); nothing was pushed — `troupe bundle activate {}` to make it active",
+                        short(s(&b["hash"]))
+                    ),
+                }
             });
         }
         BundleCommand::List { json, server } => {

@@ -69,7 +69,15 @@ impl Client {
         Ok(Client { http, base, token })
     }
 
-    async fn send(&self, mut req: reqwest::RequestBuilder) -> Result<Value> {
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<Value> {
+        Ok(self.send_for_status(req).await?.1)
+    }
+
+    /// Sends `req`; a success's status code and body.
+    async fn send_for_status(
+        &self,
+        mut req: reqwest::RequestBuilder,
+    ) -> Result<(reqwest::StatusCode, Value)> {
         if let Some(token) = &self.token {
             req = req.bearer_auth(token);
         }
@@ -98,7 +106,7 @@ impl Client {
         let status = resp.status();
         let body: Value = resp.json().await.unwrap_or(Value::Null);
         if status.is_success() {
-            return Ok(body);
+            return Ok((status, body));
         }
         match (
             body["error"]["code"].as_str(),
@@ -137,20 +145,23 @@ impl Client {
             .await
     }
 
-    /// Pushes a bundle and its signature (multipart).
-    pub(crate) async fn push(&self, bundle: Vec<u8>, signature: String) -> Result<Value> {
+    /// Pushes a bundle and its signature (multipart); whether the server
+    /// stored it (false: it held these bytes already), and the bundle.
+    pub(crate) async fn push(&self, bundle: Vec<u8>, signature: String) -> Result<(bool, Value)> {
         let form = reqwest::multipart::Form::new()
             .part(
                 "bundle",
                 reqwest::multipart::Part::bytes(bundle).file_name("bundle.zip"),
             )
             .text("signature", signature);
-        self.send(
-            self.http
-                .post(format!("{}/v1/bundles", self.base))
-                .multipart(form),
-        )
-        .await
+        let (status, body) = self
+            .send_for_status(
+                self.http
+                    .post(format!("{}/v1/bundles", self.base))
+                    .multipart(form),
+            )
+            .await?;
+        Ok((status == reqwest::StatusCode::CREATED, body))
     }
 
     pub(crate) async fn submit(&self, body: &Value) -> Result<Value> {

@@ -612,3 +612,78 @@ async fn tokens_go_to_a_private_file() {
         .unwrap();
     assert!(list.status.success(), "{}", text(&list));
 }
+
+/// Pushing a version the server holds already says so (nothing was pushed)
+/// and how to make it active; `bundle activate` says what it replaced, and
+/// activating the active version says nothing changed (and is not audited).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushing_and_activating_say_what_changed() {
+    let env = Env::new(Db::Sqlite).await;
+    let server = env.serve();
+    let dir = scratch_dir("repush");
+    let (bytes, sig) = crate::harness::testkit_version("0.2.0", &crate::harness::test_key());
+    let v2 = dir.join("testkit-0.2.0.bundle");
+    std::fs::write(&v2, &bytes).unwrap();
+    std::fs::write(dir.join("testkit-0.2.0.bundle.sig"), sig).unwrap();
+    let hash = |version: &str| {
+        let list = bundle_list(&server);
+        list["bundles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == "testkit" && b["version"] == version)
+            .and_then(|b| b["hash"].as_str())
+            .unwrap()
+            .to_owned()
+    };
+    let push = server.cli(&["bundle", "push", v2.to_str().unwrap()]);
+    let h2 = hash("0.2.0");
+    let h1 = hash("0.1.0");
+    assert_eq!(
+        text(&push).trim(),
+        format!("pushed testkit 0.2.0 ({}), now active", &h2[..8])
+    );
+    let back = server.cli(&["bundle", "activate", &h1[..8]]);
+    assert!(back.status.success(), "{}", text(&back));
+    assert_eq!(
+        text(&back).trim(),
+        format!("testkit 0.1.0 is now active, was 0.2.0 ({})", &h2[..8])
+    );
+    let again = server.cli(&["bundle", "push", v2.to_str().unwrap()]);
+    assert!(again.status.success(), "{}", text(&again));
+    assert_eq!(
+        text(&again).trim(),
+        format!(
+            "testkit 0.2.0 ({}) is already held (drained); nothing was pushed — `troupe bundle activate {}` to make it active",
+            &h2[..8],
+            &h2[..8]
+        )
+    );
+    let same = server.cli(&["bundle", "activate", &h1[..8]]);
+    assert!(same.status.success(), "{}", text(&same));
+    assert_eq!(
+        text(&same).trim(),
+        "testkit 0.1.0 is already active; nothing changed"
+    );
+    let (_, audit) = server.get("/v1/audit").await;
+    let events = crate::harness::strings(&audit["entries"], "event");
+    assert_eq!(
+        events.iter().filter(|e| **e == "bundle.activated").count(),
+        1,
+        "{audit}"
+    );
+    let pushed = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"] == "bundle.pushed" && e["subject"] == h2.as_str())
+        .count();
+    assert_eq!(pushed, 1, "pushed once: {audit}");
+}
+
+/// `troupe bundle list --json`.
+fn bundle_list(server: &crate::harness::Server) -> serde_json::Value {
+    let out = server.cli(&["bundle", "list", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
