@@ -77,6 +77,10 @@ pub enum Error {
     WriteRefused(String),
     #[error("the database is unavailable: {0}")]
     Database(#[from] sqlx::Error),
+    /// A first connection failed; the text says why (refused, access
+    /// denied, no such database).
+    #[error("{0}")]
+    DatabaseConnect(String),
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("{context}: {source}")]

@@ -351,10 +351,20 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
         } => crate::admin_cmd::audit(limit, before, json, server).await,
         Command::Bench(args) => crate::bench::bench(args).await,
         Command::Migrate { db } => {
-            engine::store::Store::connect(&db)
+            let store = engine::store::Store::connect(&db)
                 .await
                 .with_context(|| format!("migrating {}", engine::store::redact(&db)))?;
-            println!("database {} is up to date", engine::store::redact(&db));
+            let applied = store.migrated();
+            if applied.is_empty() {
+                println!("database {} is up to date", engine::store::redact(&db));
+            } else {
+                println!(
+                    "database {}: applied {}: {}",
+                    engine::store::redact(&db),
+                    crate::args::count(applied.len(), "migration"),
+                    applied.join(", ")
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -179,9 +179,51 @@ fn hostname() -> String {
         .unwrap_or_else(|| "troupe".to_owned())
 }
 
+/// The lock on the data directory, held while the process lives.
+static DATA_DIR_LOCK: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+
+/// Takes the data directory for this process: `troupe.lock` in it, locked
+/// (flock) and holding our pid. A second server on the same directory
+/// (its bundles, its admin token, by default its database) is refused,
+/// naming the process that holds it. The kernel lets go of the lock when
+/// the process ends, however it ends.
+fn lock_data_dir(dir: &std::path::Path) -> Result<()> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join("troupe.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    if let Err(e) = rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        if e != rustix::io::Errno::WOULDBLOCK {
+            return Err(std::io::Error::from(e))
+                .with_context(|| format!("locking {}", path.display()));
+        }
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        let holder = match holder.trim() {
+            "" => "another troupe".to_owned(),
+            pid => format!("another troupe (pid {pid})"),
+        };
+        anyhow::bail!(
+            "{} is in use by {holder}; stop that one, or give this one a --data-dir of its own",
+            dir.display()
+        );
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    writeln!(file, "{}", std::process::id())?;
+    let _ = DATA_DIR_LOCK.set(file);
+    Ok(())
+}
+
 /// Starts the engine, loads bundles and resumes unfinished actions.
 pub(crate) async fn start_engine(args: &ServeArgs) -> Result<Engine> {
     let config = args.config()?;
+    lock_data_dir(&config.data_dir)?;
     let db = engine::store::redact(&config.database_url);
     let engine = Engine::start(config)
         .await

@@ -148,6 +148,8 @@ pub struct Store {
     watchers: Arc<Watchers>,
     stats: Arc<StoreStats>,
     backend: &'static str,
+    /// The migrations this connect applied (`0003 access`), oldest first.
+    migrated: Vec<String>,
 }
 
 /// Group commits in flight at once on MySQL/MariaDB.
@@ -160,7 +162,7 @@ const STATEMENT_CACHE: usize = 256;
 impl Store {
     /// Connects, applies migrations and starts the writer.
     pub async fn connect(url: &str) -> Result<Store> {
-        let (read, write, backend, caps) = if url.starts_with("sqlite:") {
+        let (read, write, backend, caps, migrated) = if url.starts_with("sqlite:") {
             let opts = SqliteConnectOptions::from_str(url)?
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
@@ -172,7 +174,9 @@ impl Store {
                 .max_connections(1)
                 .connect_with(opts.clone())
                 .await?;
-            sqlx::migrate!("../migrations/sqlite").run(&write).await?;
+            let migrator = sqlx::migrate!("../migrations/sqlite");
+            let pending = pending(&migrator, &Pool::Sqlite(write.clone())).await;
+            migrator.run(&write).await?;
             let read = SqlitePoolOptions::new()
                 .max_connections(4)
                 .test_before_acquire(false)
@@ -182,18 +186,45 @@ impl Store {
                 returning: true,
                 writers: 1,
             };
-            (Pool::Sqlite(read), Pool::Sqlite(write), "sqlite", caps)
+            (
+                Pool::Sqlite(read),
+                Pool::Sqlite(write),
+                "sqlite",
+                caps,
+                pending,
+            )
         } else if url.starts_with("mysql:") || url.starts_with("mariadb:") {
             let url = url.replacen("mariadb:", "mysql:", 1);
             let opts =
                 MySqlConnectOptions::from_str(&url)?.statement_cache_capacity(STATEMENT_CACHE);
+            // One connection first: a pool would retry until its timeout and
+            // then say only that it timed out, hiding the cause.
+            let probe = tokio::time::timeout(
+                Duration::from_secs(10),
+                sqlx::ConnectOptions::connect(&opts),
+            )
+            .await;
+            match probe {
+                Ok(Ok(conn)) => {
+                    let _ = sqlx::Connection::close(conn).await;
+                }
+                Ok(Err(e)) => return Err(connect_error(&opts, &e)),
+                Err(_) => {
+                    return Err(Error::DatabaseConnect(format!(
+                        "no answer from the database at {} within 10 s",
+                        address(&opts)
+                    )));
+                }
+            }
             let pool = MySqlPoolOptions::new()
                 .max_connections(8)
                 .test_before_acquire(false)
                 .acquire_timeout(Duration::from_secs(10))
                 .connect_with(opts)
                 .await?;
-            sqlx::migrate!("../migrations/mysql").run(&pool).await?;
+            let migrator = sqlx::migrate!("../migrations/mysql");
+            let pending = pending(&migrator, &Pool::MySql(pool.clone())).await;
+            migrator.run(&pool).await?;
             let version: String = sqlx::query_scalar("SELECT VERSION()")
                 .fetch_one(&pool)
                 .await?;
@@ -201,7 +232,13 @@ impl Store {
                 returning: mariadb_has_returning(&version),
                 writers: MYSQL_WRITERS,
             };
-            (Pool::MySql(pool.clone()), Pool::MySql(pool), "mysql", caps)
+            (
+                Pool::MySql(pool.clone()),
+                Pool::MySql(pool),
+                "mysql",
+                caps,
+                pending,
+            )
         } else {
             return Err(Error::InvalidRequest(format!(
                 "unsupported database URL {:?}: use sqlite://PATH or mysql://USER:PASSWORD@HOST:PORT/DATABASE",
@@ -233,11 +270,18 @@ impl Store {
             watchers,
             stats,
             backend,
+            migrated,
         })
     }
 
     pub fn backend(&self) -> &'static str {
         self.backend
+    }
+
+    /// The migrations connecting applied (`0003 access`), oldest first:
+    /// none when the schema was up to date.
+    pub fn migrated(&self) -> &[String] {
+        &self.migrated
     }
 
     pub fn stats(&self) -> &StoreStats {
@@ -389,6 +433,59 @@ impl Store {
 }
 
 /// A database URL with any password replaced, for messages and logs.
+/// The migrations of `migrator` the database has not applied yet, as
+/// `0003 access`.
+async fn pending(migrator: &sqlx::migrate::Migrator, pool: &Pool) -> Vec<String> {
+    const APPLIED: &str = "SELECT version FROM _sqlx_migrations WHERE success";
+    // No table yet: nothing applied.
+    let applied: Vec<i64> = match pool {
+        Pool::Sqlite(p) => sqlx::query_scalar(APPLIED).fetch_all(p).await,
+        Pool::MySql(p) => sqlx::query_scalar(APPLIED).fetch_all(p).await,
+    }
+    .unwrap_or_default();
+    migrator
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration() && !applied.contains(&m.version))
+        .map(|m| format!("{:04} {}", m.version, m.description))
+        .collect()
+}
+
+/// `host:port` of a MySQL URL, to name in errors.
+fn address(opts: &MySqlConnectOptions) -> String {
+    format!("{}:{}", opts.get_host(), opts.get_port())
+}
+
+/// Why a first connection to MySQL/MariaDB failed, in words an operator
+/// acts on (never the password).
+fn connect_error(opts: &MySqlConnectOptions, e: &sqlx::Error) -> Error {
+    let at = address(opts);
+    let user = opts.get_username();
+    let why = match e {
+        sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+            format!("connection refused at {at}; is MariaDB running and listening there?")
+        }
+        sqlx::Error::Io(io) => format!("cannot reach the database at {at}: {io}"),
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            // ER_ACCESS_DENIED_ERROR's SQLSTATE
+            Some("28000") => format!(
+                "access denied for user {user} at {at}; check the user and password in the URL"
+            ),
+            // ER_BAD_DB_ERROR
+            Some("42000") if db.message().contains("Unknown database") => format!(
+                "{} at {at}; create it first (CREATE DATABASE …)",
+                db.message()
+            ),
+            _ => format!(
+                "the database at {at} refused the connection: {}",
+                db.message()
+            ),
+        },
+        sqlx::Error::Tls(tls) => format!("TLS with the database at {at} failed: {tls}"),
+        other => format!("cannot connect to the database at {at}: {other}"),
+    };
+    Error::DatabaseConnect(why)
+}
+
 pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {

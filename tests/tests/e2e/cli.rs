@@ -687,3 +687,101 @@ fn bundle_list(server: &crate::harness::Server) -> serde_json::Value {
     assert!(out.status.success(), "{}", text(&out));
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// `troupe migrate` names why it cannot reach the database, at once (not
+/// "pool timed out" after 10 s), and says what it applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_says_why_and_what() {
+    let closed = crate::nodes::free_port();
+    let started = std::time::Instant::now();
+    let out = troupe(&[
+        "migrate",
+        "--db",
+        &format!("mysql://troupe:pw@127.0.0.1:{closed}/troupe"),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains(&format!("connection refused at 127.0.0.1:{closed}")),
+        "{}",
+        text(&out)
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+
+    let env = Env::new(Db::MySql).await;
+    let (scheme_user, rest) = env.db_url.split_once(':').unwrap();
+    let (user, at) = rest
+        .trim_start_matches("//")
+        .split_once('@')
+        .map(|(user_pass, at)| (user_pass.split(':').next().unwrap(), at))
+        .unwrap();
+    let wrong = format!("{scheme_user}://{user}:wrong@{at}");
+    let out = troupe(&["migrate", "--db", &wrong]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains(&format!("access denied for user {user}")),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        !text(&out).contains("wrong"),
+        "no password shown: {}",
+        text(&out)
+    );
+
+    for url in [
+        env.db_url.clone(),
+        format!("sqlite://{}", env.dir.join("m.db").display()),
+    ] {
+        let first = troupe(&["migrate", "--db", &url]);
+        assert!(first.status.success(), "{}", text(&first));
+        assert!(
+            text(&first).contains("applied") && text(&first).contains("migration"),
+            "{}",
+            text(&first)
+        );
+        let again = troupe(&["migrate", "--db", &url]);
+        assert!(again.status.success(), "{}", text(&again));
+        assert!(text(&again).contains("is up to date"), "{}", text(&again));
+        assert!(!text(&again).contains("applied"), "{}", text(&again));
+    }
+}
+
+/// A second `troupe serve` on a data directory in use is refused, naming
+/// the process that holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_on_one_data_dir_is_refused() {
+    let env = Env::new(Db::Sqlite).await;
+    let _server = env.serve();
+    let holder = std::fs::read_to_string(env.dir.join("troupe.lock")).unwrap_or_default();
+    let mut second = std::process::Command::new(troupe_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&env.dir)
+        .args(["--db", &env.db_url])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while second.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = second.kill();
+            let out = second.wait_with_output().unwrap();
+            panic!(
+                "a second server started on the same data dir:\n{}",
+                text(&out)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = second.wait_with_output().unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!(
+            "{} is in use by another troupe (pid {})",
+            env.dir.display(),
+            holder.trim()
+        )),
+        "{}",
+        text(&out)
+    );
+}

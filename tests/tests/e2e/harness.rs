@@ -282,11 +282,32 @@ impl Env {
 
     /// Starts `troupe serve` with extra flags and environment variables.
     pub(crate) fn serve_with_env(&self, extra: &[&str], envs: &[(&str, &str)]) -> Server {
+        self.serve_in(&self.dir, extra, envs)
+    }
+
+    /// Starts another server on the same database while the first runs (as
+    /// on another host): a data directory of its own (one server per data
+    /// directory), with the first one's admin token and secrets key.
+    pub(crate) fn serve_another(&self, extra: &[&str]) -> Server {
+        let dir = self.dir.join(format!(
+            "another-{}",
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        for file in ["admin.token", "secrets.key"] {
+            if self.dir.join(file).is_file() {
+                std::fs::copy(self.dir.join(file), dir.join(file)).unwrap();
+            }
+        }
+        self.serve_in(&dir, extra, &[])
+    }
+
+    fn serve_in(&self, dir: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Server {
         let b = bundles();
         let mut args = vec![
             "serve".to_owned(),
             "--data-dir".into(),
-            self.dir.to_str().unwrap().into(),
+            dir.to_str().unwrap().into(),
             "--db".into(),
             self.db_url.clone(),
             "--bundle".into(),
@@ -307,7 +328,7 @@ impl Env {
             args.extend(["--node-id".into(), "test-node".into()]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        Server::start(&args, &self.dir, envs)
+        Server::start(&args, dir, envs)
     }
 
     /// A pool on the test's database, to check what the tables hold.

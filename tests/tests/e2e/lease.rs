@@ -44,7 +44,7 @@ async fn a_draining_server_keeps_its_leases(db: Db) {
     first.signal("TERM");
     // Three lease lengths into the drain.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let second = env.serve_with(&["--lease", "1s", "--node-id", "other-node"]);
+    let second = env.serve_another(&["--lease", "1s", "--node-id", "other-node"]);
     let a = second.finished(id).await;
     assert_eq!(a["status"], "succeeded", "{a}\n{}", second.log());
     assert_eq!(a["steps"][0]["attempt"], 1, "{a}");

@@ -144,7 +144,7 @@ async fn the_readmes_using_it_block_runs_as_written() {
     let customer_port = customer.local_addr().unwrap().port().to_string();
 
     let mut public_key = String::new();
-    let mut server: Option<std::process::Child> = None;
+    let mut server: Option<KillOnDrop> = None;
     let mut server_url = String::new();
     let mut action_id = String::new();
     let sh = |command: &str, server_url: &str| {
@@ -220,7 +220,7 @@ async fn the_readmes_using_it_block_runs_as_written() {
                 .unwrap_or_else(|| panic!("{command}: {first:?}"))
                 .trim()
                 .to_owned();
-            server = Some(child);
+            server = Some(KillOnDrop(child));
             continue;
         }
         let out = sh(&command, &server_url);
@@ -246,8 +246,16 @@ async fn the_readmes_using_it_block_runs_as_written() {
             );
         }
     }
-    let mut server = server.expect("the block starts a server");
-    let _ = server.kill();
-    let _ = server.wait();
+    assert!(server.is_some(), "the block starts a server");
     drop(customer);
+}
+
+/// A process killed when the test ends, passed or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
