@@ -204,7 +204,8 @@ pub(crate) async fn show(
             engine.wait(id, since, parse_wait(w)?).await?
         }
     };
-    Ok(Json(ActionView::new(action, true)))
+    let failed = engine.failed_attempts(id).await?;
+    Ok(Json(ActionView::new(action, true).with_attempts(failed)))
 }
 
 /// What an action's steps logged, by step and attempt (a running attempt's

@@ -85,6 +85,25 @@ pub struct StepView {
     /// The remote node its latest attempt ran on; absent: the app server.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// Every attempt so far, oldest first: those that failed (why a retry
+    /// happened) and the latest. Only on `GET /v1/actions/{id}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<Vec<AttemptView>>,
+}
+
+/// One attempt of a step.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AttemptView {
+    pub attempt: u32,
+    /// failed for an earlier attempt; the step's status for its latest.
+    #[schema(value_type = String, example = "failed")]
+    pub status: &'static str,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    /// The remote node it ran on; null: the app server.
+    pub node: Option<String>,
+    /// Why it failed (secrets masked).
+    pub error: Option<String>,
 }
 
 /// A remote node that joined or asked to.
@@ -538,7 +557,41 @@ impl StepView {
             error: s.error,
             waiting_for: s.waiting_for,
             node: s.node,
+            attempts: None,
         }
+    }
+}
+
+impl ActionView {
+    /// Fills in each step's `attempts`: the failed ones stored, then the
+    /// step's latest (unless that is one of them).
+    pub fn with_attempts(mut self, failed: Vec<engine::model::FailedAttempt>) -> ActionView {
+        for step in self.steps.iter_mut().flatten() {
+            let mut attempts: Vec<AttemptView> = failed
+                .iter()
+                .filter(|f| f.seq == step.seq)
+                .map(|f| AttemptView {
+                    attempt: f.attempt,
+                    status: "failed",
+                    started_at: f.started_at.as_ref().map(time),
+                    finished_at: Some(time(&f.finished_at)),
+                    node: f.node.clone(),
+                    error: Some(f.error.clone()),
+                })
+                .collect();
+            if step.attempt > 0 && attempts.iter().all(|a| a.attempt != step.attempt) {
+                attempts.push(AttemptView {
+                    attempt: step.attempt,
+                    status: step.status,
+                    started_at: step.started_at.clone(),
+                    finished_at: step.finished_at.clone(),
+                    node: step.node.clone(),
+                    error: step.error.clone(),
+                });
+            }
+            step.attempts = Some(attempts);
+        }
+        self
     }
 }
 

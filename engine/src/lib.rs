@@ -1089,6 +1089,12 @@ impl Engine {
             .ok_or(Error::ActionNotFound(id))
     }
 
+    /// The attempts of action `id`'s steps that failed (each tried again or
+    /// ending the step), by step and attempt: why a retry happened.
+    pub async fn failed_attempts(&self, id: ActionId) -> Result<Vec<model::FailedAttempt>> {
+        self.inner.store.failed_attempts(id).await
+    }
+
     /// What action `id`'s steps logged (`troupe_sdk::Context::log`), by step and
     /// attempt; empty if nothing was logged yet. A running attempt's lines
     /// are stored when it ends.

@@ -140,6 +140,20 @@ pub struct StepRecord {
     pub node: Option<String>,
 }
 
+/// An attempt of a step that failed (and was tried again, or ended it): as
+/// `action_step_attempts` keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FailedAttempt {
+    pub seq: u32,
+    pub attempt: u32,
+    pub started_at: Option<Timestamp>,
+    pub finished_at: Timestamp,
+    /// The remote node it ran on; `None`: the app server.
+    pub node: Option<String>,
+    /// Why it failed (secrets masked, as stored).
+    pub error: String,
+}
+
 /// What one attempt of a step logged.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepLog {

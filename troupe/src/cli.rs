@@ -251,7 +251,7 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&action)?);
             } else {
-                crate::watch::print_action(&action, full);
+                crate::watch::print_action(&action, full, full || logs);
                 if logs {
                     crate::watch::print_logs(&action);
                 }

@@ -168,7 +168,9 @@ fn let_go(action: &Value) -> ExitCode {
     ExitCode::from(INTERRUPTED)
 }
 
-pub(crate) fn print_action(a: &Value, full: bool) {
+/// An action and its steps; with `attempts`, under each step the attempts
+/// that failed before its latest (when, where and why).
+pub(crate) fn print_action(a: &Value, full: bool, attempts: bool) {
     println!(
         "action {}  {} on {}  {}",
         a["id"],
@@ -189,7 +191,36 @@ pub(crate) fn print_action(a: &Value, full: bool) {
     }
     for step in a["steps"].as_array().into_iter().flatten() {
         println!("{}", step_line(step, full));
+        if attempts {
+            let latest = step["attempt"].as_u64();
+            for attempt in step["attempts"].as_array().into_iter().flatten() {
+                if attempt["status"] == "failed" && attempt["attempt"].as_u64() != latest {
+                    println!("{}", attempt_line(attempt, full));
+                }
+            }
+        }
     }
+}
+
+/// An earlier attempt of a step, under its line: `attempt 1 failed after
+/// 12 ms on hv-17: BMC busy`.
+fn attempt_line(attempt: &Value, full: bool) -> String {
+    let mut line = format!(
+        "         attempt {} {}",
+        attempt["attempt"],
+        s(&attempt["status"])
+    );
+    let took = elapsed(&attempt["started_at"], &attempt["finished_at"]);
+    if !took.is_empty() {
+        line.push_str(&format!(" after {took}"));
+    }
+    if let Some(node) = attempt["node"].as_str() {
+        line.push_str(&format!(" on {node}"));
+    }
+    if let Some(err) = attempt["error"].as_str() {
+        line.push_str(&format!(": {}", cut(err, ERROR_CUT, full)));
+    }
+    line
 }
 
 /// How a client command shows an action.

@@ -334,6 +334,14 @@ impl Store {
         })
     }
 
+    /// The failed attempts of action `id`'s steps, by step and attempt.
+    pub async fn failed_attempts(&self, id: ActionId) -> Result<Vec<crate::model::FailedAttempt>> {
+        Ok(match &self.read {
+            Pool::Sqlite(p) => sql::sqlite::failed_attempts(p, id).await?,
+            Pool::MySql(p) => sql::mysql::failed_attempts(p, id).await?,
+        })
+    }
+
     pub async fn list(&self, filter: &ActionFilter) -> Result<Vec<Action>> {
         Ok(match &self.read {
             Pool::Sqlite(p) => sql::sqlite::list(p, filter).await?,

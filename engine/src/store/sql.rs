@@ -989,6 +989,28 @@ macro_rules! sql_backend {
                     .collect()
             }
 
+            pub(crate) async fn failed_attempts(pool: &$pool, id: ActionId) -> Result<Vec<crate::model::FailedAttempt>, sqlx::Error> {
+                let rows = sqlx::query(
+                    "SELECT seq, attempt, started_at, finished_at, node, error FROM action_step_attempts \
+                     WHERE action_id = ? ORDER BY seq, attempt",
+                )
+                .bind(id)
+                .fetch_all(pool)
+                .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(crate::model::FailedAttempt {
+                            seq: r.try_get::<i64, _>("seq")? as u32,
+                            attempt: r.try_get::<i64, _>("attempt")? as u32,
+                            started_at: r.try_get("started_at")?,
+                            finished_at: r.try_get("finished_at")?,
+                            node: r.try_get("node")?,
+                            error: r.try_get("error")?,
+                        })
+                    })
+                    .collect()
+            }
+
             pub(crate) async fn list(pool: &$pool, f: &ActionFilter) -> Result<Vec<Action>, sqlx::Error> {
                 const Q: &str = select_actions!(
                     " WHERE (? IS NULL OR target = ?) AND (? IS NULL OR status = ?) AND (? IS NULL OR kind = ?) \

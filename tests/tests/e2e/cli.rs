@@ -785,3 +785,46 @@ async fn a_second_server_on_one_data_dir_is_refused() {
         text(&out)
     );
 }
+
+/// Why a retry happened is in the API and the CLI: each attempt of a step,
+/// its start, end, error and where it ran, in `GET /v1/actions/{id}` (and
+/// `status --json`) and, with `--full` or `--logs`, in `status`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_attempt_of_a_step_is_shown() {
+    let env = Env::new(Db::Sqlite).await;
+    let server = env.serve();
+    let id = server.submit("flaky", "vps-2", serde_json::json!({})).await;
+    let action = server.finished(id).await;
+    assert_eq!(action["status"], "succeeded", "{action}");
+    let attempts = action["steps"][0]["attempts"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no attempts: {action}"));
+    assert_eq!(attempts.len(), 3, "{action}");
+    for (n, a) in attempts.iter().enumerate() {
+        assert_eq!(a["attempt"], n + 1, "{a}");
+        assert!(
+            a["started_at"].is_string() && a["finished_at"].is_string(),
+            "{a}"
+        );
+        assert_eq!(a["node"], serde_json::Value::Null, "ran on the server: {a}");
+    }
+    assert_eq!(attempts[0]["status"], "failed");
+    assert!(
+        attempts[0]["error"].as_str().unwrap().contains("attempt 1"),
+        "{action}"
+    );
+    assert_eq!(attempts[2]["status"], "succeeded");
+
+    let json = server.cli(&["status", &id.to_string(), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["steps"][0]["attempts"], action["steps"][0]["attempts"]);
+    for flag in ["--full", "--logs"] {
+        let out = server.cli(&["status", &id.to_string(), flag]);
+        let t = text(&out);
+        let error = attempts[0]["error"].as_str().unwrap();
+        assert!(
+            t.contains(&format!("attempt 1 failed")) && t.contains(error),
+            "{flag}: {t}"
+        );
+    }
+}

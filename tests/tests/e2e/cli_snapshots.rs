@@ -76,6 +76,7 @@ async fn what_a_user_sees() {
         insta::assert_snapshot!("kinds", kinds);
         insta::assert_snapshot!("status_failed", cli(&["status", &failed]));
         insta::assert_snapshot!("status_retried", cli(&["status", &flaky]));
+        insta::assert_snapshot!("status_retried_full", cli(&["status", &flaky, "--full"]));
         insta::assert_snapshot!("list", cli(&["list", "--limit", "2"]));
         insta::assert_snapshot!("goons_list", cli(&["goons", "list"]));
         insta::assert_snapshot!("nodes_list_empty", cli(&["nodes", "list"]));
