@@ -215,7 +215,7 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
                     logs: false,
                     full,
                 };
-                return crate::watch::follow(&client, action, show).await;
+                return crate::watch::follow(&client, action, show, "succeeded").await;
             }
             if json {
                 println!("{}", serde_json::to_string_pretty(&action)?);
@@ -243,7 +243,7 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             let mut action = client.action(id).await?;
             if wait {
                 let show = crate::watch::Show { json, logs, full };
-                return crate::watch::follow(&client, action, show).await;
+                return crate::watch::follow(&client, action, show, "succeeded").await;
             }
             if logs {
                 action["logs"] = client.logs(id).await?["logs"].take();
@@ -291,13 +291,24 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             server,
         } => {
             let client = Client::connect(&server)?;
-            let action = client.cancel(id).await?;
+            let action = match client.cancel(id).await {
+                Ok(action) => action,
+                // Cancelled already (by an earlier cancel): what was asked.
+                Err(e) if e.to_string().ends_with("[not_cancellable]") => {
+                    let action = client.action(id).await?;
+                    if action["status"] != "cancelled" {
+                        return Err(e);
+                    }
+                    action
+                }
+                Err(e) => return Err(e),
+            };
             let show = crate::watch::Show {
                 json,
                 ..Default::default()
             };
             if wait {
-                return crate::watch::follow(&client, action, show).await;
+                return crate::watch::follow(&client, action, show, "cancelled").await;
             }
             if json {
                 println!("{}", serde_json::to_string_pretty(&action)?);

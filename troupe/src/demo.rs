@@ -162,7 +162,7 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
         }))
         .await?;
     let id = action["id"].as_i64().unwrap_or_default();
-    let code = crate::watch::follow(&client, action, Default::default()).await?;
+    let code = crate::watch::follow(&client, action, Default::default(), "succeeded").await?;
 
     println!();
     println!("Watch actions in the database:");

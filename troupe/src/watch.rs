@@ -49,11 +49,17 @@ fn mark(status: &str) -> &'static str {
 const RECONNECT_FOR: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Prints step changes as they happen until the action finishes. Exits
-/// non-zero unless it succeeded. Rides over the server going away and
+/// non-zero unless it ended `wanted` (`succeeded`; for a cancel,
+/// `cancelled`). Rides over the server going away and
 /// coming back (a restart), saying so on stderr.
 /// With `logs`, what the steps logged follows the end (in `--json`, as the
 /// action's `logs`).
-pub(crate) async fn follow(client: &Client, mut action: Value, show: Show) -> Result<ExitCode> {
+pub(crate) async fn follow(
+    client: &Client,
+    mut action: Value,
+    show: Show,
+    wanted: &str,
+) -> Result<ExitCode> {
     let Show { json, logs, full } = show;
     let id = action["id"].as_i64().unwrap_or_default();
     let mut seen: HashMap<u64, (String, u64)> = HashMap::new();
@@ -143,7 +149,7 @@ pub(crate) async fn follow(client: &Client, mut action: Value, show: Show) -> Re
             print_logs(&action);
         }
     }
-    Ok(if status == "succeeded" {
+    Ok(if status == wanted {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -248,6 +248,8 @@ async fn submit_wait_status_list_and_cancel() {
     );
     let cancel = server.cli(&["cancel", &id, "--wait"]);
     assert!(text(&cancel).contains("cancelled"), "{}", text(&cancel));
+    // The cancel did what was asked: exit 0.
+    assert_eq!(cancel.status.code(), Some(0), "{}", text(&cancel));
 
     let unknown = server.cli(&["submit", "nope", "--target", "t"]);
     assert!(!unknown.status.success());
