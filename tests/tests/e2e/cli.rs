@@ -825,7 +825,7 @@ async fn every_attempt_of_a_step_is_shown() {
         let t = text(&out);
         let error = attempts[0]["error"].as_str().unwrap();
         assert!(
-            t.contains(&format!("attempt 1 failed")) && t.contains(error),
+            t.contains("attempt 1 failed") && t.contains(error),
             "{flag}: {t}"
         );
     }
