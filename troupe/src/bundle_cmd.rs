@@ -241,16 +241,42 @@ fn s(v: &Value) -> &str {
     v.as_str().unwrap_or("")
 }
 
-fn print_bundle(b: &Value) {
+/// The bundles as a table, newest first (as the other lists), with short
+/// hashes (enough for `bundle activate`) and when each was pushed.
+fn print_bundles(list: &Value) {
+    let mut bundles = list["bundles"].as_array().cloned().unwrap_or_default();
+    if bundles.is_empty() {
+        println!("no bundles; push one with `troupe bundle push BUNDLE`");
+        return;
+    }
+    bundles.sort_by(|a, b| s(&b["created_at"]).cmp(s(&a["created_at"])));
+    let names: Vec<String> = bundles
+        .iter()
+        .map(|b| format!("{} {}", s(&b["name"]), s(&b["version"])))
+        .collect();
+    let width = names.iter().map(String::len).max().unwrap_or(0).max(6);
     println!(
-        "{}  {} {}  {:<8}  in flight: {}  signer: {}",
-        s(&b["hash"]),
-        s(&b["name"]),
-        s(&b["version"]),
-        s(&b["status"]),
-        b["in_flight"],
-        s(&b["signer"])
+        "{:<8}  {:<width$}  {:<8}  {:>9}  {:<20}  SIGNER",
+        "HASH", "BUNDLE", "STATUS", "IN FLIGHT", "PUSHED"
     );
+    for (b, name) in bundles.iter().zip(&names) {
+        println!(
+            "{:<8}  {:<width$}  {:<8}  {:>9}  {:<20}  {}",
+            short(s(&b["hash"])),
+            name,
+            s(&b["status"]),
+            b["in_flight"].as_u64().unwrap_or_default(),
+            date(s(&b["created_at"])),
+            s(&b["signer"])
+        );
+    }
+}
+
+/// An RFC 3339 time to the second, in UTC: `2026-12-06 04:10:18Z`.
+fn date(t: &str) -> String {
+    t.parse::<chrono::DateTime<chrono::Utc>>()
+        .map(|t| t.format("%Y-%m-%d %H:%M:%SZ").to_string())
+        .unwrap_or_else(|_| t.to_owned())
 }
 
 pub(crate) async fn run(cmd: BundleCommand) -> Result<ExitCode> {
@@ -420,11 +446,7 @@ pub(crate) async fn run(cmd: BundleCommand) -> Result<ExitCode> {
         }
         BundleCommand::List { json, server } => {
             let v = Client::connect(&server)?.get("/v1/bundles", &[]).await?;
-            return print_json_or(json, &v, |v| {
-                for b in v["bundles"].as_array().into_iter().flatten() {
-                    print_bundle(b);
-                }
-            });
+            return print_json_or(json, &v, print_bundles);
         }
         BundleCommand::Activate { hash, json, server } => {
             let client = Client::connect(&server)?;

@@ -830,3 +830,26 @@ async fn every_attempt_of_a_step_is_shown() {
         );
     }
 }
+
+/// `bundle list`: a header row, newest first as the other lists, short
+/// hashes that `bundle activate` takes, and when each was pushed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundle_list_is_a_table_newest_first() {
+    let env = Env::new(Db::Sqlite).await;
+    let server = env.serve();
+    let out = server.cli(&["bundle", "list"]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    let lines: Vec<&str> = t.lines().collect();
+    assert!(
+        lines[0].starts_with("HASH") && lines[0].contains("BUNDLE") && lines[0].contains("PUSHED"),
+        "{t}"
+    );
+    // testkit then builtin were loaded at start: builtin is newest.
+    assert!(lines[1].contains("builtin 0.2.0"), "{t}");
+    assert!(lines[2].contains("testkit 0.1.0"), "{t}");
+    let short = lines[1].split_whitespace().next().unwrap();
+    assert_eq!(short.len(), 8, "{t}");
+    let activate = server.cli(&["bundle", "activate", short]);
+    assert!(activate.status.success(), "{}", text(&activate));
+}
