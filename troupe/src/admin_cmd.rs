@@ -139,6 +139,22 @@ fn s(v: &Value) -> &str {
     v.as_str().unwrap_or("")
 }
 
+/// The widest `field` of `rows` (at least `min`, a header's width).
+fn column_width(rows: &[Value], field: &str, min: usize) -> usize {
+    rows.iter()
+        .map(|r| s(&r[field]).chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(min)
+}
+
+/// An RFC 3339 time to the second, in UTC: `2026-12-06 04:10:18Z`.
+fn date(t: &str) -> String {
+    t.parse::<chrono::DateTime<chrono::Utc>>()
+        .map(|t| t.format("%Y-%m-%d %H:%M:%SZ").to_string())
+        .unwrap_or_else(|_| t.to_owned())
+}
+
 fn scopes(t: &Value) -> String {
     let scopes: Vec<&str> = t["scopes"]
         .as_array()
@@ -287,7 +303,20 @@ pub(crate) async fn run(cmd: TokensCommand) -> Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                for t in v["tokens"].as_array().into_iter().flatten() {
+                let tokens = v["tokens"].as_array().cloned().unwrap_or_default();
+                let name_width = column_width(&tokens, "name", 4);
+                let scope_texts: Vec<String> = tokens.iter().map(scopes).collect();
+                let scope_width = scope_texts
+                    .iter()
+                    .map(|t| t.len())
+                    .max()
+                    .unwrap_or(0)
+                    .max(6);
+                println!(
+                    "{:<16}  {:<7}  {:<name_width$}  {:<scope_width$}  {:<20}  {:<20}  CREATED BY",
+                    "ID", "STATE", "NAME", "SCOPES", "CREATED", "EXPIRES"
+                );
+                for (t, scope_text) in tokens.iter().zip(&scope_texts) {
                     let state = if t["revoked_at"].is_string() {
                         "revoked"
                     } else if t["active"] == true {
@@ -296,17 +325,16 @@ pub(crate) async fn run(cmd: TokensCommand) -> Result<ExitCode> {
                         "expired"
                     };
                     println!(
-                        "{}  {:<7}  {:<20}  {}  created {} by {}{}",
+                        "{:<16}  {:<7}  {:<name_width$}  {:<scope_width$}  {:<20}  {:<20}  {}",
                         s(&t["id"]),
                         state,
                         s(&t["name"]),
-                        scopes(t),
-                        s(&t["created_at"]),
+                        scope_text,
+                        date(s(&t["created_at"])),
+                        t["expires_at"]
+                            .as_str()
+                            .map_or_else(|| "never".to_owned(), date),
                         s(&t["created_by"]),
-                        match t["expires_at"].as_str() {
-                            Some(at) => format!(", expires {at}"),
-                            None => String::new(),
-                        }
                     );
                 }
             }
@@ -370,15 +398,22 @@ pub(crate) async fn audit(
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
-    for e in v["entries"].as_array().into_iter().flatten() {
+    let entries = v["entries"].as_array().cloned().unwrap_or_default();
+    let actor_width = column_width(&entries, "actor", 5);
+    let subject_width = column_width(&entries, "subject", 7);
+    println!(
+        "{:>5}  {:<20}  {:<actor_width$}  {:<17}  {:<subject_width$}  DETAIL",
+        "ID", "AT", "ACTOR", "EVENT", "SUBJECT"
+    );
+    for e in &entries {
         let detail = match &e["detail"] {
             Value::Null => String::new(),
             d => d.to_string(),
         };
         println!(
-            "{:>5}  {}  {:<20}  {:<17} {}  {}",
+            "{:>5}  {:<20}  {:<actor_width$}  {:<17}  {:<subject_width$}  {}",
             e["id"].as_i64().unwrap_or_default(),
-            s(&e["at"]),
+            date(s(&e["at"])),
             s(&e["actor"]),
             s(&e["event"]),
             s(&e["subject"]),

@@ -853,3 +853,23 @@ async fn bundle_list_is_a_table_newest_first() {
     let activate = server.cli(&["bundle", "activate", short]);
     assert!(activate.status.success(), "{}", text(&activate));
 }
+
+/// `tokens list` and `audit` are tables with header rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_audit_have_header_rows() {
+    let env = Env::new(Db::Sqlite).await;
+    let server = env.serve();
+    let tokens = text(&server.cli(&["tokens", "list"]));
+    let header = tokens.lines().next().unwrap_or_default();
+    assert!(
+        header.starts_with("ID") && header.contains("STATE") && header.contains("EXPIRES"),
+        "{tokens}"
+    );
+    assert!(tokens.lines().nth(1).unwrap().contains("never"), "{tokens}");
+    let audit = text(&server.cli(&["audit"]));
+    let header = audit.lines().next().unwrap_or_default();
+    assert!(
+        header.trim_start().starts_with("ID") && header.contains("EVENT"),
+        "{audit}"
+    );
+}
