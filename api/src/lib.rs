@@ -44,12 +44,15 @@ mod auth;
 mod bundles;
 mod error;
 mod goons;
+mod listen;
 mod nodes;
 mod openapi;
 pub mod tls;
 pub mod wire;
+mod ws;
 
 pub use error::{ApiError, CODES};
+pub use listen::{Limits, fit_connections};
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 1 << 20;
@@ -65,6 +68,8 @@ pub struct AppState {
     pub engine: Engine,
     /// Bundle bytes recently served to nodes, shared by every download.
     pub node_bundles: nodes::BundleCache,
+    /// Node connections that have not said hello yet.
+    handshakes: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -72,6 +77,7 @@ impl AppState {
         AppState {
             engine,
             node_bundles: nodes::BundleCache::default(),
+            handshakes: std::sync::Arc::new(tokio::sync::Semaphore::new(nodes::HANDSHAKES)),
         }
     }
 }
@@ -139,41 +145,14 @@ pub fn router(state: AppState) -> axum::Router {
         .with_state(state)
 }
 
-/// Serves the API on `listener` (over TLS with `tls`) until `shutdown`
-/// resolves, then lets requests in flight finish.
+/// Serves the API on `listener` (over TLS with `tls`) under `limits` until
+/// `shutdown` resolves, then lets requests in flight finish.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     tls: Option<tls::Tls>,
+    limits: Limits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    // TCP_NODELAY on every connection: a node's call and its answer are small
-    // frames, and with Nagle's algorithm each would wait for a delayed ACK
-    // (40 ms here).
-    let Some(tls) = tls else {
-        use axum::serve::ListenerExt;
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY on a connection");
-            }
-        });
-        return axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await;
-    };
-    tls.spawn_reloader();
-    let handle = axum_server::Handle::new();
-    let stop = handle.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        stop.graceful_shutdown(None);
-    });
-    let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(tls.config.clone())
-        .acceptor(axum_server::accept::NoDelayAcceptor::new());
-    axum_server::from_tcp(listener.into_std()?)?
-        .acceptor(acceptor)
-        .handle(handle)
-        .serve(app)
-        .await
+    listen::serve(listener, router(state), tls, limits, shutdown).await
 }

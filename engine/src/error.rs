@@ -71,6 +71,14 @@ pub enum Error {
     TokenNotFound(String),
     #[error("no node named {0:?} has joined or asked to")]
     NodeNotFound(String),
+    #[error(
+        "no node waits under the name {name:?} with key {key} on this server; `troupe nodes list` shows the keys of nodes that wait, or give the node's whole public key (ed25519:…, printed by `troupe node` when it starts)"
+    )]
+    PendingKeyNotFound { name: String, key: String },
+    #[error(
+        "node {name:?} is in with another key ({fingerprint}); remove it first (`troupe nodes remove {name}`) if the host was rebuilt"
+    )]
+    NodeKeyConflict { name: String, fingerprint: String },
     /// The database refused a write for its content (a constraint, a value
     /// it cannot hold); trying it again cannot succeed.
     #[error("the database refused a write: {0}")]

@@ -156,9 +156,13 @@ pub(crate) async fn create_token(
     wanted: &[String],
     kinds: &[String],
     expires_in: Option<Duration>,
+    join: Option<Value>,
     json: bool,
 ) -> Result<Value> {
     let mut body = json!({ "name": name, "scopes": wanted });
+    if let Some(join) = join {
+        body["join"] = join;
+    }
     if !kinds.is_empty() {
         body["kinds"] = json!(kinds);
     }
@@ -195,7 +199,7 @@ pub(crate) async fn run(cmd: TokensCommand) -> Result<ExitCode> {
             json,
             server,
         } => {
-            create_token(&server, &name, &wanted, &kinds, expires_in, json).await?;
+            create_token(&server, &name, &wanted, &kinds, expires_in, None, json).await?;
         }
         TokensCommand::List { json, server } => {
             let v = Client::connect(&server)?.get("/v1/tokens", &[]).await?;

@@ -177,7 +177,7 @@ impl OwnServer {
         let token = client
             .post(
                 "/v1/tokens",
-                &json!({ "name": "bench-nodes", "scopes": ["join"] }),
+                &json!({ "name": "bench-nodes", "scopes": ["join"], "join": { "max_uses": u32::MAX } }),
             )
             .await?;
         let token_file = self.dir.join("join.token");

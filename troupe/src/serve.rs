@@ -73,6 +73,23 @@ pub(crate) struct ServeArgs {
     /// How long this server's claim on a running action lasts without renewal.
     #[arg(long, env = "TROUPE_LEASE", default_value = "30s", value_parser = parse_duration)]
     pub(crate) lease: Duration,
+    /// Connections served at once (each remote node holds one); beyond it new ones wait until one closes. Lowered, with a warning, to what the open-file limit allows.
+    #[arg(long, env = "TROUPE_MAX_CONNECTIONS", default_value_t = 16_384)]
+    pub(crate) max_connections: usize,
+    /// How long a peer has to send a request's head, on a new connection or between requests on a kept-alive one; a connection that sends none in time is closed.
+    #[arg(long, env = "TROUPE_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub(crate) header_timeout: Duration,
+}
+
+impl ServeArgs {
+    /// What the listener lets peers hold.
+    pub(crate) fn limits(&self) -> api::Limits {
+        api::Limits {
+            max_connections: api::fit_connections(self.max_connections),
+            header_timeout: self.header_timeout,
+            ..api::Limits::default()
+        }
+    }
 }
 
 impl ServeArgs {
@@ -283,6 +300,7 @@ pub(crate) async fn ensure_admin_token(
         scopes: vec![Scope::Admin],
         kinds: None,
         expires_at: None,
+        join: None,
     };
     let (info, text) = engine
         .create_token(spec, "troupe serve (first start)")
@@ -329,12 +347,13 @@ pub(crate) async fn serve_until(
     engine: Engine,
     listener: tokio::net::TcpListener,
     tls: Option<api::tls::Tls>,
+    limits: api::Limits,
     grace: Duration,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let state = api::AppState::new(engine.clone());
     let (close_http, http_closed) = tokio::sync::oneshot::channel::<()>();
-    let mut http = tokio::spawn(api::serve(listener, state, tls, async move {
+    let mut http = tokio::spawn(api::serve(listener, state, tls, limits, async move {
         let _ = http_closed.await;
     }));
     tokio::select! {
@@ -386,6 +405,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<ExitCode> {
         engine,
         listener,
         tls,
+        args.limits(),
         args.shutdown_grace,
         shutdown_signal(),
     )

@@ -17,8 +17,8 @@ macro_rules! access_backend {
             pub(crate) async fn apply(tx: &mut $conn, w: &Write) -> Result<u64, sqlx::Error> {
                 let done = match w {
                     Write::CreateToken(t) => sqlx::query(
-                        "INSERT INTO api_tokens (id, name, scopes, kinds, secret_hash, created_by, created_at, expires_at) \
-                         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        "INSERT INTO api_tokens (id, name, scopes, kinds, secret_hash, created_by, created_at, expires_at, join_rules) \
+                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     )
                     .bind(&t.id)
                     .bind(&t.name)
@@ -28,6 +28,20 @@ macro_rules! access_backend {
                     .bind(&t.created_by)
                     .bind(t.created_at)
                     .bind(t.expires_at)
+                    .bind(&t.join_rules)
+                    .execute(&mut *tx)
+                    .await?,
+                    // Counted only while uses are left: the row it touched
+                    // says whether this node may join.
+                    Write::UseJoinToken { id, max_uses, at } => sqlx::query(
+                        "UPDATE api_tokens SET uses = uses + 1 WHERE id = ? AND revoked_at IS NULL \
+                         AND (expires_at IS NULL OR expires_at > ?) \
+                         AND (? IS NULL OR uses < ?)",
+                    )
+                    .bind(id)
+                    .bind(at)
+                    .bind(max_uses.map(i64::from))
+                    .bind(max_uses.map(i64::from))
                     .execute(&mut *tx)
                     .await?,
                     Write::RevokeToken { id, at } => {
@@ -71,8 +85,8 @@ macro_rules! access_backend {
                             .execute(&mut *tx)
                             .await?;
                         sqlx::query(
-                            "INSERT INTO nodes (name, public_key, status, created_at, accepted_at, accepted_by, capabilities, last_seen_at, draining_since) \
-                             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            "INSERT INTO nodes (name, public_key, status, created_at, accepted_at, accepted_by, capabilities, last_seen_at, draining_since, allowed_capabilities) \
+                             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         )
                         .bind(&n.name)
                         .bind(&n.public_key)
@@ -83,6 +97,7 @@ macro_rules! access_backend {
                         .bind(&n.capabilities)
                         .bind(n.last_seen_at)
                         .bind(n.draining_since)
+                        .bind(&n.allowed_capabilities)
                         .execute(&mut *tx)
                         .await?
                     }
@@ -133,7 +148,7 @@ macro_rules! access_backend {
 
             /// Every node, or the one named `name`.
             pub(crate) async fn nodes(pool: &$pool, name: Option<&str>) -> Result<Vec<NodeRow>, sqlx::Error> {
-                let columns = "SELECT name, public_key, status, created_at, accepted_at, accepted_by, capabilities, last_seen_at, draining_since FROM nodes";
+                let columns = "SELECT name, public_key, status, created_at, accepted_at, accepted_by, capabilities, last_seen_at, draining_since, allowed_capabilities FROM nodes";
                 let rows = match name {
                     Some(name) => sqlx::query(sqlx::AssertSqlSafe(format!("{columns} WHERE name = ?")))
                         .bind(name)
@@ -158,6 +173,7 @@ macro_rules! access_backend {
                             capabilities: r.try_get("capabilities")?,
                             last_seen_at: r.try_get("last_seen_at")?,
                             draining_since: r.try_get("draining_since")?,
+                            allowed_capabilities: r.try_get("allowed_capabilities")?,
                         })
                     })
                     .collect()
@@ -174,12 +190,14 @@ macro_rules! access_backend {
                     created_at: r.try_get("created_at")?,
                     expires_at: r.try_get("expires_at")?,
                     revoked_at: r.try_get("revoked_at")?,
+                    join_rules: r.try_get("join_rules")?,
+                    uses: r.try_get::<i64, _>("uses")?,
                 })
             }
 
             pub(crate) async fn tokens(pool: &$pool) -> Result<Vec<TokenRow>, sqlx::Error> {
                 sqlx::query(
-                    "SELECT id, name, scopes, kinds, secret_hash, created_by, created_at, expires_at, revoked_at \
+                    "SELECT id, name, scopes, kinds, secret_hash, created_by, created_at, expires_at, revoked_at, join_rules, uses \
                      FROM api_tokens ORDER BY created_at, id",
                 )
                 .fetch_all(pool)

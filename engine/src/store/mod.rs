@@ -55,6 +55,9 @@ pub struct NodeRow {
     pub last_seen_at: Option<Timestamp>,
     /// Set while it is drained: it gets no new steps.
     pub draining_since: Option<Timestamp>,
+    /// JSON list of the capability patterns its admission allowed
+    /// (`engine::join`); `None`: any it reports.
+    pub allowed_capabilities: Option<String>,
 }
 
 /// A row of `api_tokens`.
@@ -71,6 +74,10 @@ pub struct TokenRow {
     pub created_at: Timestamp,
     pub expires_at: Option<Timestamp>,
     pub revoked_at: Option<Timestamp>,
+    /// JSON [`crate::join::JoinRules`] of a join token.
+    pub join_rules: Option<String>,
+    /// Nodes admitted with it.
+    pub uses: i64,
 }
 
 /// A row of `audit_log`: who changed what, when.

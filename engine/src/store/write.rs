@@ -147,6 +147,13 @@ pub(crate) enum Write {
         id: String,
         at: Timestamp,
     },
+    /// Counts a node admitted with join token `id`, if the token is live
+    /// and has uses left (`Outcome::Done { rows: 0 }` when not).
+    UseJoinToken {
+        id: String,
+        max_uses: Option<u32>,
+        at: Timestamp,
+    },
     /// Records an administrative change in `audit_log`.
     Audit(Box<AuditEntry>),
     /// Stores a secret (encrypted), replacing any of the same name.
@@ -353,6 +360,7 @@ impl Write {
             | Write::CreateToken(..)
             | Write::PutNode(..)
             | Write::RevokeToken { .. }
+            | Write::UseJoinToken { .. }
             | Write::Audit(..)
             | Write::SetSecret(..)
             | Write::DeleteSecret { .. } => None,

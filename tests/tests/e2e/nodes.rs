@@ -99,9 +99,12 @@ impl Drop for Node {
     }
 }
 
-/// A token with the join scope, in a file.
+/// A token with the join scope that admits many nodes, in a file.
 pub(crate) async fn join_token(server: &Server, env: &Env) -> PathBuf {
-    let token = server.token_with("nodes", &["join"], None).await;
+    let body = json!({ "name": "nodes", "scopes": ["join"], "join": { "max_uses": 1000 } });
+    let (status, t) = server.post("/v1/tokens", &body).await;
+    assert_eq!(status, reqwest::StatusCode::CREATED, "{t}");
+    let token = t["token"].as_str().unwrap().to_owned();
     let path = env.dir.join("join.token");
     std::fs::write(&path, token).unwrap();
     path
@@ -659,7 +662,12 @@ async fn nodes_prove_their_key_and_need_a_join_token_or_an_accept(db: Db) {
         .await;
 
     // Accepted: it connects on its next try, and the step runs there.
+    // An accept names the key to let in, never a name alone.
     let out = server.cli(&["nodes", "accept", "hv-17"]);
+    assert!(!out.status.success(), "{out:?}");
+    let fingerprint = pending["fingerprint"].as_str().unwrap();
+    assert!(fingerprint.starts_with("SHA256:"), "{pending}");
+    let out = server.cli(&["nodes", "accept", "hv-17", "--key", fingerprint]);
     assert!(out.status.success(), "{out:?}");
     let done = server.finished(id).await;
     assert_eq!(done["status"], "succeeded", "{done}\n{}", node.log());
