@@ -18,6 +18,7 @@ mod dbrestart;
 mod drain;
 mod faults;
 mod goons;
+mod hostile_bundles;
 mod lease;
 mod logs;
 mod node_ops;
