@@ -153,7 +153,7 @@ pub const CODES: &[(&str, u16, &str)] = &[
     (
         "bundle_unsafe_entry",
         422,
-        "an absolute path, `..`, a link or a duplicate entry",
+        "an absolute path, `..`, a link, a device or other special file, a duplicate entry, or a path that is both a file and a directory",
     ),
     (
         "bundle_entry_too_large",
@@ -161,6 +161,11 @@ pub const CODES: &[(&str, u16, &str)] = &[
         "an entry inflates past the limit",
     ),
     ("bundle_library_invalid", 422, "the library does not load"),
+    (
+        "bundle_over_limit",
+        422,
+        "over 256 kinds, 256 steps (also in one kind), 256 KiB of manifest or 1024 entries",
+    ),
     (
         "key_malformed",
         422,

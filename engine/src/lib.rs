@@ -187,6 +187,7 @@ impl Engine {
         let bundles = config.data_dir.join("bundles");
         std::fs::create_dir_all(&bundles)
             .map_err(Error::io(format!("creating {}", bundles.display())))?;
+        bundle::sweep_staging(&bundles);
         let agency = AgencyHandle::spawn(config.host_command.clone(), config.cancel_grace);
         let shared = Arc::new(Shared {
             store: store.clone(),

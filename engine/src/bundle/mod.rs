@@ -21,7 +21,13 @@ pub const MANIFEST_PATH: &str = "manifest.toml";
 /// Limits enforced while inflating, so a zip bomb is stopped, not measured.
 pub const MAX_ENTRY_BYTES: u64 = 256 << 20;
 pub const MAX_TOTAL_BYTES: u64 = 512 << 20;
+/// The most entries (files and directories) one archive holds.
 pub const MAX_ENTRIES: usize = 1024;
+/// The longest entry name, and the longest part of one between slashes.
+pub const MAX_NAME_BYTES: usize = 1024;
+pub const MAX_NAME_PART_BYTES: usize = 255;
+
+pub use manifest::{MAX_KINDS, MAX_MANIFEST_BYTES, MAX_STEPS};
 
 /// Why a bundle was refused. Each variant has a stable code (see [`Invalid::code`]).
 #[derive(Debug, Clone, thiserror::Error)]
@@ -50,6 +56,8 @@ pub enum Invalid {
     TooLarge { name: String, limit: u64 },
     #[error("the library could not be loaded: {0}")]
     Library(String),
+    #[error("the bundle is over a limit: {0}")]
+    OverLimit(String),
 }
 
 impl From<troupe_bundle::Invalid> for Invalid {
@@ -57,6 +65,7 @@ impl From<troupe_bundle::Invalid> for Invalid {
         match e {
             troupe_bundle::Invalid::Manifest(m) => Invalid::Manifest(m),
             troupe_bundle::Invalid::Abi { found } => Invalid::Abi { found },
+            troupe_bundle::Invalid::OverLimit(m) => Invalid::OverLimit(m),
         }
     }
 }
@@ -74,6 +83,7 @@ impl Invalid {
             Invalid::UnsafeEntry { .. } => "bundle_unsafe_entry",
             Invalid::TooLarge { .. } => "bundle_entry_too_large",
             Invalid::Library(_) => "bundle_library_invalid",
+            Invalid::OverLimit(_) => "bundle_over_limit",
         }
     }
 }
@@ -156,26 +166,13 @@ pub fn open(verified: &VerifiedBundle, root: &Path) -> Result<Unpacked, crate::E
         }
     };
     if fresh {
-        let staging = root.join(format!(".{hash}.{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&staging);
-        for (name, data) in &entries {
-            let path = staging.join(name);
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(crate::Error::io(format!("creating {}", parent.display())))?;
-            }
-            std::fs::write(&path, data)
-                .map_err(crate::Error::io(format!("writing {}", path.display())))?;
-            // The cache is read-only: nothing may change a bundle's files after checking.
-            let mut perms = std::fs::metadata(&path)
-                .map_err(crate::Error::io("reading permissions"))?
-                .permissions();
-            perms.set_readonly(true);
-            std::fs::set_permissions(&path, perms)
-                .map_err(crate::Error::io("making the bundle cache read-only"))?;
-        }
+        // Removed when this returns, on every path: after the rename
+        // there is nothing left to remove.
+        let staging = Staging(root.join(format!(".{hash}.{}", std::process::id())));
+        let _ = std::fs::remove_dir_all(&staging.0);
+        unpack(&staging.0, &entries)?;
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::rename(&staging, &dir).map_err(crate::Error::io(format!(
+        std::fs::rename(&staging.0, &dir).map_err(crate::Error::io(format!(
             "moving bundle into {}",
             dir.display()
         )))?;
@@ -187,6 +184,89 @@ pub fn open(verified: &VerifiedBundle, root: &Path) -> Result<Unpacked, crate::E
         dir,
         library,
     })
+}
+
+/// Writes checked entries under `staging`, read-only.
+fn unpack(staging: &Path, entries: &[(String, Vec<u8>)]) -> Result<(), crate::Error> {
+    for (name, data) in entries {
+        let path = staging.join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(crate::Error::io(format!("creating {}", parent.display())))?;
+        }
+        #[cfg(feature = "failpoints")]
+        (|| {
+            fail::fail_point!("bundle.unpack_entry", |only: Option<String>| {
+                if only.is_none_or(|only| only == *name) {
+                    Err(crate::Error::Io {
+                        context: format!("writing {}", path.display()),
+                        source: std::io::Error::other("failure point bundle.unpack_entry"),
+                    })
+                } else {
+                    Ok(())
+                }
+            });
+            Ok(())
+        })()?;
+        std::fs::write(&path, data)
+            .map_err(crate::Error::io(format!("writing {}", path.display())))?;
+        // The cache is read-only: nothing may change a bundle's files after checking.
+        let mut perms = std::fs::metadata(&path)
+            .map_err(crate::Error::io("reading permissions"))?
+            .permissions();
+        perms.set_readonly(true);
+        std::fs::set_permissions(&path, perms)
+            .map_err(crate::Error::io("making the bundle cache read-only"))?;
+    }
+    Ok(())
+}
+
+/// A directory a bundle is unpacked into before it is renamed into
+/// place; removed when dropped, so a failure leaves nothing behind.
+struct Staging(PathBuf);
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if self.0.exists()
+            && let Err(e) = std::fs::remove_dir_all(&self.0)
+        {
+            tracing::warn!(path = %self.0.display(), error = %e, "could not remove a bundle's staging directory");
+        }
+    }
+}
+
+/// Removes the staging directories (`.<hash>.<pid>`) under `root` that a
+/// process which is no longer running left (a crash while unpacking).
+/// Returns how many it removed.
+pub fn sweep_staging(root: &Path) -> usize {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((hash, pid)) = name.strip_prefix('.').and_then(|n| n.rsplit_once('.')) else {
+            continue;
+        };
+        if hash.parse::<BundleHash>().is_err() || pid.parse::<u32>().is_err() {
+            continue;
+        }
+        // Another process on this data directory may be unpacking now.
+        if pid != std::process::id().to_string() && Path::new("/proc").join(pid).exists() {
+            continue;
+        }
+        match std::fs::remove_dir_all(entry.path()) {
+            Ok(()) => removed += 1,
+            Err(e) => {
+                tracing::warn!(path = %entry.path().display(), error = %e, "could not remove a bundle's staging directory")
+            }
+        }
+    }
+    if removed > 0 {
+        tracing::info!(
+            removed,
+            dir = %root.display(),
+            "removed staging directories left by an interrupted unpack"
+        );
+    }
+    removed
 }
 
 /// What `open` found where a bundle unpacks.
@@ -244,64 +324,29 @@ pub fn sign(
     Ok(signing::Signature::sign(key, claims)?)
 }
 
-/// Reads every entry, refusing anything but plain files at safe relative
-/// paths and stopping any entry that inflates past the limits.
+/// Reads every entry, refusing anything but regular files and directories
+/// at safe relative paths, and stopping any entry that inflates past the
+/// limits. Directories are checked, not returned.
 fn read_entries(bytes: &[u8]) -> Result<Vec<(String, Vec<u8>)>, Invalid> {
     let mut archive =
         zip::ZipArchive::new(Cursor::new(bytes)).map_err(|e| Invalid::NotZip(e.to_string()))?;
-    // The zip reader indexes entries by name, so duplicates collapse there;
-    // the central directory's own count still tells.
-    if declared_entries(bytes).is_some_and(|n| n != archive.len()) {
-        return Err(Invalid::UnsafeEntry {
-            name: String::new(),
-            why: "duplicate entry names",
-        });
-    }
-    if archive.len() > MAX_ENTRIES {
-        return Err(Invalid::UnsafeEntry {
-            name: String::new(),
-            why: "too many entries",
-        });
-    }
-    let mut names = BTreeSet::new();
+    let listed = central_directory(bytes, &archive)?;
+    check_names(&listed)?;
     let mut total = 0u64;
-    let mut out = Vec::with_capacity(archive.len());
-    for i in 0..archive.len() {
-        let mut file = archive
-            .by_index(i)
-            .map_err(|e| Invalid::NotZip(e.to_string()))?;
-        let name = file
-            .name()
-            .map_err(|_| Invalid::UnsafeEntry {
-                name: format!("entry #{i}"),
-                why: "the entry name is not valid UTF-8",
-            })?
-            .into_owned();
-        let unsafe_entry = |why| Invalid::UnsafeEntry {
-            name: name.clone(),
-            why,
-        };
-        if file.is_dir() {
+    let mut out = Vec::with_capacity(listed.len());
+    for entry in &listed {
+        if entry.is_dir() {
             continue;
         }
-        if file.is_symlink() {
-            return Err(unsafe_entry("symbolic links are not allowed"));
-        }
-        if !file.is_file() {
-            return Err(unsafe_entry("only regular files are allowed"));
-        }
-        if name.starts_with('/') || name.starts_with('\\') || name.contains(':') {
-            return Err(unsafe_entry("absolute paths are not allowed"));
-        }
-        if name
-            .split(['/', '\\'])
-            .any(|part| part == ".." || part == ".")
-            || file.enclosed_name().is_none()
-        {
-            return Err(unsafe_entry("'..' and '.' are not allowed in paths"));
-        }
-        if !names.insert(name.clone()) {
-            return Err(unsafe_entry("duplicate entry name"));
+        let name = entry.name.clone();
+        let mut file = archive
+            .by_name(&name)
+            .map_err(|e| Invalid::NotZip(e.to_string()))?;
+        if file.is_symlink() || file.is_dir() {
+            return Err(Invalid::UnsafeEntry {
+                name,
+                why: "the archive reader sees this entry as a link or a directory",
+            });
         }
         let limit = MAX_ENTRY_BYTES.min(MAX_TOTAL_BYTES - total);
         let mut data = Vec::new();
@@ -318,14 +363,169 @@ fn read_entries(bytes: &[u8]) -> Result<Vec<(String, Vec<u8>)>, Invalid> {
     Ok(out)
 }
 
-/// The entry count in the end-of-central-directory record, unless the
-/// archive is zip64 (where the reader's own checks apply).
-fn declared_entries(bytes: &[u8]) -> Option<usize> {
-    const EOCD: [u8; 4] = [0x50, 0x4b, 0x05, 0x06];
-    let from = bytes.len().saturating_sub(22 + u16::MAX as usize);
-    let at = bytes[from..].windows(4).rposition(|w| w == EOCD)? + from;
-    let total = u16::from_le_bytes(bytes.get(at + 10..at + 12)?.try_into().ok()?);
-    (total != u16::MAX).then_some(total as usize)
+/// One record of the central directory, as this module reads it.
+struct Listed {
+    name: String,
+    /// The Unix file type bits (`S_IFMT`), when the record carries a Unix mode.
+    file_type: Option<u32>,
+    /// Where its central directory record starts.
+    record: u64,
+}
+
+impl Listed {
+    fn is_dir(&self) -> bool {
+        self.name.ends_with('/')
+    }
+}
+
+const S_IFMT: u32 = 0o170000;
+const S_IFREG: u32 = 0o100000;
+const S_IFDIR: u32 = 0o040000;
+const S_IFLNK: u32 = 0o120000;
+
+/// Walks the central directory record by record, whatever the end record
+/// says it holds, and checks it lists exactly what the zip reader will
+/// read: a name the reader would collapse (a duplicate) or never see (past
+/// the count an end record declares) is refused, not resolved.
+fn central_directory(
+    bytes: &[u8],
+    archive: &zip::ZipArchive<Cursor<&[u8]>>,
+) -> Result<Vec<Listed>, Invalid> {
+    const RECORD: [u8; 4] = [0x50, 0x4b, 0x01, 0x02];
+    const FIXED: usize = 46;
+    let corrupt = |why: &str| Invalid::NotZip(format!("the central directory is corrupt: {why}"));
+    let unsafe_entry = |name: &str, why| Invalid::UnsafeEntry {
+        name: name.to_owned(),
+        why,
+    };
+    let mut at = usize::try_from(archive.central_directory_start())
+        .map_err(|_| corrupt("it starts past the end"))?;
+    let mut listed: Vec<Listed> = Vec::new();
+    let mut names = BTreeSet::new();
+    while bytes.get(at..at + 4) == Some(&RECORD[..]) {
+        if listed.len() == MAX_ENTRIES {
+            return Err(Invalid::OverLimit(format!(
+                "the archive holds more than {MAX_ENTRIES} entries"
+            )));
+        }
+        let header = bytes
+            .get(at..at + FIXED)
+            .ok_or_else(|| corrupt("a record is cut short"))?;
+        let u16_at = |i: usize| usize::from(u16::from_le_bytes([header[i], header[i + 1]]));
+        let made_by_unix = matches!(header[5], 3 | 19);
+        let external = u32::from_le_bytes(header[38..42].try_into().expect("4 bytes"));
+        let (name_len, extra_len, comment_len) = (u16_at(28), u16_at(30), u16_at(32));
+        let raw_name = bytes
+            .get(at + FIXED..at + FIXED + name_len)
+            .ok_or_else(|| corrupt("a name is cut short"))?;
+        let name = std::str::from_utf8(raw_name)
+            .map_err(|_| {
+                unsafe_entry(
+                    &format!("entry #{}", listed.len()),
+                    "the entry name is not valid UTF-8",
+                )
+            })?
+            .to_owned();
+        if !names.insert(name.clone()) {
+            return Err(unsafe_entry(&name, "duplicate entry name"));
+        }
+        let file_type = (made_by_unix && external >> 16 != 0).then_some((external >> 16) & S_IFMT);
+        listed.push(Listed {
+            name,
+            file_type,
+            record: at as u64,
+        });
+        at += FIXED + name_len + extra_len + comment_len;
+    }
+    if listed.len() != archive.len() || archive.has_duplicate_names() {
+        return Err(unsafe_entry(
+            "",
+            "the end record's entry count does not match the central directory",
+        ));
+    }
+    // The reader must know each record by its name, at its place.
+    for entry in &listed {
+        let seen = archive
+            .index_for_name(&entry.name)
+            .and_then(|i| archive.by_index_data(i).ok())
+            .map(|e| e.central_header_start());
+        if seen != Some(entry.record) {
+            return Err(unsafe_entry(
+                &entry.name,
+                "the zip reader does not list this central directory record",
+            ));
+        }
+    }
+    Ok(listed)
+}
+
+/// Checks every name and type in the archive before anything is read: only
+/// regular files and directories, at relative paths without `.`, `..` or
+/// empty parts, none of them both a file and a directory.
+fn check_names(listed: &[Listed]) -> Result<(), Invalid> {
+    let mut files = BTreeSet::new();
+    let mut dirs = BTreeSet::new();
+    for entry in listed {
+        let name = entry.name.as_str();
+        let refuse = |why| {
+            Err(Invalid::UnsafeEntry {
+                name: name.to_owned(),
+                why,
+            })
+        };
+        match (entry.file_type, entry.is_dir()) {
+            (None | Some(0), _) | (Some(S_IFREG), false) | (Some(S_IFDIR), true) => {}
+            (Some(S_IFLNK), _) => return refuse("symbolic links are not allowed"),
+            (Some(S_IFREG | S_IFDIR), _) => {
+                return refuse(
+                    "the entry's mode and its name disagree on whether it is a directory",
+                );
+            }
+            (Some(_), _) => {
+                return refuse(
+                    "only regular files and directories are allowed (this is a device, pipe or socket)",
+                );
+            }
+        }
+        if name.starts_with('/') || name.contains(':') {
+            return refuse("absolute paths are not allowed");
+        }
+        if name.contains('\\') {
+            return refuse("backslashes are not allowed in paths");
+        }
+        if name.chars().any(char::is_control) {
+            return refuse("control characters are not allowed in paths");
+        }
+        if name.len() > MAX_NAME_BYTES {
+            return refuse("the path is longer than 1024 bytes");
+        }
+        let path = name.strip_suffix('/').unwrap_or(name);
+        let parts: Vec<&str> = path.split('/').collect();
+        if parts.iter().any(|part| *part == ".." || *part == ".") {
+            return refuse("'..' and '.' are not allowed in paths");
+        }
+        if parts.iter().any(|part| part.is_empty()) {
+            return refuse("empty path parts ('//') are not allowed");
+        }
+        if parts.iter().any(|part| part.len() > MAX_NAME_PART_BYTES) {
+            return refuse("a part of the path is longer than 255 bytes");
+        }
+        for i in 1..parts.len() {
+            dirs.insert(parts[..i].join("/"));
+        }
+        if entry.is_dir() {
+            dirs.insert(path.to_owned());
+        } else {
+            files.insert(path.to_owned());
+        }
+    }
+    if let Some(both) = files.intersection(&dirs).next() {
+        return Err(Invalid::UnsafeEntry {
+            name: both.clone(),
+            why: "the path is both a file and a directory",
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -33,4 +33,8 @@ pub enum Invalid {
         /// The ABI the manifest names.
         found: u32,
     },
+    /// The manifest is over a limit ([`manifest::MAX_MANIFEST_BYTES`],
+    /// [`manifest::MAX_KINDS`], [`manifest::MAX_STEPS`]); the message says which.
+    #[error("the manifest is over a limit: {0}")]
+    OverLimit(String),
 }

@@ -13,6 +13,13 @@ use crate::params::Params;
 /// The only manifest format this engine reads.
 pub const FORMAT: u32 = 1;
 
+/// The largest manifest read, in bytes (256 KiB).
+pub const MAX_MANIFEST_BYTES: usize = 256 << 10;
+/// The most kinds one manifest defines.
+pub const MAX_KINDS: usize = 256;
+/// The most steps one manifest defines, and the most one kind runs.
+pub const MAX_STEPS: usize = 256;
+
 /// A bundle's manifest: `bundle.toml` in a step crate, `manifest.toml` in a bundle.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -189,9 +196,46 @@ impl StepUse {
 impl Manifest {
     /// Reads and checks a manifest: every rule a loaded bundle must meet ([`Manifest::check_new`] adds those for new ones).
     pub fn parse(text: &str) -> Result<Manifest, Invalid> {
+        if text.len() > MAX_MANIFEST_BYTES {
+            return Err(Invalid::OverLimit(format!(
+                "the manifest is {} bytes; the limit is {} KiB",
+                text.len(),
+                MAX_MANIFEST_BYTES >> 10
+            )));
+        }
         let m: Manifest = toml::from_str(text).map_err(|e| Invalid::Manifest(e.to_string()))?;
+        m.check_limits()?;
         m.validate()?;
         Ok(m)
+    }
+
+    /// Bounds what one bundle may add to every server's memory and to
+    /// every action of its kinds.
+    fn check_limits(&self) -> Result<(), Invalid> {
+        let over = |what: String, limit: usize| {
+            Err(Invalid::OverLimit(format!("{what}; the limit is {limit}")))
+        };
+        if self.kinds.len() > MAX_KINDS {
+            return over(
+                format!("the manifest defines {} kinds", self.kinds.len()),
+                MAX_KINDS,
+            );
+        }
+        if self.steps.len() > MAX_STEPS {
+            return over(
+                format!("the manifest defines {} steps", self.steps.len()),
+                MAX_STEPS,
+            );
+        }
+        for (name, kind) in &self.kinds {
+            if kind.steps.len() > MAX_STEPS {
+                return over(
+                    format!("kind {name:?} runs {} steps", kind.steps.len()),
+                    MAX_STEPS,
+                );
+            }
+        }
+        Ok(())
     }
 
     fn validate(&self) -> Result<(), Invalid> {

@@ -19,6 +19,7 @@ mod drain;
 mod faults;
 mod goons;
 mod hostile;
+mod hostile_bundles;
 mod lease;
 mod logs;
 mod node_ops;
