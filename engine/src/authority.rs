@@ -371,6 +371,16 @@ impl Authority {
                 key: bundle.signer.to_string(),
             });
         }
+        let active = self
+            .agency
+            .states()
+            .await?
+            .iter()
+            .any(|st| st.active && st.bundle.hash == bundle.hash);
+        if active {
+            // Active already: nothing changes, nothing to record.
+            return Ok(bundle);
+        }
         self.check_kinds(&bundle.manifest).await?;
         let audit = AuditEntry::new(
             by,
@@ -425,7 +435,11 @@ impl Authority {
 
     async fn revoke(&mut self, id: &str, by: &str) -> Result<KeyInfo> {
         let id: KeyId = id.parse().map_err(|_| Error::KeyNotFound(id.to_owned()))?;
-        let key = self.key_info(id)?.key;
+        let info = self.key_info(id)?;
+        if info.revoked {
+            return Ok(info);
+        }
+        let key = info.key;
         let write = Write::RevokeKey {
             key_id: id.to_string(),
             public_key: key.to_string(),

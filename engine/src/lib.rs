@@ -493,12 +493,15 @@ impl Engine {
     /// ends at once (its steps in flight fail naming it).
     pub async fn remove_node(&self, name: &str, by: &str) -> Result<store::NodeRow> {
         let mut row = self.node(name).await?;
-        row.status = NodeStatus::Removed;
-        self.put_node(&row, by, "node.removed").await?;
+        // Removed already: nothing changes, nothing to record.
+        if row.status != NodeStatus::Removed {
+            row.status = NodeStatus::Removed;
+            self.put_node(&row, by, "node.removed").await?;
+            tracing::warn!(node = %name, by, "node removed");
+        }
         self.nodes().forget_pending(name);
         self.nodes()
             .disconnect(name, "this node was removed by an admin");
-        tracing::warn!(node = %name, by, "node removed");
         Ok(row)
     }
 
@@ -865,6 +868,10 @@ impl Engine {
         else {
             return Err(Error::TokenNotFound(id.to_owned()));
         };
+        if row.revoked_at.is_some() {
+            // Nothing changes: nothing to record.
+            return Ok(TokenInfo::from_row(&row));
+        }
         let at = model::now();
         let audit = AuditEntry::new(by, "token.revoked", id, json!({ "name": row.name }));
         self.inner
@@ -926,12 +933,10 @@ impl Engine {
         let outcome = self
             .inner
             .store
-            .write(vec![
-                Write::DeleteSecret {
-                    name: name.to_owned(),
-                },
-                Write::Audit(Box::new(audit)),
-            ])
+            .write(vec![Write::DeleteSecret {
+                name: name.to_owned(),
+                audit: Box::new(audit),
+            }])
             .await?;
         if outcome[0] == (Outcome::Done { rows: 0 }) {
             return Err(Error::SecretNotFound(name.to_owned()));
@@ -987,6 +992,9 @@ impl Engine {
             Some(id) => return Err(Error::GoonNotFound(id)),
             None => goons.clear(),
         };
+        if removed == 0 {
+            return Ok(0);
+        }
         let what = id.map_or_else(|| "all".to_owned(), |id| id.to_string());
         let audit = AuditEntry::new(by, "goon.removed", &what, json!({ "removed": removed }));
         self.inner

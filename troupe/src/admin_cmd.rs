@@ -1,6 +1,7 @@
 //! `troupe tokens …`, `troupe secrets …` and `troupe audit`: API
 //! credentials, secrets for steps, and the record of administrative changes.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -27,6 +28,9 @@ pub(crate) enum TokensCommand {
         /// Make the token expire after this long, e.g. 24h or 90d [default: never]
         #[arg(long, value_parser = parse_duration)]
         expires_in: Option<Duration>,
+        /// Write the token to this new file (mode 0600) instead of printing it; an existing file is never overwritten.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
         /// Print the API's JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -43,8 +47,9 @@ pub(crate) enum TokensCommand {
     },
     /// Revoke a token: refused from its next request.
     Revoke {
-        /// The token's id (the part after troupe_, as `tokens list` shows it).
-        id: String,
+        /// The token's name, or its id (as `tokens list` shows them).
+        #[arg(value_name = "NAME|ID")]
+        which: String,
         /// Print the API's JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -149,16 +154,36 @@ fn scopes(t: &Value) -> String {
     text
 }
 
-/// Creates a token and prints it (once: only its hash is stored).
-pub(crate) async fn create_token(
-    server: &ServerArg,
-    name: &str,
-    wanted: &[String],
-    kinds: &[String],
-    expires_in: Option<Duration>,
-    join: Option<Value>,
-    json: bool,
-) -> Result<Value> {
+/// What to create a token as, and where it goes.
+pub(crate) struct NewToken<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) scopes: &'a [String],
+    pub(crate) kinds: &'a [String],
+    pub(crate) expires_in: Option<Duration>,
+    /// A join token's rules (`engine::join`), as the API takes them.
+    pub(crate) join: Option<Value>,
+    /// A new file to write it to (mode 0600), instead of printing it.
+    pub(crate) out: Option<&'a Path>,
+    pub(crate) json: bool,
+}
+
+/// Creates a token and prints it, or writes it to a new private file (once:
+/// only its hash is stored). The file is made first, so a name that exists
+/// costs no token.
+pub(crate) async fn create_token(server: &ServerArg, new: NewToken<'_>) -> Result<Value> {
+    let NewToken {
+        name,
+        scopes: wanted,
+        kinds,
+        expires_in,
+        join,
+        out,
+        json,
+    } = new;
+    let mut file = match out {
+        Some(path) => Some(private_file(path)?),
+        None => None,
+    };
     let mut body = json!({ "name": name, "scopes": wanted });
     if let Some(join) = join {
         body["join"] = join;
@@ -170,7 +195,49 @@ pub(crate) async fn create_token(
         let at = chrono::Utc::now() + ttl;
         body["expires_at"] = json!(at.to_rfc3339());
     }
-    let t = Client::connect(server)?.post("/v1/tokens", &body).await?;
+    let created = match Client::connect(server) {
+        Ok(client) => client.post("/v1/tokens", &body).await,
+        Err(e) => Err(e),
+    };
+    let mut t = match created {
+        Ok(t) => t,
+        Err(e) => {
+            if let Some(path) = out {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(e);
+        }
+    };
+    if let (Some(file), Some(path)) = (file.as_mut(), out) {
+        use std::io::Write;
+        file.write_all(format!("{}\n", s(&t["token"])).as_bytes())
+            .and_then(|()| file.sync_all())
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "writing the token to {}: {e}; revoke token {} and create another",
+                    path.display(),
+                    s(&t["id"])
+                )
+            })?;
+        t["token"] = Value::Null;
+        if json {
+            t["token_file"] = json!(path.display().to_string());
+            println!("{}", serde_json::to_string_pretty(&t)?);
+        } else {
+            println!(
+                "created token {} ({}) with scopes {}{}; written to {} (mode 0600)",
+                s(&t["id"]),
+                s(&t["name"]),
+                scopes(&t),
+                match t["expires_at"].as_str() {
+                    Some(at) => format!(", expiring {at}"),
+                    None => String::new(),
+                },
+                path.display()
+            );
+        }
+        return Ok(t);
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&t)?);
     } else {
@@ -189,6 +256,17 @@ pub(crate) async fn create_token(
     Ok(t)
 }
 
+/// A new file only its owner can read or write; an existing one is refused.
+fn private_file(path: &Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("creating {} (it must not exist yet): {e}", path.display()))
+}
+
 pub(crate) async fn run(cmd: TokensCommand) -> Result<ExitCode> {
     match cmd {
         TokensCommand::Create {
@@ -196,10 +274,20 @@ pub(crate) async fn run(cmd: TokensCommand) -> Result<ExitCode> {
             scopes: wanted,
             kinds,
             expires_in,
+            out,
             json,
             server,
         } => {
-            create_token(&server, &name, &wanted, &kinds, expires_in, None, json).await?;
+            let new = NewToken {
+                name: &name,
+                scopes: &wanted,
+                kinds: &kinds,
+                expires_in,
+                join: None,
+                out: out.as_deref(),
+                json,
+            };
+            create_token(&server, new).await?;
         }
         TokensCommand::List { json, server } => {
             let v = Client::connect(&server)?.get("/v1/tokens", &[]).await?;
@@ -230,12 +318,40 @@ pub(crate) async fn run(cmd: TokensCommand) -> Result<ExitCode> {
                 }
             }
         }
-        TokensCommand::Revoke { id, json, server } => {
-            let t = Client::connect(&server)?
-                .post(&format!("/v1/tokens/{id}/revoke"), &json!({}))
+        TokensCommand::Revoke {
+            which: token,
+            json,
+            server,
+        } => {
+            let client = Client::connect(&server)?;
+            let list = client.get("/v1/tokens", &[]).await?;
+            let tokens = list["tokens"].as_array().cloned().unwrap_or_default();
+            // An id first (ids are what the API takes), then a name.
+            let found = tokens
+                .iter()
+                .find(|t| t["id"] == token.as_str())
+                .or_else(|| tokens.iter().find(|t| t["name"] == token.as_str()));
+            let Some(found) = found else {
+                anyhow::bail!(
+                    "no token has the id or name {token:?} (see `troupe tokens list`) [token_not_found]"
+                );
+            };
+            let already = found["revoked_at"].is_string();
+            let t = client
+                .post(
+                    &format!("/v1/tokens/{}/revoke", s(&found["id"])),
+                    &json!({}),
+                )
                 .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&t)?);
+            } else if already {
+                println!(
+                    "token {} ({}) was already revoked at {}; nothing changed",
+                    s(&t["id"]),
+                    s(&t["name"]),
+                    s(&t["revoked_at"])
+                );
             } else {
                 println!("revoked token {} ({})", s(&t["id"]), s(&t["name"]));
             }

@@ -66,22 +66,19 @@ pub(crate) fn data_dir_arg(dir: Option<PathBuf>) -> PathBuf {
     dir.unwrap_or_else(|| PathBuf::from("troupe-data"))
 }
 
+/// A duration with its unit, as `humantime` reads it: `500ms`, `30s`,
+/// `2m`, `24h`, `30d`, `1h 30m`. A bare number is refused: `90` could mean
+/// seconds or days, and a token that expires 90 seconds after it was made
+/// for three months is a surprise found too late.
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a duration such as 30s, 500ms, 2m, 24h or 30d"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "" | "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
-        "d" => Ok(Duration::from_secs(n * 86400)),
-        _ => Err(format!(
-            "{s:?}: expected a duration such as 30s, 500ms, 2m, 24h or 30d"
-        )),
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_digit()) {
+        return Err(format!(
+            "{s:?} has no unit: write it as {s}s, {s}m, {s}h or {s}d"
+        ));
     }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?}: {e}; expected a duration such as 30s, 500ms, 2m, 24h or 30d"))
 }
 
 /// A size such as `500MiB`, `2GiB`, `1GB` or `4096` (bytes).
@@ -155,6 +152,10 @@ mod tests {
         assert!(parse_size("2 parsecs").is_err());
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert!(parse_duration("soon").is_err());
+        assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86_400)));
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        let bare = parse_duration("90").unwrap_err();
+        assert!(bare.contains("has no unit"), "{bare}");
         assert_eq!(count(1, "kind"), "1 kind");
         assert_eq!(count(3, "kind"), "3 kinds");
     }

@@ -400,15 +400,22 @@ pub(crate) async fn run(cmd: BundleCommand) -> Result<ExitCode> {
             server,
         } => {
             let (bytes, sig) = read_signed(&bundle, signature)?;
-            let b = Client::connect(&server)?.push(bytes, sig).await?;
+            let (stored, b) = Client::connect(&server)?.push(bytes, sig).await?;
             return print_json_or(json, &b, |b| {
-                println!(
-                    "pushed {} {} ({}), now {}",
+                let what = format!(
+                    "{} {} ({})",
                     s(&b["name"]),
                     s(&b["version"]),
-                    s(&b["hash"]),
-                    s(&b["status"])
+                    short(s(&b["hash"]))
                 );
+                match s(&b["status"]) {
+                    status if stored => println!("pushed {what}, now {status}"),
+                    "active" => println!("{what} is already held and active; nothing was pushed"),
+                    status => println!(
+                        "{what} is already held ({status}); nothing was pushed — `troupe bundle activate {}` to make it active",
+                        short(s(&b["hash"]))
+                    ),
+                }
             });
         }
         BundleCommand::List { json, server } => {
@@ -421,23 +428,54 @@ pub(crate) async fn run(cmd: BundleCommand) -> Result<ExitCode> {
         }
         BundleCommand::Activate { hash, json, server } => {
             let client = Client::connect(&server)?;
-            let hash = full_hash(&client, &hash).await?;
+            let list = client.get("/v1/bundles", &[]).await?;
+            let hash = full_hash(&list, &hash)?;
+            let bundles = list["bundles"].as_array().cloned().unwrap_or_default();
+            let name = bundles
+                .iter()
+                .find(|b| b["hash"] == hash.as_str())
+                .map(|b| s(&b["name"]).to_owned())
+                .unwrap_or_default();
+            // Its name's active version before: what the change replaces.
+            let was = bundles
+                .iter()
+                .find(|b| b["name"] == name.as_str() && b["status"] == "active")
+                .cloned();
             let b = client
                 .post(&format!("/v1/bundles/{hash}/activate"), &json!({}))
                 .await?;
-            return print_json_or(json, &b, print_bundle);
+            return print_json_or(json, &b, |b| {
+                let what = format!("{} {}", s(&b["name"]), s(&b["version"]));
+                match &was {
+                    Some(w) if w["hash"] == b["hash"] => {
+                        println!("{what} is already active; nothing changed")
+                    }
+                    Some(w) => println!(
+                        "{what} is now active, was {} ({})",
+                        s(&w["version"]),
+                        short(s(&w["hash"]))
+                    ),
+                    None => println!("{what} is now active"),
+                }
+            });
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// The one bundle whose hash starts with `given` (a whole hash passes as is).
-async fn full_hash(client: &Client, given: &str) -> Result<String> {
+/// The first 8 characters of a hash: enough to name a bundle to
+/// `bundle activate`.
+pub(crate) fn short(hash: &str) -> &str {
+    hash.get(..8).unwrap_or(hash)
+}
+
+/// The one bundle in `list` (`GET /v1/bundles`) whose hash starts with
+/// `given` (a whole hash passes as is).
+fn full_hash(list: &Value, given: &str) -> Result<String> {
     let given = given.to_ascii_lowercase();
     if given.len() == 64 {
         return Ok(given);
     }
-    let list = client.get("/v1/bundles", &[]).await?;
     let matching: Vec<String> = list["bundles"]
         .as_array()
         .into_iter()
@@ -510,10 +548,26 @@ pub(crate) async fn run_keys(cmd: KeysCommand) -> Result<ExitCode> {
             json,
             server,
         } => {
-            let k = Client::connect(&server)?
+            let client = Client::connect(&server)?;
+            let keys = client.get("/v1/keys", &[]).await?;
+            let already = keys["keys"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|k| k["key_id"] == key_id.as_str() && k["revoked"] == true);
+            let k = client
                 .post(&format!("/v1/keys/{key_id}/revoke"), &json!({}))
                 .await?;
-            return print_json_or(json, &k, |k| println!("revoked key {}", s(&k["key_id"])));
+            return print_json_or(json, &k, |k| {
+                if already {
+                    println!(
+                        "key {} was already revoked; nothing changed",
+                        s(&k["key_id"])
+                    )
+                } else {
+                    println!("revoked key {}", s(&k["key_id"]))
+                }
+            });
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -158,10 +158,9 @@ enum Command {
 }
 
 impl Cli {
-    /// Whether the command only prints: then a closed pipe (`| head`)
+    /// Whether the command only prints: then a closed stdout (`| head`)
     /// should end it quietly, as it does any Unix tool. The server, the
-    /// demo and the node keep ignoring SIGPIPE (a client that goes away
-    /// must not stop them).
+    /// demo and the node keep running when what they print to is gone.
     pub(crate) fn prints_only(&self) -> bool {
         !matches!(
             self.command,

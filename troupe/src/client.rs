@@ -69,12 +69,26 @@ impl Client {
         Ok(Client { http, base, token })
     }
 
-    async fn send(&self, mut req: reqwest::RequestBuilder) -> Result<Value> {
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<Value> {
+        Ok(self.send_for_status(req).await?.1)
+    }
+
+    /// Sends `req`; a success's status code and body.
+    async fn send_for_status(
+        &self,
+        mut req: reqwest::RequestBuilder,
+    ) -> Result<(reqwest::StatusCode, Value)> {
         if let Some(token) = &self.token {
             req = req.bearer_auth(token);
         }
         let resp = req.send().await.map_err(|e| {
-            if let Some(reason) = tls_failure(&e) {
+            if self.base.starts_with("https://") && not_tls(&e) {
+                anyhow!(
+                    "TLS handshake failed with {}; is the server plain http? (try {})",
+                    self.base,
+                    self.base.replacen("https://", "http://", 1)
+                )
+            } else if let Some(reason) = tls_failure(&e) {
                 anyhow!(
                     "cannot verify the TLS certificate of {}: {reason}; pass the CA that signed it with --ca-cert FILE (or TROUPE_CA_CERT)",
                     self.base
@@ -92,7 +106,7 @@ impl Client {
         let status = resp.status();
         let body: Value = resp.json().await.unwrap_or(Value::Null);
         if status.is_success() {
-            return Ok(body);
+            return Ok((status, body));
         }
         match (
             body["error"]["code"].as_str(),
@@ -131,20 +145,23 @@ impl Client {
             .await
     }
 
-    /// Pushes a bundle and its signature (multipart).
-    pub(crate) async fn push(&self, bundle: Vec<u8>, signature: String) -> Result<Value> {
+    /// Pushes a bundle and its signature (multipart); whether the server
+    /// stored it (false: it held these bytes already), and the bundle.
+    pub(crate) async fn push(&self, bundle: Vec<u8>, signature: String) -> Result<(bool, Value)> {
         let form = reqwest::multipart::Form::new()
             .part(
                 "bundle",
                 reqwest::multipart::Part::bytes(bundle).file_name("bundle.zip"),
             )
             .text("signature", signature);
-        self.send(
-            self.http
-                .post(format!("{}/v1/bundles", self.base))
-                .multipart(form),
-        )
-        .await
+        let (status, body) = self
+            .send_for_status(
+                self.http
+                    .post(format!("{}/v1/bundles", self.base))
+                    .multipart(form),
+            )
+            .await?;
+        Ok((status == reqwest::StatusCode::CREATED, body))
     }
 
     pub(crate) async fn submit(&self, body: &Value) -> Result<Value> {
@@ -201,19 +218,39 @@ impl Client {
 
 /// The certificate error under a failed request, if that is why it failed.
 fn tls_failure(e: &reqwest::Error) -> Option<String> {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(err) = source {
-        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
-            return Some(tls.to_string());
-        }
+    causes(e)
+        .find_map(|err| err.downcast_ref::<rustls::Error>())
+        .map(rustls::Error::to_string)
+}
+
+/// Whether a request to an https:// URL failed because what answered does
+/// not speak TLS: its reply is no TLS record, or it closed the connection
+/// (a plain-HTTP server answering the ClientHello with 400) during the
+/// handshake.
+fn not_tls(e: &reqwest::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionReset, UnexpectedEof};
+    causes(e).any(|err| {
+        matches!(
+            err.downcast_ref::<rustls::Error>(),
+            Some(rustls::Error::InvalidMessage(_))
+        ) || (e.is_connect()
+            && err.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                matches!(io.kind(), BrokenPipe | ConnectionReset | UnexpectedEof)
+            }))
+    })
+}
+
+/// The errors under `e`, outermost first.
+fn causes(e: &reqwest::Error) -> impl Iterator<Item = &(dyn std::error::Error + 'static)> {
+    let first: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    std::iter::successors(first, |err| {
         // An io::Error's `source` skips the error it wraps: look inside.
-        source = match err
+        match err
             .downcast_ref::<std::io::Error>()
             .and_then(|io| io.get_ref())
         {
             Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
             None => err.source(),
-        };
-    }
-    None
+        }
+    })
 }

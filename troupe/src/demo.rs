@@ -134,7 +134,7 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
     println!();
     println!("$ troupe bundle push {}", bundle_path.display());
     match client.push(bytes, signature).await {
-        Ok(b) => println!(
+        Ok((_, b)) => println!(
             "pushed {} {} ({}), signed by {}: {}",
             b["name"].as_str().unwrap_or("?"),
             b["version"].as_str().unwrap_or("?"),

@@ -289,7 +289,7 @@ async fn pull(own: &OwnServer, client: &Client, sims: &[Sim], args: &FleetArgs) 
     let bytes = engine::bundle::build(&manifest, &[(engine::bundle::TARGET, &library)])?;
     let size = bytes.len();
     let signature = crate::bundle_cmd::sign(&bytes, &own.key()?)?.to_text();
-    let pushed = client.push(bytes, signature).await?;
+    let (_, pushed) = client.push(bytes, signature).await?;
     let hash = pushed["hash"].as_str().unwrap_or_default().to_owned();
     let before = usage(own.child.id());
     let http = reqwest::Client::new();

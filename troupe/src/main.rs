@@ -34,7 +34,7 @@ fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = cli::Cli::parse();
     if cli.prints_only() {
-        restore_sigpipe();
+        end_quietly_on_a_closed_stdout();
     }
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -69,13 +69,37 @@ fn main() -> ExitCode {
     }
 }
 
-/// Lets a closed stdout end the process, instead of `println!` panicking.
+/// Lets a closed stdout (`troupe list | head`) end the process as it ends
+/// any Unix tool, by SIGPIPE, instead of `println!` panicking. SIGPIPE
+/// itself stays ignored (as Rust sets it): a write to a socket the server
+/// closed (an https:// URL for a plain-HTTP server) must fail as an error
+/// the client reports, not kill it.
+fn end_quietly_on_a_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        // What std's print macros panic with when the reader is gone.
+        if message.starts_with("failed printing to stdout")
+            && message.ends_with(&format!("(os error {})", libc::EPIPE))
+        {
+            die_of_sigpipe();
+        }
+        default(info)
+    }));
+}
+
 #[allow(unsafe_code)]
-fn restore_sigpipe() {
-    // SAFETY: called before any thread starts; setting a signal's
-    // disposition to the default touches no memory of ours.
+fn die_of_sigpipe() {
+    // SAFETY: restoring a signal's default disposition and raising it
+    // touches no memory of ours; the process ends here.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        libc::raise(libc::SIGPIPE);
     }
 }
 

@@ -279,6 +279,9 @@ pub(crate) enum NodeTokenCommand {
         /// A capability its nodes may be placed on: KEY or KEY=VALUE, `*` matching any run (e.g. hypervisor=kvm, oob=dc1, mem_free_mb). Repeat for more; others a node reports are not placed on [default: any]
         #[arg(long = "capability", value_name = "PATTERN")]
         capabilities: Vec<String>,
+        /// Write the token to this new file (mode 0600) instead of printing it; an existing file is never overwritten.
+        #[arg(long, value_name = "FILE")]
+        out: Option<std::path::PathBuf>,
         /// Print the API's JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -296,6 +299,7 @@ impl NodesCommand {
                 uses,
                 names,
                 capabilities,
+                out,
                 json,
                 server,
             }) => {
@@ -309,19 +313,22 @@ impl NodesCommand {
                 if !capabilities.is_empty() {
                     join["capabilities"] = capabilities.into();
                 }
-                crate::admin_cmd::create_token(
-                    &server,
-                    &name,
-                    &["join".to_owned()],
-                    &[],
-                    Some(ttl),
-                    Some(join),
+                                let new = crate::admin_cmd::NewToken {
+                    name: &name,
+                    scopes: &["join".to_owned()],
+                    kinds: &[],
+                    expires_in: Some(ttl),
+                    join: Some(join),
+                    out: out.as_deref(),
                     json,
-                )
-                .await?;
+                };
+                crate::admin_cmd::create_token(&server, new).await?;
                 if !json {
+                    let file = out
+                        .as_deref()
+                        .map_or("FILE".into(), |p| p.display().to_string());
                     eprintln!(
-                        "on each new host, put it in a file only troupe can read and run: troupe node --server URL --token-file FILE --trust KEY …"
+                        "on each new host, copy it to a file only troupe can read and run: troupe node --server URL --token-file {file} --trust KEY …"
                     );
                 }
                 Ok(ExitCode::SUCCESS)
@@ -358,11 +365,14 @@ impl NodesCommand {
             }
             NodesCommand::Remove { name, json, server } => {
                 let client = Client::connect(&server)?;
+                let before = client.get(&format!("/v1/nodes/{name}"), &[]).await?;
                 let node = client
                     .post(&format!("/v1/nodes/{name}/remove"), &serde_json::json!({}))
                     .await?;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&node)?);
+                } else if before["status"] == "removed" {
+                    println!("node {name} was already removed; nothing changed");
                 } else {
                     println!("node {name} removed; its key is refused from now on");
                 }

@@ -60,6 +60,8 @@ pub(crate) async fn follow(client: &Client, mut action: Value, show: Show) -> Re
     let mut last_status = String::new();
     // Since when the server has been unreachable, if it is.
     let mut lost: Option<std::time::Instant> = None;
+    // Ctrl-C stops the following, not the action: handled from here on.
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     if !json {
         println!(
             "action {id}: {} on {}",
@@ -91,7 +93,11 @@ pub(crate) async fn follow(client: &Client, mut action: Value, show: Show) -> Re
             break;
         }
         let revision = action["revision"].as_i64().unwrap_or_default();
-        match client.wait(id, revision).await {
+        let next = tokio::select! {
+            next = client.wait(id, revision) => next,
+            _ = interrupt.recv() => return Ok(let_go(&action)),
+        };
+        match next {
             Ok(next) => {
                 if lost.take().is_some() {
                     eprintln!("reconnected; following action {id} again");
@@ -114,7 +120,10 @@ pub(crate) async fn follow(client: &Client, mut action: Value, show: Show) -> Re
                         "gave up following action {id}; it may still finish: see `troupe status {id}`"
                     )));
                 }
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                _ = interrupt.recv() => return Ok(let_go(&action)),
+                }
             }
         }
     }
@@ -139,6 +148,24 @@ pub(crate) async fn follow(client: &Client, mut action: Value, show: Show) -> Re
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The exit status of a command stopped by Ctrl-C (128 + SIGINT), as a
+/// shell reports it.
+pub(crate) const INTERRUPTED: u8 = 130;
+
+/// Ctrl-C while following: the action goes on; say so, and how to follow
+/// it again or stop it.
+fn let_go(action: &Value) -> ExitCode {
+    let id = action["id"].as_i64().unwrap_or_default();
+    let status = match s(&action["status"]) {
+        "" => "running",
+        status => status,
+    };
+    eprintln!(
+        "stopped following action {id}; it is still {status} — `troupe status {id} --wait` to follow again, `troupe cancel {id}` to stop it"
+    );
+    ExitCode::from(INTERRUPTED)
 }
 
 pub(crate) fn print_action(a: &Value, full: bool) {

@@ -51,16 +51,7 @@ macro_rules! access_backend {
                             .execute(&mut *tx)
                             .await?
                     }
-                    Write::Audit(e) => sqlx::query(
-                        "INSERT INTO audit_log (at, actor, event, subject, detail) VALUES (?, ?, ?, ?, ?)",
-                    )
-                    .bind(e.at)
-                    .bind(&e.actor)
-                    .bind(&e.event)
-                    .bind(&e.subject)
-                    .bind(e.detail.as_ref().map(|d| d.to_string()))
-                    .execute(&mut *tx)
-                    .await?,
+                    Write::Audit(e) => insert_audit(tx, e).await?,
                     // Delete and insert: the same SQL on both databases.
                     Write::SetSecret(row) => {
                         sqlx::query("DELETE FROM secrets WHERE name = ?")
@@ -101,15 +92,35 @@ macro_rules! access_backend {
                         .execute(&mut *tx)
                         .await?
                     }
-                    Write::DeleteSecret { name } => {
-                        sqlx::query("DELETE FROM secrets WHERE name = ?")
+                    Write::DeleteSecret { name, audit: entry } => {
+                        let deleted = sqlx::query("DELETE FROM secrets WHERE name = ?")
                             .bind(name)
                             .execute(&mut *tx)
-                            .await?
+                            .await?;
+                        if deleted.rows_affected() > 0 {
+                            insert_audit(tx, entry).await?;
+                        }
+                        deleted
                     }
                     _ => unreachable!("access::apply takes token, audit and secret writes"),
                 };
                 Ok(done.rows_affected())
+            }
+
+            async fn insert_audit(
+                tx: &mut $conn,
+                e: &AuditEntry,
+            ) -> Result<<$db as sqlx::Database>::QueryResult, sqlx::Error> {
+                sqlx::query(
+                    "INSERT INTO audit_log (at, actor, event, subject, detail) VALUES (?, ?, ?, ?, ?)",
+                )
+                .bind(e.at)
+                .bind(&e.actor)
+                .bind(&e.event)
+                .bind(&e.subject)
+                .bind(e.detail.as_ref().map(|d| d.to_string()))
+                .execute(&mut *tx)
+                .await
             }
 
             fn secret_row(r: &DbRow) -> Result<SecretRow, sqlx::Error> {

@@ -158,8 +158,11 @@ pub(crate) enum Write {
     Audit(Box<AuditEntry>),
     /// Stores a secret (encrypted), replacing any of the same name.
     SetSecret(Box<SecretRow>),
+    /// Deletes a secret and, if there was one, records `audit` (a delete
+    /// that found nothing is no change to record).
     DeleteSecret {
         name: String,
+        audit: Box<AuditEntry>,
     },
 }
 

@@ -431,3 +431,259 @@ async fn a_closed_pipe_ends_a_client_command_quietly() {
     assert_eq!(out.status.signal(), Some(13), "SIGPIPE: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// Ctrl-C while `--wait` follows an action stops the following, not the
+/// action, and says so: how to follow again and how to stop it. The exit
+/// status is 130, as for any command stopped by Ctrl-C.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_stops_following_and_says_the_action_runs_on() {
+    use std::io::BufRead;
+    let env = Env::new(Db::Sqlite).await;
+    let server = env.serve();
+    let first = server
+        .submit("sleep", "vps-int", serde_json::json!({ "ms": 60000 }))
+        .await;
+    server
+        .until(first, "running", |a| a["status"] == "running")
+        .await;
+    let status_wait = vec!["status".to_owned(), first.to_string(), "--wait".into()];
+    let submit_wait: Vec<String> = [
+        "submit",
+        "sleep",
+        "--target",
+        "vps-int2",
+        "--param-json",
+        "ms=60000",
+        "--wait",
+    ]
+    .map(String::from)
+    .to_vec();
+    for args in [status_wait, submit_wait] {
+        let mut child = std::process::Command::new(troupe_bin())
+            .args(&args)
+            .args(["--server", &server.url])
+            .env("TROUPE_TOKEN_FILE", &server.token_file)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The first line ("action N: …") comes once the CLI follows the
+        // action (and handles Ctrl-C); only then is the interrupt sent.
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut header = String::new();
+        stdout.read_line(&mut header).unwrap();
+        let id: i64 = header
+            .strip_prefix("action ")
+            .and_then(|r| r.split(':').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{args:?}: {header}"));
+        let kill = std::process::Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(130), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "stopped following action {id}; it is still running — `troupe status {id} --wait` to follow again, `troupe cancel {id}` to stop it"
+            )),
+            "{args:?}: {stderr}"
+        );
+        let (_, action) = server.get(&format!("/v1/actions/{id}")).await;
+        assert_eq!(action["status"], "running", "{action}");
+    }
+}
+
+/// A duration needs its unit: `--expires-in 90` is refused, saying how to
+/// write it, rather than read as 90 seconds; nothing is created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duration_without_a_unit_is_refused() {
+    let env = Env::new(Db::Sqlite).await;
+    let server = env.serve();
+    let out = server.cli(&[
+        "tokens",
+        "create",
+        "--name",
+        "ci",
+        "--scope",
+        "read",
+        "--expires-in",
+        "90",
+    ]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("\"90\" has no unit: write it as 90s, 90m, 90h or 90d"),
+        "{}",
+        text(&out)
+    );
+    let (_, tokens) = server.get("/v1/tokens").await;
+    assert_eq!(
+        crate::harness::strings(&tokens["tokens"], "name"),
+        ["admin"],
+        "{tokens}"
+    );
+    for (given, what) in [
+        ("90s", 90),
+        ("24h", 86_400),
+        ("30d", 2_592_000),
+        ("1h 30m", 5400),
+    ] {
+        let name = format!("t{what}");
+        let out = server.cli(&[
+            "tokens",
+            "create",
+            "--name",
+            &name,
+            "--scope",
+            "read",
+            "--expires-in",
+            given,
+            "--json",
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+        let t: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let at: chrono::DateTime<chrono::Utc> = t["expires_at"].as_str().unwrap().parse().unwrap();
+        let left = (at - chrono::Utc::now()).num_seconds();
+        assert!((what - 60..=what).contains(&left), "{given}: {left} s left");
+    }
+}
+
+/// `tokens create --out FILE` and `nodes token create --out FILE` write the
+/// token to a new file only its owner can read (as `keys generate` does),
+/// refuse to overwrite one (before any token is made), and the file works
+/// as `--token-file`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_go_to_a_private_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new(Db::Sqlite).await;
+    let server = env.serve();
+    let dir = scratch_dir("token-out");
+    let panel = dir.join("panel.token");
+    let join = dir.join("node.token");
+    for (args, file) in [
+        (
+            vec!["tokens", "create", "--name", "panel", "--scope", "read"],
+            &panel,
+        ),
+        (vec!["nodes", "token", "create", "--ttl", "1h"], &join),
+    ] {
+        let mut with_out = args.clone();
+        with_out.extend(["--out", file.to_str().unwrap()]);
+        let out = server.cli(&with_out);
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("troupe_"),
+            "the token is not printed: {}",
+            text(&out)
+        );
+        assert!(
+            text(&out).contains(&format!("written to {} (mode 0600)", file.display())),
+            "{}",
+            text(&out)
+        );
+        let meta = std::fs::metadata(file).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert!(
+            std::fs::read_to_string(file)
+                .unwrap()
+                .starts_with("troupe_")
+        );
+
+        let (_, before) = server.get("/v1/tokens").await;
+        let again = server.cli(&with_out);
+        assert!(!again.status.success(), "never overwrites a token file");
+        assert!(
+            text(&again).contains("must not exist yet"),
+            "{}",
+            text(&again)
+        );
+        let (_, after) = server.get("/v1/tokens").await;
+        assert_eq!(
+            before, after,
+            "no token made when the file cannot be written"
+        );
+    }
+    let list = std::process::Command::new(troupe_bin())
+        .args(["kinds", "--server", &server.url, "--token-file"])
+        .arg(&panel)
+        .output()
+        .unwrap();
+    assert!(list.status.success(), "{}", text(&list));
+}
+
+/// Pushing a version the server holds already says so (nothing was pushed)
+/// and how to make it active; `bundle activate` says what it replaced, and
+/// activating the active version says nothing changed (and is not audited).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushing_and_activating_say_what_changed() {
+    let env = Env::new(Db::Sqlite).await;
+    let server = env.serve();
+    let dir = scratch_dir("repush");
+    let (bytes, sig) = crate::harness::testkit_version("0.2.0", &crate::harness::test_key());
+    let v2 = dir.join("testkit-0.2.0.bundle");
+    std::fs::write(&v2, &bytes).unwrap();
+    std::fs::write(dir.join("testkit-0.2.0.bundle.sig"), sig).unwrap();
+    let hash = |version: &str| {
+        let list = bundle_list(&server);
+        list["bundles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == "testkit" && b["version"] == version)
+            .and_then(|b| b["hash"].as_str())
+            .unwrap()
+            .to_owned()
+    };
+    let push = server.cli(&["bundle", "push", v2.to_str().unwrap()]);
+    let h2 = hash("0.2.0");
+    let h1 = hash("0.1.0");
+    assert_eq!(
+        text(&push).trim(),
+        format!("pushed testkit 0.2.0 ({}), now active", &h2[..8])
+    );
+    let back = server.cli(&["bundle", "activate", &h1[..8]]);
+    assert!(back.status.success(), "{}", text(&back));
+    assert_eq!(
+        text(&back).trim(),
+        format!("testkit 0.1.0 is now active, was 0.2.0 ({})", &h2[..8])
+    );
+    let again = server.cli(&["bundle", "push", v2.to_str().unwrap()]);
+    assert!(again.status.success(), "{}", text(&again));
+    assert_eq!(
+        text(&again).trim(),
+        format!(
+            "testkit 0.2.0 ({}) is already held (drained); nothing was pushed — `troupe bundle activate {}` to make it active",
+            &h2[..8],
+            &h2[..8]
+        )
+    );
+    let same = server.cli(&["bundle", "activate", &h1[..8]]);
+    assert!(same.status.success(), "{}", text(&same));
+    assert_eq!(
+        text(&same).trim(),
+        "testkit 0.1.0 is already active; nothing changed"
+    );
+    let (_, audit) = server.get("/v1/audit").await;
+    let events = crate::harness::strings(&audit["entries"], "event");
+    assert_eq!(
+        events.iter().filter(|e| **e == "bundle.activated").count(),
+        1,
+        "{audit}"
+    );
+    let pushed = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"] == "bundle.pushed" && e["subject"] == h2.as_str())
+        .count();
+    assert_eq!(pushed, 1, "pushed once: {audit}");
+}
+
+/// `troupe bundle list --json`.
+fn bundle_list(server: &crate::harness::Server) -> serde_json::Value {
+    let out = server.cli(&["bundle", "list", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}

@@ -197,3 +197,40 @@ async fn database_connections_use_and_verify_tls() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--server https://…` against a server that speaks plain HTTP: every
+/// client command says the handshake failed and asks whether the server is
+/// plain http, rather than dying on a write to the closed socket (SIGPIPE,
+/// exit 141, nothing said).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_to_a_plain_http_server_says_the_handshake_failed() {
+    let env = Env::new(Db::Sqlite).await;
+    let server = env.serve();
+    let https = server.url.replace("http://", "https://");
+    // The failure is a race (the server answers and closes while the CLI
+    // writes): several tries of several commands.
+    for args in [
+        &["list"][..],
+        &["status", "1"],
+        &["bundle", "list"],
+        &["kinds"],
+    ] {
+        for _ in 0..3 {
+            let out = std::process::Command::new(troupe_bin())
+                .args(args)
+                .args(["--server", &https])
+                .env("TROUPE_TOKEN_FILE", &server.token_file)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+            assert!(
+                err.contains(&format!(
+                    "TLS handshake failed with {https}; is the server plain http? (try {})",
+                    server.url
+                )),
+                "{args:?}: {err}"
+            );
+        }
+    }
+}
