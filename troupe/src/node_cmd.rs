@@ -226,7 +226,9 @@ pub(crate) enum NodesCommand {
     /// Join tokens: let new hosts in without accepting each by hand (admin).
     #[command(subcommand)]
     Token(NodeTokenCommand),
-    /// Let a node in by its key (admin): the fingerprint `troupe node` printed when it started, as `troupe nodes list` shows it for a node that waits, or its whole public key (ed25519:…) to admit it before it connects.
+    /// Let a node in by its key (admin).
+    ///
+    /// The key is the fingerprint (SHA256:…) `troupe node` logged when it started, as `troupe nodes list` shows it for a node that waits, or its whole public key (ed25519:…) to admit it before it connects.
     Accept {
         name: String,
         /// The key to let in: SHA256:… or ed25519:…
