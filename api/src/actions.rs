@@ -16,7 +16,7 @@ use engine::model::{ActionFilter, ActionId, ActionStatus, NewAction};
 use crate::auth::{Caller, MaybeCaller, Operate, Read, Submit};
 use crate::wire::{
     ActionCounts, ActionList, ActionView, DatabaseHealth, ErrorBody, Health, KindList, KindView,
-    StepLogList, StepLogView, StoreCounters, SubmitRequest,
+    Readiness, StepLogList, StepLogView, StoreCounters, SubmitRequest,
 };
 use crate::{ApiError, MAX_BODY, MAX_WAIT};
 
@@ -386,6 +386,56 @@ pub(crate) async fn health(
     };
     (status, Json(body)).into_response()
 }
+/// Liveness, open to all: the process serves requests. A load balancer or
+/// supervisor restarts a server that stops answering this.
+#[utoipa::path(
+    get, path = "/v1/health/live", tag = "server",
+    security(()),
+    responses((status = 200, description = "the process serves requests", body = Readiness))
+)]
+pub(crate) async fn live() -> Json<Readiness> {
+    Json(Readiness {
+        status: "ok",
+        code: None,
+        reason: None,
+    })
+}
+
+/// Readiness, open to all: whether this server should be sent work — it is
+/// not shutting down and its database takes writes. A load balancer takes
+/// a server that answers 503 out of rotation. Answered within 2 s; probes
+/// within a second of each other share one check.
+#[utoipa::path(
+    get, path = "/v1/health/ready", tag = "server",
+    security(()),
+    responses(
+        (status = 200, description = "ready for work", body = Readiness),
+        (status = 503, description = "not ready, and why", body = Readiness),
+    )
+)]
+pub(crate) async fn ready(State(state): State<crate::AppState>) -> Response {
+    let verdict = state.readiness().await;
+    let (status, body) = match verdict {
+        Ok(()) => (
+            StatusCode::OK,
+            Readiness {
+                status: "ready",
+                code: None,
+                reason: None,
+            },
+        ),
+        Err((code, reason)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Readiness {
+                status: "not_ready",
+                code: Some(code),
+                reason: Some(reason),
+            },
+        ),
+    };
+    (status, Json(body)).into_response()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,6 +10,7 @@
 //! | GET | `/v1/actions/{id}/logs` | what its steps logged, by step and attempt |
 //! | GET | `/v1/kinds` | the action kinds this server runs |
 //! | GET | `/v1/health` | liveness (open); with a credential, database and queue details |
+//! | GET | `/v1/health/live`, `/v1/health/ready` | liveness; readiness: not shutting down and the database takes writes (open) |
 //! | GET, POST | `/v1/bundles`, `/v1/bundles/{hash}[/content\|/activate]` | bundles (see `bundles`) |
 //! | GET, POST | `/v1/keys`, `/v1/keys/{id}/revoke` | signing keys |
 //! | GET, POST | `/v1/tokens`, `/v1/tokens/{id}/revoke` | API tokens (see `admin`) |
@@ -20,7 +21,7 @@
 //! | GET | `/v1/nodes/bundles/{hash}[/signature]` | a bundle's bytes and signature, for a node to verify |
 //! | GET | `/openapi.json` | this API's OpenAPI 3.1 description (open) |
 //!
-//! Every endpoint but `/v1/health` and `/openapi.json` needs a bearer token
+//! Every endpoint but `/v1/health[/live|/ready]` and `/openapi.json` needs a bearer token
 //! with a scope (`auth`): `read` for GETs, `submit` to create actions,
 //! `operate` to cancel, `admin` for bundles, keys, tokens, secrets and the
 //! audit log. Handlers are annotated with `#[utoipa::path]` and registered
@@ -70,7 +71,32 @@ pub struct AppState {
     pub node_bundles: nodes::BundleCache,
     /// Node connections that have not said hello yet.
     handshakes: std::sync::Arc<tokio::sync::Semaphore>,
+    /// The last readiness check and when it was made.
+    readiness: std::sync::Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, Verdict)>>>,
 }
+
+type Verdict = Result<(), (&'static str, String)>;
+
+impl AppState {
+    /// Probes within [`READY_FRESH`] of each other share one check (held
+    /// across it, so a burst of probes costs one database query).
+    async fn readiness(&self) -> Verdict {
+        let mut last = self.readiness.lock().await;
+        if let Some((at, verdict)) = &*last
+            && at.elapsed() < READY_FRESH
+        {
+            return verdict.clone();
+        }
+        let verdict = self.engine.readiness(READY_WITHIN).await;
+        *last = Some((tokio::time::Instant::now(), verdict.clone()));
+        verdict
+    }
+}
+
+/// How long a readiness check stands for.
+const READY_FRESH: Duration = Duration::from_secs(1);
+/// How long a readiness check may wait for the database.
+const READY_WITHIN: Duration = Duration::from_secs(2);
 
 impl AppState {
     pub fn new(engine: Engine) -> AppState {
@@ -78,6 +104,7 @@ impl AppState {
             engine,
             node_bundles: nodes::BundleCache::default(),
             handshakes: std::sync::Arc::new(tokio::sync::Semaphore::new(nodes::HANDSHAKES)),
+            readiness: Default::default(),
         }
     }
 }
@@ -101,6 +128,8 @@ fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(actions::logs))
         .routes(routes!(actions::kinds))
         .routes(routes!(actions::health))
+        .routes(routes!(actions::live))
+        .routes(routes!(actions::ready))
         .merge(uploads)
         .routes(routes!(bundles::show))
         .routes(routes!(bundles::content))

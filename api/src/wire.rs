@@ -310,6 +310,18 @@ pub struct Health {
     pub version: Option<&'static str>,
 }
 
+/// `/v1/health/live` and `/v1/health/ready`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Readiness {
+    /// ok (live), ready, or not_ready.
+    pub status: &'static str,
+    /// Why not: shutting_down, database_unavailable or database_read_only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct DatabaseHealth {
     /// sqlite or mysql.

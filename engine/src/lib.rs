@@ -1358,6 +1358,39 @@ impl Engine {
 
     /// Stops starting steps and refuses new submits (`ShuttingDown`);
     /// [`Engine::shutdown`] finishes the job.
+    /// Whether this server should be sent work: `Err` says why not, as a
+    /// stable code and a sentence (never the database's own message).
+    /// Answers within `within` whatever the database does.
+    pub async fn readiness(
+        &self,
+        within: Duration,
+    ) -> std::result::Result<(), (&'static str, String)> {
+        if self.inner.shared.stopping.is_cancelled() {
+            return Err((
+                "shutting_down",
+                "this server is shutting down; send work to another".into(),
+            ));
+        }
+        match tokio::time::timeout(within, self.inner.store.writable()).await {
+            Ok(Ok(true)) => Ok(()),
+            Ok(Ok(false)) => Err((
+                "database_read_only",
+                "the database is read-only (a replica, or a primary after a switchover)".into(),
+            )),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "readiness: the database does not answer");
+                Err((
+                    "database_unavailable",
+                    "the database does not answer".into(),
+                ))
+            }
+            Err(_) => Err((
+                "database_unavailable",
+                format!("the database did not answer within {within:?}"),
+            )),
+        }
+    }
+
     pub fn begin_shutdown(&self) {
         self.inner.shared.stopping.cancel();
     }

@@ -315,7 +315,7 @@ impl NodesCommand {
                 if !capabilities.is_empty() {
                     join["capabilities"] = capabilities.into();
                 }
-                                let new = crate::admin_cmd::NewToken {
+                let new = crate::admin_cmd::NewToken {
                     name: &name,
                     scopes: &["join".to_owned()],
                     kinds: &[],

@@ -381,6 +381,24 @@ impl Store {
         })
     }
 
+    /// Whether the database takes writes now: it answers and, on
+    /// MySQL/MariaDB, is not read-only (a replica, or a primary a
+    /// switchover demoted).
+    pub async fn writable(&self) -> Result<bool> {
+        match &self.read {
+            Pool::Sqlite(p) => {
+                sqlx::query("SELECT 1").execute(p).await?;
+                Ok(true)
+            }
+            Pool::MySql(p) => {
+                let read_only: i64 = sqlx::query_scalar("SELECT CAST(@@read_only AS SIGNED)")
+                    .fetch_one(p)
+                    .await?;
+                Ok(read_only == 0)
+            }
+        }
+    }
+
     /// Checks that the database answers.
     pub async fn ping(&self) -> Result<()> {
         match &self.read {

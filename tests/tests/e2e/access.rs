@@ -182,6 +182,15 @@ async fn every_endpoint_needs_its_scope(db: Db) {
         .await;
     assert_eq!(status, 200);
     assert_eq!(detailed["database"]["reachable"], true, "{detailed}");
+    // So do liveness and readiness, for load balancers: a status and, when
+    // not ready, why; nothing else.
+    for (path, want) in [
+        ("/v1/health/live", json!({ "status": "ok" })),
+        ("/v1/health/ready", json!({ "status": "ready" })),
+    ] {
+        let (status, open) = server.request_as(None, Method::GET, path, None).await;
+        assert_eq!((status.as_u16(), open), (200, want), "{path}");
+    }
 }
 
 async fn revoked_and_expired_tokens_are_refused_at_once(db: Db) {

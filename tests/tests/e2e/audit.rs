@@ -1,7 +1,6 @@
 //! The audit log records what happened, and only that: an admin write that
 //! failed, or changed nothing, leaves no entry.
 
-use serde_json::Value;
 
 use crate::cli::text;
 use crate::harness::{Db, Env, Server, both_dbs, scratch_dir, troupe};
@@ -95,7 +94,7 @@ async fn only_what_happened_is_audited(db: Db) {
         .as_array()
         .unwrap()
         .iter()
-        .find(|k| k["public_key"] == Value::from(public.as_str()))
+        .find(|k| k["public_key"] == public.as_str())
         .and_then(|k| k["key_id"].as_str())
         .unwrap_or_else(|| panic!("{keys}"))
         .to_owned();

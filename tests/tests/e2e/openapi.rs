@@ -97,6 +97,8 @@ async fn the_description_matches_what_the_server_does(db: Db) {
         .map(|(m, p, _, _)| (m.to_string(), template_of(p)))
         .chain([
             ("GET".to_owned(), "/v1/health".to_owned()),
+            ("GET".to_owned(), "/v1/health/live".to_owned()),
+            ("GET".to_owned(), "/v1/health/ready".to_owned()),
             // Open: a node proves itself inside the connection (nodes.rs).
             ("GET".to_owned(), "/v1/nodes/connect".to_owned()),
         ])
@@ -156,6 +158,8 @@ async fn the_description_matches_what_the_server_does(db: Db) {
         ("/v1/actions?limit=5".to_owned(), "/v1/actions"),
         ("/v1/kinds".to_owned(), "/v1/kinds"),
         ("/v1/health".to_owned(), "/v1/health"),
+        ("/v1/health/live".to_owned(), "/v1/health/live"),
+        ("/v1/health/ready".to_owned(), "/v1/health/ready"),
         ("/v1/bundles".to_owned(), "/v1/bundles"),
         ("/v1/keys".to_owned(), "/v1/keys"),
         ("/v1/tokens".to_owned(), "/v1/tokens"),
