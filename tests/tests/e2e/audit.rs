@@ -1,7 +1,6 @@
 //! The audit log records what happened, and only that: an admin write that
 //! failed, or changed nothing, leaves no entry.
 
-
 use crate::cli::text;
 use crate::harness::{Db, Env, Server, both_dbs, scratch_dir, troupe};
 

@@ -23,6 +23,7 @@ mod hostile;
 mod hostile_bundles;
 mod lease;
 mod logs;
+mod manual;
 mod node_ops;
 mod nodes;
 mod openapi;
