@@ -236,96 +236,112 @@ async fn hostile_bundles_are_refused_and_leave_nothing_behind(db: Db) {
     let key = test_key();
     let lib = std::fs::read(target_dir().join("libtestkit.so")).unwrap();
     let lib_path = format!("lib/{}/libtestkit.so", triple());
-    let manifest = testkit_manifest(|m| m);
-    // Adds a kind nobody reviewing the first manifest would see.
-    let smuggled = testkit_manifest(with_kinds(1));
-    let with = |extra: Vec<(&str, &[u8], u32)>, manifest: &[u8], zip64: bool| {
+    // Each case has its own version, so that one wrongly accepted does
+    // not hide the next behind `bundle_version_not_newer`.
+    let bundle = |version: &str,
+                  extra: &[(&str, &[u8], u32)],
+                  edit: &dyn Fn(String) -> String,
+                  zip64: bool| {
+        let manifest = testkit_manifest(|m| edit(m.replace("0.5.0", version)));
         let mut entries = vec![
-            ("manifest.toml", manifest, REGULAR),
+            ("manifest.toml", &manifest[..], REGULAR),
             (lib_path.as_str(), &lib[..], REGULAR),
         ];
-        entries.extend(extra);
+        entries.extend_from_slice(extra);
         raw_zip(&entries, zip64)
     };
+    let same = |m: String| m;
+    // Adds a kind nobody reviewing the first manifest would see.
+    let smuggled = |v: &str| testkit_manifest(|m| with_kinds(1)(m.replace("0.5.0", v)));
     let big = vec![7u8; 8 << 20];
-    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+    let long = format!("lib/{}", "a".repeat(300));
+    type Case<'a> = (&'a str, Box<dyn Fn(&str) -> Vec<u8> + 'a>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "a second manifest behind a zip64 end record",
-            with(vec![("manifest.toml", &smuggled, REGULAR)], &manifest, true),
+            Box::new(|v: &str| bundle(v, &[("manifest.toml", &smuggled(v), REGULAR)], &same, true)),
             "bundle_unsafe_entry",
         ),
         (
             "a second manifest",
-            with(
-                vec![("manifest.toml", &smuggled, REGULAR)],
-                &manifest,
-                false,
-            ),
+            Box::new(|v: &str| {
+                bundle(v, &[("manifest.toml", &smuggled(v), REGULAR)], &same, false)
+            }),
             "bundle_unsafe_entry",
         ),
         (
             "a character device",
-            with(vec![("dev", b"", CHAR_DEVICE)], &manifest, false),
+            Box::new(|v: &str| bundle(v, &[("dev", b"", CHAR_DEVICE)], &same, false)),
             "bundle_unsafe_entry",
         ),
         (
             "a character device behind a zip64 end record",
-            with(vec![("dev", b"", CHAR_DEVICE)], &manifest, true),
+            Box::new(|v: &str| bundle(v, &[("dev", b"", CHAR_DEVICE)], &same, true)),
             "bundle_unsafe_entry",
         ),
         (
             "a file that is also a directory",
-            with(
-                vec![("x", &big, REGULAR), ("x/y", b"y", REGULAR)],
-                &manifest,
-                false,
-            ),
+            Box::new(|v: &str| {
+                bundle(
+                    v,
+                    &[("x", &big, REGULAR), ("x/y", b"y", REGULAR)],
+                    &same,
+                    false,
+                )
+            }),
             "bundle_unsafe_entry",
         ),
         (
             "a directory entry that is also a file",
-            with(
-                vec![("x/", b"", DIRECTORY), ("x", b"x", REGULAR)],
-                &manifest,
-                false,
-            ),
+            Box::new(|v: &str| {
+                bundle(
+                    v,
+                    &[("x/", b"", DIRECTORY), ("x", b"x", REGULAR)],
+                    &same,
+                    false,
+                )
+            }),
             "bundle_unsafe_entry",
         ),
         (
             "the same path written twice",
-            with(
-                vec![("lib//x", b"1", REGULAR), ("lib/x", b"2", REGULAR)],
-                &manifest,
-                false,
-            ),
+            Box::new(|v: &str| {
+                bundle(
+                    v,
+                    &[("lib//x", b"1", REGULAR), ("lib/x", b"2", REGULAR)],
+                    &same,
+                    false,
+                )
+            }),
             "bundle_unsafe_entry",
         ),
         (
             "a path component over 255 bytes",
-            with(
-                vec![(&format!("lib/{}", "a".repeat(300)), b"x", REGULAR)],
-                &manifest,
-                false,
-            ),
+            Box::new(|v: &str| bundle(v, &[(&long, b"x", REGULAR)], &same, false)),
             "bundle_unsafe_entry",
         ),
         (
             "257 kinds and steps beyond the testkit's",
-            with(vec![], &testkit_manifest(with_kinds(257)), false),
+            Box::new(|v: &str| bundle(v, &[], &with_kinds(257), false)),
             "bundle_over_limit",
         ),
         (
             "a manifest over 256 KiB",
-            with(
-                vec![],
-                &testkit_manifest(|m| format!("{m}\n#{}\n", "x".repeat(256 << 10))),
-                false,
-            ),
+            Box::new(|v: &str| {
+                bundle(
+                    v,
+                    &[],
+                    &|m| format!("{m}\n#{}\n", "x".repeat(256 << 10)),
+                    false,
+                )
+            }),
             "bundle_over_limit",
         ),
     ];
-    for (what, bytes, code) in cases {
-        let sig = sign_with(&key, &bytes, "testkit", "0.5.0");
+    for (i, (what, bytes, code)) in cases.into_iter().enumerate() {
+        let version = format!("0.5.{}", i + 1);
+        let bytes = bytes(&version);
+        let sig = sign_with(&key, &bytes, "testkit", &version);
         refused(&env, &server, what, bytes, &sig, code).await;
     }
     // The smuggled kind never went live, and the server still serves.
