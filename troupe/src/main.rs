@@ -15,6 +15,7 @@ mod fleet;
 mod goons_cmd;
 mod manual;
 mod node_cmd;
+mod profiles;
 mod scaffold;
 mod serve;
 mod watch;

@@ -28,6 +28,7 @@ mod node_ops;
 mod nodes;
 mod openapi;
 mod placement;
+mod profiles;
 mod readme;
 mod recovery;
 mod reload;
