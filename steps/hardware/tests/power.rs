@@ -221,6 +221,8 @@ fn status_off_on_and_cycle_through_a_real_bmc() {
     assert_eq!(off["reset_type"], "ForceOff");
     assert_eq!(off["power_state"], "Off");
     assert_eq!(step("status")["power_state"], "Off");
+    // Off already: a graceful shutdown has nothing to do.
+    assert!(step("soft_off")["reset_type"].is_null());
 
     let on = step("on");
     assert_eq!(on["reset_type"], "On");
@@ -244,6 +246,32 @@ fn status_off_on_and_cycle_through_a_real_bmc() {
 }
 
 #[test]
+fn soft_off_then_cycle_and_reset_power_the_server_back_on() {
+    let bundle = bundle();
+    let bmc = Bmc::start(&[(SRV1, "On")]);
+    let step = |op: &str| {
+        let report = power(&bundle, &bmc.url, &bmc.pinned(), op).run().unwrap();
+        assert_eq!(
+            report.status,
+            Status::Succeeded,
+            "{op}: {report}\n{}",
+            bmc.log()
+        );
+        report.output("power").unwrap().clone()
+    };
+    let soft = step("soft_off");
+    assert_eq!(soft["reset_type"], "GracefulShutdown");
+    assert_eq!(soft["power_state"], "Off");
+    // Cycling a server that is off powers it on.
+    let cycle = step("cycle");
+    assert_eq!(cycle["reset_type"], "On");
+    assert_eq!(cycle["power_state"], "On");
+    let reset = step("reset");
+    assert_eq!(reset["reset_type"], "ForceRestart");
+    assert_eq!(reset["power_state"], "On");
+}
+
+#[test]
 fn a_wrong_password_is_fatal_names_the_bmc_and_never_the_password() {
     let bundle = bundle();
     let bmc = Bmc::start(&[(SRV1, "On")]);
@@ -258,6 +286,8 @@ fn a_wrong_password_is_fatal_names_the_bmc_and_never_the_password() {
     let error = report.error.clone().unwrap();
     assert!(error.contains(&bmc.url) && error.contains("401"), "{error}");
     assert!(error.contains("bmc_credentials"), "{error}");
+    // The BMC's own Redfish error message is carried along.
+    assert!(error.contains("Incorrect username or password"), "{error}");
     let text = format!("{report:?}");
     assert!(!text.contains(wrong), "the password leaked: {text}");
     assert!(
