@@ -24,6 +24,7 @@ mod node_ops;
 mod nodes;
 mod openapi;
 mod placement;
+mod power;
 mod readme;
 mod recovery;
 mod reload;
