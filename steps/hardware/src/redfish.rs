@@ -122,36 +122,61 @@ pub(crate) fn power(cx: &Context<'_>, input: StepInput<Settings>) -> Result<Outp
     if let Some(task) = task {
         client.follow_task(cx, &task, deadline)?;
     }
-    // Read PowerState until it is the expected one, backing off to 5 s.
-    let mut delay = Duration::from_millis(500);
-    let mut last = String::from("(not read yet)");
-    loop {
-        match client.get(&system.path, "reading the power state") {
-            Ok(body) => {
-                last = power_state(&body);
-                if last == expected {
-                    let waited = started.elapsed().as_millis() as u64;
-                    return done(
-                        last,
-                        Some(reset_type.to_owned()),
-                        format!(
-                            "{} is {expected} after ResetType {reset_type} ({} ms)",
-                            system.id, waited
-                        ),
-                        waited,
-                    );
-                }
-            }
-            // The BMC may be busy resetting: note it and read again.
-            Err(e) => cx.log(format_args!("{}", e.message())),
-        }
-        if Instant::now() + delay > deadline {
+    let read = || {
+        client
+            .get(&system.path, "reading the power state")
+            .map(|body| power_state(&body))
+    };
+    let last = match wait_for_state(cx, read, expected, deadline)? {
+        Waited::Reached(state) => state,
+        Waited::StillAt(last) => {
             return Err(StepError::fatal(format!(
                 "{} at {} accepted ResetType {reset_type} but its PowerState is still {last} after {} ms, not {expected}",
                 system.id,
                 client.base,
                 started.elapsed().as_millis()
             )));
+        }
+    };
+    let waited = started.elapsed().as_millis() as u64;
+    done(
+        last,
+        Some(reset_type.to_owned()),
+        format!(
+            "{} is {expected} after ResetType {reset_type} ({waited} ms)",
+            system.id
+        ),
+        waited,
+    )
+}
+
+#[derive(Debug, PartialEq)]
+enum Waited {
+    Reached(String),
+    /// The deadline came; the last state seen.
+    StillAt(String),
+}
+
+/// Reads the power state until it is `expected` or the deadline comes,
+/// backing off from 0.5 s to 5 s; `Err` only when the step is cancelled. A
+/// read that fails is logged and tried again: a BMC may be busy while it
+/// resets.
+fn wait_for_state(
+    cx: &Context<'_>,
+    mut read: impl FnMut() -> Result<String, StepError>,
+    expected: &str,
+    deadline: Instant,
+) -> Result<Waited, StepError> {
+    let mut delay = Duration::from_millis(500);
+    let mut last = String::from("(not read yet)");
+    loop {
+        match read() {
+            Ok(state) if state == expected => return Ok(Waited::Reached(state)),
+            Ok(state) => last = state,
+            Err(e) => cx.log(format_args!("{}", e.message())),
+        }
+        if Instant::now() + delay > deadline {
+            return Ok(Waited::StillAt(last));
         }
         cx.sleep(delay)?;
         delay = (delay * 2).min(Duration::from_secs(5));
@@ -541,6 +566,43 @@ mod tests {
             "A general error has occurred.; The parameter ResetType for the action ComputerSystem.Reset is not supported on the target resource."
         );
         assert_eq!(redfish_message("<html>"), "");
+    }
+
+    #[test]
+    fn a_state_that_never_changes_fails_at_the_deadline_with_the_last_one_seen() {
+        let cx = Context::detached();
+        let reads = std::cell::Cell::new(0);
+        let read = || {
+            reads.set(reads.get() + 1);
+            Ok("On".to_owned())
+        };
+        let started = Instant::now();
+        let deadline = started + Duration::from_millis(1200);
+        assert_eq!(
+            wait_for_state(&cx, read, "Off", deadline).unwrap(),
+            Waited::StillAt("On".to_owned())
+        );
+        // Read at 0, 0.5 s and 1.5 s would pass the deadline: two reads, then it gives up.
+        assert_eq!(reads.get(), 2);
+        assert!(started.elapsed() < Duration::from_millis(1200));
+    }
+
+    #[test]
+    fn a_failing_read_is_tried_again_until_the_state_comes() {
+        let cx = Context::detached();
+        let mut reads = 0;
+        let read = || {
+            reads += 1;
+            match reads {
+                1 => Err(StepError::retryable("busy")),
+                2 => Ok("Off".to_owned()),
+                _ => Ok("On".to_owned()),
+            }
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let got = wait_for_state(&cx, read, "On", deadline).unwrap();
+        assert_eq!(got, Waited::Reached("On".to_owned()));
+        assert_eq!(reads, 3);
     }
 
     #[test]
