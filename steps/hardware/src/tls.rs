@@ -72,8 +72,11 @@ pub(crate) fn agent(trust: &Trust, timeout: Duration) -> ureq::Agent {
         .http_status_as_error(false)
         .timeout_global(Some(timeout))
         .tls_config(tls.build())
-        // A BMC is reached directly, never through a proxy from the environment.
+        // A BMC is reached directly, never through a proxy from the
+        // environment, and a redirect is not followed (the credentials
+        // would go with it).
         .proxy(None)
+        .max_redirects(0)
         .build();
     match trust {
         Trust::Pinned(pin) => {
