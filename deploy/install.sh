@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs troupe from this source tree: the binary in PREFIX/bin, the
-# step libraries it ships (the built-in bundle's, and the benchmark's) in
+# step libraries it ships (the built-in bundle's, the hardware bundle's and the benchmark's) in
 # PREFIX/lib/troupe, where the binary looks for them, its man pages in
 # PREFIX/share/man/man1 and its bash, zsh and fish completions under
 # PREFIX/share.
@@ -11,10 +11,11 @@
 set -euo pipefail
 prefix=${1:-/usr/local}
 cd "$(dirname "$0")/.."
-cargo build --release --locked -p troupe -p builtin -p testkit
+cargo build --release --locked -p troupe -p builtin -p hardware -p testkit
 install -d "$prefix/bin" "$prefix/lib/troupe"
 install -m 0755 target/release/troupe "$prefix/bin/troupe"
-install -m 0644 target/release/libbuiltin.so target/release/libtestkit.so "$prefix/lib/troupe/"
+install -m 0644 target/release/libbuiltin.so target/release/libhardware.so \
+  target/release/libtestkit.so "$prefix/lib/troupe/"
 man=$(mktemp -d)
 trap 'rm -rf "$man"' EXIT
 "$prefix/bin/troupe" man --out "$man" 2>/dev/null

@@ -28,6 +28,7 @@ mod node_ops;
 mod nodes;
 mod openapi;
 mod placement;
+mod power;
 mod profiles;
 mod readme;
 mod recovery;

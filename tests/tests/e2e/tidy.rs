@@ -22,6 +22,7 @@ const OURS: &[&str] = &[
     "node",
     "node-protocol",
     "builtin",
+    "hardware",
     "testkit",
     "troupe",
 ];
@@ -54,6 +55,7 @@ fn dependencies_point_one_way() {
     );
     assert_eq!(ours("steps/builtin"), ["troupe-sdk"]);
     assert_eq!(ours("steps/testkit"), ["troupe-sdk"]);
+    assert_eq!(ours("steps/hardware"), ["troupe-sdk"]);
     let engine = deps("engine");
     assert!(
         !engine
