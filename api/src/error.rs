@@ -63,6 +63,11 @@ pub const CODES: &[(&str, u16, &str)] = &[
         "a submit token limited to other kinds",
     ),
     (
+        "bundle_pin_needs_admin",
+        403,
+        "pinning a bundle version other than the active one (a rollback) needs the admin scope",
+    ),
+    (
         "signature_untrusted_key",
         403,
         "signed by a key the server does not trust",
@@ -241,6 +246,7 @@ impl From<engine::Error> for ApiError {
             E::IdempotencyConflict(_) => (StatusCode::CONFLICT, "idempotency_conflict"),
             E::NotCancellable { .. } => (StatusCode::CONFLICT, "not_cancellable"),
             E::BundleNotLoaded(_) => (StatusCode::NOT_FOUND, "bundle_not_found"),
+            E::PinNeedsAdmin { .. } => (StatusCode::FORBIDDEN, "bundle_pin_needs_admin"),
             E::Bundle(invalid) => (StatusCode::UNPROCESSABLE_ENTITY, invalid.code()),
             E::Signature(e) => match e {
                 engine::signing::Error::UntrustedKey(_) | engine::signing::Error::RevokedKey(_) => {

@@ -184,6 +184,7 @@ impl EngineProbe {
             params: Default::default(),
             idempotency_key: None,
             bundle: None,
+            pin_inactive: false,
             submitted_by: None,
         };
         let Ok(submitted) = self.engine.submit(new).await else {

@@ -946,7 +946,7 @@ impl Engine {
         let bundle = self
             .inner
             .agency
-            .resolve(new.kind.clone(), new.bundle.clone())
+            .resolve(new.kind.clone(), new.bundle.clone(), new.pin_inactive)
             .await?;
         let kind = &bundle.manifest.kinds[&new.kind];
         let mut new = new;

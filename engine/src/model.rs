@@ -161,6 +161,9 @@ pub struct NewAction {
     pub idempotency_key: Option<String>,
     /// Pin to this bundle hash instead of the kind's active bundle.
     pub bundle: Option<String>,
+    /// Whether `bundle` may name a version other than the active one of
+    /// its name: a rollback, which only an admin may ask for.
+    pub pin_inactive: bool,
     /// The name of the API token submitting it.
     pub submitted_by: Option<String>,
 }
