@@ -12,7 +12,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use engine::Engine;
 use engine::access::Scope;
-use engine::model::{ActionFilter, ActionId, ActionStatus, NewAction};
+use engine::model::{ActionFilter, ActionId, ActionStatus, MayPin, NewAction};
 
 use crate::auth::{Caller, MaybeCaller, Operate, Read, Submit};
 use crate::wire::{
@@ -102,16 +102,24 @@ pub(crate) async fn submit(
             ),
         ));
     }
+    // Pinning another version than the active one is a rollback: admins only.
+    let may_pin = if caller.principal.allows(Scope::Admin) {
+        MayPin::Any
+    } else {
+        MayPin::Active
+    };
     let submitted = engine
-        .submit(NewAction {
-            kind: req.kind,
-            target: req.target,
-            params: req.params,
-            idempotency_key: req.idempotency_key,
-            bundle: req.bundle,
-            pin_inactive: caller.principal.allows(Scope::Admin),
-            submitted_by: Some(caller.principal.name),
-        })
+        .submit(
+            NewAction {
+                kind: req.kind,
+                target: req.target,
+                params: req.params,
+                idempotency_key: req.idempotency_key,
+                bundle: req.bundle,
+                submitted_by: Some(caller.principal.name),
+            },
+            may_pin,
+        )
         .await?;
     let location = format!("/v1/actions/{}", submitted.action.id);
     let mut action = submitted.action;

@@ -184,10 +184,9 @@ impl EngineProbe {
             params: Default::default(),
             idempotency_key: None,
             bundle: None,
-            pin_inactive: false,
             submitted_by: None,
         };
-        let Ok(submitted) = self.engine.submit(new).await else {
+        let Ok(submitted) = self.engine.submit(new, engine::model::MayPin::Active).await else {
             return false;
         };
         let id = submitted.action.id;

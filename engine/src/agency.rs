@@ -59,7 +59,7 @@ enum Msg {
     Resolve {
         kind: String,
         bundle: Option<String>,
-        pin_inactive: bool,
+        may_pin: crate::model::MayPin,
         reply: oneshot::Sender<Result<Arc<LoadedBundle>>>,
     },
     Bundle {
@@ -147,12 +147,12 @@ impl AgencyHandle {
         &self,
         kind: String,
         bundle: Option<String>,
-        pin_inactive: bool,
+        may_pin: crate::model::MayPin,
     ) -> Result<Arc<LoadedBundle>> {
         self.ask(|reply| Msg::Resolve {
             kind,
             bundle,
-            pin_inactive,
+            may_pin,
             reply,
         })
         .await?
@@ -239,10 +239,10 @@ impl Agency {
                 Msg::Resolve {
                     kind,
                     bundle,
-                    pin_inactive,
+                    may_pin,
                     reply,
                 } => {
-                    let _ = reply.send(self.resolve(kind, bundle, pin_inactive));
+                    let _ = reply.send(self.resolve(kind, bundle, may_pin));
                 }
                 Msg::Bundle { hash, reply } => {
                     let found = hash
@@ -378,19 +378,19 @@ impl Agency {
 
     /// The bundle an action of `kind` runs on: the active one that provides
     /// it, or the `pinned` one; a version other than the active one of its
-    /// name (a rollback) only with `pin_inactive`.
+    /// name (a rollback) only if `may_pin` allows any.
     fn resolve(
         &self,
         kind: String,
         pinned: Option<String>,
-        pin_inactive: bool,
+        may_pin: crate::model::MayPin,
     ) -> Result<Arc<LoadedBundle>> {
         if let Some(hash) = pinned {
             let parsed = hash
                 .parse::<BundleHash>()
                 .map_err(|_| Error::BundleNotLoaded(hash.clone()))?;
             let bundle = self.usable(parsed)?;
-            if !pin_inactive && !self.is_active(parsed) {
+            if may_pin == crate::model::MayPin::Active && !self.is_active(parsed) {
                 return Err(Error::PinNeedsAdmin {
                     name: bundle.manifest.name.clone(),
                     pinned: self.label(parsed),

@@ -79,6 +79,11 @@ pub enum Error {
     SecretNotFound(String),
     #[error("no API token with id {0}")]
     TokenNotFound(String),
+    #[error(
+        "token {0} is the last active admin token: revoking it would leave no one able to administer \
+         this server; create another admin token first (troupe tokens create --name NAME --scope admin), then revoke this one"
+    )]
+    LastAdminToken(String),
     #[error("no node named {0:?} has joined or asked to")]
     NodeNotFound(String),
     /// The database refused a write for its content (a constraint, a value

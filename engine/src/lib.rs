@@ -43,7 +43,9 @@ use access::{Principal, Refused, Scope, TokenInfo, TokenSpec, Tokens};
 use agency::AgencyHandle;
 use authority::AuthorityHandle;
 use control::{CancelOutcome, ControlHandle, SubmitOrder};
-use model::{Action, ActionFilter, ActionId, ActionStatus, NewAction, NodeStatus, Submitted};
+use model::{
+    Action, ActionFilter, ActionId, ActionStatus, MayPin, NewAction, NodeStatus, Submitted,
+};
 use runner::Shared;
 use store::{AuditEntry, Outcome, Store, TokenRow, Write};
 
@@ -712,31 +714,46 @@ impl Engine {
     }
 
     /// Revokes an API token: refused from the next request on, on this
-    /// server at once and on others within [`access::REFRESH`].
+    /// server at once and on others within [`access::REFRESH`]. The last
+    /// active admin token is not revoked ([`Error::LastAdminToken`]): the
+    /// database decides, so two revokes racing cannot leave none. Revoking
+    /// a revoked token changes nothing.
     pub async fn revoke_token(&self, id: &str, by: &str) -> Result<TokenInfo> {
-        let Some(mut row) = self
-            .inner
-            .store
-            .tokens()
-            .await?
-            .into_iter()
-            .find(|t| t.id == id)
-        else {
-            return Err(Error::TokenNotFound(id.to_owned()));
+        let find = async || -> Result<TokenRow> {
+            self.inner
+                .store
+                .tokens()
+                .await?
+                .into_iter()
+                .find(|t| t.id == id)
+                .ok_or_else(|| Error::TokenNotFound(id.to_owned()))
         };
+        let mut row = find().await?;
+        if row.revoked_at.is_some() {
+            return Ok(TokenInfo::from_row(&row));
+        }
         let at = model::now();
         let audit = AuditEntry::new(by, "token.revoked", id, json!({ "name": row.name }));
-        self.inner
+        let outcome = self
+            .inner
             .store
-            .write(vec![
-                Write::RevokeToken {
-                    id: id.to_owned(),
-                    at,
-                },
-                Write::Audit(Box::new(audit)),
-            ])
+            .write(vec![Write::RevokeToken {
+                id: id.to_owned(),
+                at,
+                audit: Box::new(audit),
+            }])
             .await?;
-        row.revoked_at.get_or_insert(at);
+        if outcome.first().is_none_or(|o| o.rows() == 0) {
+            // Revoked meanwhile by another request, or the last admin token.
+            let now = find().await?;
+            if now.revoked_at.is_some() {
+                self.inner.tokens.put(now.clone());
+                return Ok(TokenInfo::from_row(&now));
+            }
+            tracing::warn!(token_id = %id, name = %row.name, by, "refused to revoke the last active admin token");
+            return Err(Error::LastAdminToken(id.to_owned()));
+        }
+        row.revoked_at = Some(at);
         self.inner.tokens.put(row.clone());
         tracing::warn!(token_id = %id, name = %row.name, by, "API token revoked");
         Ok(TokenInfo::from_row(&row))
@@ -919,7 +936,8 @@ impl Engine {
     }
 
     /// Validates a request, records the action durably and hands it to Control.
-    pub async fn submit(&self, new: NewAction) -> Result<Submitted> {
+    /// A pinned version must be one `may_pin` allows.
+    pub async fn submit(&self, new: NewAction, may_pin: MayPin) -> Result<Submitted> {
         if self.inner.shared.stopping.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
@@ -946,7 +964,7 @@ impl Engine {
         let bundle = self
             .inner
             .agency
-            .resolve(new.kind.clone(), new.bundle.clone(), new.pin_inactive)
+            .resolve(new.kind.clone(), new.bundle.clone(), may_pin)
             .await?;
         let kind = &bundle.manifest.kinds[&new.kind];
         let mut new = new;

@@ -161,11 +161,17 @@ pub struct NewAction {
     pub idempotency_key: Option<String>,
     /// Pin to this bundle hash instead of the kind's active bundle.
     pub bundle: Option<String>,
-    /// Whether `bundle` may name a version other than the active one of
-    /// its name: a rollback, which only an admin may ask for.
-    pub pin_inactive: bool,
     /// The name of the API token submitting it.
     pub submitted_by: Option<String>,
+}
+
+/// Which versions a submit may pin ([`NewAction::bundle`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MayPin {
+    /// Only the active version of its bundle's name: any token that may submit.
+    Active,
+    /// Any version the server holds: a rollback, which only an admin may ask for.
+    Any,
 }
 
 /// What `submit` did with a request.

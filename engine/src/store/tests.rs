@@ -37,7 +37,6 @@ fn insert(target: &str, key: Option<&str>, start: bool) -> Write {
             params: Map::new(),
             idempotency_key: key.map(str::to_owned),
             bundle: None,
-            pin_inactive: false,
             submitted_by: Some("panel".into()),
         },
         bundle: "b".repeat(64),

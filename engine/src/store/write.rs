@@ -143,9 +143,15 @@ pub(crate) enum Write {
     CreateToken(Box<TokenRow>),
     /// Stores a node's row, replacing one of the same name.
     PutNode(Box<NodeRow>),
+    /// Revokes a token and records `audit`, unless it is already revoked
+    /// or is the last active admin token (then `Done { rows: 0 }` and
+    /// nothing is written). The active admin tokens are read locked, so two
+    /// revokes of the last two cannot both pass, however their commits
+    /// interleave.
     RevokeToken {
         id: String,
         at: Timestamp,
+        audit: Box<AuditEntry>,
     },
     /// Records an administrative change in `audit_log`.
     Audit(Box<AuditEntry>),
@@ -392,7 +398,7 @@ pub(crate) enum Outcome {
 }
 
 impl Outcome {
-    pub(super) fn rows(&self) -> u64 {
+    pub(crate) fn rows(&self) -> u64 {
         match self {
             Outcome::Done { rows } => *rows,
             Outcome::Inserted(_) => 1,

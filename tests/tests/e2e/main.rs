@@ -6,6 +6,7 @@ mod harness;
 
 mod access;
 mod actions;
+mod admin_tokens;
 mod authors;
 mod bad_input;
 mod bench;
