@@ -472,11 +472,77 @@ async fn only_an_admin_pins_a_version_that_is_not_active(db: Db) {
     assert_eq!(done["bundle"], drained.as_str());
 }
 
+/// Every answer, whoever asks and whatever it says, tells browsers not to
+/// guess its type and caches not to keep it.
+async fn every_answer_says_nosniff_and_no_store(db: Db) {
+    let env = Env::new(db).await;
+    let server = env.serve();
+    let http = crate::harness::http_client();
+    let mut checked = Vec::new();
+    let mut requests: Vec<(Method, String, Option<Value>)> = routes()
+        .into_iter()
+        .map(|(method, path, _, body)| (method, path.to_owned(), body))
+        .collect();
+    requests.extend([
+        (Method::GET, "/v1/health".to_owned(), None),
+        (Method::GET, "/openapi.json".to_owned(), None),
+        (Method::GET, "/no/such/route".to_owned(), None),
+        (Method::GET, "/v1/nodes/connect".to_owned(), None),
+        (Method::PATCH, "/v1/actions".to_owned(), None),
+        (
+            Method::POST,
+            "/v1/tokens".to_owned(),
+            Some(json!({ "name": "fresh", "scopes": ["read"] })),
+        ),
+    ]);
+    for (method, path, body) in requests {
+        for token in [None, Some(server.token.as_str())] {
+            let mut req = http.request(method.clone(), format!("{}{path}", server.url));
+            if let Some(token) = token {
+                req = req.bearer_auth(token);
+            }
+            if let Some(body) = &body {
+                req = req
+                    .header("content-type", "application/json")
+                    .body(body.to_string());
+            }
+            let resp = req.send().await.unwrap();
+            let what = format!(
+                "{method} {path} (credential: {}) → {}",
+                token.is_some(),
+                resp.status()
+            );
+            let headers = resp.headers();
+            assert_eq!(
+                headers
+                    .get("x-content-type-options")
+                    .map(|v| v.to_str().unwrap()),
+                Some("nosniff"),
+                "{what}"
+            );
+            assert_eq!(
+                headers.get("cache-control").map(|v| v.to_str().unwrap()),
+                Some("no-store"),
+                "{what}"
+            );
+            checked.push(what);
+        }
+    }
+    // The answer that carries a new token is among them.
+    assert!(
+        checked
+            .iter()
+            .any(|w| w.starts_with("POST /v1/tokens (credential: true) → 201")),
+        "{checked:#?}"
+    );
+}
+
 both_dbs!(
     every_endpoint_needs_its_scope,
     revoked_and_expired_tokens_are_refused_at_once,
     who_did_what_is_recorded,
     only_an_admin_pins_a_version_that_is_not_active,
+    every_answer_says_nosniff_and_no_store,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
