@@ -18,6 +18,7 @@ mod cli_snapshots;
 mod dbrestart;
 mod drain;
 mod faults;
+mod files;
 mod goons;
 mod lease;
 mod logs;
