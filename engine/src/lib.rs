@@ -595,6 +595,29 @@ impl Engine {
     /// Creates an API token; returns it as listed and its text, which is
     /// shown this once and stored only as a hash.
     pub async fn create_token(&self, spec: TokenSpec, by: &str) -> Result<(TokenInfo, String)> {
+        let (row, text) = Engine::store_token(&self.inner.store, spec, by).await?;
+        self.inner.tokens.put(row.clone());
+        tracing::info!(token_id = %row.id, name = %row.name, scopes = %row.scopes, by, "API token created");
+        Ok((TokenInfo::from_row(&row), text))
+    }
+
+    /// Creates an API token straight in the database at `database_url`,
+    /// with no engine running: on a server's host, the way back in when
+    /// every admin token is lost. Audited like any other; running servers
+    /// take it within [`access::REFRESH`]. The database must exist already.
+    pub async fn create_token_in(
+        database_url: &str,
+        spec: TokenSpec,
+        by: &str,
+    ) -> Result<(TokenInfo, String)> {
+        let store = Store::connect(database_url).await?;
+        let (row, text) = Engine::store_token(&store, spec, by).await?;
+        Ok((TokenInfo::from_row(&row), text))
+    }
+
+    /// Checks a new token, stores it with its audit entry, and returns its
+    /// row and its text.
+    async fn store_token(store: &Store, spec: TokenSpec, by: &str) -> Result<(TokenRow, String)> {
         let name = spec.name.trim();
         if name.is_empty()
             || name.len() > 64
@@ -629,14 +652,7 @@ impl Engine {
                 "the expiry is in the past; give a time in the future".into(),
             ));
         }
-        if self
-            .inner
-            .store
-            .tokens()
-            .await?
-            .iter()
-            .any(|t| t.name == name)
-        {
+        if store.tokens().await?.iter().any(|t| t.name == name) {
             return Err(Error::TokenNameTaken(name.to_owned()));
         }
         let (id, text) =
@@ -658,16 +674,13 @@ impl Engine {
             &id,
             json!({ "name": row.name, "scopes": row.scopes, "kinds": row.kinds, "expires_at": row.expires_at }),
         );
-        self.inner
-            .store
+        store
             .write(vec![
                 Write::CreateToken(Box::new(row.clone())),
                 Write::Audit(Box::new(audit)),
             ])
             .await?;
-        self.inner.tokens.put(row.clone());
-        tracing::info!(token_id = %id, name = %row.name, scopes = %row.scopes, by, "API token created");
-        Ok((TokenInfo::from_row(&row), text))
+        Ok((row, text))
     }
 
     /// Stores a token whose text the operator chose (the old single

@@ -19,7 +19,11 @@ pub(crate) enum TokensCommand {
         #[arg(long)]
         name: String,
         /// read, submit, operate or admin; repeat for more. Every scope includes read; admin includes all.
-        #[arg(long = "scope", required = true, value_name = "SCOPE")]
+        #[arg(
+            long = "scope",
+            required_unless_present = "admin",
+            value_name = "SCOPE"
+        )]
         scopes: Vec<String>,
         /// Limit a submit token to these kinds (comma-separated).
         #[arg(long, value_delimiter = ',')]
@@ -30,6 +34,18 @@ pub(crate) enum TokensCommand {
         /// Print the API's JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// On the server's host, with no API token: create an admin token directly in the database (when every admin token is lost). Audited as host:<unix user>; run it as the server's user. Needs --data-dir or --db.
+        #[arg(long, conflicts_with_all = ["scopes", "kinds"], requires = "host_db")]
+        admin: bool,
+        /// With --admin: the server's data directory (its SQLite database).
+        #[arg(long, group = "host_db", requires = "admin")]
+        data_dir: Option<std::path::PathBuf>,
+        /// With --admin: the server's database URL.
+        #[arg(long, group = "host_db", requires = "admin")]
+        db: Option<String>,
+        /// With --admin: write the token to this file (mode 0600; an existing file is never overwritten) instead of printing it.
+        #[arg(long, requires = "admin")]
+        out: Option<std::path::PathBuf>,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -193,8 +209,23 @@ pub(crate) async fn run(cmd: TokensCommand) -> Result<ExitCode> {
             kinds,
             expires_in,
             json,
+            admin,
+            data_dir,
+            db,
+            out,
             server,
         } => {
+            if admin {
+                let at = crate::host_token::HostDb { data_dir, db };
+                return crate::host_token::create_admin(
+                    &name,
+                    expires_in,
+                    at,
+                    out.as_deref(),
+                    json,
+                )
+                .await;
+            }
             create_token(&server, &name, &wanted, &kinds, expires_in, json).await?;
         }
         TokensCommand::List { json, server } => {

@@ -13,6 +13,7 @@ mod client;
 mod demo;
 mod fleet;
 mod goons_cmd;
+mod host_token;
 mod node_cmd;
 mod scaffold;
 mod serve;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::harness::{Db, Env, Server, both_dbs};
+use crate::harness::{Db, Env, Server, both_dbs, troupe_bin};
 
 async fn revoke(server: &Server, as_token: &str, id: &str) -> (StatusCode, Value) {
     server
@@ -194,7 +194,132 @@ async fn racing_revokes_leave_one_admin_token(db: Db) {
     }
 }
 
+/// Runs `troupe tokens create --admin` on the host, with no API token.
+fn host_create(env: &Env, db: Db, extra: &[&str]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(troupe_bin());
+    cmd.args(["tokens", "create", "--admin"]).args(extra);
+    match db {
+        Db::Sqlite => cmd.args(["--data-dir", env.dir.to_str().unwrap()]),
+        Db::MySql => cmd.args(["--db", &env.db_url]),
+    };
+    cmd.env_remove("TROUPE_TOKEN")
+        .env_remove("TROUPE_TOKEN_FILE")
+        .env_remove("TROUPE_DATA")
+        .env_remove("TROUPE_DB")
+        .env("TROUPE_SERVER", "http://127.0.0.1:9")
+        .output()
+        .unwrap()
+}
+
+async fn a_lost_admin_token_is_made_again_on_the_host(db: Db) {
+    use std::os::unix::fs::PermissionsExt;
+
+    let env = Env::new(db).await;
+    let server = env.serve();
+    // Every admin token is lost: the first one's file is gone, and the only
+    // other one was never written down.
+    let (_, lost) = admin_token(&server, &server.token, "lost", None).await;
+    let (status, body) = revoke(&server, &lost, &id_of(&server.token)).await;
+    assert_eq!(status, 200, "{body}");
+    std::fs::remove_file(&server.token_file).unwrap();
+    drop(lost);
+
+    let out_file = env.dir.join("rescue.token");
+    let out = host_create(
+        &env,
+        db,
+        &["--name", "rescue", "--out", out_file.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(out_file.to_str().unwrap()), "{stderr}");
+    assert!(
+        out.stdout.is_empty(),
+        "with --out the token is not printed: {out:?}"
+    );
+    assert_eq!(
+        std::fs::metadata(&out_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let token = std::fs::read_to_string(&out_file)
+        .unwrap()
+        .trim()
+        .to_owned();
+    assert!(token.starts_with("troupe_"), "{token}");
+
+    // The running server takes it within its token refresh.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = server
+            .request_as(Some(&token), Method::GET, "/v1/tokens", None)
+            .await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 401, "{body}");
+        assert!(
+            Instant::now() < deadline,
+            "the server never took the new token"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Recorded, with who on the host made it.
+    let (_, audit) = server
+        .request_as(Some(&token), Method::GET, "/v1/audit", None)
+        .await;
+    let entry = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["event"] == "token.created" && e["subject"] == id_of(&token).as_str())
+        .unwrap_or_else(|| panic!("no audit entry for the new token: {audit}"))
+        .clone();
+    let actor = entry["actor"].as_str().unwrap();
+    assert!(actor.starts_with("host:") && actor.len() > 5, "{entry}");
+
+    // An existing file is never overwritten, and nothing is created then.
+    let count = |v: &Value| v["tokens"].as_array().unwrap().len();
+    let (_, before) = server
+        .request_as(Some(&token), Method::GET, "/v1/tokens", None)
+        .await;
+    let again = host_create(
+        &env,
+        db,
+        &["--name", "rescue-2", "--out", out_file.to_str().unwrap()],
+    );
+    assert!(!again.status.success(), "{again:?}");
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(err.contains("exists"), "{err}");
+    assert_eq!(std::fs::read_to_string(&out_file).unwrap().trim(), token);
+    let (_, after) = server
+        .request_as(Some(&token), Method::GET, "/v1/tokens", None)
+        .await;
+    assert_eq!(count(&before), count(&after), "{after}");
+
+    // Without --out it prints the token.
+    let printed = host_create(&env, db, &["--name", "rescue-3"]);
+    assert!(printed.status.success(), "{printed:?}");
+    let text = String::from_utf8(printed.stdout).unwrap();
+    assert!(text.trim().starts_with("troupe_"), "{text}");
+
+    // Pointed at the wrong place, it says so and creates no database.
+    let nowhere = env.dir.join("not-a-data-dir");
+    std::fs::create_dir(&nowhere).unwrap();
+    let wrong = std::process::Command::new(troupe_bin())
+        .args(["tokens", "create", "--admin", "--name", "x", "--data-dir"])
+        .arg(&nowhere)
+        .env_remove("TROUPE_DB")
+        .output()
+        .unwrap();
+    assert!(!wrong.status.success(), "{wrong:?}");
+    let err = String::from_utf8_lossy(&wrong.stderr);
+    assert!(err.contains("no troupe database"), "{err}");
+    assert_eq!(std::fs::read_dir(&nowhere).unwrap().count(), 0);
+}
+
 both_dbs!(
     the_last_admin_token_cannot_be_revoked,
     racing_revokes_leave_one_admin_token,
+    a_lost_admin_token_is_made_again_on_the_host,
 );
