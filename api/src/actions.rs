@@ -11,7 +11,8 @@ use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use engine::Engine;
-use engine::model::{ActionFilter, ActionId, ActionStatus, NewAction};
+use engine::access::Scope;
+use engine::model::{ActionFilter, ActionId, ActionStatus, MayPin, NewAction};
 
 use crate::auth::{Caller, MaybeCaller, Operate, Read, Submit};
 use crate::wire::{
@@ -34,7 +35,7 @@ use crate::{ApiError, MAX_BODY, MAX_WAIT};
         (status = 202, description = "stored (and started if its target was idle)", body = ActionView),
         (status = 200, description = "an idempotent replay: the action an earlier request made", body = ActionView),
         (status = 400, description = "malformed_json, invalid_request, missing_target, unknown_kind, missing_param, invalid_param, invalid_query", body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 403, description = "missing_scope_submit, kind_not_allowed", body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, description = "missing_scope_submit, kind_not_allowed, bundle_pin_needs_admin", body = ErrorBody),
         (status = 409, description = "idempotency_conflict, kind_not_configured", body = ErrorBody),
         (status = 413, body = ErrorBody), (status = 503, body = ErrorBody),
     )
@@ -101,15 +102,24 @@ pub(crate) async fn submit(
             ),
         ));
     }
+    // Pinning another version than the active one is a rollback: admins only.
+    let may_pin = if caller.principal.allows(Scope::Admin) {
+        MayPin::Any
+    } else {
+        MayPin::Active
+    };
     let submitted = engine
-        .submit(NewAction {
-            kind: req.kind,
-            target: req.target,
-            params: req.params,
-            idempotency_key: req.idempotency_key,
-            bundle: req.bundle,
-            submitted_by: Some(caller.principal.name),
-        })
+        .submit(
+            NewAction {
+                kind: req.kind,
+                target: req.target,
+                params: req.params,
+                idempotency_key: req.idempotency_key,
+                bundle: req.bundle,
+                submitted_by: Some(caller.principal.name),
+            },
+            may_pin,
+        )
         .await?;
     let location = format!("/v1/actions/{}", submitted.action.id);
     let mut action = submitted.action;

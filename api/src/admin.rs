@@ -91,14 +91,15 @@ pub(crate) async fn list(
     Ok(Json(TokenList { tokens }))
 }
 
-/// Revoke a token: refused from its next request.
+/// Revoke a token: refused from its next request. The last active admin
+/// token cannot be revoked (409 `last_admin_token`): create another first.
 #[utoipa::path(
     post, path = "/v1/tokens/{id}/revoke", tag = "admin",
     params(("id" = String, Path, description = "the token's id")),
     security(("bearer" = ["admin"])),
     responses(
         (status = 200, body = TokenView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 404, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, description = "last_admin_token", body = ErrorBody),
     )
 )]
 pub(crate) async fn revoke(

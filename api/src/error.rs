@@ -63,6 +63,11 @@ pub const CODES: &[(&str, u16, &str)] = &[
         "a submit token limited to other kinds",
     ),
     (
+        "bundle_pin_needs_admin",
+        403,
+        "pinning a bundle version other than the active one (a rollback) needs the admin scope",
+    ),
+    (
         "signature_untrusted_key",
         403,
         "signed by a key the server does not trust",
@@ -130,6 +135,11 @@ pub const CODES: &[(&str, u16, &str)] = &[
     ("bundle_revoked", 409, "the bundle's signer was revoked"),
     ("key_revoked", 409, "re-trusting a revoked key"),
     ("token_name_taken", 409, "a token with that name exists"),
+    (
+        "last_admin_token",
+        409,
+        "revoking the last active admin token; create another admin token first",
+    ),
     ("body_too_large", 413, "request body over 1 MiB"),
     ("bundle_too_large", 413, "bundle upload over 64 MiB"),
     ("bundle_not_zip", 422, "the bundle is not a zip archive"),
@@ -271,6 +281,7 @@ impl From<engine::Error> for ApiError {
             E::IdempotencyConflict(_) => (StatusCode::CONFLICT, "idempotency_conflict"),
             E::NotCancellable { .. } => (StatusCode::CONFLICT, "not_cancellable"),
             E::BundleNotLoaded(_) => (StatusCode::NOT_FOUND, "bundle_not_found"),
+            E::PinNeedsAdmin { .. } => (StatusCode::FORBIDDEN, "bundle_pin_needs_admin"),
             E::Bundle(invalid) => (StatusCode::UNPROCESSABLE_ENTITY, invalid.code()),
             E::Signature(e) => match e {
                 engine::signing::Error::UntrustedKey(_) | engine::signing::Error::RevokedKey(_) => {
@@ -290,6 +301,7 @@ impl From<engine::Error> for ApiError {
             E::KeyRevoked(_) => (StatusCode::CONFLICT, "key_revoked"),
             E::TokenNameTaken(_) => (StatusCode::CONFLICT, "token_name_taken"),
             E::TokenNotFound(_) => (StatusCode::NOT_FOUND, "token_not_found"),
+            E::LastAdminToken(_) => (StatusCode::CONFLICT, "last_admin_token"),
             E::NodeNotFound(_) => (StatusCode::NOT_FOUND, "node_not_found"),
             E::PendingKeyNotFound { .. } => (StatusCode::NOT_FOUND, "pending_key_not_found"),
             E::NodeKeyConflict { .. } => (StatusCode::CONFLICT, "node_key_conflict"),

@@ -171,7 +171,23 @@ pub fn router(state: AppState) -> axum::Router {
             )
         })
         .layer(DefaultBodyLimit::max(READ_LIMIT))
+        .layer(axum::middleware::map_response(private_headers))
         .with_state(state)
+}
+
+/// Headers on every answer, errors and the fallback included: browsers
+/// must not guess a type other than the one sent (`nosniff`), and nothing
+/// between client and server may keep a copy (`no-store`): answers carry
+/// new tokens, params, outputs and bundle bytes, and none is worth caching.
+async fn private_headers(mut response: axum::response::Response) -> axum::response::Response {
+    use axum::http::{HeaderValue, header};
+    let headers = response.headers_mut();
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
 }
 
 /// Serves the API on `listener` (over TLS with `tls`) under `limits` until

@@ -26,7 +26,9 @@ pub struct SubmitRequest {
     /// Makes resubmitting safe: the same key and request return the first action.
     #[serde(default)]
     pub idempotency_key: Option<String>,
-    /// Pin the action to this bundle hash instead of the kind's active bundle.
+    /// Pin the action to this bundle hash instead of the kind's active
+    /// bundle. Any token that may submit may name the active version; a
+    /// version other than the active one (a rollback) needs the admin scope.
     #[serde(default)]
     pub bundle: Option<String>,
 }

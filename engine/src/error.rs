@@ -25,6 +25,16 @@ pub enum Error {
     NotCancellable { id: ActionId, status: ActionStatus },
     #[error("no bundle with hash {0} is loaded")]
     BundleNotLoaded(String),
+    #[error(
+        "bundle {pinned} is not the active version of {name} ({}); pinning another version is a rollback, \
+         which needs a token with the admin scope: leave `bundle` out to use the active version, or ask an admin",
+        match active { Some(a) => format!("that is {a}"), None => "it has none".to_owned() }
+    )]
+    PinNeedsAdmin {
+        name: String,
+        pinned: String,
+        active: Option<String>,
+    },
     #[error(transparent)]
     Bundle(#[from] crate::bundle::Invalid),
     #[error(transparent)]
@@ -69,6 +79,11 @@ pub enum Error {
     SecretNotFound(String),
     #[error("no API token with id {0}")]
     TokenNotFound(String),
+    #[error(
+        "token {0} is the last active admin token: revoking it would leave no one able to administer \
+         this server; create another admin token first (troupe tokens create --name NAME --scope admin), then revoke this one"
+    )]
+    LastAdminToken(String),
     #[error("no node named {0:?} has joined or asked to")]
     NodeNotFound(String),
     #[error(

@@ -14,6 +14,7 @@
 //! | `store.after_insert_commit` | a commit that inserted actions | reports an error although the commit went through |
 //! | `runner.before_step` | a runner, before each step | (use `panic`) |
 //! | `store.refuse_step_success` | a commit holding a step's success | the database refuses it (a permanent error) |
+//! | `store.revoke_token` | a token's revoke, after it read (and on MySQL locked) the active admin tokens | (use `sleep(MS)`: holds the transaction open) |
 //! | `store.cancel_queued` | `Engine::cancel`, ending a queued action | the write fails |
 //! | `runner.before_remote_call` | a runner, after a step placed on a node is recorded running, before the call is sent | `return(MS)`: waits MS milliseconds |
 

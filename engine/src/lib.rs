@@ -44,7 +44,9 @@ use access::{Principal, Refused, Scope, TokenInfo, TokenSpec, Tokens};
 use agency::AgencyHandle;
 use authority::AuthorityHandle;
 use control::{CancelOutcome, ControlHandle, SubmitOrder};
-use model::{Action, ActionFilter, ActionId, ActionStatus, NewAction, NodeStatus, Submitted};
+use model::{
+    Action, ActionFilter, ActionId, ActionStatus, MayPin, NewAction, NodeStatus, Submitted,
+};
 use runner::Shared;
 use store::{AuditEntry, Outcome, Store, TokenRow, Write};
 
@@ -714,6 +716,29 @@ impl Engine {
     /// Creates an API token; returns it as listed and its text, which is
     /// shown this once and stored only as a hash.
     pub async fn create_token(&self, spec: TokenSpec, by: &str) -> Result<(TokenInfo, String)> {
+        let (row, text) = Engine::store_token(&self.inner.store, spec, by).await?;
+        self.inner.tokens.put(row.clone());
+        tracing::info!(token_id = %row.id, name = %row.name, scopes = %row.scopes, by, "API token created");
+        Ok((TokenInfo::from_row(&row), text))
+    }
+
+    /// Creates an API token straight in the database at `database_url`,
+    /// with no engine running: on a server's host, the way back in when
+    /// every admin token is lost. Audited like any other; running servers
+    /// take it within [`access::REFRESH`]. The database must exist already.
+    pub async fn create_token_in(
+        database_url: &str,
+        spec: TokenSpec,
+        by: &str,
+    ) -> Result<(TokenInfo, String)> {
+        let store = Store::connect(database_url).await?;
+        let (row, text) = Engine::store_token(&store, spec, by).await?;
+        Ok((TokenInfo::from_row(&row), text))
+    }
+
+    /// Checks a new token, stores it with its audit entry, and returns its
+    /// row and its text.
+    async fn store_token(store: &Store, spec: TokenSpec, by: &str) -> Result<(TokenRow, String)> {
         let name = spec.name.trim();
         if name.is_empty()
             || name.len() > 64
@@ -765,14 +790,7 @@ impl Engine {
                 "the expiry is in the past; give a time in the future".into(),
             ));
         }
-        if self
-            .inner
-            .store
-            .tokens()
-            .await?
-            .iter()
-            .any(|t| t.name == name)
-        {
+        if store.tokens().await?.iter().any(|t| t.name == name) {
             return Err(Error::TokenNameTaken(name.to_owned()));
         }
         let (id, text) =
@@ -798,16 +816,13 @@ impl Engine {
             &id,
             json!({ "name": row.name, "scopes": row.scopes, "kinds": row.kinds, "expires_at": row.expires_at, "join": join }),
         );
-        self.inner
-            .store
+        store
             .write(vec![
                 Write::CreateToken(Box::new(row.clone())),
                 Write::Audit(Box::new(audit)),
             ])
             .await?;
-        self.inner.tokens.put(row.clone());
-        tracing::info!(token_id = %id, name = %row.name, scopes = %row.scopes, by, "API token created");
-        Ok((TokenInfo::from_row(&row), text))
+        Ok((row, text))
     }
 
     /// Stores a token whose text the operator chose (the old single
@@ -856,35 +871,47 @@ impl Engine {
     }
 
     /// Revokes an API token: refused from the next request on, on this
-    /// server at once and on others within [`access::REFRESH`].
+    /// server at once and on others within [`access::REFRESH`]. The last
+    /// active admin token is not revoked ([`Error::LastAdminToken`]): the
+    /// database decides, so two revokes racing cannot leave none. Revoking
+    /// a revoked token changes nothing.
     pub async fn revoke_token(&self, id: &str, by: &str) -> Result<TokenInfo> {
-        let Some(mut row) = self
-            .inner
-            .store
-            .tokens()
-            .await?
-            .into_iter()
-            .find(|t| t.id == id)
-        else {
-            return Err(Error::TokenNotFound(id.to_owned()));
+        let find = async || -> Result<TokenRow> {
+            self.inner
+                .store
+                .tokens()
+                .await?
+                .into_iter()
+                .find(|t| t.id == id)
+                .ok_or_else(|| Error::TokenNotFound(id.to_owned()))
         };
+        let mut row = find().await?;
         if row.revoked_at.is_some() {
             // Nothing changes: nothing to record.
             return Ok(TokenInfo::from_row(&row));
         }
         let at = model::now();
         let audit = AuditEntry::new(by, "token.revoked", id, json!({ "name": row.name }));
-        self.inner
+        let outcome = self
+            .inner
             .store
-            .write(vec![
-                Write::RevokeToken {
-                    id: id.to_owned(),
-                    at,
-                },
-                Write::Audit(Box::new(audit)),
-            ])
+            .write(vec![Write::RevokeToken {
+                id: id.to_owned(),
+                at,
+                audit: Box::new(audit),
+            }])
             .await?;
-        row.revoked_at.get_or_insert(at);
+        if outcome.first().is_none_or(|o| o.rows() == 0) {
+            // Revoked meanwhile by another request, or the last admin token.
+            let now = find().await?;
+            if now.revoked_at.is_some() {
+                self.inner.tokens.put(now.clone());
+                return Ok(TokenInfo::from_row(&now));
+            }
+            tracing::warn!(token_id = %id, name = %row.name, by, "refused to revoke the last active admin token");
+            return Err(Error::LastAdminToken(id.to_owned()));
+        }
+        row.revoked_at = Some(at);
         self.inner.tokens.put(row.clone());
         tracing::warn!(token_id = %id, name = %row.name, by, "API token revoked");
         Ok(TokenInfo::from_row(&row))
@@ -1068,7 +1095,8 @@ impl Engine {
     }
 
     /// Validates a request, records the action durably and hands it to Control.
-    pub async fn submit(&self, new: NewAction) -> Result<Submitted> {
+    /// A pinned version must be one `may_pin` allows.
+    pub async fn submit(&self, new: NewAction, may_pin: MayPin) -> Result<Submitted> {
         if self.inner.shared.stopping.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
@@ -1095,7 +1123,7 @@ impl Engine {
         let bundle = self
             .inner
             .agency
-            .resolve(new.kind.clone(), new.bundle.clone())
+            .resolve(new.kind.clone(), new.bundle.clone(), may_pin)
             .await?;
         let kind = &bundle.manifest.kinds[&new.kind];
         let mut new = new;

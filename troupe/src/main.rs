@@ -13,6 +13,7 @@ mod client;
 mod demo;
 mod fleet;
 mod goons_cmd;
+mod host_token;
 mod manual;
 mod node_cmd;
 mod profiles;

@@ -128,10 +128,22 @@ impl ServeArgs {
 }
 
 /// Creates the data directory readable by this user only (it holds the
-/// first admin token and the secrets key); an existing one is left as it is.
+/// database, the first admin token and the secrets key); an existing one
+/// open to others is tightened to 0700, saying so.
 pub(crate) fn create_private_dir(dir: &std::path::Path) -> Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     if dir.is_dir() {
+        let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).with_context(
+                || format!("making data directory {} private (0700)", dir.display()),
+            )?;
+            tracing::warn!(
+                dir = %dir.display(),
+                was = format!("{mode:o}"),
+                "tightened the data directory to 0700: it holds the database, the secrets key and the first admin token"
+            );
+        }
         return Ok(());
     }
     std::fs::DirBuilder::new()

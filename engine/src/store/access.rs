@@ -4,8 +4,20 @@
 
 use super::{AuditEntry, NodeRow, SecretRow, TokenRow, Write};
 
+/// The active admin tokens, as `RevokeToken` reads them before it writes;
+/// each backend adds what locks them until the commit.
+macro_rules! admin_tokens {
+    ($lock:literal) => {
+        concat!(
+            "SELECT id, scopes, expires_at FROM api_tokens \
+             WHERE revoked_at IS NULL AND scopes LIKE '%admin%' ORDER BY id",
+            $lock
+        )
+    };
+}
+
 macro_rules! access_backend {
-    ($module:ident, $db:ty, $pool:ty, $conn:ty) => {
+    ($module:ident, $db:ty, $pool:ty, $conn:ty, $lock:literal) => {
         pub(super) mod $module {
             use sqlx::Row;
 
@@ -44,14 +56,37 @@ macro_rules! access_backend {
                     .bind(max_uses.map(i64::from))
                     .execute(&mut *tx)
                     .await?,
-                    Write::RevokeToken { id, at } => {
-                        sqlx::query("UPDATE api_tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?")
+                    Write::RevokeToken { id, at, audit } => {
+                        // SQLite runs one write transaction at a time; on
+                        // MySQL the rows stay locked (FOR UPDATE) until the
+                        // commit, and a revoke waiting for them reads them
+                        // as the other left them.
+                        let mut admins = Vec::new();
+                        for r in sqlx::query(admin_tokens!($lock)).fetch_all(&mut *tx).await? {
+                            let scopes: String = r.try_get("scopes")?;
+                            let expires_at: Option<crate::model::Timestamp> = r.try_get("expires_at")?;
+                            if crate::access::parse_scopes(&scopes).contains(&crate::access::Scope::Admin)
+                                && expires_at.is_none_or(|e| e > *at)
+                            {
+                                admins.push(r.try_get::<String, _>("id")?);
+                            }
+                        }
+                        fail::fail_point!("store.revoke_token");
+                        if admins.len() == 1 && admins[0] == *id {
+                            return Ok(0);
+                        }
+                        let revoked = sqlx::query("UPDATE api_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
                             .bind(at)
                             .bind(id)
                             .execute(&mut *tx)
                             .await?
+                            .rows_affected();
+                        if revoked == 0 {
+                            return Ok(0);
+                        }
+                        return Ok(revoked + insert_audit(tx, audit).await?);
                     }
-                    Write::Audit(e) => insert_audit(tx, e).await?,
+                    Write::Audit(e) => return insert_audit(tx, e).await,
                     // Delete and insert: the same SQL on both databases.
                     Write::SetSecret(row) => {
                         sqlx::query("DELETE FROM secrets WHERE name = ?")
@@ -107,11 +142,8 @@ macro_rules! access_backend {
                 Ok(done.rows_affected())
             }
 
-            async fn insert_audit(
-                tx: &mut $conn,
-                e: &AuditEntry,
-            ) -> Result<<$db as sqlx::Database>::QueryResult, sqlx::Error> {
-                sqlx::query(
+            async fn insert_audit(tx: &mut $conn, e: &AuditEntry) -> Result<u64, sqlx::Error> {
+                Ok(sqlx::query(
                     "INSERT INTO audit_log (at, actor, event, subject, detail) VALUES (?, ?, ?, ?, ?)",
                 )
                 .bind(e.at)
@@ -120,7 +152,8 @@ macro_rules! access_backend {
                 .bind(&e.subject)
                 .bind(e.detail.as_ref().map(|d| d.to_string()))
                 .execute(&mut *tx)
-                .await
+                .await?
+                .rows_affected())
             }
 
             fn secret_row(r: &DbRow) -> Result<SecretRow, sqlx::Error> {
@@ -254,6 +287,13 @@ access_backend!(
     sqlite,
     sqlx::Sqlite,
     sqlx::SqlitePool,
-    sqlx::SqliteConnection
+    sqlx::SqliteConnection,
+    ""
 );
-access_backend!(mysql, sqlx::MySql, sqlx::MySqlPool, sqlx::MySqlConnection);
+access_backend!(
+    mysql,
+    sqlx::MySql,
+    sqlx::MySqlPool,
+    sqlx::MySqlConnection,
+    " FOR UPDATE"
+);

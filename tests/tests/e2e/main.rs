@@ -6,6 +6,7 @@ mod harness;
 
 mod access;
 mod actions;
+mod admin_tokens;
 mod audit;
 mod authors;
 mod bad_input;
@@ -18,6 +19,7 @@ mod cli_snapshots;
 mod dbrestart;
 mod drain;
 mod faults;
+mod files;
 mod goons;
 mod hostile;
 mod hostile_bundles;
