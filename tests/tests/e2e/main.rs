@@ -20,6 +20,7 @@ mod faults;
 mod goons;
 mod lease;
 mod logs;
+mod masking;
 mod node_ops;
 mod nodes;
 mod openapi;
