@@ -424,6 +424,7 @@ async fn steps(
                 Ok(values) => {
                     if remember(&mut delivered, &values) {
                         masker = secrets::Masker::new(&delivered);
+                        secrets::given(&values);
                     }
                     Ok(values)
                 }

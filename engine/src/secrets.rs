@@ -166,6 +166,43 @@ pub(crate) struct Masker {
     forms: Vec<String>,
 }
 
+/// Every secret value given to a step on this server (the most recent
+/// [`MAX_PRINTED`]), for what step hosts print: that goes to the server's
+/// log a line at a time, with nothing to tell which call printed it.
+static PRINTED: std::sync::RwLock<(Vec<String>, Option<Masker>)> =
+    std::sync::RwLock::new((Vec::new(), None));
+
+/// How many secret values [`mask_printed`] keeps masking.
+const MAX_PRINTED: usize = 1024;
+
+/// Adds secret values given to a step to those masked in what step hosts
+/// print.
+pub(crate) fn given(values: &BTreeMap<String, String>) {
+    let mut printed = PRINTED.write().unwrap_or_else(|e| e.into_inner());
+    let (known, masker) = &mut *printed;
+    let mut added = false;
+    for v in values.values() {
+        if !known.contains(v) {
+            known.push(v.clone());
+            added = true;
+        }
+    }
+    if added {
+        let excess = known.len().saturating_sub(MAX_PRINTED);
+        known.drain(..excess);
+        *masker = Some(Masker::new(known.iter()));
+    }
+}
+
+/// Masks every secret given to a step on this server in `line`, a line a
+/// step host printed.
+pub(crate) fn mask_printed(line: &mut String) {
+    let printed = PRINTED.read().unwrap_or_else(|e| e.into_inner());
+    if let Some(masker) = &printed.1 {
+        masker.text(line);
+    }
+}
+
 /// The shortest piece of a secret's form masked at the edge of a string.
 pub(crate) const MIN_FRAGMENT: usize = 4;
 
@@ -221,7 +258,7 @@ impl Masker {
 
     /// Masks `s` in place.
     pub(crate) fn text(&self, s: &mut String) {
-        if self.finds(s) {
+        if !self.is_empty() && self.finds(s) {
             *s = self.masked(s);
         }
     }

@@ -210,7 +210,7 @@ struct LeakSettings {
 /// object key, encoded (base64, URL-safe base64, percent-encoded, as HTTP
 /// Basic auth), and cut in half at either end of a string (what keeping the
 /// tail or head of a command's output leaves) in its output; whole in its
-/// log and its error messages, the raw secret sitting across the cut of an
+/// log, on its stdout and stderr and in its error messages, the raw secret sitting across the cut of an
 /// error that is too long to keep whole.
 fn leak(cx: &Context<'_>, input: StepInput<LeakSettings>) -> Result<Value, StepError> {
     let s = &input.settings;
@@ -224,6 +224,9 @@ fn leak(cx: &Context<'_>, input: StepInput<LeakSettings>) -> Result<Value, StepE
         "basic": format!("Basic {}", base64(format!("{}:{secret}", s.user).as_bytes(), false, true)),
     });
     cx.log(format_args!("gave away {given}"));
+    // And prints it, which ends up in the server's log.
+    println!("printed {given}");
+    eprintln!("printed {given}");
     if input.attempt <= s.retryable_times {
         let text = given.to_string();
         // The raw secret across the 16 KiB an error is cut to.

@@ -154,7 +154,13 @@ async fn every_form_of_a_secret_is_masked_everywhere(db: Db) {
                 .any(|(p, b)| p == "troupe.db-wal" && !b.is_empty())
         );
     }
-    places.push(("the server log".into(), server.log().into_bytes()));
+    // What the step printed reached the server's log, masked.
+    let log = server.log();
+    assert!(
+        log.contains("printed {") && log.contains("Basic ***"),
+        "{log}"
+    );
+    places.push(("the server log".into(), log.into_bytes()));
 
     let forms = forms();
     for (place, bytes) in &places {
