@@ -68,6 +68,11 @@ pub const CODES: &[(&str, u16, &str)] = &[
         "pinning a bundle version other than the active one (a rollback) needs the admin scope",
     ),
     (
+        "param_not_allowed",
+        403,
+        "a param outside the list the server's operator set for it (allowed_in)",
+    ),
+    (
         "signature_untrusted_key",
         403,
         "signed by a key the server does not trust",
@@ -275,6 +280,7 @@ impl From<engine::Error> for ApiError {
             E::UnknownKind { .. } => (StatusCode::BAD_REQUEST, "unknown_kind"),
             E::MissingParam { .. } => (StatusCode::BAD_REQUEST, "missing_param"),
             E::InvalidParam(_) => (StatusCode::BAD_REQUEST, "invalid_param"),
+            E::ParamNotAllowed(_) => (StatusCode::FORBIDDEN, "param_not_allowed"),
             E::KindNotConfigured { .. } => (StatusCode::CONFLICT, "kind_not_configured"),
             E::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
             E::ActionNotFound(_) => (StatusCode::NOT_FOUND, "action_not_found"),

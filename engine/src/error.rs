@@ -10,6 +10,9 @@ pub enum Error {
     MissingParam { kind: String, params: Vec<String> },
     #[error("{0}")]
     InvalidParam(String),
+    /// A param outside the list the operator set for it (`allowed_in`).
+    #[error("{0}")]
+    ParamNotAllowed(String),
     #[error(
         "action kind {kind:?} needs the deployment variable {var:?}, which this server does not set; \
          start it with --var {var}=… (or TROUPE_VAR_{})", var.to_uppercase()

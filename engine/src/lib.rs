@@ -1143,6 +1143,9 @@ impl Engine {
                 var,
             });
         }
+        kind.params
+            .check_allowed(&new.params, &self.inner.shared.vars)
+            .map_err(Error::ParamNotAllowed)?;
         let request = json!({ "kind": new.kind, "target": new.target, "params": new.params });
         let request_hash: String = Sha256::digest(request.to_string().as_bytes())
             .iter()

@@ -386,6 +386,9 @@ fn describe_param(spec: &Value) -> String {
     if let Some(p) = spec["pattern"].as_str() {
         parts.push(format!("matching {p}"));
     }
+    if let Some(list) = spec["allowed_in"].as_str() {
+        parts.push(format!("on the server's list {list}"));
+    }
     let required = spec["required"]
         .as_bool()
         .unwrap_or(spec["default"].is_null());

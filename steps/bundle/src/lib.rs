@@ -7,6 +7,7 @@
 
 #![warn(missing_docs)]
 
+pub mod destinations;
 pub mod goon;
 pub mod manifest;
 pub mod names;

@@ -67,6 +67,13 @@ pub struct StepDef {
     /// before it fails.
     #[serde(default = "default_placement_timeout")]
     pub placement_timeout_ms: u64,
+    /// The settings that decide where the step sends what it is given: a
+    /// URL, a host, a program to run. A kind that gives the step a secret
+    /// may not let a request choose these (see [`Manifest::check_new`]).
+    /// Unset, every setting counts; `[]` says the step sends nothing
+    /// anywhere its settings choose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destinations: Option<Vec<String>>,
 }
 
 fn default_placement_timeout() -> u64 {
@@ -342,14 +349,18 @@ impl Manifest {
     }
 
     /// The rules a new bundle must meet beyond what loading checks (bundles
-    /// stored before a rule existed still load): a semver version, and no
+    /// stored before a rule existed still load): a semver version; no
     /// template naming an optional param that has no default — it would
-    /// have no value when a request leaves the param out.
+    /// have no value when a request leaves the param out; and no secret
+    /// sent where a request points (see `crate::destinations`).
     pub fn check_new(&self) -> Result<(), Invalid> {
         require_semver(&self.version)?;
         for (kind, def) in &self.kinds {
             let specs = def.params.specs();
             for u in &def.steps {
+                crate::destinations::check(def, u, &self.steps[&u.step]).map_err(|e| {
+                    Invalid::Manifest(format!("kind {kind:?}, step {:?}: {e}", u.name()))
+                })?;
                 let mut paths = crate::template::paths(&u.settings).unwrap_or_default();
                 for value in u.requires.values() {
                     paths.extend(
@@ -494,11 +505,18 @@ pub fn secrets_used(u: &StepUse) -> Vec<String> {
         .collect()
 }
 
-/// The deployment variables (`{{vars.NAME}}`) a kind's steps use.
+/// The deployment variables a kind uses: in its steps' templates
+/// (`{{vars.NAME}}`) and as its params' allowlists (`allowed_in`).
 pub fn vars_used(def: &KindDef) -> BTreeSet<String> {
     def.steps
         .iter()
         .flat_map(|u| crate::template::paths(&u.settings).unwrap_or_default())
+        .chain(
+            def.params
+                .specs()
+                .into_values()
+                .filter_map(|s| s.allowed_in),
+        )
         .filter_map(|p| p.strip_prefix("vars.").map(str::to_owned))
         .collect()
 }

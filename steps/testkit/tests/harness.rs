@@ -334,3 +334,29 @@ fn goons_can_be_limited_to_a_kind_and_a_number_of_times() {
         .unwrap();
     assert_eq!(report.status, Status::Succeeded, "a goon for another kind");
 }
+
+/// A param with an `allowed_in` list is held to the list the run's
+/// deployment variable gives, as a server holds it.
+#[test]
+fn a_listed_param_must_be_on_the_list() {
+    let dir = std::env::temp_dir().join(format!("testkit-listed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let dir_text = dir.to_str().unwrap().to_owned();
+    let off_list = bundle()
+        .kind("secret")
+        .param("dir", "/elsewhere")
+        .var("record_dirs", dir_text.as_str())
+        .secret("test_token", "s3cret-token")
+        .run()
+        .unwrap_err();
+    assert!(off_list.to_string().contains("record_dirs"), "{off_list}");
+    let report = bundle()
+        .kind("secret")
+        .param("dir", dir_text.as_str())
+        .var("record_dirs", dir_text.as_str())
+        .secret("test_token", "s3cret-token")
+        .run()
+        .unwrap();
+    assert!(dir.join("given.json").exists(), "{report}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -203,11 +203,17 @@ pub(crate) fn testkit_version(version: &str, key: &signing::SecretKey) -> (Vec<u
 /// Runs `troupe bundle build` on `manifest` with the testkit library;
 /// returns the bundle's bytes, or what the build said when it refused.
 pub(crate) fn build_testkit(manifest: &str) -> Result<Vec<u8>, String> {
-    let dir = scratch_dir("testkit-manifest");
+    build_bundle("testkit", manifest)
+}
+
+/// Runs `troupe bundle build` on `manifest` with the library of the
+/// workspace's bundle `name` (`testkit`, `builtin`).
+pub(crate) fn build_bundle(name: &str, manifest: &str) -> Result<Vec<u8>, String> {
+    let dir = scratch_dir("bundle-manifest");
     let manifest_path = dir.join("bundle.toml");
     std::fs::write(&manifest_path, manifest).unwrap();
     let out = dir.join("t.bundle");
-    let library = target_dir().join("libtestkit.so");
+    let library = target_dir().join(format!("lib{name}.so"));
     let o = troupe(&[
         "bundle",
         "build",

@@ -26,6 +26,7 @@ mod hostile_bundles;
 mod lease;
 mod logs;
 mod manual;
+mod masking;
 mod node_ops;
 mod nodes;
 mod openapi;
