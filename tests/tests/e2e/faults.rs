@@ -428,11 +428,12 @@ both_dbs!(
     a_printing_plugin_breaks_nothing,
     a_modified_bundle_cache_is_never_loaded,
     one_targets_actions_start_in_submission_order,
+    two_bundles_may_not_provide_one_kind,
+    an_activation_may_not_give_a_kind_a_second_provider,
 );
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_bundles_may_not_provide_one_kind() {
-    let env = Env::new(Db::Sqlite).await;
+async fn two_bundles_may_not_provide_one_kind(db: Db) {
+    let env = Env::new(db).await;
     let server = env.serve();
     let base = std::fs::read_to_string(workspace().join("steps/testkit/bundle.toml")).unwrap();
     let other = base.replace("name = \"testkit\"", "name = \"testkit-copy\"");
@@ -454,6 +455,71 @@ async fn two_bundles_may_not_provide_one_kind() {
         !bundles.to_string().contains("testkit-copy"),
         "the refused bundle was stored: {bundles}"
     );
+}
+
+/// A small bundle on the testkit library: `name` at `version`, with one
+/// kind `kind` of one no-op step.
+fn side_bundle(name: &str, version: &str, kind: &str) -> (Vec<u8>, String) {
+    let manifest = format!(
+        "format = 1\nname = \"{name}\"\nversion = \"{version}\"\nabi = 2\nlibrary = \"testkit\"\n\n\
+         [steps.noop]\ntimeout_ms = 10000\nidempotent = true\n\n\
+         [kinds.{kind}]\nsteps = [{{ step = \"noop\" }}]\n"
+    );
+    let bytes = build_testkit(&manifest).unwrap();
+    let sig = sign_with(&test_key(), &bytes, name, version);
+    (bytes, sig)
+}
+
+/// Going back to an older version that provides a kind another bundle has
+/// since taken is refused too, and changes nothing.
+async fn an_activation_may_not_give_a_kind_a_second_provider(db: Db) {
+    let env = Env::new(db).await;
+    let server = env.serve();
+    let push = async |(bytes, sig): (Vec<u8>, String)| {
+        let (status, resp) = server.push(bytes, &sig).await;
+        assert_eq!(status, 201, "{resp}");
+        resp["hash"].as_str().unwrap().to_owned()
+    };
+    // side 1.0 provides `shared`, side 2.0 no longer does, so other may.
+    let side1 = push(side_bundle("side", "1.0.0", "shared")).await;
+    push(side_bundle("side", "2.0.0", "side_only")).await;
+    let other = push(side_bundle("other", "1.0.0", "shared")).await;
+
+    let (status, resp) = server
+        .post(&format!("/v1/bundles/{side1}/activate"), &json!({}))
+        .await;
+    assert_eq!(status, 409, "{resp}");
+    assert_eq!(resp["error"]["code"], "kind_conflict", "{resp}");
+    let message = resp["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("other") && message.contains("shared"),
+        "{message}"
+    );
+    // Nothing changed: side 2.0 and other stay the active ones, and
+    // `shared` runs on other.
+    let (_, bundles) = server.get("/v1/bundles").await;
+    let mut active: Vec<(&str, &str)> = bundles["bundles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["status"] == "active" && b["name"] != "testkit" && b["name"] != "builtin")
+        .map(|b| (b["name"].as_str().unwrap(), b["version"].as_str().unwrap()))
+        .collect();
+    active.sort();
+    assert_eq!(active, [("other", "1.0.0"), ("side", "2.0.0")], "{bundles}");
+    let id = server.submit("shared", "t", json!({})).await;
+    let a = server.finished(id).await;
+    assert_eq!(a["status"], "succeeded", "{a}");
+    assert_eq!(a["bundle"], other.as_str(), "{a}");
+    let pool = env.sql().await;
+    let activated: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM audit_log WHERE event = 'bundle.activated' AND subject = ?",
+    )
+    .bind(&side1)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(activated, 0, "a refused activation is not audited");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
