@@ -24,6 +24,7 @@ mod node_ops;
 mod nodes;
 mod openapi;
 mod placement;
+mod promises;
 mod readme;
 mod recovery;
 mod reload;
