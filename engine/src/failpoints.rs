@@ -15,6 +15,7 @@
 //! | `runner.before_step` | a runner, before each step | (use `panic`) |
 //! | `store.refuse_step_success` | a commit holding a step's success | the database refuses it (a permanent error) |
 //! | `store.cancel_queued` | `Engine::cancel`, ending a queued action | the write fails |
+//! | `store.audit` | writing an audit entry, after the change it records was written in the same transaction | the write fails |
 //! | `runner.before_remote_call` | a runner, after a step placed on a node is recorded running, before the call is sent | `return(MS)`: waits MS milliseconds |
 
 /// Arms the points named in `FAILPOINTS`, if this build has them.

@@ -37,16 +37,21 @@ macro_rules! access_backend {
                             .execute(&mut *tx)
                             .await?
                     }
-                    Write::Audit(e) => sqlx::query(
-                        "INSERT INTO audit_log (at, actor, event, subject, detail) VALUES (?, ?, ?, ?, ?)",
-                    )
-                    .bind(e.at)
-                    .bind(&e.actor)
-                    .bind(&e.event)
-                    .bind(&e.subject)
-                    .bind(e.detail.as_ref().map(|d| d.to_string()))
-                    .execute(&mut *tx)
-                    .await?,
+                    Write::Audit(e) => {
+                        fail::fail_point!("store.audit", |_| Err(sqlx::Error::Protocol(
+                            "the audit entry could not be written (injected)".into()
+                        )));
+                        sqlx::query(
+                            "INSERT INTO audit_log (at, actor, event, subject, detail) VALUES (?, ?, ?, ?, ?)",
+                        )
+                        .bind(e.at)
+                        .bind(&e.actor)
+                        .bind(&e.event)
+                        .bind(&e.subject)
+                        .bind(e.detail.as_ref().map(|d| d.to_string()))
+                        .execute(&mut *tx)
+                        .await?
+                    }
                     // Delete and insert: the same SQL on both databases.
                     Write::SetSecret(row) => {
                         sqlx::query("DELETE FROM secrets WHERE name = ?")

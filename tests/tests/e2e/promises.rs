@@ -285,7 +285,59 @@ async fn admin_recovery_by_revoking_in_sql_and_restarting(db: Db) {
     assert_eq!(status, 201, "{resp}");
 }
 
+/// An audit entry commits in the same transaction as the change it records:
+/// with its write failing (the `store.audit` failure point), the change is
+/// not made either, and the client hears of it.
+async fn an_audit_entry_commits_with_its_change(db: Db) {
+    let env = Env::new(db).await;
+    // The first start writes what a new install needs (and audits it).
+    drop(env.serve());
+    let server = env.serve_with_env(&[], &[("FAILPOINTS", "store.audit=return")]);
+    server.log_until("failure points armed").await;
+    let pool = env.sql().await;
+    let count = async |table: &str| -> i64 {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}")))
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    let tables = ["audit_log", "api_tokens", "secrets", "trusted_keys"];
+    let mut before = Vec::new();
+    for t in tables {
+        before.push(count(t).await);
+    }
+    let key = signing::SecretKey::from_seed([9; 32]);
+    for (method, path, body) in [
+        (
+            Method::POST,
+            "/v1/tokens",
+            json!({ "name": "ops", "scopes": ["read"] }),
+        ),
+        (
+            Method::PUT,
+            "/v1/secrets/db_password",
+            json!({ "value": "hunter2" }),
+        ),
+        (
+            Method::POST,
+            "/v1/keys",
+            json!({ "public_key": key.public().to_string() }),
+        ),
+    ] {
+        let (status, resp) = server.request(method, path, Some(body.to_string())).await;
+        assert!(status.is_server_error(), "{path}: {status} {resp}");
+    }
+    let mut after = Vec::new();
+    for t in tables {
+        after.push(count(t).await);
+    }
+    assert_eq!(after, before, "nothing of {tables:?} changed");
+    let (_, tokens) = server.get("/v1/tokens").await;
+    assert!(!tokens.to_string().contains("\"ops\""), "{tokens}");
+}
+
 both_dbs!(
+    an_audit_entry_commits_with_its_change,
     token_secrets_are_stored_only_as_their_sha256,
     sql_never_leaves_the_server,
     activating_a_revoked_signers_bundle_is_refused,
