@@ -336,7 +336,48 @@ async fn an_audit_entry_commits_with_its_change(db: Db) {
     assert!(!tokens.to_string().contains("\"ops\""), "{tokens}");
 }
 
+/// A runner never starts a step whose start it could not record: with the
+/// database refusing the write that starts `reboot` (the `reboot` kind's
+/// second step), the action fails and the reboot command never runs. The
+/// same command runs once the write goes through.
+async fn a_step_whose_start_was_not_recorded_never_runs(db: Db) {
+    let env = Env::new(db).await;
+    let marker = env.dir.join("rebooted");
+    let var = format!("reboot_command=touch {}", marker.display());
+    let server = env.serve_with_env(
+        &["--var", &var],
+        &[("FAILPOINTS", "store.refuse_step_start=return")],
+    );
+    let port: u16 = server.url.rsplit(':').next().unwrap().parse().unwrap();
+    let params = json!({ "host": "127.0.0.1", "port": port });
+    let id = server.submit("reboot", "vps-1", params.clone()).await;
+    let a = server.finished(id).await;
+    assert_eq!(a["status"], "failed", "{a}");
+    let error = a["error"].as_str().unwrap();
+    assert!(error.contains("(injected)"), "{error}");
+    assert_ne!(a["steps"][1]["status"], "succeeded", "{a}");
+    assert!(!marker.exists(), "the reboot ran: {a}");
+    drop(server);
+
+    let server = env.serve_with(&["--var", &var]);
+    let port: u16 = server.url.rsplit(':').next().unwrap().parse().unwrap();
+    let id = server
+        .submit(
+            "reboot",
+            "vps-1",
+            json!({ "host": "127.0.0.1", "port": port }),
+        )
+        .await;
+    let a = server.finished(id).await;
+    assert_eq!(a["status"], "succeeded", "{a}");
+    assert!(
+        marker.exists(),
+        "the reboot command runs when its start is recorded"
+    );
+}
+
 both_dbs!(
+    a_step_whose_start_was_not_recorded_never_runs,
     an_audit_entry_commits_with_its_change,
     token_secrets_are_stored_only_as_their_sha256,
     sql_never_leaves_the_server,
