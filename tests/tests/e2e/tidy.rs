@@ -140,3 +140,65 @@ fn dependency_tables_are_all_read() {
     assert!(!deps("steps/builtin", Tables::Normal).contains(&"troupe-test".to_owned()));
     assert!(deps("steps/builtin", Tables::Normal).contains(&"ureq".to_owned()));
 }
+
+/// Panics unless `test` (`module::test` for an end-to-end test, in
+/// `tests/tests/e2e/module.rs`, or `path/to/file.rs::test`) exists.
+fn assert_test_exists(test: &str, named_for: &str) {
+    let (place, name) = test
+        .rsplit_once("::")
+        .unwrap_or_else(|| panic!("{test:?} is not module::test"));
+    let file = if place.contains('/') {
+        workspace().join(place)
+    } else {
+        workspace().join(format!("tests/tests/e2e/{place}.rs"))
+    };
+    let source = std::fs::read_to_string(&file)
+        .unwrap_or_else(|e| panic!("{test} (for {named_for:?}): {}: {e}", file.display()));
+    assert!(
+        source.contains(&format!("fn {name}(")),
+        "{test}, named for {named_for:?}, is not in {}",
+        file.display()
+    );
+}
+
+/// Each invariant in ARCHITECTURE.md names the tests that hold it
+/// (`Held by:`), as each row of its table of README promises does, and
+/// each named test exists.
+#[test]
+fn every_invariant_is_held_by_a_test() {
+    let doc = std::fs::read_to_string(workspace().join("ARCHITECTURE.md")).unwrap();
+    let start = doc
+        .find("\n## Invariants\n")
+        .expect("an Invariants section");
+    let section = &doc[start + 1..];
+    let section = &section[..section[1..].find("\n## ").map_or(section.len(), |i| i + 1)];
+    let list = &section[..section.find("\n### ").unwrap_or(section.len())];
+    let bullets: Vec<&str> = list.split("\n- ").skip(1).collect();
+    assert!(bullets.len() >= 15, "{} invariants found", bullets.len());
+    for bullet in bullets {
+        let first = bullet.lines().next().unwrap_or_default();
+        let held = bullet
+            .split_once("Held by:")
+            .unwrap_or_else(|| panic!("no `Held by:` for the invariant {first:?}"))
+            .1;
+        let tests: Vec<&str> = held.split('`').skip(1).step_by(2).collect();
+        assert!(!tests.is_empty(), "no test named for {first:?}");
+        for test in tests {
+            assert_test_exists(test, first);
+        }
+    }
+    let rows: Vec<&str> = section
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| Promise |") && !l.starts_with("| ---"))
+        .collect();
+    assert!(rows.len() >= 5, "the table of README promises: {rows:?}");
+    for row in rows {
+        let cells: Vec<&str> = row.trim_matches('|').split(" | ").collect();
+        let (promise, held) = (cells[0].trim(), cells[cells.len() - 1]);
+        let tests: Vec<&str> = held.split('`').skip(1).step_by(2).collect();
+        assert!(!tests.is_empty(), "no test named for {promise:?}");
+        for test in tests {
+            assert_test_exists(test, promise);
+        }
+    }
+}
