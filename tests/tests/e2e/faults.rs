@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::harness::{
-    Db, Env, both_dbs, build_testkit, sign_with, test_key, testkit_version, workspace,
+    Db, Env, Server, both_dbs, build_testkit, sign_with, test_key, testkit_version, workspace,
 };
 
 /// Processes whose command line holds `marker`.
@@ -121,14 +121,52 @@ async fn a_command_that_times_out_leaves_no_process_behind(db: Db) {
     assert_gone(&m, "a command that timed out");
 }
 
+/// Asserts that `id` is still running on its first attempt: a bystander
+/// that had already finished would make its check say nothing.
+pub(crate) async fn still_running(server: &Server, id: i64) {
+    let (_, b) = server.get(&format!("/v1/actions/{id}")).await;
+    assert_eq!(
+        b["status"], "running",
+        "the bystander was not in flight throughout: {b}"
+    );
+    assert_eq!(b["steps"][0]["attempt"], 1, "{b}");
+}
+
+/// A `sleep` action long enough to be in flight whatever the machine's
+/// load; [`bystander_unharmed`] ends it.
+async fn bystander(server: &Server) -> i64 {
+    let id = server
+        .submit("sleep", "vps-b", json!({ "ms": 120_000 }))
+        .await;
+    server
+        .until(id, "running", |a| a["current_step"] == "sleep_ms")
+        .await;
+    id
+}
+
+/// The bystander is still in flight on its first attempt, and its call
+/// still answers: cancelled, its step ends `cancelled` (a call lost with
+/// its host would end `failed`).
+async fn bystander_unharmed(server: &Server, id: i64) {
+    still_running(server, id).await;
+    let (status, _) = server
+        .post(&format!("/v1/actions/{id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, 202);
+    let b = server.finished(id).await;
+    assert_eq!(
+        b["status"], "cancelled",
+        "the bystander on the same host: {b}"
+    );
+    assert_eq!(b["steps"][0]["status"], "cancelled", "{b}");
+    assert_eq!(b["steps"][0]["attempt"], 1, "{b}");
+}
+
 async fn an_oversized_output_fails_only_its_own_call(db: Db) {
     let env = Env::new(db).await;
     let server = env.serve();
     // Shares the testkit host with the blob step below.
-    let bystander = server.submit("sleep", "vps-b", json!({ "ms": 2000 })).await;
-    server
-        .until(bystander, "running", |a| a["current_step"] == "sleep_ms")
-        .await;
+    let bystander = bystander(&server).await;
     let big = server
         .submit("blob", "vps-a", json!({ "bytes": 70 << 20 }))
         .await;
@@ -141,30 +179,19 @@ async fn an_oversized_output_fails_only_its_own_call(db: Db) {
     );
     let err = a["error"].as_str().unwrap();
     assert!(err.contains("output") && err.contains("limit"), "{err}");
-    let b = server.finished(bystander).await;
-    assert_eq!(
-        b["status"], "succeeded",
-        "the bystander on the same host: {b}"
-    );
+    bystander_unharmed(&server, bystander).await;
 }
 
 async fn a_printing_plugin_breaks_nothing(db: Db) {
     let env = Env::new(db).await;
     let server = env.serve();
     // A call in flight on the same host while the plugin prints.
-    let bystander = server.submit("sleep", "vps-b", json!({ "ms": 1500 })).await;
-    server
-        .until(bystander, "running", |a| a["current_step"] == "sleep_ms")
-        .await;
+    let bystander = bystander(&server).await;
     let chatty = server.submit("chatty", "vps-a", json!({})).await;
     let a = server.finished(chatty).await;
     assert_eq!(a["status"], "succeeded", "{a}");
     assert_eq!(a["steps"][0]["output"]["said"], "hello", "{a}");
-    let b = server.finished(bystander).await;
-    assert_eq!(
-        b["status"], "succeeded",
-        "the bystander on the same host: {b}"
-    );
+    bystander_unharmed(&server, bystander).await;
     // What it printed is in the server's log, line by line.
     let log = server.log();
     for line in [

@@ -579,7 +579,7 @@ async fn a_silent_node_is_detected_and_comes_back(db: Db) {
     // Frozen: its heartbeats stop, and within the timeout it is dropped.
     signal(&node, "STOP");
     let frozen = Instant::now();
-    let deadline = frozen + Duration::from_secs(10);
+    let deadline = frozen + Duration::from_secs(20);
     loop {
         let (_, list) = server.get("/v1/nodes").await;
         if list["nodes"][0]["connected"] == false {
@@ -588,10 +588,12 @@ async fn a_silent_node_is_detected_and_comes_back(db: Db) {
         assert!(Instant::now() < deadline, "never dropped: {list}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Silence counts from the last heartbeat (up to 2 s before the stop).
+    // Silence counts from the last heartbeat (up to 2 s before the stop):
+    // not at once, and (with room for a loaded machine) not much later than
+    // the 3 s timeout.
     let took = frozen.elapsed();
     assert!(
-        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        took >= Duration::from_millis(900) && took < Duration::from_secs(9),
         "detected after {took:?}"
     );
 
