@@ -229,7 +229,9 @@ async fn steps_run_on_the_node_that_has_what_they_need(db: Db) {
 
 async fn steps_that_need_one_bundle_at_once_make_one_download(db: Db) {
     let env = Env::new(db).await;
-    let server = env.serve();
+    // The server takes 2 s over the bundle's bytes, so the four calls reach
+    // the node while its first download is still under way.
+    let server = env.serve_with_env(&[], &[("FAILPOINTS", "engine.bundle_content=return(2000)")]);
     let token = join_token(&server, &env).await;
     let node = kvm_node(&server, &token, "hv-17").await;
     // Submitted together: the four calls reach the node before its bundle does.
@@ -243,8 +245,23 @@ async fn steps_that_need_one_bundle_at_once_make_one_download(db: Db) {
     };
     let (a, b, c, d) = tokio::join!(submit(0), submit(1), submit(2), submit(3));
     let ids = [a, b, c, d];
+    let mut steps = Vec::new();
     for id in ids {
-        assert_eq!(server.finished(id).await["status"], "succeeded");
+        let a = server.finished(id).await;
+        assert_eq!(a["status"], "succeeded", "{a}");
+        steps.push(a["steps"][0].clone());
+    }
+    // All four were sent before any ended: they overlapped the download.
+    let first_end = strings(&json!(steps), "finished_at")
+        .into_iter()
+        .min()
+        .unwrap()
+        .to_owned();
+    for started in strings(&json!(steps), "started_at") {
+        assert!(
+            started < first_end.as_str(),
+            "not in flight together: {steps:?}"
+        );
     }
     let (_, bundles) = server.get("/v1/bundles").await;
     let size = bundles["bundles"]
