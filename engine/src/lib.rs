@@ -666,6 +666,14 @@ impl Engine {
 
     /// The signed bytes of a bundle the server holds.
     pub async fn bundle_content(&self, hash: &str) -> Result<Vec<u8>> {
+        #[cfg(feature = "failpoints")]
+        if let Some(ms) = (|| {
+            fail::fail_point!("engine.bundle_content", |ms| ms
+                .and_then(|ms| ms.parse::<u64>().ok()));
+            None
+        })() {
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        }
         self.inner
             .store
             .bundle_content(hash)

@@ -143,6 +143,9 @@ macro_rules! access_backend {
             }
 
             async fn insert_audit(tx: &mut $conn, e: &AuditEntry) -> Result<u64, sqlx::Error> {
+                fail::fail_point!("store.audit", |_| Err(sqlx::Error::Protocol(
+                    "the audit entry could not be written (injected)".into()
+                )));
                 Ok(sqlx::query(
                     "INSERT INTO audit_log (at, actor, event, subject, detail) VALUES (?, ?, ?, ?, ?)",
                 )

@@ -451,8 +451,34 @@ impl Server {
         t["token"].as_str().unwrap().to_owned()
     }
 
+    /// What the server has logged so far. Never empty (the server logs as
+    /// it starts): a check that the log lacks something must not pass on a
+    /// log that was never written.
     pub(crate) fn log(&self) -> String {
-        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+        let log = std::fs::read_to_string(&self.stderr_log).expect("reading the server's log");
+        assert!(
+            !log.trim().is_empty(),
+            "the server's log {} is empty",
+            self.stderr_log.display()
+        );
+        log
+    }
+
+    /// Polls (at most 30 s) until the server's log contains `text`; returns
+    /// the log.
+    pub(crate) async fn log_until(&self, text: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = self.log();
+            if log.contains(text) {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the log never said {text:?}:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// The server's process id.

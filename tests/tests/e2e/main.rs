@@ -33,6 +33,7 @@ mod openapi;
 mod placement;
 mod power;
 mod profiles;
+mod promises;
 mod readme;
 mod recovery;
 mod reload;

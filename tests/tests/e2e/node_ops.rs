@@ -286,13 +286,15 @@ async fn join_tokens_expire_and_can_be_revoked(db: Db) {
     let server = env.serve();
 
     // Joined while the token was good: it stays in after the token expires.
-    let (short, _) = create_join_token(&server, "3s");
+    let made = Instant::now();
+    let (short, _) = create_join_token(&server, "10s");
     let short_file = env.dir.join("short.token");
     std::fs::write(&short_file, &short).unwrap();
     let data = env.dir.join("hv-1-data");
     let mut hv1 = Node::start_in(&server, Some(&short_file), "hv-1", &[], data.clone());
     connected(&server, &["hv-1"], &[&hv1]).await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Until the token has expired (by the clock, not a guess).
+    tokio::time::sleep_until((made + Duration::from_secs(11)).into()).await;
     hv1.kill9();
     let hv1 = Node::start_in(&server, Some(&short_file), "hv-1", &[], data);
     connected(&server, &["hv-1"], &[&hv1]).await;
