@@ -256,7 +256,7 @@ impl Client {
             || text.contains("Certificate");
         if tls {
             StepError::fatal(format!(
-                "{what}: TLS to the BMC {} failed: {text} (a self-signed certificate can be pinned in the server's --var bmcs: URL=sha256:FINGERPRINT)",
+                "{what}: TLS to the BMC {} failed: {text} (a self-signed certificate can be pinned in the server's --var bmc_trust: URL=sha256:FINGERPRINT)",
                 self.base
             ))
         } else {

@@ -157,12 +157,15 @@ async fn power_through_a_real_bmc_keeps_its_password_to_the_step(db: Db) {
     let wrong = "pw-wrong-2b8e4f60";
     let bmc = Bmc::start(password);
     let env = Env::new(db).await;
-    let bmcs = format!("bmcs={}", bmc.pinned);
+    let bmcs = format!("bmcs={}", bmc.url);
+    let trust = format!("bmc_trust={}", bmc.pinned);
     let server = env.serve_with(&[
         "--bundle",
         hardware_bundle().to_str().unwrap(),
         "--var",
         &bmcs,
+        "--var",
+        &trust,
     ]);
     let set_secret = async |value: String| {
         let (status, body) = server
