@@ -11,12 +11,13 @@ use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use engine::Engine;
-use engine::model::{ActionFilter, ActionId, ActionStatus, NewAction};
+use engine::access::Scope;
+use engine::model::{ActionFilter, ActionId, ActionStatus, MayPin, NewAction};
 
 use crate::auth::{Caller, MaybeCaller, Operate, Read, Submit};
 use crate::wire::{
     ActionCounts, ActionList, ActionView, DatabaseHealth, ErrorBody, Health, KindList, KindView,
-    StepLogList, StepLogView, StoreCounters, SubmitRequest,
+    Readiness, StepLogList, StepLogView, StoreCounters, SubmitRequest,
 };
 use crate::{ApiError, MAX_BODY, MAX_WAIT};
 
@@ -34,7 +35,7 @@ use crate::{ApiError, MAX_BODY, MAX_WAIT};
         (status = 202, description = "stored (and started if its target was idle)", body = ActionView),
         (status = 200, description = "an idempotent replay: the action an earlier request made", body = ActionView),
         (status = 400, description = "malformed_json, invalid_request, missing_target, unknown_kind, missing_param, invalid_param, invalid_query", body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 403, description = "missing_scope_submit, kind_not_allowed", body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, description = "missing_scope_submit, kind_not_allowed, bundle_pin_needs_admin", body = ErrorBody),
         (status = 409, description = "idempotency_conflict, kind_not_configured", body = ErrorBody),
         (status = 413, body = ErrorBody), (status = 503, body = ErrorBody),
     )
@@ -101,15 +102,24 @@ pub(crate) async fn submit(
             ),
         ));
     }
+    // Pinning another version than the active one is a rollback: admins only.
+    let may_pin = if caller.principal.allows(Scope::Admin) {
+        MayPin::Any
+    } else {
+        MayPin::Active
+    };
     let submitted = engine
-        .submit(NewAction {
-            kind: req.kind,
-            target: req.target,
-            params: req.params,
-            idempotency_key: req.idempotency_key,
-            bundle: req.bundle,
-            submitted_by: Some(caller.principal.name),
-        })
+        .submit(
+            NewAction {
+                kind: req.kind,
+                target: req.target,
+                params: req.params,
+                idempotency_key: req.idempotency_key,
+                bundle: req.bundle,
+                submitted_by: Some(caller.principal.name),
+            },
+            may_pin,
+        )
         .await?;
     let location = format!("/v1/actions/{}", submitted.action.id);
     let mut action = submitted.action;
@@ -387,6 +397,56 @@ pub(crate) async fn health(
     };
     (status, Json(body)).into_response()
 }
+/// Liveness, open to all: the process serves requests. A load balancer or
+/// supervisor restarts a server that stops answering this.
+#[utoipa::path(
+    get, path = "/v1/health/live", tag = "server",
+    security(()),
+    responses((status = 200, description = "the process serves requests", body = Readiness))
+)]
+pub(crate) async fn live() -> Json<Readiness> {
+    Json(Readiness {
+        status: "ok",
+        code: None,
+        reason: None,
+    })
+}
+
+/// Readiness, open to all: whether this server should be sent work — it is
+/// not shutting down and its database takes writes. A load balancer takes
+/// a server that answers 503 out of rotation. Answered within 2 s; probes
+/// within a second of each other share one check.
+#[utoipa::path(
+    get, path = "/v1/health/ready", tag = "server",
+    security(()),
+    responses(
+        (status = 200, description = "ready for work", body = Readiness),
+        (status = 503, description = "not ready, and why", body = Readiness),
+    )
+)]
+pub(crate) async fn ready(State(state): State<crate::AppState>) -> Response {
+    let verdict = state.readiness().await;
+    let (status, body) = match verdict {
+        Ok(()) => (
+            StatusCode::OK,
+            Readiness {
+                status: "ready",
+                code: None,
+                reason: None,
+            },
+        ),
+        Err((code, reason)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Readiness {
+                status: "not_ready",
+                code: Some(code),
+                reason: Some(reason),
+            },
+        ),
+    };
+    (status, Json(body)).into_response()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

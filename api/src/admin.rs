@@ -31,7 +31,7 @@ pub(crate) async fn create(
     State(state): State<AppState>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<TokenCreated>), ApiError> {
-    let expected = r#"expected {"name": string, "scopes": ["read"|"submit"|"operate"|"admin", …], "kinds": [string]?, "expires_at": RFC 3339?}"#;
+    let expected = r#"expected {"name": string, "scopes": ["read"|"submit"|"operate"|"admin"|"join", …], "kinds": [string]?, "expires_at": RFC 3339?, "join": {"names": string?, "capabilities": [string]?, "max_uses": number?}?}"#;
     let req: CreateToken = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request("invalid_request", format!("{e}; {expected}")))?;
     let scopes = req
@@ -58,6 +58,7 @@ pub(crate) async fn create(
         scopes,
         kinds: req.kinds,
         expires_at,
+        join: req.join.map(Into::into),
     };
     let (info, token) = state
         .engine
@@ -90,14 +91,15 @@ pub(crate) async fn list(
     Ok(Json(TokenList { tokens }))
 }
 
-/// Revoke a token: refused from its next request.
+/// Revoke a token: refused from its next request. The last active admin
+/// token cannot be revoked (409 `last_admin_token`): create another first.
 #[utoipa::path(
     post, path = "/v1/tokens/{id}/revoke", tag = "admin",
     params(("id" = String, Path, description = "the token's id")),
     security(("bearer" = ["admin"])),
     responses(
         (status = 200, body = TokenView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 404, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, description = "last_admin_token", body = ErrorBody),
     )
 )]
 pub(crate) async fn revoke(

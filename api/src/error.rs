@@ -63,6 +63,16 @@ pub const CODES: &[(&str, u16, &str)] = &[
         "a submit token limited to other kinds",
     ),
     (
+        "bundle_pin_needs_admin",
+        403,
+        "pinning a bundle version other than the active one (a rollback) needs the admin scope",
+    ),
+    (
+        "param_not_allowed",
+        403,
+        "a param outside the list the server's operator set for it (allowed_in)",
+    ),
+    (
         "signature_untrusted_key",
         403,
         "signed by a key the server does not trust",
@@ -73,6 +83,31 @@ pub const CODES: &[(&str, u16, &str)] = &[
     ("key_not_found", 404, "no key with that id"),
     ("token_not_found", 404, "no token with that id"),
     ("node_not_found", 404, "no node by that name"),
+    (
+        "key_required",
+        400,
+        "accepting a node needs the key to let in",
+    ),
+    (
+        "not_a_websocket",
+        400,
+        "the node endpoint was called without a WebSocket upgrade",
+    ),
+    (
+        "too_many_handshakes",
+        503,
+        "too many node connections are saying hello at once",
+    ),
+    (
+        "pending_key_not_found",
+        404,
+        "no node waits under that name with that key",
+    ),
+    (
+        "node_key_conflict",
+        409,
+        "the node's name is in with another key",
+    ),
     ("secret_not_found", 404, "no secret with that name"),
     ("goon_not_found", 404, "no goon with that id"),
     ("no_route", 404, "no such endpoint"),
@@ -105,6 +140,11 @@ pub const CODES: &[(&str, u16, &str)] = &[
     ("bundle_revoked", 409, "the bundle's signer was revoked"),
     ("key_revoked", 409, "re-trusting a revoked key"),
     ("token_name_taken", 409, "a token with that name exists"),
+    (
+        "last_admin_token",
+        409,
+        "revoking the last active admin token; create another admin token first",
+    ),
     ("body_too_large", 413, "request body over 1 MiB"),
     ("bundle_too_large", 413, "bundle upload over 64 MiB"),
     ("bundle_not_zip", 422, "the bundle is not a zip archive"),
@@ -128,7 +168,7 @@ pub const CODES: &[(&str, u16, &str)] = &[
     (
         "bundle_unsafe_entry",
         422,
-        "an absolute path, `..`, a link or a duplicate entry",
+        "an absolute path, `..`, a link, a device or other special file, a duplicate entry, or a path that is both a file and a directory",
     ),
     (
         "bundle_entry_too_large",
@@ -136,6 +176,11 @@ pub const CODES: &[(&str, u16, &str)] = &[
         "an entry inflates past the limit",
     ),
     ("bundle_library_invalid", 422, "the library does not load"),
+    (
+        "bundle_over_limit",
+        422,
+        "over 256 kinds, 256 steps (also in one kind), 256 KiB of manifest or 1024 entries",
+    ),
     (
         "key_malformed",
         422,
@@ -235,12 +280,14 @@ impl From<engine::Error> for ApiError {
             E::UnknownKind { .. } => (StatusCode::BAD_REQUEST, "unknown_kind"),
             E::MissingParam { .. } => (StatusCode::BAD_REQUEST, "missing_param"),
             E::InvalidParam(_) => (StatusCode::BAD_REQUEST, "invalid_param"),
+            E::ParamNotAllowed(_) => (StatusCode::FORBIDDEN, "param_not_allowed"),
             E::KindNotConfigured { .. } => (StatusCode::CONFLICT, "kind_not_configured"),
             E::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
             E::ActionNotFound(_) => (StatusCode::NOT_FOUND, "action_not_found"),
             E::IdempotencyConflict(_) => (StatusCode::CONFLICT, "idempotency_conflict"),
             E::NotCancellable { .. } => (StatusCode::CONFLICT, "not_cancellable"),
             E::BundleNotLoaded(_) => (StatusCode::NOT_FOUND, "bundle_not_found"),
+            E::PinNeedsAdmin { .. } => (StatusCode::FORBIDDEN, "bundle_pin_needs_admin"),
             E::Bundle(invalid) => (StatusCode::UNPROCESSABLE_ENTITY, invalid.code()),
             E::Signature(e) => match e {
                 engine::signing::Error::UntrustedKey(_) | engine::signing::Error::RevokedKey(_) => {
@@ -260,7 +307,10 @@ impl From<engine::Error> for ApiError {
             E::KeyRevoked(_) => (StatusCode::CONFLICT, "key_revoked"),
             E::TokenNameTaken(_) => (StatusCode::CONFLICT, "token_name_taken"),
             E::TokenNotFound(_) => (StatusCode::NOT_FOUND, "token_not_found"),
+            E::LastAdminToken(_) => (StatusCode::CONFLICT, "last_admin_token"),
             E::NodeNotFound(_) => (StatusCode::NOT_FOUND, "node_not_found"),
+            E::PendingKeyNotFound { .. } => (StatusCode::NOT_FOUND, "pending_key_not_found"),
+            E::NodeKeyConflict { .. } => (StatusCode::CONFLICT, "node_key_conflict"),
             E::SecretNotFound(_) => (StatusCode::NOT_FOUND, "secret_not_found"),
             E::GoonsOff => (StatusCode::CONFLICT, "goons_off"),
             E::GoonNotFound(_) => (StatusCode::NOT_FOUND, "goon_not_found"),

@@ -10,6 +10,7 @@
 //! | GET | `/v1/actions/{id}/logs` | what its steps logged, by step and attempt |
 //! | GET | `/v1/kinds` | the action kinds this server runs |
 //! | GET | `/v1/health` | liveness (open); with a credential, database and queue details |
+//! | GET | `/v1/health/live`, `/v1/health/ready` | liveness; readiness: not shutting down and the database takes writes (open) |
 //! | GET, POST | `/v1/bundles`, `/v1/bundles/{hash}[/content\|/activate]` | bundles (see `bundles`) |
 //! | GET, POST | `/v1/keys`, `/v1/keys/{id}/revoke` | signing keys |
 //! | GET, POST | `/v1/tokens`, `/v1/tokens/{id}/revoke` | API tokens (see `admin`) |
@@ -20,7 +21,7 @@
 //! | GET | `/v1/nodes/bundles/{hash}[/signature]` | a bundle's bytes and signature, for a node to verify |
 //! | GET | `/openapi.json` | this API's OpenAPI 3.1 description (open) |
 //!
-//! Every endpoint but `/v1/health` and `/openapi.json` needs a bearer token
+//! Every endpoint but `/v1/health[/live|/ready]` and `/openapi.json` needs a bearer token
 //! with a scope (`auth`): `read` for GETs, `submit` to create actions,
 //! `operate` to cancel, `admin` for bundles, keys, tokens, secrets and the
 //! audit log. Handlers are annotated with `#[utoipa::path]` and registered
@@ -44,12 +45,15 @@ mod auth;
 mod bundles;
 mod error;
 mod goons;
+mod listen;
 mod nodes;
 mod openapi;
 pub mod tls;
 pub mod wire;
+mod ws;
 
 pub use error::{ApiError, CODES};
+pub use listen::{Limits, fit_connections};
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 1 << 20;
@@ -65,13 +69,42 @@ pub struct AppState {
     pub engine: Engine,
     /// Bundle bytes recently served to nodes, shared by every download.
     pub node_bundles: nodes::BundleCache,
+    /// Node connections that have not said hello yet.
+    handshakes: std::sync::Arc<tokio::sync::Semaphore>,
+    /// The last readiness check and when it was made.
+    readiness: std::sync::Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, Verdict)>>>,
 }
+
+type Verdict = Result<(), (&'static str, String)>;
+
+impl AppState {
+    /// Probes within [`READY_FRESH`] of each other share one check (held
+    /// across it, so a burst of probes costs one database query).
+    async fn readiness(&self) -> Verdict {
+        let mut last = self.readiness.lock().await;
+        if let Some((at, verdict)) = &*last
+            && at.elapsed() < READY_FRESH
+        {
+            return verdict.clone();
+        }
+        let verdict = self.engine.readiness(READY_WITHIN).await;
+        *last = Some((tokio::time::Instant::now(), verdict.clone()));
+        verdict
+    }
+}
+
+/// How long a readiness check stands for.
+const READY_FRESH: Duration = Duration::from_secs(1);
+/// How long a readiness check may wait for the database.
+const READY_WITHIN: Duration = Duration::from_secs(2);
 
 impl AppState {
     pub fn new(engine: Engine) -> AppState {
         AppState {
             engine,
             node_bundles: nodes::BundleCache::default(),
+            handshakes: std::sync::Arc::new(tokio::sync::Semaphore::new(nodes::HANDSHAKES)),
+            readiness: Default::default(),
         }
     }
 }
@@ -95,6 +128,8 @@ fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(actions::logs))
         .routes(routes!(actions::kinds))
         .routes(routes!(actions::health))
+        .routes(routes!(actions::live))
+        .routes(routes!(actions::ready))
         .merge(uploads)
         .routes(routes!(bundles::show))
         .routes(routes!(bundles::content))
@@ -136,44 +171,33 @@ pub fn router(state: AppState) -> axum::Router {
             )
         })
         .layer(DefaultBodyLimit::max(READ_LIMIT))
+        .layer(axum::middleware::map_response(private_headers))
         .with_state(state)
 }
 
-/// Serves the API on `listener` (over TLS with `tls`) until `shutdown`
-/// resolves, then lets requests in flight finish.
+/// Headers on every answer, errors and the fallback included: browsers
+/// must not guess a type other than the one sent (`nosniff`), and nothing
+/// between client and server may keep a copy (`no-store`): answers carry
+/// new tokens, params, outputs and bundle bytes, and none is worth caching.
+async fn private_headers(mut response: axum::response::Response) -> axum::response::Response {
+    use axum::http::{HeaderValue, header};
+    let headers = response.headers_mut();
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// Serves the API on `listener` (over TLS with `tls`) under `limits` until
+/// `shutdown` resolves, then lets requests in flight finish.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     tls: Option<tls::Tls>,
+    limits: Limits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    // TCP_NODELAY on every connection: a node's call and its answer are small
-    // frames, and with Nagle's algorithm each would wait for a delayed ACK
-    // (40 ms here).
-    let Some(tls) = tls else {
-        use axum::serve::ListenerExt;
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY on a connection");
-            }
-        });
-        return axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await;
-    };
-    tls.spawn_reloader();
-    let handle = axum_server::Handle::new();
-    let stop = handle.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        stop.graceful_shutdown(None);
-    });
-    let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(tls.config.clone())
-        .acceptor(axum_server::accept::NoDelayAcceptor::new());
-    axum_server::from_tcp(listener.into_std()?)?
-        .acceptor(acceptor)
-        .handle(handle)
-        .serve(app)
-        .await
+    listen::serve(listener, router(state), tls, limits, shutdown).await
 }

@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
@@ -22,19 +21,26 @@ use engine::nodes::{CallKey, NodeLink, RemoteCall};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use node_protocol::{FromNode, PROTOCOL, ToNode};
 use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::ApiError;
 use crate::auth::{Admin, Caller, Join, MaybeCaller, Read, missing_scope};
 use crate::wire::{ErrorBody, NodeList, NodeView};
+use crate::ws::{BEFORE_HELLO, Budget, NodeSocket, Upgrade};
 use engine::access::Scope;
 use engine::nodes::Admission;
 
 /// How long a new connection has to say hello.
 const HELLO_WITHIN: Duration = Duration::from_secs(10);
 
-/// Each connection's WebSocket read and write buffer (the default is
-/// 128 KiB each, which at 5,000 nodes is over a gigabyte).
-const WS_BUFFER: usize = 4 << 10;
+/// Connections that have not said hello yet, at once, per server: each
+/// holds at most [`BEFORE_HELLO`] bytes and [`HELLO_WITHIN`].
+pub(crate) const HANDSHAKES: usize = 256;
+
+type Sink = futures_util::stream::SplitSink<NodeSocket, Message>;
+type Stream = futures_util::stream::SplitStream<NodeSocket>;
 
 /// A node's connection: upgrade to a WebSocket, then `node_protocol`. A
 /// node that has joined needs no token; a new one joins with a `join`
@@ -49,25 +55,35 @@ const WS_BUFFER: usize = 4 << 10;
 )]
 pub(crate) async fn connect(
     caller: Result<MaybeCaller, ApiError>,
-    State(engine): State<Engine>,
+    State(state): State<crate::AppState>,
     peer: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
-    ws: WebSocketUpgrade,
+    ws: Upgrade,
 ) -> Result<Response, ApiError> {
     let address = peer.map(|p| p.0.0.to_string());
     // A token that no longer works (expired, revoked) does not keep out a
     // node that joined with it: the handshake refuses only new ones.
     let token = match caller {
-        Ok(MaybeCaller(Some(p))) if p.allows(Scope::Join) => Ok(Some(p.name)),
+        Ok(MaybeCaller(Some(p))) if p.allows(Scope::Join) => Ok(Some(p)),
         Ok(MaybeCaller(Some(p))) => return Err(missing_scope(&p, Scope::Join)),
         Ok(MaybeCaller(None)) => Ok(None),
         Err(e) => Err(e.message),
     };
-    // Small buffers: a server holds thousands of these connections, and
-    // their messages are small (a large output grows the buffer as needed).
-    Ok(ws
-        .read_buffer_size(WS_BUFFER)
-        .write_buffer_size(WS_BUFFER)
-        .on_upgrade(move |socket| session(engine, token, address, socket)))
+    let Ok(permit) = state.handshakes.clone().try_acquire_owned() else {
+        tracing::warn!(
+            peer = address.as_deref().unwrap_or("?"),
+            "refused a node connection: {HANDSHAKES} others have not said hello yet"
+        );
+        return Err(ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_handshakes",
+            format!("{HANDSHAKES} node connections are saying hello already; try again shortly"),
+        ));
+    };
+    let engine = state.engine.clone();
+    let budget = Budget::new(BEFORE_HELLO);
+    Ok(ws.on_upgrade(budget.clone(), move |socket| {
+        session(engine, token, address, socket, budget, permit)
+    }))
 }
 
 /// The bytes of a bundle, for a node to verify with its own keys.
@@ -156,12 +172,14 @@ pub(crate) async fn list(
     State(engine): State<Engine>,
 ) -> Result<Json<NodeList>, ApiError> {
     let live = engine.nodes().list();
-    let nodes = engine
+    let mut nodes: Vec<NodeView> = engine
         .node_rows()
         .await?
         .into_iter()
         .map(|row| view(&engine, &live, row))
         .collect();
+    nodes.extend(engine.nodes().pending().iter().map(NodeView::pending));
+    nodes.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(Json(NodeList { nodes }))
 }
 
@@ -195,22 +213,32 @@ fn view(
     NodeView::new(row, connected, pulled)
 }
 
-/// Let a pending node in: it takes calls from its next connection.
+/// Let a node in by its key: one that waits (its fingerprint), or one that
+/// has not connected yet (its whole key). It takes calls from its next
+/// connection.
 #[utoipa::path(
     post, path = "/v1/nodes/{name}/accept", tag = "nodes",
     params(("name" = String, Path)),
+    request_body = crate::wire::AcceptNode,
     security(("bearer" = ["admin"])),
     responses(
-        (status = 200, body = NodeView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody),
+        (status = 200, body = NodeView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 503, body = ErrorBody),
     )
 )]
 pub(crate) async fn accept(
     caller: Caller<Admin>,
     State(engine): State<Engine>,
     Path(name): Path<String>,
+    body: Bytes,
 ) -> Result<Json<NodeView>, ApiError> {
-    let row = engine.accept_node(&name, &caller.principal.name).await?;
+    let expected = r#"expected {"key": "SHA256:…" or "ed25519:…"}: the key of the node to let in, as `troupe nodes list` shows it"#;
+    let req: crate::wire::AcceptNode = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request("key_required", format!("{e}; {expected}")))?;
+    let row = engine
+        .accept_node(&name, &req.key, &caller.principal.name)
+        .await?;
     Ok(Json(view(&engine, &engine.nodes().list(), row)))
 }
 
@@ -330,10 +358,16 @@ fn wire_key(key: CallKey) -> node_protocol::CallKey {
 /// whether it may take calls. `None`: the node was told why not.
 async fn handshake(
     engine: &Engine,
-    token: Result<Option<&str>, &str>,
-    sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
-    stream: &mut futures_util::stream::SplitStream<WebSocket>,
-) -> Option<(String, std::collections::BTreeMap<String, String>, u64)> {
+    token: Result<Option<&engine::access::Principal>, &str>,
+    address: Option<&str>,
+    sink: &mut Sink,
+    stream: &mut Stream,
+) -> Option<(
+    String,
+    std::collections::BTreeMap<String, String>,
+    u64,
+    Option<Vec<String>>,
+)> {
     let nonce = random_hex()?;
     let challenge = ToNode::Challenge {
         nonce: nonce.clone(),
@@ -401,16 +435,17 @@ async fn handshake(
                         return None;
                     }
                 }
-                match engine
-                    .admit_node(&name, &key, token.ok().flatten(), &capabilities)
+                let allowed = match engine
+                    .admit_node(&name, &key, token.ok().flatten(), &capabilities, address)
                     .await
                 {
-                    Ok(Admission::Accepted) => {}
+                    Ok(Admission::Accepted { allowed }) => allowed,
                     Ok(Admission::Pending) => {
+                        let fingerprint = key.fingerprint();
                         let reason = format!(
-                            "node {name:?} waits for an admin: `troupe nodes accept {name}` (or start it with a join token)"
+                            "node {name:?} waits for an admin: `troupe nodes accept {name} --key {fingerprint}` (or start it with a join token)"
                         );
-                        tracing::info!(node = %name, key = %key, "a node asked to join; it waits for `troupe nodes accept`");
+                        tracing::info!(node = %name, key = %fingerprint, "a node asked to join; it waits for `troupe nodes accept`");
                         let _ = send(
                             sink,
                             &ToNode::Refused {
@@ -438,8 +473,8 @@ async fn handshake(
                         .await;
                         return None;
                     }
-                }
-                Some((name, capabilities, uptime_ms))
+                };
+                Some((name, capabilities, uptime_ms, allowed))
             }
             _ => {
                 refuse(sink, "the first message must be a hello").await;
@@ -453,14 +488,17 @@ async fn handshake(
 /// One node connection, from its hello to its end.
 async fn session(
     engine: Engine,
-    token: Result<Option<String>, String>,
+    token: Result<Option<engine::access::Principal>, String>,
     address: Option<String>,
-    socket: WebSocket,
+    socket: NodeSocket,
+    budget: Budget,
+    handshaking: tokio::sync::OwnedSemaphorePermit,
 ) {
     let (mut sink, mut stream) = socket.split();
-    let Some((name, capabilities, uptime_ms)) = handshake(
+    let Some((name, capabilities, uptime_ms, allowed)) = handshake(
         &engine,
-        token.as_ref().map(Option::as_deref).map_err(String::as_str),
+        token.as_ref().map(Option::as_ref).map_err(String::as_str),
+        address.as_deref(),
         &mut sink,
         &mut stream,
     )
@@ -468,6 +506,8 @@ async fn session(
     else {
         return;
     };
+    budget.lift();
+    drop(handshaking);
     let (out, mut outbox) = mpsc::unbounded_channel();
     let link = Arc::new(Link {
         name: name.clone(),
@@ -484,6 +524,7 @@ async fn session(
         &name,
         engine::nodes::Connection {
             capabilities: capabilities.clone(),
+            allowed,
             link: link.clone(),
             session: session.clone(),
             address,
@@ -498,7 +539,7 @@ async fn session(
     if send(&mut sink, &welcome).await.is_err() {
         return;
     }
-    let token = token.ok().flatten();
+    let token = token.ok().flatten().map(|p| p.name);
     tracing::info!(node = %name, token = token.as_deref().unwrap_or("none"), ?capabilities, "node connected");
     // Heartbeats: the node sends one every second (`node_protocol::HEARTBEAT`),
     // and the server only reads; a node silent for the timeout (cut off,
@@ -697,18 +738,18 @@ impl axum::extract::FromRequestParts<crate::AppState> for NodeSession {
 }
 
 async fn send(
-    sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
+    sink: &mut Sink,
     message: &ToNode,
-) -> Result<(), axum::Error> {
+) -> Result<(), tokio_tungstenite::tungstenite::Error> {
     let text = serde_json::to_string(message).expect("messages serialize");
     sink.send(Message::Text(text.into())).await
 }
 
 /// Sends several messages with one flush.
 async fn send_all(
-    sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
+    sink: &mut Sink,
     messages: &[ToNode],
-) -> Result<(), axum::Error> {
+) -> Result<(), tokio_tungstenite::tungstenite::Error> {
     for message in messages {
         let text = serde_json::to_string(message).expect("messages serialize");
         sink.feed(Message::Text(text.into())).await?;
@@ -717,7 +758,7 @@ async fn send_all(
 }
 
 /// Refuses the node for good, saying why, and ends the connection.
-async fn refuse(sink: &mut futures_util::stream::SplitSink<WebSocket, Message>, why: &str) {
+async fn refuse(sink: &mut Sink, why: &str) {
     tracing::warn!("refused a node: {why}");
     let refused = ToNode::Refused {
         retry: false,
@@ -726,7 +767,7 @@ async fn refuse(sink: &mut futures_util::stream::SplitSink<WebSocket, Message>, 
     let _ = send(sink, &refused).await;
     let _ = sink
         .send(Message::Close(Some(CloseFrame {
-            code: axum::extract::ws::close_code::POLICY,
+            code: CloseCode::Policy,
             reason: "refused".into(),
         })))
         .await;

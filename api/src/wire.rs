@@ -26,7 +26,9 @@ pub struct SubmitRequest {
     /// Makes resubmitting safe: the same key and request return the first action.
     #[serde(default)]
     pub idempotency_key: Option<String>,
-    /// Pin the action to this bundle hash instead of the kind's active bundle.
+    /// Pin the action to this bundle hash instead of the kind's active
+    /// bundle. Any token that may submit may name the active version; a
+    /// version other than the active one (a rollback) needs the admin scope.
     #[serde(default)]
     pub bundle: Option<String>,
 }
@@ -115,6 +117,9 @@ pub struct NodeView {
     pub status: String,
     /// Its node key (`ed25519:…`).
     pub public_key: String,
+    /// `SHA256:…` of its key: what `troupe node` prints at start and
+    /// `troupe nodes accept NAME --key` takes.
+    pub fingerprint: String,
     pub connected: bool,
     /// What it can do (as it said when it last connected): key/value pairs
     /// steps' `requires` match against.
@@ -135,6 +140,10 @@ pub struct NodeView {
     pub draining: bool,
     /// Who let it in: an admin token's name, or the join token it joined with.
     pub accepted_by: Option<String>,
+    /// The capability patterns its admission allowed (its join token's);
+    /// null: any it reports. Steps are placed only on capabilities these
+    /// match.
+    pub allowed_capabilities: Option<Vec<String>>,
     /// Bundle bytes it downloaded from this server since the server started.
     pub pulled_bytes: u64,
     /// The verified bundles in its cache, as it last reported them (empty
@@ -170,10 +179,16 @@ impl NodeView {
                 .and_then(|c| serde_json::from_str(c).ok())
                 .unwrap_or_default(),
         };
+        let fingerprint = row
+            .public_key
+            .parse::<signing::PublicKey>()
+            .map(|k| k.fingerprint())
+            .unwrap_or_default();
         NodeView {
             name: row.name,
             status: row.status.as_str().to_owned(),
             public_key: row.public_key,
+            fingerprint,
             connected: live.is_some(),
             capabilities,
             connected_at: live.map(|n| time(&n.connected_at)),
@@ -183,6 +198,10 @@ impl NodeView {
             in_flight: live.map_or(0, |n| n.in_flight),
             draining: row.draining_since.is_some(),
             accepted_by: row.accepted_by,
+            allowed_capabilities: row
+                .allowed_capabilities
+                .as_deref()
+                .and_then(|a| serde_json::from_str(a).ok()),
             pulled_bytes,
             bundles: live
                 .map(|n| {
@@ -197,6 +216,34 @@ impl NodeView {
                         .collect()
                 })
                 .unwrap_or_default(),
+        }
+    }
+}
+
+impl NodeView {
+    /// A node that waits for an admin, held in this server's memory.
+    pub fn pending(p: &engine::nodes::PendingNode) -> NodeView {
+        NodeView {
+            name: p.name.clone(),
+            status: "pending".to_owned(),
+            public_key: p.key.to_string(),
+            fingerprint: p.key.fingerprint(),
+            connected: false,
+            capabilities: p
+                .capabilities
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                .collect(),
+            connected_at: None,
+            address: p.address.clone(),
+            last_heard_at: None,
+            last_seen_at: Some(time(&p.last_seen)),
+            in_flight: 0,
+            draining: false,
+            accepted_by: None,
+            allowed_capabilities: None,
+            pulled_bytes: 0,
+            bundles: Vec::new(),
         }
     }
 }
@@ -282,6 +329,18 @@ pub struct Health {
     pub store: Option<StoreCounters>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub version: Option<&'static str>,
+}
+
+/// `/v1/health/live` and `/v1/health/ready`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Readiness {
+    /// ok (live), ready, or not_ready.
+    pub status: &'static str,
+    /// Why not: shutting_down, database_unavailable or database_read_only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -382,6 +441,11 @@ pub struct TokenView {
     pub revoked_at: Option<String>,
     /// Neither revoked nor expired.
     pub active: bool,
+    /// A join token's rules.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub join: Option<JoinRulesView>,
+    /// Nodes admitted with it (join tokens).
+    pub uses: i64,
 }
 
 /// A new token, with its text: shown this once.
@@ -410,6 +474,57 @@ pub struct CreateToken {
     /// RFC 3339; absent for a token that does not expire.
     #[serde(default)]
     pub expires_at: Option<String>,
+    /// For a join token: what a new node may claim with it.
+    #[serde(default)]
+    pub join: Option<JoinRulesView>,
+}
+
+/// What a join token lets a new node claim. A token with the join scope
+/// admits one node unless `max_uses` says more.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"names": "hv-*", "capabilities": ["hypervisor=kvm", "oob=dc1"], "max_uses": 20}))]
+pub struct JoinRulesView {
+    /// Names a node may take (`*` matches any run); absent: any free name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub names: Option<String>,
+    /// Capability patterns (`KEY` or `KEY=VALUE`, `*` matches any run) the
+    /// node may be placed on; absent: any it reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<Vec<String>>,
+    /// New nodes it admits in all (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_uses: Option<u32>,
+}
+
+impl From<JoinRulesView> for engine::join::JoinRules {
+    fn from(j: JoinRulesView) -> engine::join::JoinRules {
+        engine::join::JoinRules {
+            names: j.names,
+            capabilities: j.capabilities,
+            max_uses: j.max_uses,
+        }
+    }
+}
+
+impl From<&engine::join::JoinRules> for JoinRulesView {
+    fn from(j: &engine::join::JoinRules) -> JoinRulesView {
+        JoinRulesView {
+            names: j.names.clone(),
+            capabilities: j.capabilities.clone(),
+            max_uses: j.max_uses,
+        }
+    }
+}
+
+/// Which key of a waiting node to let in.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"key": "SHA256:3f0c…"}))]
+pub struct AcceptNode {
+    /// The node key's fingerprint (`SHA256:…`, as `troupe node` prints it
+    /// and `GET /v1/nodes` shows it), or the whole key (`ed25519:…`).
+    pub key: String,
 }
 
 /// An administrative change.
@@ -638,6 +753,8 @@ impl From<&engine::access::TokenInfo> for TokenView {
             expires_at: t.expires_at.as_ref().map(time),
             revoked_at: t.revoked_at.as_ref().map(time),
             active: t.is_active(engine::model::now()),
+            join: t.join.as_ref().map(JoinRulesView::from),
+            uses: t.uses,
         }
     }
 }

@@ -186,7 +186,7 @@ impl EngineProbe {
             bundle: None,
             submitted_by: None,
         };
-        let Ok(submitted) = self.engine.submit(new).await else {
+        let Ok(submitted) = self.engine.submit(new, engine::model::MayPin::Active).await else {
             return false;
         };
         let id = submitted.action.id;

@@ -84,6 +84,9 @@ pub struct Principal {
     pub scopes: Vec<Scope>,
     /// The kinds a submit token may create; `None` for any.
     pub kinds: Option<Vec<String>>,
+    /// What a join token lets a new node claim; `None` for tokens
+    /// without rules (and every admin token).
+    pub join: Option<crate::join::JoinRules>,
 }
 
 impl Principal {
@@ -127,6 +130,8 @@ pub struct TokenSpec {
     pub scopes: Vec<Scope>,
     pub kinds: Option<Vec<String>>,
     pub expires_at: Option<Timestamp>,
+    /// For a join token: the names, capabilities and uses it allows.
+    pub join: Option<crate::join::JoinRules>,
 }
 
 /// A token as listed: never its secret.
@@ -140,6 +145,9 @@ pub struct TokenInfo {
     pub created_at: Timestamp,
     pub expires_at: Option<Timestamp>,
     pub revoked_at: Option<Timestamp>,
+    pub join: Option<crate::join::JoinRules>,
+    /// Nodes admitted with it (join tokens).
+    pub uses: i64,
 }
 
 impl TokenInfo {
@@ -156,6 +164,11 @@ impl TokenInfo {
             created_at: row.created_at,
             expires_at: row.expires_at,
             revoked_at: row.revoked_at,
+            join: row
+                .join_rules
+                .as_deref()
+                .and_then(|j| serde_json::from_str(j).ok()),
+            uses: row.uses,
         }
     }
 
@@ -271,6 +284,7 @@ impl Tokens {
             name: info.name,
             scopes: info.scopes,
             kinds: info.kinds,
+            join: info.join,
         })
     }
 
@@ -307,6 +321,8 @@ mod tests {
             created_at: crate::model::now(),
             expires_at: None,
             revoked_at: None,
+            join_rules: None,
+            uses: 0,
         }
     }
 
@@ -366,6 +382,7 @@ mod tests {
             name: "panel".into(),
             scopes: vec![Scope::Submit],
             kinds: Some(vec!["reboot".into()]),
+            join: None,
         };
         assert!(p.may_submit("reboot") && !p.may_submit("run"));
         let admin = Principal {

@@ -59,6 +59,7 @@ enum Msg {
     Resolve {
         kind: String,
         bundle: Option<String>,
+        may_pin: crate::model::MayPin,
         reply: oneshot::Sender<Result<Arc<LoadedBundle>>>,
     },
     Bundle {
@@ -146,10 +147,12 @@ impl AgencyHandle {
         &self,
         kind: String,
         bundle: Option<String>,
+        may_pin: crate::model::MayPin,
     ) -> Result<Arc<LoadedBundle>> {
         self.ask(|reply| Msg::Resolve {
             kind,
             bundle,
+            may_pin,
             reply,
         })
         .await?
@@ -236,9 +239,10 @@ impl Agency {
                 Msg::Resolve {
                     kind,
                     bundle,
+                    may_pin,
                     reply,
                 } => {
-                    let _ = reply.send(self.resolve(kind, bundle));
+                    let _ = reply.send(self.resolve(kind, bundle, may_pin));
                 }
                 Msg::Bundle { hash, reply } => {
                     let found = hash
@@ -372,12 +376,30 @@ impl Agency {
         Ok(())
     }
 
-    fn resolve(&self, kind: String, pinned: Option<String>) -> Result<Arc<LoadedBundle>> {
+    /// The bundle an action of `kind` runs on: the active one that provides
+    /// it, or the `pinned` one; a version other than the active one of its
+    /// name (a rollback) only if `may_pin` allows any.
+    fn resolve(
+        &self,
+        kind: String,
+        pinned: Option<String>,
+        may_pin: crate::model::MayPin,
+    ) -> Result<Arc<LoadedBundle>> {
         if let Some(hash) = pinned {
             let parsed = hash
                 .parse::<BundleHash>()
                 .map_err(|_| Error::BundleNotLoaded(hash.clone()))?;
             let bundle = self.usable(parsed)?;
+            if may_pin == crate::model::MayPin::Active && !self.is_active(parsed) {
+                return Err(Error::PinNeedsAdmin {
+                    name: bundle.manifest.name.clone(),
+                    pinned: self.label(parsed),
+                    active: self
+                        .active
+                        .get(&bundle.manifest.name)
+                        .map(|&h| self.label(h)),
+                });
+            }
             if !bundle.manifest.kinds.contains_key(&kind) {
                 return Err(Error::UnknownKind {
                     known: self.known_kinds(Some(bundle)),

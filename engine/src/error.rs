@@ -10,6 +10,9 @@ pub enum Error {
     MissingParam { kind: String, params: Vec<String> },
     #[error("{0}")]
     InvalidParam(String),
+    /// A param outside the list the operator set for it (`allowed_in`).
+    #[error("{0}")]
+    ParamNotAllowed(String),
     #[error(
         "action kind {kind:?} needs the deployment variable {var:?}, which this server does not set; \
          start it with --var {var}=… (or TROUPE_VAR_{})", var.to_uppercase()
@@ -25,6 +28,16 @@ pub enum Error {
     NotCancellable { id: ActionId, status: ActionStatus },
     #[error("no bundle with hash {0} is loaded")]
     BundleNotLoaded(String),
+    #[error(
+        "bundle {pinned} is not the active version of {name} ({}); pinning another version is a rollback, \
+         which needs a token with the admin scope: leave `bundle` out to use the active version, or ask an admin",
+        match active { Some(a) => format!("that is {a}"), None => "it has none".to_owned() }
+    )]
+    PinNeedsAdmin {
+        name: String,
+        pinned: String,
+        active: Option<String>,
+    },
     #[error(transparent)]
     Bundle(#[from] crate::bundle::Invalid),
     #[error(transparent)]
@@ -69,8 +82,21 @@ pub enum Error {
     SecretNotFound(String),
     #[error("no API token with id {0}")]
     TokenNotFound(String),
+    #[error(
+        "token {0} is the last active admin token: revoking it would leave no one able to administer \
+         this server; create another admin token first (troupe tokens create --name NAME --scope admin), then revoke this one"
+    )]
+    LastAdminToken(String),
     #[error("no node named {0:?} has joined or asked to")]
     NodeNotFound(String),
+    #[error(
+        "no node waits under the name {name:?} with key {key} on this server; `troupe nodes list` shows the keys of nodes that wait, or give the node's whole public key (ed25519:…, printed by `troupe node` when it starts)"
+    )]
+    PendingKeyNotFound { name: String, key: String },
+    #[error(
+        "node {name:?} is in with another key ({fingerprint}); remove it first (`troupe nodes remove {name}`) if the host was rebuilt"
+    )]
+    NodeKeyConflict { name: String, fingerprint: String },
     /// The database refused a write for its content (a constraint, a value
     /// it cannot hold); trying it again cannot succeed.
     #[error("the database refused a write: {0}")]

@@ -14,7 +14,11 @@
 //! | `store.after_insert_commit` | a commit that inserted actions | reports an error although the commit went through |
 //! | `runner.before_step` | a runner, before each step | (use `panic`) |
 //! | `store.refuse_step_success` | a commit holding a step's success | the database refuses it (a permanent error) |
+//! | `store.revoke_token` | a token's revoke, after it read (and on MySQL locked) the active admin tokens | (use `sleep(MS)`: holds the transaction open) |
+//! | `store.refuse_step_start` | a commit recording a step started (not one an insert started) | the database refuses it (a permanent error) |
 //! | `store.cancel_queued` | `Engine::cancel`, ending a queued action | the write fails |
+//! | `store.audit` | writing an audit entry, after the change it records was written in the same transaction | the write fails |
+//! | `engine.bundle_content` | reading a bundle's bytes (for a node's download, or `GET /v1/bundles/{hash}/content`) | `return(MS)`: waits MS milliseconds |
 //! | `runner.before_remote_call` | a runner, after a step placed on a node is recorded running, before the call is sent | `return(MS)`: waits MS milliseconds |
 
 /// Arms the points named in `FAILPOINTS`, if this build has them.

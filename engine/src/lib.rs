@@ -20,6 +20,7 @@ mod error;
 pub mod failpoints;
 pub mod goons;
 pub mod host;
+pub mod join;
 pub mod model;
 pub mod nodes;
 pub mod placement;
@@ -43,7 +44,9 @@ use access::{Principal, Refused, Scope, TokenInfo, TokenSpec, Tokens};
 use agency::AgencyHandle;
 use authority::AuthorityHandle;
 use control::{CancelOutcome, ControlHandle, SubmitOrder};
-use model::{Action, ActionFilter, ActionId, ActionStatus, NewAction, NodeStatus, Submitted};
+use model::{
+    Action, ActionFilter, ActionId, ActionStatus, MayPin, NewAction, NodeStatus, Submitted,
+};
 use runner::Shared;
 use store::{AuditEntry, Outcome, Store, TokenRow, Write};
 
@@ -186,6 +189,7 @@ impl Engine {
         let bundles = config.data_dir.join("bundles");
         std::fs::create_dir_all(&bundles)
             .map_err(Error::io(format!("creating {}", bundles.display())))?;
+        bundle::sweep_staging(&bundles);
         let agency = AgencyHandle::spawn(config.host_command.clone(), config.cancel_grace);
         let shared = Arc::new(Shared {
             store: store.clone(),
@@ -297,16 +301,18 @@ impl Engine {
     }
 
     /// Decides on a node's hello, its key already proven (it signed the
-    /// challenge). A name seen for the first time is accepted when it comes
-    /// with a join token and recorded `pending` without one; after that the
-    /// name belongs to its key: another key is refused, and so is a removed
-    /// one. A pending node that comes back with a join token is accepted.
+    /// challenge). A name belongs to the key it was accepted with: another
+    /// key is refused, and so is a removed one. A new name is accepted with
+    /// a join token whose rules allow it (the name, a use left); without
+    /// one the node waits in memory (`Nodes::ask_to_join`, capped), nothing
+    /// written, until an admin accepts its key.
     pub async fn admit_node(
         &self,
         name: &str,
         key: &signing::PublicKey,
-        join_token: Option<&str>,
+        token: Option<&access::Principal>,
         capabilities: &std::collections::BTreeMap<String, String>,
+        address: Option<&str>,
     ) -> Result<nodes::Admission> {
         use nodes::Admission;
         let now = model::now();
@@ -316,9 +322,19 @@ impl Engine {
             Err(Error::NodeNotFound(_)) => None,
             Err(e) => return Err(e),
         };
-        let mut writes = Vec::new();
-        let mut row = match known {
-            Some(row) if row.public_key != key_text && row.status != NodeStatus::Removed => {
+        match known {
+            Some(row) if row.status == NodeStatus::Accepted && row.public_key == key_text => {
+                let allowed = allowed_capabilities(&row);
+                let mut row = row;
+                row.capabilities = Some(json!(capabilities).to_string());
+                row.last_seen_at = Some(now);
+                self.inner
+                    .store
+                    .write(vec![Write::PutNode(Box::new(row))])
+                    .await?;
+                return Ok(Admission::Accepted { allowed });
+            }
+            Some(row) if row.status == NodeStatus::Accepted => {
                 return Ok(Admission::Refused(format!(
                     "the name {name:?} belongs to another node key; pick another --name, or have an admin remove the old node (`troupe nodes remove {name}`)"
                 )));
@@ -328,53 +344,155 @@ impl Engine {
                     "node {name:?} was removed; its key is no longer accepted (a new key, from a fresh data directory, can join again)"
                 )));
             }
-            Some(row) if row.public_key == key_text => row,
-            // New, or a removed name taken by a new key.
-            _ => store::NodeRow {
-                name: name.to_owned(),
-                public_key: key_text,
-                status: NodeStatus::Pending,
-                created_at: now,
-                accepted_at: None,
-                accepted_by: None,
-                capabilities: None,
-                last_seen_at: None,
-                draining_since: None,
-            },
-        };
-        if row.status == NodeStatus::Pending
-            && let Some(token) = join_token
-        {
-            row.status = NodeStatus::Accepted;
-            row.accepted_at = Some(now);
-            row.accepted_by = Some(token.to_owned());
-            writes.push(Write::Audit(Box::new(AuditEntry::new(
-                token,
-                "node.joined",
-                name,
-                json!({ "public_key": row.public_key }),
-            ))));
+            // New, waiting (a row from before waiting nodes were kept in
+            // memory), or a removed name taken by a new key.
+            _ => {}
         }
-        row.capabilities = Some(json!(capabilities).to_string());
-        row.last_seen_at = Some(now);
-        let admission = match row.status {
-            NodeStatus::Accepted => Admission::Accepted,
-            _ => Admission::Pending,
+        let Some(token) = token else {
+            let asked = self.nodes().ask_to_join(nodes::PendingNode {
+                name: name.to_owned(),
+                key: key.clone(),
+                capabilities: capabilities.clone(),
+                address: address.map(str::to_owned),
+                first_seen: now,
+                last_seen: now,
+            });
+            return Ok(if asked {
+                Admission::Pending
+            } else {
+                Admission::Refused(format!(
+                    "{} nodes already wait for an admin on this server; join with a join token (`troupe nodes token create`)",
+                    nodes::MAX_PENDING
+                ))
+            });
         };
-        writes.insert(0, Write::PutNode(Box::new(row)));
-        self.inner.store.write(writes).await?;
-        Ok(admission)
+        let rules = token.join.clone();
+        if let Some(rules) = &rules {
+            if !rules.allows_name(name) {
+                return Ok(Admission::Refused(format!(
+                    "join token {:?} does not let a node take the name {name:?} (it allows {})",
+                    token.name,
+                    rules.names.as_deref().unwrap_or("*")
+                )));
+            }
+            let used = self
+                .inner
+                .store
+                .write(vec![Write::UseJoinToken {
+                    id: token.token_id.clone(),
+                    max_uses: rules.max_uses,
+                    at: now,
+                }])
+                .await?;
+            if !matches!(used.first(), Some(store::Outcome::Done { rows: 1 })) {
+                return Ok(Admission::Refused(format!(
+                    "join token {:?} has no uses left (it admitted {} node(s)); ask an admin for a new one",
+                    token.name,
+                    rules.max_uses.unwrap_or_default()
+                )));
+            }
+        }
+        let allowed = rules.and_then(|r| r.capabilities);
+        let row = store::NodeRow {
+            name: name.to_owned(),
+            public_key: key_text,
+            status: NodeStatus::Accepted,
+            created_at: now,
+            accepted_at: Some(now),
+            accepted_by: Some(token.name.clone()),
+            capabilities: Some(json!(capabilities).to_string()),
+            last_seen_at: Some(now),
+            draining_since: None,
+            allowed_capabilities: allowed.as_ref().map(|a| json!(a).to_string()),
+        };
+        let audit = AuditEntry::new(
+            &token.name,
+            "node.joined",
+            name,
+            json!({ "public_key": row.public_key, "fingerprint": key.fingerprint(), "allowed_capabilities": allowed }),
+        );
+        self.inner
+            .store
+            .write(vec![
+                Write::PutNode(Box::new(row)),
+                Write::Audit(Box::new(audit)),
+            ])
+            .await?;
+        self.nodes().forget_pending(name);
+        Ok(Admission::Accepted { allowed })
     }
 
-    /// Lets a pending node in (it takes calls from its next connection).
-    pub async fn accept_node(&self, name: &str, by: &str) -> Result<store::NodeRow> {
-        let mut row = self.node(name).await?;
-        if row.status != NodeStatus::Accepted {
-            row.status = NodeStatus::Accepted;
-            row.accepted_at = Some(model::now());
-            row.accepted_by = Some(by.to_owned());
-            self.put_node(&row, by, "node.accepted").await?;
+    /// Lets in the node that holds `key` under `name` (it takes calls from
+    /// its next connection): `key` is a waiting node's fingerprint
+    /// (`SHA256:…`) or a whole public key (`ed25519:…`), which admits a
+    /// node before it has ever connected. Accepting the key already in is
+    /// no change and writes nothing.
+    pub async fn accept_node(&self, name: &str, key: &str, by: &str) -> Result<store::NodeRow> {
+        if !placement::is_capability_name(name) {
+            return Err(Error::InvalidRequest(format!(
+                "{name:?} is not a node name (letters, digits, '-', '_', '.'; at most 64)"
+            )));
         }
+        let key = key.trim();
+        let known = match self.node(name).await {
+            Ok(row) => Some(row),
+            Err(Error::NodeNotFound(_)) => None,
+            Err(e) => return Err(e),
+        };
+        // The key the name already has, named by its text or fingerprint.
+        let known_key = known
+            .as_ref()
+            .and_then(|r| r.public_key.parse::<signing::PublicKey>().ok())
+            .filter(|k| k.to_string() == key || k.fingerprint() == key);
+        let public_key = match (known_key, key.parse::<signing::PublicKey>()) {
+            (Some(k), _) | (None, Ok(k)) => k,
+            (None, Err(_)) if key.starts_with("ed25519:") => {
+                return Err(Error::InvalidRequest(format!(
+                    "{key:?} is not a public key (ed25519:<64 hex digits>)"
+                )));
+            }
+            (None, Err(_)) => match self.nodes().pending_key(name, key) {
+                Some(p) => p.key,
+                None => {
+                    return Err(Error::PendingKeyNotFound {
+                        name: name.to_owned(),
+                        key: key.to_owned(),
+                    });
+                }
+            },
+        };
+        let key_text = public_key.to_string();
+        if let Some(row) = &known
+            && row.status == NodeStatus::Accepted
+        {
+            if row.public_key == key_text {
+                return Ok(row.clone());
+            }
+            let fingerprint = row
+                .public_key
+                .parse::<signing::PublicKey>()
+                .map(|k| k.fingerprint())
+                .unwrap_or_else(|_| row.public_key.clone());
+            return Err(Error::NodeKeyConflict {
+                name: name.to_owned(),
+                fingerprint,
+            });
+        }
+        let now = model::now();
+        let row = store::NodeRow {
+            name: name.to_owned(),
+            public_key: key_text,
+            status: NodeStatus::Accepted,
+            created_at: known.as_ref().map_or(now, |r| r.created_at),
+            accepted_at: Some(now),
+            accepted_by: Some(by.to_owned()),
+            capabilities: known.as_ref().and_then(|r| r.capabilities.clone()),
+            last_seen_at: known.as_ref().and_then(|r| r.last_seen_at),
+            draining_since: known.as_ref().and_then(|r| r.draining_since),
+            allowed_capabilities: None,
+        };
+        self.put_node(&row, by, "node.accepted").await?;
+        self.nodes().forget_pending(name);
         Ok(row)
     }
 
@@ -388,6 +506,7 @@ impl Engine {
             self.put_node(&row, by, "node.removed").await?;
             tracing::warn!(node = %name, by, "node removed");
         }
+        self.nodes().forget_pending(name);
         self.nodes()
             .disconnect(name, "this node was removed by an admin");
         Ok(row)
@@ -395,11 +514,16 @@ impl Engine {
 
     /// Stores a node's changed row with the audit entry that records it.
     async fn put_node(&self, row: &store::NodeRow, by: &str, event: &str) -> Result<()> {
+        let fingerprint = row
+            .public_key
+            .parse::<signing::PublicKey>()
+            .map(|k| k.fingerprint())
+            .ok();
         let audit = AuditEntry::new(
             by,
             event,
             &row.name,
-            json!({ "public_key": row.public_key }),
+            json!({ "public_key": row.public_key, "fingerprint": fingerprint }),
         );
         self.inner
             .store
@@ -429,7 +553,8 @@ impl Engine {
         Ok(row)
     }
 
-    /// Every node that joined or asked to, by name.
+    /// Every node that joined (or, before waiting nodes were kept in memory,
+    /// asked to), by name.
     pub async fn node_rows(&self) -> Result<Vec<store::NodeRow>> {
         self.inner.store.node_rows(None).await
     }
@@ -546,6 +671,14 @@ impl Engine {
 
     /// The signed bytes of a bundle the server holds.
     pub async fn bundle_content(&self, hash: &str) -> Result<Vec<u8>> {
+        #[cfg(feature = "failpoints")]
+        if let Some(ms) = (|| {
+            fail::fail_point!("engine.bundle_content", |ms| ms
+                .and_then(|ms| ms.parse::<u64>().ok()));
+            None
+        })() {
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        }
         self.inner
             .store
             .bundle_content(hash)
@@ -596,6 +729,29 @@ impl Engine {
     /// Creates an API token; returns it as listed and its text, which is
     /// shown this once and stored only as a hash.
     pub async fn create_token(&self, spec: TokenSpec, by: &str) -> Result<(TokenInfo, String)> {
+        let (row, text) = Engine::store_token(&self.inner.store, spec, by).await?;
+        self.inner.tokens.put(row.clone());
+        tracing::info!(token_id = %row.id, name = %row.name, scopes = %row.scopes, by, "API token created");
+        Ok((TokenInfo::from_row(&row), text))
+    }
+
+    /// Creates an API token straight in the database at `database_url`,
+    /// with no engine running: on a server's host, the way back in when
+    /// every admin token is lost. Audited like any other; running servers
+    /// take it within [`access::REFRESH`]. The database must exist already.
+    pub async fn create_token_in(
+        database_url: &str,
+        spec: TokenSpec,
+        by: &str,
+    ) -> Result<(TokenInfo, String)> {
+        let store = Store::connect(database_url).await?;
+        let (row, text) = Engine::store_token(&store, spec, by).await?;
+        Ok((TokenInfo::from_row(&row), text))
+    }
+
+    /// Checks a new token, stores it with its audit entry, and returns its
+    /// row and its text.
+    async fn store_token(store: &Store, spec: TokenSpec, by: &str) -> Result<(TokenRow, String)> {
         let name = spec.name.trim();
         if name.is_empty()
             || name.len() > 64
@@ -624,20 +780,30 @@ impl Engine {
                 ));
             }
         }
+        // A join token admits one node unless its creator says more: a
+        // leaked one is then worth nothing once its node has joined.
+        let join = match (spec.scopes.contains(&Scope::Join), spec.join) {
+            (true, rules) => {
+                let mut rules = rules.unwrap_or_default();
+                rules.max_uses.get_or_insert(join::DEFAULT_USES);
+                rules.check().map_err(Error::InvalidRequest)?;
+                Some(rules)
+            }
+            (false, None) => None,
+            (false, Some(_)) => {
+                return Err(Error::InvalidRequest(
+                    "names, capabilities and uses are rules of a join token: give it the join scope"
+                        .into(),
+                ));
+            }
+        };
         let now = model::now();
         if spec.expires_at.is_some_and(|at| at <= now) {
             return Err(Error::InvalidRequest(
                 "the expiry is in the past; give a time in the future".into(),
             ));
         }
-        if self
-            .inner
-            .store
-            .tokens()
-            .await?
-            .iter()
-            .any(|t| t.name == name)
-        {
+        if store.tokens().await?.iter().any(|t| t.name == name) {
             return Err(Error::TokenNameTaken(name.to_owned()));
         }
         let (id, text) =
@@ -652,23 +818,24 @@ impl Engine {
             created_at: now,
             expires_at: spec.expires_at,
             revoked_at: None,
+            join_rules: join
+                .as_ref()
+                .map(|j| serde_json::to_string(j).expect("rules serialize")),
+            uses: 0,
         };
         let audit = AuditEntry::new(
             by,
             "token.created",
             &id,
-            json!({ "name": row.name, "scopes": row.scopes, "kinds": row.kinds, "expires_at": row.expires_at }),
+            json!({ "name": row.name, "scopes": row.scopes, "kinds": row.kinds, "expires_at": row.expires_at, "join": join }),
         );
-        self.inner
-            .store
+        store
             .write(vec![
                 Write::CreateToken(Box::new(row.clone())),
                 Write::Audit(Box::new(audit)),
             ])
             .await?;
-        self.inner.tokens.put(row.clone());
-        tracing::info!(token_id = %id, name = %row.name, scopes = %row.scopes, by, "API token created");
-        Ok((TokenInfo::from_row(&row), text))
+        Ok((row, text))
     }
 
     /// Stores a token whose text the operator chose (the old single
@@ -689,6 +856,8 @@ impl Engine {
             created_at: model::now(),
             expires_at: None,
             revoked_at: None,
+            join_rules: None,
+            uses: 0,
         };
         let audit = AuditEntry::new(
             "--admin-token",
@@ -715,35 +884,47 @@ impl Engine {
     }
 
     /// Revokes an API token: refused from the next request on, on this
-    /// server at once and on others within [`access::REFRESH`].
+    /// server at once and on others within [`access::REFRESH`]. The last
+    /// active admin token is not revoked ([`Error::LastAdminToken`]): the
+    /// database decides, so two revokes racing cannot leave none. Revoking
+    /// a revoked token changes nothing.
     pub async fn revoke_token(&self, id: &str, by: &str) -> Result<TokenInfo> {
-        let Some(mut row) = self
-            .inner
-            .store
-            .tokens()
-            .await?
-            .into_iter()
-            .find(|t| t.id == id)
-        else {
-            return Err(Error::TokenNotFound(id.to_owned()));
+        let find = async || -> Result<TokenRow> {
+            self.inner
+                .store
+                .tokens()
+                .await?
+                .into_iter()
+                .find(|t| t.id == id)
+                .ok_or_else(|| Error::TokenNotFound(id.to_owned()))
         };
+        let mut row = find().await?;
         if row.revoked_at.is_some() {
             // Nothing changes: nothing to record.
             return Ok(TokenInfo::from_row(&row));
         }
         let at = model::now();
         let audit = AuditEntry::new(by, "token.revoked", id, json!({ "name": row.name }));
-        self.inner
+        let outcome = self
+            .inner
             .store
-            .write(vec![
-                Write::RevokeToken {
-                    id: id.to_owned(),
-                    at,
-                },
-                Write::Audit(Box::new(audit)),
-            ])
+            .write(vec![Write::RevokeToken {
+                id: id.to_owned(),
+                at,
+                audit: Box::new(audit),
+            }])
             .await?;
-        row.revoked_at.get_or_insert(at);
+        if outcome.first().is_none_or(|o| o.rows() == 0) {
+            // Revoked meanwhile by another request, or the last admin token.
+            let now = find().await?;
+            if now.revoked_at.is_some() {
+                self.inner.tokens.put(now.clone());
+                return Ok(TokenInfo::from_row(&now));
+            }
+            tracing::warn!(token_id = %id, name = %row.name, by, "refused to revoke the last active admin token");
+            return Err(Error::LastAdminToken(id.to_owned()));
+        }
+        row.revoked_at = Some(at);
         self.inner.tokens.put(row.clone());
         tracing::warn!(token_id = %id, name = %row.name, by, "API token revoked");
         Ok(TokenInfo::from_row(&row))
@@ -927,7 +1108,8 @@ impl Engine {
     }
 
     /// Validates a request, records the action durably and hands it to Control.
-    pub async fn submit(&self, new: NewAction) -> Result<Submitted> {
+    /// A pinned version must be one `may_pin` allows.
+    pub async fn submit(&self, new: NewAction, may_pin: MayPin) -> Result<Submitted> {
         if self.inner.shared.stopping.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
@@ -954,7 +1136,7 @@ impl Engine {
         let bundle = self
             .inner
             .agency
-            .resolve(new.kind.clone(), new.bundle.clone())
+            .resolve(new.kind.clone(), new.bundle.clone(), may_pin)
             .await?;
         let kind = &bundle.manifest.kinds[&new.kind];
         let mut new = new;
@@ -974,6 +1156,9 @@ impl Engine {
                 var,
             });
         }
+        kind.params
+            .check_allowed(&new.params, &self.inner.shared.vars)
+            .map_err(Error::ParamNotAllowed)?;
         let request = json!({ "kind": new.kind, "target": new.target, "params": new.params });
         let request_hash: String = Sha256::digest(request.to_string().as_bytes())
             .iter()
@@ -1223,6 +1408,39 @@ impl Engine {
 
     /// Stops starting steps and refuses new submits (`ShuttingDown`);
     /// [`Engine::shutdown`] finishes the job.
+    /// Whether this server should be sent work: `Err` says why not, as a
+    /// stable code and a sentence (never the database's own message).
+    /// Answers within `within` whatever the database does.
+    pub async fn readiness(
+        &self,
+        within: Duration,
+    ) -> std::result::Result<(), (&'static str, String)> {
+        if self.inner.shared.stopping.is_cancelled() {
+            return Err((
+                "shutting_down",
+                "this server is shutting down; send work to another".into(),
+            ));
+        }
+        match tokio::time::timeout(within, self.inner.store.writable()).await {
+            Ok(Ok(true)) => Ok(()),
+            Ok(Ok(false)) => Err((
+                "database_read_only",
+                "the database is read-only (a replica, or a primary after a switchover)".into(),
+            )),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "readiness: the database does not answer");
+                Err((
+                    "database_unavailable",
+                    "the database does not answer".into(),
+                ))
+            }
+            Err(_) => Err((
+                "database_unavailable",
+                format!("the database did not answer within {within:?}"),
+            )),
+        }
+    }
+
     pub fn begin_shutdown(&self) {
         self.inner.shared.stopping.cancel();
     }
@@ -1264,4 +1482,12 @@ async fn drained_nodes(store: &Store) -> Result<nodes::Nodes> {
         }
     }
     Ok(nodes)
+}
+
+/// The capability patterns a node's admission allowed, as stored in its
+/// row; `None`: any it reports.
+fn allowed_capabilities(row: &store::NodeRow) -> Option<Vec<String>> {
+    row.allowed_capabilities
+        .as_deref()
+        .and_then(|a| serde_json::from_str(a).ok())
 }

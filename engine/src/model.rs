@@ -179,6 +179,15 @@ pub struct NewAction {
     pub submitted_by: Option<String>,
 }
 
+/// Which versions a submit may pin ([`NewAction::bundle`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MayPin {
+    /// Only the active version of its bundle's name: any token that may submit.
+    Active,
+    /// Any version the server holds: a rollback, which only an admin may ask for.
+    Any,
+}
+
 /// What `submit` did with a request.
 #[derive(Debug, Clone)]
 pub struct Submitted {

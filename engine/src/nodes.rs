@@ -73,8 +73,9 @@ pub trait NodeLink: Send + Sync + 'static {
 /// What a node's hello gets (see `Engine::admit_node`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admission {
-    /// It may take calls.
-    Accepted,
+    /// It may take calls, placed on the capabilities its admission allowed
+    /// (`None`: any it reports; see `join::admitted`).
+    Accepted { allowed: Option<Vec<String>> },
     /// It waits for an operator: `troupe nodes accept NAME`.
     Pending,
     /// Not with this key; why, for the node's operator.
@@ -107,10 +108,34 @@ pub struct NodeBundles {
     pub loaded: Vec<String>,
 }
 
+/// How many nodes may wait for an admin's accept on one server at once.
+/// They are held in memory only: a peer without a join token writes
+/// nothing to the database.
+pub const MAX_PENDING: usize = 64;
+
+/// How long a waiting node is remembered after its last hello (a waiting
+/// node says hello again every few seconds).
+pub const PENDING_FOR: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// A node that proved its key but has neither a join token nor an
+/// admin's accept: shown by `troupe nodes list` until one of its keys is
+/// accepted (`troupe nodes accept NAME --key FINGERPRINT`).
+#[derive(Debug, Clone)]
+pub struct PendingNode {
+    pub name: String,
+    pub key: signing::PublicKey,
+    pub capabilities: BTreeMap<String, String>,
+    pub address: Option<String>,
+    pub first_seen: Timestamp,
+    pub last_seen: Timestamp,
+}
+
 /// A connection about to be attached to the registry.
 pub struct Connection {
     /// What it says it can do. `node` is always its name, whatever it says.
     pub capabilities: BTreeMap<String, String>,
+    /// The capability patterns its admission allowed; `None`: any.
+    pub allowed: Option<Vec<String>>,
     pub link: Arc<dyn NodeLink>,
     /// The bearer credential the node downloads bundles with while this
     /// connection lasts (see [`Nodes::by_session`]).
@@ -121,6 +146,24 @@ pub struct Connection {
     /// may have lost it; one that did not has never seen a call it
     /// neither holds nor acknowledged.
     pub started: Timestamp,
+}
+
+fn expired(p: &PendingNode, now: Timestamp) -> bool {
+    (now - p.last_seen).to_std().unwrap_or_default() > PENDING_FOR
+}
+
+/// The capabilities placement sees: those the admission allowed, and
+/// `node` always the node's name.
+fn admitted(
+    name: &str,
+    allowed: Option<&[String]>,
+    capabilities: BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let (kept, dropped) = crate::join::admitted(allowed, capabilities);
+    if !dropped.is_empty() {
+        tracing::warn!(node = %name, ?dropped, "a node reports capabilities its admission does not allow; steps are not placed on them");
+    }
+    own_name(name, kept)
 }
 
 /// The connected nodes. Cheap to clone.
@@ -139,6 +182,8 @@ struct Registry {
     draining: Mutex<std::collections::BTreeSet<String>>,
     /// Bundle bytes each node downloaded, across its connections.
     pulled: Mutex<HashMap<String, u64>>,
+    /// Nodes waiting for an admin, by name and key; at most [`MAX_PENDING`].
+    pending: Mutex<Vec<PendingNode>>,
     /// Bumped whenever placement could come out differently.
     changed: watch::Sender<u64>,
 }
@@ -153,6 +198,9 @@ struct Parked {
 struct Entry {
     started: Timestamp,
     capabilities: BTreeMap<String, String>,
+    /// The patterns its admission allowed; what it reports beyond them is
+    /// not placed on.
+    allowed: Option<Vec<String>>,
     address: Option<String>,
     /// Unix milliseconds; shared with the connection's [`Attached`].
     last_heard: Arc<AtomicI64>,
@@ -176,6 +224,7 @@ impl Default for Nodes {
                 parked: Mutex::default(),
                 draining: Mutex::default(),
                 pulled: Mutex::default(),
+                pending: Mutex::default(),
                 changed: watch::channel(0).0,
             }),
         }
@@ -189,9 +238,11 @@ impl Nodes {
         static EPOCH: AtomicUsize = AtomicUsize::new(1);
         let epoch = EPOCH.fetch_add(1, Ordering::Relaxed) as u64;
         let last_heard = Arc::new(AtomicI64::new(unix_ms()));
+        let capabilities = admitted(name, connection.allowed.as_deref(), connection.capabilities);
         let entry = Entry {
             started: connection.started,
-            capabilities: own_name(name, connection.capabilities),
+            capabilities,
+            allowed: connection.allowed,
             address: connection.address,
             last_heard: last_heard.clone(),
             bundles: NodeBundles::default(),
@@ -216,9 +267,57 @@ impl Nodes {
     /// stays its name, whatever it says.
     pub fn set_capabilities(&self, name: &str, capabilities: BTreeMap<String, String>) {
         if let Some(e) = self.inner.lock().get_mut(name) {
-            e.capabilities = own_name(name, capabilities);
+            e.capabilities = admitted(name, e.allowed.as_deref(), capabilities);
         }
         self.inner.bump();
+    }
+
+    /// Remembers a node that asks to join without a join token, until an
+    /// admin accepts its key or it stops asking. `false` when
+    /// [`MAX_PENDING`] others wait already.
+    pub fn ask_to_join(&self, node: PendingNode) -> bool {
+        let mut pending = self.inner.pending.lock().unwrap();
+        let now = crate::model::now();
+        pending.retain(|p| !expired(p, now));
+        if let Some(p) = pending
+            .iter_mut()
+            .find(|p| p.name == node.name && p.key == node.key)
+        {
+            p.capabilities = node.capabilities;
+            p.address = node.address;
+            p.last_seen = node.last_seen;
+            return true;
+        }
+        if pending.len() >= MAX_PENDING {
+            return false;
+        }
+        pending.push(node);
+        true
+    }
+
+    /// The nodes waiting for an admin, oldest first.
+    pub fn pending(&self) -> Vec<PendingNode> {
+        let mut pending = self.inner.pending.lock().unwrap();
+        let now = crate::model::now();
+        pending.retain(|p| !expired(p, now));
+        pending.clone()
+    }
+
+    /// The waiting node named `name` whose key is `key` (its fingerprint
+    /// or its whole text).
+    pub fn pending_key(&self, name: &str, key: &str) -> Option<PendingNode> {
+        self.pending()
+            .into_iter()
+            .find(|p| p.name == name && (p.key.fingerprint() == key || p.key.to_string() == key))
+    }
+
+    /// Forgets every key waiting under `name` (it is in now, or removed).
+    pub fn forget_pending(&self, name: &str) {
+        self.inner
+            .pending
+            .lock()
+            .unwrap()
+            .retain(|p| p.name != name);
     }
 
     /// What a connected node reports of its bundle cache.
@@ -566,6 +665,7 @@ mod tests {
     fn idle(pairs: &[(&str, &str)], session: &str) -> Connection {
         Connection {
             capabilities: caps(pairs),
+            allowed: None,
             link: Arc::new(Idle),
             session: session.to_owned(),
             address: None,

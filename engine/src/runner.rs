@@ -303,6 +303,7 @@ async fn steps(
     // Every secret value delivered to this action's steps so far: masked in
     // whatever any of its steps output or report.
     let mut delivered: Vec<String> = Vec::new();
+    let mut masker = secrets::Masker::default();
     for (seq, step_use) in kind.steps.iter().enumerate() {
         fail::fail_point!("runner.before_step");
         let seq = seq as u32;
@@ -421,7 +422,10 @@ async fn steps(
             };
             let secrets = match secrets {
                 Ok(values) => {
-                    remember(&mut delivered, &values);
+                    if remember(&mut delivered, &values) {
+                        masker = secrets::Masker::new(&delivered);
+                        secrets::given(&values);
+                    }
                     Ok(values)
                 }
                 Err(LoadError::Missing(m)) => Err(StepResult::Fatal(m)),
@@ -505,10 +509,12 @@ async fn steps(
             };
             drop(scope);
             let Attempt { result, mut log } = ran;
-            let result = bound(mask(result, &delivered));
+            // Masked before anything is cut, so no cut leaves a piece of a
+            // secret behind.
+            let result = bound(mask(result, &masker));
             // What the attempt logged rides with its outcome, whatever that is.
             if !log.is_empty() {
-                secrets::mask_in(&mut log, &delivered);
+                masker.text(&mut log);
                 carry.push(Write::StepLog {
                     id,
                     seq,
@@ -766,38 +772,34 @@ fn step_failed(id: crate::model::ActionId, seq: u32, error: &str) -> Write {
     }
 }
 
-/// Adds newly delivered secret values, longest first (so one that contains
-/// another is masked whole).
-fn remember(delivered: &mut Vec<String>, values: &std::collections::BTreeMap<String, String>) {
+/// Adds newly delivered secret values; true if there was one.
+fn remember(
+    delivered: &mut Vec<String>,
+    values: &std::collections::BTreeMap<String, String>,
+) -> bool {
+    let mut added = false;
     for v in values.values() {
         if !delivered.contains(v) {
             delivered.push(v.clone());
+            added = true;
         }
     }
-    delivered.sort_by_key(|v| std::cmp::Reverse(v.len()));
+    added
 }
 
-/// The step's result with every delivered secret value replaced by `***`.
-fn mask(result: StepResult, delivered: &[String]) -> StepResult {
-    if delivered.is_empty() {
+/// The step's result with every delivered secret masked: its output, or
+/// its error message whatever the ending (one place, so that no ending can
+/// be left out).
+fn mask(mut result: StepResult, masker: &secrets::Masker) -> StepResult {
+    if masker.is_empty() {
         return result;
     }
-    let text = |mut s: String| {
-        secrets::mask_in(&mut s, delivered);
-        s
-    };
-    match result {
-        StepResult::Ok(mut v) => {
-            secrets::mask_value(&mut v, delivered);
-            StepResult::Ok(v)
-        }
-        StepResult::Retryable(m) => StepResult::Retryable(text(m)),
-        StepResult::Fatal(m) => StepResult::Fatal(text(m)),
-        StepResult::TimedOut(m) => StepResult::TimedOut(text(m)),
-        StepResult::Lost(m) => StepResult::Lost(text(m)),
-        StepResult::NotRun(m) => StepResult::NotRun(text(m)),
-        StepResult::Cancelled => StepResult::Cancelled,
+    if let StepResult::Ok(v) = &mut result {
+        masker.value(v);
+    } else if let Some(message) = result.message_mut() {
+        masker.text(message);
     }
+    result
 }
 
 /// The most of a step's error message troupe stores; the rest is cut.
@@ -816,16 +818,11 @@ fn output_too_large(len: usize) -> String {
 
 /// The step's error message cut to [`MAX_ERROR_BYTES`] (saying how much was
 /// cut). An output's size is checked where it is serialized for storing.
-fn bound(result: StepResult) -> StepResult {
-    match result {
-        StepResult::Ok(output) => StepResult::Ok(output),
-        StepResult::Retryable(m) => StepResult::Retryable(cut(m)),
-        StepResult::Fatal(m) => StepResult::Fatal(cut(m)),
-        StepResult::TimedOut(m) => StepResult::TimedOut(cut(m)),
-        StepResult::Lost(m) => StepResult::Lost(cut(m)),
-        StepResult::NotRun(m) => StepResult::NotRun(cut(m)),
-        StepResult::Cancelled => StepResult::Cancelled,
+fn bound(mut result: StepResult) -> StepResult {
+    if let Some(message) = result.message_mut() {
+        *message = cut(std::mem::take(message));
     }
+    result
 }
 
 /// `text` cut to [`MAX_ERROR_BYTES`] on a character boundary.

@@ -28,6 +28,20 @@ pub enum StepResult {
     Cancelled,
 }
 
+impl StepResult {
+    /// The error message of an attempt that did not succeed.
+    pub(crate) fn message_mut(&mut self) -> Option<&mut String> {
+        match self {
+            StepResult::Retryable(m)
+            | StepResult::Fatal(m)
+            | StepResult::TimedOut(m)
+            | StepResult::Lost(m)
+            | StepResult::NotRun(m) => Some(m),
+            StepResult::Ok(_) | StepResult::Cancelled => None,
+        }
+    }
+}
+
 /// One attempt: how it ended and what the step logged.
 #[derive(Debug)]
 pub struct Attempt {

@@ -48,6 +48,15 @@ impl PublicKey {
         KeyId(digest[..8].try_into().expect("8 bytes"))
     }
 
+    /// `SHA256:<64 hex digits>` of the key's bytes: what an operator
+    /// compares and accepts (`troupe nodes accept NAME --key …`).
+    pub fn fingerprint(&self) -> String {
+        format!(
+            "SHA256:{}",
+            crate::hex::encode(&Sha256::digest(self.0.as_bytes()))
+        )
+    }
+
     pub(crate) fn inner(&self) -> &VerifyingKey {
         &self.0
     }

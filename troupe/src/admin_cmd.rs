@@ -20,7 +20,11 @@ pub(crate) enum TokensCommand {
         #[arg(long)]
         name: String,
         /// read, submit, operate or admin; repeat for more. Every scope includes read; admin includes all.
-        #[arg(long = "scope", required = true, value_name = "SCOPE")]
+        #[arg(
+            long = "scope",
+            required_unless_present = "admin",
+            value_name = "SCOPE"
+        )]
         scopes: Vec<String>,
         /// Limit a submit token to these kinds (comma-separated).
         #[arg(long, value_delimiter = ',')]
@@ -34,6 +38,15 @@ pub(crate) enum TokensCommand {
         /// Print the API's JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// On the server's host, with no API token: create an admin token directly in the database (when every admin token is lost). Audited as host:<unix user>; run it as the server's user. Needs --data-dir or --db.
+        #[arg(long, conflicts_with_all = ["scopes", "kinds"], requires = "host_db")]
+        admin: bool,
+        /// With --admin: the server's data directory (its SQLite database).
+        #[arg(long, group = "host_db", requires = "admin")]
+        data_dir: Option<std::path::PathBuf>,
+        /// With --admin: the server's database URL.
+        #[arg(long, group = "host_db", requires = "admin")]
+        db: Option<String>,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -176,6 +189,8 @@ pub(crate) struct NewToken<'a> {
     pub(crate) scopes: &'a [String],
     pub(crate) kinds: &'a [String],
     pub(crate) expires_in: Option<Duration>,
+    /// A join token's rules (`engine::join`), as the API takes them.
+    pub(crate) join: Option<Value>,
     /// A new file to write it to (mode 0600), instead of printing it.
     pub(crate) out: Option<&'a Path>,
     pub(crate) json: bool,
@@ -190,6 +205,7 @@ pub(crate) async fn create_token(server: &ServerArg, new: NewToken<'_>) -> Resul
         scopes: wanted,
         kinds,
         expires_in,
+        join,
         out,
         json,
     } = new;
@@ -198,6 +214,9 @@ pub(crate) async fn create_token(server: &ServerArg, new: NewToken<'_>) -> Resul
         None => None,
     };
     let mut body = json!({ "name": name, "scopes": wanted });
+    if let Some(join) = join {
+        body["join"] = join;
+    }
     if !kinds.is_empty() {
         body["kinds"] = json!(kinds);
     }
@@ -286,13 +305,28 @@ pub(crate) async fn run(cmd: TokensCommand) -> Result<ExitCode> {
             expires_in,
             out,
             json,
+            admin,
+            data_dir,
+            db,
             server,
         } => {
+            if admin {
+                let at = crate::host_token::HostDb { data_dir, db };
+                return crate::host_token::create_admin(
+                    &name,
+                    expires_in,
+                    at,
+                    out.as_deref(),
+                    json,
+                )
+                .await;
+            }
             let new = NewToken {
                 name: &name,
                 scopes: &wanted,
                 kinds: &kinds,
                 expires_in,
+                join: None,
                 out: out.as_deref(),
                 json,
             };

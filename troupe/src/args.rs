@@ -10,16 +10,18 @@ use clap::Args;
 /// The file in the data directory that holds the server's first admin token.
 pub(crate) const ADMIN_TOKEN_FILE: &str = "admin.token";
 
+/// Where a client goes when neither a flag, the environment nor a profile
+/// says.
+pub(crate) const DEFAULT_SERVER: &str = "http://127.0.0.1:7878";
+
 #[derive(Args, Clone)]
 pub(crate) struct ServerArg {
-    /// The troupe server to talk to.
-    #[arg(
-        long,
-        env = "TROUPE_SERVER",
-        default_value = "http://127.0.0.1:7878",
-        global = true
-    )]
-    pub(crate) server: String,
+    /// The troupe server to talk to [default: the profile's, else http://127.0.0.1:7878]
+    #[arg(long, env = "TROUPE_SERVER", global = true)]
+    pub(crate) server: Option<String>,
+    /// A profile from the client config file (~/.config/troupe/client.toml, or TROUPE_CLIENT_CONFIG): its server, CA and token file, under any flag or variable given [default: the file's `default`]
+    #[arg(long, env = "TROUPE_PROFILE", global = true)]
+    pub(crate) profile: Option<String>,
     /// An API token (troupe_…). Prefer --token-file or TROUPE_TOKEN: a command line is visible to other users.
     #[arg(long, env = "TROUPE_TOKEN", hide_env_values = true, global = true)]
     pub(crate) token: Option<String>,
@@ -31,7 +33,43 @@ pub(crate) struct ServerArg {
     pub(crate) ca_cert: Option<PathBuf>,
 }
 
+/// What a client talks to, once flags, variables and the profile are
+/// weighed.
+pub(crate) struct Target {
+    pub(crate) server: String,
+    pub(crate) token: Option<String>,
+    pub(crate) ca_cert: Option<PathBuf>,
+}
+
 impl ServerArg {
+    /// The server, token and CA to use: a flag or variable, else the
+    /// profile's, else the defaults.
+    pub(crate) fn target(&self) -> Result<Target> {
+        let profile = crate::profiles::chosen(self.profile.as_deref())?;
+        let profile = profile.as_ref();
+        let server = self
+            .server
+            .clone()
+            .or_else(|| profile.and_then(|p| p.server.clone()))
+            .unwrap_or_else(|| DEFAULT_SERVER.to_owned());
+        let token = match (&self.token, &self.token_file) {
+            (Some(_), _) | (None, Some(_)) => self.token()?,
+            (None, None) => match profile.and_then(|p| p.token_file.as_deref()) {
+                Some(path) => Some(read_token(path)?),
+                None => self.token()?,
+            },
+        };
+        let ca_cert = self
+            .ca_cert
+            .clone()
+            .or_else(|| profile.and_then(|p| p.ca_cert.clone()));
+        Ok(Target {
+            server,
+            token,
+            ca_cert,
+        })
+    }
+
     /// The token to send: `--token`, else `--token-file`, else the admin
     /// token a local server wrote to its data directory.
     pub(crate) fn token(&self) -> Result<Option<String>> {

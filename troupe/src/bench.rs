@@ -177,7 +177,7 @@ impl OwnServer {
         let token = client
             .post(
                 "/v1/tokens",
-                &json!({ "name": "bench-nodes", "scopes": ["join"] }),
+                &json!({ "name": "bench-nodes", "scopes": ["join"], "join": { "max_uses": u32::MAX } }),
             )
             .await?;
         let token_file = self.dir.join("join.token");
@@ -451,7 +451,8 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
         ),
         (None, Some(server)) => {
             let arg = crate::args::ServerArg {
-                server: server.clone(),
+                server: Some(server.clone()),
+                profile: None,
                 token: std::env::var("TROUPE_TOKEN").ok(),
                 token_file: args.token_file.clone(),
                 ca_cert: std::env::var_os("TROUPE_CA_CERT").map(PathBuf::from),

@@ -149,6 +149,14 @@ enum Command {
     },
     /// Measure throughput, latency, CPU, memory and database work per action.
     Bench(crate::bench::BenchArgs),
+    /// Print a shell completion script: `troupe completions bash > /etc/bash_completion.d/troupe` (zsh: into a directory on $fpath as _troupe; fish: ~/.config/fish/completions/troupe.fish).
+    Completions { shell: clap_complete::Shell },
+    /// Print the troupe(1) man page, or write a page for every command into a directory.
+    Man {
+        /// Write troupe.1, troupe-submit.1, … into this directory instead.
+        #[arg(long, value_name = "DIR")]
+        out: Option<std::path::PathBuf>,
+    },
     /// Create or upgrade the database schema, then exit.
     Migrate {
         /// sqlite://PATH or mysql://USER:PASSWORD@HOST:PORT/DATABASE
@@ -361,6 +369,8 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             server,
         } => crate::admin_cmd::audit(limit, before, json, server).await,
         Command::Bench(args) => crate::bench::bench(args).await,
+        Command::Completions { shell } => crate::manual::completions(shell),
+        Command::Man { out } => crate::manual::man(out.as_deref()),
         Command::Migrate { db } => {
             let store = engine::store::Store::connect(&db)
                 .await
@@ -396,6 +406,9 @@ fn describe_param(spec: &Value) -> String {
     }
     if let Some(p) = spec["pattern"].as_str() {
         parts.push(format!("matching {p}"));
+    }
+    if let Some(list) = spec["allowed_in"].as_str() {
+        parts.push(format!("on the server's list {list}"));
     }
     let required = spec["required"]
         .as_bool()

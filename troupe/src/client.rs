@@ -26,7 +26,8 @@ pub(crate) struct Client {
 impl Client {
     /// A client for the server and credential the command line names.
     pub(crate) fn connect(arg: &crate::args::ServerArg) -> Result<Client> {
-        Client::with_ca(&arg.server, arg.token()?, arg.ca_cert.as_deref())
+        let target = arg.target()?;
+        Client::with_ca(&target.server, target.token, target.ca_cert.as_deref())
     }
 
     pub(crate) fn new(base: &str, token: Option<String>) -> Result<Client> {

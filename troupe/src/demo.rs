@@ -98,6 +98,8 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
         node_grace: Duration::from_secs(60),
         lease: Duration::from_secs(30),
         goons: args.goons,
+        max_connections: api::Limits::default().max_connections,
+        header_timeout: api::Limits::default().header_timeout,
     };
     let engine = crate::serve::start_engine(&serve).await?;
     let token_path = data_dir.join(crate::args::ADMIN_TOKEN_FILE);
@@ -118,6 +120,7 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
         engine,
         listener,
         None,
+        serve.limits(),
         serve.shutdown_grace,
         async move {
             tokio::select! {

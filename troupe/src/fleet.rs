@@ -93,7 +93,7 @@ pub(crate) async fn fleet(args: FleetArgs) -> Result<std::process::ExitCode> {
     let join = client
         .post(
             "/v1/tokens",
-            &json!({ "name": "fleet", "scopes": ["join"] }),
+            &json!({ "name": "fleet", "scopes": ["join"], "join": { "max_uses": u32::MAX } }),
         )
         .await?["token"]
         .as_str()

@@ -126,7 +126,12 @@ impl NodeArgs {
         };
         crate::serve::create_private_dir(&self.data_dir)?;
         let key = node_key(&self.data_dir)?;
-        tracing::info!(name = %name, key = %key.public(), "node identity");
+        tracing::info!(
+            name = %name,
+            key = %key.public(),
+            fingerprint = %key.public().fingerprint(),
+            "node identity (an admin lets it in without a join token with `troupe nodes accept NAME --key FINGERPRINT`)"
+        );
         let exe = std::env::current_exe().context("finding the troupe executable")?;
         let config = node::Config {
             server: self.server.trim_end_matches('/').to_owned(),
@@ -221,9 +226,14 @@ pub(crate) enum NodesCommand {
     /// Join tokens: let new hosts in without accepting each by hand (admin).
     #[command(subcommand)]
     Token(NodeTokenCommand),
-    /// Let a pending node in (admin).
+    /// Let a node in by its key (admin).
+    ///
+    /// The key is the fingerprint (SHA256:…) `troupe node` logged when it started, as `troupe nodes list` shows it for a node that waits, or its whole public key (ed25519:…) to admit it before it connects.
     Accept {
         name: String,
+        /// The key to let in: SHA256:… or ed25519:…
+        #[arg(long)]
+        key: String,
         /// Print the API's JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -262,6 +272,15 @@ pub(crate) enum NodeTokenCommand {
         /// Its name, recorded as who let each node in [default: join-<date and time>]
         #[arg(long)]
         name: Option<String>,
+        /// How many new nodes it admits in all: one token per host is safest (a leaked token is worth nothing once its node joined).
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Names a node may take with it, `*` matching any run (e.g. 'hv-dc1-*') [default: any name nobody holds]
+        #[arg(long, value_name = "PATTERN")]
+        names: Option<String>,
+        /// A capability its nodes may be placed on: KEY or KEY=VALUE, `*` matching any run (e.g. hypervisor=kvm, oob=dc1, mem_free_mb). Repeat for more; others a node reports are not placed on [default: any]
+        #[arg(long = "capability", value_name = "PATTERN")]
+        capabilities: Vec<String>,
         /// Write the token to this new file (mode 0600) instead of printing it; an existing file is never overwritten.
         #[arg(long, value_name = "FILE")]
         out: Option<std::path::PathBuf>,
@@ -279,6 +298,9 @@ impl NodesCommand {
             NodesCommand::Token(NodeTokenCommand::Create {
                 ttl,
                 name,
+                uses,
+                names,
+                capabilities,
                 out,
                 json,
                 server,
@@ -286,11 +308,19 @@ impl NodesCommand {
                 let name = name.unwrap_or_else(|| {
                     format!("join-{}", chrono::Utc::now().format("%Y%m%dT%H%M%SZ"))
                 });
+                let mut join = serde_json::json!({ "max_uses": uses });
+                if let Some(names) = names {
+                    join["names"] = names.into();
+                }
+                if !capabilities.is_empty() {
+                    join["capabilities"] = capabilities.into();
+                }
                 let new = crate::admin_cmd::NewToken {
                     name: &name,
                     scopes: &["join".to_owned()],
                     kinds: &[],
                     expires_in: Some(ttl),
+                    join: Some(join),
                     out: out.as_deref(),
                     json,
                 };
@@ -315,10 +345,18 @@ impl NodesCommand {
                 print_node(&n, true);
                 Ok(ExitCode::SUCCESS)
             }
-            NodesCommand::Accept { name, json, server } => {
+            NodesCommand::Accept {
+                name,
+                key,
+                json,
+                server,
+            } => {
                 let client = Client::connect(&server)?;
                 let node = client
-                    .post(&format!("/v1/nodes/{name}/accept"), &serde_json::json!({}))
+                    .post(
+                        &format!("/v1/nodes/{name}/accept"),
+                        &serde_json::json!({ "key": key }),
+                    )
                     .await?;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&node)?);

@@ -73,6 +73,23 @@ pub(crate) struct ServeArgs {
     /// How long this server's claim on a running action lasts without renewal.
     #[arg(long, env = "TROUPE_LEASE", default_value = "30s", value_parser = parse_duration)]
     pub(crate) lease: Duration,
+    /// Connections served at once (each remote node holds one); beyond it new ones wait until one closes. Lowered, with a warning, to what the open-file limit allows.
+    #[arg(long, env = "TROUPE_MAX_CONNECTIONS", default_value_t = 16_384)]
+    pub(crate) max_connections: usize,
+    /// How long a peer has to send a request's head, on a new connection or between requests on a kept-alive one; a connection that sends none in time is closed.
+    #[arg(long, env = "TROUPE_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub(crate) header_timeout: Duration,
+}
+
+impl ServeArgs {
+    /// What the listener lets peers hold.
+    pub(crate) fn limits(&self) -> api::Limits {
+        api::Limits {
+            max_connections: api::fit_connections(self.max_connections),
+            header_timeout: self.header_timeout,
+            ..api::Limits::default()
+        }
+    }
 }
 
 impl ServeArgs {
@@ -111,10 +128,22 @@ impl ServeArgs {
 }
 
 /// Creates the data directory readable by this user only (it holds the
-/// first admin token and the secrets key); an existing one is left as it is.
+/// database, the first admin token and the secrets key); an existing one
+/// open to others is tightened to 0700, saying so.
 pub(crate) fn create_private_dir(dir: &std::path::Path) -> Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     if dir.is_dir() {
+        let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).with_context(
+                || format!("making data directory {} private (0700)", dir.display()),
+            )?;
+            tracing::warn!(
+                dir = %dir.display(),
+                was = format!("{mode:o}"),
+                "tightened the data directory to 0700: it holds the database, the secrets key and the first admin token"
+            );
+        }
         return Ok(());
     }
     std::fs::DirBuilder::new()
@@ -325,6 +354,7 @@ pub(crate) async fn ensure_admin_token(
         scopes: vec![Scope::Admin],
         kinds: None,
         expires_at: None,
+        join: None,
     };
     let (info, text) = engine
         .create_token(spec, "troupe serve (first start)")
@@ -371,12 +401,13 @@ pub(crate) async fn serve_until(
     engine: Engine,
     listener: tokio::net::TcpListener,
     tls: Option<api::tls::Tls>,
+    limits: api::Limits,
     grace: Duration,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let state = api::AppState::new(engine.clone());
     let (close_http, http_closed) = tokio::sync::oneshot::channel::<()>();
-    let mut http = tokio::spawn(api::serve(listener, state, tls, async move {
+    let mut http = tokio::spawn(api::serve(listener, state, tls, limits, async move {
         let _ = http_closed.await;
     }));
     tokio::select! {
@@ -428,6 +459,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<ExitCode> {
         engine,
         listener,
         tls,
+        args.limits(),
         args.shutdown_grace,
         shutdown_signal(),
     )

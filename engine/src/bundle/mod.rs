@@ -4,12 +4,15 @@
 //! code; the step host then probes the library's exports (see `crate::host`).
 
 use std::collections::BTreeSet;
-use std::io::{Cursor, Read, Write};
+use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
 
 use signing::{BundleHash, VerifiedBundle};
 
 pub use troupe_bundle::{manifest, params, template};
+
+mod archive;
+use archive::read_entries;
 
 pub use manifest::Manifest;
 
@@ -21,7 +24,13 @@ pub const MANIFEST_PATH: &str = "manifest.toml";
 /// Limits enforced while inflating, so a zip bomb is stopped, not measured.
 pub const MAX_ENTRY_BYTES: u64 = 256 << 20;
 pub const MAX_TOTAL_BYTES: u64 = 512 << 20;
+/// The most entries (files and directories) one archive holds.
 pub const MAX_ENTRIES: usize = 1024;
+/// The longest entry name, and the longest part of one between slashes.
+pub const MAX_NAME_BYTES: usize = 1024;
+pub const MAX_NAME_PART_BYTES: usize = 255;
+
+pub use manifest::{MAX_KINDS, MAX_MANIFEST_BYTES, MAX_STEPS};
 
 /// Why a bundle was refused. Each variant has a stable code (see [`Invalid::code`]).
 #[derive(Debug, Clone, thiserror::Error)]
@@ -50,6 +59,8 @@ pub enum Invalid {
     TooLarge { name: String, limit: u64 },
     #[error("the library could not be loaded: {0}")]
     Library(String),
+    #[error("the bundle is over a limit: {0}")]
+    OverLimit(String),
 }
 
 impl From<troupe_bundle::Invalid> for Invalid {
@@ -57,6 +68,7 @@ impl From<troupe_bundle::Invalid> for Invalid {
         match e {
             troupe_bundle::Invalid::Manifest(m) => Invalid::Manifest(m),
             troupe_bundle::Invalid::Abi { found } => Invalid::Abi { found },
+            troupe_bundle::Invalid::OverLimit(m) => Invalid::OverLimit(m),
         }
     }
 }
@@ -74,6 +86,7 @@ impl Invalid {
             Invalid::UnsafeEntry { .. } => "bundle_unsafe_entry",
             Invalid::TooLarge { .. } => "bundle_entry_too_large",
             Invalid::Library(_) => "bundle_library_invalid",
+            Invalid::OverLimit(_) => "bundle_over_limit",
         }
     }
 }
@@ -156,26 +169,13 @@ pub fn open(verified: &VerifiedBundle, root: &Path) -> Result<Unpacked, crate::E
         }
     };
     if fresh {
-        let staging = root.join(format!(".{hash}.{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&staging);
-        for (name, data) in &entries {
-            let path = staging.join(name);
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(crate::Error::io(format!("creating {}", parent.display())))?;
-            }
-            std::fs::write(&path, data)
-                .map_err(crate::Error::io(format!("writing {}", path.display())))?;
-            // The cache is read-only: nothing may change a bundle's files after checking.
-            let mut perms = std::fs::metadata(&path)
-                .map_err(crate::Error::io("reading permissions"))?
-                .permissions();
-            perms.set_readonly(true);
-            std::fs::set_permissions(&path, perms)
-                .map_err(crate::Error::io("making the bundle cache read-only"))?;
-        }
+        // Removed when this returns, on every path: after the rename
+        // there is nothing left to remove.
+        let staging = Staging(root.join(format!(".{hash}.{}", std::process::id())));
+        let _ = std::fs::remove_dir_all(&staging.0);
+        unpack(&staging.0, &entries)?;
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::rename(&staging, &dir).map_err(crate::Error::io(format!(
+        std::fs::rename(&staging.0, &dir).map_err(crate::Error::io(format!(
             "moving bundle into {}",
             dir.display()
         )))?;
@@ -187,6 +187,89 @@ pub fn open(verified: &VerifiedBundle, root: &Path) -> Result<Unpacked, crate::E
         dir,
         library,
     })
+}
+
+/// Writes checked entries under `staging`, read-only.
+fn unpack(staging: &Path, entries: &[(String, Vec<u8>)]) -> Result<(), crate::Error> {
+    for (name, data) in entries {
+        let path = staging.join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(crate::Error::io(format!("creating {}", parent.display())))?;
+        }
+        #[cfg(feature = "failpoints")]
+        (|| {
+            fail::fail_point!("bundle.unpack_entry", |only: Option<String>| {
+                if only.is_none_or(|only| only == *name) {
+                    Err(crate::Error::Io {
+                        context: format!("writing {}", path.display()),
+                        source: std::io::Error::other("failure point bundle.unpack_entry"),
+                    })
+                } else {
+                    Ok(())
+                }
+            });
+            Ok(())
+        })()?;
+        std::fs::write(&path, data)
+            .map_err(crate::Error::io(format!("writing {}", path.display())))?;
+        // The cache is read-only: nothing may change a bundle's files after checking.
+        let mut perms = std::fs::metadata(&path)
+            .map_err(crate::Error::io("reading permissions"))?
+            .permissions();
+        perms.set_readonly(true);
+        std::fs::set_permissions(&path, perms)
+            .map_err(crate::Error::io("making the bundle cache read-only"))?;
+    }
+    Ok(())
+}
+
+/// A directory a bundle is unpacked into before it is renamed into
+/// place; removed when dropped, so a failure leaves nothing behind.
+struct Staging(PathBuf);
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if self.0.exists()
+            && let Err(e) = std::fs::remove_dir_all(&self.0)
+        {
+            tracing::warn!(path = %self.0.display(), error = %e, "could not remove a bundle's staging directory");
+        }
+    }
+}
+
+/// Removes the staging directories (`.<hash>.<pid>`) under `root` that a
+/// process which is no longer running left (a crash while unpacking).
+/// Returns how many it removed.
+pub fn sweep_staging(root: &Path) -> usize {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((hash, pid)) = name.strip_prefix('.').and_then(|n| n.rsplit_once('.')) else {
+            continue;
+        };
+        if hash.parse::<BundleHash>().is_err() || pid.parse::<u32>().is_err() {
+            continue;
+        }
+        // Another process on this data directory may be unpacking now.
+        if pid != std::process::id().to_string() && Path::new("/proc").join(pid).exists() {
+            continue;
+        }
+        match std::fs::remove_dir_all(entry.path()) {
+            Ok(()) => removed += 1,
+            Err(e) => {
+                tracing::warn!(path = %entry.path().display(), error = %e, "could not remove a bundle's staging directory")
+            }
+        }
+    }
+    if removed > 0 {
+        tracing::info!(
+            removed,
+            dir = %root.display(),
+            "removed staging directories left by an interrupted unpack"
+        );
+    }
+    removed
 }
 
 /// What `open` found where a bundle unpacks.
@@ -244,90 +327,6 @@ pub fn sign(
     Ok(signing::Signature::sign(key, claims)?)
 }
 
-/// Reads every entry, refusing anything but plain files at safe relative
-/// paths and stopping any entry that inflates past the limits.
-fn read_entries(bytes: &[u8]) -> Result<Vec<(String, Vec<u8>)>, Invalid> {
-    let mut archive =
-        zip::ZipArchive::new(Cursor::new(bytes)).map_err(|e| Invalid::NotZip(e.to_string()))?;
-    // The zip reader indexes entries by name, so duplicates collapse there;
-    // the central directory's own count still tells.
-    if declared_entries(bytes).is_some_and(|n| n != archive.len()) {
-        return Err(Invalid::UnsafeEntry {
-            name: String::new(),
-            why: "duplicate entry names",
-        });
-    }
-    if archive.len() > MAX_ENTRIES {
-        return Err(Invalid::UnsafeEntry {
-            name: String::new(),
-            why: "too many entries",
-        });
-    }
-    let mut names = BTreeSet::new();
-    let mut total = 0u64;
-    let mut out = Vec::with_capacity(archive.len());
-    for i in 0..archive.len() {
-        let mut file = archive
-            .by_index(i)
-            .map_err(|e| Invalid::NotZip(e.to_string()))?;
-        let name = file
-            .name()
-            .map_err(|_| Invalid::UnsafeEntry {
-                name: format!("entry #{i}"),
-                why: "the entry name is not valid UTF-8",
-            })?
-            .into_owned();
-        let unsafe_entry = |why| Invalid::UnsafeEntry {
-            name: name.clone(),
-            why,
-        };
-        if file.is_dir() {
-            continue;
-        }
-        if file.is_symlink() {
-            return Err(unsafe_entry("symbolic links are not allowed"));
-        }
-        if !file.is_file() {
-            return Err(unsafe_entry("only regular files are allowed"));
-        }
-        if name.starts_with('/') || name.starts_with('\\') || name.contains(':') {
-            return Err(unsafe_entry("absolute paths are not allowed"));
-        }
-        if name
-            .split(['/', '\\'])
-            .any(|part| part == ".." || part == ".")
-            || file.enclosed_name().is_none()
-        {
-            return Err(unsafe_entry("'..' and '.' are not allowed in paths"));
-        }
-        if !names.insert(name.clone()) {
-            return Err(unsafe_entry("duplicate entry name"));
-        }
-        let limit = MAX_ENTRY_BYTES.min(MAX_TOTAL_BYTES - total);
-        let mut data = Vec::new();
-        (&mut file)
-            .take(limit + 1)
-            .read_to_end(&mut data)
-            .map_err(|e| Invalid::NotZip(format!("entry {name:?} is corrupt: {e}")))?;
-        if data.len() as u64 > limit {
-            return Err(Invalid::TooLarge { name, limit });
-        }
-        total += data.len() as u64;
-        out.push((name, data));
-    }
-    Ok(out)
-}
-
-/// The entry count in the end-of-central-directory record, unless the
-/// archive is zip64 (where the reader's own checks apply).
-fn declared_entries(bytes: &[u8]) -> Option<usize> {
-    const EOCD: [u8; 4] = [0x50, 0x4b, 0x05, 0x06];
-    let from = bytes.len().saturating_sub(22 + u16::MAX as usize);
-    let at = bytes[from..].windows(4).rposition(|w| w == EOCD)? + from;
-    let total = u16::from_le_bytes(bytes.get(at + 10..at + 12)?.try_into().ok()?);
-    (total != u16::MAX).then_some(total as usize)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -375,5 +374,22 @@ mod tests {
         assert_eq!(err(b"hello"), "bundle_not_zip");
         let other_target = build(MANIFEST, &[("sparc-sun-solaris", b"x")]).unwrap();
         assert_eq!(err(&other_target), "bundle_no_library_for_platform");
+    }
+
+    #[test]
+    fn sweeping_removes_only_the_staging_of_processes_gone() {
+        let root = std::env::temp_dir().join(format!("troupe-sweep-test-{}", std::process::id()));
+        let hash = "ab".repeat(32);
+        let gone = root.join(format!(".{hash}.999999999"));
+        let running = root.join(format!(".{hash}.1"));
+        let unpacked = root.join(&hash);
+        let other = root.join(".not-a-staging-dir");
+        for dir in [&gone, &running, &unpacked, &other] {
+            std::fs::create_dir_all(dir.join("lib")).unwrap();
+        }
+        assert_eq!(sweep_staging(&root), 1);
+        assert!(!gone.exists());
+        assert!(running.exists() && unpacked.exists() && other.exists());
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }

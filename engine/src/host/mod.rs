@@ -462,7 +462,8 @@ async fn log_output(mut from: impl tokio::io::AsyncRead + Unpin, host: String) {
     let mut chunk = vec![0u8; 8192];
     let mut skipping = false;
     let emit = |line: &[u8], cut: bool| {
-        let text = String::from_utf8_lossy(line);
+        let mut text = String::from_utf8_lossy(line).into_owned();
+        crate::secrets::mask_printed(&mut text);
         let text = text.trim_end_matches('\r');
         let more = if cut { " [line cut]" } else { "" };
         tracing::info!(target: "troupe::plugin", host = %host, "{text}{more}");

@@ -4,8 +4,20 @@
 
 use super::{AuditEntry, NodeRow, SecretRow, TokenRow, Write};
 
+/// The active admin tokens, as `RevokeToken` reads them before it writes;
+/// each backend adds what locks them until the commit.
+macro_rules! admin_tokens {
+    ($lock:literal) => {
+        concat!(
+            "SELECT id, scopes, expires_at FROM api_tokens \
+             WHERE revoked_at IS NULL AND scopes LIKE '%admin%' ORDER BY id",
+            $lock
+        )
+    };
+}
+
 macro_rules! access_backend {
-    ($module:ident, $db:ty, $pool:ty, $conn:ty) => {
+    ($module:ident, $db:ty, $pool:ty, $conn:ty, $lock:literal) => {
         pub(super) mod $module {
             use sqlx::Row;
 
@@ -17,8 +29,8 @@ macro_rules! access_backend {
             pub(crate) async fn apply(tx: &mut $conn, w: &Write) -> Result<u64, sqlx::Error> {
                 let done = match w {
                     Write::CreateToken(t) => sqlx::query(
-                        "INSERT INTO api_tokens (id, name, scopes, kinds, secret_hash, created_by, created_at, expires_at) \
-                         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        "INSERT INTO api_tokens (id, name, scopes, kinds, secret_hash, created_by, created_at, expires_at, join_rules) \
+                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     )
                     .bind(&t.id)
                     .bind(&t.name)
@@ -28,16 +40,53 @@ macro_rules! access_backend {
                     .bind(&t.created_by)
                     .bind(t.created_at)
                     .bind(t.expires_at)
+                    .bind(&t.join_rules)
                     .execute(&mut *tx)
                     .await?,
-                    Write::RevokeToken { id, at } => {
-                        sqlx::query("UPDATE api_tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?")
+                    // Counted only while uses are left: the row it touched
+                    // says whether this node may join.
+                    Write::UseJoinToken { id, max_uses, at } => sqlx::query(
+                        "UPDATE api_tokens SET uses = uses + 1 WHERE id = ? AND revoked_at IS NULL \
+                         AND (expires_at IS NULL OR expires_at > ?) \
+                         AND (? IS NULL OR uses < ?)",
+                    )
+                    .bind(id)
+                    .bind(at)
+                    .bind(max_uses.map(i64::from))
+                    .bind(max_uses.map(i64::from))
+                    .execute(&mut *tx)
+                    .await?,
+                    Write::RevokeToken { id, at, audit } => {
+                        // SQLite runs one write transaction at a time; on
+                        // MySQL the rows stay locked (FOR UPDATE) until the
+                        // commit, and a revoke waiting for them reads them
+                        // as the other left them.
+                        let mut admins = Vec::new();
+                        for r in sqlx::query(admin_tokens!($lock)).fetch_all(&mut *tx).await? {
+                            let scopes: String = r.try_get("scopes")?;
+                            let expires_at: Option<crate::model::Timestamp> = r.try_get("expires_at")?;
+                            if crate::access::parse_scopes(&scopes).contains(&crate::access::Scope::Admin)
+                                && expires_at.is_none_or(|e| e > *at)
+                            {
+                                admins.push(r.try_get::<String, _>("id")?);
+                            }
+                        }
+                        fail::fail_point!("store.revoke_token");
+                        if admins.len() == 1 && admins[0] == *id {
+                            return Ok(0);
+                        }
+                        let revoked = sqlx::query("UPDATE api_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
                             .bind(at)
                             .bind(id)
                             .execute(&mut *tx)
                             .await?
+                            .rows_affected();
+                        if revoked == 0 {
+                            return Ok(0);
+                        }
+                        return Ok(revoked + insert_audit(tx, audit).await?);
                     }
-                    Write::Audit(e) => insert_audit(tx, e).await?,
+                    Write::Audit(e) => return insert_audit(tx, e).await,
                     // Delete and insert: the same SQL on both databases.
                     Write::SetSecret(row) => {
                         sqlx::query("DELETE FROM secrets WHERE name = ?")
@@ -62,8 +111,8 @@ macro_rules! access_backend {
                             .execute(&mut *tx)
                             .await?;
                         sqlx::query(
-                            "INSERT INTO nodes (name, public_key, status, created_at, accepted_at, accepted_by, capabilities, last_seen_at, draining_since) \
-                             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            "INSERT INTO nodes (name, public_key, status, created_at, accepted_at, accepted_by, capabilities, last_seen_at, draining_since, allowed_capabilities) \
+                             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         )
                         .bind(&n.name)
                         .bind(&n.public_key)
@@ -74,6 +123,7 @@ macro_rules! access_backend {
                         .bind(&n.capabilities)
                         .bind(n.last_seen_at)
                         .bind(n.draining_since)
+                        .bind(&n.allowed_capabilities)
                         .execute(&mut *tx)
                         .await?
                     }
@@ -92,11 +142,11 @@ macro_rules! access_backend {
                 Ok(done.rows_affected())
             }
 
-            async fn insert_audit(
-                tx: &mut $conn,
-                e: &AuditEntry,
-            ) -> Result<<$db as sqlx::Database>::QueryResult, sqlx::Error> {
-                sqlx::query(
+            async fn insert_audit(tx: &mut $conn, e: &AuditEntry) -> Result<u64, sqlx::Error> {
+                fail::fail_point!("store.audit", |_| Err(sqlx::Error::Protocol(
+                    "the audit entry could not be written (injected)".into()
+                )));
+                Ok(sqlx::query(
                     "INSERT INTO audit_log (at, actor, event, subject, detail) VALUES (?, ?, ?, ?, ?)",
                 )
                 .bind(e.at)
@@ -105,7 +155,8 @@ macro_rules! access_backend {
                 .bind(&e.subject)
                 .bind(e.detail.as_ref().map(|d| d.to_string()))
                 .execute(&mut *tx)
-                .await
+                .await?
+                .rows_affected())
             }
 
             fn secret_row(r: &DbRow) -> Result<SecretRow, sqlx::Error> {
@@ -144,7 +195,7 @@ macro_rules! access_backend {
 
             /// Every node, or the one named `name`.
             pub(crate) async fn nodes(pool: &$pool, name: Option<&str>) -> Result<Vec<NodeRow>, sqlx::Error> {
-                let columns = "SELECT name, public_key, status, created_at, accepted_at, accepted_by, capabilities, last_seen_at, draining_since FROM nodes";
+                let columns = "SELECT name, public_key, status, created_at, accepted_at, accepted_by, capabilities, last_seen_at, draining_since, allowed_capabilities FROM nodes";
                 let rows = match name {
                     Some(name) => sqlx::query(sqlx::AssertSqlSafe(format!("{columns} WHERE name = ?")))
                         .bind(name)
@@ -169,6 +220,7 @@ macro_rules! access_backend {
                             capabilities: r.try_get("capabilities")?,
                             last_seen_at: r.try_get("last_seen_at")?,
                             draining_since: r.try_get("draining_since")?,
+                            allowed_capabilities: r.try_get("allowed_capabilities")?,
                         })
                     })
                     .collect()
@@ -185,12 +237,14 @@ macro_rules! access_backend {
                     created_at: r.try_get("created_at")?,
                     expires_at: r.try_get("expires_at")?,
                     revoked_at: r.try_get("revoked_at")?,
+                    join_rules: r.try_get("join_rules")?,
+                    uses: r.try_get::<i64, _>("uses")?,
                 })
             }
 
             pub(crate) async fn tokens(pool: &$pool) -> Result<Vec<TokenRow>, sqlx::Error> {
                 sqlx::query(
-                    "SELECT id, name, scopes, kinds, secret_hash, created_by, created_at, expires_at, revoked_at \
+                    "SELECT id, name, scopes, kinds, secret_hash, created_by, created_at, expires_at, revoked_at, join_rules, uses \
                      FROM api_tokens ORDER BY created_at, id",
                 )
                 .fetch_all(pool)
@@ -236,6 +290,13 @@ access_backend!(
     sqlite,
     sqlx::Sqlite,
     sqlx::SqlitePool,
-    sqlx::SqliteConnection
+    sqlx::SqliteConnection,
+    ""
 );
-access_backend!(mysql, sqlx::MySql, sqlx::MySqlPool, sqlx::MySqlConnection);
+access_backend!(
+    mysql,
+    sqlx::MySql,
+    sqlx::MySqlPool,
+    sqlx::MySqlConnection,
+    " FOR UPDATE"
+);

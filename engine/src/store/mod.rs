@@ -55,6 +55,9 @@ pub struct NodeRow {
     pub last_seen_at: Option<Timestamp>,
     /// Set while it is drained: it gets no new steps.
     pub draining_since: Option<Timestamp>,
+    /// JSON list of the capability patterns its admission allowed
+    /// (`engine::join`); `None`: any it reports.
+    pub allowed_capabilities: Option<String>,
 }
 
 /// A row of `api_tokens`.
@@ -71,6 +74,10 @@ pub struct TokenRow {
     pub created_at: Timestamp,
     pub expires_at: Option<Timestamp>,
     pub revoked_at: Option<Timestamp>,
+    /// JSON [`crate::join::JoinRules`] of a join token.
+    pub join_rules: Option<String>,
+    /// Nodes admitted with it.
+    pub uses: i64,
 }
 
 /// A row of `audit_log`: who changed what, when.
@@ -159,11 +166,55 @@ const MYSQL_WRITERS: usize = 3;
 /// batched writes come in (see `sql.rs`), so none is re-prepared under load.
 const STATEMENT_CACHE: usize = 256;
 
+/// Makes a SQLite database readable by its owner only (it holds params,
+/// outputs and node keys): a new one is created 0600, and an existing one
+/// (with its `-wal`, `-shm` and `-journal`) is tightened to 0600. SQLite
+/// gives the `-wal` and `-shm` files it creates the database file's mode.
+fn private_database(path: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |what: &str, p: &std::path::Path| Error::io(format!("{what} {}", p.display()));
+    if !path.exists() {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io("creating the database", path)(e)),
+        }
+    }
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        let file = std::path::PathBuf::from(name);
+        let Ok(meta) = std::fs::metadata(&file) else {
+            continue;
+        };
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+                .map_err(io("tightening the mode of", &file))?;
+            tracing::warn!(
+                file = %file.display(),
+                was = format!("{mode:o}"),
+                "tightened a database file to 0600: it holds params, outputs and node keys"
+            );
+        }
+    }
+    Ok(())
+}
+
 impl Store {
     /// Connects, applies migrations and starts the writer.
     pub async fn connect(url: &str) -> Result<Store> {
         let (read, write, backend, caps, migrated) = if url.starts_with("sqlite:") {
-            let opts = SqliteConnectOptions::from_str(url)?
+            let opts = SqliteConnectOptions::from_str(url)?;
+            if !url.contains(":memory:") {
+                private_database(opts.get_filename())?;
+            }
+            let opts = opts
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Full)
@@ -424,6 +475,24 @@ impl Store {
             Pool::Sqlite(p) => sql::sqlite::in_flight_by_bundle(p).await?,
             Pool::MySql(p) => sql::mysql::in_flight_by_bundle(p).await?,
         })
+    }
+
+    /// Whether the database takes writes now: it answers and, on
+    /// MySQL/MariaDB, is not read-only (a replica, or a primary a
+    /// switchover demoted).
+    pub async fn writable(&self) -> Result<bool> {
+        match &self.read {
+            Pool::Sqlite(p) => {
+                sqlx::query("SELECT 1").execute(p).await?;
+                Ok(true)
+            }
+            Pool::MySql(p) => {
+                let read_only: i64 = sqlx::query_scalar("SELECT CAST(@@read_only AS SIGNED)")
+                    .fetch_one(p)
+                    .await?;
+                Ok(read_only == 0)
+            }
+        }
     }
 
     /// Checks that the database answers.

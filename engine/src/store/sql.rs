@@ -863,6 +863,7 @@ macro_rules! sql_backend {
                     Write::CreateToken(..)
                     | Write::PutNode(..)
                     | Write::RevokeToken { .. }
+                    | Write::UseJoinToken { .. }
                     | Write::Audit(..)
                     | Write::SetSecret(..)
                     | Write::DeleteSecret { .. } => {

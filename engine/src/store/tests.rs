@@ -443,7 +443,26 @@ async fn mariadb_writers_gather_while_a_commit_is_under_way() {
         let (store, write) = (store.clone(), claim(ids[0]));
         tokio::spawn(async move { store.write(vec![write]).await })
     };
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // Until the first commit waits for the lock (its UPDATE is in the
+    // process list), not for a guessed time.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM information_schema.PROCESSLIST \
+             WHERE DB = DATABASE() AND ID <> CONNECTION_ID() AND INFO LIKE 'UPDATE actions%'",
+        )
+        .fetch_one(&mut locker)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first commit never reached the database"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     let mut rest = Vec::new();
     for &id in &ids[1..] {
         let (store, write) = (store.clone(), claim(id));

@@ -143,8 +143,21 @@ pub(crate) enum Write {
     CreateToken(Box<TokenRow>),
     /// Stores a node's row, replacing one of the same name.
     PutNode(Box<NodeRow>),
+    /// Revokes a token and records `audit`, unless it is already revoked
+    /// or is the last active admin token (then `Done { rows: 0 }` and
+    /// nothing is written). The active admin tokens are read locked, so two
+    /// revokes of the last two cannot both pass, however their commits
+    /// interleave.
     RevokeToken {
         id: String,
+        at: Timestamp,
+        audit: Box<AuditEntry>,
+    },
+    /// Counts a node admitted with join token `id`, if the token is live
+    /// and has uses left (`Outcome::Done { rows: 0 }` when not).
+    UseJoinToken {
+        id: String,
+        max_uses: Option<u32>,
         at: Timestamp,
     },
     /// Records an administrative change in `audit_log`.
@@ -356,6 +369,7 @@ impl Write {
             | Write::CreateToken(..)
             | Write::PutNode(..)
             | Write::RevokeToken { .. }
+            | Write::UseJoinToken { .. }
             | Write::Audit(..)
             | Write::SetSecret(..)
             | Write::DeleteSecret { .. } => None,
@@ -395,7 +409,7 @@ pub(crate) enum Outcome {
 }
 
 impl Outcome {
-    pub(super) fn rows(&self) -> u64 {
+    pub(crate) fn rows(&self) -> u64 {
         match self {
             Outcome::Done { rows } => *rows,
             Outcome::Inserted(_) => 1,

@@ -175,8 +175,9 @@ pub(super) async fn commit_once(
     Ok(outcomes)
 }
 
-/// The `store.refuse_step_success` failure point: the database refuses a
-/// step's result as it would a value it cannot hold.
+/// The `store.refuse_step_success` and `store.refuse_step_start` failure
+/// points: the database refuses a step's result, or a commit recording a
+/// step started, as it would a value it cannot hold.
 pub(super) fn injected_refusal(writes: &[&Write]) -> Result<(), Failed> {
     if writes
         .iter()
@@ -184,6 +185,16 @@ pub(super) fn injected_refusal(writes: &[&Write]) -> Result<(), Failed> {
     {
         fail::fail_point!("store.refuse_step_success", |_| Err(Failed {
             message: "Data too long for column 'output' (injected)".into(),
+            permanent: true,
+            unknown: false,
+        }));
+    }
+    if writes
+        .iter()
+        .any(|w| matches!(w, Write::StepStarted { .. }))
+    {
+        fail::fail_point!("store.refuse_step_start", |_| Err(Failed {
+            message: "Data too long for column 'name' (injected)".into(),
             permanent: true,
             unknown: false,
         }));

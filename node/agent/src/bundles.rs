@@ -82,6 +82,7 @@ impl Bundles {
     pub(crate) fn new(config: &crate::Config) -> Result<Bundles> {
         let dir = config.data_dir.join("bundles");
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        sweep(&dir);
         let builder = reqwest::Client::builder();
         let builder = match &config.tls {
             Some(tls) => builder.tls_backend_preconfigured((**tls).clone()),
@@ -146,9 +147,20 @@ impl Bundles {
         let unpacked = tokio::task::spawn_blocking(move || engine::bundle::open(&verified, &root))
             .await?
             .map_err(|e| anyhow!("bundle {hash} refused on this node: {e}"))?;
-        let host = StepHost::start(&self.host_command, &unpacked)
-            .await
-            .map_err(|e| anyhow!("bundle {hash} refused on this node: {e}"))?;
+        let host = match StepHost::start(&self.host_command, &unpacked).await {
+            Ok(host) => host,
+            Err(e) => {
+                // The archive stays cached (it verified); its unpacked copy
+                // is made again from it, as the server does.
+                let dir = unpacked.dir.clone();
+                tokio::task::spawn_blocking(move || {
+                    make_writable(&dir);
+                    let _ = std::fs::remove_dir_all(&dir);
+                })
+                .await?;
+                return Err(anyhow!("bundle {hash} refused on this node: {e}"));
+            }
+        };
         tracing::info!(bundle = %format!("{}@{}", unpacked.manifest.name, hash.short()), "bundle loaded");
         let seq = self
             .loads
@@ -418,6 +430,22 @@ fn write_readonly(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::set_permissions(&staging, perms)?;
     std::fs::rename(&staging, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+/// Removes what a crash left half-written: staging directories of an
+/// unpack and partial archives (`<hash>.part<pid>`).
+fn sweep(dir: &Path) {
+    engine::bundle::sweep_staging(dir);
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let partial = name.split_once(".part").is_some_and(|(hash, pid)| {
+            hash.parse::<BundleHash>().is_ok() && pid.parse::<u32>().is_ok()
+        });
+        if partial {
+            tracing::info!(file = %name, "removing a partial archive left by an interrupted download");
+            remove(&entry.path());
+        }
+    }
 }
 
 fn remove(path: &Path) {

@@ -7,6 +7,7 @@
 
 #![warn(missing_docs)]
 
+pub mod destinations;
 pub mod goon;
 pub mod manifest;
 pub mod names;
@@ -33,4 +34,8 @@ pub enum Invalid {
         /// The ABI the manifest names.
         found: u32,
     },
+    /// The manifest is over a limit ([`manifest::MAX_MANIFEST_BYTES`],
+    /// [`manifest::MAX_KINDS`], [`manifest::MAX_STEPS`]); the message says which.
+    #[error("the manifest is over a limit: {0}")]
+    OverLimit(String),
 }

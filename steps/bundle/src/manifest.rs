@@ -13,6 +13,13 @@ use crate::params::Params;
 /// The only manifest format this engine reads.
 pub const FORMAT: u32 = 1;
 
+/// The largest manifest read, in bytes (256 KiB).
+pub const MAX_MANIFEST_BYTES: usize = 256 << 10;
+/// The most kinds one manifest defines.
+pub const MAX_KINDS: usize = 256;
+/// The most steps one manifest defines, and the most one kind runs.
+pub const MAX_STEPS: usize = 256;
+
 /// A bundle's manifest: `bundle.toml` in a step crate, `manifest.toml` in a bundle.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -60,6 +67,13 @@ pub struct StepDef {
     /// before it fails.
     #[serde(default = "default_placement_timeout")]
     pub placement_timeout_ms: u64,
+    /// The settings that decide where the step sends what it is given: a
+    /// URL, a host, a program to run. A kind that gives the step a secret
+    /// may not let a request choose these (see [`Manifest::check_new`]).
+    /// Unset, every setting counts; `[]` says the step sends nothing
+    /// anywhere its settings choose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destinations: Option<Vec<String>>,
 }
 
 fn default_placement_timeout() -> u64 {
@@ -189,9 +203,46 @@ impl StepUse {
 impl Manifest {
     /// Reads and checks a manifest: every rule a loaded bundle must meet ([`Manifest::check_new`] adds those for new ones).
     pub fn parse(text: &str) -> Result<Manifest, Invalid> {
+        if text.len() > MAX_MANIFEST_BYTES {
+            return Err(Invalid::OverLimit(format!(
+                "the manifest is {} bytes; the limit is {} KiB",
+                text.len(),
+                MAX_MANIFEST_BYTES >> 10
+            )));
+        }
         let m: Manifest = toml::from_str(text).map_err(|e| Invalid::Manifest(e.to_string()))?;
+        m.check_limits()?;
         m.validate()?;
         Ok(m)
+    }
+
+    /// Bounds what one bundle may add to every server's memory and to
+    /// every action of its kinds.
+    fn check_limits(&self) -> Result<(), Invalid> {
+        let over = |what: String, limit: usize| {
+            Err(Invalid::OverLimit(format!("{what}; the limit is {limit}")))
+        };
+        if self.kinds.len() > MAX_KINDS {
+            return over(
+                format!("the manifest defines {} kinds", self.kinds.len()),
+                MAX_KINDS,
+            );
+        }
+        if self.steps.len() > MAX_STEPS {
+            return over(
+                format!("the manifest defines {} steps", self.steps.len()),
+                MAX_STEPS,
+            );
+        }
+        for (name, kind) in &self.kinds {
+            if kind.steps.len() > MAX_STEPS {
+                return over(
+                    format!("kind {name:?} runs {} steps", kind.steps.len()),
+                    MAX_STEPS,
+                );
+            }
+        }
+        Ok(())
     }
 
     fn validate(&self) -> Result<(), Invalid> {
@@ -298,14 +349,18 @@ impl Manifest {
     }
 
     /// The rules a new bundle must meet beyond what loading checks (bundles
-    /// stored before a rule existed still load): a semver version, and no
+    /// stored before a rule existed still load): a semver version; no
     /// template naming an optional param that has no default — it would
-    /// have no value when a request leaves the param out.
+    /// have no value when a request leaves the param out; and no secret
+    /// sent where a request points (see `crate::destinations`).
     pub fn check_new(&self) -> Result<(), Invalid> {
         require_semver(&self.version)?;
         for (kind, def) in &self.kinds {
             let specs = def.params.specs();
             for u in &def.steps {
+                crate::destinations::check(def, u, &self.steps[&u.step]).map_err(|e| {
+                    Invalid::Manifest(format!("kind {kind:?}, step {:?}: {e}", u.name()))
+                })?;
                 let mut paths = crate::template::paths(&u.settings).unwrap_or_default();
                 for value in u.requires.values() {
                     paths.extend(
@@ -450,11 +505,18 @@ pub fn secrets_used(u: &StepUse) -> Vec<String> {
         .collect()
 }
 
-/// The deployment variables (`{{vars.NAME}}`) a kind's steps use.
+/// The deployment variables a kind uses: in its steps' templates
+/// (`{{vars.NAME}}`) and as its params' allowlists (`allowed_in`).
 pub fn vars_used(def: &KindDef) -> BTreeSet<String> {
     def.steps
         .iter()
         .flat_map(|u| crate::template::paths(&u.settings).unwrap_or_default())
+        .chain(
+            def.params
+                .specs()
+                .into_values()
+                .filter_map(|s| s.allowed_in),
+        )
         .filter_map(|p| p.strip_prefix("vars.").map(str::to_owned))
         .collect()
 }

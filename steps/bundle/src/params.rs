@@ -2,7 +2,8 @@
 //! manifest (`type`, `enum`, `pattern`, `minimum`/`maximum`,
 //! `min_length`/`max_length`, `items`, `required`, `default`), checked when
 //! an action is submitted so a bad request is refused before anything is
-//! stored.
+//! stored; and `allowed_in`, a list the operator sets on the server that
+//! the value must be in.
 
 use std::collections::BTreeMap;
 
@@ -88,6 +89,12 @@ pub struct ParamSpec {
     /// The schema of a list's items.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub items: Option<Box<ParamSpec>>,
+    /// `"vars.NAME"`: the value must be one of the deployment variable
+    /// NAME's items (separated by commas or white space), which the
+    /// operator sets on the server. What lets a request choose among the
+    /// hosts a secret may be sent to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_in: Option<String>,
     /// `pattern`, compiled on first use.
     #[serde(skip)]
     compiled: std::sync::OnceLock<regex::Regex>,
@@ -110,6 +117,21 @@ impl ParamSpec {
                 return Err(format!("param {name:?}: `items` needs type = \"array\""));
             }
             items.check(&format!("{name}[]"))?;
+        }
+        if let Some(list) = &self.allowed_in {
+            if !list
+                .strip_prefix("vars.")
+                .is_some_and(crate::names::is_secret_name)
+            {
+                return Err(format!(
+                    "param {name:?}: allowed_in = {list:?} must name a deployment variable, `vars.NAME`"
+                ));
+            }
+            if !matches!(self.kind, Some(ParamType::String | ParamType::Integer)) {
+                return Err(format!(
+                    "param {name:?}: allowed_in needs type = \"string\" or \"integer\""
+                ));
+            }
         }
         if let Some(d) = &self.default {
             self.validate(name, d)
@@ -281,6 +303,44 @@ impl Params {
     }
 }
 
+impl Params {
+    /// Checks the params that have an `allowed_in` list against it, in
+    /// `vars` (the server's deployment variables). The error names the
+    /// param and the variable, not the list.
+    pub fn check_allowed(
+        &self,
+        params: &Map<String, Value>,
+        vars: &Map<String, Value>,
+    ) -> Result<(), String> {
+        let Params::Schema(specs) = self else {
+            return Ok(());
+        };
+        for (name, spec) in specs {
+            let (Some(list), Some(value)) = (&spec.allowed_in, params.get(name)) else {
+                continue;
+            };
+            let var = list.strip_prefix("vars.").unwrap_or(list);
+            let value = match value {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            let allowed = match vars.get(var) {
+                Some(Value::String(items)) => items
+                    .split(|c: char| c == ',' || c.is_whitespace())
+                    .any(|item| !item.is_empty() && item == value),
+                _ => false,
+            };
+            if !allowed {
+                return Err(format!(
+                    "param {name:?} = {value:?} is not in this server's list for it (the deployment variable \
+                     {var}); ask the operator to add it"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Why a request's params were refused.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ParamError {
@@ -357,6 +417,47 @@ mod tests {
             apply(json!({})).unwrap_err(),
             ParamError::Missing(vec!["host".into(), "ratio".into()])
         );
+    }
+
+    #[test]
+    fn listed_params_must_be_in_the_operators_list() {
+        let spec: BTreeMap<String, ParamSpec> = toml::from_str(
+            "bmc = { type = \"string\", allowed_in = \"vars.bmc_hosts\" }\nport = { type = \"integer\", default = 1 }",
+        )
+        .unwrap();
+        spec["bmc"].check("bmc").unwrap();
+        let params = Params::Schema(spec);
+        let vars = |v: Value| json!({ "bmc_hosts": v }).as_object().unwrap().clone();
+        let list = vars(json!("bmc-1.example, bmc-2.example\nbmc-3.example"));
+        for host in ["bmc-1.example", "bmc-2.example", "bmc-3.example"] {
+            let p = json!({ "bmc": host }).as_object().unwrap().clone();
+            params.check_allowed(&p, &list).unwrap();
+        }
+        for host in [
+            "127.0.0.1:18790",
+            "bmc-1",
+            "bmc-1.example,",
+            "",
+            "BMC-1.EXAMPLE",
+        ] {
+            let p = json!({ "bmc": host }).as_object().unwrap().clone();
+            let err = params.check_allowed(&p, &list).unwrap_err();
+            assert!(
+                err.contains("bmc_hosts") && err.contains("\"bmc\""),
+                "{err}"
+            );
+        }
+        let p = json!({ "bmc": "bmc-1.example" })
+            .as_object()
+            .unwrap()
+            .clone();
+        assert!(params.check_allowed(&p, &Map::new()).is_err());
+
+        let bad: ParamSpec =
+            toml::from_str("type = \"string\"\nallowed_in = \"bmc_hosts\"").unwrap();
+        assert!(bad.check("x").unwrap_err().contains("vars.NAME"));
+        let bad: ParamSpec = toml::from_str("type = \"array\"\nallowed_in = \"vars.x\"").unwrap();
+        assert!(bad.check("x").unwrap_err().contains("type"));
     }
 
     #[test]

@@ -268,6 +268,9 @@ impl Run<'_> {
                 self.kind
             )));
         }
+        kind.params
+            .check_allowed(&self.params, &self.vars)
+            .map_err(Error)?;
         Ok(Runner {
             run: &self,
             kind,

@@ -190,7 +190,101 @@ fn logger(cx: &Context<'_>, input: StepInput<LoggerSettings>) -> Result<Value, S
     Ok(json!({ "logged": s.lines }))
 }
 
+#[derive(Deserialize)]
+struct LeakSettings {
+    /// The secret to give away.
+    secret: String,
+    /// The user name it is sent with as HTTP Basic auth.
+    user: String,
+    /// Fail this many first attempts with a retryable error that gives the
+    /// secret away too.
+    #[serde(default)]
+    retryable_times: u32,
+    /// Then wait this long (cancellably): past the step's timeout, it times
+    /// out.
+    #[serde(default)]
+    wait_ms: u64,
+}
+
+/// Gives `secret` away in every way a careless step or peer might: in an
+/// object key, encoded (base64, URL-safe base64, percent-encoded, as HTTP
+/// Basic auth), and cut in half at either end of a string (what keeping the
+/// tail or head of a command's output leaves) in its output; whole in its
+/// log, on its stdout and stderr and in its error messages, the raw secret sitting across the cut of an
+/// error that is too long to keep whole.
+fn leak(cx: &Context<'_>, input: StepInput<LeakSettings>) -> Result<Value, StepError> {
+    let s = &input.settings;
+    let secret = s.secret.as_str();
+    let half = secret.len() / 2;
+    let given = json!({
+        format!("Basic {secret}"): 1,
+        "base64": base64(secret.as_bytes(), false, true),
+        "base64_url": base64(secret.as_bytes(), true, false),
+        "percent": percent(secret),
+        "basic": format!("Basic {}", base64(format!("{}:{secret}", s.user).as_bytes(), false, true)),
+    });
+    cx.log(format_args!("gave away {given}"));
+    // And prints it, which ends up in the server's log.
+    println!("printed {given}");
+    eprintln!("printed {given}");
+    if input.attempt <= s.retryable_times {
+        let text = given.to_string();
+        // The raw secret across the 16 KiB an error is cut to.
+        let pad = (16 << 10) - 3 - text.len();
+        return Err(StepError::retryable(format!(
+            "{text} {}{secret}{}",
+            "x".repeat(pad),
+            "y".repeat(200)
+        )));
+    }
+    cx.sleep(Duration::from_millis(s.wait_ms))?;
+    // Cut, as a step keeping the tail or the head of a command's output
+    // leaves it.
+    let mut output = given;
+    output["tail"] = json!(format!("{}{}", &secret[half..], "x".repeat(100)));
+    output["head"] = json!(format!("{}token={}", "x".repeat(100), &secret[..half]));
+    Ok(output)
+}
+
+fn base64(bytes: &[u8], url_safe: bool, padded: bool) -> String {
+    let alphabet: &[u8] = if url_safe {
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    } else {
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    };
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(alphabet[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else if padded {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn percent(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
 troupe_sdk::export_steps! {
+    "leak" => leak,
     "logger" => logger,
     "noop" => noop,
     "echo" => echo,

@@ -320,17 +320,74 @@ fn goon_output_stands_in_for_a_step() {
 
 #[test]
 fn goons_can_be_limited_to_a_kind_and_a_number_of_times() {
-    // Once: the fatal error on `one` ends the action.
+    // `flaky` fails its first two attempts and has three: a goon on every
+    // attempt but spent after one leaves attempts 2 and 3 to the step, which
+    // succeeds on the third.
     let report = bundle()
-        .kind("noop3")
-        .goon(Goon::fail("one").every_attempt().times(1).fatal())
+        .kind("flaky")
+        .goon(Goon::fail("flaky").every_attempt().times(1))
         .run()
         .unwrap();
-    assert_eq!(report.status, Status::Failed);
+    assert_eq!(report.status, Status::Succeeded, "{report}");
+    let goons: Vec<bool> = report
+        .step("flaky")
+        .attempts
+        .iter()
+        .map(|a| a.goon)
+        .collect();
+    assert_eq!(goons, [true, false, false], "{report}");
+    // Twice: the goon takes attempts 1 and 2, the step's own third succeeds.
+    let report = bundle()
+        .kind("flaky")
+        .goon(Goon::fail("flaky").every_attempt().times(2))
+        .run()
+        .unwrap();
+    assert_eq!(report.status, Status::Succeeded, "{report}");
+    let goons: Vec<bool> = report
+        .step("flaky")
+        .attempts
+        .iter()
+        .map(|a| a.goon)
+        .collect();
+    assert_eq!(goons, [true, true, false], "{report}");
+    // Not limited, it takes every attempt and the action fails.
+    let report = bundle()
+        .kind("flaky")
+        .goon(Goon::fail("flaky").every_attempt())
+        .run()
+        .unwrap();
+    assert_eq!(report.status, Status::Failed, "{report}");
+    assert!(report.step("flaky").attempts.iter().all(|a| a.goon));
     let report = bundle()
         .kind("noop3")
         .goon(Goon::fail("one").fatal().for_kind("echo"))
         .run()
         .unwrap();
     assert_eq!(report.status, Status::Succeeded, "a goon for another kind");
+}
+
+/// A param with an `allowed_in` list is held to the list the run's
+/// deployment variable gives, as a server holds it.
+#[test]
+fn a_listed_param_must_be_on_the_list() {
+    let dir = std::env::temp_dir().join(format!("testkit-listed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let dir_text = dir.to_str().unwrap().to_owned();
+    let off_list = bundle()
+        .kind("secret")
+        .param("dir", "/elsewhere")
+        .var("record_dirs", dir_text.as_str())
+        .secret("test_token", "s3cret-token")
+        .run()
+        .unwrap_err();
+    assert!(off_list.to_string().contains("record_dirs"), "{off_list}");
+    let report = bundle()
+        .kind("secret")
+        .param("dir", dir_text.as_str())
+        .var("record_dirs", dir_text.as_str())
+        .secret("test_token", "s3cret-token")
+        .run()
+        .unwrap();
+    assert!(dir.join("given.json").exists(), "{report}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

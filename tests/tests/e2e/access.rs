@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::harness::{Db, Env, both_dbs, troupe_bin};
+use crate::harness::{Db, Env, both_dbs, test_key, testkit_version, troupe_bin};
 
 /// Every route the server serves, the scope it needs, and a body to send.
 /// A request with the scope must get past authentication; what it then
@@ -182,6 +182,15 @@ async fn every_endpoint_needs_its_scope(db: Db) {
         .await;
     assert_eq!(status, 200);
     assert_eq!(detailed["database"]["reachable"], true, "{detailed}");
+    // So do liveness and readiness, for load balancers: a status and, when
+    // not ready, why; nothing else.
+    for (path, want) in [
+        ("/v1/health/live", json!({ "status": "ok" })),
+        ("/v1/health/ready", json!({ "status": "ready" })),
+    ] {
+        let (status, open) = server.request_as(None, Method::GET, path, None).await;
+        assert_eq!((status.as_u16(), open), (200, want), "{path}");
+    }
 }
 
 async fn revoked_and_expired_tokens_are_refused_at_once(db: Db) {
@@ -265,7 +274,10 @@ async fn revoked_and_expired_tokens_are_refused_at_once(db: Db) {
         ),
     ] {
         let (status, resp) = server.post("/v1/tokens", &body).await;
-        assert!(status == 400 || status == 409, "{body}: {resp}");
+        // A malformed request is the caller's mistake; a taken name, a
+        // conflict with what is stored.
+        let expected = if code == "token_name_taken" { 409 } else { 400 };
+        assert_eq!(status, expected, "{body}: {resp}");
         assert_eq!(resp["error"]["code"], code, "{body}");
     }
     let (_, list) = server.get("/v1/tokens").await;
@@ -398,10 +410,158 @@ async fn who_did_what_is_recorded(db: Db) {
     );
 }
 
+/// The number of actions stored.
+async fn actions_stored(env: &Env) -> i64 {
+    sqlx::query_scalar("SELECT COUNT(*) FROM actions")
+        .fetch_one(&env.sql().await)
+        .await
+        .unwrap()
+}
+
+/// Pinning a version other than the active one is a rollback, an admin's
+/// act: a submit token may pin only the active version.
+async fn only_an_admin_pins_a_version_that_is_not_active(db: Db) {
+    let env = Env::new(db).await;
+    let server = env.serve();
+    let submitter = server.token_with("panel", &["submit"], None).await;
+    let hash_of = |list: &Value, version: &str| -> String {
+        list["bundles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == "testkit" && b["version"] == version)
+            .unwrap_or_else(|| panic!("testkit {version} in {list}"))["hash"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (_, list) = server.get("/v1/bundles").await;
+    let drained = hash_of(&list, "0.1.0");
+    // Rolled forward from 0.1.0: 0.2.0 is pushed and becomes active.
+    let (v2, v2_sig) = testkit_version("0.2.0", &test_key());
+    let (status, body) = server.push(v2, &v2_sig).await;
+    assert_eq!(status, 201, "{body}");
+    let (_, list) = server.get("/v1/bundles").await;
+    let active = hash_of(&list, "0.2.0");
+    let submit = |token: String, hash: String, target: &'static str| {
+        let server = &server;
+        async move {
+            let body = json!({ "kind": "noop1", "target": target, "bundle": hash });
+            server
+                .request_as(
+                    Some(&token),
+                    Method::POST,
+                    "/v1/actions",
+                    Some(body.to_string()),
+                )
+                .await
+        }
+    };
+
+    // A submit token may name the active version.
+    let (status, action) = submit(submitter.clone(), active.clone(), "vps-1").await;
+    assert_eq!(status, 202, "{action}");
+    assert_eq!(action["bundle"], active.as_str());
+    let before = actions_stored(&env).await;
+
+    // Not the one an admin rolled forward from.
+    let (status, refused) = submit(submitter.clone(), drained.clone(), "vps-2").await;
+    assert_eq!(status, 403, "{refused}");
+    assert_eq!(
+        refused["error"]["code"], "bundle_pin_needs_admin",
+        "{refused}"
+    );
+    let message = refused["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("admin") && message.contains("active"),
+        "the message says why and what to do: {message}"
+    );
+    assert_eq!(
+        actions_stored(&env).await,
+        before,
+        "the refused submit stored nothing"
+    );
+
+    // An admin may, and the action runs on that version.
+    let (status, action) = submit(server.token.clone(), drained.clone(), "vps-3").await;
+    assert_eq!(status, 202, "{action}");
+    assert_eq!(action["bundle"], drained.as_str());
+    let done = server.finished(action["id"].as_i64().unwrap()).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["bundle"], drained.as_str());
+}
+
+/// Every answer, whoever asks and whatever it says, tells browsers not to
+/// guess its type and caches not to keep it.
+async fn every_answer_says_nosniff_and_no_store(db: Db) {
+    let env = Env::new(db).await;
+    let server = env.serve();
+    let http = crate::harness::http_client();
+    let mut checked = Vec::new();
+    let mut requests: Vec<(Method, String, Option<Value>)> = routes()
+        .into_iter()
+        .map(|(method, path, _, body)| (method, path.to_owned(), body))
+        .collect();
+    requests.extend([
+        (Method::GET, "/v1/health".to_owned(), None),
+        (Method::GET, "/openapi.json".to_owned(), None),
+        (Method::GET, "/no/such/route".to_owned(), None),
+        (Method::GET, "/v1/nodes/connect".to_owned(), None),
+        (Method::PATCH, "/v1/actions".to_owned(), None),
+        (
+            Method::POST,
+            "/v1/tokens".to_owned(),
+            Some(json!({ "name": "fresh", "scopes": ["read"] })),
+        ),
+    ]);
+    for (method, path, body) in requests {
+        for token in [None, Some(server.token.as_str())] {
+            let mut req = http.request(method.clone(), format!("{}{path}", server.url));
+            if let Some(token) = token {
+                req = req.bearer_auth(token);
+            }
+            if let Some(body) = &body {
+                req = req
+                    .header("content-type", "application/json")
+                    .body(body.to_string());
+            }
+            let resp = req.send().await.unwrap();
+            let what = format!(
+                "{method} {path} (credential: {}) → {}",
+                token.is_some(),
+                resp.status()
+            );
+            let headers = resp.headers();
+            assert_eq!(
+                headers
+                    .get("x-content-type-options")
+                    .map(|v| v.to_str().unwrap()),
+                Some("nosniff"),
+                "{what}"
+            );
+            assert_eq!(
+                headers.get("cache-control").map(|v| v.to_str().unwrap()),
+                Some("no-store"),
+                "{what}"
+            );
+            checked.push(what);
+        }
+    }
+    // The answer that carries a new token is among them.
+    assert!(
+        checked
+            .iter()
+            .any(|w| w.starts_with("POST /v1/tokens (credential: true) → 201")),
+        "{checked:#?}"
+    );
+}
+
 both_dbs!(
     every_endpoint_needs_its_scope,
     revoked_and_expired_tokens_are_refused_at_once,
     who_did_what_is_recorded,
+    only_an_admin_pins_a_version_that_is_not_active,
+    every_answer_says_nosniff_and_no_store,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -451,12 +611,9 @@ async fn no_secret_reaches_the_log_or_an_answer() {
         .request_as(Some(&made), Method::GET, "/v1/actions", None)
         .await;
     assert_eq!(status, 200);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let log = server.log();
-    assert!(
-        log.contains("refused a request with a bad credential"),
-        "{log}"
-    );
+    let log = server
+        .log_until("refused a request with a bad credential")
+        .await;
     for secret in [
         server.token.as_str(),
         wrong.as_str(),

@@ -248,8 +248,10 @@ async fn plugin_panic_and_abort_fail_only_their_steps(db: Db) {
 
     // An abort takes down its step host, failing the steps in flight there.
     // A step running meanwhile on another bundle's host is untouched.
+    let release = env.dir.join("release");
+    let wait = format!("while [ ! -e {} ]; do sleep 0.05; done", release.display());
     let bystander = server
-        .submit("run", "vps-3", json!({ "argv": ["sleep", "1"] }))
+        .submit("run", "vps-3", json!({ "argv": ["sh", "-c", wait] }))
         .await;
     server
         .until(bystander, "running", |a| a["current_step"] == "run_command")
@@ -265,6 +267,8 @@ async fn plugin_panic_and_abort_fail_only_their_steps(db: Db) {
         "{b}"
     );
 
+    crate::faults::still_running(&server, bystander).await;
+    std::fs::write(&release, "").unwrap();
     let c = server.finished(bystander).await;
     assert_eq!(c["status"], "succeeded", "a step on another host: {c}");
     // The engine carries on with a fresh host.

@@ -127,7 +127,11 @@ async fn only_what_happened_is_audited(db: Db) {
     // Nodes: removing a node twice, accepting an accepted one.
     let token = crate::nodes::join_token(&server, &env).await;
     let _node = crate::nodes::kvm_node(&server, &token, "hv-1").await;
-    assert!(cli(&server, &["nodes", "accept", "hv-1"]).0);
+    let (_, node) = server.get("/v1/nodes/hv-1").await;
+    let key = node["fingerprint"].as_str().unwrap().to_owned();
+    let accepted = count(&server, "node.accepted").await;
+    assert!(cli(&server, &["nodes", "accept", "hv-1", "--key", &key]).0);
+    assert_eq!(count(&server, "node.accepted").await, accepted);
     assert!(cli(&server, &["nodes", "remove", "hv-1"]).0);
     let (ok, said) = cli(&server, &["nodes", "remove", "hv-1"]);
     assert!(ok && said.contains("already removed"), "{said}");

@@ -6,7 +6,7 @@ use serde_json::json;
 
 use crate::bundles::{triple, zip_of};
 use crate::harness::{
-    Db, Env, both_dbs, build_testkit, sign_with, target_dir, test_key, workspace,
+    Db, Env, both_dbs, build_bundle, build_testkit, sign_with, target_dir, test_key, workspace,
 };
 
 /// The `env` exploit from the issue tracker, as a test: a step sees none of
@@ -165,6 +165,138 @@ async fn params_are_checked_against_the_kinds_schema(db: Db) {
     assert_eq!(reboot["params"]["port"]["maximum"], 65535.0, "{reboot}");
 }
 
+/// The README's BMC example, made the way the review found it: the URL's
+/// host from a param, a secret in a header. Refused at build and at push;
+/// with the param checked against the operator's list, accepted, and a
+/// request for a host off the list is refused before anything is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_goes_only_where_the_operator_points() {
+    let base = std::fs::read_to_string(workspace().join("steps/builtin/bundle.toml")).unwrap();
+    let kind = |bmc: &str| {
+        format!(
+            "{base}\n[kinds.bmc_reset]\nparams.bmc = {{ {bmc} }}\nsteps = [{{ step = \"http_request\", with = {{ \
+             method = \"POST\", url = \"http://{{{{params.bmc}}}}/redfish/v1/Systems/1/Actions/ComputerSystem.Reset\", \
+             headers = {{ Authorization = \"Basic {{{{secrets.bmc_basic_auth}}}}\" }} }} }}]\n"
+        )
+    };
+    let unsafe_kind = kind("type = \"string\", pattern = \"^[A-Za-z0-9.:-]+$\"");
+    let safe_kind =
+        kind("type = \"string\", pattern = \"^[A-Za-z0-9.:-]+$\", allowed_in = \"vars.bmc_hosts\"");
+
+    // The build refuses the unsafe kind…
+    let err = build_bundle("builtin", &unsafe_kind).unwrap_err();
+    assert!(
+        err.contains("bmc_reset")
+            && err.contains("`url`")
+            && err.contains("{{params.bmc}}")
+            && err.contains("allowed_in"),
+        "{err}"
+    );
+    // …and so does the server, for a bundle zipped by hand.
+    let env = Env::new(Db::Sqlite).await;
+    let good = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let evil = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    evil.set_nonblocking(true).unwrap();
+    let good_host = good.local_addr().unwrap().to_string();
+    let evil_host = evil.local_addr().unwrap().to_string();
+    let hosts = format!("bmc_hosts=bmc-1.example,{good_host}");
+    let server = env.serve_with(&["--var", &hosts]);
+    let lib = std::fs::read(target_dir().join("libbuiltin.so")).unwrap();
+    let manifest = unsafe_kind.replace("version = \"0.2.0\"", "version = \"0.9.0\"");
+    let bytes = zip_of(&[
+        ("manifest.toml", manifest.as_bytes(), false),
+        (&format!("lib/{}/libbuiltin.so", triple()), &lib, false),
+    ]);
+    let sig = sign_with(&test_key(), &bytes, "builtin", "0.9.0");
+    let (status, resp) = server.push(bytes, &sig).await;
+    assert_eq!(status, 422, "{resp}");
+    assert_eq!(resp["error"]["code"], "bundle_manifest_invalid");
+    assert!(
+        resp["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("{{params.bmc}}"),
+        "{resp}"
+    );
+
+    // With the param on the operator's list, it builds and is pushed.
+    let safe = safe_kind.replace("version = \"0.2.0\"", "version = \"0.3.0\"");
+    let bytes = build_bundle("builtin", &safe).unwrap();
+    let sig = sign_with(&test_key(), &bytes, "builtin", "0.3.0");
+    let (status, resp) = server.push(bytes, &sig).await;
+    assert_eq!(status, 201, "{resp}");
+    let secret = "cm9vdDpodW50ZXIy";
+    let (status, body) = server
+        .request(
+            reqwest::Method::PUT,
+            "/v1/secrets/bmc_basic_auth",
+            Some(json!({ "value": secret }).to_string()),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let submit_only = server.token_with("submit", &["submit"], None).await;
+
+    // A host off the list is refused before anything is stored or sent.
+    let (status, resp) = server
+        .request_as(
+            Some(&submit_only),
+            reqwest::Method::POST,
+            "/v1/actions",
+            Some(
+                json!({ "kind": "bmc_reset", "target": "srv-1", "params": { "bmc": evil_host } })
+                    .to_string(),
+            ),
+        )
+        .await;
+    assert_eq!(status, 403, "{resp}");
+    assert_eq!(resp["error"]["code"], "param_not_allowed", "{resp}");
+    let (_, list) = server.get("/v1/actions").await;
+    assert_eq!(list["actions"].as_array().map(Vec::len), Some(0), "{list}");
+
+    // A host on it is sent the secret.
+    let got = std::thread::spawn(move || {
+        use std::io::{BufRead, Write};
+        let (conn, _) = good.accept().unwrap();
+        let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
+                break;
+            }
+            head.push_str(&line);
+        }
+        let mut conn = conn;
+        conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+            .unwrap();
+        head
+    });
+    let (status, action) = server
+        .request_as(
+            Some(&submit_only),
+            reqwest::Method::POST,
+            "/v1/actions?wait=30s",
+            Some(
+                json!({ "kind": "bmc_reset", "target": "srv-1", "params": { "bmc": good_host } })
+                    .to_string(),
+            ),
+        )
+        .await;
+    assert_eq!(status, 202, "{action}");
+    assert_eq!(action["status"], "succeeded", "{action}");
+    let head = got.join().unwrap();
+    assert!(
+        head.starts_with("POST /redfish/v1/Systems/1/Actions/ComputerSystem.Reset ")
+            && head.contains(&format!("Basic {secret}")),
+        "{head}"
+    );
+    // Nothing ever knocked at the host off the list.
+    assert_eq!(
+        evil.accept().map(drop).unwrap_err().kind(),
+        std::io::ErrorKind::WouldBlock
+    );
+}
+
 both_dbs!(
     steps_see_none_of_the_servers_environment,
     params_reach_argv_as_single_literal_arguments,
@@ -246,7 +378,12 @@ async fn a_shell_built_from_request_data_is_refused() {
 
 async fn secrets_reach_only_their_step_and_are_masked(db: Db) {
     let env = Env::new(db).await;
-    let server = env.serve();
+    // The step writes what it is given where params.dir says: only into
+    // a directory the operator listed.
+    let dir = env.dir.join("secret-run");
+    std::fs::create_dir_all(&dir).unwrap();
+    let listed = format!("record_dirs={}", dir.display());
+    let server = env.serve_with(&["--var", &listed]);
     let secret = "tok-9f8e7d6c5b4a3921";
     let set = {
         use std::io::Write;
@@ -274,8 +411,24 @@ async fn secrets_reach_only_their_step_and_are_masked(db: Db) {
         "{listed}"
     );
 
-    let dir = env.dir.join("secret-run");
-    std::fs::create_dir_all(&dir).unwrap();
+    let elsewhere = env.dir.join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let (status, refused) = server
+        .post(
+            "/v1/actions?wait=20s",
+            &json!({ "kind": "secret", "target": "x", "params": { "dir": elsewhere.to_str().unwrap() } }),
+        )
+        .await;
+    assert_eq!(status, 403, "{refused}");
+    assert_eq!(refused["error"]["code"], "param_not_allowed", "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("record_dirs"),
+        "{refused}"
+    );
+    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
     let (status, action) = server
         .post(
             "/v1/actions?wait=20s",

@@ -260,3 +260,87 @@ async fn a_database_killed_under_load_loses_and_strands_nothing() {
     }
     drop(db);
 }
+
+/// Polls `/v1/health/ready` (no credential) until its status is `want`
+/// (and, when not ready, its code `code`), for at most `within`.
+async fn ready_becomes(
+    server: &crate::harness::Server,
+    want: u16,
+    code: Option<&str>,
+    within: Duration,
+) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let (status, body) = server
+            .request_as(None, reqwest::Method::GET, "/v1/health/ready", None)
+            .await;
+        if status.as_u16() == want && body["code"].as_str() == code {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/v1/health/ready is still {status} {body} after {within:?}; wanted {want} {code:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Readiness follows the database: 503 `database_read_only` while it is
+/// read-only (as a demoted primary is), 503 `database_unavailable` while it
+/// is down, ready again when it takes writes; liveness stays 200 and says
+/// nothing of the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_database() {
+    let mut db = tokio::task::spawn_blocking(PrivateMariaDb::start)
+        .await
+        .unwrap();
+    let env = Env {
+        db_url: db.url(),
+        dir: scratch_dir("db-ready"),
+    };
+    let server = env.serve();
+    let body = ready_becomes(&server, 200, None, Duration::from_secs(10)).await;
+    assert_eq!(body["status"], "ready", "{body}");
+
+    let out = db.sql("SET GLOBAL read_only = 1;");
+    assert!(out.status.success(), "{out:?}");
+    let body = ready_becomes(
+        &server,
+        503,
+        Some("database_read_only"),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(body["status"], "not_ready", "{body}");
+    let out = db.sql("SET GLOBAL read_only = 0;");
+    assert!(out.status.success(), "{out:?}");
+    ready_becomes(&server, 200, None, Duration::from_secs(10)).await;
+
+    let _ = db.server.kill();
+    let _ = db.server.wait();
+    let body = ready_becomes(
+        &server,
+        503,
+        Some("database_unavailable"),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(
+        !body["reason"].as_str().unwrap().contains("127.0.0.1"),
+        "the reason names no address: {body}"
+    );
+    let (status, live) = server
+        .request_as(None, reqwest::Method::GET, "/v1/health/live", None)
+        .await;
+    assert_eq!(status, 200, "{live}");
+    db.server = PrivateMariaDb::spawn(&db.dir, db.port);
+    let db = tokio::task::spawn_blocking(move || {
+        db.wait_ready();
+        db
+    })
+    .await
+    .unwrap();
+    ready_becomes(&server, 200, None, Duration::from_secs(60)).await;
+    drop(server);
+    drop(db);
+}

@@ -3,7 +3,7 @@
 //! and `--wait` rides over a restart.
 
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 
@@ -14,7 +14,7 @@ async fn the_api_answers_through_a_drain(db: Db) {
     let server = env.serve_with(&["--shutdown-grace", "20s"]);
     // One step, which the drain lets finish.
     let id = server
-        .submit("run", "vps-1", json!({ "argv": ["sleep", "2"] }))
+        .submit("run", "vps-1", json!({ "argv": ["sleep", "5"] }))
         .await;
     server
         .until(id, "running", |a| a["current_step"] == "run_command")
@@ -36,10 +36,18 @@ async fn the_api_answers_through_a_drain(db: Db) {
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
     server.signal("TERM");
-    tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let body = json!({ "kind": "noop1", "target": "vps-2", "params": {} });
-    let (status, resp) = server.post("/v1/actions", &body).await;
+    // Submits are accepted until the signal is handled, then refused.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (status, resp) = loop {
+        let body = json!({ "kind": "noop1", "target": "vps-2", "params": {} });
+        let (status, resp) = server.post("/v1/actions", &body).await;
+        if status != 202 {
+            break (status, resp);
+        }
+        assert!(Instant::now() < deadline, "submits still accepted: {resp}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(status, 503, "{resp}");
     assert_eq!(resp["error"]["code"], "shutting_down");
     assert!(

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::harness::{
-    Db, Env, both_dbs, build_testkit, sign_with, test_key, testkit_version, workspace,
+    Db, Env, Server, both_dbs, build_testkit, sign_with, test_key, testkit_version, workspace,
 };
 
 /// Processes whose command line holds `marker`.
@@ -121,14 +121,52 @@ async fn a_command_that_times_out_leaves_no_process_behind(db: Db) {
     assert_gone(&m, "a command that timed out");
 }
 
+/// Asserts that `id` is still running on its first attempt: a bystander
+/// that had already finished would make its check say nothing.
+pub(crate) async fn still_running(server: &Server, id: i64) {
+    let (_, b) = server.get(&format!("/v1/actions/{id}")).await;
+    assert_eq!(
+        b["status"], "running",
+        "the bystander was not in flight throughout: {b}"
+    );
+    assert_eq!(b["steps"][0]["attempt"], 1, "{b}");
+}
+
+/// A `sleep` action long enough to be in flight whatever the machine's
+/// load; [`bystander_unharmed`] ends it.
+async fn bystander(server: &Server) -> i64 {
+    let id = server
+        .submit("sleep", "vps-b", json!({ "ms": 120_000 }))
+        .await;
+    server
+        .until(id, "running", |a| a["current_step"] == "sleep_ms")
+        .await;
+    id
+}
+
+/// The bystander is still in flight on its first attempt, and its call
+/// still answers: cancelled, its step ends `cancelled` (a call lost with
+/// its host would end `failed`).
+async fn bystander_unharmed(server: &Server, id: i64) {
+    still_running(server, id).await;
+    let (status, _) = server
+        .post(&format!("/v1/actions/{id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, 202);
+    let b = server.finished(id).await;
+    assert_eq!(
+        b["status"], "cancelled",
+        "the bystander on the same host: {b}"
+    );
+    assert_eq!(b["steps"][0]["status"], "cancelled", "{b}");
+    assert_eq!(b["steps"][0]["attempt"], 1, "{b}");
+}
+
 async fn an_oversized_output_fails_only_its_own_call(db: Db) {
     let env = Env::new(db).await;
     let server = env.serve();
     // Shares the testkit host with the blob step below.
-    let bystander = server.submit("sleep", "vps-b", json!({ "ms": 2000 })).await;
-    server
-        .until(bystander, "running", |a| a["current_step"] == "sleep_ms")
-        .await;
+    let bystander = bystander(&server).await;
     let big = server
         .submit("blob", "vps-a", json!({ "bytes": 70 << 20 }))
         .await;
@@ -141,30 +179,19 @@ async fn an_oversized_output_fails_only_its_own_call(db: Db) {
     );
     let err = a["error"].as_str().unwrap();
     assert!(err.contains("output") && err.contains("limit"), "{err}");
-    let b = server.finished(bystander).await;
-    assert_eq!(
-        b["status"], "succeeded",
-        "the bystander on the same host: {b}"
-    );
+    bystander_unharmed(&server, bystander).await;
 }
 
 async fn a_printing_plugin_breaks_nothing(db: Db) {
     let env = Env::new(db).await;
     let server = env.serve();
     // A call in flight on the same host while the plugin prints.
-    let bystander = server.submit("sleep", "vps-b", json!({ "ms": 1500 })).await;
-    server
-        .until(bystander, "running", |a| a["current_step"] == "sleep_ms")
-        .await;
+    let bystander = bystander(&server).await;
     let chatty = server.submit("chatty", "vps-a", json!({})).await;
     let a = server.finished(chatty).await;
     assert_eq!(a["status"], "succeeded", "{a}");
     assert_eq!(a["steps"][0]["output"]["said"], "hello", "{a}");
-    let b = server.finished(bystander).await;
-    assert_eq!(
-        b["status"], "succeeded",
-        "the bystander on the same host: {b}"
-    );
+    bystander_unharmed(&server, bystander).await;
     // What it printed is in the server's log, line by line.
     let log = server.log();
     for line in [
@@ -428,11 +455,12 @@ both_dbs!(
     a_printing_plugin_breaks_nothing,
     a_modified_bundle_cache_is_never_loaded,
     one_targets_actions_start_in_submission_order,
+    two_bundles_may_not_provide_one_kind,
+    an_activation_may_not_give_a_kind_a_second_provider,
 );
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_bundles_may_not_provide_one_kind() {
-    let env = Env::new(Db::Sqlite).await;
+async fn two_bundles_may_not_provide_one_kind(db: Db) {
+    let env = Env::new(db).await;
     let server = env.serve();
     let base = std::fs::read_to_string(workspace().join("steps/testkit/bundle.toml")).unwrap();
     let other = base.replace("name = \"testkit\"", "name = \"testkit-copy\"");
@@ -454,6 +482,71 @@ async fn two_bundles_may_not_provide_one_kind() {
         !bundles.to_string().contains("testkit-copy"),
         "the refused bundle was stored: {bundles}"
     );
+}
+
+/// A small bundle on the testkit library: `name` at `version`, with one
+/// kind `kind` of one no-op step.
+fn side_bundle(name: &str, version: &str, kind: &str) -> (Vec<u8>, String) {
+    let manifest = format!(
+        "format = 1\nname = \"{name}\"\nversion = \"{version}\"\nabi = 2\nlibrary = \"testkit\"\n\n\
+         [steps.noop]\ntimeout_ms = 10000\nidempotent = true\n\n\
+         [kinds.{kind}]\nsteps = [{{ step = \"noop\" }}]\n"
+    );
+    let bytes = build_testkit(&manifest).unwrap();
+    let sig = sign_with(&test_key(), &bytes, name, version);
+    (bytes, sig)
+}
+
+/// Going back to an older version that provides a kind another bundle has
+/// since taken is refused too, and changes nothing.
+async fn an_activation_may_not_give_a_kind_a_second_provider(db: Db) {
+    let env = Env::new(db).await;
+    let server = env.serve();
+    let push = async |(bytes, sig): (Vec<u8>, String)| {
+        let (status, resp) = server.push(bytes, &sig).await;
+        assert_eq!(status, 201, "{resp}");
+        resp["hash"].as_str().unwrap().to_owned()
+    };
+    // side 1.0 provides `shared`, side 2.0 no longer does, so other may.
+    let side1 = push(side_bundle("side", "1.0.0", "shared")).await;
+    push(side_bundle("side", "2.0.0", "side_only")).await;
+    let other = push(side_bundle("other", "1.0.0", "shared")).await;
+
+    let (status, resp) = server
+        .post(&format!("/v1/bundles/{side1}/activate"), &json!({}))
+        .await;
+    assert_eq!(status, 409, "{resp}");
+    assert_eq!(resp["error"]["code"], "kind_conflict", "{resp}");
+    let message = resp["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("other") && message.contains("shared"),
+        "{message}"
+    );
+    // Nothing changed: side 2.0 and other stay the active ones, and
+    // `shared` runs on other.
+    let (_, bundles) = server.get("/v1/bundles").await;
+    let mut active: Vec<(&str, &str)> = bundles["bundles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["status"] == "active" && b["name"] != "testkit" && b["name"] != "builtin")
+        .map(|b| (b["name"].as_str().unwrap(), b["version"].as_str().unwrap()))
+        .collect();
+    active.sort();
+    assert_eq!(active, [("other", "1.0.0"), ("side", "2.0.0")], "{bundles}");
+    let id = server.submit("shared", "t", json!({})).await;
+    let a = server.finished(id).await;
+    assert_eq!(a["status"], "succeeded", "{a}");
+    assert_eq!(a["bundle"], other.as_str(), "{a}");
+    let pool = env.sql().await;
+    let activated: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM audit_log WHERE event = 'bundle.activated' AND subject = ?",
+    )
+    .bind(&side1)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(activated, 0, "a refused activation is not audited");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -203,11 +203,17 @@ pub(crate) fn testkit_version(version: &str, key: &signing::SecretKey) -> (Vec<u
 /// Runs `troupe bundle build` on `manifest` with the testkit library;
 /// returns the bundle's bytes, or what the build said when it refused.
 pub(crate) fn build_testkit(manifest: &str) -> Result<Vec<u8>, String> {
-    let dir = scratch_dir("testkit-manifest");
+    build_bundle("testkit", manifest)
+}
+
+/// Runs `troupe bundle build` on `manifest` with the library of the
+/// workspace's bundle `name` (`testkit`, `builtin`).
+pub(crate) fn build_bundle(name: &str, manifest: &str) -> Result<Vec<u8>, String> {
+    let dir = scratch_dir("bundle-manifest");
     let manifest_path = dir.join("bundle.toml");
     std::fs::write(&manifest_path, manifest).unwrap();
     let out = dir.join("t.bundle");
-    let library = target_dir().join("libtestkit.so");
+    let library = target_dir().join(format!("lib{name}.so"));
     let o = troupe(&[
         "bundle",
         "build",
@@ -289,6 +295,11 @@ impl Env {
     /// on another host): a data directory of its own (one server per data
     /// directory), with the first one's admin token and secrets key.
     pub(crate) fn serve_another(&self, extra: &[&str]) -> Server {
+        self.serve_another_with_env(extra, &[])
+    }
+
+    /// [`Env::serve_another`] with environment variables (failure points).
+    pub(crate) fn serve_another_with_env(&self, extra: &[&str], envs: &[(&str, &str)]) -> Server {
         let dir = self.dir.join(format!(
             "another-{}",
             COUNTER.fetch_add(1, Ordering::SeqCst)
@@ -299,7 +310,7 @@ impl Env {
                 std::fs::copy(self.dir.join(file), dir.join(file)).unwrap();
             }
         }
-        self.serve_in(&dir, extra, &[])
+        self.serve_in(&dir, extra, envs)
     }
 
     fn serve_in(&self, dir: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Server {
@@ -466,8 +477,39 @@ impl Server {
         t["token"].as_str().unwrap().to_owned()
     }
 
+    /// What the server has logged so far. Never empty (the server logs as
+    /// it starts): a check that the log lacks something must not pass on a
+    /// log that was never written.
     pub(crate) fn log(&self) -> String {
-        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+        let log = std::fs::read_to_string(&self.stderr_log).expect("reading the server's log");
+        assert!(
+            !log.trim().is_empty(),
+            "the server's log {} is empty",
+            self.stderr_log.display()
+        );
+        log
+    }
+
+    /// Polls (at most 30 s) until the server's log contains `text`; returns
+    /// the log.
+    pub(crate) async fn log_until(&self, text: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = self.log();
+            if log.contains(text) {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the log never said {text:?}:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The server's process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub(crate) async fn request(

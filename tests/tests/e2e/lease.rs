@@ -33,10 +33,12 @@ async fn an_expired_lease_lets_another_server_resume(db: Db) {
 /// fail it as interrupted); it ends once, on its first attempt.
 async fn a_draining_server_keeps_its_leases(db: Db) {
     let env = Env::new(db).await;
-    let first = env.serve_with(&["--lease", "1s", "--shutdown-grace", "20s"]);
-    // run_command is not idempotent.
+    let first = env.serve_with(&["--lease", "1s", "--shutdown-grace", "120s"]);
+    // run_command is not idempotent; this one ends when the test says so.
+    let release = env.dir.join("release");
+    let wait = format!("while [ ! -e {} ]; do sleep 0.05; done", release.display());
     let id = first
-        .submit("run", "vps-1", json!({ "argv": ["sleep", "4"] }))
+        .submit("run", "vps-1", json!({ "argv": ["sh", "-c", wait] }))
         .await;
     first
         .until(id, "running", |a| a["current_step"] == "run_command")
@@ -45,6 +47,16 @@ async fn a_draining_server_keeps_its_leases(db: Db) {
     // Three lease lengths into the drain.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let second = env.serve_another(&["--lease", "1s", "--node-id", "other-node"]);
+    // The second server looked for stranded actions as it started, while
+    // this one was still running: otherwise there was nothing to take.
+    let (_, a) = second.get(&format!("/v1/actions/{id}")).await;
+    assert_eq!(
+        a["status"],
+        "running",
+        "the step ended before the second server started: {a}\n{}",
+        second.log()
+    );
+    std::fs::write(&release, "").unwrap();
     let a = second.finished(id).await;
     assert_eq!(a["status"], "succeeded", "{a}\n{}", second.log());
     assert_eq!(a["steps"][0]["attempt"], 1, "{a}");

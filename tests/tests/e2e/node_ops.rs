@@ -202,18 +202,99 @@ fn create_join_token(server: &Server, ttl: &str) -> (String, String) {
     )
 }
 
+/// What a join token allows: names that match its pattern, capabilities
+/// its patterns list (others a node reports are not placed on), and as
+/// many nodes as its uses.
+async fn join_tokens_limit_names_capabilities_and_uses(db: Db) {
+    let env = Env::new(db).await;
+    let server = env.serve();
+    let out = server.cli(&[
+        "nodes",
+        "token",
+        "create",
+        "--ttl",
+        "1h",
+        "--names",
+        "hv-*",
+        "--capability",
+        "hypervisor=kvm",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let t: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        t["join"],
+        json!({ "names": "hv-*", "capabilities": ["hypervisor=kvm"], "max_uses": 1 }),
+        "{t}"
+    );
+    let file = env.dir.join("hv.token");
+    std::fs::write(&file, t["token"].as_str().unwrap()).unwrap();
+
+    // A name outside the pattern: refused, and no use spent.
+    let mut db_node = Node::start(&server, &file, "db-1", &["--capability", "hypervisor=kvm"]);
+    let status = wait_exit(&mut db_node.child, Duration::from_secs(30));
+    assert!(!status.success());
+    assert!(
+        db_node
+            .log()
+            .contains("does not let a node take the name \"db-1\""),
+        "{}",
+        db_node.log()
+    );
+
+    // In, but placed only on what the token allows: `oob` is not.
+    let hv = Node::start(
+        &server,
+        &file,
+        "hv-5",
+        &["--capability", "hypervisor=kvm", "--capability", "oob=dc2"],
+    );
+    let list = connected(&server, &["hv-5"], &[&hv]).await;
+    let node = &list["nodes"].as_array().unwrap()[0];
+    assert_eq!(node["capabilities"]["hypervisor"], "kvm", "{node}");
+    assert!(node["capabilities"].get("oob").is_none(), "{node}");
+    assert_eq!(
+        node["allowed_capabilities"],
+        json!(["hypervisor=kvm"]),
+        "{node}"
+    );
+    let id = server
+        .submit("placed", "vps-1", json!({ "hypervisor": "hv-5" }))
+        .await;
+    assert_eq!(server.finished(id).await["status"], "succeeded");
+
+    // Its one use is spent: the next node is refused.
+    let mut second = Node::start(&server, &file, "hv-6", &["--capability", "hypervisor=kvm"]);
+    let status = wait_exit(&mut second.child, Duration::from_secs(30));
+    assert!(!status.success());
+    assert!(second.log().contains("no uses left"), "{}", second.log());
+    let (_, tokens) = server.get("/v1/tokens").await;
+    let used = tokens["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["id"] == t["id"])
+        .cloned()
+        .unwrap();
+    assert_eq!(used["uses"], 1, "{used}");
+    let (_, list) = server.get("/v1/nodes").await;
+    assert_eq!(strings(&list["nodes"], "name"), ["hv-5"], "{list}");
+}
+
 async fn join_tokens_expire_and_can_be_revoked(db: Db) {
     let env = Env::new(db).await;
     let server = env.serve();
 
     // Joined while the token was good: it stays in after the token expires.
-    let (short, _) = create_join_token(&server, "3s");
+    let made = Instant::now();
+    let (short, _) = create_join_token(&server, "10s");
     let short_file = env.dir.join("short.token");
     std::fs::write(&short_file, &short).unwrap();
     let data = env.dir.join("hv-1-data");
     let mut hv1 = Node::start_in(&server, Some(&short_file), "hv-1", &[], data.clone());
     connected(&server, &["hv-1"], &[&hv1]).await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Until the token has expired (by the clock, not a guess).
+    tokio::time::sleep_until((made + Duration::from_secs(11)).into()).await;
     hv1.kill9();
     let hv1 = Node::start_in(&server, Some(&short_file), "hv-1", &[], data);
     connected(&server, &["hv-1"], &[&hv1]).await;
@@ -368,5 +449,6 @@ both_dbs!(
     a_new_version_takes_over_on_the_node,
     a_step_on_a_node_times_out,
     join_tokens_expire_and_can_be_revoked,
+    join_tokens_limit_names_capabilities_and_uses,
     a_drained_node_stays_drained_across_a_restart,
 );

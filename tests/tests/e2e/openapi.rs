@@ -67,6 +67,38 @@ async fn checked(
     (status, answer)
 }
 
+/// The routes that answer without a token, besides `/openapi.json`
+/// itself: every other route is in `access::routes()` with its scope.
+const OPEN: &[(&str, &str)] = &[
+    ("GET", "/v1/health"),
+    ("GET", "/v1/health/live"),
+    ("GET", "/v1/health/ready"),
+    // A node proves itself inside the connection (nodes.rs).
+    ("GET", "/v1/nodes/connect"),
+];
+
+/// ARCHITECTURE.md's invariant on what answers without a token names each
+/// open route, so the doc and the router cannot drift apart unnoticed.
+#[test]
+fn the_architecture_names_every_open_route() {
+    let doc = std::fs::read_to_string(crate::harness::workspace().join("ARCHITECTURE.md")).unwrap();
+    let start = doc
+        .find("- Nothing but ")
+        .expect("the invariant on what answers without a token");
+    let end = start + doc[start..].find("\n- ").unwrap_or(doc.len() - start);
+    let invariant = doc[start..end]
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    for (method, path) in OPEN.iter().copied().chain([("", "/openapi.json")]) {
+        let named = format!("{method} {path}");
+        assert!(
+            invariant.contains(named.trim()),
+            "ARCHITECTURE.md does not name {named:?} as open: {invariant}"
+        );
+    }
+}
+
 async fn the_description_matches_what_the_server_does(db: Db) {
     let env = Env::new(db).await;
     let server = env.serve_with(&["--var", "reboot_command=true"]);
@@ -95,11 +127,7 @@ async fn the_description_matches_what_the_server_does(db: Db) {
     let table: BTreeSet<(String, String)> = crate::access::routes()
         .into_iter()
         .map(|(m, p, _, _)| (m.to_string(), template_of(p)))
-        .chain([
-            ("GET".to_owned(), "/v1/health".to_owned()),
-            // Open: a node proves itself inside the connection (nodes.rs).
-            ("GET".to_owned(), "/v1/nodes/connect".to_owned()),
-        ])
+        .chain(OPEN.iter().map(|(m, p)| (m.to_string(), p.to_string())))
         .collect();
     assert_eq!(described, table, "/openapi.json and the routes differ");
     for (method, path) in &described {
@@ -156,6 +184,8 @@ async fn the_description_matches_what_the_server_does(db: Db) {
         ("/v1/actions?limit=5".to_owned(), "/v1/actions"),
         ("/v1/kinds".to_owned(), "/v1/kinds"),
         ("/v1/health".to_owned(), "/v1/health"),
+        ("/v1/health/live".to_owned(), "/v1/health/live"),
+        ("/v1/health/ready".to_owned(), "/v1/health/ready"),
         ("/v1/bundles".to_owned(), "/v1/bundles"),
         ("/v1/keys".to_owned(), "/v1/keys"),
         ("/v1/tokens".to_owned(), "/v1/tokens"),
