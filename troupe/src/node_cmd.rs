@@ -449,6 +449,20 @@ fn print_node(n: &serde_json::Value, full: bool) {
             Some(t) => format!("heard {t}"),
             None => format!("last seen {}", text(&n["last_seen_at"])),
         };
+        // A node that waits is let in by its key: show it, and how.
+        if state == "pending" {
+            println!(
+                "{:<20} {:<9} {:<21} {}  key {}  (troupe nodes accept {} --key {})",
+                text(&n["name"]),
+                state,
+                text(&n["address"]),
+                seen,
+                text(&n["fingerprint"]),
+                text(&n["name"]),
+                text(&n["fingerprint"]),
+            );
+            return;
+        }
         println!(
             "{:<20} {:<9} {:<21} {}  in flight {:<4} bundles {:<3} pulled {:>6} KiB  {}",
             text(&n["name"]),
@@ -465,6 +479,11 @@ fn print_node(n: &serde_json::Value, full: bool) {
     println!("node          {}", text(&n["name"]));
     println!("state         {state}");
     println!("key           {}", text(&n["public_key"]));
+    println!("fingerprint   {}", text(&n["fingerprint"]));
+    if let Some(allowed) = n["allowed_capabilities"].as_array() {
+        let allowed: Vec<&str> = allowed.iter().filter_map(|a| a.as_str()).collect();
+        println!("placed on     {}", allowed.join(" "));
+    }
     println!("accepted by   {}", text(&n["accepted_by"]));
     println!("address       {}", text(&n["address"]));
     println!("connected at  {}", text(&n["connected_at"]));

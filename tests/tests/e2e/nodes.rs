@@ -677,11 +677,18 @@ async fn nodes_prove_their_key_and_need_a_join_token_or_an_accept(db: Db) {
         .await;
 
     // Accepted: it connects on its next try, and the step runs there.
-    // An accept names the key to let in, never a name alone.
+    // An accept names the key to let in, never a name alone; the list
+    // shows the key and how.
     let out = server.cli(&["nodes", "accept", "hv-17"]);
     assert!(!out.status.success(), "{out:?}");
     let fingerprint = pending["fingerprint"].as_str().unwrap();
     assert!(fingerprint.starts_with("SHA256:"), "{pending}");
+    let out = server.cli(&["nodes", "list"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains(&format!("troupe nodes accept hv-17 --key {fingerprint}")),
+        "{out:?}"
+    );
     let out = server.cli(&["nodes", "accept", "hv-17", "--key", fingerprint]);
     assert!(out.status.success(), "{out:?}");
     let done = server.finished(id).await;
