@@ -254,14 +254,8 @@ pub(crate) async fn create_token(server: &ServerArg, new: NewToken<'_>) -> Resul
             println!("{}", serde_json::to_string_pretty(&t)?);
         } else {
             println!(
-                "created token {} ({}) with scopes {}{}; written to {} (mode 0600)",
-                s(&t["id"]),
-                s(&t["name"]),
-                scopes(&t),
-                match t["expires_at"].as_str() {
-                    Some(at) => format!(", expiring {at}"),
-                    None => String::new(),
-                },
+                "{}; written to {} (mode 0600)",
+                described(&t),
                 path.display()
             );
         }
@@ -270,30 +264,42 @@ pub(crate) async fn create_token(server: &ServerArg, new: NewToken<'_>) -> Resul
     if json {
         println!("{}", serde_json::to_string_pretty(&t)?);
     } else {
-        eprintln!(
-            "created token {} ({}) with scopes {}{}; it is shown only now:",
-            s(&t["id"]),
-            s(&t["name"]),
-            scopes(&t),
-            match t["expires_at"].as_str() {
-                Some(at) => format!(", expiring {at}"),
-                None => String::new(),
-            }
-        );
+        eprintln!("{}; it is shown only now:", described(&t));
         println!("{}", s(&t["token"]));
     }
     Ok(t)
 }
 
-/// A new file only its owner can read or write; an existing one is refused.
-fn private_file(path: &Path) -> Result<std::fs::File> {
+/// A new file only its owner can read or write, for a token; an existing
+/// one is refused, never overwritten.
+pub(crate) fn private_file(path: &Path) -> Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .map_err(|e| anyhow::anyhow!("creating {} (it must not exist yet): {e}", path.display()))
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => anyhow::anyhow!(
+                "{} exists, and a token file is never overwritten (it must not exist yet): choose another --out, or move that one away",
+                path.display()
+            ),
+            _ => anyhow::anyhow!("creating {} (it must not exist yet): {e}", path.display()),
+        })
+}
+
+/// "created token ID (NAME) with scopes S, expiring T".
+fn described(t: &Value) -> String {
+    format!(
+        "created token {} ({}) with scopes {}{}",
+        s(&t["id"]),
+        s(&t["name"]),
+        scopes(t),
+        match t["expires_at"].as_str() {
+            Some(at) => format!(", expiring {at}"),
+            None => String::new(),
+        }
+    )
 }
 
 pub(crate) async fn run(cmd: TokensCommand) -> Result<ExitCode> {

@@ -5,7 +5,7 @@
 //! (`host:<unix user>`) instead of an `INSERT` by hand.
 
 use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -34,7 +34,7 @@ pub(crate) async fn create_admin(
         check_sqlite(&path)?;
     }
     // Claimed before the token exists, so an existing file stops everything.
-    let mut file = out.map(create_private).transpose()?;
+    let mut file = out.map(crate::admin_cmd::private_file).transpose()?;
     let spec = engine::access::TokenSpec {
         name: name.to_owned(),
         scopes: vec![engine::access::Scope::Admin],
@@ -107,22 +107,6 @@ fn check_sqlite(path: &Path) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Creates `path` for a token, mode 0600; an existing file is never replaced.
-pub(crate) fn create_private(path: &Path) -> Result<std::fs::File> {
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::AlreadyExists => anyhow::anyhow!(
-                "{} exists; a token file is never overwritten: choose another --out, or move that one away",
-                path.display()
-            ),
-            _ => anyhow::anyhow!("creating {}: {e}", path.display()),
-        })
 }
 
 /// This process's user, by name where `/etc/passwd` has it, and who ran
