@@ -109,6 +109,7 @@ pub(crate) async fn submit(
         MayPin::Active
     };
     let submitted = engine
+        .actions()
         .submit(
             NewAction {
                 kind: req.kind,
@@ -126,7 +127,7 @@ pub(crate) async fn submit(
     if let Some(wait) = wait
         && !action.status.is_terminal()
     {
-        action = engine.wait(action.id, None, wait).await?;
+        action = engine.actions().wait(action.id, None, wait).await?;
     }
     let status = if submitted.created {
         StatusCode::ACCEPTED
@@ -201,7 +202,7 @@ pub(crate) async fn show(
 ) -> Result<Json<ActionView>, ApiError> {
     let id = parse_id(&id)?;
     let action = match q.get("wait") {
-        None => engine.action(id).await?,
+        None => engine.actions().action(id).await?,
         Some(w) => {
             let since = q
                 .get("since")
@@ -211,10 +212,10 @@ pub(crate) async fn show(
                     })
                 })
                 .transpose()?;
-            engine.wait(id, since, parse_wait(w)?).await?
+            engine.actions().wait(id, since, parse_wait(w)?).await?
         }
     };
-    let failed = engine.failed_attempts(id).await?;
+    let failed = engine.actions().failed_attempts(id).await?;
     Ok(Json(ActionView::new(action, true).with_attempts(failed)))
 }
 
@@ -235,7 +236,7 @@ pub(crate) async fn logs(
     State(engine): State<Engine>,
     Path(id): Path<String>,
 ) -> Result<Json<StepLogList>, ApiError> {
-    let logs = engine.logs(parse_id(&id)?).await?;
+    let logs = engine.actions().logs(parse_id(&id)?).await?;
     Ok(Json(StepLogList {
         logs: logs.into_iter().map(StepLogView::from).collect(),
     }))
@@ -294,7 +295,7 @@ pub(crate) async fn list(
         before,
         limit,
     };
-    let actions = engine.list(&filter).await?;
+    let actions = engine.actions().list(&filter).await?;
     let next_before = (actions.len() == limit as usize)
         .then(|| actions.last().map(|a| a.id))
         .flatten();
@@ -323,7 +324,7 @@ pub(crate) async fn cancel(
     State(engine): State<Engine>,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<ActionView>), ApiError> {
-    let action = engine.cancel(parse_id(&id)?).await?;
+    let action = engine.actions().cancel(parse_id(&id)?).await?;
     Ok((StatusCode::ACCEPTED, Json(ActionView::new(action, true))))
 }
 
@@ -338,6 +339,7 @@ pub(crate) async fn kinds(
     State(engine): State<Engine>,
 ) -> Result<Json<KindList>, ApiError> {
     let kinds = engine
+        .actions()
         .kinds()
         .await?
         .into_iter()

@@ -62,6 +62,7 @@ pub(crate) async fn create(
     };
     let (info, token) = state
         .engine
+        .admin()
         .create_token(spec, &caller.principal.name)
         .await?;
     let created = TokenCreated {
@@ -83,6 +84,7 @@ pub(crate) async fn list(
 ) -> Result<Json<TokenList>, ApiError> {
     let tokens = state
         .engine
+        .admin()
         .tokens()
         .await?
         .iter()
@@ -109,6 +111,7 @@ pub(crate) async fn revoke(
 ) -> Result<Json<TokenView>, ApiError> {
     let info = state
         .engine
+        .admin()
         .revoke_token(&id, &caller.principal.name)
         .await?;
     Ok(Json(TokenView::from(&info)))
@@ -154,7 +157,7 @@ pub(crate) async fn audit(
         .map(|b| b.parse::<i64>())
         .transpose()
         .map_err(|_| bad("before must be an audit entry id"))?;
-    let entries = state.engine.audit(limit, before).await?;
+    let entries = state.engine.admin().audit(limit, before).await?;
     let next_before = (entries.len() == limit as usize)
         .then(|| entries.last().map(|e| e.id))
         .flatten();
@@ -191,6 +194,7 @@ pub(crate) async fn set_secret(
     })?;
     let info = state
         .engine
+        .admin()
         .set_secret(&name, &req.value, &caller.principal.name)
         .await?;
     Ok(Json(SecretView::from(&info)))
@@ -208,6 +212,7 @@ pub(crate) async fn list_secrets(
 ) -> Result<Json<SecretList>, ApiError> {
     let secrets = state
         .engine
+        .admin()
         .secrets()
         .await?
         .iter()
@@ -233,6 +238,7 @@ pub(crate) async fn delete_secret(
 ) -> Result<StatusCode, ApiError> {
     state
         .engine
+        .admin()
         .delete_secret(&name, &caller.principal.name)
         .await?;
     Ok(StatusCode::NO_CONTENT)

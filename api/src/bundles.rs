@@ -104,10 +104,11 @@ pub(crate) async fn push(
         return Err(too_large());
     }
     let admitted = engine
+        .admin()
         .admit_bundle(bundle.to_vec(), signature, &caller.principal.name)
         .await?;
     let hash = admitted.bundle.hash.to_string();
-    let info = engine.bundle(&hash).await?;
+    let info = engine.admin().bundle(&hash).await?;
     let status = if admitted.created {
         StatusCode::CREATED
     } else {
@@ -132,6 +133,7 @@ pub(crate) async fn list(
     State(engine): State<Engine>,
 ) -> Result<Json<BundleList>, ApiError> {
     let bundles = engine
+        .admin()
         .bundles()
         .await?
         .into_iter()
@@ -155,7 +157,7 @@ pub(crate) async fn show(
     State(engine): State<Engine>,
     Path(hash): Path<String>,
 ) -> Result<Json<BundleView>, ApiError> {
-    Ok(Json(engine.bundle(&hash).await?.into()))
+    Ok(Json(engine.admin().bundle(&hash).await?.into()))
 }
 
 /// The signed bytes: code, so admins only.
@@ -173,7 +175,7 @@ pub(crate) async fn content(
     State(engine): State<Engine>,
     Path(hash): Path<String>,
 ) -> Result<Response, ApiError> {
-    let bytes = engine.bundle_content(&hash).await?;
+    let bytes = engine.admin().bundle_content(&hash).await?;
     Ok((
         [(header::CONTENT_TYPE, "application/zip")],
         Body::from(bytes),
@@ -197,6 +199,7 @@ pub(crate) async fn activate(
     Path(hash): Path<String>,
 ) -> Result<Json<BundleView>, ApiError> {
     let info = engine
+        .admin()
         .activate_bundle(&hash, &caller.principal.name)
         .await?;
     Ok(Json(info.into()))
@@ -214,6 +217,7 @@ pub(crate) async fn keys(
 ) -> Result<Json<KeyList>, ApiError> {
     let keys = state
         .engine
+        .admin()
         .keys()
         .await?
         .into_iter()
@@ -246,6 +250,7 @@ pub(crate) async fn add_key(
     })?;
     let key = state
         .engine
+        .admin()
         .trust_key(&req.public_key, &caller.principal.name)
         .await?;
     Ok((StatusCode::CREATED, Json(key.into())))
@@ -267,6 +272,10 @@ pub(crate) async fn revoke_key(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<KeyView>, ApiError> {
-    let key = state.engine.revoke_key(&id, &caller.principal.name).await?;
+    let key = state
+        .engine
+        .admin()
+        .revoke_key(&id, &caller.principal.name)
+        .await?;
     Ok(Json(key.into()))
 }

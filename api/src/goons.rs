@@ -23,7 +23,13 @@ pub(crate) async fn list(
     _: Caller<Admin>,
     State(state): State<AppState>,
 ) -> Result<Json<GoonList>, ApiError> {
-    let goons = state.engine.goons()?.iter().map(GoonView::from).collect();
+    let goons = state
+        .engine
+        .admin()
+        .goons()?
+        .iter()
+        .map(GoonView::from)
+        .collect();
     Ok(Json(GoonList { goons }))
 }
 
@@ -53,7 +59,11 @@ pub(crate) async fn add(
             ),
         )
     })?;
-    let armed = state.engine.add_goon(goon, &caller.principal.name).await?;
+    let armed = state
+        .engine
+        .admin()
+        .add_goon(goon, &caller.principal.name)
+        .await?;
     Ok((StatusCode::CREATED, Json(GoonView::from(&armed))))
 }
 
@@ -72,6 +82,7 @@ pub(crate) async fn clear(
 ) -> Result<Json<GoonsRemoved>, ApiError> {
     let removed = state
         .engine
+        .admin()
         .remove_goons(None, &caller.principal.name)
         .await?;
     Ok(Json(GoonsRemoved { removed }))
@@ -100,6 +111,7 @@ pub(crate) async fn remove(
     })?;
     state
         .engine
+        .admin()
         .remove_goons(Some(id), &caller.principal.name)
         .await?;
     Ok(StatusCode::NO_CONTENT)

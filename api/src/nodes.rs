@@ -129,7 +129,7 @@ impl BundleCache {
             recent.push(entry);
             return Ok(bytes);
         }
-        let bytes = Bytes::from(engine.bundle_content(hash).await?);
+        let bytes = Bytes::from(engine.admin().bundle_content(hash).await?);
         recent.push((hash.to_owned(), bytes.clone()));
         if recent.len() > Self::KEEP {
             recent.remove(0);
@@ -153,7 +153,7 @@ pub(crate) async fn signature(
     State(engine): State<Engine>,
     Path(hash): Path<String>,
 ) -> Result<Response, ApiError> {
-    let text = engine.bundle_signature(&hash).await?;
+    let text = engine.admin().bundle_signature(&hash).await?;
     Ok(([(header::CONTENT_TYPE, "text/plain")], text).into_response())
 }
 
@@ -173,6 +173,7 @@ pub(crate) async fn list(
 ) -> Result<Json<NodeList>, ApiError> {
     let live = engine.nodes().list();
     let mut nodes: Vec<NodeView> = engine
+        .admin()
         .node_rows()
         .await?
         .into_iter()
@@ -198,7 +199,7 @@ pub(crate) async fn get(
     State(engine): State<Engine>,
     Path(name): Path<String>,
 ) -> Result<Json<NodeView>, ApiError> {
-    let row = engine.node(&name).await?;
+    let row = engine.admin().node(&name).await?;
     Ok(Json(view(&engine, &engine.nodes().list(), row)))
 }
 
@@ -237,6 +238,7 @@ pub(crate) async fn accept(
     let req: crate::wire::AcceptNode = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request("key_required", format!("{e}; {expected}")))?;
     let row = engine
+        .admin()
         .accept_node(&name, &req.key, &caller.principal.name)
         .await?;
     Ok(Json(view(&engine, &engine.nodes().list(), row)))
@@ -258,7 +260,10 @@ pub(crate) async fn remove(
     State(engine): State<Engine>,
     Path(name): Path<String>,
 ) -> Result<Json<NodeView>, ApiError> {
-    let row = engine.remove_node(&name, &caller.principal.name).await?;
+    let row = engine
+        .admin()
+        .remove_node(&name, &caller.principal.name)
+        .await?;
     Ok(Json(view(&engine, &engine.nodes().list(), row)))
 }
 
@@ -282,6 +287,7 @@ pub(crate) async fn drain(
 ) -> Result<Json<NodeView>, ApiError> {
     let undo = q.get("undo").is_some_and(|v| v == "true");
     let row = engine
+        .admin()
         .drain_node(&name, !undo, &caller.principal.name)
         .await?;
     Ok(Json(view(&engine, &engine.nodes().list(), row)))
@@ -425,7 +431,7 @@ async fn handshake(
                 };
                 if let Err(why) = token {
                     // Only a node that is in already gets past a bad token.
-                    let known = engine.node(&name).await.ok();
+                    let known = engine.admin().node(&name).await.ok();
                     let member = known.is_some_and(|n| {
                         n.status == engine::model::NodeStatus::Accepted
                             && n.public_key == key.to_string()
@@ -436,6 +442,7 @@ async fn handshake(
                     }
                 }
                 let allowed = match engine
+                    .admin()
                     .admit_node(&name, &key, token.ok().flatten(), &capabilities, address)
                     .await
                 {

@@ -171,6 +171,7 @@ impl EngineProbe {
         })
         .await?;
         engine
+            .admin()
             .admit_bundle(bytes, signature.to_text(), "bench")
             .await?;
         Ok(EngineProbe { engine, dir })
@@ -186,12 +187,17 @@ impl EngineProbe {
             bundle: None,
             submitted_by: None,
         };
-        let Ok(submitted) = self.engine.submit(new, engine::model::MayPin::Active).await else {
+        let Ok(submitted) = self
+            .engine
+            .actions()
+            .submit(new, engine::model::MayPin::Active)
+            .await
+        else {
             return false;
         };
         let id = submitted.action.id;
         matches!(
-            self.engine.wait(id, None, Duration::from_secs(30)).await,
+            self.engine.actions().wait(id, None, Duration::from_secs(30)).await,
             Ok(a) if a.status == engine::model::ActionStatus::Succeeded
         )
     }

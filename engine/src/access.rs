@@ -291,7 +291,7 @@ impl Tokens {
     /// Keeps the copy in step with the database until `stop`.
     pub(crate) fn spawn_refresh(&self, store: Store, stop: tokio_util::sync::CancellationToken) {
         let tokens = self.clone();
-        tokio::spawn(async move {
+        crate::tasks::spawn(crate::tasks::TaskKind::TokenRefresh, async move {
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(REFRESH) => {}

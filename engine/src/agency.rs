@@ -111,7 +111,7 @@ impl AgencyHandle {
             pins: HashMap::new(),
             hosts: HashMap::new(),
         };
-        crate::actor::spawn("agency", agency.run(rx));
+        crate::tasks::spawn(crate::tasks::TaskKind::Agency, agency.run(rx));
         handle
     }
 
@@ -449,7 +449,9 @@ impl Agency {
         }
         if let Some(host) = self.hosts.remove(&hash) {
             tracing::info!(bundle = %self.label(hash), pid = host.pid(), "bundle drained; stopping its step host");
-            tokio::spawn(async move { host.shutdown("its bundle is drained").await });
+            crate::tasks::spawn(crate::tasks::TaskKind::HostStop, async move {
+                host.shutdown("its bundle is drained").await
+            });
         }
     }
 

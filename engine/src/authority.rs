@@ -112,7 +112,7 @@ impl AuthorityHandle {
         };
         authority.restore().await?;
         let (tx, rx) = mpsc::channel(64);
-        crate::actor::spawn("source-authority", authority.run(rx));
+        crate::tasks::spawn(crate::tasks::TaskKind::SourceAuthority, authority.run(rx));
         Ok(AuthorityHandle { tx })
     }
 
@@ -274,10 +274,7 @@ impl Authority {
             json!({ "name": row.name, "version": row.version, "signer": row.signer }),
         );
         self.store
-            .write(vec![
-                Write::InsertBundle(Box::new(row), content),
-                Write::Audit(Box::new(audit)),
-            ])
+            .record(vec![Write::InsertBundle(Box::new(row), content)], audit)
             .await?;
         self.agency.activate(hash).await?;
         Ok(Admitted {
@@ -388,15 +385,11 @@ impl Authority {
             hash,
             json!({ "name": bundle.manifest.name, "version": bundle.manifest.version }),
         );
-        self.store
-            .write(vec![
-                Write::ActivateBundle {
-                    hash: hash.to_owned(),
-                    at: crate::model::now(),
-                },
-                Write::Audit(Box::new(audit)),
-            ])
-            .await?;
+        let activate = Write::ActivateBundle {
+            hash: hash.to_owned(),
+            at: crate::model::now(),
+        };
+        self.store.record(vec![activate], audit).await?;
         self.agency.activate(parsed).await?;
         Ok(bundle)
     }
@@ -424,9 +417,7 @@ impl Authority {
                 &id.to_string(),
                 json!({ "public_key": key.to_string() }),
             );
-            self.store
-                .write(vec![write, Write::Audit(Box::new(audit))])
-                .await?;
+            self.store.record(vec![write], audit).await?;
         }
         self.trust.add(key);
         tracing::info!(key_id = %id, "key trusted");
@@ -446,9 +437,7 @@ impl Authority {
             at: crate::model::now(),
         };
         let audit = AuditEntry::new(by, "key.revoked", &id.to_string(), json!({}));
-        self.store
-            .write(vec![write, Write::Audit(Box::new(audit))])
-            .await?;
+        self.store.record(vec![write], audit).await?;
         self.trust.revoke(id);
         self.agency.revoke(id);
         tracing::warn!(key_id = %id, "key revoked: its bundles take no new actions and in-flight ones fail at their next step");

@@ -16,7 +16,7 @@
 //! | `store.refuse_step_success` | a commit holding a step's success | the database refuses it (a permanent error) |
 //! | `store.revoke_token` | a token's revoke, after it read (and on MySQL locked) the active admin tokens | (use `sleep(MS)`: holds the transaction open) |
 //! | `store.refuse_step_start` | a commit recording a step started (not one an insert started) | the database refuses it (a permanent error) |
-//! | `store.cancel_queued` | `Engine::cancel`, ending a queued action | the write fails |
+//! | `store.cancel_queued` | `Scheduler::cancel`, ending a queued action | the write fails |
 //! | `store.audit` | writing an audit entry, after the change it records was written in the same transaction | the write fails |
 //! | `engine.bundle_content` | reading a bundle's bytes (for a node's download, or `GET /v1/bundles/{hash}/content`) | `return(MS)`: waits MS milliseconds |
 //! | `runner.before_remote_call` | a runner, after a step placed on a node is recorded running, before the call is sent | `return(MS)`: waits MS milliseconds |

@@ -70,7 +70,7 @@ pub trait NodeLink: Send + Sync + 'static {
     fn close(&self, reason: &str);
 }
 
-/// What a node's hello gets (see `Engine::admit_node`).
+/// What a node's hello gets (see `Admin::admit_node`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admission {
     /// It may take calls, placed on the capabilities its admission allowed
@@ -360,7 +360,7 @@ impl Nodes {
             .parked()
             .insert(slot.clone(), Parked { tx, sent_after });
         let registry = Arc::downgrade(&self.inner);
-        tokio::spawn(async move {
+        crate::tasks::spawn(crate::tasks::TaskKind::NodeCallTimer, async move {
             tokio::time::sleep(grace).await;
             let Some(registry) = registry.upgrade() else {
                 return;

@@ -22,8 +22,8 @@ use crate::store::{Outcome, Store, Write};
 pub(crate) struct Shared {
     pub(crate) store: Store,
     pub(crate) agency: AgencyHandle,
-    pub(crate) owner: String,
-    pub(crate) lease: Duration,
+    /// Who this server is in `owner`, and how long its claims last.
+    pub(crate) lease: crate::schedule::Lease,
     /// Set when the server shuts down: runners stop before their next step.
     pub(crate) stopping: CancellationToken,
     /// Set once the shutdown's drain is over: long-polls end, leases are no
@@ -59,10 +59,6 @@ impl Shared {
                 }
             }
         }
-    }
-
-    fn lease_until(&self) -> crate::model::Timestamp {
-        crate::model::now() + self.lease
     }
 }
 
@@ -158,8 +154,8 @@ pub(crate) async fn run(
     if !inserted_running {
         carry.push(Write::Start {
             id,
-            owner: shared.owner.clone(),
-            lease_until: shared.lease_until(),
+            owner: shared.lease.owner.clone(),
+            lease_until: shared.lease.until(),
             at: crate::model::now(),
         });
     }

@@ -43,7 +43,7 @@ pub(crate) async fn create_admin(
         join: None,
     };
     let by = format!("host:{}", unix_user());
-    let made = engine::Engine::create_token_in(&url, spec, &by).await;
+    let made = engine::Admin::create_token_in(&url, spec, &by).await;
     let (info, token) = match made {
         Ok(made) => made,
         Err(e) => {

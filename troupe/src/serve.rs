@@ -265,6 +265,7 @@ pub(crate) async fn start_engine(args: &ServeArgs) -> Result<Engine> {
     for path in &args.bundles {
         let (bytes, signature) = crate::bundle_cmd::read_signed(path, None)?;
         match engine
+            .admin()
             .admit_bundle(bytes, signature, "serve --bundle")
             .await
         {
@@ -280,7 +281,7 @@ pub(crate) async fn start_engine(args: &ServeArgs) -> Result<Engine> {
             Err(e) => return Err(e).with_context(|| format!("loading bundle {}", path.display())),
         }
     }
-    if args.bundles.is_empty() && engine.kinds().await?.is_empty() {
+    if args.bundles.is_empty() && engine.actions().kinds().await?.is_empty() {
         tracing::info!(
             "no bundle loaded yet: push a signed one with `troupe bundle push`, or pass --bundle FILE"
         );
@@ -293,6 +294,7 @@ pub(crate) async fn start_engine(args: &ServeArgs) -> Result<Engine> {
     .await?;
     if let Some(token) = &args.admin_token {
         engine
+            .admin()
             .import_admin_token(token)
             .await
             .context("importing --admin-token")?;
@@ -332,7 +334,7 @@ pub(crate) async fn ensure_admin_token(
         return Ok(());
     }
     let now = engine::model::now();
-    let tokens = engine.tokens().await?;
+    let tokens = engine.admin().tokens().await?;
     let has_admin = tokens
         .iter()
         .any(|t| t.is_active(now) && t.scopes.contains(&Scope::Admin));
@@ -357,6 +359,7 @@ pub(crate) async fn ensure_admin_token(
         join: None,
     };
     let (info, text) = engine
+        .admin()
         .create_token(spec, "troupe serve (first start)")
         .await?;
     write_secret(&path, &text)?;

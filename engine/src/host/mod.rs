@@ -14,6 +14,8 @@ use std::time::Duration;
 use tokio::net::unix::pipe;
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use crate::tasks::TaskKind;
+
 pub(crate) mod protocol;
 pub mod server;
 mod session;
@@ -146,7 +148,7 @@ impl StepHost {
         let stdin = child.stdin.take().expect("stdin is piped");
         let mut stdout = child.stdout.take().expect("stdout is piped");
         let stderr = child.stderr.take().expect("stderr is piped");
-        tokio::spawn(log_output(stderr, label.to_owned()));
+        crate::tasks::spawn(TaskKind::HostIo, log_output(stderr, label.to_owned()));
 
         let hello =
             tokio::time::timeout(Duration::from_secs(30), protocol::read_async(&mut stdout)).await;
@@ -200,15 +202,16 @@ impl StepHost {
         // Writer: sends what callers could not write at once (a full pipe).
         // It holds the outbox weakly: when the last handle goes, the pipe
         // closes and the host exits.
-        {
-            tokio::spawn(write_backlog(Arc::downgrade(&inner.outbox), backlog));
-        }
+        crate::tasks::spawn(
+            TaskKind::HostIo,
+            write_backlog(Arc::downgrade(&inner.outbox), backlog),
+        );
 
         // Supervisor: owns the child; kills it on request, reports its exit.
         let (exit_tx, exit_rx) = oneshot::channel();
         {
             let inner = inner.clone();
-            tokio::spawn(async move {
+            crate::tasks::spawn(TaskKind::HostIo, async move {
                 let status = tokio::select! {
                     status = child.wait() => status,
                     _ = inner.kill.notified() => {
@@ -232,7 +235,7 @@ impl StepHost {
         {
             let inner = inner.clone();
             let label = label.to_owned();
-            tokio::spawn(async move {
+            crate::tasks::spawn(TaskKind::HostIo, async move {
                 loop {
                     match protocol::read_async(&mut stdout).await {
                         Ok(Some(f)) if f.kind == protocol::DONE && f.payload.len() >= 4 => {

@@ -306,14 +306,17 @@ impl Store {
                 pool: write.clone(),
                 conn: None,
             };
-            tokio::spawn(writer::run(
-                conn,
-                caps,
-                rx.clone(),
-                commits.clone(),
-                watchers.clone(),
-                stats.clone(),
-            ));
+            crate::tasks::spawn(
+                crate::tasks::TaskKind::StoreWriter,
+                writer::run(
+                    conn,
+                    caps,
+                    rx.clone(),
+                    commits.clone(),
+                    watchers.clone(),
+                    stats.clone(),
+                ),
+            );
         }
         Ok(Store {
             read,
@@ -356,6 +359,25 @@ impl Store {
             Ok(Err(Failed { message, .. })) => Err(Error::Database(sqlx::Error::Protocol(message))),
             Err(_) => Err(Error::ShuttingDown),
         }
+    }
+
+    /// Commits a change to shared configuration (tokens, keys, bundles,
+    /// nodes, secrets) together with the audit entry that records it: both
+    /// or neither. Returns the change's outcomes (the audit entry's is
+    /// dropped). A change that must be recorded only if it touched a row
+    /// carries its entry inside its own write instead (`DeleteSecret`,
+    /// `RevokeToken`).
+    pub(crate) async fn record(
+        &self,
+        change: Vec<Write>,
+        audit: AuditEntry,
+    ) -> Result<Vec<Outcome>> {
+        let n = change.len();
+        let mut writes = change;
+        writes.push(Write::Audit(Box::new(audit)));
+        let mut outcomes = self.write(writes).await?;
+        outcomes.truncate(n);
+        Ok(outcomes)
     }
 
     /// Changes to action `id`, published after each commit, and whether it

@@ -203,3 +203,58 @@ fn every_invariant_is_held_by_a_test() {
         }
     }
 }
+
+/// The engine spawns its long-lived tasks only through `engine/src/tasks.rs`,
+/// where each kind declares what its failure means. The exceptions are
+/// short-lived tasks whose failure is handled where they are spawned.
+#[test]
+fn the_engine_spawns_through_tasks() {
+    // (file, spawns allowed, why)
+    let allowed = [
+        (
+            "schedule/control.rs",
+            2,
+            "a runner and its watcher, which abandons the action if the runner dies",
+        ),
+        (
+            "schedule/submit.rs",
+            1,
+            "the hand-over of one insert, awaited by the submit",
+        ),
+    ];
+    let src = workspace().join("engine/src");
+    let mut found = Vec::new();
+    let mut dirs = vec![src.clone()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            let rel = path
+                .strip_prefix(&src)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            if rel == "tasks.rs" || rel.ends_with("tests.rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            // Unit tests at the end of a file may spawn as they like.
+            let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+            let n = code.matches("tokio::spawn(").count();
+            if n > 0 {
+                found.push((rel, n));
+            }
+        }
+    }
+    found.sort();
+    for (file, n) in &found {
+        let ok = allowed.iter().any(|(f, m, _)| f == file && m == n);
+        assert!(
+            ok,
+            "engine/src/{file} calls tokio::spawn {n} time(s): spawn through tasks::spawn with a TaskKind, or list it here with why"
+        );
+    }
+}

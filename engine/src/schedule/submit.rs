@@ -1,0 +1,140 @@
+//! Recording a validated action and handing it to Control: started with
+//! its insert when its target is idle and there is room, queued otherwise.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::model::{Action, NewAction, Submitted};
+use crate::store::{Outcome, Write};
+use crate::{Error, Result, bundle, nodes, placement};
+
+use super::Scheduler;
+
+/// An action that passed every check, ready to be recorded.
+pub(crate) struct Validated {
+    pub(crate) new: NewAction,
+    /// The bundle it runs on (pinned or active).
+    pub(crate) bundle: String,
+    pub(crate) request_hash: String,
+    /// Its steps: (name, step) in order.
+    pub(crate) steps: Vec<(String, String)>,
+    /// What its first step needs of a node; empty: it runs on this server.
+    pub(crate) first_requires: Option<BTreeMap<String, String>>,
+}
+
+impl Scheduler {
+    /// Records the action durably and hands it to Control.
+    pub(crate) async fn submit(self: &Arc<Self>, v: Validated) -> Result<Submitted> {
+        let Validated {
+            new,
+            bundle,
+            request_hash,
+            steps,
+            first_requires,
+        } = v;
+        let shared = &self.shared;
+        // When the target is idle and there is room, Control reserves it and
+        // the insert starts the action too: one commit fewer before its
+        // first step runs.
+        //
+        // Submits for one target go one at a time from here until Control
+        // holds the action, so ids, and so start order, follow the order in
+        // which they were accepted even when they share a group commit.
+        let turn = self.submits.turn(&new.target).await;
+        // A first step that needs a node starts with the insert only when a
+        // node that has what it needs is free now (it is counted busy
+        // from here); otherwise the runner places it and records it waiting.
+        let placed = match &first_requires {
+            Some(r) if !r.is_empty() => self.place_at_submit(&new, r),
+            _ => None,
+        };
+        let startable = first_requires.as_ref().is_some_and(|r| r.is_empty()) || placed.is_some();
+        let reserved = startable && self.control.reserve(&new.target).await;
+        let placed = placed.filter(|_| reserved);
+        let at = crate::model::now();
+        let insert = Write::Insert {
+            new: new.clone(),
+            bundle,
+            request_hash,
+            owner: shared.lease.owner.clone(),
+            steps,
+            at,
+            start: reserved.then(|| at + shared.lease.length),
+            node: placed.as_ref().map(|p| p.name.clone()),
+        };
+        // Recording and handing over run on their own task, so a caller that
+        // goes away mid-request cannot leave an action stored but not run.
+        let (scheduler, target) = (self.clone(), new.target.clone());
+        // The action as the insert stores it, less the id it will get.
+        let built = insert.inserted(0).expect("an insert builds its action");
+        let handover = tokio::spawn(async move {
+            let outcome = scheduler
+                .shared
+                .store
+                .write(vec![insert])
+                .await
+                .map(|o| o[0]);
+            let action = match outcome {
+                Ok(Outcome::Inserted(id)) => Some(Action { id, ..built }),
+                // The commit may have gone through all the same.
+                Err(_) => {
+                    scheduler.rescuer.wake();
+                    None
+                }
+                _ => None,
+            };
+            let control = &scheduler.control;
+            match (&action, reserved) {
+                (Some(a), true) => control.begin(a.clone(), placed),
+                (Some(a), false) => control.enqueue(a.clone()),
+                (None, true) => control.unreserve(target),
+                (None, false) => {}
+            }
+            scheduler.submits.done(turn);
+            outcome.map(|o| (o, action))
+        });
+        let (outcome, action) = handover.await.map_err(|_| Error::ShuttingDown)??;
+        match outcome {
+            Outcome::Inserted(_) => Ok(Submitted {
+                action: action.expect("an inserted action is built"),
+                created: true,
+            }),
+            Outcome::Existing(id) => Ok(Submitted {
+                action: shared
+                    .store
+                    .action(id)
+                    .await?
+                    .ok_or(Error::ActionNotFound(id))?,
+                created: false,
+            }),
+            Outcome::Conflict => Err(Error::IdempotencyConflict(
+                new.idempotency_key.unwrap_or_default(),
+            )),
+            Outcome::Done { .. } => {
+                unreachable!("an insert reports Inserted, Existing or Conflict")
+            }
+        }
+    }
+
+    /// A free node for a new action's first step, if its requirements
+    /// resolve before the action has an id (they may name params, the
+    /// target, vars) and a connected node meets them.
+    fn place_at_submit(
+        &self,
+        new: &NewAction,
+        requires: &BTreeMap<String, String>,
+    ) -> Option<nodes::Placed> {
+        if requires.values().any(|v| v.contains("action.id")) {
+            return None;
+        }
+        let action = bundle::template::Action {
+            id: 0,
+            kind: &new.kind,
+            target: &new.target,
+            params: &new.params,
+        };
+        let scope = bundle::template::scope(action, &Default::default(), &self.shared.vars);
+        let wants = placement::Requirement::resolve(requires, &scope).ok()?;
+        self.shared.nodes.place(&wants)
+    }
+}

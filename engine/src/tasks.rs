@@ -1,0 +1,100 @@
+//! The one place the engine's long-lived tasks are spawned, each with a
+//! declared meaning for its failure, so what a crash means is decided once.
+//!
+//! A task the engine cannot work without ends the process when it panics
+//! ([`OnFailure::Exit`]): a supervisor (systemd) restarts the server and
+//! start-up recovery resumes every unfinished action from the database. A
+//! lease renewer that died while its server kept running actions is how a
+//! second server would come to run them too; a token refresh that died
+//! would accept a revoked token for ever. A task whose loss costs one
+//! connection or one call logs and ends ([`OnFailure::Log`]).
+
+use std::future::Future;
+
+/// What happens when a task panics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OnFailure {
+    /// Log, then exit with status 70 (`EX_SOFTWARE`) so the server restarts cleanly.
+    Exit,
+    /// Log, and let the task end.
+    Log,
+}
+
+/// Every kind of long-lived task, with what its failure means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TaskKind {
+    /// The Control actor: which action runs when.
+    Control,
+    /// The Agency actor: step hosts and bundle pins.
+    Agency,
+    /// The Source Authority actor: the one way code gets in.
+    SourceAuthority,
+    /// A group-commit writer of the store.
+    StoreWriter,
+    /// Renews this server's leases on the actions it runs.
+    LeaseRenewal,
+    /// Hands over unfinished actions nobody runs.
+    Rescuer,
+    /// Keeps the in-memory copy of `api_tokens` in step with the database.
+    TokenRefresh,
+    /// Fails a parked node call when its node does not come back in time.
+    NodeCallTimer,
+    /// Reads or writes one step host's pipes.
+    HostIo,
+    /// Stops a drained bundle's step host.
+    HostStop,
+}
+
+impl TaskKind {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            TaskKind::Control => "control",
+            TaskKind::Agency => "agency",
+            TaskKind::SourceAuthority => "source-authority",
+            TaskKind::StoreWriter => "store-writer",
+            TaskKind::LeaseRenewal => "lease-renewal",
+            TaskKind::Rescuer => "rescuer",
+            TaskKind::TokenRefresh => "token-refresh",
+            TaskKind::NodeCallTimer => "node-call-timer",
+            TaskKind::HostIo => "host-io",
+            TaskKind::HostStop => "host-stop",
+        }
+    }
+
+    pub(crate) fn on_failure(self) -> OnFailure {
+        match self {
+            TaskKind::Control
+            | TaskKind::Agency
+            | TaskKind::SourceAuthority
+            | TaskKind::StoreWriter
+            | TaskKind::LeaseRenewal
+            | TaskKind::Rescuer
+            | TaskKind::TokenRefresh => OnFailure::Exit,
+            TaskKind::NodeCallTimer | TaskKind::HostIo | TaskKind::HostStop => OnFailure::Log,
+        }
+    }
+}
+
+/// Spawns a long-lived task of `kind`; its panic is handled as the kind declares.
+pub(crate) fn spawn<F>(kind: TaskKind, task: F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let handle = tokio::spawn(task);
+    tokio::spawn(async move {
+        let Err(e) = handle.await else { return };
+        if !e.is_panic() {
+            return;
+        }
+        match kind.on_failure() {
+            OnFailure::Exit => {
+                tracing::error!(
+                    task = kind.name(),
+                    "task panicked; exiting so the server restarts cleanly"
+                );
+                std::process::exit(70);
+            }
+            OnFailure::Log => tracing::error!(task = kind.name(), "task panicked"),
+        }
+    });
+}
