@@ -383,7 +383,7 @@ pub(crate) async fn health(
             running: stats.running,
             queued: stats.queued,
         }),
-        node: Some(engine.config().node_id.clone()),
+        node: Some(engine.config().server_id.clone()),
         store: Some(StoreCounters {
             transactions: s.transactions.load(Relaxed),
             rows_written: s.rows_written.load(Relaxed),

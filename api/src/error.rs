@@ -315,7 +315,7 @@ impl From<engine::Error> for ApiError {
             E::GoonsOff => (StatusCode::CONFLICT, "goons_off"),
             E::GoonNotFound(_) => (StatusCode::NOT_FOUND, "goon_not_found"),
             E::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
-            E::Database(_) | E::DatabaseConnect(_) | E::Migrate(_) => {
+            E::Database(_) | E::DatabaseConnect(_) | E::Migrate(_) | E::ServerConflict(_) => {
                 // Log the details once, here; never send SQL to clients.
                 tracing::error!(error = %e, "database error while serving a request");
                 return ApiError::new(

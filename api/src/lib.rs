@@ -48,6 +48,7 @@ mod goons;
 mod listen;
 mod nodes;
 mod openapi;
+mod servers;
 pub mod tls;
 pub mod wire;
 mod ws;
@@ -143,6 +144,7 @@ fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(admin::set_secret, admin::delete_secret))
         .routes(routes!(goons::list, goons::add, goons::clear))
         .routes(routes!(goons::remove))
+        .routes(routes!(servers::list))
         .routes(routes!(nodes::list))
         .routes(routes!(nodes::get))
         .routes(routes!(nodes::accept))

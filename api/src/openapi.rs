@@ -24,7 +24,7 @@ use crate::wire::{BundleUpload, ErrorBody, ErrorDetail};
         (name = "bundles", description = "Signed step bundles and the keys trusted to sign them"),
         (name = "admin", description = "API tokens, secrets and the audit log"),
         (name = "goons", description = "Faults injected on purpose in a test deployment (`troupe serve --goons`)"),
-        (name = "server", description = "Liveness and server details"),
+        (name = "server", description = "Liveness, server details, and the servers sharing the database"),
     )
 )]
 pub(crate) struct ApiDoc;

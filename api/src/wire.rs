@@ -51,6 +51,9 @@ pub struct ActionView {
     pub idempotency_key: Option<String>,
     /// The name of the API token that submitted it.
     pub submitted_by: Option<String>,
+    /// The server that holds it while it is unfinished (`troupe servers
+    /// list`); none once it has ended, or while it waits to be taken over.
+    pub server: Option<String>,
     /// Bumped on every change; pass it as `since` to wait for the next one.
     pub revision: i64,
     pub created_at: String,
@@ -549,6 +552,60 @@ pub struct AuditList {
     pub next_before: Option<i64>,
 }
 
+/// A server sharing the database.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ServerView {
+    pub id: String,
+    /// `live`, `silent` (live, but its lease ran out: frozen, cut off or
+    /// dead, and about to be declared lost), `stopped` or `lost`.
+    pub state: String,
+    /// Bumped at every start of this id.
+    pub incarnation: i64,
+    pub address: Option<String>,
+    pub host: String,
+    pub data_dir: String,
+    pub version: String,
+    /// Actions it ran at its last renewal.
+    pub running: i64,
+    pub nodes_connected: i64,
+    pub started_at: String,
+    pub last_seen_at: String,
+    pub lease_expires_at: String,
+    pub stopped_at: Option<String>,
+    /// The server that answered.
+    pub this_server: bool,
+}
+
+impl ServerView {
+    pub(crate) fn from_row(s: &engine::store::ServerRow, this_server: bool) -> ServerView {
+        ServerView {
+            id: s.id.clone(),
+            state: if s.state == "live" && s.silent {
+                "silent".to_owned()
+            } else {
+                s.state.clone()
+            },
+            incarnation: s.incarnation,
+            address: s.address.clone(),
+            host: s.host.clone(),
+            data_dir: s.data_dir.clone(),
+            version: s.version.clone(),
+            running: s.running,
+            nodes_connected: s.nodes_connected,
+            started_at: time(&s.started_at),
+            last_seen_at: time(&s.heartbeat_at),
+            lease_expires_at: time(&s.lease_expires_at),
+            stopped_at: s.stopped_at.as_ref().map(time),
+            this_server,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ServerList {
+    pub servers: Vec<ServerView>,
+}
+
 /// A secret as listed: never its value.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SecretView {
@@ -648,6 +705,7 @@ impl ActionView {
             error: a.error,
             idempotency_key: a.idempotency_key,
             submitted_by: a.submitted_by,
+            server: a.owner,
             revision: a.revision,
             created_at: time(&a.created_at),
             started_at: a.started_at.as_ref().map(time),

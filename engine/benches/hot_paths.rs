@@ -157,7 +157,8 @@ impl EngineProbe {
         let engine = engine::Engine::start(engine::Config {
             database_url: format!("sqlite://{}", dir.join("probe.db").display()),
             data_dir: dir.clone(),
-            node_id: "probe".into(),
+            server_id: "probe".into(),
+            address: None,
             max_running: 64,
             lease: Duration::from_secs(60),
             cancel_grace: Duration::from_secs(1),

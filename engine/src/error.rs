@@ -107,6 +107,10 @@ pub enum Error {
     /// denied, no such database).
     #[error("{0}")]
     DatabaseConnect(String),
+    /// Another live server holds this server's id, or (SQLite) the
+    /// database: the text says which and what to do.
+    #[error("{0}")]
+    ServerConflict(String),
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("{context}: {source}")]

@@ -60,11 +60,15 @@ pub struct Config {
     pub database_url: String,
     /// Where unpacked bundles live.
     pub data_dir: PathBuf,
-    /// This server's name in the `owner` column.
-    pub node_id: String,
+    /// This server's id: unique among the servers sharing the database, and
+    /// its name in the `owner` column.
+    pub server_id: String,
+    /// The API address this server advertises (in `troupe servers list`).
+    pub address: Option<String>,
     /// Actions running at once, across all targets.
     pub max_running: usize,
-    /// How long this server's claim on a running action lasts unrenewed.
+    /// How long this server's lease lasts unrenewed: once it has run out,
+    /// another server takes its actions over.
     pub lease: Duration,
     /// How long a step may take to stop after being asked before its host is killed.
     pub cancel_grace: Duration,
@@ -118,7 +122,7 @@ impl Engine {
             store: store.clone(),
             agency: agency.clone(),
             lease: Lease {
-                owner: config.node_id.clone(),
+                owner: config.server_id.as_str().into(),
                 length: config.lease,
             },
             stopping: CancellationToken::new(),
@@ -143,7 +147,14 @@ impl Engine {
         let tokens = Tokens::default();
         tokens.replace_all(store.tokens().await?);
         tokens.spawn_refresh(store.clone(), shared.stopping.clone());
-        let scheduler = Scheduler::start(shared.clone(), config.max_running);
+        let me = store::ServerSpec {
+            id: config.server_id.clone(),
+            address: config.address.clone(),
+            host: host_name(),
+            data_dir: config.data_dir.display().to_string(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        };
+        let scheduler = Scheduler::start(shared.clone(), me, config.max_running).await?;
         let actions = Actions::new(shared.clone(), scheduler.clone());
         let admin = Admin::new(shared.clone(), authority, tokens.clone());
         Ok(Engine {
@@ -250,4 +261,13 @@ impl Engine {
         self.inner.shared.closed.cancel();
         self.inner.scheduler.release().await;
     }
+}
+
+/// This machine's host name, as servers list it.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
 }

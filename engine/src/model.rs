@@ -111,6 +111,9 @@ pub struct Action {
     /// The name of the API token that submitted it.
     pub submitted_by: Option<String>,
     pub owner: Option<String>,
+    /// Bumped by every claim and hand-over: the runner of this epoch is
+    /// the only one whose writes land (see `store::Fence`).
+    pub epoch: i64,
     pub revision: i64,
     pub created_at: Timestamp,
     pub started_at: Option<Timestamp>,

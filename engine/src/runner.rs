@@ -16,7 +16,7 @@ use crate::nodes::{CallKey, Placed};
 use crate::placement::Requirement;
 use crate::secrets::{self, LoadError};
 use crate::step::{Attempt, StepResult};
-use crate::store::{Outcome, Store, Write};
+use crate::store::{Fence, Outcome, Store, Write};
 
 /// What every runner needs.
 pub(crate) struct Shared {
@@ -45,10 +45,31 @@ impl Shared {
     /// Writes, retrying while the database is unavailable: the engine cannot
     /// move an action on without recording it, so it waits instead. A write
     /// the database refuses for its content is not retried.
-    async fn persist(&self, writes: &[Write]) -> Result<Vec<Outcome>, Halt> {
+    ///
+    /// Every write is fenced on `action`'s epoch: once another server has
+    /// taken the action over, nothing more of this runner's lands
+    /// ([`Halt::Lost`]).
+    async fn persist(&self, action: &Action, writes: &[Write]) -> Result<Vec<Outcome>, Halt> {
+        let fence = Fence {
+            id: action.id,
+            owner: self.lease.owner.clone(),
+            epoch: action.epoch,
+        };
         let mut delay = Duration::from_millis(100);
         loop {
-            match self.store.write(writes.to_vec()).await {
+            match self
+                .store
+                .write_fenced(fence.clone(), writes.to_vec())
+                .await
+            {
+                Ok(outcomes) if outcomes.contains(&Outcome::Fenced) => {
+                    tracing::warn!(
+                        action_id = action.id,
+                        epoch = action.epoch,
+                        "another server took this action over (this one lost its lease); stopping without writing more"
+                    );
+                    return Err(Halt::Lost);
+                }
                 Ok(outcomes) => return Ok(outcomes),
                 Err(crate::Error::ShuttingDown) => return Err(Halt::Stopping),
                 Err(crate::Error::WriteRefused(why)) => return Err(Halt::Refused(why)),
@@ -68,6 +89,8 @@ enum Halt {
     Stopping,
     /// The database refused the write itself; the action cannot go on.
     Refused(String),
+    /// Another server holds the action now: write nothing more.
+    Lost,
 }
 
 impl From<Halt> for End {
@@ -75,6 +98,7 @@ impl From<Halt> for End {
         match halt {
             Halt::Stopping => End::Paused,
             Halt::Refused(why) => End::Refused(why),
+            Halt::Lost => End::Lost,
         }
     }
 }
@@ -86,7 +110,7 @@ async fn commit(
     mirror: &mut Action,
     writes: Vec<Write>,
 ) -> Result<Vec<Outcome>, Halt> {
-    let outcomes = shared.persist(&writes).await?;
+    let outcomes = shared.persist(mirror, &writes).await?;
     for w in &writes {
         w.apply_to(mirror);
     }
@@ -101,6 +125,8 @@ enum End {
     Paused,
     /// The database refused a write of the action's progress.
     Refused(String),
+    /// Another server took the action over: nothing more is written.
+    Lost,
 }
 
 /// How a runner finds its action.
@@ -154,7 +180,7 @@ pub(crate) async fn run(
     if !inserted_running {
         carry.push(Write::Start {
             id,
-            owner: shared.lease.owner.clone(),
+            owner: shared.lease.owner.to_string(),
             lease_until: shared.lease.until(),
             at: crate::model::now(),
         });
@@ -175,14 +201,14 @@ pub(crate) async fn run(
             tracing::info!(action_id = id, kind = %action.kind, target = %action.target, %status, "action finished");
             finish(&shared, mirror, status, error, carry).await
         }
-        End::Gone => {}
+        End::Gone | End::Lost => {}
         End::Refused(why) => {
             tracing::error!(action_id = id, error = %why, "the database refused to record this action's progress; ending it");
             refused(&shared, mirror, &why).await;
         }
         End::Paused => {
             if !carry.is_empty() {
-                let _ = shared.persist(&carry).await;
+                let _ = shared.persist(&mirror, &carry).await;
             }
             tracing::info!(
                 action_id = id,
@@ -239,7 +265,7 @@ async fn finish(
     if let Some(Write::Finish { last, .. }) = writes.last_mut() {
         *last = Some(Arc::new(mirror));
     }
-    if let Err(Halt::Refused(why)) = shared.persist(&writes).await {
+    if let Err(Halt::Refused(why)) = shared.persist(&committed, &writes).await {
         tracing::error!(action_id = committed.id, error = %why, "the database refused to record this action's end; ending it failed");
         refused(shared, committed, &why).await;
     }
@@ -262,7 +288,7 @@ async fn refused(shared: &Shared, action: Action, why: &str) {
         at: crate::model::now(),
         last: None,
     });
-    if let Err(Halt::Refused(again)) = shared.persist(&writes).await {
+    if let Err(Halt::Refused(again)) = shared.persist(&action, &writes).await {
         tracing::error!(action_id = action.id, error = %again, "the database refused to end the action too; it stays as it is");
     }
 }
@@ -569,8 +595,12 @@ async fn steps(
                     error,
                     at: crate::model::now(),
                 };
-                if let Err(Halt::Refused(why)) = commit(shared, mirror, with(carry, failed)).await {
-                    return End::Refused(why);
+                match commit(shared, mirror, with(carry, failed)).await {
+                    Err(Halt::Refused(why)) => return End::Refused(why),
+                    Err(Halt::Lost) => return End::Lost,
+                    // Stopping: the wait below ends at once, and the next
+                    // attempt is not started.
+                    Err(Halt::Stopping) | Ok(_) => {}
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(failures.backoff(policy)) => {}

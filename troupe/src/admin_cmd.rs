@@ -72,6 +72,57 @@ pub(crate) enum TokensCommand {
 }
 
 #[derive(Subcommand)]
+pub(crate) enum ServersCommand {
+    /// List the servers sharing the database: live (or silent: its lease
+    /// ran out), and those stopped or declared lost in the last hour.
+    List {
+        /// Print the API's JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+}
+
+pub(crate) async fn run_servers(cmd: ServersCommand) -> Result<ExitCode> {
+    let ServersCommand::List { json, server } = cmd;
+    let v = Client::connect(&server)?.get("/v1/servers", &[]).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let servers = v["servers"].as_array().cloned().unwrap_or_default();
+    let id_width = column_width(&servers, "id", 2) + 1;
+    let address_width = column_width(&servers, "address", 7);
+    let host_width = column_width(&servers, "host", 4);
+    println!(
+        "{:<id_width$}  {:<7}  {:<address_width$}  {:<host_width$}  {:<10}  {:>7}  {:>5}  {:<20}  LAST SEEN",
+        "ID", "STATE", "ADDRESS", "HOST", "VERSION", "RUNNING", "NODES", "STARTED"
+    );
+    for r in &servers {
+        // `*`: the server that answered.
+        let id = format!(
+            "{}{}",
+            s(&r["id"]),
+            if r["this_server"] == true { "*" } else { "" }
+        );
+        println!(
+            "{:<id_width$}  {:<7}  {:<address_width$}  {:<host_width$}  {:<10}  {:>7}  {:>5}  {:<20}  {}",
+            id,
+            s(&r["state"]),
+            s(&r["address"]),
+            s(&r["host"]),
+            s(&r["version"]),
+            r["running"].as_i64().unwrap_or(0),
+            r["nodes_connected"].as_i64().unwrap_or(0),
+            date(s(&r["started_at"])),
+            date(s(&r["last_seen_at"])),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Subcommand)]
 pub(crate) enum SecretsCommand {
     /// Set a secret from standard input (one trailing newline is dropped): `troupe secrets set bmc_password < file`; at a terminal it asks without echoing.
     Set {

@@ -130,6 +130,9 @@ enum Command {
     /// Set, list and delete secrets for steps (needs an admin token).
     #[command(subcommand)]
     Secrets(crate::admin_cmd::SecretsCommand),
+    /// List the servers sharing the database, and how each is.
+    #[command(subcommand)]
+    Servers(crate::admin_cmd::ServersCommand),
     /// Make steps misbehave on purpose in a test deployment (a server started with --goons), to rehearse failures (needs an admin token).
     #[command(subcommand)]
     Goons(crate::goons_cmd::GoonsCommand),
@@ -361,6 +364,7 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Keys(cmd) => crate::bundle_cmd::run_keys(cmd).await,
         Command::Tokens(cmd) => crate::admin_cmd::run(cmd).await,
         Command::Secrets(cmd) => crate::admin_cmd::run_secrets(cmd).await,
+        Command::Servers(cmd) => crate::admin_cmd::run_servers(cmd).await,
         Command::Goons(cmd) => cmd.run().await,
         Command::Audit {
             limit,

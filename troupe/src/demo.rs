@@ -91,15 +91,22 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
         secrets_key: None,
         vars: vec![("reboot_command".into(), DEMO_REBOOT.into())],
         max_running: 64,
-        node_id: None,
+        server_id: None,
+        advertise: None,
         shutdown_grace: Duration::from_secs(10),
         cancel_grace: Duration::from_secs(2),
         node_timeout: Duration::from_secs(4),
         node_grace: Duration::from_secs(60),
-        lease: Duration::from_secs(30),
+        lease: Duration::from_secs(6),
         goons: args.goons,
         max_connections: api::Limits::default().max_connections,
         header_timeout: api::Limits::default().header_timeout,
+    };
+    let listener = crate::serve::bind(args.listen).await?;
+    let addr = listener.local_addr()?;
+    let serve = ServeArgs {
+        advertise: Some(addr.to_string()),
+        ..serve
     };
     let engine = crate::serve::start_engine(&serve).await?;
     let token_path = data_dir.join(crate::args::ADMIN_TOKEN_FILE);
@@ -107,8 +114,6 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
         .with_context(|| format!("reading {}", token_path.display()))?
         .trim()
         .to_owned();
-    let listener = crate::serve::bind(args.listen).await?;
-    let addr = listener.local_addr()?;
     let db_path = data_dir.join("troupe.db");
     println!(
         "troupe listening on http://{addr} (database: sqlite://{})",

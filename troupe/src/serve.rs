@@ -49,9 +49,12 @@ pub(crate) struct ServeArgs {
     /// How many actions may run at once across all targets.
     #[arg(long, env = "TROUPE_MAX_RUNNING", default_value_t = 256)]
     pub(crate) max_running: usize,
-    /// This server's name in the actions table's `owner` column [default: the host name]
-    #[arg(long, env = "TROUPE_NODE_ID")]
-    pub(crate) node_id: Option<String>,
+    /// This server's id, unique among the servers sharing the database (its name in the actions' `owner` column) [default: generated at first start and kept in DATA_DIR/server.id]
+    #[arg(long = "server-id", alias = "node-id", env = "TROUPE_SERVER_ID")]
+    pub(crate) server_id: Option<String>,
+    /// The address other servers' operators and nodes reach this server's API at, as `troupe servers list` shows it [default: the --listen address]
+    #[arg(long, env = "TROUPE_ADVERTISE")]
+    pub(crate) advertise: Option<String>,
     /// On SIGTERM, how long running steps may take to finish.
     #[arg(long, env = "TROUPE_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub(crate) shutdown_grace: Duration,
@@ -70,8 +73,8 @@ pub(crate) struct ServeArgs {
     /// Take goons over the API (`troupe goons add`): faults injected into steps on purpose, to rehearse failures. For test deployments only: never in production.
     #[arg(long, env = "TROUPE_GOONS")]
     pub(crate) goons: bool,
-    /// How long this server's claim on a running action lasts without renewal.
-    #[arg(long, env = "TROUPE_LEASE", default_value = "30s", value_parser = parse_duration)]
+    /// How long this server's lease lasts unrenewed (renewed every sixth of it): once it has run out, other servers sharing the database take this one's actions over. At least 1s.
+    #[arg(long, env = "TROUPE_LEASE", default_value = "6s", value_parser = parse_duration)]
     pub(crate) lease: Duration,
     /// Connections served at once (each remote node holds one); beyond it new ones wait until one closes. Lowered, with a warning, to what the open-file limit allows.
     #[arg(long, env = "TROUPE_MAX_CONNECTIONS", default_value_t = 16_384)]
@@ -99,12 +102,21 @@ impl ServeArgs {
         let exe =
             std::env::current_exe().context("finding the troupe executable for step hosts")?;
         let secrets_key = load_secrets_key(self.secrets_key.as_deref(), &data_dir)?;
+        let server_id = match &self.server_id {
+            Some(id) => check_server_id(id)?,
+            None => server_id_in(&data_dir)?,
+        };
         Ok(Config {
             database_url: self.db.clone().unwrap_or_else(|| default_db(&data_dir)),
             data_dir,
-            node_id: self.node_id.clone().unwrap_or_else(hostname),
+            server_id,
+            address: Some(
+                self.advertise
+                    .clone()
+                    .unwrap_or_else(|| self.listen.to_string()),
+            ),
             max_running: self.max_running,
-            lease: self.lease,
+            lease: check_lease(self.lease)?,
             cancel_grace: self.cancel_grace,
             node_timeout: self.node_timeout,
             node_grace: self.node_grace,
@@ -198,6 +210,72 @@ fn vars_from_env() -> Vec<(String, String)> {
                 .map(|name| (name.to_ascii_lowercase(), v))
         })
         .collect()
+}
+
+/// A server id as given: letters, digits, '-', '_', '.'; 1 to 64.
+fn check_server_id(id: &str) -> Result<String> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    anyhow::ensure!(
+        ok,
+        "--server-id {id:?}: use 1 to 64 letters, digits, '-', '_' or '.'"
+    );
+    Ok(id.to_owned())
+}
+
+/// This server's id, kept in `DATA_DIR/server.id`: made once, at the
+/// first start, from the host name and random digits, so two servers on
+/// one host (each with its own data directory) never share one.
+fn server_id_in(data_dir: &std::path::Path) -> Result<String> {
+    let path = data_dir.join("server.id");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            return check_server_id(text.trim()).with_context(|| {
+                format!(
+                    "{} holds no valid server id; fix or remove it",
+                    path.display()
+                )
+            });
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    let mut random = [0u8; 3];
+    getrandom::fill(&mut random)
+        .map_err(|e| anyhow::anyhow!("reading the OS's randomness: {e}"))?;
+    let host: String = hostname()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
+        .take(48)
+        .collect();
+    let id = format!(
+        "{host}-{}",
+        random
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    );
+    write_secret(&path, &id)?;
+    Ok(id)
+}
+
+/// A lease of at least a second; below three, a slow commit on a busy host
+/// may cost this server its actions.
+fn check_lease(lease: Duration) -> Result<Duration> {
+    anyhow::ensure!(
+        lease >= Duration::from_secs(1),
+        "--lease {lease:?} is too short: give at least 1s (the default is 6s)"
+    );
+    if lease < Duration::from_secs(3) {
+        tracing::warn!(
+            lease_ms = lease.as_millis() as u64,
+            "a lease under 3 s leaves a busy host little room: a stall that long hands this server's actions to others"
+        );
+    }
+    Ok(lease)
 }
 
 fn hostname() -> String {
@@ -442,7 +520,7 @@ pub(crate) async fn shutdown_signal() {
     }
 }
 
-pub(crate) async fn run(args: ServeArgs) -> Result<ExitCode> {
+pub(crate) async fn run(mut args: ServeArgs) -> Result<ExitCode> {
     // Nodes send a heartbeat every 2 s: a shorter timeout would drop live ones.
     if args.node_timeout < Duration::from_secs(3) {
         anyhow::bail!(
@@ -451,9 +529,12 @@ pub(crate) async fn run(args: ServeArgs) -> Result<ExitCode> {
         );
     }
     let tls = tls(&args).await?;
-    let engine = start_engine(&args).await?;
+    // Bound first, so the address other servers list is the real one
+    // (with --listen :0, the port the system chose).
     let listener = bind(args.listen).await?;
     let addr = listener.local_addr()?;
+    args.advertise.get_or_insert_with(|| addr.to_string());
+    let engine = start_engine(&args).await?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     // Scripts and tests read this line to find the port.
     println!("troupe listening on {scheme}://{addr}");

@@ -185,6 +185,9 @@ pub(crate) fn print_action(a: &Value, full: bool, attempts: bool) {
         s(&a["status"])
     );
     println!("  bundle   {}", s(&a["bundle"]));
+    if let Some(server) = a["server"].as_str() {
+        println!("  server   {server}");
+    }
     println!("  created  {}", s(&a["created_at"]));
     if let Some(t) = a["finished_at"].as_str() {
         println!(

@@ -42,6 +42,10 @@ enum Msg {
     Stats {
         reply: oneshot::Sender<ControlStats>,
     },
+    /// The actions Control holds, queued or running.
+    Held {
+        reply: oneshot::Sender<std::collections::HashSet<ActionId>>,
+    },
 }
 
 /// Where Control found an action it was asked to cancel.
@@ -77,6 +81,7 @@ impl ControlHandle {
             targets: HashMap::new(),
             ready: VecDeque::new(),
             queued: HashMap::new(),
+            rerun: HashMap::new(),
             running: HashMap::new(),
             reserved: 0,
             draining: false,
@@ -128,6 +133,12 @@ impl ControlHandle {
         let _ = self.tx.send(Msg::Stats { reply });
         rx.await.unwrap_or_default()
     }
+
+    pub(crate) async fn held(&self) -> std::collections::HashSet<ActionId> {
+        let (reply, rx) = oneshot::channel();
+        let _ = self.tx.send(Msg::Held { reply });
+        rx.await.unwrap_or_default()
+    }
 }
 
 #[derive(Default)]
@@ -146,6 +157,9 @@ struct Control {
     ready: VecDeque<String>,
     queued: HashMap<ActionId, String>,
     running: HashMap<ActionId, CancellationToken>,
+    /// Actions claimed again (a later epoch) while a runner of an earlier
+    /// epoch still runs here, fenced out: queued again once it ends.
+    rerun: HashMap<ActionId, Action>,
     /// Targets reserved for actions being inserted; each counts as running.
     reserved: usize,
     draining: bool,
@@ -174,12 +188,24 @@ impl Control {
                 }
                 Msg::Finished { id, target, bundle } => {
                     self.shared.agency.unpin(&bundle);
-                    self.finished(Some(id), target)
+                    self.finished(Some(id), target);
+                    if let Some(again) = self.rerun.remove(&id) {
+                        self.enqueue(again);
+                    }
                 }
                 Msg::Drain { reply } => {
                     self.draining = true;
                     self.drain_waiters.push(reply);
                     self.check_drained();
+                }
+                Msg::Held { reply } => {
+                    let _ = reply.send(
+                        self.queued
+                            .keys()
+                            .chain(self.running.keys())
+                            .copied()
+                            .collect(),
+                    );
                 }
                 Msg::Stats { reply } => {
                     let _ = reply.send(ControlStats {
@@ -193,7 +219,22 @@ impl Control {
     }
 
     fn enqueue(&mut self, action: Action) {
-        if self.queued.contains_key(&action.id) || self.running.contains_key(&action.id) {
+        if self.running.contains_key(&action.id) {
+            // Its runner holds an earlier epoch and is fenced out at its
+            // next write: this one runs once it has ended.
+            self.rerun.insert(action.id, action);
+            return;
+        }
+        if let Some(target) = self.queued.get(&action.id) {
+            // Claimed again while it waited here: the later epoch replaces it.
+            if let Some(waiting) = self
+                .targets
+                .get_mut(target)
+                .and_then(|t| t.queue.iter_mut().find(|a| a.id == action.id))
+                && waiting.epoch < action.epoch
+            {
+                *waiting = action;
+            }
             return;
         }
         self.shared.agency.pin(&action.bundle);

@@ -1,8 +1,8 @@
 //! Scheduling: the rule "one running action per target, in submission
 //! order, owned by one server", and the state that keeps it. Control holds
-//! the queues and runners; the submit order, the lease on running actions
-//! and the rescuer of actions nobody runs live beside it. Nothing outside
-//! this module decides who runs what.
+//! the queues and runners; the submit order, this server's lease and the
+//! rescuer of actions nobody runs live beside it. Nothing outside this
+//! module decides who runs what.
 
 mod control;
 mod lease;
@@ -15,6 +15,7 @@ use std::time::Duration;
 
 pub use control::ControlStats;
 pub(crate) use lease::Lease;
+use lease::ServerLease;
 pub(crate) use submit::Validated;
 
 use crate::Result;
@@ -23,7 +24,7 @@ use crate::runner::Shared;
 use crate::store::{Outcome, Write};
 use control::{CancelOutcome, ControlHandle};
 use order::SubmitOrder;
-use rescuer::Rescuer;
+use rescuer::{Rescuer, RescuerConfig};
 
 /// Owns Control, the submit order, the lease renewal and the rescuer.
 pub(crate) struct Scheduler {
@@ -31,27 +32,44 @@ pub(crate) struct Scheduler {
     control: ControlHandle,
     submits: SubmitOrder,
     rescuer: Arc<Rescuer>,
+    lease: Arc<ServerLease>,
 }
 
 impl Scheduler {
-    /// Starts Control, the lease renewal and the rescuer.
-    pub(crate) fn start(shared: Arc<Shared>, max_running: usize) -> Arc<Scheduler> {
+    /// Registers this server (refused if another live one holds its id, or
+    /// any other the SQLite database), then starts Control, the lease
+    /// renewal and the rescuer.
+    pub(crate) async fn start(
+        shared: Arc<Shared>,
+        me: crate::store::ServerSpec,
+        max_running: usize,
+    ) -> Result<Arc<Scheduler>> {
+        let lease = ServerLease::register(&shared, me).await?;
         let control = ControlHandle::spawn(shared.clone(), max_running);
-        let rescuer = Rescuer::new(shared.clone(), control.clone());
-        lease::spawn_renewal(shared.clone());
-        rescuer.spawn();
-        Arc::new(Scheduler {
+        let config = RescuerConfig {
+            // One server on SQLite: nobody else's actions to take over.
+            period: (shared.store.backend() != "sqlite").then_some(shared.lease.length / 6),
+            ..RescuerConfig::default()
+        };
+        let rescuer = Rescuer::new(shared.clone(), control.clone(), lease.clone(), config);
+        lease.spawn_renewal(shared.clone(), control.clone(), rescuer.clone());
+        Ok(Arc::new(Scheduler {
             shared,
             control,
             submits: SubmitOrder::default(),
             rescuer,
-        })
+            lease,
+        }))
     }
 
-    /// Hands every unfinished action in the database to Control, oldest
-    /// first; returns how many (the start-up pass).
+    /// The start-up pass: hands over the actions of servers found lost,
+    /// claims every unfinished action owned by nobody or by this server's
+    /// earlier self, and gives them to Control, oldest first; returns how
+    /// many. Then the rescuer keeps looking.
     pub(crate) async fn resume(&self) -> Result<usize> {
-        self.rescuer.run_once().await
+        let done = self.rescuer.run_once(true).await?;
+        self.rescuer.spawn();
+        Ok(done.claimed)
     }
 
     /// Ends a cancelled action whose cancel request is committed: asks its
@@ -107,8 +125,9 @@ impl Scheduler {
         }
     }
 
-    /// Gives up the unfinished actions, once no step of ours runs.
+    /// Marks this server stopped and hands its unfinished actions on, once
+    /// no step of ours runs.
     pub(crate) async fn release(&self) {
-        lease::release(&self.shared).await;
+        self.lease.release(&self.shared).await;
     }
 }

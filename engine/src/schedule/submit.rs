@@ -56,7 +56,7 @@ impl Scheduler {
             new: new.clone(),
             bundle,
             request_hash,
-            owner: shared.lease.owner.clone(),
+            owner: shared.lease.owner.to_string(),
             steps,
             at,
             start: reserved.then(|| at + shared.lease.length),
@@ -110,7 +110,7 @@ impl Scheduler {
             Outcome::Conflict => Err(Error::IdempotencyConflict(
                 new.idempotency_key.unwrap_or_default(),
             )),
-            Outcome::Done { .. } => {
+            Outcome::Done { .. } | Outcome::Fenced => {
                 unreachable!("an insert reports Inserted, Existing or Conflict")
             }
         }

@@ -21,14 +21,30 @@ use crate::error::{Error, Result};
 use crate::model::{Action, ActionFilter, ActionId, Timestamp};
 
 mod access;
+mod servers;
 mod sql;
 mod watchers;
 mod write;
 mod writer;
 
+pub use servers::{Renewal, ServerRow, ServerSpec};
 pub use watchers::Change;
 use watchers::Watchers;
 pub(crate) use write::{Outcome, Write};
+
+/// Who may write an action a runner drives: its owner, at the epoch its
+/// claim gave it. A fenced request's writes land only if the action is
+/// still unfinished, owned by `owner` and at `epoch`, checked in the
+/// transaction that makes them; otherwise each answers [`Outcome::Fenced`]
+/// and nothing of it is written. Checked on MySQL/MariaDB, where several
+/// servers share the database; SQLite serves one server, which holds every
+/// action it runs.
+#[derive(Debug, Clone)]
+pub(crate) struct Fence {
+    pub(crate) id: ActionId,
+    pub(crate) owner: Arc<str>,
+    pub(crate) epoch: i64,
+}
 use writer::{Caps, Failed, InFlight, Request, WriterConn, mariadb_has_returning};
 
 /// A row of `secrets`: the value only as ciphertext.
@@ -236,6 +252,7 @@ impl Store {
             let caps = Caps {
                 returning: true,
                 writers: 1,
+                fences: false,
             };
             (
                 Pool::Sqlite(read),
@@ -282,6 +299,7 @@ impl Store {
             let caps = Caps {
                 returning: mariadb_has_returning(&version),
                 writers: MYSQL_WRITERS,
+                fences: true,
             };
             (
                 Pool::MySql(pool.clone()),
@@ -344,9 +362,27 @@ impl Store {
 
     /// Commits `writes` atomically (possibly together with others' writes).
     pub(crate) async fn write(&self, writes: Vec<Write>) -> Result<Vec<Outcome>> {
+        self.send(writes, None).await
+    }
+
+    /// Commits a runner's `writes` if `fence` holds; each answers
+    /// [`Outcome::Fenced`] if it does not.
+    pub(crate) async fn write_fenced(
+        &self,
+        fence: Fence,
+        writes: Vec<Write>,
+    ) -> Result<Vec<Outcome>> {
+        self.send(writes, Some(fence)).await
+    }
+
+    async fn send(&self, writes: Vec<Write>, fence: Option<Fence>) -> Result<Vec<Outcome>> {
         let (reply, rx) = oneshot::channel();
         self.writer
-            .send(Request { writes, reply })
+            .send(Request {
+                writes,
+                fence,
+                reply,
+            })
             .await
             .map_err(|_| Error::ShuttingDown)?;
         match rx.await {
@@ -424,10 +460,13 @@ impl Store {
 
     /// Unfinished actions this server should run, oldest first: queued ones,
     /// and running ones it owns, nobody owns, or whose lease ran out.
-    pub(crate) async fn unfinished(&self, owner: &str, now: Timestamp) -> Result<Vec<Action>> {
+    /// Unfinished actions owned by nobody, or by `mine` (this server's
+    /// earlier self), oldest first, at most `limit`.
+    pub(crate) async fn unfinished(&self, mine: Option<&str>, limit: usize) -> Result<Vec<Action>> {
+        let limit = limit.min(i64::MAX as usize) as i64;
         Ok(match &self.read {
-            Pool::Sqlite(p) => sql::sqlite::unfinished(p, owner, now).await?,
-            Pool::MySql(p) => sql::mysql::unfinished(p, owner, now).await?,
+            Pool::Sqlite(p) => sql::sqlite::unfinished(p, mine, limit).await?,
+            Pool::MySql(p) => sql::mysql::unfinished(p, mine, limit).await?,
         })
     }
 

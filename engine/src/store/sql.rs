@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
-use super::{BundleRow, KeyRow, Outcome, Write};
+use super::{BundleRow, Fence, KeyRow, Outcome, Write};
 use crate::model::{
     Action, ActionFilter, ActionId, ActionStatus, StepRecord, StepStatus, Timestamp,
 };
@@ -13,7 +13,7 @@ macro_rules! select_actions {
     ($($rest:literal),*) => {
         concat!(
             "SELECT id, kind, target, params, status, bundle, current_step, error, idempotency_key, submitted_by, owner, \
-             revision, created_at, started_at, finished_at, cancel_requested_at FROM actions",
+             epoch, revision, created_at, started_at, finished_at, cancel_requested_at FROM actions",
             $($rest),*
         )
     };
@@ -388,11 +388,12 @@ macro_rules! sql_backend {
             pub(crate) async fn apply(
                 conn: &mut $conn,
                 writes: &[&Write],
+                fences: &[Option<&Fence>],
                 returning: bool,
                 implicit: bool,
             ) -> Result<(Vec<Outcome>, u64), ApplyError> {
                 if implicit {
-                    let applied = apply_in(conn, writes, returning).await?;
+                    let applied = apply_in(conn, writes, fences, returning).await?;
                     sqlx::raw_sql("COMMIT")
                         .execute(&mut *conn)
                         .await
@@ -400,20 +401,28 @@ macro_rules! sql_backend {
                     return Ok(applied);
                 }
                 let mut tx = sqlx::Connection::begin(conn).await?;
-                let applied = apply_in(&mut tx, writes, returning).await?;
+                let applied = apply_in(&mut tx, writes, fences, returning).await?;
                 tx.commit().await.map_err(ApplyError::at_commit)?;
                 Ok(applied)
             }
 
+            /// `fences` is empty (nothing is checked) or has each write's
+            /// request's fence, if any.
             async fn apply_in(
                 tx: &mut $conn,
                 writes: &[&Write],
+                fences: &[Option<&Fence>],
                 returning: bool,
             ) -> Result<(Vec<Outcome>, u64), sqlx::Error> {
                 let mut out = vec![Outcome::Done { rows: 0 }; writes.len()];
                 let mut rows = 0;
+                let lost = check_fences(tx, fences).await?;
                 let mut segment = Segment::default();
                 for (i, w) in writes.iter().enumerate() {
+                    if fences.get(i).copied().flatten().is_some_and(|f| lost.contains(&(&*f.owner, f.id, f.epoch))) {
+                        out[i] = Outcome::Fenced;
+                        continue;
+                    }
                     if segment.add(i, w) {
                         continue;
                     }
@@ -426,6 +435,65 @@ macro_rules! sql_backend {
                 }
                 rows += run_segment(tx, &mut segment, writes, &mut out, returning).await?;
                 Ok((out, rows))
+            }
+
+            /// Checks every fence of the batch in one statement, before any
+            /// of its writes; returns the actions whose fence failed. The
+            /// check changes the rows it matches (`progress`), so it holds
+            /// them until the commit: a takeover on one database node waits
+            /// for it, and on Galera one of the two fails certification.
+            /// Returns the failed fences as (owner, action, epoch).
+            async fn check_fences<'f>(
+                tx: &mut $conn,
+                fences: &[Option<&'f Fence>],
+            ) -> Result<std::collections::HashSet<(&'f str, ActionId, i64)>, sqlx::Error> {
+                let mut lost = std::collections::HashSet::new();
+                let mut all: Vec<&Fence> = fences.iter().flatten().copied().collect();
+                all.sort_by(|a, b| (&a.owner, a.id, a.epoch).cmp(&(&b.owner, b.id, b.epoch)));
+                all.dedup_by(|a, b| (&a.owner, a.id, a.epoch) == (&b.owner, b.id, b.epoch));
+                let mut owners: Vec<&str> = all.iter().map(|f| &*f.owner).collect();
+                owners.dedup();
+                for owner in owners {
+                    let mine: Vec<&Fence> = all.iter().filter(|f| &*f.owner == owner).copied().collect();
+                    let cond = if mine.len() == 1 {
+                        "id = ? AND epoch = ?".to_owned()
+                    } else {
+                        format!("id IN ({}) AND (id, epoch) IN ({})", placeholders(mine.len()), vec!["(?, ?)"; mine.len()].join(", "))
+                    };
+                    let bind = |mut q: Q| {
+                        if mine.len() > 1 {
+                            for f in &mine {
+                                q = q.bind(f.id);
+                            }
+                        }
+                        for f in &mine {
+                            q = q.bind(f.id).bind(f.epoch);
+                        }
+                        q
+                    };
+                    let text = format!(
+                        "UPDATE actions SET progress = progress + 1 WHERE owner = ? AND status IN ('queued', 'running') AND {cond}"
+                    );
+                    let held = bind(sqlx::query(sqlx::AssertSqlSafe(text)).bind(owner.to_owned())).execute(&mut *tx).await?.rows_affected();
+                    if held == mine.len() as u64 {
+                        continue;
+                    }
+                    let text = format!(
+                        "SELECT id, epoch FROM actions WHERE owner = ? AND status IN ('queued', 'running') AND {cond}"
+                    );
+                    let kept: Vec<(ActionId, i64)> = bind(sqlx::query(sqlx::AssertSqlSafe(text)).bind(owner.to_owned()))
+                        .fetch_all(&mut *tx)
+                        .await?
+                        .iter()
+                        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                        .collect::<Result<_, sqlx::Error>>()?;
+                    lost.extend(
+                        mine.iter()
+                            .filter(|f| !kept.contains(&(f.id, f.epoch)))
+                            .map(|f| (&*f.owner, f.id, f.epoch)),
+                    );
+                }
+                Ok(lost)
             }
 
             async fn run_segment(
@@ -509,9 +577,10 @@ macro_rules! sql_backend {
                 items: &[&Write],
                 returning: bool,
             ) -> Result<(Vec<ActionId>, u64), sqlx::Error> {
-                const ROW: &str = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+                // Epoch 1: the inserting server holds it, queued or running.
+                const ROW: &str = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)";
                 const INSERT: &str = "INSERT INTO actions (kind, target, params, status, bundle, idempotency_key, \
-                                      submitted_by, request_hash, owner, revision, created_at, started_at, lease_expires_at, current_step) VALUES ";
+                                      submitted_by, request_hash, owner, revision, created_at, started_at, lease_expires_at, current_step, epoch) VALUES ";
                 let bind = |q: Q, w: &Write| match w {
                     Write::Insert { new, bundle, request_hash, owner, steps, at, start, .. } => {
                         let begun = start.is_some() && !steps.is_empty();
@@ -770,29 +839,15 @@ macro_rules! sql_backend {
                         }
                         a + skip_pending(tx, *id).await?
                     }
-                    Write::Claim { id, owner, lease_until } => {
-                        sqlx::query("UPDATE actions SET owner = ?, lease_expires_at = ?, revision = revision + 1 WHERE id = ?")
-                            .bind(owner)
-                            .bind(lease_until)
-                            .bind(id)
-                            .execute(&mut *tx)
-                            .await?
-                            .rows_affected()
-                    }
-                    Write::RenewLeases { owner, until } => {
-                        sqlx::query("UPDATE actions SET lease_expires_at = ? WHERE owner = ? AND status = 'running'")
-                            .bind(until)
-                            .bind(owner)
-                            .execute(&mut *tx)
-                            .await?
-                            .rows_affected()
-                    }
-                    Write::Release { owner, at } => {
+                    Write::Claim { id, owner, epoch, lease_until } => {
                         sqlx::query(
-                            "UPDATE actions SET owner = NULL, lease_expires_at = ?, revision = revision + 1 \
-                             WHERE owner = ? AND status IN ('queued', 'running')",
+                            "UPDATE actions SET owner = ?, epoch = epoch + 1, lease_expires_at = ?, revision = revision + 1 \
+                             WHERE id = ? AND epoch = ? AND status IN ('queued', 'running') AND (owner IS NULL OR owner = ?)",
                         )
-                        .bind(at)
+                        .bind(owner)
+                        .bind(lease_until)
+                        .bind(id)
+                        .bind(epoch)
                         .bind(owner)
                         .execute(&mut *tx)
                         .await?
@@ -906,6 +961,7 @@ macro_rules! sql_backend {
                     idempotency_key: row.try_get("idempotency_key")?,
                     submitted_by: row.try_get("submitted_by")?,
                     owner: row.try_get("owner")?,
+                    epoch: row.try_get("epoch")?,
                     revision: row.try_get("revision")?,
                     created_at: row.try_get::<DateTime<Utc>, _>("created_at")?,
                     started_at: row.try_get("started_at")?,
@@ -949,7 +1005,7 @@ macro_rules! sql_backend {
             /// One action with its steps, in one statement.
             pub(crate) async fn action(pool: &$pool, id: ActionId) -> Result<Option<Action>, sqlx::Error> {
                 const Q: &str = "SELECT a.id, a.kind, a.target, a.params, a.status, a.bundle, a.current_step, a.error, \
-                     a.idempotency_key, a.submitted_by, a.owner, a.revision, a.created_at, a.started_at, a.finished_at, \
+                     a.idempotency_key, a.submitted_by, a.owner, a.epoch, a.revision, a.created_at, a.started_at, a.finished_at, \
                      a.cancel_requested_at, s.seq AS s_seq, s.name AS s_name, s.step AS s_step, s.status AS s_status, s.attempt AS s_attempt, \
                      s.started_at AS s_started_at, s.finished_at AS s_finished_at, s.output AS s_output, s.error AS s_error, \
                      s.waiting_for AS s_waiting_for, s.node AS s_node \
@@ -1088,12 +1144,13 @@ macro_rules! sql_backend {
                 rows.iter().map(|r| Ok((r.try_get("bundle")?, r.try_get("n")?))).collect()
             }
 
-            pub(crate) async fn unfinished(pool: &$pool, owner: &str, now: Timestamp) -> Result<Vec<Action>, sqlx::Error> {
+            /// Unfinished actions owned by nobody, or by `mine` (this
+            /// server's earlier self), oldest first, at most `limit`.
+            pub(crate) async fn unfinished(pool: &$pool, mine: Option<&str>, limit: i64) -> Result<Vec<Action>, sqlx::Error> {
                 const Q: &str = select_actions!(
-                    " WHERE status = 'queued' OR (status = 'running' AND (owner IS NULL OR owner = ? OR lease_expires_at < ?)) \
-                     ORDER BY id"
+                    " WHERE status IN ('queued', 'running') AND (owner IS NULL OR owner = ?) ORDER BY id LIMIT ?"
                 );
-                let rows = sqlx::query(Q).bind(owner).bind(now).fetch_all(pool).await?;
+                let rows = sqlx::query(Q).bind(mine).bind(limit).fetch_all(pool).await?;
                 let mut out = Vec::with_capacity(rows.len());
                 for row in &rows {
                     out.push(with_steps(pool, action_row(row)?).await?);

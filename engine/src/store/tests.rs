@@ -428,6 +428,7 @@ async fn mariadb_writers_gather_while_a_commit_is_under_way() {
     let claim = |id| Write::Claim {
         id,
         owner: "test".into(),
+        epoch: 1,
         lease_until: at(60_000),
     };
     let mut locker = sqlx::MySqlConnection::connect(&url).await.unwrap();
@@ -483,5 +484,76 @@ async fn mariadb_writers_gather_while_a_commit_is_under_way() {
         store.stats().transactions.load(Ordering::SeqCst) - before,
         2,
         "the blocked commit, and one for the ten writes gathered meanwhile"
+    );
+}
+
+/// A fenced request lands only while its action is still owned by its
+/// owner at its epoch: after another claim (a takeover bumps the epoch),
+/// each of its writes answers `Fenced` and nothing of it is written, while
+/// the requests beside it in the same commit land.
+#[tokio::test]
+async fn mariadb_fences_keep_a_lost_runner_from_writing() {
+    use super::Fence;
+    use std::sync::Arc;
+    let store = Store::connect(&mysql_url("fences").await).await.unwrap();
+    let (a, b) = (inserted(&store, "t-a").await, inserted(&store, "t-b").await);
+    let fence = |id, owner: &str, epoch| Fence {
+        id,
+        owner: Arc::from(owner),
+        epoch,
+    };
+    let step = |id| Write::StepWaiting {
+        id,
+        seq: 0,
+        name: "s0".into(),
+        waiting_for: "a node".into(),
+    };
+    let finish = |id| Write::Finish {
+        id,
+        status: ActionStatus::Failed,
+        error: Some("x".into()),
+        at: at(1),
+        last: None,
+    };
+    // Another server takes `a` over: the epoch the runner holds (1) is stale.
+    let taken = store
+        .write(vec![Write::Claim {
+            id: a,
+            owner: "test".into(),
+            epoch: 1,
+            lease_until: at(60_000),
+        }])
+        .await
+        .unwrap();
+    assert_eq!(taken, vec![Outcome::Done { rows: 1 }]);
+    // A claim on an epoch already passed takes nothing.
+    let again = store
+        .write(vec![Write::Claim {
+            id: a,
+            owner: "other".into(),
+            epoch: 1,
+            lease_until: at(60_000),
+        }])
+        .await
+        .unwrap();
+    assert_eq!(again, vec![Outcome::Done { rows: 0 }]);
+    let before = store.action(a).await.unwrap().unwrap();
+    assert_eq!((before.epoch, before.owner.as_deref()), (2, Some("test")));
+    // Both requests in one commit: the stale one is skipped whole.
+    let stale = store.write_fenced(fence(a, "test", 1), vec![step(a), finish(a)]);
+    let other_owner = store.write_fenced(fence(b, "elsewhere", 1), vec![finish(b)]);
+    let current = store.write_fenced(fence(b, "test", 1), vec![step(b)]);
+    let (stale, other_owner, current) = tokio::join!(stale, other_owner, current);
+    assert_eq!(stale.unwrap(), vec![Outcome::Fenced, Outcome::Fenced]);
+    assert_eq!(other_owner.unwrap(), vec![Outcome::Fenced]);
+    // (The step row; the action is not running, so its row is left.)
+    assert_eq!(current.unwrap(), vec![Outcome::Done { rows: 1 }]);
+    let after = store.action(a).await.unwrap().unwrap();
+    assert_eq!(after.status, ActionStatus::Queued);
+    assert_eq!(after.revision, before.revision, "nothing of it was written");
+    assert_eq!(after.steps[0].status, StepStatus::Pending);
+    assert_eq!(
+        store.action(b).await.unwrap().unwrap().steps[0].status,
+        StepStatus::Waiting
     );
 }

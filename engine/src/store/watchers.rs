@@ -59,6 +59,8 @@ impl Watchers {
         let WatchState { channels, live } = &mut *state;
         for (w, outcome) in writes.iter().zip(outcomes) {
             let (ended, last) = match (w, outcome) {
+                // Not written: nothing changed.
+                (_, Outcome::Fenced) => continue,
                 (Write::Insert { .. }, Outcome::Inserted(id)) => {
                     live.insert(*id);
                     continue;

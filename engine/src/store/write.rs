@@ -97,37 +97,23 @@ pub(crate) enum Write {
     /// Records that a cancel was asked for, if the action is unfinished
     /// (`Done { rows: 0 }` if it had already ended). The first request's
     /// time stays.
-    RequestCancel {
-        id: ActionId,
-        at: Timestamp,
-    },
+    RequestCancel { id: ActionId, at: Timestamp },
     /// Cancels an action only if it is still queued.
-    CancelQueued {
-        id: ActionId,
-        at: Timestamp,
-    },
-    /// Takes ownership of an action (used when resuming after a restart).
+    CancelQueued { id: ActionId, at: Timestamp },
+    /// Takes an unfinished action over, if it is still at `epoch` (as the
+    /// claimer read it) and owned by nobody or `owner` itself: the epoch is
+    /// bumped, so a runner of the old one writes nothing more. `Done { rows:
+    /// 0 }` when another claim came first.
     Claim {
         id: ActionId,
         owner: String,
+        epoch: i64,
         lease_until: Timestamp,
-    },
-    RenewLeases {
-        owner: String,
-        until: Timestamp,
-    },
-    /// Gives up ownership of unfinished actions so they resume on next start.
-    Release {
-        owner: String,
-        at: Timestamp,
     },
     /// Stores a verified bundle; it becomes its name's active version.
     InsertBundle(Box<BundleRow>, Arc<[u8]>),
     /// Makes a stored bundle its name's active version.
-    ActivateBundle {
-        hash: String,
-        at: Timestamp,
-    },
+    ActivateBundle { hash: String, at: Timestamp },
     TrustKey {
         key_id: String,
         public_key: String,
@@ -270,8 +256,13 @@ impl Write {
                 let error = Some("cancelled before it started".to_owned());
                 end(action, ActionStatus::Cancelled, error, *at);
             }
-            Write::Claim { owner, .. } => {
+            Write::Claim { owner, epoch, .. }
+                if *epoch == action.epoch
+                    && matches!(action.status, ActionStatus::Queued | ActionStatus::Running)
+                    && action.owner.as_ref().is_none_or(|o| o == owner) =>
+            {
                 action.owner = Some(owner.clone());
+                action.epoch += 1;
                 action.revision += 1;
             }
             _ => {}
@@ -314,6 +305,7 @@ impl Write {
             idempotency_key: new.idempotency_key.clone(),
             submitted_by: new.submitted_by.clone(),
             owner: Some(owner.clone()),
+            epoch: 1,
             revision: i64::from(begun),
             created_at: *at,
             started_at: begun.then_some(*at),
@@ -360,8 +352,6 @@ impl Write {
             | Write::CancelQueued { id, .. }
             | Write::Claim { id, .. } => Some(*id),
             Write::Insert { .. }
-            | Write::RenewLeases { .. }
-            | Write::Release { .. }
             | Write::InsertBundle(..)
             | Write::ActivateBundle { .. }
             | Write::TrustKey { .. }
@@ -406,6 +396,9 @@ pub(crate) enum Outcome {
     Existing(ActionId),
     /// The idempotency key exists with a different request.
     Conflict,
+    /// Not written: its request's [`Fence`](super::Fence) no longer holds
+    /// (another server took the action over).
+    Fenced,
 }
 
 impl Outcome {
@@ -413,7 +406,7 @@ impl Outcome {
         match self {
             Outcome::Done { rows } => *rows,
             Outcome::Inserted(_) => 1,
-            Outcome::Existing(_) | Outcome::Conflict => 0,
+            Outcome::Existing(_) | Outcome::Conflict | Outcome::Fenced => 0,
         }
     }
 }

@@ -17,10 +17,14 @@ pub(super) struct Caps {
     /// Group commits in flight at once: one for SQLite, which has a single
     /// writer lock; more for a server, which flushes concurrent commits together.
     pub(super) writers: usize,
+    /// Whether fenced requests are checked ([`super::Fence`]): where several
+    /// servers may share the database.
+    pub(super) fences: bool,
 }
 
 pub(super) struct Request {
     pub(super) writes: Vec<Write>,
+    pub(super) fence: Option<super::Fence>,
     pub(super) reply: oneshot::Sender<Result<Vec<Outcome>, Failed>>,
 }
 
@@ -123,8 +127,12 @@ pub(super) async fn run(
             return;
         }
         let all: Vec<&Write> = batch.iter().flat_map(|r| r.writes.iter()).collect();
+        let fences: Vec<Option<&super::Fence>> = batch
+            .iter()
+            .flat_map(|r| r.writes.iter().map(|_| r.fence.as_ref()))
+            .collect();
         commits.count.fetch_add(1, Ordering::SeqCst);
-        let applied = commit_once(&mut conn, caps, &all, &stats).await;
+        let applied = commit_once(&mut conn, caps, &all, &fences, &stats).await;
         commits.count.fetch_sub(1, Ordering::SeqCst);
         commits.ended.notify_waiters();
         match applied {
@@ -151,7 +159,8 @@ pub(super) async fn run(
             Err(_) => {
                 for req in batch.drain(..) {
                     let writes: Vec<&Write> = req.writes.iter().collect();
-                    let result = commit_once(&mut conn, caps, &writes, &stats).await;
+                    let fences = vec![req.fence.as_ref(); writes.len()];
+                    let result = commit_once(&mut conn, caps, &writes, &fences, &stats).await;
                     if let Ok(outcomes) = &result {
                         watchers.publish(&writes, outcomes);
                     }
@@ -167,10 +176,11 @@ pub(super) async fn commit_once(
     conn: &mut WriterConn,
     caps: Caps,
     writes: &[&Write],
+    fences: &[Option<&super::Fence>],
     stats: &StoreStats,
 ) -> Result<Vec<Outcome>, Failed> {
     injected_refusal(writes)?;
-    let outcomes = conn.apply(caps, writes, stats).await?;
+    let outcomes = conn.apply(caps, writes, fences, stats).await?;
     injected_after_commit(writes)?;
     Ok(outcomes)
 }
@@ -276,8 +286,10 @@ impl WriterConn {
         &mut self,
         caps: Caps,
         writes: &[&Write],
+        fences: &[Option<&super::Fence>],
         stats: &StoreStats,
     ) -> Result<Vec<Outcome>, Failed> {
+        let fences = if caps.fences { fences } else { &[] };
         let began = std::time::Instant::now();
         let conn = match &mut self.conn {
             Some(conn) => conn,
@@ -299,8 +311,8 @@ impl WriterConn {
             }),
         };
         let result = match conn {
-            Conn::Sqlite(c) => sql::sqlite::apply(c, writes, caps.returning, false).await,
-            Conn::MySql(c) => sql::mysql::apply(c, writes, caps.returning, true).await,
+            Conn::Sqlite(c) => sql::sqlite::apply(c, writes, fences, caps.returning, false).await,
+            Conn::MySql(c) => sql::mysql::apply(c, writes, fences, caps.returning, true).await,
         };
         let (outcomes, rows) = result.inspect_err(|_| self.conn = None)?;
         stats.transactions.fetch_add(1, Ordering::Relaxed);

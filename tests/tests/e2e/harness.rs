@@ -288,7 +288,7 @@ impl Env {
 
     /// Starts `troupe serve` with extra flags and environment variables.
     pub(crate) fn serve_with_env(&self, extra: &[&str], envs: &[(&str, &str)]) -> Server {
-        self.serve_in(&self.dir, extra, envs)
+        self.serve_in(&self.dir, "test-node", extra, envs)
     }
 
     /// Starts another server on the same database while the first runs (as
@@ -300,20 +300,19 @@ impl Env {
 
     /// [`Env::serve_another`] with environment variables (failure points).
     pub(crate) fn serve_another_with_env(&self, extra: &[&str], envs: &[(&str, &str)]) -> Server {
-        let dir = self.dir.join(format!(
-            "another-{}",
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        ));
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let dir = self.dir.join(format!("another-{n}"));
         std::fs::create_dir_all(&dir).unwrap();
         for file in ["admin.token", "secrets.key"] {
             if self.dir.join(file).is_file() {
                 std::fs::copy(self.dir.join(file), dir.join(file)).unwrap();
             }
         }
-        self.serve_in(&dir, extra, envs)
+        self.serve_in(&dir, &format!("test-node-{n}"), extra, envs)
     }
 
-    fn serve_in(&self, dir: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Server {
+    /// Starts a server on `dir`, with `id` unless `extra` names one.
+    fn serve_in(&self, dir: &Path, id: &str, extra: &[&str], envs: &[(&str, &str)]) -> Server {
         let b = bundles();
         let mut args = vec![
             "serve".to_owned(),
@@ -330,13 +329,14 @@ impl Env {
             "--cancel-grace".into(),
             "500ms".into(),
         ];
-        // Any free port and one node id, unless `extra` names others (to
-        // restart at an address, to run a second server).
+        // Any free port and one server id per data directory, unless
+        // `extra` names others (to restart at an address, to run a second
+        // server under an id of the test's).
         if !extra.contains(&"--listen") {
             args.extend(["--listen".into(), "127.0.0.1:0".into()]);
         }
-        if !extra.contains(&"--node-id") {
-            args.extend(["--node-id".into(), "test-node".into()]);
+        if !extra.contains(&"--node-id") && !extra.contains(&"--server-id") {
+            args.extend(["--server-id".into(), id.to_owned()]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         Server::start(&args, dir, envs)
@@ -600,7 +600,8 @@ impl Server {
             revision = body["revision"].as_i64().unwrap_or(-1);
             assert!(
                 Instant::now() < deadline,
-                "action {id} never reached {what}: {body}"
+                "action {id} never reached {what}: {body}\n{}",
+                self.log()
             );
         }
     }

@@ -37,5 +37,6 @@ mod promises;
 mod readme;
 mod recovery;
 mod reload;
+mod servers;
 mod tidy;
 mod tls;

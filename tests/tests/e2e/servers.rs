@@ -1,0 +1,275 @@
+//! Several servers on one database: each registers under an id of its own,
+//! holds a lease renewed by the database's clock, and takes over the
+//! actions of a server that died or froze past its lease. A server that
+//! lost its lease writes nothing more to the actions handed on (every write
+//! of a runner is fenced on the action's epoch), and rejoins.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::harness::{Db, Env, Server, troupe_bin};
+
+/// The `troupe serve` arguments to start a server by hand (to see it refused).
+fn serve_args(env: &Env, dir: &std::path::Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "serve".into(),
+        "--data-dir".into(),
+        dir.display().to_string(),
+        "--db".into(),
+        env.db_url.clone(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// Starts a server that must refuse to run; returns what it said.
+fn refused(env: &Env, extra: &[&str]) -> String {
+    let dir = env.dir.join(format!("refused-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = std::process::Command::new(troupe_bin())
+        .args(serve_args(env, &dir, extra))
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "the server started: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Polls `/v1/servers` on `server` until `check` holds (at most 30 s).
+async fn servers_until(
+    server: &Server,
+    what: &str,
+    check: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = server.get("/v1/servers").await;
+        assert_eq!(status, 200, "{body}");
+        let list = body["servers"].as_array().cloned().unwrap_or_default();
+        if check(&list) {
+            return list;
+        }
+        assert!(Instant::now() < deadline, "servers never {what}: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn state_of<'a>(list: &'a [Value], id: &str) -> &'a str {
+    list.iter()
+        .find(|s| s["id"] == id)
+        .and_then(|s| s["state"].as_str())
+        .unwrap_or("absent")
+}
+
+/// Every server lists every other, with its address, version and
+/// incarnation; the CLI prints them as a table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_list_each_other() {
+    let env = Env::new(Db::MySql).await;
+    let a = env.serve_with(&["--server-id", "s-a"]);
+    let b = env.serve_another(&["--server-id", "s-b"]);
+    let c = env.serve_another(&["--server-id", "s-c"]);
+    let list = servers_until(&b, "listed all three", |l| {
+        ["s-a", "s-b", "s-c"]
+            .iter()
+            .all(|id| state_of(l, id) == "live")
+    })
+    .await;
+    let me: Vec<&Value> = list.iter().filter(|s| s["this_server"] == true).collect();
+    assert_eq!(me.len(), 1, "{list:?}");
+    assert_eq!(me[0]["id"], "s-b");
+    let sa = list.iter().find(|s| s["id"] == "s-a").unwrap();
+    assert_eq!(sa["incarnation"], 1, "{sa}");
+    assert_eq!(sa["version"], env!("CARGO_PKG_VERSION"), "{sa}");
+    assert_eq!(
+        format!("http://{}", sa["address"].as_str().unwrap()),
+        a.url,
+        "{sa}"
+    );
+    let out = c.cli(&["servers", "list"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("ID"), "{text}");
+    assert!(
+        lines[0].contains("STATE") && lines[0].contains("LAST SEEN"),
+        "{text}"
+    );
+    assert!(
+        lines.iter().any(|l| l.starts_with("s-c*")),
+        "this server marked: {text}"
+    );
+    for id in ["s-a", "s-b"] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with(id) && l.contains("live")),
+            "{id} missing: {text}"
+        );
+    }
+    // A server that stops says so at once.
+    a.sigterm();
+    servers_until(&c, "showed s-a stopped", |l| {
+        state_of(l, "s-a") == "stopped"
+    })
+    .await;
+}
+
+/// A server SIGKILLed with actions running: once its lease has run out the
+/// others declare it lost and finish its actions, each once, its
+/// idempotent step run again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_servers_actions_finish_on_the_others() {
+    let env = Env::new(Db::MySql).await;
+    let lease = ["--lease", "2s"];
+    let a = env.serve_with(&[&lease[..], &["--server-id", "s-a"]].concat());
+    let b = env.serve_another(&[&lease[..], &["--server-id", "s-b"]].concat());
+    let _c = env.serve_another(&[&lease[..], &["--server-id", "s-c"]].concat());
+    let mut ids = Vec::new();
+    for n in 0..6 {
+        ids.push(
+            b.submit("sleep", &format!("vps-{n}"), json!({ "ms": 1500 }))
+                .await,
+        );
+    }
+    for &id in &ids {
+        let a = b
+            .until(id, "running on s-b", |a| a["current_step"] == "sleep_ms")
+            .await;
+        assert_eq!(a["server"], "s-b", "{a}");
+    }
+    let killed = Instant::now();
+    b.kill9();
+    for &id in &ids {
+        let done = a.finished(id).await;
+        assert_eq!(done["status"], "succeeded", "{done}\n{}", a.log());
+        assert_eq!(
+            done["steps"][0]["attempt"], 2,
+            "the interrupted idempotent step ran again, once: {done}"
+        );
+        assert_eq!(done["server"], Value::Null, "{done}");
+    }
+    // Lease (2 s) + margin + a rescue pass + the step again (1.5 s), with
+    // room for a loaded machine.
+    let took = killed.elapsed();
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    let list = servers_until(&a, "showed s-b lost", |l| state_of(l, "s-b") == "lost").await;
+    assert_eq!(state_of(&list, "s-c"), "live");
+    // Every action ended exactly once: one finish each, by s-a or s-c.
+    let pool = env.sql().await;
+    for &id in &ids {
+        let (status, owner): (String, Option<String>) =
+            sqlx::query_as("SELECT status, owner FROM actions WHERE id = ?")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!((status.as_str(), owner), ("succeeded", None));
+    }
+}
+
+/// A server frozen (SIGSTOP) past its lease loses its actions to another;
+/// woken, it writes nothing more to them (the row stays as the other left
+/// it), says so, and registers again as a new incarnation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_server_writes_nothing_after_losing_its_lease() {
+    let env = Env::new(Db::MySql).await;
+    let lease = ["--lease", "1s"];
+    let a = env.serve_with(&[&lease[..], &["--server-id", "s-a"]].concat());
+    let b = env.serve_another(&[&lease[..], &["--server-id", "s-b"]].concat());
+    let id = b.submit("sleep", "vps-1", json!({ "ms": 2500 })).await;
+    b.until(id, "running on s-b", |a| a["current_step"] == "sleep_ms")
+        .await;
+    b.signal("STOP");
+    // s-a takes it over and finishes it while s-b sleeps; s-b's step host
+    // (not frozen) finishes its attempt too, its answer unread.
+    let done = a.finished(id).await;
+    assert_eq!(done["status"], "succeeded", "{done}\n{}", a.log());
+    assert_eq!(done["steps"][0]["attempt"], 2, "{done}");
+    let revision = done["revision"].clone();
+    b.signal("CONT");
+    b.log_until("another server took this action over").await;
+    b.log_until("server registered").await;
+    let list = servers_until(&a, "showed s-b back", |l| {
+        l.iter()
+            .any(|s| s["id"] == "s-b" && s["state"] == "live" && s["incarnation"] == 2)
+    })
+    .await;
+    assert_eq!(state_of(&list, "s-a"), "live");
+    let (_, after) = a.get(&format!("/v1/actions/{id}")).await;
+    assert_eq!(
+        after["revision"], revision,
+        "s-b wrote to the action: {after}"
+    );
+    assert_eq!(after["steps"], done["steps"], "{after}");
+    assert_eq!(after["status"], "succeeded");
+    // Rejoined, it takes work again.
+    let next = b.submit("sleep", "vps-2", json!({ "ms": 1 })).await;
+    assert_eq!(b.finished(next).await["status"], "succeeded");
+}
+
+/// Two live servers under one id would write each other's actions: the
+/// second is refused, naming the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_with_a_taken_id_is_refused() {
+    let env = Env::new(Db::MySql).await;
+    let _first = env.serve_with(&["--server-id", "s-a"]);
+    let said = refused(&env, &["--server-id", "s-a"]);
+    assert!(
+        said.contains("server id \"s-a\" is held by a live server"),
+        "{said}"
+    );
+    assert!(said.contains("--server-id"), "says what to do: {said}");
+}
+
+/// SQLite takes one server at a time: a second one on the same file is
+/// refused, pointing at MySQL/MariaDB for several.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_on_one_sqlite_file_is_refused() {
+    let env = Env::new(Db::Sqlite).await;
+    let _first = env.serve();
+    let said = refused(&env, &["--server-id", "other"]);
+    assert!(
+        said.contains("already serves this SQLite database"),
+        "{said}"
+    );
+    assert!(said.contains("MySQL/MariaDB"), "{said}");
+}
+
+/// Without --server-id a server makes an id once and keeps it: two servers
+/// on one host get two ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_keeps_the_id_it_made() {
+    let env = Env::new(Db::MySql).await;
+    let dir = env.dir.join("own-id");
+    std::fs::create_dir_all(&dir).unwrap();
+    let b = crate::harness::bundles();
+    let mut args = serve_args(&env, &dir, &["--trust", &b.public_key]);
+    args.extend(["--bundle".into(), b.builtin.display().to_string()]);
+    let first = Server::start(&args, &dir, &[]);
+    let id = std::fs::read_to_string(dir.join("server.id")).unwrap();
+    let id = id.trim().to_owned();
+    assert!(id.len() > 7 && id.contains('-'), "{id:?}");
+    let (_, health) = first.get("/v1/health").await;
+    assert_eq!(health["node"], id.as_str(), "{health}");
+    first.sigterm();
+    let again = Server::start(&args, &dir, &[]);
+    let (_, health) = again.get("/v1/health").await;
+    assert_eq!(health["node"], id.as_str(), "the same id after a restart");
+    // Another server on this host, with the first one's admin token.
+    std::fs::copy(dir.join("admin.token"), env.dir.join("admin.token")).unwrap();
+    let other = env.serve_another(&[]);
+    let list = servers_until(&other, "listed both", |l| l.len() >= 2).await;
+    assert!(
+        list.iter()
+            .any(|s| s["id"] == id.as_str() && s["incarnation"] == 2),
+        "{list:?}"
+    );
+}
