@@ -1,5 +1,6 @@
-//! `redfish_power`: power a server on or off, cycle or reset it, or read its
-//! power state, through its BMC's Redfish API.
+//! `bmc_power`: power a server on or off, cycle or reset it, or read its
+//! power state, through its BMC's Redfish API (or, for an `ipmi://` BMC,
+//! over IPMI: `ipmi.rs`).
 //!
 //! The reset type is chosen from what the BMC advertises for
 //! `ComputerSystem.Reset`; a returned Task is followed; then `PowerState`
@@ -13,25 +14,25 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use troupe_sdk::{Context, StepError, StepInput};
 
-use crate::bmcs;
-use crate::tls;
+use crate::bmcs::{self, Protocol};
+use crate::{ipmi, tls};
 
 #[derive(Deserialize)]
 pub(crate) struct Settings {
     /// on, off, soft_off, cycle, reset or status.
-    op: String,
+    pub(crate) op: String,
     /// The BMC's Redfish base URL: `https://host[:port]`.
-    bmc: String,
+    pub(crate) bmc: String,
     /// The Systems member id; empty: the BMC's only one.
     #[serde(default)]
-    system: String,
+    pub(crate) system: String,
     /// How long to wait for the power state to follow a reset.
     #[serde(default = "default_wait")]
-    wait_ms: u64,
+    pub(crate) wait_ms: u64,
     /// The BMCs the deployment allows (see `bmcs`).
-    bmcs: String,
+    pub(crate) bmcs: String,
     /// `user:password`.
-    credentials: String,
+    pub(crate) credentials: String,
 }
 
 fn default_wait() -> u64 {
@@ -40,16 +41,17 @@ fn default_wait() -> u64 {
 
 #[derive(Serialize)]
 pub(crate) struct Output {
-    bmc: String,
-    system: String,
-    op: String,
-    /// The power state at the end.
-    power_state: String,
-    /// The `ResetType` sent, if one was.
-    reset_type: Option<String>,
+    pub(crate) bmc: String,
+    /// The Redfish system; empty over IPMI.
+    pub(crate) system: String,
+    pub(crate) op: String,
+    /// The power state at the end: On or Off.
+    pub(crate) power_state: String,
+    /// The `ResetType` sent (IPMI: the `chassis power` command), if one was.
+    pub(crate) reset_type: Option<String>,
     /// What happened, in a sentence.
-    summary: String,
-    waited_ms: u64,
+    pub(crate) summary: String,
+    pub(crate) waited_ms: u64,
 }
 
 /// Each HTTP call's limit.
@@ -58,13 +60,17 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 pub(crate) fn power(cx: &Context<'_>, input: StepInput<Settings>) -> Result<Output, StepError> {
     let s = input.settings;
     let bmc = bmcs::find(&s.bmcs, &s.bmc).map_err(StepError::fatal)?;
+    let trust = match bmc.protocol {
+        Protocol::Redfish(trust) => trust,
+        Protocol::Ipmi { cipher } => return ipmi::power(cx, &s, &bmc.url, cipher),
+    };
     let Some((user, password)) = s.credentials.split_once(':') else {
         return Err(StepError::fatal(
             "the BMC credentials (the secret bmc_credentials) must be user:password",
         ));
     };
     let client = Client {
-        agent: tls::agent(&bmc.trust, CALL_TIMEOUT),
+        agent: tls::agent(&trust, CALL_TIMEOUT),
         base: bmc.url.clone(),
         authorization: format!("Basic {}", base64(format!("{user}:{password}").as_bytes())),
     };
@@ -151,7 +157,7 @@ pub(crate) fn power(cx: &Context<'_>, input: StepInput<Settings>) -> Result<Outp
 }
 
 #[derive(Debug, PartialEq)]
-enum Waited {
+pub(crate) enum Waited {
     Reached(String),
     /// The deadline came; the last state seen.
     StillAt(String),
@@ -161,7 +167,7 @@ enum Waited {
 /// backing off from 0.5 s to 5 s; `Err` only when the step is cancelled. A
 /// read that fails is logged and tried again: a BMC may be busy while it
 /// resets.
-fn wait_for_state(
+pub(crate) fn wait_for_state(
     cx: &Context<'_>,
     mut read: impl FnMut() -> Result<String, StepError>,
     expected: &str,
