@@ -5,8 +5,10 @@ mod bmcs;
 mod ipmi;
 mod process;
 mod redfish;
+mod ssh;
 mod tls;
 
 troupe_sdk::export_steps! {
     "bmc_power" => redfish::power,
+    "ssh_run" => ssh::run,
 }

@@ -1,0 +1,412 @@
+//! `ssh_run`: run one command on a host over SSH, its host key pinned.
+//!
+//! Why the `ssh` program and not a crate (`russh`): OpenSSH is what the
+//! hosts run and what their operators know, its `known_hosts` matching and
+//! its refusal of unknown or changed keys (`StrictHostKeyChecking=yes`) are
+//! the reference, and it is installed everywhere; `russh` would bring an
+//! async runtime and a second SSH implementation into the plugin for one
+//! command per call. The cost is a process per call, and the way a remote
+//! command is stopped (below).
+//!
+//! `ssh` is run with argv and a configuration of its own (`-F /dev/null`,
+//! every option on the command line): the pinned host keys (the secret
+//! `ssh_known_hosts`) and the client key (the secret `ssh_key`) are files
+//! of mode 0600 in a private directory (0700) made for the call and removed
+//! after it; their paths are in argv, never their contents. Its environment
+//! holds only `HOME` (that directory).
+//!
+//! Stopping the remote command: without a terminal, sshd does not signal a
+//! command whose client went away. So the command runs under a small
+//! POSIX `sh` wrapper, in a session of its own (`setsid`), while the wrapper
+//! waits for the end of its stdin, which `ssh` holds open; when the step's
+//! time is up or it is cancelled, the step closes `ssh`'s stdin (or, after
+//! a grace, kills `ssh`, which closes the connection: the same end of input
+//! on the remote side), and the wrapper kills the command's whole session.
+
+use std::fs::{DirBuilder, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use troupe_sdk::{Context, StepError, StepInput};
+
+use crate::process::{self, Stop};
+
+#[derive(Deserialize)]
+pub(crate) struct Settings {
+    /// `HOST` or `HOST:PORT` (`[V6]:PORT`), one of the deployment's
+    /// `--var ssh_hosts`.
+    host: String,
+    /// The hosts the deployment allows.
+    hosts: String,
+    user: String,
+    command: String,
+    timeout_ms: u64,
+    /// The client's private key (OpenSSH format).
+    key: String,
+    /// `known_hosts` lines: the host keys to accept.
+    known_hosts: String,
+}
+
+#[derive(Serialize)]
+pub(crate) struct Output {
+    host: String,
+    exit_status: i32,
+    stdout: String,
+    stderr: String,
+    duration_ms: u64,
+}
+
+/// How much of stdout and of stderr is kept, from the end.
+const KEEP: usize = 16 * 1024;
+
+/// How long `ssh` has, once its stdin is closed, to end on its own.
+const GRACE: Duration = Duration::from_secs(3);
+
+/// The wrapper the remote `sh` runs, the command as `$1`. It exits with
+/// the command's status; when its stdin ends first, it kills the command's
+/// session (TERM, then KILL after 5 s).
+const WRAPPER: &str = r#"exec 3<&0
+if command -v setsid >/dev/null 2>&1; then setsid sh -c "$1" </dev/null 3<&- & else sh -c "$1" </dev/null 3<&- & fi
+p=$!
+(read _ <&3; kill -TERM -$p 2>/dev/null || kill -TERM $p 2>/dev/null; sleep 5; kill -KILL -$p 2>/dev/null || kill -KILL $p 2>/dev/null) >/dev/null 2>&1 &
+w=$!
+exec 3<&-
+wait $p
+s=$?
+kill $w 2>/dev/null
+exit $s"#;
+
+pub(crate) fn run(cx: &Context<'_>, input: StepInput<Settings>) -> Result<Output, StepError> {
+    let s = input.settings;
+    let (host, port) = allowed(&s.hosts, &s.host).map_err(StepError::fatal)?;
+    if s.user.is_empty() || s.user.starts_with('-') {
+        return Err(StepError::fatal(format!(
+            "the user {:?} is not a user name",
+            s.user
+        )));
+    }
+    if s.known_hosts.trim().is_empty() {
+        return Err(StepError::fatal(
+            "the secret ssh_known_hosts is empty: set it to the host's known_hosts line (ssh-keyscan -p PORT HOST), never trusted on first use",
+        ));
+    }
+    let ssh = process::find_program("ssh", "openssh-client")?;
+    let dir = PrivateDir::new()?;
+    let key = dir.write("key", &with_newline(&s.key))?;
+    let known = dir.write("known_hosts", &with_newline(&s.known_hosts))?;
+    let mut cmd = Command::new(ssh);
+    cmd.env_clear()
+        .env("HOME", &dir.0)
+        .args(["-F", "/dev/null", "-T"]);
+    for option in [
+        "BatchMode=yes".to_owned(),
+        "StrictHostKeyChecking=yes".to_owned(),
+        format!("UserKnownHostsFile={}", known.display()),
+        "GlobalKnownHostsFile=/dev/null".to_owned(),
+        "UpdateHostKeys=no".to_owned(),
+        "CheckHostIP=no".to_owned(),
+        format!("IdentityFile={}", key.display()),
+        "IdentitiesOnly=yes".to_owned(),
+        "IdentityAgent=none".to_owned(),
+        "PasswordAuthentication=no".to_owned(),
+        "KbdInteractiveAuthentication=no".to_owned(),
+        "ControlMaster=no".to_owned(),
+        "ControlPath=none".to_owned(),
+        "ForwardAgent=no".to_owned(),
+        "ClearAllForwardings=yes".to_owned(),
+        "ConnectTimeout=15".to_owned(),
+        "ServerAliveInterval=15".to_owned(),
+        "ServerAliveCountMax=4".to_owned(),
+        "LogLevel=ERROR".to_owned(),
+    ] {
+        cmd.arg("-o").arg(option);
+    }
+    cmd.args(["-p", &port.to_string(), "-l", &s.user, "--", &host]);
+    cmd.arg(format!(
+        "sh -c {} troupe-ssh-run {}",
+        quote(WRAPPER),
+        quote(&s.command)
+    ));
+    let target = format!("{}@{}", s.user, s.host);
+    cx.log(format_args!("running on {target}: {}", s.command));
+    let started = Instant::now();
+    let timeout = Duration::from_millis(s.timeout_ms);
+    let done = process::run(cx, cmd, true, timeout, GRACE, KEEP)?;
+    drop(dir);
+    let duration_ms = started.elapsed().as_millis() as u64;
+    match done.stopped {
+        Some(Stop::Cancelled) => {
+            cx.log(format_args!(
+                "cancelled: the command on {target} was stopped"
+            ));
+            return Err(StepError::cancelled());
+        }
+        Some(Stop::TimedOut) => {
+            return Err(StepError::fatal(format!(
+                "the command on {target} did not finish within {} ms and was stopped there",
+                s.timeout_ms
+            )));
+        }
+        None => {}
+    }
+    let code = done.status.and_then(|s| s.code()).unwrap_or(-1);
+    if code == 255
+        && let Some(e) = ssh_failure(&target, &done.stderr)
+    {
+        return Err(e);
+    }
+    let out = Output {
+        host: s.host.clone(),
+        exit_status: code,
+        stdout: done.stdout,
+        stderr: done.stderr,
+        duration_ms,
+    };
+    cx.log(format_args!(
+        "the command on {target} exited with status {code} after {duration_ms} ms"
+    ));
+    if code == 0 {
+        return Ok(out);
+    }
+    let tail = last_chars(out.stderr.trim(), 2000);
+    Err(StepError::fatal(if tail.is_empty() {
+        format!("the command on {target} exited with status {code}")
+    } else {
+        format!("the command on {target} exited with status {code}: {tail}")
+    }))
+}
+
+/// What `ssh`'s own messages say went wrong, when they say it.
+fn ssh_failure(target: &str, stderr: &str) -> Option<StepError> {
+    let said = || last_chars(stderr.trim(), 1000).replace('\n', " ");
+    if stderr.contains("REMOTE HOST IDENTIFICATION HAS CHANGED")
+        || stderr.contains("Host key for") && stderr.contains("has changed")
+    {
+        Some(StepError::fatal(format!(
+            "{target} presented a host key other than the one pinned in the secret ssh_known_hosts: refused (if the host was reinstalled, pin its new key)"
+        )))
+    } else if stderr.contains("Host key verification failed")
+        || stderr.contains("host key is known for")
+    {
+        Some(StepError::fatal(format!(
+            "{target} has no host key pinned in the secret ssh_known_hosts (add its line, from ssh-keyscan): refused, never trusted on first use"
+        )))
+    } else if stderr.contains("Permission denied") {
+        Some(StepError::fatal(format!(
+            "{target} refused the client key in the secret ssh_key: {}",
+            said()
+        )))
+    } else if [
+        "Connection refused",
+        "Connection timed out",
+        "No route to host",
+        "Network is unreachable",
+        "Could not resolve hostname",
+        "Connection reset",
+        "Connection closed by",
+    ]
+    .iter()
+    .any(|m| stderr.contains(m))
+    {
+        Some(StepError::retryable(format!(
+            "cannot reach {target} over SSH: {}",
+            said()
+        )))
+    } else if stderr.contains("Load key") || stderr.contains("invalid format") {
+        Some(StepError::fatal(format!(
+            "the secret ssh_key is not a private key ssh can read (OpenSSH or PEM format, no passphrase): {}",
+            said()
+        )))
+    } else {
+        None
+    }
+}
+
+/// `HOST` or `HOST:PORT` from the deployment's list → host and port (22).
+fn allowed(list: &str, wanted: &str) -> Result<(String, u16), String> {
+    let listed = list
+        .split(|c: char| c.is_whitespace() || c == ',')
+        .any(|entry| !entry.is_empty() && entry.eq_ignore_ascii_case(wanted));
+    if !listed {
+        return Err(format!(
+            "the host {wanted} is not one this deployment allows: add it to the server's --var ssh_hosts"
+        ));
+    }
+    let bad = || format!("the host {wanted} is not HOST or HOST:PORT");
+    let (host, port) = if let Some(v6) = wanted.strip_prefix('[') {
+        let (host, after) = v6.split_once(']').ok_or_else(bad)?;
+        (host, after.strip_prefix(':'))
+    } else {
+        match wanted.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (wanted, None),
+        }
+    };
+    if host.is_empty() || host.starts_with('-') {
+        return Err(bad());
+    }
+    let port = match port {
+        None => 22,
+        Some(p) => p.parse().map_err(|_| bad())?,
+    };
+    Ok((host.to_owned(), port))
+}
+
+/// `text` quoted for a POSIX shell.
+fn quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
+}
+
+fn with_newline(text: &str) -> String {
+    let text = text.trim_end_matches(['\r', '\n']).replace("\r\n", "\n");
+    format!("{text}\n")
+}
+
+/// The last `n` characters of `text`, `[…]` before them when cut.
+fn last_chars(text: &str, n: usize) -> String {
+    let count = text.chars().count();
+    if count <= n {
+        text.to_owned()
+    } else {
+        let tail: String = text.chars().skip(count - n).collect();
+        format!("[…]{tail}")
+    }
+}
+
+/// A directory only this user can enter, removed with what it holds when
+/// dropped.
+struct PrivateDir(PathBuf);
+
+impl PrivateDir {
+    fn new() -> Result<PrivateDir, StepError> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or_default();
+        let path = std::env::temp_dir().join(format!(
+            "troupe-ssh-{}-{}-{nanos}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        DirBuilder::new().mode(0o700).create(&path).map_err(|e| {
+            StepError::retryable(format!("cannot make a private directory for ssh: {e}"))
+        })?;
+        Ok(PrivateDir(path))
+    }
+
+    /// Writes `name` (mode 0600, never an existing file) in the directory.
+    fn write(&self, name: &str, text: &str) -> Result<PathBuf, StepError> {
+        let path = self.0.join(name);
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| f.write_all(text.as_bytes()).map(|()| f));
+        match &mut file {
+            Ok(_) => Ok(path),
+            Err(e) => Err(StepError::retryable(format!(
+                "cannot write {} for ssh: {e}",
+                Path::new(name).display()
+            ))),
+        }
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_listed_hosts_are_reached() {
+        let list = "10.0.0.9, 127.0.0.1:2222 [fd00::9]:22";
+        assert_eq!(allowed(list, "10.0.0.9").unwrap(), ("10.0.0.9".into(), 22));
+        assert_eq!(
+            allowed(list, "127.0.0.1:2222").unwrap(),
+            ("127.0.0.1".into(), 2222)
+        );
+        assert_eq!(
+            allowed(list, "[fd00::9]:22").unwrap(),
+            ("fd00::9".into(), 22)
+        );
+        let err = allowed(list, "127.0.0.1").unwrap_err();
+        assert!(err.contains("--var ssh_hosts"), "{err}");
+        assert!(allowed("-oProxyCommand=x", "-oProxyCommand=x").is_err());
+    }
+
+    #[test]
+    fn quoting_survives_quotes() {
+        assert_eq!(quote("it's"), r"'it'\''s'");
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!("printf %s {}", quote("a 'b' $HOME \"c\"")))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), "a 'b' $HOME \"c\"");
+    }
+
+    fn wrapped(command: &str) -> std::process::Child {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "sh -c {} troupe-ssh-run {}",
+                quote(WRAPPER),
+                quote(command)
+            ))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    #[test]
+    fn the_wrapper_gives_the_commands_status_and_output() {
+        let mut child = wrapped("echo out; echo err >&2; exit 7");
+        // Its stdin stays open until it has ended.
+        let stdin = child.stdin.take();
+        let out = child.wait_with_output().unwrap();
+        drop(stdin);
+        assert_eq!(out.status.code(), Some(7));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
+        assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+    }
+
+    #[test]
+    fn the_end_of_its_input_stops_the_wrapped_command_and_its_children() {
+        let mut child = wrapped("sleep 300 & echo $!; sleep 300");
+        let mut stdout = child.stdout.take().unwrap();
+        let mut line = Vec::new();
+        let mut byte = [0u8];
+        while std::io::Read::read(&mut stdout, &mut byte).unwrap() == 1 && byte[0] != b'\n' {
+            line.push(byte[0]);
+        }
+        let pid: u32 = String::from_utf8(line).unwrap().trim().parse().unwrap();
+        assert!(Path::new(&format!("/proc/{pid}")).exists());
+        let started = Instant::now();
+        drop(child.stdin.take());
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(128 + 15), "ended by TERM");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Path::new(&format!("/proc/{pid}")).exists() {
+            assert!(
+                Instant::now() < deadline,
+                "the command's child {pid} lives on"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
