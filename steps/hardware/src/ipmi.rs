@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use troupe_sdk::{Context, StepError};
 
 use crate::process;
+use crate::reboot::{self, PowerControl};
 use crate::redfish::{Output, Settings, Waited, wait_for_state};
 
 /// Each `ipmitool` run's limit (it retries a lost packet itself).
@@ -72,13 +73,30 @@ pub(crate) fn power(
             waited_ms: waited,
         })
     };
+    if s.op == "reboot" {
+        let (grace, wait) = (
+            Duration::from_millis(s.grace_ms),
+            Duration::from_millis(s.wait_ms),
+        );
+        let r = reboot::reboot(cx, url, &ipmi, &state, grace, wait)?;
+        cx.log(&r.summary);
+        return Ok(Output {
+            bmc: url.to_owned(),
+            system: String::new(),
+            op: s.op.clone(),
+            power_state: r.state,
+            reset_type: Some(r.sent.join(", ")),
+            summary: r.summary,
+            waited_ms: r.waited_ms,
+        });
+    }
     let expected = match s.op.as_str() {
         "status" => return done(state.clone(), None, format!("{url} is {state}"), 0),
         "on" | "cycle" | "reset" => "On",
         "off" | "soft_off" => "Off",
         other => {
             return Err(StepError::fatal(format!(
-                "unknown power op `{other}`: use on, off, soft_off, cycle, reset or status"
+                "unknown power op `{other}`: use on, off, soft_off, cycle, reset, reboot or status"
             )));
         }
     };
@@ -249,6 +267,26 @@ impl Ipmitool<'_> {
             )),
             other => other,
         })
+    }
+}
+
+impl PowerControl for Ipmitool<'_> {
+    fn state(&self, cx: &Context<'_>) -> Result<String, StepError> {
+        self.power_state(cx)
+    }
+
+    fn send(&self, cx: &Context<'_>, op: &str) -> Result<String, StepError> {
+        let command = match op {
+            "soft_off" => "soft",
+            "off" => "off",
+            _ => "on",
+        };
+        cx.log(format_args!(
+            "sending chassis power {command} to {}",
+            self.url
+        ));
+        self.control(cx, command)?;
+        Ok(format!("chassis power {command}"))
     }
 }
 

@@ -4,6 +4,7 @@
 mod bmcs;
 mod ipmi;
 mod process;
+mod reboot;
 mod redfish;
 mod ssh;
 mod tls;

@@ -15,7 +15,7 @@ use serde_json::Value;
 use troupe_sdk::{Context, StepError, StepInput};
 
 use crate::bmcs::{self, Protocol};
-use crate::{ipmi, tls};
+use crate::{ipmi, reboot, tls};
 
 #[derive(Deserialize)]
 pub(crate) struct Settings {
@@ -29,6 +29,10 @@ pub(crate) struct Settings {
     /// How long to wait for the power state to follow a reset.
     #[serde(default = "default_wait")]
     pub(crate) wait_ms: u64,
+    /// `reboot`: how long a graceful shutdown may take before the server
+    /// is forced off.
+    #[serde(default = "default_grace")]
+    pub(crate) grace_ms: u64,
     /// The BMCs the deployment allows (see `bmcs`).
     pub(crate) bmcs: String,
     /// `user:password`.
@@ -37,6 +41,10 @@ pub(crate) struct Settings {
 
 fn default_wait() -> u64 {
     300_000
+}
+
+fn default_grace() -> u64 {
+    120_000
 }
 
 #[derive(Serialize)]
@@ -92,13 +100,26 @@ pub(crate) fn power(cx: &Context<'_>, input: StepInput<Settings>) -> Result<Outp
             waited_ms: waited,
         })
     };
+    if s.op == "reboot" {
+        let (target, allowed) = client.reset_action(&system)?;
+        let control = Control {
+            client: &client,
+            system: &system,
+            target,
+            allowed,
+            wait: Duration::from_millis(s.wait_ms),
+        };
+        let grace = Duration::from_millis(s.grace_ms);
+        let r = reboot::reboot(cx, &system.id, &control, &state, grace, control.wait)?;
+        return done(r.state, Some(r.sent.join(", ")), r.summary, r.waited_ms);
+    }
     let expected = match s.op.as_str() {
         "status" => return done(state.clone(), None, format!("{} is {state}", system.id), 0),
         "on" | "cycle" | "reset" => "On",
         "off" | "soft_off" => "Off",
         other => {
             return Err(StepError::fatal(format!(
-                "unknown power op `{other}`: use on, off, soft_off, cycle, reset or status"
+                "unknown power op `{other}`: use on, off, soft_off, cycle, reset, reboot or status"
             )));
         }
     };
@@ -154,6 +175,38 @@ pub(crate) fn power(cx: &Context<'_>, input: StepInput<Settings>) -> Result<Outp
         ),
         waited,
     )
+}
+
+/// One system's resets, for `reboot`.
+struct Control<'a> {
+    client: &'a Client,
+    system: &'a System,
+    target: String,
+    allowed: Option<Vec<String>>,
+    wait: Duration,
+}
+
+impl reboot::PowerControl for Control<'_> {
+    fn state(&self, _: &Context<'_>) -> Result<String, StepError> {
+        self.client
+            .get(&self.system.path, "reading the power state")
+            .map(|body| power_state(&body))
+    }
+
+    fn send(&self, cx: &Context<'_>, op: &str) -> Result<String, StepError> {
+        let reset_type = choose_reset(op, self.allowed.as_deref()).map_err(|e| {
+            StepError::fatal(format!("{} at {}: {e}", self.system.id, self.client.base))
+        })?;
+        cx.log(format_args!(
+            "sending ResetType {reset_type} to {}",
+            self.target
+        ));
+        if let Some(task) = self.client.reset(&self.target, reset_type)? {
+            self.client
+                .follow_task(cx, &task, Instant::now() + self.wait)?;
+        }
+        Ok(reset_type.to_owned())
+    }
 }
 
 #[derive(Debug, PartialEq)]

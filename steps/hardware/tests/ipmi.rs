@@ -60,7 +60,8 @@ impl Bmc {
         std::fs::write(dir.join("power"), if power == "on" { "1\n" } else { "0\n" }).unwrap();
         // ipmi_sim asks this for the chassis power (`get power`) and to
         // change it (`set power 0|1`, `set shutdown 1`, `set reset 1`); a
-        // cycle is `set power 0`, then `set power 1` a moment later.
+        // cycle is `set power 0`, then `set power 1` a moment later. While
+        // the file `stubborn` exists, the server ignores a graceful shutdown.
         let control = dir.join("chassis");
         std::fs::write(
             &control,
@@ -80,7 +81,7 @@ get) for p in "$@"; do
 set) while [ $# -gt 1 ]; do
        case $1 in
          power) echo "$2" > "$state";;
-         shutdown) echo 0 > "$state";;
+         shutdown) [ -e {stubborn:?} ] || echo 0 > "$state";;
        esac
        shift 2
      done;;
@@ -88,6 +89,7 @@ esac
 "#,
                 state = dir.join("power"),
                 calls = dir.join("calls.log"),
+                stubborn = dir.join("stubborn"),
             ),
         )
         .unwrap();
@@ -196,6 +198,11 @@ set_working_mc 0x20
 
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("sim.log")).unwrap_or_default()
+    }
+
+    /// From now on the server ignores graceful shutdowns.
+    fn make_stubborn(&self) {
+        std::fs::write(self.dir.join("stubborn"), "").unwrap();
     }
 }
 
@@ -391,4 +398,65 @@ fn ipmitool_cmdline(port: u16) -> Option<String> {
         }
     }
     None
+}
+
+#[test]
+fn reboot_shuts_down_gracefully_or_forces_it_after_the_grace_then_powers_on() {
+    let bundle = bundle();
+    let bmc = Bmc::start("on");
+    let reboot = || {
+        let report = power(&bundle, &bmc.url, "reboot")
+            .param("grace_ms", 2000)
+            .run()
+            .unwrap();
+        assert_eq!(report.status, Status::Succeeded, "{report}\n{}", bmc.log());
+        report.output("power").unwrap().clone()
+    };
+
+    let polite = reboot();
+    assert_eq!(polite["reset_type"], "chassis power soft, chassis power on");
+    assert_eq!(polite["power_state"], "On");
+    assert!(
+        polite["summary"]
+            .as_str()
+            .unwrap()
+            .contains("shut down gracefully"),
+        "{polite}"
+    );
+    assert_eq!(bmc.changes(), ["0x20 set shutdown 1", "0x20 set power 1"]);
+
+    bmc.make_stubborn();
+    let started = Instant::now();
+    let forced = reboot();
+    assert_eq!(
+        forced["reset_type"],
+        "chassis power soft, chassis power off, chassis power on"
+    );
+    assert_eq!(forced["power_state"], "On");
+    assert!(
+        forced["summary"]
+            .as_str()
+            .unwrap()
+            .contains("did not shut down within the grace of 2000 ms and was forced off"),
+        "{forced}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "the grace was given"
+    );
+    assert_eq!(
+        bmc.changes()[2..],
+        [
+            "0x20 set shutdown 1",
+            "0x20 set power 0",
+            "0x20 set power 1"
+        ]
+    );
+
+    // A server that is off is just powered on.
+    let report = power(&bundle, &bmc.url, "off").run().unwrap();
+    assert_eq!(report.status, Status::Succeeded, "{report}");
+    let from_off = reboot();
+    assert_eq!(from_off["reset_type"], "chassis power on");
+    assert_eq!(bmc.power(), "1");
 }
