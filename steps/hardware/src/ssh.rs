@@ -202,13 +202,31 @@ fn ssh_failure(target: &str, stderr: &str) -> Option<StepError> {
             said()
         )))
     } else if [
+        "closed by remote host",
+        "Read from remote host",
+        "client_loop",
+        "Broken pipe",
+    ]
+    .iter()
+    .any(|m| stderr.contains(m))
+        && !stderr.contains("kex_exchange_identification")
+    {
+        // The session was under way: the command may have run (a reboot
+        // ends its own connection so). Not retried.
+        Some(StepError::fatal(format!(
+            "the connection to {target} ended while the command ran: {}",
+            said()
+        )))
+    } else if [
+        // Before the session: nothing ran, so trying again is safe.
         "Connection refused",
         "Connection timed out",
         "No route to host",
         "Network is unreachable",
         "Could not resolve hostname",
-        "Connection reset",
+        "kex_exchange_identification",
         "Connection closed by",
+        "Connection reset by",
     ]
     .iter()
     .any(|m| stderr.contains(m))

@@ -377,3 +377,26 @@ fn session_members(sid: u32) -> Vec<u32> {
     }
     found
 }
+
+#[test]
+fn a_connection_that_ends_while_the_command_runs_is_not_retried() {
+    let bundle = bundle();
+    let sshd = Sshd::start();
+    let marker = sshd.dir.join("runs");
+    // The command ends its own session on the server, as a reboot would:
+    // it kills the sshd process that serves it (its shell's parent).
+    let command = format!(
+        "echo ran >> {}; kill -9 $(ps -o ppid= -p $PPID)",
+        marker.display()
+    );
+    let report = ssh(&bundle, &sshd, &command).run().unwrap();
+    assert_eq!(report.status, Status::Failed, "{report}\n{}", sshd.log());
+    assert_eq!(report.step("ssh").attempts.len(), 1, "{report}");
+    let error = report.error.clone().unwrap();
+    assert!(
+        error.contains("ended while the command ran"),
+        "{error}\n{}",
+        sshd.log()
+    );
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "ran\n");
+}
