@@ -1,7 +1,8 @@
 //! Running a helper program (`ipmitool`, `ssh`) from a step: argv only
-//! (never a shell), an environment holding only what the caller sets, a
-//! process group of its own, the tail of its output kept, and the whole
-//! group stopped when the step is cancelled or its time is up.
+//! (never a shell), an environment holding only what the caller sets (and
+//! the step host's mark, so the program ends with its host), a process
+//! group of its own, the tail of its output kept, and the whole group
+//! stopped when the step is cancelled or its time is up.
 
 use std::io::Read;
 use std::os::unix::process::CommandExt;
@@ -11,6 +12,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use troupe_sdk::{Context, StepError};
+
+/// The variable by which a step host finds (and, when it ends, kills)
+/// every process it started.
+const HOST_MARK: &str = "STEP_HOST_MARK";
 
 /// How a program's run ended.
 pub(crate) struct Finished {
@@ -59,6 +64,11 @@ pub(crate) fn run(
     grace: Duration,
     keep: usize,
 ) -> Result<Finished, StepError> {
+    // The callers clear the environment; the step host's mark must stay,
+    // or the program would outlive a host that is killed.
+    if let Some(mark) = std::env::var_os(HOST_MARK) {
+        cmd.env(HOST_MARK, mark);
+    }
     cmd.process_group(0)
         .stdin(if hold_stdin {
             Stdio::piped()

@@ -415,6 +415,67 @@ async fn ssh_run_on_a_real_server_masks_and_keeps_its_keys_to_the_step(db: Db) {
     for line in sshd.client_key.lines().filter(|l| !l.starts_with("-----")) {
         assert!(!seen.contains(line), "the client key leaked: {seen}");
     }
+
+    // The server killed outright: its step host sees it go and takes ssh
+    // along, whose closed connection stops the command on the host.
+    let pidfile = sshd.dir.join("remote-2.pid");
+    run(format!(
+        "echo $$ > {}; sleep 300 & sleep 300",
+        pidfile.display()
+    ))
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let pid: u32 = loop {
+        if let Some(pid) = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+        {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "the command never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let port = sshd.host.rsplit_once(':').unwrap().1;
+    let ssh_running = || ssh_client_pids(&format!("-p {port} "));
+    let clients = ssh_running();
+    assert!(!clients.is_empty(), "no ssh client runs");
+    // It carries its step host's mark (and nothing secret in its
+    // environment), so the host's end takes it along whatever else happens.
+    for client in &clients {
+        let environ = std::fs::read(format!("/proc/{client}/environ")).unwrap();
+        let environ = String::from_utf8_lossy(&environ).replace('\0', "\n");
+        assert!(environ.contains("STEP_HOST_MARK="), "{environ}");
+        assert!(!environ.contains("PRIVATE KEY"), "{environ}");
+    }
+    output(Command::new("kill").args(["-9", &server.pid().to_string()]));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(pid) || !ssh_running().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "after the server was killed: ssh {:?}, the remote command {pid} alive: {}",
+            ssh_running(),
+            alive(pid)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The `ssh` clients whose command line holds `needle`.
+fn ssh_client_pids(needle: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if cmdline.contains("/ssh ") && cmdline.contains(needle) && alive(pid) {
+            found.push(pid);
+        }
+    }
+    found
 }
 
 /// An OpenIPMI `ipmi_sim` on a loopback UDP port, its server on, its
