@@ -12,4 +12,5 @@ mod tls;
 troupe_sdk::export_steps! {
     "bmc_power" => redfish::power,
     "ssh_run" => ssh::run,
+    "ssh_reboot" => ssh::reboot,
 }

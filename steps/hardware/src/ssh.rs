@@ -83,124 +83,325 @@ exit $s"#;
 
 pub(crate) fn run(cx: &Context<'_>, input: StepInput<Settings>) -> Result<Output, StepError> {
     let s = input.settings;
-    let (host, port) = allowed(&s.hosts, &s.host).map_err(StepError::fatal)?;
-    if s.user.is_empty() || s.user.starts_with('-') {
-        return Err(StepError::fatal(format!(
-            "the user {:?} is not a user name",
-            s.user
-        )));
-    }
-    if s.known_hosts.trim().is_empty() {
-        return Err(StepError::fatal(
-            "the secret ssh_known_hosts is empty: set it to the host's known_hosts line (ssh-keyscan -p PORT HOST), never trusted on first use",
-        ));
-    }
-    let ssh = process::find_program("ssh", "openssh-client")?;
-    let dir = PrivateDir::new()?;
-    let key = dir.write("key", &with_newline(&s.key))?;
-    let known = dir.write("known_hosts", &with_newline(&s.known_hosts))?;
-    let mut cmd = Command::new(ssh);
-    cmd.env_clear()
-        .env("HOME", &dir.0)
-        .args(["-F", "/dev/null", "-T"]);
-    for option in [
-        "BatchMode=yes".to_owned(),
-        "StrictHostKeyChecking=yes".to_owned(),
-        format!("UserKnownHostsFile={}", known.display()),
-        "GlobalKnownHostsFile=/dev/null".to_owned(),
-        "UpdateHostKeys=no".to_owned(),
-        "CheckHostIP=no".to_owned(),
-        format!("IdentityFile={}", key.display()),
-        "IdentitiesOnly=yes".to_owned(),
-        "IdentityAgent=none".to_owned(),
-        "PasswordAuthentication=no".to_owned(),
-        "KbdInteractiveAuthentication=no".to_owned(),
-        "ControlMaster=no".to_owned(),
-        "ControlPath=none".to_owned(),
-        "ForwardAgent=no".to_owned(),
-        "ClearAllForwardings=yes".to_owned(),
-        "ConnectTimeout=15".to_owned(),
-        "ServerAliveInterval=15".to_owned(),
-        "ServerAliveCountMax=4".to_owned(),
-        "LogLevel=ERROR".to_owned(),
-    ] {
-        cmd.arg("-o").arg(option);
-    }
-    cmd.args(["-p", &port.to_string(), "-l", &s.user, "--", &host]);
-    cmd.arg(format!(
-        "sh -c {} troupe-ssh-run {}",
-        quote(WRAPPER),
-        quote(&s.command)
-    ));
-    let target = format!("{}@{}", s.user, s.host);
+    let session = Session::open(&s.host, &s.hosts, &s.user, &s.key, &s.known_hosts)?;
+    let target = &session.target;
     cx.log(format_args!("running on {target}: {}", s.command));
-    let started = Instant::now();
     let timeout = Duration::from_millis(s.timeout_ms);
-    let done = process::run(cx, cmd, true, timeout, GRACE, KEEP)?;
-    drop(dir);
-    let duration_ms = started.elapsed().as_millis() as u64;
-    match done.stopped {
-        Some(Stop::Cancelled) => {
-            cx.log(format_args!(
-                "cancelled: the command on {target} was stopped"
-            ));
-            return Err(StepError::cancelled());
+    let ran = session.exec(cx, &s.command, timeout).map_err(|e| e.error)?;
+    cx.log(format_args!(
+        "the command on {target} exited with status {} after {} ms",
+        ran.code, ran.duration_ms
+    ));
+    if ran.code != 0 {
+        return Err(ran.failed(target, "the command"));
+    }
+    Ok(Output {
+        host: s.host.clone(),
+        exit_status: ran.code,
+        stdout: ran.stdout,
+        stderr: ran.stderr,
+        duration_ms: ran.duration_ms,
+    })
+}
+
+#[derive(Deserialize)]
+pub(crate) struct RebootSettings {
+    host: String,
+    hosts: String,
+    user: String,
+    key: String,
+    known_hosts: String,
+    /// What reboots the host.
+    command: String,
+    /// What prints a string that changes with each boot.
+    boot_time_command: String,
+    /// How long the host has to come back.
+    wait_ms: u64,
+}
+
+#[derive(Serialize)]
+pub(crate) struct RebootOutput {
+    host: String,
+    boot_before: String,
+    boot_after: String,
+    /// From the reboot command to the new boot seen.
+    waited_ms: u64,
+    summary: String,
+}
+
+/// `ssh_reboot`: reads the host's boot id, runs the reboot command (its
+/// connection may end under it), then reads the boot id again, with
+/// backoff, until it has changed or `wait_ms` has passed (as Ansible's
+/// `reboot` does). The host must come back with the pinned key.
+pub(crate) fn reboot(
+    cx: &Context<'_>,
+    input: StepInput<RebootSettings>,
+) -> Result<RebootOutput, StepError> {
+    let s = input.settings;
+    let session = Session::open(&s.host, &s.hosts, &s.user, &s.key, &s.known_hosts)?;
+    let target = &session.target;
+    let boot = |timeout: Duration| -> Result<String, SshError> {
+        let ran = session.exec(cx, &s.boot_time_command, timeout)?;
+        let id = ran.stdout.trim();
+        if ran.code != 0 || id.is_empty() {
+            return Err(SshError {
+                kind: Failure::Refused,
+                error: ran.failed(target, "the boot_time_command"),
+            });
         }
-        Some(Stop::TimedOut) => {
+        Ok(id.to_owned())
+    };
+    // Nothing is done before this succeeds, so its failures may be retried.
+    let before = boot(Duration::from_secs(60)).map_err(|e| e.error)?;
+    cx.log(format_args!(
+        "{target} booted as {before}; running {}",
+        s.command
+    ));
+    let started = Instant::now();
+    match session.exec(cx, &s.command, Duration::from_secs(120)) {
+        Ok(ran) if ran.code == 0 => {}
+        Ok(ran) => return Err(ran.failed(target, "the reboot command")),
+        Err(e) => match e.kind {
+            Failure::Dropped | Failure::TimedOut => cx.log(format_args!(
+                "the connection to {target} ended under the reboot command, as a reboot ends it"
+            )),
+            Failure::Unreachable | Failure::Refused | Failure::Cancelled => return Err(e.error),
+        },
+    }
+    let deadline = started + Duration::from_millis(s.wait_ms);
+    let mut delay = Duration::from_secs(1);
+    loop {
+        cx.sleep(delay)?;
+        let last = match boot(Duration::from_secs(30)) {
+            Ok(after) if after != before => {
+                let waited_ms = started.elapsed().as_millis() as u64;
+                let summary = format!("{target} rebooted: it booted as {after} ({waited_ms} ms)");
+                cx.log(&summary);
+                return Ok(RebootOutput {
+                    host: s.host.clone(),
+                    boot_before: before,
+                    boot_after: after,
+                    waited_ms,
+                    summary,
+                });
+            }
+            Ok(_) => format!("it still runs the boot {before}"),
+            Err(e) => match e.kind {
+                Failure::Cancelled => return Err(e.error),
+                // A host that comes back with another key is refused.
+                Failure::Refused => {
+                    return Err(StepError::fatal(format!(
+                        "{target} was asked to reboot, but: {}",
+                        e.error.message()
+                    )));
+                }
+                _ => e.error.message().to_owned(),
+            },
+        };
+        cx.log(format_args!("{target}: {last}"));
+        if Instant::now() + delay > deadline {
             return Err(StepError::fatal(format!(
-                "the command on {target} did not finish within {} ms and was stopped there",
-                s.timeout_ms
+                "{target} did not come back from its reboot within {} ms: {last}",
+                s.wait_ms
             )));
         }
-        None => {}
+        delay = (delay * 2).min(Duration::from_secs(10));
     }
-    let code = done.status.and_then(|s| s.code()).unwrap_or(-1);
-    if code == 255
-        && let Some(e) = ssh_failure(&target, &done.stderr)
-    {
-        return Err(e);
+}
+
+/// Why a command did not run to its end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failure {
+    /// Before a session began: nothing ran.
+    Unreachable,
+    /// The host key or the client key was refused, or the key unreadable.
+    Refused,
+    /// The connection ended while the command ran.
+    Dropped,
+    TimedOut,
+    Cancelled,
+}
+
+struct SshError {
+    kind: Failure,
+    error: StepError,
+}
+
+/// A command that ran to its end, whatever its status.
+struct Ran {
+    code: i32,
+    stdout: String,
+    stderr: String,
+    duration_ms: u64,
+}
+
+impl Ran {
+    /// The error for a non-zero status: the status and stderr's end.
+    fn failed(&self, target: &str, what: &str) -> StepError {
+        let tail = last_chars(self.stderr.trim(), 2000);
+        let code = self.code;
+        StepError::fatal(if tail.is_empty() {
+            format!("{what} on {target} exited with status {code}")
+        } else {
+            format!("{what} on {target} exited with status {code}: {tail}")
+        })
     }
-    let out = Output {
-        host: s.host.clone(),
-        exit_status: code,
-        stdout: done.stdout,
-        stderr: done.stderr,
-        duration_ms,
-    };
-    cx.log(format_args!(
-        "the command on {target} exited with status {code} after {duration_ms} ms"
-    ));
-    if code == 0 {
-        return Ok(out);
+}
+
+/// A host to run commands on: where, as whom, and the keys, in a private
+/// directory for as long as the step runs.
+struct Session {
+    ssh: PathBuf,
+    dir: PrivateDir,
+    key: PathBuf,
+    known_hosts: PathBuf,
+    host: String,
+    port: u16,
+    user: String,
+    /// `user@host[:port]`, for messages.
+    target: String,
+}
+
+impl Session {
+    fn open(
+        wanted: &str,
+        hosts: &str,
+        user: &str,
+        key: &str,
+        known_hosts: &str,
+    ) -> Result<Session, StepError> {
+        let (host, port) = allowed(hosts, wanted).map_err(StepError::fatal)?;
+        if user.is_empty() || user.starts_with('-') {
+            return Err(StepError::fatal(format!(
+                "the user {user:?} is not a user name"
+            )));
+        }
+        if known_hosts.trim().is_empty() {
+            return Err(StepError::fatal(
+                "the secret ssh_known_hosts is empty: set it to the host's known_hosts line (ssh-keyscan -p PORT HOST), never trusted on first use",
+            ));
+        }
+        let ssh = process::find_program("ssh", "openssh-client")?;
+        let dir = PrivateDir::new()?;
+        let key = dir.write("key", &with_newline(key))?;
+        let known = dir.write("known_hosts", &with_newline(known_hosts))?;
+        Ok(Session {
+            ssh,
+            dir,
+            key,
+            known_hosts: known,
+            host,
+            port,
+            user: user.to_owned(),
+            target: format!("{user}@{wanted}"),
+        })
     }
-    let tail = last_chars(out.stderr.trim(), 2000);
-    Err(StepError::fatal(if tail.is_empty() {
-        format!("the command on {target} exited with status {code}")
-    } else {
-        format!("the command on {target} exited with status {code}: {tail}")
-    }))
+
+    /// Runs `remote` under the wrapper; stops it there too when `timeout`
+    /// passes or the step is cancelled.
+    fn exec(&self, cx: &Context<'_>, remote: &str, timeout: Duration) -> Result<Ran, SshError> {
+        let mut cmd = Command::new(&self.ssh);
+        cmd.env_clear()
+            .env("HOME", &self.dir.0)
+            .args(["-F", "/dev/null", "-T"]);
+        for option in [
+            "BatchMode=yes".to_owned(),
+            "StrictHostKeyChecking=yes".to_owned(),
+            format!("UserKnownHostsFile={}", self.known_hosts.display()),
+            "GlobalKnownHostsFile=/dev/null".to_owned(),
+            "UpdateHostKeys=no".to_owned(),
+            "CheckHostIP=no".to_owned(),
+            format!("IdentityFile={}", self.key.display()),
+            "IdentitiesOnly=yes".to_owned(),
+            "IdentityAgent=none".to_owned(),
+            "PasswordAuthentication=no".to_owned(),
+            "KbdInteractiveAuthentication=no".to_owned(),
+            "ControlMaster=no".to_owned(),
+            "ControlPath=none".to_owned(),
+            "ForwardAgent=no".to_owned(),
+            "ClearAllForwardings=yes".to_owned(),
+            "ConnectTimeout=15".to_owned(),
+            "ServerAliveInterval=15".to_owned(),
+            "ServerAliveCountMax=4".to_owned(),
+            "LogLevel=ERROR".to_owned(),
+        ] {
+            cmd.arg("-o").arg(option);
+        }
+        let port = self.port.to_string();
+        cmd.args(["-p", &port, "-l", &self.user, "--", &self.host]);
+        cmd.arg(format!(
+            "sh -c {} troupe-ssh-run {}",
+            quote(WRAPPER),
+            quote(remote)
+        ));
+        let target = &self.target;
+        let fail = |kind, error| SshError { kind, error };
+        let started = Instant::now();
+        let done = process::run(cx, cmd, true, timeout, GRACE, KEEP)
+            .map_err(|e| fail(Failure::Refused, e))?;
+        let duration_ms = started.elapsed().as_millis() as u64;
+        match done.stopped {
+            Some(Stop::Cancelled) => {
+                cx.log(format_args!(
+                    "cancelled: the command on {target} was stopped"
+                ));
+                return Err(fail(Failure::Cancelled, StepError::cancelled()));
+            }
+            Some(Stop::TimedOut) => {
+                return Err(fail(
+                    Failure::TimedOut,
+                    StepError::fatal(format!(
+                        "the command on {target} did not finish within {} ms and was stopped there",
+                        timeout.as_millis()
+                    )),
+                ));
+            }
+            None => {}
+        }
+        let code = done.status.and_then(|s| s.code()).unwrap_or(-1);
+        if code == 255
+            && let Some((kind, error)) = ssh_failure(target, &done.stderr)
+        {
+            return Err(fail(kind, error));
+        }
+        Ok(Ran {
+            code,
+            stdout: done.stdout,
+            stderr: done.stderr,
+            duration_ms,
+        })
+    }
 }
 
 /// What `ssh`'s own messages say went wrong, when they say it.
-fn ssh_failure(target: &str, stderr: &str) -> Option<StepError> {
+fn ssh_failure(target: &str, stderr: &str) -> Option<(Failure, StepError)> {
     let said = || last_chars(stderr.trim(), 1000).replace('\n', " ");
     if stderr.contains("REMOTE HOST IDENTIFICATION HAS CHANGED")
         || stderr.contains("Host key for") && stderr.contains("has changed")
     {
-        Some(StepError::fatal(format!(
-            "{target} presented a host key other than the one pinned in the secret ssh_known_hosts: refused (if the host was reinstalled, pin its new key)"
-        )))
+        Some((
+            Failure::Refused,
+            StepError::fatal(format!(
+                "{target} presented a host key other than the one pinned in the secret ssh_known_hosts: refused (if the host was reinstalled, pin its new key)"
+            )),
+        ))
     } else if stderr.contains("Host key verification failed")
         || stderr.contains("host key is known for")
     {
-        Some(StepError::fatal(format!(
-            "{target} has no host key pinned in the secret ssh_known_hosts (add its line, from ssh-keyscan): refused, never trusted on first use"
-        )))
+        Some((
+            Failure::Refused,
+            StepError::fatal(format!(
+                "{target} has no host key pinned in the secret ssh_known_hosts (add its line, from ssh-keyscan): refused, never trusted on first use"
+            )),
+        ))
     } else if stderr.contains("Permission denied") {
-        Some(StepError::fatal(format!(
-            "{target} refused the client key in the secret ssh_key: {}",
-            said()
-        )))
+        Some((
+            Failure::Refused,
+            StepError::fatal(format!(
+                "{target} refused the client key in the secret ssh_key: {}",
+                said()
+            )),
+        ))
     } else if [
         "closed by remote host",
         "Read from remote host",
@@ -213,10 +414,13 @@ fn ssh_failure(target: &str, stderr: &str) -> Option<StepError> {
     {
         // The session was under way: the command may have run (a reboot
         // ends its own connection so). Not retried.
-        Some(StepError::fatal(format!(
-            "the connection to {target} ended while the command ran: {}",
-            said()
-        )))
+        Some((
+            Failure::Dropped,
+            StepError::fatal(format!(
+                "the connection to {target} ended while the command ran: {}",
+                said()
+            )),
+        ))
     } else if [
         // Before the session: nothing ran, so trying again is safe.
         "Connection refused",
@@ -231,15 +435,18 @@ fn ssh_failure(target: &str, stderr: &str) -> Option<StepError> {
     .iter()
     .any(|m| stderr.contains(m))
     {
-        Some(StepError::retryable(format!(
-            "cannot reach {target} over SSH: {}",
-            said()
-        )))
+        Some((
+            Failure::Unreachable,
+            StepError::retryable(format!("cannot reach {target} over SSH: {}", said())),
+        ))
     } else if stderr.contains("Load key") || stderr.contains("invalid format") {
-        Some(StepError::fatal(format!(
-            "the secret ssh_key is not a private key ssh can read (OpenSSH or PEM format, no passphrase): {}",
-            said()
-        )))
+        Some((
+            Failure::Refused,
+            StepError::fatal(format!(
+                "the secret ssh_key is not a private key ssh can read (OpenSSH or PEM format, no passphrase): {}",
+                said()
+            )),
+        ))
     } else {
         None
     }

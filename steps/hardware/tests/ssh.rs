@@ -103,26 +103,7 @@ impl Sshd {
             ),
         )
         .unwrap();
-        let log = std::fs::File::create(dir.join("sshd.log")).unwrap();
-        let mut child = Command::new(sshd)
-            .args(["-D", "-e", "-f"])
-            .arg(dir.join("sshd_config"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("sshd starts");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!(
-                    "sshd ended ({status}): {}",
-                    std::fs::read_to_string(dir.join("sshd.log")).unwrap_or_default()
-                );
-            }
-            assert!(Instant::now() < deadline, "sshd did not listen within 20 s");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let child = serve(&dir, port);
         let client_key = std::fs::read_to_string(&client).unwrap();
         Sshd {
             child,
@@ -134,9 +115,54 @@ impl Sshd {
         }
     }
 
+    fn port(&self) -> u16 {
+        self.host.rsplit_once(':').unwrap().1.parse().unwrap()
+    }
+
+    /// Stops the server, as a host going down would.
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again, on the same port with the same keys.
+    fn start_again(&mut self) {
+        self.child = serve(&self.dir, self.port());
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("sshd.log")).unwrap_or_default()
     }
+}
+
+/// Runs sshd with the config in `dir`, once it listens on `port`; its log
+/// goes on in `sshd.log`.
+fn serve(dir: &Path, port: u16) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("sshd.log"))
+        .unwrap();
+    let mut child = Command::new("/usr/sbin/sshd")
+        .args(["-D", "-e", "-f"])
+        .arg(dir.join("sshd_config"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("sshd starts");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!(
+                "sshd ended ({status}): {}",
+                std::fs::read_to_string(dir.join("sshd.log")).unwrap_or_default()
+            );
+        }
+        assert!(Instant::now() < deadline, "sshd did not listen within 20 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
 }
 
 fn ssh<'b>(bundle: &'b Bundle, sshd: &Sshd, command: &str) -> Run<'b> {
@@ -399,4 +425,78 @@ fn a_connection_that_ends_while_the_command_runs_is_not_retried() {
         sshd.log()
     );
     assert_eq!(std::fs::read_to_string(&marker).unwrap(), "ran\n");
+}
+
+/// An `ssh_reboot` of this server; its "boot id" is the file `boot_id`.
+fn reboot<'b>(bundle: &'b Bundle, sshd: &Sshd, command: &str) -> Run<'b> {
+    bundle
+        .kind("ssh_reboot")
+        .target("srv-1")
+        .param("host", sshd.host.as_str())
+        .param("user", sshd.user.as_str())
+        .param("command", command)
+        .param(
+            "boot_time_command",
+            format!("cat {}", sshd.dir.join("boot_id").display()),
+        )
+        .var("ssh_hosts", sshd.host.as_str())
+        .secret("ssh_key", &sshd.client_key)
+        .secret("ssh_known_hosts", &sshd.known_hosts)
+}
+
+#[test]
+fn reboot_over_ssh_waits_for_the_host_to_come_back_with_a_new_boot() {
+    let bundle = bundle();
+    let mut sshd = Sshd::start();
+    std::fs::write(sshd.dir.join("boot_id"), "boot-1\n").unwrap();
+    let requested = sshd.dir.join("reboot-requested");
+    // The "reboot" marks the request and ends its own connection, as a
+    // reboot does; the test then takes the server down for a while and
+    // brings it back with a new boot id.
+    let command = format!(
+        "touch {}; kill -9 $(ps -o ppid= -p $PPID)",
+        requested.display()
+    );
+    let run = reboot(&bundle, &sshd, &command);
+    let report = std::thread::scope(|s| {
+        let step = s.spawn(|| run.run().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !requested.exists() {
+            assert!(Instant::now() < deadline, "the reboot command never ran");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        sshd.stop();
+        std::thread::sleep(Duration::from_millis(1500));
+        std::fs::write(sshd.dir.join("boot_id"), "boot-2\n").unwrap();
+        sshd.start_again();
+        step.join().unwrap()
+    });
+    assert_eq!(report.status, Status::Succeeded, "{report}\n{}", sshd.log());
+    let out = report.output("reboot").unwrap();
+    assert_eq!(out["boot_before"], "boot-1", "{out}");
+    assert_eq!(out["boot_after"], "boot-2", "{out}");
+    assert!(out["waited_ms"].as_u64().unwrap() >= 1500, "{out}");
+    // While it was down, the step said why it was still waiting.
+    let log = report.step("reboot").attempts[0].log.join("\n");
+    assert!(log.contains("ended under the reboot command"), "{log}");
+    assert!(log.contains("cannot reach"), "{log}");
+}
+
+#[test]
+fn a_host_that_does_not_reboot_fails_the_step_after_the_wait() {
+    let bundle = bundle();
+    let sshd = Sshd::start();
+    std::fs::write(sshd.dir.join("boot_id"), "boot-1\n").unwrap();
+    let report = reboot(&bundle, &sshd, "true")
+        .param("wait_ms", 3000)
+        .run()
+        .unwrap();
+    assert_eq!(report.status, Status::Failed, "{report}");
+    assert_eq!(report.step("reboot").attempts.len(), 1, "{report}");
+    let error = report.error.clone().unwrap();
+    assert!(
+        error.contains("did not come back from its reboot within 3000 ms")
+            && error.contains("it still runs the boot boot-1"),
+        "{error}"
+    );
 }
