@@ -507,15 +507,41 @@ fn last_chars(text: &str, n: usize) -> String {
 /// dropped.
 struct PrivateDir(PathBuf);
 
+/// The start of each private directory's name; the step host's pid follows.
+const PREFIX: &str = "troupe-ssh-";
+
+/// Removes the private directories of step hosts that are gone: a host
+/// killed outright never dropped its own.
+fn sweep(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 impl PrivateDir {
     fn new() -> Result<PrivateDir, StepError> {
+        sweep(&std::env::temp_dir());
         static N: AtomicU32 = AtomicU32::new(0);
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
             .unwrap_or_default();
         let path = std::env::temp_dir().join(format!(
-            "troupe-ssh-{}-{}-{nanos}",
+            "{PREFIX}{}-{}-{nanos}",
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
         ));
@@ -569,6 +595,28 @@ mod tests {
         let err = allowed(list, "127.0.0.1").unwrap_err();
         assert!(err.contains("--var ssh_hosts"), "{err}");
         assert!(allowed("-oProxyCommand=x", "-oProxyCommand=x").is_err());
+    }
+
+    #[test]
+    fn the_private_directories_of_hosts_that_are_gone_are_swept() {
+        let parent = std::env::temp_dir().join(format!("troupe-sweep-{}", std::process::id()));
+        std::fs::create_dir_all(&parent).unwrap();
+        // A pid that was and is no more: a child that has been reaped.
+        let mut child = Command::new("true").spawn().unwrap();
+        let gone = child.id();
+        child.wait().unwrap();
+        let stale = parent.join(format!("{PREFIX}{gone}-0-1"));
+        let mine = parent.join(format!("{PREFIX}{}-0-1", std::process::id()));
+        let other = parent.join("someone-else");
+        for dir in [&stale, &mine, &other] {
+            std::fs::create_dir_all(dir).unwrap();
+            std::fs::write(dir.join("key"), "k").unwrap();
+        }
+        sweep(&parent);
+        assert!(!stale.exists());
+        assert!(mine.join("key").exists());
+        assert!(other.join("key").exists());
+        std::fs::remove_dir_all(&parent).unwrap();
     }
 
     #[test]

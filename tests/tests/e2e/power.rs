@@ -416,8 +416,9 @@ async fn ssh_run_on_a_real_server_masks_and_keeps_its_keys_to_the_step(db: Db) {
         assert!(!seen.contains(line), "the client key leaked: {seen}");
     }
 
-    // The server killed outright: its step host sees it go and takes ssh
-    // along, whose closed connection stops the command on the host.
+    // Its step host killed outright: the server takes every process with
+    // the host's mark along, ssh too, whose closed connection stops the
+    // command on the host.
     let pidfile = sshd.dir.join("remote-2.pid");
     run(format!(
         "echo $$ > {}; sleep 300 & sleep 300",
@@ -447,17 +448,64 @@ async fn ssh_run_on_a_real_server_masks_and_keeps_its_keys_to_the_step(db: Db) {
         assert!(environ.contains("STEP_HOST_MARK="), "{environ}");
         assert!(!environ.contains("PRIVATE KEY"), "{environ}");
     }
-    output(Command::new("kill").args(["-9", &server.pid().to_string()]));
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", clients[0])).unwrap();
+    let host = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    let cmdline = std::fs::read(format!("/proc/{host}/cmdline")).unwrap();
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains("__step-host"),
+        "ssh's parent {host} is not a step host"
+    );
+    output(Command::new("kill").args(["-9", &host]));
     let deadline = Instant::now() + Duration::from_secs(10);
     while alive(pid) || !ssh_running().is_empty() {
         assert!(
             Instant::now() < deadline,
-            "after the server was killed: ssh {:?}, the remote command {pid} alive: {}",
+            "after the step host was killed: ssh {:?}, the remote command {pid} alive: {}",
             ssh_running(),
             alive(pid)
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+
+    // The killed host could not remove its private directory (the key in
+    // it); the next ssh step sweeps it away.
+    assert!(!dead_private_dirs().is_empty(), "no directory was left");
+    let again = server
+        .submit(
+            "ssh_run",
+            "srv-2",
+            json!({ "host": sshd.host, "user": sshd.user, "command": "true" }),
+        )
+        .await;
+    let action = server.finished(again).await;
+    assert_eq!(action["status"], "succeeded", "{action}");
+    assert_eq!(dead_private_dirs(), Vec::<PathBuf>::new());
+}
+
+/// The steps' private ssh directories whose step host is gone.
+fn dead_private_dirs() -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(std::env::temp_dir()).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("troupe-ssh-")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            found.push(entry.path());
+        }
+    }
+    found
 }
 
 /// The `ssh` clients whose command line holds `needle`.
