@@ -321,12 +321,18 @@ async fn ssh_run_on_a_real_server_masks_and_keeps_its_keys_to_the_step(db: Db) {
     let sshd = Sshd::start();
     let env = Env::new(db).await;
     let hosts = format!("ssh_hosts={}", sshd.host);
-    let server = env.serve_with(&[
-        "--bundle",
-        hardware_bundle().to_str().unwrap(),
-        "--var",
-        &hosts,
-    ]);
+    // A temporary directory of its own, where its steps' private
+    // directories go (other tests' steps sweep theirs).
+    let tmp = scratch_dir("ssh-tmp");
+    let server = env.serve_with_env(
+        &[
+            "--bundle",
+            hardware_bundle().to_str().unwrap(),
+            "--var",
+            &hosts,
+        ],
+        &[("TMPDIR", tmp.to_str().unwrap())],
+    );
     for (name, value) in [
         ("ssh_key", sshd.client_key.as_str()),
         ("ssh_known_hosts", sshd.known_hosts.as_str()),
@@ -476,7 +482,7 @@ async fn ssh_run_on_a_real_server_masks_and_keeps_its_keys_to_the_step(db: Db) {
 
     // The killed host could not remove its private directory (the key in
     // it); the next ssh step sweeps it away.
-    assert!(!dead_private_dirs().is_empty(), "no directory was left");
+    assert!(!dead_private_dirs(&tmp).is_empty(), "no directory was left");
     let again = server
         .submit(
             "ssh_run",
@@ -486,13 +492,13 @@ async fn ssh_run_on_a_real_server_masks_and_keeps_its_keys_to_the_step(db: Db) {
         .await;
     let action = server.finished(again).await;
     assert_eq!(action["status"], "succeeded", "{action}");
-    assert_eq!(dead_private_dirs(), Vec::<PathBuf>::new());
+    assert_eq!(dead_private_dirs(&tmp), Vec::<PathBuf>::new());
 }
 
 /// The steps' private ssh directories whose step host is gone.
-fn dead_private_dirs() -> Vec<PathBuf> {
+fn dead_private_dirs(tmp: &std::path::Path) -> Vec<PathBuf> {
     let mut found = Vec::new();
-    for entry in std::fs::read_dir(std::env::temp_dir()).unwrap().flatten() {
+    for entry in std::fs::read_dir(tmp).unwrap().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let Some(pid) = name
             .strip_prefix("troupe-ssh-")
