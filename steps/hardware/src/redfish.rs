@@ -1,5 +1,6 @@
-//! `redfish_power`: power a server on or off, cycle or reset it, or read its
-//! power state, through its BMC's Redfish API.
+//! `bmc_power`: power a server on or off, cycle or reset it, or read its
+//! power state, through its BMC's Redfish API (or, for an `ipmi://` BMC,
+//! over IPMI: `ipmi.rs`).
 //!
 //! The reset type is chosen from what the BMC advertises for
 //! `ComputerSystem.Reset`; a returned Task is followed; then `PowerState`
@@ -13,43 +14,52 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use troupe_sdk::{Context, StepError, StepInput};
 
-use crate::bmcs;
-use crate::tls;
+use crate::bmcs::{self, Protocol};
+use crate::{ipmi, reboot, tls};
 
 #[derive(Deserialize)]
 pub(crate) struct Settings {
     /// on, off, soft_off, cycle, reset or status.
-    op: String,
+    pub(crate) op: String,
     /// The BMC's Redfish base URL: `https://host[:port]`.
-    bmc: String,
+    pub(crate) bmc: String,
     /// The Systems member id; empty: the BMC's only one.
     #[serde(default)]
-    system: String,
+    pub(crate) system: String,
     /// How long to wait for the power state to follow a reset.
     #[serde(default = "default_wait")]
-    wait_ms: u64,
+    pub(crate) wait_ms: u64,
+    /// `reboot`: how long a graceful shutdown may take before the server
+    /// is forced off.
+    #[serde(default = "default_grace")]
+    pub(crate) grace_ms: u64,
     /// The BMCs the deployment allows (see `bmcs`).
-    bmcs: String,
+    pub(crate) bmcs: String,
     /// `user:password`.
-    credentials: String,
+    pub(crate) credentials: String,
 }
 
 fn default_wait() -> u64 {
     300_000
 }
 
+fn default_grace() -> u64 {
+    120_000
+}
+
 #[derive(Serialize)]
 pub(crate) struct Output {
-    bmc: String,
-    system: String,
-    op: String,
-    /// The power state at the end.
-    power_state: String,
-    /// The `ResetType` sent, if one was.
-    reset_type: Option<String>,
+    pub(crate) bmc: String,
+    /// The Redfish system; empty over IPMI.
+    pub(crate) system: String,
+    pub(crate) op: String,
+    /// The power state at the end: On or Off.
+    pub(crate) power_state: String,
+    /// The `ResetType` sent (IPMI: the `chassis power` command), if one was.
+    pub(crate) reset_type: Option<String>,
     /// What happened, in a sentence.
-    summary: String,
-    waited_ms: u64,
+    pub(crate) summary: String,
+    pub(crate) waited_ms: u64,
 }
 
 /// Each HTTP call's limit.
@@ -58,13 +68,17 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 pub(crate) fn power(cx: &Context<'_>, input: StepInput<Settings>) -> Result<Output, StepError> {
     let s = input.settings;
     let bmc = bmcs::find(&s.bmcs, &s.bmc).map_err(StepError::fatal)?;
+    let trust = match bmc.protocol {
+        Protocol::Redfish(trust) => trust,
+        Protocol::Ipmi { cipher } => return ipmi::power(cx, &s, &bmc.url, cipher),
+    };
     let Some((user, password)) = s.credentials.split_once(':') else {
         return Err(StepError::fatal(
             "the BMC credentials (the secret bmc_credentials) must be user:password",
         ));
     };
     let client = Client {
-        agent: tls::agent(&bmc.trust, CALL_TIMEOUT),
+        agent: tls::agent(&trust, CALL_TIMEOUT),
         base: bmc.url.clone(),
         authorization: format!("Basic {}", base64(format!("{user}:{password}").as_bytes())),
     };
@@ -86,13 +100,26 @@ pub(crate) fn power(cx: &Context<'_>, input: StepInput<Settings>) -> Result<Outp
             waited_ms: waited,
         })
     };
+    if s.op == "reboot" {
+        let (target, allowed) = client.reset_action(&system)?;
+        let control = Control {
+            client: &client,
+            system: &system,
+            target,
+            allowed,
+            wait: Duration::from_millis(s.wait_ms),
+        };
+        let grace = Duration::from_millis(s.grace_ms);
+        let r = reboot::reboot(cx, &system.id, &control, &state, grace, control.wait)?;
+        return done(r.state, Some(r.sent.join(", ")), r.summary, r.waited_ms);
+    }
     let expected = match s.op.as_str() {
         "status" => return done(state.clone(), None, format!("{} is {state}", system.id), 0),
         "on" | "cycle" | "reset" => "On",
         "off" | "soft_off" => "Off",
         other => {
             return Err(StepError::fatal(format!(
-                "unknown power op `{other}`: use on, off, soft_off, cycle, reset or status"
+                "unknown power op `{other}`: use on, off, soft_off, cycle, reset, reboot or status"
             )));
         }
     };
@@ -150,8 +177,40 @@ pub(crate) fn power(cx: &Context<'_>, input: StepInput<Settings>) -> Result<Outp
     )
 }
 
+/// One system's resets, for `reboot`.
+struct Control<'a> {
+    client: &'a Client,
+    system: &'a System,
+    target: String,
+    allowed: Option<Vec<String>>,
+    wait: Duration,
+}
+
+impl reboot::PowerControl for Control<'_> {
+    fn state(&self, _: &Context<'_>) -> Result<String, StepError> {
+        self.client
+            .get(&self.system.path, "reading the power state")
+            .map(|body| power_state(&body))
+    }
+
+    fn send(&self, cx: &Context<'_>, op: &str) -> Result<String, StepError> {
+        let reset_type = choose_reset(op, self.allowed.as_deref()).map_err(|e| {
+            StepError::fatal(format!("{} at {}: {e}", self.system.id, self.client.base))
+        })?;
+        cx.log(format_args!(
+            "sending ResetType {reset_type} to {}",
+            self.target
+        ));
+        if let Some(task) = self.client.reset(&self.target, reset_type)? {
+            self.client
+                .follow_task(cx, &task, Instant::now() + self.wait)?;
+        }
+        Ok(reset_type.to_owned())
+    }
+}
+
 #[derive(Debug, PartialEq)]
-enum Waited {
+pub(crate) enum Waited {
     Reached(String),
     /// The deadline came; the last state seen.
     StillAt(String),
@@ -161,7 +220,7 @@ enum Waited {
 /// backing off from 0.5 s to 5 s; `Err` only when the step is cancelled. A
 /// read that fails is logged and tried again: a BMC may be busy while it
 /// resets.
-fn wait_for_state(
+pub(crate) fn wait_for_state(
     cx: &Context<'_>,
     mut read: impl FnMut() -> Result<String, StepError>,
     expected: &str,

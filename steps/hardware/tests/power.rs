@@ -441,3 +441,26 @@ fn an_unknown_op_is_refused_at_submit() {
     .unwrap_err();
     assert!(err.to_string().contains("op"), "{err}");
 }
+
+#[test]
+fn reboot_shuts_down_gracefully_then_powers_on() {
+    let bundle = bundle();
+    let bmc = Bmc::start(&[(SRV1, "On")]);
+    let report = power(&bundle, &bmc.url, &bmc.pinned(), "reboot")
+        .run()
+        .unwrap();
+    assert_eq!(report.status, Status::Succeeded, "{report}\n{}", bmc.log());
+    let out = report.output("power").unwrap();
+    assert_eq!(out["reset_type"], "GracefulShutdown, On", "{out}");
+    assert_eq!(out["power_state"], "On", "{out}");
+    assert!(
+        out["summary"]
+            .as_str()
+            .unwrap()
+            .contains("shut down gracefully"),
+        "{out}"
+    );
+    // The emulator saw both resets, in order.
+    let log = bmc.log();
+    assert_eq!(log.matches("POST /redfish/v1/Systems/").count(), 2, "{log}");
+}
