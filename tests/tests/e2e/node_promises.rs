@@ -608,6 +608,87 @@ async fn a_node_frozen_for_15_s_is_dropped_and_comes_back(db: Db) {
     connected(&server, &["hv-1", "hv-2"], &[&hv1, &hv2]).await;
 }
 
+/// A restarted server whose runner reaches a step that ran on a node only
+/// after the node has come back and reported it (the `nodes.reattach`
+/// failure point holds the runner back) still gets the result: a report
+/// that arrives before anyone waits for it is kept.
+async fn a_result_reported_before_the_restarted_server_follows_its_step_counts(db: Db) {
+    let env = Env::new(db).await;
+    let listen = format!("127.0.0.1:{}", crate::nodes::free_port());
+    let server = env.serve_with(&["--listen", &listen]);
+    let token = join_token(&server, &env).await;
+    let node = crate::nodes::kvm_node(&server, &token, "hv-17").await;
+    crate::nodes::warm(&server).await;
+    let id = server
+        .submit("node_sleep", "vps-1", json!({ "ms": 200 }))
+        .await;
+    crate::nodes::running_on_node(&server, id).await;
+    logged(&node, "call received", 2).await;
+    server.kill9();
+    // Ended while no server was up: reported (and acknowledged) on the
+    // next connection, before the runner follows it.
+    let server = env.serve_with_env(
+        &["--listen", &listen, "--node-grace", "30s"],
+        &[("FAILPOINTS", "nodes.reattach=return(8000)")],
+    );
+    logged(&node, "result acknowledged", 2).await;
+    let started = Instant::now();
+    let done = server.finished(id).await;
+    assert_eq!(
+        done["status"],
+        "succeeded",
+        "{done}\n{}\n{}",
+        node.log(),
+        server.log()
+    );
+    assert_eq!(done["steps"][0]["attempt"], 1, "{done}");
+    assert_eq!(done["steps"][0]["output"]["slept_ms"], 200, "{done}");
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "not after the grace: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(count(&node, "call received"), 2, "{}", node.log());
+}
+
+/// As above, with the step still running when the node reports what it
+/// holds, and acknowledged but never stored by the server that stopped:
+/// the runner that follows it late is told at once.
+async fn a_nodes_report_before_the_restarted_server_follows_its_step_counts(db: Db) {
+    let env = Env::new(db).await;
+    let listen = format!("127.0.0.1:{}", crate::nodes::free_port());
+    let server = env.serve_with_env(
+        &["--listen", &listen],
+        &[("FAILPOINTS", "store.refuse_step_success=1*sleep(60000)")],
+    );
+    let token = join_token(&server, &env).await;
+    let node = crate::nodes::kvm_node(&server, &token, "hv-17").await;
+    let id = server
+        .submit("node_sleep", "vps-1", json!({ "ms": 200 }))
+        .await;
+    logged(&node, "result acknowledged", 1).await;
+    server.kill9();
+    let server = env.serve_with_env(
+        &["--listen", &listen, "--node-grace", "30s"],
+        &[("FAILPOINTS", "nodes.reattach=return(8000)")],
+    );
+    let started = Instant::now();
+    let done = server.finished(id).await;
+    assert_eq!(done["status"], "failed", "{done}\n{}", node.log());
+    let error = done["steps"][0]["error"].as_str().unwrap();
+    assert!(
+        error.contains(
+            "ran it, but its result was lost with a server that stopped before storing it"
+        ),
+        "{error}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "not after the grace: {:?}",
+        started.elapsed()
+    );
+}
+
 both_dbs!(
     plugin_code_runs_only_in_step_hosts_with_a_clean_environment,
     a_result_lost_on_the_way_is_sent_again_and_recorded_once,
@@ -616,4 +697,6 @@ both_dbs!(
     a_bundle_download_cut_midway_is_tried_again,
     a_node_connects_again_after_15_s_of_server_silence,
     a_node_frozen_for_15_s_is_dropped_and_comes_back,
+    a_result_reported_before_the_restarted_server_follows_its_step_counts,
+    a_nodes_report_before_the_restarted_server_follows_its_step_counts,
 );
