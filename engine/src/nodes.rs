@@ -177,6 +177,12 @@ struct Registry {
     /// Calls whose node is away, by node and key: answered when it comes
     /// back and reports, or with an error once the grace is over.
     parked: Mutex<HashMap<(String, CallKey), Parked>>,
+    /// Results a node reported that nobody waited for yet: a server that
+    /// restarted may hear from a node before its runner follows the step
+    /// again (`Nodes::reattach`). Locked inside `parked`, so a result and
+    /// the runner that wants it cannot miss each other. At most
+    /// [`EARLY_MAX`], each kept [`EARLY_FOR`].
+    early: Mutex<HashMap<(String, CallKey), Early>>,
     /// Nodes drained on this server, connected or not: a reconnect does not
     /// undo a drain.
     draining: Mutex<std::collections::BTreeSet<String>>,
@@ -187,6 +193,17 @@ struct Registry {
     /// Bumped whenever placement could come out differently.
     changed: watch::Sender<u64>,
 }
+
+/// A result that arrived before anyone waited for it.
+struct Early {
+    at: std::time::Instant,
+    rx: oneshot::Receiver<Answer>,
+}
+
+/// How long a result nobody waited for is kept (longer than a resumed
+/// server takes to follow its steps), and how many at most.
+const EARLY_FOR: Duration = Duration::from_secs(600);
+const EARLY_MAX: usize = 4096;
 
 /// A call waiting for its node to come back and report it.
 struct Parked {
@@ -211,6 +228,10 @@ struct Entry {
     in_flight: Arc<AtomicUsize>,
     draining: bool,
     connected_at: Timestamp,
+    /// What the node said it holds and had acknowledged (`Holding`) on
+    /// this connection: the calls it will report, and those it reported
+    /// to a server that is gone.
+    report: Option<(Vec<CallKey>, Vec<CallKey>)>,
     /// Which connection this is: a reconnect replaces the entry, and the
     /// old connection's [`Attached`] must not remove the new one.
     epoch: u64,
@@ -222,6 +243,7 @@ impl Default for Nodes {
             inner: Arc::new(Registry {
                 nodes: Mutex::default(),
                 parked: Mutex::default(),
+                early: Mutex::default(),
                 draining: Mutex::default(),
                 pulled: Mutex::default(),
                 pending: Mutex::default(),
@@ -251,6 +273,7 @@ impl Nodes {
             in_flight: Arc::default(),
             draining: self.inner.draining.lock().unwrap().contains(name),
             connected_at: crate::model::now(),
+            report: None,
             epoch,
         };
         self.inner.lock().insert(name.to_owned(), entry);
@@ -378,12 +401,37 @@ impl Nodes {
         });
     }
 
-    /// The waiting caller of a parked call its node now reports.
+    /// Where to send the result of a call its node reports that no
+    /// connection waits for: the parked call's caller, or, if none waits
+    /// yet, a place that keeps it for a runner that follows the call later
+    /// ([`Nodes::reattach`]). A repeat of a result already delivered is
+    /// kept there too, and forgotten after [`EARLY_FOR`].
     pub fn unpark(&self, node: &str, key: CallKey) -> Option<oneshot::Sender<Answer>> {
-        self.inner
-            .parked()
-            .remove(&(node.to_owned(), key))
-            .map(|p| p.tx)
+        let slot = (node.to_owned(), key);
+        let mut parked = self.inner.parked();
+        if let Some(p) = parked.remove(&slot) {
+            return Some(p.tx);
+        }
+        let (tx, rx) = oneshot::channel();
+        let mut early = self.inner.early();
+        early.retain(|_, e| e.at.elapsed() < EARLY_FOR);
+        if early.len() >= EARLY_MAX
+            && let Some(oldest) = early
+                .iter()
+                .min_by_key(|(_, e)| e.at)
+                .map(|(k, _)| k.clone())
+        {
+            early.remove(&oldest);
+        }
+        early.insert(
+            slot,
+            Early {
+                at: std::time::Instant::now(),
+                rx,
+            },
+        );
+        drop(parked);
+        Some(tx)
     }
 
     /// A node that reconnected says which calls it still holds (running, or
@@ -394,24 +442,18 @@ impl Nodes {
     /// - if it acknowledged it, it ran, but its result went with a server
     ///   that stopped before storing it;
     /// - else the node restarted and may have run it.
+    ///
+    /// The report is kept with the connection, for a call a runner follows
+    /// only later (a server that restarted, [`Nodes::reattach`]).
     pub fn holding(&self, node: &str, held: &[CallKey], acked: &[CallKey]) {
-        let started = self.inner.lock().get(node).map(|e| e.started);
+        // Kept before the parked calls are taken, so a call parked
+        // meanwhile is settled by one or the other.
+        let started = self.inner.lock().get_mut(node).map(|e| {
+            e.report = Some((held.to_vec(), acked.to_vec()));
+            e.started
+        });
         for (key, p) in self.take_parked(node, held) {
-            // `started` errs late (it is taken when the hello arrives), so
-            // a node that may have restarted after the call counts as
-            // having restarted; the slack covers a clock step between.
-            let up_throughout =
-                started.is_some_and(|s| s < p.sent_after - chrono::TimeDelta::milliseconds(250));
-            let answer = if acked.contains(&key) {
-                away(
-                    node,
-                    "ran it, but its result was lost with a server that stopped before storing it",
-                )
-            } else if up_throughout {
-                unsent(node)
-            } else {
-                away(node, "came back without it (the node restarted)")
-            };
+            let answer = settled(node, key, p.sent_after, started, acked);
             let _ = p.tx.send(answer);
         }
     }
@@ -439,8 +481,66 @@ impl Nodes {
         sent_after: Timestamp,
     ) -> oneshot::Receiver<Answer> {
         let (tx, rx) = oneshot::channel();
-        self.park(node, key, tx, grace, sent_after);
+        // A test's slow resume: the runner reaches its step only after
+        // `MS` milliseconds (the `nodes.reattach` failure point).
+        #[cfg(feature = "failpoints")]
+        if let Some(ms) = (|| {
+            fail::fail_point!("nodes.reattach", |ms| ms
+                .and_then(|ms| ms.parse::<u64>().ok()));
+            None
+        })() {
+            let (nodes, node) = (self.clone(), node.to_owned());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                nodes.follow(&node, key, tx, grace, sent_after);
+            });
+            return rx;
+        }
+        self.follow(node, key, tx, grace, sent_after);
         rx
+    }
+
+    /// Sends `tx` the answer to `key` from `node`: a result it reported
+    /// already, what its report on this connection settles, or what it
+    /// reports when it comes back (parked, up to `grace`).
+    fn follow(
+        &self,
+        node: &str,
+        key: CallKey,
+        tx: oneshot::Sender<Answer>,
+        grace: Duration,
+        sent_after: Timestamp,
+    ) {
+        let slot = (node.to_owned(), key);
+        {
+            let parked = self.inner.parked();
+            let early = self.inner.early().remove(&slot);
+            drop(parked);
+            if let Some(early) = early {
+                tokio::spawn(async move {
+                    if let Ok(answer) = early.rx.await {
+                        let _ = tx.send(answer);
+                    }
+                });
+                return;
+            }
+        }
+        self.park(node, key, tx, grace, sent_after);
+        // The node may have said what it holds before the call was parked.
+        let report = self
+            .inner
+            .lock()
+            .get(node)
+            .and_then(|e| Some((e.started, e.report.clone()?)));
+        if let Some((started, (held, acked))) = report
+            && !held.contains(&key)
+        {
+            let p = self.inner.parked().remove(&slot);
+            if let Some(p) = p {
+                let answer = settled(node, key, p.sent_after, Some(started), &acked);
+                let _ = p.tx.send(answer);
+            }
+        }
     }
 
     /// Asks `node`, if it is connected, to stop call `key`.
@@ -537,6 +637,32 @@ impl Nodes {
     }
 }
 
+/// The answer to a parked call its node came back without (see
+/// [`Nodes::holding`]): `started` is when the node's process started.
+fn settled(
+    node: &str,
+    key: CallKey,
+    sent_after: Timestamp,
+    started: Option<Timestamp>,
+    acked: &[CallKey],
+) -> Answer {
+    // `started` errs late (it is taken when the hello arrives), so a node
+    // that may have restarted after the call counts as having restarted;
+    // the slack covers a clock step between.
+    let up_throughout =
+        started.is_some_and(|s| s < sent_after - chrono::TimeDelta::milliseconds(250));
+    if acked.contains(&key) {
+        away(
+            node,
+            "ran it, but its result was lost with a server that stopped before storing it",
+        )
+    } else if up_throughout {
+        unsent(node)
+    } else {
+        away(node, "came back without it (the node restarted)")
+    }
+}
+
 /// A node's capabilities with `node` set to its name: a node cannot claim
 /// another's name to be sent its steps.
 fn own_name(name: &str, mut capabilities: BTreeMap<String, String>) -> BTreeMap<String, String> {
@@ -586,6 +712,11 @@ pub fn away(node: &str, what: &str) -> Answer {
 impl Registry {
     fn parked(&self) -> std::sync::MutexGuard<'_, HashMap<(String, CallKey), Parked>> {
         self.parked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Taken only while holding [`Registry::parked`].
+    fn early(&self) -> std::sync::MutexGuard<'_, HashMap<(String, CallKey), Early>> {
+        self.early.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
@@ -716,6 +847,54 @@ mod tests {
         nodes.set_draining("gpu-1", true);
         assert!(changed.has_changed().unwrap());
         assert!(nodes.place(&wants(&[("gpu", "*")])).is_none(), "draining");
+    }
+
+    /// A restarted server may hear a node's result, or its report of what
+    /// it holds, before the runner that follows the call asks for it.
+    #[tokio::test]
+    async fn what_a_node_reports_before_its_call_is_followed_is_kept() {
+        let nodes = Nodes::default();
+        let _a = nodes.attach("hv-1", idle(&[], "s"));
+        let before = crate::model::now() - chrono::TimeDelta::seconds(10);
+        let grace = Duration::from_secs(60);
+        let within = Duration::from_secs(5);
+        let ran = CallKey {
+            action: 1,
+            seq: 0,
+            attempt: 1,
+        };
+        let tx = nodes.unpark("hv-1", ran).expect("kept for later");
+        let done = crate::host::CallResult::Done {
+            status: 0,
+            body: b"{}".to_vec(),
+        };
+        let _ = tx.send(Answer {
+            result: done,
+            log: String::new(),
+        });
+        let rx = nodes.reattach("hv-1", ran, grace, before);
+        let answer = tokio::time::timeout(within, rx).await.unwrap().unwrap();
+        assert!(
+            matches!(
+                answer.result,
+                crate::host::CallResult::Done { status: 0, .. }
+            ),
+            "{answer:?}"
+        );
+
+        let lost = CallKey { action: 2, ..ran };
+        let held = CallKey { action: 3, ..ran };
+        nodes.holding("hv-1", &[held], &[lost]);
+        let rx = nodes.reattach("hv-1", lost, grace, before);
+        let answer = tokio::time::timeout(within, rx).await.unwrap().unwrap();
+        assert!(
+            matches!(&answer.result, crate::host::CallResult::Lost(m) if m.contains("its result was lost")),
+            "{answer:?}"
+        );
+        // One it holds waits for its result.
+        let mut rx = nodes.reattach("hv-1", held, grace, before);
+        tokio::task::yield_now().await;
+        assert!(rx.try_recv().is_err());
     }
 
     #[test]

@@ -8,6 +8,14 @@
 //! node's own trusted keys, by the same checks the server's Source
 //! Authority makes (`signing::verify`, then `engine::bundle::open`): the
 //! server only carries the bytes. A bundle that fails is not kept.
+//!
+//! Failure points for tests, armed through `FAILPOINTS` as the engine's
+//! are (`engine::failpoints`; compiled out of builds without them):
+//!
+//! | name | where | what `return` does |
+//! | --- | --- | --- |
+//! | `node.lose_result` | a call's `Done`, about to be written | counts it sent but never writes it, and ends the connection |
+//! | `node.cut_after_results` | results just written | ends the connection, dropping the server's acknowledgements |
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -278,12 +286,24 @@ async fn session(
         let mut fed = false;
         while let Some(item) = calls.next_unsent() {
             let text = serde_json::to_string(&item.1)?;
+            let key = item.0;
             calls.sent(item);
+            if failpoint("node.lose_result") {
+                // A test's cut between a result leaving the node and the
+                // server reading it: counted sent, never written.
+                return cut(sink, stream, "a result was lost on the way").await;
+            }
+            tracing::debug!(?key, "result sent");
             sink.feed(Message::text(text)).await?;
             fed = true;
         }
         if fed {
             sink.flush().await?;
+            if failpoint("node.cut_after_results") {
+                // A test's cut between the server reading a result and its
+                // acknowledgement reaching the node.
+                return cut(sink, stream, "the connection was cut after sending results").await;
+            }
         }
         tokio::select! {
             message = stream.next() => {
@@ -318,7 +338,10 @@ async fn session(
                             cancel.cancel();
                         }
                     }
-                    Ok(ToNode::Ack { key }) => calls.acknowledged(key),
+                    Ok(ToNode::Ack { key }) => {
+                        tracing::debug!(?key, "result acknowledged");
+                        calls.acknowledged(key);
+                    }
                     Ok(ToNode::Refused { reason, .. }) => {
                         return Err(Refused(format!("the server refused this node: {reason}")).into());
                     }
@@ -344,6 +367,32 @@ async fn session(
             }
         }
     }
+}
+
+/// Whether the test failure point `name` is armed to fire now (see
+/// `engine::failpoints`); never in a build without failure points.
+fn failpoint(name: &str) -> bool {
+    let _ = name;
+    fail::fail_point!(name, |_| true);
+    false
+}
+
+/// Ends the connection the way a cut does for the server, on purpose (a
+/// failure point): nothing more is sent, what the server sends meanwhile
+/// (acknowledgements too) is read and dropped until it closes, within
+/// 30 s. Reading it all first keeps the close a clean one, so the server
+/// reads everything that was sent before.
+async fn cut(
+    mut sink: futures_util::stream::SplitSink<Socket, Message>,
+    mut stream: futures_util::stream::SplitStream<Socket>,
+    why: &str,
+) -> Result<()> {
+    let _ = sink.send(Message::Close(None)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(Ok(_)) = stream.next().await {}
+    })
+    .await;
+    bail!("{why} (a test's failure point)")
 }
 
 /// The next protocol message during the handshake (within 30 s).

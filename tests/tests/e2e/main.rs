@@ -28,6 +28,7 @@ mod logs;
 mod manual;
 mod masking;
 mod node_ops;
+mod node_promises;
 mod nodes;
 mod openapi;
 mod placement;

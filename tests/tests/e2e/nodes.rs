@@ -42,12 +42,25 @@ impl Node {
         extra: &[&str],
         data: PathBuf,
     ) -> Node {
+        Node::start_with_env(&server.url, token_file, name, extra, data, &[])
+    }
+
+    /// [`Node::start_in`] with the server at `url` (a proxy in front of
+    /// it) and environment variables (failure points, markers).
+    pub(crate) fn start_with_env(
+        url: &str,
+        token_file: Option<&std::path::Path>,
+        name: &str,
+        extra: &[&str],
+        data: PathBuf,
+        envs: &[(&str, &str)],
+    ) -> Node {
         let log = data.with_extension("log");
         let trust = bundles().public_key.clone();
         let mut args = vec![
             "node",
             "--server",
-            &server.url,
+            url,
             "--name",
             name,
             "--data-dir",
@@ -63,6 +76,7 @@ impl Node {
         let child = Command::new(troupe_bin())
             .args(&args)
             .env("RUST_LOG", "info,node=debug")
+            .envs(envs.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
