@@ -911,6 +911,7 @@ macro_rules! sql_backend {
                     started_at: row.try_get("started_at")?,
                     finished_at: row.try_get("finished_at")?,
                     cancel_requested_at: row.try_get("cancel_requested_at")?,
+                    waiting_for: None,
                     steps: Vec::new(),
                 })
             }
@@ -1013,24 +1014,56 @@ macro_rules! sql_backend {
             }
 
             pub(crate) async fn list(pool: &$pool, f: &ActionFilter) -> Result<Vec<Action>, sqlx::Error> {
+                // One text for every filter: a filter left out binds NULL
+                // (or no statuses), which its clause lets through.
                 const Q: &str = select_actions!(
-                    " WHERE (? IS NULL OR target = ?) AND (? IS NULL OR status = ?) AND (? IS NULL OR kind = ?) \
+                    " WHERE (? IS NULL OR target = ?) \
+                     AND (? = 0 OR status IN (?, ?, ?, ?, ?)) \
+                     AND (? IS NULL OR kind = ?) AND (? IS NULL OR submitted_by = ?) \
+                     AND (? IS NULL OR created_at >= ?) AND (? IS NULL OR created_at <= ?) \
                      AND (? IS NULL OR id < ?) ORDER BY id DESC LIMIT ?"
                 );
-                let status = f.status.map(|s| s.as_str());
-                let rows = sqlx::query(Q)
+                const WAITING: &str = "SELECT action_id, waiting_for FROM action_steps \
+                     WHERE status = 'waiting' AND action_id >= ? AND action_id <= ?";
+                const _: () = assert!(ActionStatus::ALL.len() == 5, "one placeholder per status");
+                let mut q = sqlx::query(Q)
                     .bind(&f.target)
                     .bind(&f.target)
-                    .bind(status)
-                    .bind(status)
+                    .bind(f.statuses.len() as i64);
+                for i in 0..ActionStatus::ALL.len() {
+                    q = q.bind(f.statuses.get(i).map(|s| s.as_str()));
+                }
+                let rows = q
                     .bind(&f.kind)
                     .bind(&f.kind)
+                    .bind(&f.submitted_by)
+                    .bind(&f.submitted_by)
+                    .bind(f.since)
+                    .bind(f.since)
+                    .bind(f.until)
+                    .bind(f.until)
                     .bind(f.before)
                     .bind(f.before)
                     .bind(f.limit as i64)
                     .fetch_all(pool)
                     .await?;
-                rows.iter().map(action_row).collect()
+                let mut actions = rows.iter().map(action_row).collect::<Result<Vec<_>, _>>()?;
+                // Which of the running ones wait for a node: one query over
+                // the page's id range.
+                let running = actions.iter().filter(|a| a.status == ActionStatus::Running);
+                let (low, high) = running.fold((None, None), |(lo, hi): (Option<ActionId>, Option<ActionId>), a| {
+                    (Some(lo.map_or(a.id, |l| l.min(a.id))), Some(hi.map_or(a.id, |h| h.max(a.id))))
+                });
+                if let (Some(low), Some(high)) = (low, high) {
+                    let waits = sqlx::query(WAITING).bind(low).bind(high).fetch_all(pool).await?;
+                    for w in &waits {
+                        let id: ActionId = w.try_get("action_id")?;
+                        if let Some(a) = actions.iter_mut().find(|a| a.id == id) {
+                            a.waiting_for = w.try_get("waiting_for")?;
+                        }
+                    }
+                }
+                Ok(actions)
             }
 
             pub(crate) async fn bundles(pool: &$pool) -> Result<Vec<BundleRow>, sqlx::Error> {

@@ -16,6 +16,8 @@ fn masked(body: impl FnOnce()) {
             (r"\b[0-9a-f]{16}\b", "[key id]"),
             (r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)", "[time]"),
             (r"\b\d+(\.\d+)? (ms|s)\b", "[duration]"),
+            (r"\b(\d+m\d\ds|\d+h\d\dm)\b", "[duration]"),
+            (r"\b\d+[smhd] ago\b", "[ago]"),
             (r"127\.0\.0\.1:\d+", "[address]"),
             (r#""available_bytes":\d+"#, r#""available_bytes":[n]"#),
             (r#""total_bytes":\d+"#, r#""total_bytes":[n]"#),
@@ -58,6 +60,8 @@ async fn what_a_user_sees() {
     server.finished(failed).await;
     let flaky = server.submit("flaky", "vps-2", json!({})).await;
     server.finished(flaky).await;
+    let (_, shown) = server.get(&format!("/v1/actions/{flaky}")).await;
+    let bundle: String = shown["bundle"].as_str().unwrap().chars().take(8).collect();
     let failed = failed.to_string();
     let flaky = flaky.to_string();
     cli(&[
@@ -78,6 +82,14 @@ async fn what_a_user_sees() {
         insta::assert_snapshot!("status_retried", cli(&["status", &flaky]));
         insta::assert_snapshot!("status_retried_full", cli(&["status", &flaky, "--full"]));
         insta::assert_snapshot!("list", cli(&["list", "--limit", "2"]));
+        insta::assert_snapshot!(
+            "list_wide",
+            cli(&["list", "--limit", "2", "--output", "wide"]).replace(&bundle, "[bundle]")
+        );
+        insta::assert_snapshot!(
+            "list_failed_or_cancelled",
+            cli(&["list", "--status", "failed,cancelled", "--since", "1h"])
+        );
         insta::assert_snapshot!("goons_list", cli(&["goons", "list"]));
         insta::assert_snapshot!("nodes_list_empty", cli(&["nodes", "list"]));
         insta::assert_snapshot!(
