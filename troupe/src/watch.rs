@@ -349,8 +349,16 @@ pub(crate) fn render_list(
             ("running", Some(_)) => "waiting for a node".to_owned(),
             (status, _) => status.to_owned(),
         };
+        // Cut to fit a row: `troupe status ID` has it whole.
         let error = match a["error"].as_str() {
-            Some(err) => cut(err, if wide { ERROR_CUT } else { LIST_ERROR_CUT }, false),
+            Some(err) => {
+                let max = if wide { ERROR_CUT } else { LIST_ERROR_CUT };
+                let one_line = err.replace('\n', " ⏎ ");
+                match one_line.char_indices().nth(max) {
+                    Some((end, _)) => format!("{}…", &one_line[..end]),
+                    None => one_line,
+                }
+            }
             None => String::new(),
         };
         let at = |t: Option<DateTime<Utc>>| match t {
