@@ -9,13 +9,16 @@ use crate::model::{
     Action, ActionFilter, ActionId, ActionStatus, StepRecord, StepStatus, Timestamp,
 };
 
+macro_rules! action_columns {
+    () => {
+        "id, kind, target, params, status, bundle, current_step, error, idempotency_key, submitted_by, owner, \
+         revision, created_at, started_at, finished_at, cancel_requested_at"
+    };
+}
+
 macro_rules! select_actions {
     ($($rest:literal),*) => {
-        concat!(
-            "SELECT id, kind, target, params, status, bundle, current_step, error, idempotency_key, submitted_by, owner, \
-             revision, created_at, started_at, finished_at, cancel_requested_at FROM actions",
-            $($rest),*
-        )
+        concat!("SELECT ", action_columns!(), " FROM actions", $($rest),*)
     };
 }
 
@@ -1015,16 +1018,19 @@ macro_rules! sql_backend {
 
             pub(crate) async fn list(pool: &$pool, f: &ActionFilter) -> Result<Vec<Action>, sqlx::Error> {
                 // One text for every filter: a filter left out binds NULL
-                // (or no statuses), which its clause lets through.
-                const Q: &str = select_actions!(
-                    " WHERE (? IS NULL OR target = ?) \
+                // (or no statuses), which its clause lets through. What a
+                // running action's step waits for is looked up by key for
+                // the running rows only.
+                const Q: &str = concat!(
+                    "SELECT ", action_columns!(), ", CASE WHEN status = 'running' THEN \
+                     (SELECT MAX(s.waiting_for) FROM action_steps s WHERE s.action_id = actions.id AND s.status = 'waiting') \
+                     END AS waiting_for FROM actions \
+                     WHERE (? IS NULL OR target = ?) \
                      AND (? = 0 OR status IN (?, ?, ?, ?, ?)) \
                      AND (? IS NULL OR kind = ?) AND (? IS NULL OR submitted_by = ?) \
                      AND (? IS NULL OR created_at >= ?) AND (? IS NULL OR created_at <= ?) \
                      AND (? IS NULL OR id < ?) ORDER BY id DESC LIMIT ?"
                 );
-                const WAITING: &str = "SELECT action_id, waiting_for FROM action_steps \
-                     WHERE status = 'waiting' AND action_id >= ? AND action_id <= ?";
                 const _: () = assert!(ActionStatus::ALL.len() == 5, "one placeholder per status");
                 let mut q = sqlx::query(Q)
                     .bind(&f.target)
@@ -1047,23 +1053,13 @@ macro_rules! sql_backend {
                     .bind(f.limit as i64)
                     .fetch_all(pool)
                     .await?;
-                let mut actions = rows.iter().map(action_row).collect::<Result<Vec<_>, _>>()?;
-                // Which of the running ones wait for a node: one query over
-                // the page's id range.
-                let running = actions.iter().filter(|a| a.status == ActionStatus::Running);
-                let (low, high) = running.fold((None, None), |(lo, hi): (Option<ActionId>, Option<ActionId>), a| {
-                    (Some(lo.map_or(a.id, |l| l.min(a.id))), Some(hi.map_or(a.id, |h| h.max(a.id))))
-                });
-                if let (Some(low), Some(high)) = (low, high) {
-                    let waits = sqlx::query(WAITING).bind(low).bind(high).fetch_all(pool).await?;
-                    for w in &waits {
-                        let id: ActionId = w.try_get("action_id")?;
-                        if let Some(a) = actions.iter_mut().find(|a| a.id == id) {
-                            a.waiting_for = w.try_get("waiting_for")?;
-                        }
-                    }
-                }
-                Ok(actions)
+                rows.iter()
+                    .map(|row| {
+                        let mut action = action_row(row)?;
+                        action.waiting_for = row.try_get("waiting_for")?;
+                        Ok(action)
+                    })
+                    .collect()
             }
 
             pub(crate) async fn bundles(pool: &$pool) -> Result<Vec<BundleRow>, sqlx::Error> {
