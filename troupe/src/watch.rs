@@ -520,6 +520,7 @@ pub(crate) async fn watch_action(
     let id = action["id"].as_i64().unwrap_or_default();
     let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut drawn = -1;
+    let mut lost = false;
     loop {
         let revision = action["revision"].as_i64().unwrap_or_default();
         if revision != drawn {
@@ -544,9 +545,16 @@ pub(crate) async fn watch_action(
         }
         action = tokio::select! {
             next = client.wait(id, revision) => match next {
-                Ok(next) => next,
+                Ok(next) => {
+                    if std::mem::take(&mut lost) {
+                        eprintln!("reconnected");
+                    }
+                    next
+                }
                 Err(e) if e.downcast_ref::<crate::client::Unavailable>().is_some() => {
-                    eprintln!("lost the server ({e}); asking again");
+                    if !std::mem::replace(&mut lost, true) {
+                        eprintln!("lost the server ({e}); asking again every {}s", WATCH_EVERY.as_secs());
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(WATCH_EVERY) => {}
                         _ = interrupt.recv() => return Ok(let_go(&action)),
