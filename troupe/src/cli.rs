@@ -91,11 +91,13 @@ enum Command {
     },
     /// List actions, newest first.
     List {
+        /// Only those on this target.
         #[arg(long)]
         target: Option<String>,
         /// queued, running, succeeded, failed or cancelled; several by comma or repeated.
         #[arg(long, value_name = "STATUS[,STATUS…]")]
         status: Vec<String>,
+        /// Only those of this kind.
         #[arg(long)]
         kind: Option<String>,
         /// Only those submitted by this token (its name).

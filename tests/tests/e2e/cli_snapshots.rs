@@ -39,6 +39,7 @@ fn help() {
             ("help_bundle_new", &["bundle", "new", "--help"]),
             ("help_goons_add", &["goons", "add", "--help"]),
             ("help_nodes", &["nodes", "--help"]),
+            ("help_list", &["list", "--help"]),
         ] {
             let out = troupe(args);
             assert!(out.status.success(), "{}", text(&out));

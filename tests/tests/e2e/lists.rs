@@ -220,11 +220,13 @@ async fn lists_say_when_an_action_waits_for_a_node(db: Db) {
     assert!(row.contains("waiting for a node"), "{t}");
 }
 
-/// `list --watch` redraws when an action appears or changes, until Ctrl-C,
-/// which ends it with 130 as a shell reports an interrupt.
+/// `list --watch` redraws when an action appears or changes, rides over a
+/// server restart (saying so once), until Ctrl-C, which ends it with 130 as
+/// a shell reports an interrupt.
 async fn list_watch_redraws_until_interrupted(db: Db) {
     let env = Env::new(db).await;
-    let server = env.serve();
+    let server = env.serve_with(&["--shutdown-grace", "200ms"]);
+    let addr = server.url.trim_start_matches("http://").to_owned();
     let first = server.submit("noop3", "w-1", json!({})).await;
     server.finished(first).await;
     let mut child = Command::new(troupe_bin())
@@ -262,6 +264,12 @@ async fn list_watch_redraws_until_interrupted(db: Db) {
     let second = server.submit("noop3", "w-2", json!({})).await;
     server.finished(second).await;
     wait_for(&starts(second), &mut seen);
+    // Gone for a while and back at the same address.
+    assert!(server.sigterm().success());
+    let server = env.serve_with(&["--listen", &addr]);
+    let third = server.submit("noop3", "w-3", json!({})).await;
+    server.finished(third).await;
+    wait_for(&starts(third), &mut seen);
     let kill = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
@@ -269,6 +277,10 @@ async fn list_watch_redraws_until_interrupted(db: Db) {
     assert!(kill.success());
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130), "{}", seen.join("\n"));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(stderr.matches("lost the server").count(), 1, "{stderr}");
+    assert!(stderr.contains("reconnected"), "{stderr}");
 }
 
 /// `status ID --watch` redraws the action as it changes and ends with it.
