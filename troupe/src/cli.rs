@@ -22,7 +22,7 @@ pub(crate) struct Cli {
 
 /// How a list is shown as text.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Output {
+pub(crate) enum Output {
     /// The usual columns, times relative (3m ago).
     Table,
     /// More columns, times absolute (UTC).

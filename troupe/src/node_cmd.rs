@@ -211,6 +211,9 @@ pub(crate) enum NodesCommand {
         /// Print the API's JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// table (relative times) or wide (absolute times, key fingerprint, who let it in).
+        #[arg(long, short = 'o', value_enum, default_value_t = crate::cli::Output::Table)]
+        output: crate::cli::Output,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -402,7 +405,11 @@ impl NodesCommand {
                 }
                 Ok(ExitCode::SUCCESS)
             }
-            NodesCommand::List { json, server } => {
+            NodesCommand::List {
+                json,
+                output,
+                server,
+            } => {
                 let client = Client::connect(&server)?;
                 let list = client.get("/v1/nodes", &[]).await?;
                 if json {
@@ -413,7 +420,7 @@ impl NodesCommand {
                 if nodes.is_empty() {
                     println!("no node has joined or asked to");
                 } else {
-                    print_nodes(&nodes);
+                    print_nodes(&nodes, output == crate::cli::Output::Wide);
                 }
                 Ok(ExitCode::SUCCESS)
             }
@@ -421,33 +428,69 @@ impl NodesCommand {
     }
 }
 
-/// Nodes as a table, one row each; under it, for each node that waits
-/// to be let in, its key and the accept that lets it in.
-fn print_nodes(nodes: &[serde_json::Value]) {
+/// Nodes as a table, one row each (`wide`: absolute times, the key's
+/// fingerprint, who let it in); under it, for each node that waits to be
+/// let in, its key and the accept that lets it in.
+fn print_nodes(nodes: &[serde_json::Value], wide: bool) {
     let text = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
     let now = chrono::Utc::now();
+    let at = |v: &serde_json::Value| {
+        v.as_str()
+            .and_then(|t| t.parse::<chrono::DateTime<chrono::Utc>>().ok())
+            .map_or("-".to_owned(), |t| {
+                if wide {
+                    crate::table::absolute(t)
+                } else {
+                    crate::table::ago(t, now)
+                }
+            })
+    };
     let mut rows = Vec::with_capacity(nodes.len());
     for n in nodes {
-        let heard = n["last_heard_at"]
-            .as_str()
-            .or(n["last_seen_at"].as_str())
-            .and_then(|t| t.parse::<chrono::DateTime<chrono::Utc>>().ok())
-            .map_or("-".to_owned(), |t| crate::table::ago(t, now));
-        rows.push(vec![
+        let heard = if n["last_heard_at"].is_string() {
+            &n["last_heard_at"]
+        } else {
+            &n["last_seen_at"]
+        };
+        let mut row = vec![
             text(&n["name"]),
             node_state(n).to_owned(),
             text(&n["address"]),
-            heard,
+        ];
+        if wide {
+            row.push(at(&n["connected_at"]));
+        }
+        row.extend([
+            at(heard),
             n["in_flight"].as_u64().unwrap_or_default().to_string(),
             n["bundles"].as_array().map_or(0, Vec::len).to_string(),
             format!(
                 "{} KiB",
                 n["pulled_bytes"].as_u64().unwrap_or_default() / 1024
             ),
-            capabilities(n).join(" "),
         ]);
+        if wide {
+            row.push(text(&n["fingerprint"]));
+            row.push(text(&n["accepted_by"]));
+        }
+        row.push(capabilities(n).join(" "));
+        rows.push(row);
     }
-    crate::table::print(
+    let header: &[&str] = if wide {
+        &[
+            "NAME",
+            "STATE",
+            "ADDRESS",
+            "CONNECTED",
+            "HEARD",
+            "IN FLIGHT",
+            "BUNDLES",
+            "PULLED",
+            "FINGERPRINT",
+            "ACCEPTED BY",
+            "CAPABILITIES",
+        ]
+    } else {
         &[
             "NAME",
             "STATE",
@@ -457,10 +500,9 @@ fn print_nodes(nodes: &[serde_json::Value]) {
             "BUNDLES",
             "PULLED",
             "CAPABILITIES",
-        ],
-        &["IN FLIGHT", "BUNDLES", "PULLED"],
-        &rows,
-    );
+        ]
+    };
+    crate::table::print(header, &["IN FLIGHT", "BUNDLES", "PULLED"], &rows);
     for n in nodes.iter().filter(|n| node_state(n) == "pending") {
         println!(
             "{} waits to be let in with key {}: troupe nodes accept {} --key {}",
