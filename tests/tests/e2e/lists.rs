@@ -287,7 +287,7 @@ async fn list_watch_redraws_until_interrupted(db: Db) {
 async fn status_watch_follows_to_the_end(db: Db) {
     let env = Env::new(db).await;
     let server = env.serve();
-    let id = server.submit("sleep", "w-3", json!({ "ms": 1500 })).await;
+    let id = server.submit("sleep", "w-3", json!({ "ms": 3000 })).await;
     let out = server.cli(&["status", &id.to_string(), "--watch"]);
     let t = text(&out);
     assert!(out.status.success(), "{t}");
