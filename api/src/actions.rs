@@ -246,7 +246,14 @@ pub(crate) async fn logs(
 #[utoipa::path(
     get, path = "/v1/actions", tag = "actions",
     params(
-        ("target" = Option<String>, Query), ("status" = Option<String>, Query), ("kind" = Option<String>, Query),
+        ("target" = Option<String>, Query), ("kind" = Option<String>, Query),
+        ("status" = Option<String>, Query,
+            description = "one status or several, comma-separated or repeated: failed,cancelled"),
+        ("submitted_by" = Option<String>, Query, description = "the name of the token that submitted them"),
+        ("since" = Option<String>, Query,
+            description = "submitted at or after: a duration ago (2h, 30m, 1d) or an RFC 3339 time"),
+        ("until" = Option<String>, Query,
+            description = "submitted at or before: a duration ago (2h, 30m, 1d) or an RFC 3339 time"),
         ("limit" = Option<u32>, Query, description = "1 to 1000, default 50"),
         ("before" = Option<i64>, Query, description = "only ids below this (the last page's next_before)"),
     ),
@@ -260,41 +267,11 @@ pub(crate) async fn logs(
 pub(crate) async fn list(
     _: Caller<Read>,
     State(engine): State<Engine>,
-    Query(q): Query<HashMap<String, String>>,
+    Query(q): Query<Vec<(String, String)>>,
 ) -> Result<Json<ActionList>, ApiError> {
-    let bad = |m: String| ApiError::bad_request("invalid_query", m);
-    let known = ["target", "status", "kind", "limit", "before"];
-    if let Some(k) = q.keys().find(|k| !known.contains(&k.as_str())) {
-        return Err(bad(format!(
-            "unknown query parameter {k:?}; use {}",
-            known.join(", ")
-        )));
-    }
-    let status = q
-        .get("status")
-        .map(|s| s.parse::<ActionStatus>())
-        .transpose()
-        .map_err(bad)?;
-    let limit = match q.get("limit") {
-        None => 50,
-        Some(l) => l
-            .parse::<u32>()
-            .ok()
-            .filter(|l| (1..=1000).contains(l))
-            .ok_or_else(|| bad("limit must be 1 to 1000".into()))?,
-    };
-    let before = q
-        .get("before")
-        .map(|b| b.parse::<i64>())
-        .transpose()
-        .map_err(|_| bad("before must be an action id".into()))?;
-    let filter = ActionFilter {
-        target: q.get("target").cloned(),
-        status,
-        kind: q.get("kind").cloned(),
-        before,
-        limit,
-    };
+    let filter = list_filter(&q, engine::model::now())
+        .map_err(|m| ApiError::bad_request("invalid_query", m))?;
+    let limit = filter.limit;
     let actions = engine.actions().list(&filter).await?;
     let next_before = (actions.len() == limit as usize)
         .then(|| actions.last().map(|a| a.id))
@@ -306,6 +283,125 @@ pub(crate) async fn list(
             .collect(),
         next_before,
     }))
+}
+
+/// The filter a list's query asks for, or what is wrong with it. `status`
+/// may repeat; any other parameter given twice is refused.
+fn list_filter(
+    q: &[(String, String)],
+    now: engine::model::Timestamp,
+) -> Result<ActionFilter, String> {
+    const KNOWN: [&str; 8] = [
+        "target",
+        "status",
+        "kind",
+        "submitted_by",
+        "since",
+        "until",
+        "limit",
+        "before",
+    ];
+    let mut one: HashMap<&str, &str> = HashMap::new();
+    let mut statuses = Vec::new();
+    for (k, v) in q {
+        if !KNOWN.contains(&k.as_str()) {
+            return Err(format!(
+                "unknown query parameter {k:?}; use {}",
+                KNOWN.join(", ")
+            ));
+        }
+        if k == "status" {
+            for s in v.split(',').map(str::trim) {
+                if s.is_empty() {
+                    return Err(format!(
+                        "status={v:?} names no status; use one or several of {}, comma-separated",
+                        status_names()
+                    ));
+                }
+                let s = s.parse::<ActionStatus>()?;
+                if !statuses.contains(&s) {
+                    statuses.push(s);
+                }
+            }
+        } else if one.insert(k, v).is_some() {
+            return Err(format!("{k} is given twice; give it once"));
+        }
+    }
+    for k in ["target", "kind", "submitted_by"] {
+        if one.get(k).is_some_and(|v| v.is_empty()) {
+            return Err(format!("{k} is empty; leave it out to list every {k}"));
+        }
+    }
+    let limit = match one.get("limit") {
+        None => 50,
+        Some(l) => l
+            .parse::<u32>()
+            .ok()
+            .filter(|l| (1..=1000).contains(l))
+            .ok_or_else(|| "limit must be 1 to 1000".to_owned())?,
+    };
+    let before = one
+        .get("before")
+        .map(|b| b.parse::<i64>())
+        .transpose()
+        .map_err(|_| "before must be an action id".to_owned())?;
+    let since = one
+        .get("since")
+        .map(|t| point_in_time("since", t, now))
+        .transpose()?;
+    let until = one
+        .get("until")
+        .map(|t| point_in_time("until", t, now))
+        .transpose()?;
+    if let (Some(since), Some(until)) = (since, until)
+        && since > until
+    {
+        return Err(format!(
+            "since ({}) is after until ({}); no action could match",
+            since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        ));
+    }
+    let owned = |k: &str| one.get(k).map(|v| v.to_string());
+    Ok(ActionFilter {
+        target: owned("target"),
+        statuses,
+        kind: owned("kind"),
+        submitted_by: owned("submitted_by"),
+        since,
+        until,
+        before,
+        limit,
+    })
+}
+
+fn status_names() -> String {
+    ActionStatus::ALL
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `2h` (that long ago) or an RFC 3339 time, for the query parameter `name`.
+fn point_in_time(
+    name: &str,
+    raw: &str,
+    now: engine::model::Timestamp,
+) -> Result<engine::model::Timestamp, String> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(raw) {
+        return Ok(t.with_timezone(&chrono::Utc));
+    }
+    humantime::parse_duration(raw)
+        .ok()
+        .and_then(|d| chrono::Duration::from_std(d).ok())
+        .and_then(|d| now.checked_sub_signed(d))
+        .ok_or_else(|| {
+            format!(
+                "{name}={raw:?} is neither a duration ago with a unit (2h, 30m, 1d) \
+                 nor an RFC 3339 time (2026-01-31T08:00:00Z)"
+            )
+        })
 }
 
 /// Cancel an action: a queued one at once, a running one at its current step.

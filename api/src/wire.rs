@@ -62,6 +62,9 @@ pub struct ActionView {
     /// When a cancel was first asked for. Once set, the action ends
     /// `cancelled` at its next chance, even across a restart.
     pub cancel_requested_at: Option<String>,
+    /// While its current step waits for a node: what that node must have
+    /// (the step's `waiting_for`).
+    pub waiting_for: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub steps: Option<Vec<StepView>>,
 }
@@ -694,6 +697,10 @@ pub fn time(t: &Timestamp) -> String {
 
 impl ActionView {
     pub fn new(a: Action, with_steps: bool) -> ActionView {
+        let waiting_for = a
+            .waiting_for
+            .clone()
+            .or_else(|| a.steps.iter().find_map(|s| s.waiting_for.clone()));
         ActionView {
             id: a.id,
             kind: a.kind,
@@ -711,6 +718,7 @@ impl ActionView {
             started_at: a.started_at.as_ref().map(time),
             finished_at: a.finished_at.as_ref().map(time),
             cancel_requested_at: a.cancel_requested_at.as_ref().map(time),
+            waiting_for,
             steps: with_steps.then(|| a.steps.into_iter().map(StepView::new).collect()),
         }
     }

@@ -121,6 +121,10 @@ pub struct Action {
     /// When a cancel was first asked for; the action ends `cancelled` at
     /// its next chance, however the server got there.
     pub cancel_requested_at: Option<Timestamp>,
+    /// What its current step waits for (a node meeting this), when it
+    /// waits: set in lists, where `steps` is empty; otherwise read it from
+    /// the waiting step.
+    pub waiting_for: Option<String>,
     pub steps: Vec<StepRecord>,
 }
 
@@ -203,8 +207,15 @@ pub struct Submitted {
 #[derive(Debug, Clone, Default)]
 pub struct ActionFilter {
     pub target: Option<String>,
-    pub status: Option<ActionStatus>,
+    /// Any of these; empty for any status.
+    pub statuses: Vec<ActionStatus>,
     pub kind: Option<String>,
+    /// The name of the token that submitted them.
+    pub submitted_by: Option<String>,
+    /// Submitted at or after this.
+    pub since: Option<Timestamp>,
+    /// Submitted at or before this.
+    pub until: Option<Timestamp>,
     /// Only actions with an id below this one (for paging).
     pub before: Option<ActionId>,
     pub limit: u32,

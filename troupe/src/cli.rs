@@ -20,6 +20,15 @@ pub(crate) struct Cli {
     command: Command,
 }
 
+/// How a list is shown as text.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Output {
+    /// The usual columns, times relative (3m ago).
+    Table,
+    /// More columns, times absolute (UTC).
+    Wide,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the server: REST API, Control, Agency and step hosts.
@@ -63,8 +72,11 @@ enum Command {
     Status {
         id: i64,
         /// Follow it live until it finishes.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "watch")]
         wait: bool,
+        /// Draw it again each time it changes, until it finishes or Ctrl-C.
+        #[arg(long, conflicts_with = "json")]
+        watch: bool,
         /// Also show what its steps logged, by step and attempt.
         #[arg(long)]
         logs: bool,
@@ -79,13 +91,24 @@ enum Command {
     },
     /// List actions, newest first.
     List {
+        /// Only those on this target.
         #[arg(long)]
         target: Option<String>,
-        /// queued, running, succeeded, failed or cancelled.
-        #[arg(long)]
-        status: Option<String>,
+        /// queued, running, succeeded, failed or cancelled; several by comma or repeated.
+        #[arg(long, value_name = "STATUS[,STATUS…]")]
+        status: Vec<String>,
+        /// Only those of this kind.
         #[arg(long)]
         kind: Option<String>,
+        /// Only those submitted by this token (its name).
+        #[arg(long, value_name = "NAME")]
+        submitted_by: Option<String>,
+        /// Only those submitted since: a duration ago (2h, 30m, 1d) or an RFC 3339 time.
+        #[arg(long, value_name = "WHEN")]
+        since: Option<String>,
+        /// Only those submitted until: a duration ago (2h, 30m, 1d) or an RFC 3339 time.
+        #[arg(long, value_name = "WHEN")]
+        until: Option<String>,
         /// How many (1 to 1000) [default: the server's, 50]
         #[arg(long)]
         limit: Option<u32>,
@@ -95,6 +118,12 @@ enum Command {
         /// Print the API's JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// table (relative times) or wide (absolute times, start, end, bundle).
+        #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+        output: Output,
+        /// Ask again every 2 s and draw the list again when it changes, until Ctrl-C.
+        #[arg(long, short = 'w', conflicts_with = "json")]
+        watch: bool,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -245,6 +274,7 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Status {
             id,
             wait,
+            watch,
             logs,
             full,
             json,
@@ -255,6 +285,10 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             if wait {
                 let show = crate::watch::Show { json, logs, full };
                 return crate::watch::follow(&client, action, show, "succeeded").await;
+            }
+            if watch {
+                let show = crate::watch::Show { json, logs, full };
+                return crate::watch::watch_action(&client, action, show).await;
             }
             if logs {
                 action["logs"] = client.logs(id).await?["logs"].take();
@@ -273,9 +307,14 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             target,
             status,
             kind,
+            submitted_by,
+            since,
+            until,
             limit,
             before,
             json,
+            output,
+            watch,
             server,
         } => {
             let client = Client::connect(&server)?;
@@ -284,14 +323,26 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
                 .into_iter()
                 .collect();
             query.extend(target.map(|v| ("target", v)));
-            query.extend(status.map(|v| ("status", v)));
+            if !status.is_empty() {
+                query.push(("status", status.join(",")));
+            }
             query.extend(kind.map(|v| ("kind", v)));
+            query.extend(submitted_by.map(|v| ("submitted_by", v)));
+            query.extend(since.map(|v| ("since", v)));
+            query.extend(until.map(|v| ("until", v)));
             query.extend(before.map(|v| ("before", v.to_string())));
+            let wide = output == Output::Wide;
+            if watch {
+                return crate::watch::watch_list(&client, &query, wide).await;
+            }
             let list = client.list(&query).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
-                crate::watch::print_list(&list, &query);
+                print!(
+                    "{}",
+                    crate::watch::render_list(&list, &query, wide, chrono::Utc::now())
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

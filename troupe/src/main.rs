@@ -19,6 +19,7 @@ mod node_cmd;
 mod profiles;
 mod scaffold;
 mod serve;
+mod table;
 mod watch;
 
 /// The hidden mode in which `troupe` runs as a step host (see engine::host).

@@ -211,6 +211,9 @@ pub(crate) enum NodesCommand {
         /// Print the API's JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// table (relative times) or wide (absolute times, key fingerprint, who let it in).
+        #[arg(long, short = 'o', value_enum, default_value_t = crate::cli::Output::Table)]
+        output: crate::cli::Output,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -342,7 +345,7 @@ impl NodesCommand {
                     println!("{}", serde_json::to_string_pretty(&n)?);
                     return Ok(ExitCode::SUCCESS);
                 }
-                print_node(&n, true);
+                print_node(&n);
                 Ok(ExitCode::SUCCESS)
             }
             NodesCommand::Accept {
@@ -402,7 +405,11 @@ impl NodesCommand {
                 }
                 Ok(ExitCode::SUCCESS)
             }
-            NodesCommand::List { json, server } => {
+            NodesCommand::List {
+                json,
+                output,
+                server,
+            } => {
                 let client = Client::connect(&server)?;
                 let list = client.get("/v1/nodes", &[]).await?;
                 if json {
@@ -412,9 +419,8 @@ impl NodesCommand {
                 let nodes = list["nodes"].as_array().cloned().unwrap_or_default();
                 if nodes.is_empty() {
                     println!("no node has joined or asked to");
-                }
-                for n in nodes {
-                    print_node(&n, false);
+                } else {
+                    print_nodes(&nodes, output == crate::cli::Output::Wide);
                 }
                 Ok(ExitCode::SUCCESS)
             }
@@ -422,16 +428,105 @@ impl NodesCommand {
     }
 }
 
-/// A node as text: one line, or (`full`) its details and cached bundles.
-fn print_node(n: &serde_json::Value, full: bool) {
+/// Nodes as a table, one row each (`wide`: absolute times, the key's
+/// fingerprint, who let it in); under it, for each node that waits to be
+/// let in, its key and the accept that lets it in.
+fn print_nodes(nodes: &[serde_json::Value], wide: bool) {
     let text = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
-    let caps: Vec<String> = n["capabilities"]
+    let now = chrono::Utc::now();
+    let at = |v: &serde_json::Value| {
+        v.as_str()
+            .and_then(|t| t.parse::<chrono::DateTime<chrono::Utc>>().ok())
+            .map_or("-".to_owned(), |t| {
+                if wide {
+                    crate::table::absolute(t)
+                } else {
+                    crate::table::ago(t, now)
+                }
+            })
+    };
+    let mut rows = Vec::with_capacity(nodes.len());
+    for n in nodes {
+        let heard = if n["last_heard_at"].is_string() {
+            &n["last_heard_at"]
+        } else {
+            &n["last_seen_at"]
+        };
+        let mut row = vec![
+            text(&n["name"]),
+            node_state(n).to_owned(),
+            text(&n["address"]),
+        ];
+        if wide {
+            row.push(at(&n["connected_at"]));
+        }
+        row.extend([
+            at(heard),
+            n["in_flight"].as_u64().unwrap_or_default().to_string(),
+            n["bundles"].as_array().map_or(0, Vec::len).to_string(),
+            format!(
+                "{} KiB",
+                n["pulled_bytes"].as_u64().unwrap_or_default() / 1024
+            ),
+        ]);
+        if wide {
+            row.push(text(&n["fingerprint"]));
+            row.push(text(&n["accepted_by"]));
+        }
+        row.push(capabilities(n).join(" "));
+        rows.push(row);
+    }
+    let header: &[&str] = if wide {
+        &[
+            "NAME",
+            "STATE",
+            "ADDRESS",
+            "CONNECTED",
+            "HEARD",
+            "IN FLIGHT",
+            "BUNDLES",
+            "PULLED",
+            "FINGERPRINT",
+            "ACCEPTED BY",
+            "CAPABILITIES",
+        ]
+    } else {
+        &[
+            "NAME",
+            "STATE",
+            "ADDRESS",
+            "HEARD",
+            "IN FLIGHT",
+            "BUNDLES",
+            "PULLED",
+            "CAPABILITIES",
+        ]
+    };
+    crate::table::print(header, &["IN FLIGHT", "BUNDLES", "PULLED"], &rows);
+    for n in nodes.iter().filter(|n| node_state(n) == "pending") {
+        println!(
+            "{} waits to be let in with key {}: troupe nodes accept {} --key {}",
+            text(&n["name"]),
+            text(&n["fingerprint"]),
+            text(&n["name"]),
+            text(&n["fingerprint"]),
+        );
+    }
+}
+
+/// What a node's capabilities say, as `KEY=VALUE` words.
+fn capabilities(n: &serde_json::Value) -> Vec<String> {
+    n["capabilities"]
         .as_object()
         .into_iter()
         .flatten()
         .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
-        .collect();
-    let state = match (
+        .collect()
+}
+
+/// A node's state in a word: connected, draining, offline, pending or removed.
+fn node_state(n: &serde_json::Value) -> &str {
+    match (
         n["status"].as_str(),
         n["connected"] == true,
         n["draining"] == true,
@@ -441,41 +536,16 @@ fn print_node(n: &serde_json::Value, full: bool) {
         (Some("accepted"), false, _) => "offline",
         (Some(other), _, _) => other,
         (None, _, _) => "?",
-    };
+    }
+}
+
+/// A node's details and cached bundles.
+fn print_node(n: &serde_json::Value) {
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
+    let caps = capabilities(n);
+    let state = node_state(n);
     let bundles = n["bundles"].as_array().cloned().unwrap_or_default();
     let pulled_kib = n["pulled_bytes"].as_u64().unwrap_or_default() / 1024;
-    if !full {
-        let seen = match n["last_heard_at"].as_str() {
-            Some(t) => format!("heard {t}"),
-            None => format!("last seen {}", text(&n["last_seen_at"])),
-        };
-        // A node that waits is let in by its key: show it, and how.
-        if state == "pending" {
-            println!(
-                "{:<20} {:<9} {:<21} {}  key {}  (troupe nodes accept {} --key {})",
-                text(&n["name"]),
-                state,
-                text(&n["address"]),
-                seen,
-                text(&n["fingerprint"]),
-                text(&n["name"]),
-                text(&n["fingerprint"]),
-            );
-            return;
-        }
-        println!(
-            "{:<20} {:<9} {:<21} {}  in flight {:<4} bundles {:<3} pulled {:>6} KiB  {}",
-            text(&n["name"]),
-            state,
-            text(&n["address"]),
-            seen,
-            n["in_flight"].as_u64().unwrap_or_default(),
-            bundles.len(),
-            pulled_kib,
-            caps.join(" ")
-        );
-        return;
-    }
     println!("node          {}", text(&n["name"]));
     println!("state         {state}");
     println!("key           {}", text(&n["public_key"]));

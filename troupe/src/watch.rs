@@ -315,42 +315,258 @@ pub(crate) fn print_logs(v: &Value) {
     }
 }
 
-/// The list as a table; the hint for the next page repeats `query`'s
-/// filters.
-pub(crate) fn print_list(list: &Value, query: &[(&str, String)]) {
+/// The list as a table: relative times, or (`wide`) absolute ones and
+/// more columns. The hint for the next page repeats `query`'s filters.
+pub(crate) fn render_list(
+    list: &Value,
+    query: &[(&str, String)],
+    wide: bool,
+    now: DateTime<Utc>,
+) -> String {
     let actions = list["actions"].as_array().cloned().unwrap_or_default();
     if actions.is_empty() {
-        println!("no actions");
-        return;
+        return "no actions\n".to_owned();
     }
-    println!(
-        "{:>8}  {:<16} {:<24} {:<10} {:<20} CREATED",
-        "ID", "KIND", "TARGET", "STATUS", "STEP"
-    );
+    let time = |v: &Value| v.as_str().and_then(|t| t.parse::<DateTime<Utc>>().ok());
+    let or_dash = |t: &str| {
+        if t.is_empty() {
+            "-".to_owned()
+        } else {
+            t.to_owned()
+        }
+    };
+    let mut rows = Vec::with_capacity(actions.len());
     for a in &actions {
-        println!(
-            "{:>8}  {:<16} {:<24} {:<10} {:<20} {}",
-            // A JSON value's Display ignores width: format the number.
-            a["id"].as_i64().unwrap_or_default(),
-            s(&a["kind"]),
-            s(&a["target"]),
-            s(&a["status"]),
-            s(&a["current_step"]),
-            s(&a["created_at"])
-        );
+        let created = time(&a["created_at"]);
+        let started = time(&a["started_at"]);
+        let finished = time(&a["finished_at"]);
+        // How long it ran (or has run so far): from its start, or from its
+        // submission if it never started.
+        let took = match (started.or(created), finished) {
+            (Some(from), Some(to)) => crate::table::took(to - from),
+            (Some(from), None) if started.is_some() => crate::table::took(now - from),
+            _ => "-".to_owned(),
+        };
+        let status = match (s(&a["status"]), a["waiting_for"].as_str()) {
+            ("running", Some(wants)) if wide => format!("waiting for a node with {wants}"),
+            ("running", Some(_)) => "waiting for a node".to_owned(),
+            (status, _) => status.to_owned(),
+        };
+        // Cut to fit a row: `troupe status ID` has it whole.
+        let error = match a["error"].as_str() {
+            Some(err) => {
+                let max = if wide { ERROR_CUT } else { LIST_ERROR_CUT };
+                let one_line = err.replace('\n', " ⏎ ");
+                match one_line.char_indices().nth(max) {
+                    Some((end, _)) => format!("{}…", &one_line[..end]),
+                    None => one_line,
+                }
+            }
+            None => String::new(),
+        };
+        let at = |t: Option<DateTime<Utc>>| match t {
+            Some(t) if wide => crate::table::absolute(t),
+            Some(t) => crate::table::ago(t, now),
+            None => "-".to_owned(),
+        };
+        let mut row = vec![
+            a["id"].as_i64().unwrap_or_default().to_string(),
+            s(&a["kind"]).to_owned(),
+            s(&a["target"]).to_owned(),
+            status,
+            or_dash(s(&a["current_step"])),
+            at(created),
+        ];
+        if wide {
+            row.push(at(started));
+            row.push(at(finished));
+        }
+        row.push(took);
+        row.push(or_dash(s(&a["submitted_by"])));
+        if wide {
+            row.push(s(&a["bundle"]).chars().take(8).collect());
+        }
+        row.push(error);
+        rows.push(row);
     }
+    let header: &[&str] = if wide {
+        &[
+            "ID",
+            "KIND",
+            "TARGET",
+            "STATUS",
+            "STEP",
+            "SUBMITTED",
+            "STARTED",
+            "FINISHED",
+            "TOOK",
+            "BY",
+            "BUNDLE",
+            "ERROR",
+        ]
+    } else {
+        &[
+            "ID",
+            "KIND",
+            "TARGET",
+            "STATUS",
+            "STEP",
+            "SUBMITTED",
+            "TOOK",
+            "BY",
+            "ERROR",
+        ]
+    };
+    let mut out = crate::table::render(header, &["ID"], &rows);
     if let Some(next) = list["next_before"].as_i64() {
         let mut hint = String::from("more: troupe list");
         for (k, v) in query.iter().filter(|(k, _)| *k != "before") {
+            let flag = k.replace('_', "-");
             let safe = v
                 .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "._-:/".contains(c));
+                .all(|c| c.is_ascii_alphanumeric() || "._-:/,".contains(c));
             if safe {
-                hint.push_str(&format!(" --{k} {v}"));
+                hint.push_str(&format!(" --{flag} {v}"));
             } else {
-                hint.push_str(&format!(" --{k} '{}'", v.replace('\'', "'\\''")));
+                hint.push_str(&format!(" --{flag} '{}'", v.replace('\'', "'\\''")));
             }
         }
-        println!("{hint} --before {next}");
+        if wide {
+            hint.push_str(" --output wide");
+        }
+        out.push_str(&format!("{hint} --before {next}\n"));
+    }
+    out
+}
+
+/// Longest error shown in a list's row (`--output wide`: [`ERROR_CUT`]).
+const LIST_ERROR_CUT: usize = 40;
+
+/// How often `list --watch` asks again.
+const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Clears a terminal before a redraw (cursor home, erase the screen).
+const CLEAR: &str = "\x1b[H\x1b[2J";
+
+/// `list --watch`: asks every [`WATCH_EVERY`] and draws the list again when
+/// it changed (on a terminal, every time, over the last one, so relative
+/// times stay true), until Ctrl-C. A server that goes away is said once on
+/// stderr and asked again.
+pub(crate) async fn watch_list(
+    client: &Client,
+    query: &[(&str, String)],
+    wide: bool,
+) -> Result<ExitCode> {
+    use std::io::{IsTerminal, Write};
+    let tty = std::io::stdout().is_terminal();
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut last: Option<Value> = None;
+    let mut lost = false;
+    loop {
+        match client.list(query).await {
+            Ok(list) => {
+                if lost {
+                    eprintln!("reconnected");
+                    lost = false;
+                }
+                if tty || last.as_ref() != Some(&list) {
+                    let table = render_list(&list, query, wide, Utc::now());
+                    let mut out = std::io::stdout().lock();
+                    if tty {
+                        write!(out, "{CLEAR}")?;
+                    } else if last.is_some() {
+                        writeln!(out)?;
+                    }
+                    writeln!(
+                        out,
+                        "every {}s, at {} (Ctrl-C to stop)",
+                        WATCH_EVERY.as_secs(),
+                        crate::table::absolute(Utc::now())
+                    )?;
+                    write!(out, "{table}")?;
+                    out.flush()?;
+                    last = Some(list);
+                }
+            }
+            // A bad filter stays bad: say so once and stop.
+            Err(e) if last.is_none() => return Err(e),
+            Err(e) => {
+                if e.downcast_ref::<crate::client::Unavailable>().is_none() {
+                    return Err(e);
+                }
+                if !lost {
+                    eprintln!(
+                        "lost the server ({e}); asking again every {}s",
+                        WATCH_EVERY.as_secs()
+                    );
+                    lost = true;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(WATCH_EVERY) => {}
+            _ = interrupt.recv() => return Ok(ExitCode::from(INTERRUPTED)),
+        }
+    }
+}
+
+/// `status ID --watch`: the whole action drawn again each time it changes
+/// (long-polled, so nothing is asked in a loop), until it finishes or
+/// Ctrl-C. Exits as `--wait` does: non-zero unless it succeeded.
+pub(crate) async fn watch_action(
+    client: &Client,
+    mut action: Value,
+    show: Show,
+) -> Result<ExitCode> {
+    use std::io::IsTerminal;
+    let tty = std::io::stdout().is_terminal();
+    let id = action["id"].as_i64().unwrap_or_default();
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut drawn = -1;
+    let mut lost = false;
+    loop {
+        let revision = action["revision"].as_i64().unwrap_or_default();
+        if revision != drawn {
+            if tty {
+                print!("{CLEAR}");
+            } else if drawn >= 0 {
+                println!();
+            }
+            print_action(&action, show.full, show.full || show.logs);
+            drawn = revision;
+        }
+        if is_terminal(s(&action["status"])) {
+            if show.logs {
+                action["logs"] = client.logs(id).await?["logs"].take();
+                print_logs(&action);
+            }
+            return Ok(if action["status"] == "succeeded" {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        action = tokio::select! {
+            next = client.wait(id, revision) => match next {
+                Ok(next) => {
+                    if std::mem::take(&mut lost) {
+                        eprintln!("reconnected");
+                    }
+                    next
+                }
+                Err(e) if e.downcast_ref::<crate::client::Unavailable>().is_some() => {
+                    if !std::mem::replace(&mut lost, true) {
+                        eprintln!("lost the server ({e}); asking again every {}s", WATCH_EVERY.as_secs());
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(WATCH_EVERY) => {}
+                        _ = interrupt.recv() => return Ok(let_go(&action)),
+                    }
+                    action
+                }
+                Err(e) => return Err(e),
+            },
+            _ = interrupt.recv() => return Ok(let_go(&action)),
+        };
     }
 }

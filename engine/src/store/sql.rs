@@ -9,13 +9,16 @@ use crate::model::{
     Action, ActionFilter, ActionId, ActionStatus, StepRecord, StepStatus, Timestamp,
 };
 
+macro_rules! action_columns {
+    () => {
+        "id, kind, target, params, status, bundle, current_step, error, idempotency_key, submitted_by, owner, \
+         epoch, revision, created_at, started_at, finished_at, cancel_requested_at"
+    };
+}
+
 macro_rules! select_actions {
     ($($rest:literal),*) => {
-        concat!(
-            "SELECT id, kind, target, params, status, bundle, current_step, error, idempotency_key, submitted_by, owner, \
-             epoch, revision, created_at, started_at, finished_at, cancel_requested_at FROM actions",
-            $($rest),*
-        )
+        concat!("SELECT ", action_columns!(), " FROM actions", $($rest),*)
     };
 }
 
@@ -967,6 +970,7 @@ macro_rules! sql_backend {
                     started_at: row.try_get("started_at")?,
                     finished_at: row.try_get("finished_at")?,
                     cancel_requested_at: row.try_get("cancel_requested_at")?,
+                    waiting_for: None,
                     steps: Vec::new(),
                 })
             }
@@ -1069,24 +1073,49 @@ macro_rules! sql_backend {
             }
 
             pub(crate) async fn list(pool: &$pool, f: &ActionFilter) -> Result<Vec<Action>, sqlx::Error> {
-                const Q: &str = select_actions!(
-                    " WHERE (? IS NULL OR target = ?) AND (? IS NULL OR status = ?) AND (? IS NULL OR kind = ?) \
+                // One text for every filter: a filter left out binds NULL
+                // (or no statuses), which its clause lets through. What a
+                // running action's step waits for is looked up by key for
+                // the running rows only.
+                const Q: &str = concat!(
+                    "SELECT ", action_columns!(), ", CASE WHEN status = 'running' THEN \
+                     (SELECT MAX(s.waiting_for) FROM action_steps s WHERE s.action_id = actions.id AND s.status = 'waiting') \
+                     END AS waiting_for FROM actions \
+                     WHERE (? IS NULL OR target = ?) \
+                     AND (? = 0 OR status IN (?, ?, ?, ?, ?)) \
+                     AND (? IS NULL OR kind = ?) AND (? IS NULL OR submitted_by = ?) \
+                     AND (? IS NULL OR created_at >= ?) AND (? IS NULL OR created_at <= ?) \
                      AND (? IS NULL OR id < ?) ORDER BY id DESC LIMIT ?"
                 );
-                let status = f.status.map(|s| s.as_str());
-                let rows = sqlx::query(Q)
+                const _: () = assert!(ActionStatus::ALL.len() == 5, "one placeholder per status");
+                let mut q = sqlx::query(Q)
                     .bind(&f.target)
                     .bind(&f.target)
-                    .bind(status)
-                    .bind(status)
+                    .bind(f.statuses.len() as i64);
+                for i in 0..ActionStatus::ALL.len() {
+                    q = q.bind(f.statuses.get(i).map(|s| s.as_str()));
+                }
+                let rows = q
                     .bind(&f.kind)
                     .bind(&f.kind)
+                    .bind(&f.submitted_by)
+                    .bind(&f.submitted_by)
+                    .bind(f.since)
+                    .bind(f.since)
+                    .bind(f.until)
+                    .bind(f.until)
                     .bind(f.before)
                     .bind(f.before)
                     .bind(f.limit as i64)
                     .fetch_all(pool)
                     .await?;
-                rows.iter().map(action_row).collect()
+                rows.iter()
+                    .map(|row| {
+                        let mut action = action_row(row)?;
+                        action.waiting_for = row.try_get("waiting_for")?;
+                        Ok(action)
+                    })
+                    .collect()
             }
 
             pub(crate) async fn bundles(pool: &$pool) -> Result<Vec<BundleRow>, sqlx::Error> {

@@ -557,3 +557,120 @@ async fn mariadb_fences_keep_a_lost_runner_from_writing() {
         StepStatus::Waiting
     );
 }
+
+/// The list's filters mean the same on both databases: several statuses,
+/// the submitter, a time window with both ends included (at the databases'
+/// microseconds), and what a running action's step waits for.
+async fn list_filters_mean_the_same(store: Store) {
+    use crate::model::ActionFilter;
+    // Four actions a minute apart (the last 1 µs after its minute), by
+    // panel and ops in turn.
+    let mut ids = Vec::new();
+    for i in 0..4_i64 {
+        let mut w = insert(&format!("t-{i}"), None, i >= 2);
+        if let Write::Insert { new, at: when, .. } = &mut w {
+            new.submitted_by = Some(if i % 2 == 0 { "panel" } else { "ops" }.into());
+            *when = at(i * 60_000) + chrono::Duration::microseconds(i / 3);
+        }
+        match store.write(vec![w]).await.unwrap()[0] {
+            Outcome::Inserted(id) => ids.push(id),
+            ref other => panic!("insert answered {other:?}"),
+        }
+    }
+    // The first fails; the third's first step waits for a gpu.
+    store
+        .write(vec![
+            Write::Finish {
+                id: ids[0],
+                status: ActionStatus::Failed,
+                error: Some("no".into()),
+                at: at(1),
+                last: None,
+            },
+            Write::StepWaiting {
+                id: ids[2],
+                seq: 0,
+                name: "s0".into(),
+                waiting_for: "gpu=*".into(),
+            },
+        ])
+        .await
+        .unwrap();
+    let list = |f: ActionFilter| {
+        let store = &store;
+        async move {
+            let f = ActionFilter { limit: 50, ..f };
+            let found = store.list(&f).await.unwrap();
+            found.iter().map(|a| a.id).collect::<Vec<_>>()
+        }
+    };
+    let [a, b, c, d] = ids[..] else {
+        unreachable!()
+    };
+    assert_eq!(list(ActionFilter::default()).await, [d, c, b, a]);
+    let statuses = vec![ActionStatus::Failed, ActionStatus::Queued];
+    assert_eq!(
+        list(ActionFilter {
+            statuses,
+            ..Default::default()
+        })
+        .await,
+        [b, a]
+    );
+    assert_eq!(
+        list(ActionFilter {
+            submitted_by: Some("ops".into()),
+            ..Default::default()
+        })
+        .await,
+        [d, b]
+    );
+    assert_eq!(
+        list(ActionFilter {
+            since: Some(at(60_000)),
+            until: Some(at(120_000)),
+            ..Default::default()
+        })
+        .await,
+        [c, b]
+    );
+    // To the microsecond: the fourth is 1 µs after 3 min.
+    let three = at(180_000);
+    assert_eq!(
+        list(ActionFilter {
+            until: Some(three),
+            ..Default::default()
+        })
+        .await,
+        [c, b, a]
+    );
+    assert_eq!(
+        list(ActionFilter {
+            since: Some(three + chrono::Duration::microseconds(1)),
+            ..Default::default()
+        })
+        .await,
+        [d]
+    );
+    let found = store
+        .list(&ActionFilter {
+            limit: 50,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let waits: Vec<_> = found.iter().map(|a| a.waiting_for.as_deref()).collect();
+    assert_eq!(waits, [None, Some("gpu=*"), None, None]);
+}
+
+#[tokio::test]
+async fn sqlite_list_filters() {
+    let store = Store::connect(&sqlite_url("list")).await.unwrap();
+    list_filters_mean_the_same(store).await;
+}
+
+#[tokio::test]
+async fn mariadb_list_filters() {
+    let store = Store::connect(&mysql_url("list").await).await.unwrap();
+    list_filters_mean_the_same(store).await;
+}

@@ -310,6 +310,7 @@ impl Write {
             created_at: *at,
             started_at: begun.then_some(*at),
             finished_at: None,
+            waiting_for: None,
             cancel_requested_at: None,
             steps: steps
                 .iter()

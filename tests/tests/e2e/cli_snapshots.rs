@@ -16,6 +16,8 @@ fn masked(body: impl FnOnce()) {
             (r"\b[0-9a-f]{16}\b", "[key id]"),
             (r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)", "[time]"),
             (r"\b\d+(\.\d+)? (ms|s)\b", "[duration]"),
+            (r"\b(\d+m\d\ds|\d+h\d\dm)\b", "[duration]"),
+            (r"\b\d+[smhd] ago\b", "[ago]"),
             (r"127\.0\.0\.1:\d+", "[address]"),
             (r#""available_bytes":\d+"#, r#""available_bytes":[n]"#),
             (r#""total_bytes":\d+"#, r#""total_bytes":[n]"#),
@@ -37,6 +39,7 @@ fn help() {
             ("help_bundle_new", &["bundle", "new", "--help"]),
             ("help_goons_add", &["goons", "add", "--help"]),
             ("help_nodes", &["nodes", "--help"]),
+            ("help_list", &["list", "--help"]),
         ] {
             let out = troupe(args);
             assert!(out.status.success(), "{}", text(&out));
@@ -58,6 +61,8 @@ async fn what_a_user_sees() {
     server.finished(failed).await;
     let flaky = server.submit("flaky", "vps-2", json!({})).await;
     server.finished(flaky).await;
+    let (_, shown) = server.get(&format!("/v1/actions/{flaky}")).await;
+    let bundle: String = shown["bundle"].as_str().unwrap().chars().take(8).collect();
     let failed = failed.to_string();
     let flaky = flaky.to_string();
     cli(&[
@@ -77,7 +82,34 @@ async fn what_a_user_sees() {
         insta::assert_snapshot!("status_failed", cli(&["status", &failed]));
         insta::assert_snapshot!("status_retried", cli(&["status", &flaky]));
         insta::assert_snapshot!("status_retried_full", cli(&["status", &flaky, "--full"]));
-        insta::assert_snapshot!("list", cli(&["list", "--limit", "2"]));
+        // Columns are as wide as their widest cell, and times and
+        // durations differ between runs: their gaps are made one width.
+        let gaps = |text: String| {
+            let mut out = String::with_capacity(text.len());
+            for (i, piece) in text.split("  ").enumerate() {
+                let piece = piece.trim_start_matches(' ');
+                if i > 0 && !piece.is_empty() && !out.ends_with("  ") {
+                    out.push_str("  ");
+                }
+                out.push_str(piece);
+            }
+            out
+        };
+        insta::assert_snapshot!("list", gaps(cli(&["list", "--limit", "2"])));
+        insta::assert_snapshot!(
+            "list_wide",
+            gaps(cli(&["list", "--limit", "2", "--output", "wide"]).replace(&bundle, "[bundle]"))
+        );
+        insta::assert_snapshot!(
+            "list_failed_or_cancelled",
+            gaps(cli(&[
+                "list",
+                "--status",
+                "failed,cancelled",
+                "--since",
+                "1h"
+            ]))
+        );
         insta::assert_snapshot!("goons_list", cli(&["goons", "list"]));
         insta::assert_snapshot!("nodes_list_empty", cli(&["nodes", "list"]));
         insta::assert_snapshot!(

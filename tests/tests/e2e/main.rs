@@ -24,6 +24,7 @@ mod goons;
 mod hostile;
 mod hostile_bundles;
 mod lease;
+mod lists;
 mod logs;
 mod manual;
 mod masking;

@@ -242,6 +242,27 @@ async fn steps_run_on_the_node_that_has_what_they_need(db: Db) {
         text.contains("hv-17") && text.contains("hypervisor=kvm"),
         "{text}"
     );
+    // A header row, and each column starts under its name.
+    let header = text.lines().next().unwrap();
+    assert!(
+        header.starts_with("NAME") && header.contains("CAPABILITIES"),
+        "{text}"
+    );
+    let row = text.lines().find(|l| l.starts_with("hv-17 ")).unwrap();
+    let state = header.find("STATE").expect("a STATE column");
+    assert!(row[state..].starts_with("connected"), "{text}");
+    let caps = header.find("CAPABILITIES").unwrap();
+    assert!(row[caps..].contains("hypervisor=kvm"), "{text}");
+    assert!(row.contains(" ago "), "a relative time: {text}");
+    // Wide: absolute times, the key's fingerprint, who let it in.
+    let out = server.cli(&["nodes", "list", "--output", "wide"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let header = text.lines().next().unwrap();
+    for column in ["CONNECTED", "FINGERPRINT", "ACCEPTED BY"] {
+        assert!(header.contains(column), "{text}");
+    }
+    let row = text.lines().find(|l| l.starts_with("hv-17 ")).unwrap();
+    assert!(row.contains("SHA256:") && row.contains('Z'), "{text}");
 }
 
 async fn steps_that_need_one_bundle_at_once_make_one_download(db: Db) {
