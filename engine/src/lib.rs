@@ -206,6 +206,12 @@ impl Engine {
         self.inner.tokens.authenticate(token, model::now())
     }
 
+    /// Records the API address this server is reached at (once it is
+    /// listening), for `troupe servers list`.
+    pub async fn advertise(&self, address: &str) {
+        self.inner.scheduler.advertise(address).await;
+    }
+
     /// How many actions run here and wait their turn here.
     pub async fn control_stats(&self) -> ControlStats {
         self.inner.scheduler.stats().await

@@ -490,7 +490,7 @@ impl Nodes {
             None
         })() {
             let (nodes, node) = (self.clone(), node.to_owned());
-            tokio::spawn(async move {
+            crate::tasks::spawn(crate::tasks::TaskKind::NodeCallTimer, async move {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
                 nodes.follow(&node, key, tx, grace, sent_after);
             });
@@ -517,7 +517,7 @@ impl Nodes {
             let early = self.inner.early().remove(&slot);
             drop(parked);
             if let Some(early) = early {
-                tokio::spawn(async move {
+                crate::tasks::spawn(crate::tasks::TaskKind::NodeCallTimer, async move {
                     if let Ok(answer) = early.rx.await {
                         let _ = tx.send(answer);
                     }

@@ -37,7 +37,8 @@ pub(crate) enum TaskKind {
     Rescuer,
     /// Keeps the in-memory copy of `api_tokens` in step with the database.
     TokenRefresh,
-    /// Fails a parked node call when its node does not come back in time.
+    /// Fails a parked node call when its node does not come back in time,
+    /// or hands a call a result its node reported before it was followed.
     NodeCallTimer,
     /// Reads or writes one step host's pipes.
     HostIo,

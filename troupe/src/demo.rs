@@ -102,13 +102,10 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
         max_connections: api::Limits::default().max_connections,
         header_timeout: api::Limits::default().header_timeout,
     };
+    let engine = crate::serve::start_engine(&serve).await?;
     let listener = crate::serve::bind(args.listen).await?;
     let addr = listener.local_addr()?;
-    let serve = ServeArgs {
-        advertise: Some(addr.to_string()),
-        ..serve
-    };
-    let engine = crate::serve::start_engine(&serve).await?;
+    engine.advertise(&addr.to_string()).await;
     let token_path = data_dir.join(crate::args::ADMIN_TOKEN_FILE);
     let token = std::fs::read_to_string(&token_path)
         .with_context(|| format!("reading {}", token_path.display()))?

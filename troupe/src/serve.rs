@@ -520,7 +520,7 @@ pub(crate) async fn shutdown_signal() {
     }
 }
 
-pub(crate) async fn run(mut args: ServeArgs) -> Result<ExitCode> {
+pub(crate) async fn run(args: ServeArgs) -> Result<ExitCode> {
     // Nodes send a heartbeat every 2 s: a shorter timeout would drop live ones.
     if args.node_timeout < Duration::from_secs(3) {
         anyhow::bail!(
@@ -529,12 +529,13 @@ pub(crate) async fn run(mut args: ServeArgs) -> Result<ExitCode> {
         );
     }
     let tls = tls(&args).await?;
-    // Bound first, so the address other servers list is the real one
-    // (with --listen :0, the port the system chose).
+    let engine = start_engine(&args).await?;
     let listener = bind(args.listen).await?;
     let addr = listener.local_addr()?;
-    args.advertise.get_or_insert_with(|| addr.to_string());
-    let engine = start_engine(&args).await?;
+    if args.advertise.is_none() {
+        // With --listen :0, the port the system chose.
+        engine.advertise(&addr.to_string()).await;
+    }
     let scheme = if tls.is_some() { "https" } else { "http" };
     // Scripts and tests read this line to find the port.
     println!("troupe listening on {scheme}://{addr}");

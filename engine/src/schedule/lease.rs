@@ -134,6 +134,18 @@ impl ServerLease {
         });
     }
 
+    /// Records the address this server listens at.
+    pub(super) async fn advertise(&self, shared: &Shared, address: &str) {
+        let incarnation = self.incarnation.load(Ordering::SeqCst);
+        if let Err(e) = shared
+            .store
+            .set_server_address(&self.spec.id, incarnation, address)
+            .await
+        {
+            tracing::warn!(error = %e, "could not record this server's address");
+        }
+    }
+
     /// Marks this server stopped and hands its unfinished actions on, once
     /// none of its steps runs.
     pub(super) async fn release(&self, shared: &Shared) {

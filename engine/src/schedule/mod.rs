@@ -125,6 +125,10 @@ impl Scheduler {
         }
     }
 
+    pub(crate) async fn advertise(&self, address: &str) {
+        self.lease.advertise(&self.shared, address).await;
+    }
+
     /// Marks this server stopped and hands its unfinished actions on, once
     /// no step of ours runs.
     pub(crate) async fn release(&self) {

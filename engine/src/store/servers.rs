@@ -292,6 +292,35 @@ impl Store {
         Ok((lost, handed))
     }
 
+    /// Records the address this incarnation listens at.
+    pub async fn set_server_address(
+        &self,
+        id: &str,
+        incarnation: i64,
+        address: &str,
+    ) -> Result<()> {
+        const Q: &str = "UPDATE servers SET address = ? WHERE id = ? AND incarnation = ?";
+        match &self.read {
+            Pool::MySql(p) => {
+                sqlx::query(Q)
+                    .bind(address)
+                    .bind(id)
+                    .bind(incarnation)
+                    .execute(p)
+                    .await?;
+            }
+            Pool::Sqlite(p) => {
+                sqlx::query(Q)
+                    .bind(address)
+                    .bind(id)
+                    .bind(incarnation)
+                    .execute(p)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Marks this incarnation stopped and hands its unfinished actions on,
     /// in one transaction; nothing if it was declared lost meanwhile (its
     /// actions were handed on then).

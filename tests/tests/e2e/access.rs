@@ -87,6 +87,7 @@ pub(crate) fn routes() -> Vec<(Method, &'static str, &'static str, Option<Value>
         (Method::DELETE, "/v1/goons", "admin", None),
         (Method::DELETE, "/v1/goons/1", "admin", None),
         (Method::GET, "/v1/nodes", "read", None),
+        (Method::GET, "/v1/servers", "read", None),
         (Method::GET, "/v1/nodes/hv-x", "read", None),
         (Method::POST, "/v1/nodes/hv-x/accept", "admin", None),
         (Method::POST, "/v1/nodes/hv-x/remove", "admin", None),
