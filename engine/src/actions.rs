@@ -157,6 +157,10 @@ impl Actions {
         timeout: Duration,
     ) -> Result<Action> {
         let deadline = tokio::time::Instant::now() + timeout;
+        // Where several servers share the database, another may end the
+        // action (a cancel of a queued one, a takeover): read it every
+        // second, so a long-poll here learns of that within one.
+        let recheck = (self.store.backend() != "sqlite").then_some(Duration::from_secs(1));
         // Subscribe before reading, so no change can slip between the two. A
         // live action is not finished yet, so waiting for its end needs no read.
         let (mut changes, live) = self.store.watch(id);
@@ -189,6 +193,14 @@ impl Actions {
                 }
                 // Intermediate changes were not read: read the state now.
                 _ = tokio::time::sleep_until(deadline) => return self.action(id).await,
+                _ = async {
+                    match recheck {
+                        Some(every) => tokio::time::sleep(every).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    action = Some(self.action(id).await?);
+                }
                 // Served through a shutdown's drain, so a client following an
                 // action sees it end if it ends by then.
                 _ = self.shared.closed.cancelled() => break,

@@ -66,7 +66,7 @@ impl Shared {
                     tracing::warn!(
                         action_id = action.id,
                         epoch = action.epoch,
-                        "another server took this action over (this one lost its lease); stopping without writing more"
+                        "this server no longer holds this action (another server took it over, or it ended elsewhere, e.g. cancelled); stopping without writing more"
                     );
                     return Err(Halt::Lost);
                 }

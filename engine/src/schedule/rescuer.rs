@@ -8,7 +8,8 @@
 //! epoch it read, so of two servers claiming one action exactly one wins,
 //! and hands them to Control. Passes run at start, after an insert whose
 //! outcome is unknown (it may have been stored all the same), and, where
-//! several servers may share the database, every `period`.
+//! several servers may share the database, every `period`; those also end
+//! the actions held here whose cancel was asked for through another server.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -61,6 +62,8 @@ pub(super) struct Rescued {
     pub(super) handed_on: u64,
     /// Actions this server claimed and handed to Control.
     pub(super) claimed: usize,
+    /// Actions held here that a cancel through another server reached.
+    pub(super) cancelled: usize,
 }
 
 pub(super) struct Rescuer {
@@ -118,6 +121,7 @@ impl Rescuer {
                                     lost = ?r.lost,
                                     handed_on = r.handed_on,
                                     claimed = r.claimed,
+                                    cancelled = r.cancelled,
                                     "looked for actions nobody runs"
                                 );
                             }
@@ -161,6 +165,9 @@ impl Rescuer {
             done.lost = lost;
             done.handed_on = handed;
         }
+        if !mine {
+            done.cancelled = self.cancel_asked_elsewhere().await?;
+        }
         let held: HashSet<_> = if mine {
             self.control.held().await
         } else {
@@ -203,6 +210,34 @@ impl Rescuer {
             self.control.enqueue(action);
         }
         Ok(done)
+    }
+}
+
+impl Rescuer {
+    /// Cancels the actions held here whose cancel was committed through
+    /// another server (this one's own cancels reach Control at once).
+    async fn cancel_asked_elsewhere(&self) -> Result<usize> {
+        let asked = self
+            .shared
+            .store
+            .cancels_for(&self.shared.lease.owner)
+            .await?;
+        let mut n = 0;
+        for id in asked {
+            match self.control.cancel(id).await {
+                super::control::CancelOutcome::Running => n += 1,
+                super::control::CancelOutcome::Dequeued => {
+                    let write = Write::CancelQueued {
+                        id,
+                        at: crate::model::now(),
+                    };
+                    self.shared.store.write(vec![write]).await?;
+                    n += 1;
+                }
+                super::control::CancelOutcome::Unknown => {}
+            }
+        }
+        Ok(n)
     }
 }
 

@@ -458,8 +458,6 @@ impl Store {
         })
     }
 
-    /// Unfinished actions this server should run, oldest first: queued ones,
-    /// and running ones it owns, nobody owns, or whose lease ran out.
     /// Unfinished actions owned by nobody, or by `mine` (this server's
     /// earlier self), oldest first, at most `limit`.
     pub(crate) async fn unfinished(&self, mine: Option<&str>, limit: usize) -> Result<Vec<Action>> {

@@ -359,6 +359,17 @@ impl Store {
         })
     }
 
+    /// The unfinished actions `owner` holds that a cancel was asked for
+    /// (through any server).
+    pub async fn cancels_for(&self, owner: &str) -> Result<Vec<crate::model::ActionId>> {
+        const Q: &str = "SELECT id FROM actions WHERE owner = ? AND status IN ('queued', 'running') \
+                         AND cancel_requested_at IS NOT NULL";
+        Ok(match &self.read {
+            Pool::MySql(p) => sqlx::query_scalar(Q).bind(owner).fetch_all(p).await?,
+            Pool::Sqlite(p) => sqlx::query_scalar(Q).bind(owner).fetch_all(p).await?,
+        })
+    }
+
     /// Every server the database knows, live ones first, each with whether
     /// its lease ran out (by the database's clock).
     pub async fn servers(&self) -> Result<Vec<ServerRow>> {

@@ -403,7 +403,12 @@ macro_rules! sql_backend {
                         .map_err(ApplyError::at_commit)?;
                     return Ok(applied);
                 }
-                let mut tx = sqlx::Connection::begin(conn).await?;
+                // SQLite (the one explicit caller): take the write lock at
+                // once. A deferred transaction that read and then wants to
+                // write fails at once (`SQLITE_BUSY_SNAPSHOT`, no busy wait)
+                // if another connection wrote meanwhile, as the server's
+                // lease renewal does.
+                let mut tx = sqlx::Connection::begin_with(conn, "BEGIN IMMEDIATE").await?;
                 let applied = apply_in(&mut tx, writes, fences, returning).await?;
                 tx.commit().await.map_err(ApplyError::at_commit)?;
                 Ok(applied)

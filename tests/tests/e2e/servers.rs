@@ -195,7 +195,7 @@ async fn a_frozen_server_writes_nothing_after_losing_its_lease() {
     assert_eq!(done["steps"][0]["attempt"], 2, "{done}");
     let revision = done["revision"].clone();
     b.signal("CONT");
-    b.log_until("another server took this action over").await;
+    b.log_until("no longer holds this action").await;
     b.log_until("server registered").await;
     let list = servers_until(&a, "showed s-b back", |l| {
         l.iter()
@@ -272,4 +272,33 @@ async fn a_server_keeps_the_id_it_made() {
             .any(|s| s["id"] == id.as_str() && s["incarnation"] == 2),
         "{list:?}"
     );
+}
+
+/// A cancel sent to a server that does not run the action reaches the one
+/// that does: the action ends `cancelled` within a rescue pass or two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_through_another_server_ends_the_action() {
+    let env = Env::new(Db::MySql).await;
+    let a = env.serve_with(&["--server-id", "s-a"]);
+    let b = env.serve_another(&["--server-id", "s-b"]);
+    let running = a.submit("sleep", "vps-1", json!({ "ms": 60000 })).await;
+    a.until(running, "running on s-a", |x| {
+        x["current_step"] == "sleep_ms"
+    })
+    .await;
+    // Queued behind it, on the same server.
+    let queued = a.submit("sleep", "vps-1", json!({ "ms": 1 })).await;
+    let asked = Instant::now();
+    for id in [queued, running] {
+        let (status, body) = b
+            .post(&format!("/v1/actions/{id}/cancel"), &json!({}))
+            .await;
+        assert_eq!(status, 202, "{body}");
+    }
+    for id in [queued, running] {
+        let done = a.finished(id).await;
+        assert_eq!(done["status"], "cancelled", "{done}\n{}", a.log());
+    }
+    let took = asked.elapsed();
+    assert!(took < Duration::from_secs(10), "took {took:?}\n{}", a.log());
 }
