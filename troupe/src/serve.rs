@@ -34,7 +34,7 @@ pub(crate) struct ServeArgs {
     /// A signed bundle file to load at start (its signature is FILE.sig). Repeat for more.
     #[arg(long = "bundle", env = "TROUPE_BUNDLES", value_delimiter = ',')]
     pub(crate) bundles: Vec<PathBuf>,
-    /// A public key (ed25519:…) trusted to sign bundles. Repeat for more.
+    /// A public key (ed25519:…) trusted to sign bundles, for as long as this process runs (`troupe keys trust` keeps one for good). Repeat for more.
     #[arg(long = "trust", env = "TROUPE_TRUST", value_delimiter = ',')]
     pub(crate) trust: Vec<String>,
     /// A deployment variable NAME=VALUE for manifests' {{vars.NAME}}, e.g. reboot_command='virsh reboot "$TROUPE_TARGET"'. Repeat for more; TROUPE_VAR_NAME=VALUE in the environment works too.
@@ -360,9 +360,21 @@ pub(crate) async fn start_engine(args: &ServeArgs) -> Result<Engine> {
         }
     }
     if args.bundles.is_empty() && engine.actions().kinds().await?.is_empty() {
-        tracing::info!(
-            "no bundle loaded yet: push a signed one with `troupe bundle push`, or pass --bundle FILE"
-        );
+        let stored = engine.store().bundles().await?.len();
+        if stored == 0 {
+            tracing::info!(
+                "no bundle loaded yet: push a signed one with `troupe bundle push`, or pass --bundle FILE"
+            );
+        } else {
+            // Keys given with --trust live only as long as the flag: a start
+            // without it cannot verify what they signed.
+            tracing::warn!(
+                stored,
+                "the database holds bundles, but none is loaded: their signing keys are not trusted by this server \
+                 (--trust given at an earlier start is not kept); pass the same --trust again, or trust the key for \
+                 good with `troupe keys trust`"
+            );
+        }
     }
     ensure_admin_token(
         &engine,

@@ -380,7 +380,37 @@ async fn serve_refuses_bad_bundles_at_start(db: Db) {
     );
 }
 
+/// Keys given with `--trust` hold only while that process runs: a start
+/// without them loads none of what they signed, and says so instead of
+/// claiming the database holds no bundle.
+async fn a_start_without_its_trust_says_why_nothing_loaded(db: Db) {
+    let env = Env::new(db).await;
+    let first = env.serve();
+    assert!(first.sigterm().success());
+    let args: Vec<String> = [
+        "serve",
+        "--data-dir",
+        env.dir.to_str().unwrap(),
+        "--db",
+        &env.db_url,
+        "--listen",
+        "127.0.0.1:0",
+        "--server-id",
+        "test-node",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let again = crate::harness::Server::start(&args, &env.dir, &[]);
+    let log = again
+        .log_until("the database holds bundles, but none is loaded")
+        .await;
+    assert!(log.contains("pass the same --trust again"), "{log}");
+    assert!(!log.contains("no bundle loaded yet"), "{log}");
+}
+
 both_dbs!(
     every_bad_bundle_is_refused_and_nothing_is_stored,
-    serve_refuses_bad_bundles_at_start
+    serve_refuses_bad_bundles_at_start,
+    a_start_without_its_trust_says_why_nothing_loaded
 );
