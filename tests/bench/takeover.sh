@@ -48,7 +48,8 @@ for round in $(seq 1 "$kills"); do
   done
   list=$(IFS=,; echo "${ids[*]}")
   until [ "$(sql "SELECT COUNT(*) FROM troupe_takeover.actions WHERE id IN ($list) AND status='running' AND owner='b'")" = "$actions" ]; do sleep 0.05; done
-  kill -9 "$(cat "$work/b.pid")"; t0=$(date +%s.%N); first=""; last=""
+  pid=$(cat "$work/b.pid"); kill -9 "$pid"; t0=$(date +%s.%N); first=""; last=""
+  wait "$pid" 2>/dev/null || true
   for _ in $(seq 1 600); do
     n=$(sql "SELECT COUNT(*) FROM troupe_takeover.actions WHERE id IN ($list) AND (owner IN ('a','c') OR status <> 'running')")
     now=$(date +%s.%N)
