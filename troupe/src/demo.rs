@@ -112,6 +112,7 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
         .trim()
         .to_owned();
     let db_path = data_dir.join("troupe.db");
+    let signalled = crate::serve::shutdown_signal();
     println!(
         "troupe listening on http://{addr} (database: sqlite://{})",
         db_path.display()
@@ -127,7 +128,7 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
         async move {
             tokio::select! {
                 _ = stop_rx => {}
-                _ = crate::serve::shutdown_signal() => {}
+                _ = signalled => {}
             }
         },
     ));

@@ -102,9 +102,19 @@ impl ServeArgs {
         let exe =
             std::env::current_exe().context("finding the troupe executable for step hosts")?;
         let secrets_key = load_secrets_key(self.secrets_key.as_deref(), &data_dir)?;
-        let server_id = match &self.server_id {
-            Some(id) => check_server_id(id)?,
-            None => server_id_in(&data_dir)?,
+        // TROUPE_NODE_ID: the variable's name before servers had ids.
+        let legacy = std::env::var("TROUPE_NODE_ID")
+            .ok()
+            .filter(|v| !v.is_empty());
+        let server_id = match (&self.server_id, legacy) {
+            (Some(id), _) => check_server_id(id)?,
+            (None, Some(id)) => {
+                tracing::warn!(
+                    "TROUPE_NODE_ID is deprecated: name the server with TROUPE_SERVER_ID (or --server-id)"
+                );
+                check_server_id(&id)?
+            }
+            (None, None) => server_id_in(&data_dir)?,
         };
         Ok(Config {
             database_url: self.db.clone().unwrap_or_else(|| default_db(&data_dir)),
@@ -523,12 +533,18 @@ pub(crate) async fn serve_until(
     Ok(())
 }
 
-pub(crate) async fn shutdown_signal() {
+/// Resolves at SIGTERM or SIGINT. The handlers are installed when this is
+/// called, not when it is first awaited: a signal sent as soon as the
+/// server says it listens must stop it gracefully, not kill it.
+pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+    async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
     }
 }
 
@@ -549,6 +565,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<ExitCode> {
         engine.advertise(&addr.to_string()).await;
     }
     let scheme = if tls.is_some() { "https" } else { "http" };
+    let stop = shutdown_signal();
     // Scripts and tests read this line to find the port.
     println!("troupe listening on {scheme}://{addr}");
     tracing::info!(%addr, scheme, "REST API ready");
@@ -558,7 +575,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<ExitCode> {
         tls,
         args.limits(),
         args.shutdown_grace,
-        shutdown_signal(),
+        stop,
     )
     .await?;
     Ok(ExitCode::SUCCESS)

@@ -107,6 +107,8 @@ impl ServerLease {
                     Ok(Renewal::Renewed) => {
                         *lease.renewed.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
                     }
+                    // This server's own release (at shutdown) came first.
+                    Ok(Renewal::Lost) if shared.closed.is_cancelled() => return,
                     Ok(Renewal::Lost) => {
                         tracing::error!(
                             server = %lease.spec.id,
