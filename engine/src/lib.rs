@@ -270,7 +270,7 @@ impl Engine {
 }
 
 /// This machine's host name, as servers list it.
-fn host_name() -> String {
+pub fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .ok()

@@ -256,7 +256,7 @@ fn server_id_in(data_dir: &std::path::Path) -> Result<String> {
     let mut random = [0u8; 3];
     getrandom::fill(&mut random)
         .map_err(|e| anyhow::anyhow!("reading the OS's randomness: {e}"))?;
-    let host: String = hostname()
+    let host: String = engine::host_name()
         .chars()
         .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
         .take(48)
@@ -286,14 +286,6 @@ fn check_lease(lease: Duration) -> Result<Duration> {
         );
     }
     Ok(lease)
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "troupe".to_owned())
 }
 
 /// The lock on the data directory, held while the process lives.

@@ -211,9 +211,7 @@ impl Rescuer {
         }
         Ok(done)
     }
-}
 
-impl Rescuer {
     /// Cancels the actions held here whose cancel was committed through
     /// another server (this one's own cancels reach Control at once).
     async fn cancel_asked_elsewhere(&self) -> Result<usize> {
