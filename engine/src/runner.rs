@@ -16,7 +16,7 @@ use crate::nodes::{CallKey, Placed};
 use crate::placement::Requirement;
 use crate::secrets::{self, LoadError};
 use crate::step::{Attempt, StepResult};
-use crate::store::{Fence, Outcome, Store, Write};
+use crate::store::{Fence, Outcome, Store, Turn, Write};
 
 /// What every runner needs.
 pub(crate) struct Shared {
@@ -50,10 +50,16 @@ impl Shared {
     /// taken the action over, nothing more of this runner's lands
     /// ([`Halt::Lost`]).
     async fn persist(&self, action: &Action, writes: &[Write]) -> Result<Vec<Outcome>, Halt> {
+        // A claim at the action's turn rides with its first writes, which
+        // hold only if it succeeds (it bumps the epoch).
+        let turn = match writes.first() {
+            Some(Write::Start { turn: Some(t), .. }) => Some(t.epoch),
+            _ => None,
+        };
         let fence = Fence {
             id: action.id,
             owner: self.lease.owner.clone(),
-            epoch: action.epoch,
+            epoch: turn.map_or(action.epoch, |seen| seen + 1),
         };
         let mut delay = Duration::from_millis(100);
         loop {
@@ -62,6 +68,12 @@ impl Shared {
                 .write_fenced(fence.clone(), writes.to_vec())
                 .await
             {
+                // Not its turn after all (another server's action of the
+                // target runs, or it was claimed or cancelled): the caller
+                // leaves it.
+                Ok(outcomes) if turn.is_some() && outcomes[0] == (Outcome::Done { rows: 0 }) => {
+                    return Ok(outcomes);
+                }
                 Ok(outcomes) if outcomes.contains(&Outcome::Fenced) => {
                     tracing::warn!(
                         action_id = action.id,
@@ -167,6 +179,21 @@ pub(crate) async fn run(
     };
     // A cancel recorded before this runner began (while the action waited,
     // or before a crash or shutdown) ends it without running anything more.
+    // Queued and owned by nobody (several servers): starting claims it.
+    let turn = (action.status == ActionStatus::Queued && action.owner.is_none()).then(|| Turn {
+        target: action.target.clone(),
+        epoch: action.epoch,
+    });
+    if action.cancel_requested_at.is_some() && turn.is_some() {
+        let write = Write::CancelQueued {
+            id,
+            at: crate::model::now(),
+        };
+        if let Err(e) = shared.store.write(vec![write]).await {
+            tracing::warn!(action_id = id, error = %e, "cannot yet end an action cancelled while it waited its turn; it is looked at again");
+        }
+        return;
+    }
     if action.cancel_requested_at.is_some() {
         let writes = end_running_steps(&action, |seq| step_cancelled(id, seq));
         tracing::info!(action_id = id, "action cancelled before it could go on");
@@ -183,6 +210,7 @@ pub(crate) async fn run(
             owner: shared.lease.owner.to_string(),
             lease_until: shared.lease.until(),
             at: crate::model::now(),
+            turn,
         });
     }
     tracing::debug!(action_id = id, kind = %action.kind, target = %action.target, "action starting");

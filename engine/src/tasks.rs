@@ -35,6 +35,10 @@ pub(crate) enum TaskKind {
     LeaseRenewal,
     /// Hands over unfinished actions nobody runs.
     Rescuer,
+    /// Proposes queued actions whose turn has come (several servers): dead,
+    /// a target's next action submitted elsewhere would wait for a poll
+    /// that never comes.
+    Claimer,
     /// Keeps the in-memory copy of `api_tokens` in step with the database.
     TokenRefresh,
     /// Fails a parked node call when its node does not come back in time,
@@ -55,6 +59,7 @@ impl TaskKind {
             TaskKind::StoreWriter => "store-writer",
             TaskKind::LeaseRenewal => "lease-renewal",
             TaskKind::Rescuer => "rescuer",
+            TaskKind::Claimer => "claimer",
             TaskKind::TokenRefresh => "token-refresh",
             TaskKind::NodeCallTimer => "node-call-timer",
             TaskKind::HostIo => "host-io",
@@ -70,6 +75,7 @@ impl TaskKind {
             | TaskKind::StoreWriter
             | TaskKind::LeaseRenewal
             | TaskKind::Rescuer
+            | TaskKind::Claimer
             | TaskKind::TokenRefresh => OnFailure::Exit,
             TaskKind::NodeCallTimer | TaskKind::HostIo | TaskKind::HostStop => OnFailure::Log,
         }

@@ -63,6 +63,8 @@ pub(crate) enum CancelOutcome {
 pub struct ControlStats {
     pub running: usize,
     pub queued: usize,
+    /// Actions that could start now (none while draining).
+    pub room: usize,
 }
 
 #[derive(Clone)]
@@ -71,7 +73,14 @@ pub(crate) struct ControlHandle {
 }
 
 impl ControlHandle {
-    pub(crate) fn spawn(shared: Arc<Shared>, max_running: usize) -> ControlHandle {
+    /// With `next_of` (several servers), a target whose action ends here
+    /// with nothing queued behind it locally is handed to the claimer: its
+    /// next action may have been submitted through another server.
+    pub(crate) fn spawn(
+        shared: Arc<Shared>,
+        max_running: usize,
+        next_of: Option<super::claimer::NextOf>,
+    ) -> ControlHandle {
         let (tx, rx) = mpsc::unbounded_channel();
         let handle = ControlHandle { tx };
         let control = Control {
@@ -84,6 +93,7 @@ impl ControlHandle {
             rerun: HashMap::new(),
             running: HashMap::new(),
             reserved: 0,
+            next_of,
             draining: false,
             drain_waiters: Vec::new(),
         };
@@ -162,6 +172,7 @@ struct Control {
     rerun: HashMap<ActionId, Action>,
     /// Targets reserved for actions being inserted; each counts as running.
     reserved: usize,
+    next_of: Option<super::claimer::NextOf>,
     draining: bool,
     drain_waiters: Vec<oneshot::Sender<()>>,
 }
@@ -208,9 +219,15 @@ impl Control {
                     );
                 }
                 Msg::Stats { reply } => {
+                    let busy = self.running.len() + self.reserved;
                     let _ = reply.send(ControlStats {
                         running: self.running.len(),
                         queued: self.queued.len(),
+                        room: if self.draining {
+                            0
+                        } else {
+                            self.max_running.saturating_sub(busy)
+                        },
                     });
                 }
             }
@@ -295,6 +312,9 @@ impl Control {
             target.busy = false;
             if target.queue.is_empty() {
                 self.targets.remove(&target_name);
+                if let (Some(next_of), Some(_)) = (&self.next_of, id) {
+                    next_of.target(target_name);
+                }
             } else {
                 self.ready.push_back(target_name);
             }

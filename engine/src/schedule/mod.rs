@@ -4,6 +4,7 @@
 //! rescuer of actions nobody runs live beside it. Nothing outside this
 //! module decides who runs what.
 
+mod claimer;
 mod control;
 mod lease;
 mod order;
@@ -22,6 +23,7 @@ use crate::Result;
 use crate::model::ActionId;
 use crate::runner::Shared;
 use crate::store::{Outcome, Write};
+use claimer::Claimer;
 use control::{CancelOutcome, ControlHandle};
 use order::SubmitOrder;
 use rescuer::{Rescuer, RescuerConfig};
@@ -45,7 +47,12 @@ impl Scheduler {
         max_running: usize,
     ) -> Result<Arc<Scheduler>> {
         let lease = ServerLease::register(&shared, me).await?;
-        let control = ControlHandle::spawn(shared.clone(), max_running);
+        let (next_of, next) = Claimer::channel();
+        let several = shared.store.shared();
+        let control = ControlHandle::spawn(shared.clone(), max_running, several.then_some(next_of));
+        if several {
+            Claimer::spawn(shared.clone(), control.clone(), next);
+        }
         let config = RescuerConfig {
             // One server on SQLite: nobody else's actions to take over.
             period: (shared.store.backend() != "sqlite").then_some(shared.lease.length / 6),
@@ -134,4 +141,13 @@ impl Scheduler {
     pub(crate) async fn release(&self) {
         self.lease.release(&self.shared).await;
     }
+}
+
+/// `period` ± 20 %, so servers do not pass in step.
+fn jitter(period: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let spread = f64::from(nanos % 1000) / 1000.0 * 0.4 - 0.2;
+    period.mul_f64(1.0 + spread)
 }

@@ -103,7 +103,7 @@ impl Rescuer {
             loop {
                 let tick = async {
                     match rescuer.config.period {
-                        Some(p) => tokio::time::sleep(jitter(p)).await,
+                        Some(p) => tokio::time::sleep(super::jitter(p)).await,
                         None => std::future::pending().await,
                     }
                 };
@@ -237,13 +237,4 @@ impl Rescuer {
         }
         Ok(n)
     }
-}
-
-/// `period` ± 20 %.
-fn jitter(period: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let spread = f64::from(nanos % 1000) / 1000.0 * 0.4 - 0.2;
-    period.mul_f64(1.0 + spread)
 }

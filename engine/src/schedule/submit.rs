@@ -52,11 +52,15 @@ impl Scheduler {
         let reserved = startable && self.control.reserve(&new.target).await;
         let placed = placed.filter(|_| reserved);
         let at = crate::model::now();
+        // Where several servers share the database, a queued action is
+        // nobody's until claimed at its turn, and one that asks to start
+        // starts only if the database finds its target idle too.
+        let owner = (reserved || !shared.store.shared()).then(|| shared.lease.owner.to_string());
         let insert = Write::Insert {
             new: new.clone(),
             bundle,
             request_hash,
-            owner: shared.lease.owner.to_string(),
+            owner,
             steps,
             at,
             start: reserved.then(|| at + shared.lease.length),
@@ -65,8 +69,29 @@ impl Scheduler {
         // Recording and handing over run on their own task, so a caller that
         // goes away mid-request cannot leave an action stored but not run.
         let (scheduler, target) = (self.clone(), new.target.clone());
-        // The action as the insert stores it, less the id it will get.
+        // The action as the insert stores it, less the id it will get
+        // (started, or queued behind its target's other actions).
         let built = insert.inserted(0).expect("an insert builds its action");
+        let behind = match &insert {
+            Write::Insert {
+                new,
+                bundle,
+                request_hash,
+                steps,
+                at,
+                ..
+            } => Write::Insert {
+                new: new.clone(),
+                bundle: bundle.clone(),
+                request_hash: request_hash.clone(),
+                owner: None,
+                steps: steps.clone(),
+                at: *at,
+                start: None,
+                node: None,
+            },
+            _ => unreachable!("an insert"),
+        };
         let handover = tokio::spawn(async move {
             let outcome = scheduler
                 .shared
@@ -76,6 +101,7 @@ impl Scheduler {
                 .map(|o| o[0]);
             let action = match outcome {
                 Ok(Outcome::Inserted(id)) => Some(Action { id, ..built }),
+                Ok(Outcome::Behind(id)) => behind.inserted(id),
                 // The commit may have gone through all the same.
                 Err(_) => {
                     scheduler.rescuer.wake();
@@ -85,6 +111,11 @@ impl Scheduler {
             };
             let control = &scheduler.control;
             match (&action, reserved) {
+                // Its turn comes after an action of its target that another
+                // server holds: whichever server has room then claims it.
+                (Some(a), true) if a.status == crate::model::ActionStatus::Queued => {
+                    control.unreserve(target)
+                }
                 (Some(a), true) => control.begin(a.clone(), placed),
                 (Some(a), false) => control.enqueue(a.clone()),
                 (None, true) => control.unreserve(target),
@@ -95,7 +126,7 @@ impl Scheduler {
         });
         let (outcome, action) = handover.await.map_err(|_| Error::ShuttingDown)??;
         match outcome {
-            Outcome::Inserted(_) => Ok(Submitted {
+            Outcome::Inserted(_) | Outcome::Behind(_) => Ok(Submitted {
                 action: action.expect("an inserted action is built"),
                 created: true,
             }),

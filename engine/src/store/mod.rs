@@ -30,7 +30,7 @@ mod writer;
 pub use servers::{Renewal, ServerRow, ServerSpec};
 pub use watchers::Change;
 use watchers::Watchers;
-pub(crate) use write::{Outcome, Write};
+pub(crate) use write::{Outcome, Turn, Write};
 
 /// Who may write an action a runner drives: its owner, at the epoch its
 /// claim gave it. A fenced request's writes land only if the action is
@@ -171,6 +171,7 @@ pub struct Store {
     watchers: Arc<Watchers>,
     stats: Arc<StoreStats>,
     backend: &'static str,
+    shared: bool,
     /// The migrations this connect applied (`0003 access`), oldest first.
     migrated: Vec<String>,
 }
@@ -252,7 +253,7 @@ impl Store {
             let caps = Caps {
                 returning: true,
                 writers: 1,
-                fences: false,
+                shared: false,
             };
             (
                 Pool::Sqlite(read),
@@ -299,7 +300,7 @@ impl Store {
             let caps = Caps {
                 returning: mariadb_has_returning(&version),
                 writers: MYSQL_WRITERS,
-                fences: true,
+                shared: true,
             };
             (
                 Pool::MySql(pool.clone()),
@@ -342,12 +343,21 @@ impl Store {
             watchers,
             stats,
             backend,
+            shared: caps.shared,
             migrated,
         })
     }
 
     pub fn backend(&self) -> &'static str {
         self.backend
+    }
+
+    /// Whether several servers may share this database (MySQL/MariaDB):
+    /// then it orders each target's actions, queued actions belong to
+    /// nobody until claimed at their turn, and runners' writes are fenced.
+    /// One server on SQLite keeps the order in memory.
+    pub(crate) fn shared(&self) -> bool {
+        self.shared
     }
 
     /// The migrations connecting applied (`0003 access`), oldest first:
@@ -459,12 +469,31 @@ impl Store {
     }
 
     /// Unfinished actions owned by nobody, or by `mine` (this server's
-    /// earlier self), oldest first, at most `limit`.
+    /// earlier self), oldest first, at most `limit`. Where several servers
+    /// share the database, running ones only: queued ones are claimed at
+    /// their turn ([`Store::heads`]).
     pub(crate) async fn unfinished(&self, mine: Option<&str>, limit: usize) -> Result<Vec<Action>> {
         let limit = limit.min(i64::MAX as usize) as i64;
+        let running_only = self.shared;
         Ok(match &self.read {
-            Pool::Sqlite(p) => sql::sqlite::unfinished(p, mine, limit).await?,
-            Pool::MySql(p) => sql::mysql::unfinished(p, mine, limit).await?,
+            Pool::Sqlite(p) => sql::sqlite::unfinished(p, mine, limit, running_only).await?,
+            Pool::MySql(p) => sql::mysql::unfinished(p, mine, limit, running_only).await?,
+        })
+    }
+
+    /// Queued actions whose turn has come (their target's head, none of its
+    /// actions running), owned by nobody; of `targets` only, if given;
+    /// oldest first, at most `limit`. Where several servers share the
+    /// database (on SQLite every queued action is its one server's).
+    pub(crate) async fn heads(
+        &self,
+        targets: Option<&[String]>,
+        limit: usize,
+    ) -> Result<Vec<Action>> {
+        let limit = limit.min(i64::MAX as usize) as i64;
+        Ok(match &self.read {
+            Pool::Sqlite(p) => sql::sqlite::heads(p, targets, limit).await?,
+            Pool::MySql(p) => sql::mysql::heads(p, targets, limit).await?,
         })
     }
 

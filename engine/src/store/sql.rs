@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
-use super::{BundleRow, Fence, KeyRow, Outcome, Write};
+use super::{BundleRow, Fence, KeyRow, Outcome, Turn, Write};
 use crate::model::{
     Action, ActionFilter, ActionId, ActionStatus, StepRecord, StepStatus, Timestamp,
 };
@@ -157,6 +157,18 @@ const START: CaseUpdate = CaseUpdate {
     row: start_row,
 };
 
+/// A queued action's claim at its turn (its target's head, checked just
+/// before): only if nobody claimed it or asked for its cancel meanwhile.
+const CLAIM: CaseUpdate = CaseUpdate {
+    table: "actions",
+    key: "id",
+    set: "status = 'running', epoch = epoch + 1, revision = revision + 1",
+    columns: START.columns,
+    matching: None,
+    cond: Some("status = 'queued' AND owner IS NULL AND cancel_requested_at IS NULL"),
+    row: start_row,
+};
+
 /// No revision bump: a success always commits with the next write, which bumps.
 const STEP_SUCCEEDED: CaseUpdate = CaseUpdate {
     table: "action_steps",
@@ -216,6 +228,7 @@ fn start_row(w: &Write) -> (ActionId, Vec<Arg<'_>>) {
             owner,
             lease_until,
             at,
+            ..
         } => (
             *id,
             vec![Arg::Text(owner), Arg::Time(*lease_until), Arg::Time(*at)],
@@ -273,6 +286,11 @@ fn succeeded_row(w: &Write) -> (ActionId, Vec<Arg<'_>>) {
         Write::Finish { id, at, .. } => (*id, vec![Arg::Time(*at)]),
         _ => unreachable!("SUCCEEDED takes finishes"),
     }
+}
+
+/// Whether an insert asks to start its action with it.
+fn wants_start(w: &Write) -> bool {
+    matches!(w, Write::Insert { start: Some(_), steps, .. } if !steps.is_empty())
 }
 
 /// `?, ?, ?` (`n` placeholders).
@@ -392,11 +410,12 @@ macro_rules! sql_backend {
                 conn: &mut $conn,
                 writes: &[&Write],
                 fences: &[Option<&Fence>],
+                shared: bool,
                 returning: bool,
                 implicit: bool,
             ) -> Result<(Vec<Outcome>, u64), ApplyError> {
                 if implicit {
-                    let applied = apply_in(conn, writes, fences, returning).await?;
+                    let applied = apply_in(conn, writes, fences, shared, returning).await?;
                     sqlx::raw_sql("COMMIT")
                         .execute(&mut *conn)
                         .await
@@ -409,24 +428,34 @@ macro_rules! sql_backend {
                 // if another connection wrote meanwhile, as the server's
                 // lease renewal does.
                 let mut tx = sqlx::Connection::begin_with(conn, "BEGIN IMMEDIATE").await?;
-                let applied = apply_in(&mut tx, writes, fences, returning).await?;
+                let applied = apply_in(&mut tx, writes, fences, shared, returning).await?;
                 tx.commit().await.map_err(ApplyError::at_commit)?;
                 Ok(applied)
             }
 
             /// `fences` is empty (nothing is checked) or has each write's
-            /// request's fence, if any.
+            /// request's fence, if any. With `shared` (several servers may
+            /// share the database), inserts take their target's next `seq`
+            /// and start only if the target is idle here too, and starts
+            /// with a [`Turn`] are claims, made first (their requests are
+            /// fenced on the epoch the claim gives).
             async fn apply_in(
                 tx: &mut $conn,
                 writes: &[&Write],
                 fences: &[Option<&Fence>],
+                shared: bool,
                 returning: bool,
             ) -> Result<(Vec<Outcome>, u64), sqlx::Error> {
                 let mut out = vec![Outcome::Done { rows: 0 }; writes.len()];
-                let mut rows = 0;
+                let turns = if shared { claim_turns(tx, writes).await? } else { Default::default() };
+                let mut rows = turns.values().filter(|&&claimed| claimed).count() as u64;
                 let lost = check_fences(tx, fences).await?;
                 let mut segment = Segment::default();
                 for (i, w) in writes.iter().enumerate() {
+                    if let Some(&claimed) = turns.get(&i) {
+                        out[i] = Outcome::Done { rows: u64::from(claimed) };
+                        continue;
+                    }
                     if fences.get(i).copied().flatten().is_some_and(|f| lost.contains(&(&*f.owner, f.id, f.epoch))) {
                         out[i] = Outcome::Fenced;
                         continue;
@@ -434,15 +463,91 @@ macro_rules! sql_backend {
                     if segment.add(i, w) {
                         continue;
                     }
-                    rows += run_segment(tx, &mut segment, writes, &mut out, returning).await?;
+                    rows += run_segment(tx, &mut segment, writes, &mut out, shared, returning).await?;
                     if !segment.add(i, w) {
-                        let outcome = apply_one(tx, w, returning).await?;
+                        let outcome = apply_one(tx, w, shared, returning).await?;
                         rows += outcome.rows();
                         out[i] = outcome;
                     }
                 }
-                rows += run_segment(tx, &mut segment, writes, &mut out, returning).await?;
+                rows += run_segment(tx, &mut segment, writes, &mut out, shared, returning).await?;
                 Ok((out, rows))
+            }
+
+            /// Claims the queued actions whose starts carry a [`Turn`], each
+            /// only if it is its target's head; returns, by write index,
+            /// whether it was claimed. Each target's row is written first
+            /// (sorted, so concurrent claims lock in one order): two starts
+            /// of one target, wherever they run, are serialized by it (on
+            /// one node by its row lock, on Galera by certification), and
+            /// the reads after it see every earlier start (the writer's
+            /// connections read committed).
+            async fn claim_turns(
+                tx: &mut $conn,
+                writes: &[&Write],
+            ) -> Result<std::collections::HashMap<usize, bool>, sqlx::Error> {
+                let claims: Vec<(usize, &Write, &Turn)> = writes
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, w)| match w {
+                        Write::Start { turn: Some(t), .. } => Some((i, *w, t)),
+                        _ => None,
+                    })
+                    .collect();
+                let mut out = std::collections::HashMap::new();
+                if claims.is_empty() {
+                    return Ok(out);
+                }
+                let mut targets: Vec<&str> = claims.iter().map(|c| c.2.target.as_str()).collect();
+                targets.sort_unstable();
+                targets.dedup();
+                let text = format!(
+                    "INSERT INTO targets (target, last_seq, starts) VALUES {} ON DUPLICATE KEY UPDATE starts = starts + 1",
+                    rows("(?, 0, 1)", targets.len())
+                );
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(text));
+                for t in &targets {
+                    q = q.bind(*t);
+                }
+                q.execute(&mut *tx).await?;
+                // Heads: queued, unclaimed, and the lowest seq of their
+                // target's unfinished actions, so none of those runs.
+                let text = format!(
+                    "SELECT a.id FROM actions a WHERE a.id IN ({}) AND a.status = 'queued' AND a.owner IS NULL \
+                     AND a.cancel_requested_at IS NULL AND a.seq = (SELECT MIN(b.seq) FROM actions b \
+                     WHERE b.target = a.target AND b.status IN ('queued', 'running'))",
+                    placeholders(claims.len())
+                );
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(text));
+                for c in &claims {
+                    q = q.bind(c.1.action_id());
+                }
+                let heads: Vec<ActionId> =
+                    q.fetch_all(&mut *tx).await?.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?;
+                let take: Vec<&Write> = claims
+                    .iter()
+                    .filter(|c| c.1.action_id().is_some_and(|id| heads.contains(&id)))
+                    .map(|c| c.1)
+                    .collect();
+                let mut won = heads.clone();
+                if !take.is_empty() && case_update(tx, &CLAIM, &take).await? < take.len() as u64 {
+                    // Taken meanwhile by a claim that did not wait for the
+                    // target's row (none should): which are ours.
+                    let text = format!(
+                        "SELECT id FROM actions WHERE status = 'running' AND owner = ? AND id IN ({})",
+                        placeholders(take.len())
+                    );
+                    let Write::Start { owner, .. } = take[0] else { unreachable!("claims are starts") };
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(text)).bind(owner.clone());
+                    for w in &take {
+                        q = q.bind(w.action_id());
+                    }
+                    won = q.fetch_all(&mut *tx).await?.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?;
+                }
+                for (i, w, _) in claims {
+                    out.insert(i, w.action_id().is_some_and(|id| won.contains(&id)));
+                }
+                Ok(out)
             }
 
             /// Checks every fence of the batch in one statement, before any
@@ -509,12 +614,13 @@ macro_rules! sql_backend {
                 seg: &mut Segment,
                 writes: &[&Write],
                 out: &mut [Outcome],
+                shared: bool,
                 returning: bool,
             ) -> Result<u64, sqlx::Error> {
                 let mut rows = 0;
                 let pick = |idx: &[usize]| idx.iter().map(|&i| writes[i]).collect::<Vec<&Write>>();
                 if !seg.inserts.is_empty() {
-                    rows += insert_actions(tx, &seg.inserts, writes, out, returning).await?;
+                    rows += insert_actions(tx, &seg.inserts, writes, out, shared, returning).await?;
                 }
                 if !seg.starts.is_empty() {
                     let starts = pick(&seg.starts);
@@ -568,30 +674,107 @@ macro_rules! sql_backend {
                 idx: &[usize],
                 writes: &[&Write],
                 out: &mut [Outcome],
+                shared: bool,
                 returning: bool,
             ) -> Result<u64, sqlx::Error> {
                 let items: Vec<&Write> = idx.iter().map(|&i| writes[i]).collect();
-                let (ids, rows) = insert_rows(tx, &items, returning).await?;
-                for (&i, id) in idx.iter().zip(ids) {
-                    out[i] = Outcome::Inserted(id);
+                let (inserted, rows) = insert_rows(tx, &items, shared, returning).await?;
+                for (&i, outcome) in idx.iter().zip(inserted) {
+                    out[i] = outcome;
                 }
                 Ok(rows)
             }
 
-            /// Inserts actions and their steps; returns their ids, in order,
-            /// and the rows written. [`Write::inserted`] is the same in memory.
+            /// Takes each insert's `seq` from its target's row (created, or
+            /// moved on by the batch's count: sorted, so concurrent batches
+            /// lock in one order) and says which start: those that ask to,
+            /// whose target has no unfinished action, here or before them
+            /// in the batch. The target's row is held to the commit, so the
+            /// answer stays true (every start of a target writes it).
+            async fn sequence(tx: &mut $conn, items: &[&Write]) -> Result<Vec<(bool, Option<i64>)>, sqlx::Error> {
+                let target = |w: &Write| match w {
+                    Write::Insert { new, .. } => new.target.clone(),
+                    _ => unreachable!("only inserts are sequenced"),
+                };
+                let mut counts = std::collections::BTreeMap::<String, i64>::new();
+                for w in items {
+                    *counts.entry(target(w)).or_default() += 1;
+                }
+                let text = format!(
+                    "INSERT INTO targets (target, last_seq) VALUES {} \
+                     ON DUPLICATE KEY UPDATE last_seq = last_seq + VALUES(last_seq)",
+                    rows("(?, ?)", counts.len())
+                );
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(text));
+                for (t, n) in &counts {
+                    q = q.bind(t.clone()).bind(*n);
+                }
+                q.execute(&mut *tx).await?;
+                let bind_targets = |text: String| {
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(text));
+                    for t in counts.keys() {
+                        q = q.bind(t.clone());
+                    }
+                    q
+                };
+                let text = format!("SELECT target, last_seq FROM targets WHERE target IN ({})", placeholders(counts.len()));
+                let mut next = std::collections::HashMap::<String, i64>::new();
+                for row in bind_targets(text).fetch_all(&mut *tx).await? {
+                    let (t, last): (String, i64) = (row.try_get(0)?, row.try_get(1)?);
+                    let first = last - counts.get(&t).copied().unwrap_or(0) + 1;
+                    next.insert(t, first);
+                }
+                let mut busy = std::collections::HashSet::<String>::new();
+                if items.iter().any(|w| wants_start(w)) {
+                    let text = format!(
+                        "SELECT DISTINCT target FROM actions WHERE target IN ({}) AND status IN ('queued', 'running')",
+                        placeholders(counts.len())
+                    );
+                    for row in bind_targets(text).fetch_all(&mut *tx).await? {
+                        busy.insert(row.try_get(0)?);
+                    }
+                }
+                items
+                    .iter()
+                    .map(|w| {
+                        let t = target(w);
+                        let seq = next.get_mut(&t).ok_or_else(|| {
+                            sqlx::Error::Protocol(format!("no targets row for {t:?} after writing it"))
+                        })?;
+                        let this = *seq;
+                        *seq += 1;
+                        // Whatever it does, a later insert of the target is behind it.
+                        let begins = wants_start(w) && busy.insert(t);
+                        Ok((begins, Some(this)))
+                    })
+                    .collect()
+            }
+
+            /// Inserts actions and their steps; returns their outcomes
+            /// ([`Outcome::Inserted`], or [`Outcome::Behind`] for one that
+            /// asked to start but found its target busy), in order, and the
+            /// rows written. [`Write::inserted`] is the same in memory.
             async fn insert_rows(
                 tx: &mut $conn,
                 items: &[&Write],
+                shared: bool,
                 returning: bool,
-            ) -> Result<(Vec<ActionId>, u64), sqlx::Error> {
-                // Epoch 1: the inserting server holds it, queued or running.
-                const ROW: &str = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)";
+            ) -> Result<(Vec<Outcome>, u64), sqlx::Error> {
+                // (starts, seq) of each; one server orders its targets in memory.
+                let plan = if shared {
+                    sequence(tx, items).await?
+                } else {
+                    items.iter().map(|w| (wants_start(w), None)).collect()
+                };
+                // The inserting server holds it from epoch 1; nobody holds
+                // an action queued where several servers share the database.
+                const ROW: &str = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
                 const INSERT: &str = "INSERT INTO actions (kind, target, params, status, bundle, idempotency_key, \
-                                      submitted_by, request_hash, owner, revision, created_at, started_at, lease_expires_at, current_step, epoch) VALUES ";
-                let bind = |q: Q, w: &Write| match w {
+                                      submitted_by, request_hash, owner, revision, created_at, started_at, lease_expires_at, current_step, epoch, seq) VALUES ";
+                let bind = |q: Q, w: &Write, (begun, seq): (bool, Option<i64>)| match w {
                     Write::Insert { new, bundle, request_hash, owner, steps, at, start, .. } => {
-                        let begun = start.is_some() && !steps.is_empty();
+                        // One that asked to start but is behind another: nobody's.
+                        let owner = owner.as_ref().filter(|_| begun || !wants_start(w));
                         q.bind(&new.kind)
                             .bind(&new.target)
                             .bind(serde_json::to_string(&new.params).expect("a JSON map serializes"))
@@ -606,16 +789,20 @@ macro_rules! sql_backend {
                             .bind(begun.then_some(*at))
                             .bind(start.filter(|_| begun))
                             .bind(steps.first().filter(|_| begun).map(|(name, _)| name.clone()))
+                            .bind(i64::from(owner.is_some()))
+                            .bind(seq)
                     }
                     _ => unreachable!("only inserts are inserted"),
                 };
                 let mut ids = Vec::with_capacity(items.len());
                 if returning {
+                    let mut from = 0;
                     for chunk in pow2_chunks(items, 128) {
                         let mut q = sqlx::query(sqlx::AssertSqlSafe(format!("{INSERT}{} RETURNING id", rows(ROW, chunk.len()))));
-                        for w in chunk {
-                            q = bind(q, w);
+                        for (w, p) in chunk.iter().zip(&plan[from..]) {
+                            q = bind(q, w, *p);
                         }
+                        from += chunk.len();
                         let mut got: Vec<ActionId> =
                             q.fetch_all(&mut *tx).await?.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?;
                         // Rows are inserted in order, so ids rise with them.
@@ -630,8 +817,8 @@ macro_rules! sql_backend {
                         ids.extend(got);
                     }
                 } else {
-                    for w in items {
-                        let q = bind(sqlx::query(sqlx::AssertSqlSafe(format!("{INSERT}{ROW}"))), w);
+                    for (w, p) in items.iter().zip(&plan) {
+                        let q = bind(sqlx::query(sqlx::AssertSqlSafe(format!("{INSERT}{ROW}"))), w, *p);
                         ids.push(q.execute(&mut *tx).await?.$last_id() as ActionId);
                     }
                 }
@@ -640,10 +827,10 @@ macro_rules! sql_backend {
                 // node, if it was placed on one).
                 type Row<'a> = (ActionId, usize, &'a String, &'a String, Option<Timestamp>, Option<&'a String>);
                 let mut steps: Vec<Row<'_>> = Vec::new();
-                for (w, &id) in items.iter().zip(&ids) {
-                    if let Write::Insert { steps: s, start, at, node, .. } = w {
+                for ((w, &id), &(begun, _)) in items.iter().zip(&ids).zip(&plan) {
+                    if let Write::Insert { steps: s, at, node, .. } = w {
                         steps.extend(s.iter().enumerate().map(|(seq, (name, step))| {
-                            let first = start.is_some() && seq == 0;
+                            let first = begun && seq == 0;
                             (id, seq, name, step, first.then_some(*at), node.as_ref().filter(|_| first))
                         }));
                     }
@@ -668,7 +855,15 @@ macro_rules! sql_backend {
                     }
                     written += q.execute(&mut *tx).await?.rows_affected();
                 }
-                Ok((ids, written))
+                let outcomes = items
+                    .iter()
+                    .zip(ids)
+                    .zip(&plan)
+                    .map(|((w, id), &(begun, _))| {
+                        if wants_start(w) && !begun { Outcome::Behind(id) } else { Outcome::Inserted(id) }
+                    })
+                    .collect();
+                Ok((outcomes, written))
             }
 
             /// Runs `spec` over `items` in chunks, each padded to a power of
@@ -709,7 +904,7 @@ macro_rules! sql_backend {
                 Ok(rows)
             }
 
-            async fn apply_one(tx: &mut $conn, w: &Write, returning: bool) -> Result<Outcome, sqlx::Error> {
+            async fn apply_one(tx: &mut $conn, w: &Write, shared: bool, returning: bool) -> Result<Outcome, sqlx::Error> {
                 let rows = match w {
                     Write::Insert { new, request_hash, .. } => {
                         if let Some(key) = &new.idempotency_key {
@@ -726,8 +921,8 @@ macro_rules! sql_backend {
                                 });
                             }
                         }
-                        let (ids, _) = insert_rows(tx, &[w], returning).await?;
-                        return Ok(Outcome::Inserted(ids[0]));
+                        let (outcomes, _) = insert_rows(tx, &[w], shared, returning).await?;
+                        return Ok(outcomes[0]);
                     }
                     // These always join a segment (an empty one takes any of them).
                     Write::Start { .. } | Write::StepStarted { .. } | Write::StepSucceeded { .. } => {
@@ -1179,12 +1374,56 @@ macro_rules! sql_backend {
             }
 
             /// Unfinished actions owned by nobody, or by `mine` (this
-            /// server's earlier self), oldest first, at most `limit`.
-            pub(crate) async fn unfinished(pool: &$pool, mine: Option<&str>, limit: i64) -> Result<Vec<Action>, sqlx::Error> {
-                const Q: &str = select_actions!(
+            /// server's earlier self), oldest first, at most `limit`. With
+            /// `running_only`, no queued ones (several servers: they are
+            /// claimed at their turn, [`heads`]).
+            pub(crate) async fn unfinished(
+                pool: &$pool,
+                mine: Option<&str>,
+                limit: i64,
+                running_only: bool,
+            ) -> Result<Vec<Action>, sqlx::Error> {
+                const ALL: &str = select_actions!(
                     " WHERE status IN ('queued', 'running') AND (owner IS NULL OR owner = ?) ORDER BY id LIMIT ?"
                 );
-                let rows = sqlx::query(Q).bind(mine).bind(limit).fetch_all(pool).await?;
+                const RUNNING: &str = select_actions!(
+                    " WHERE status = 'running' AND (owner IS NULL OR owner = ?) ORDER BY id LIMIT ?"
+                );
+                let q = if running_only { RUNNING } else { ALL };
+                let rows = sqlx::query(q).bind(mine).bind(limit).fetch_all(pool).await?;
+                let mut out = Vec::with_capacity(rows.len());
+                for row in &rows {
+                    out.push(with_steps(pool, action_row(row)?).await?);
+                }
+                Ok(out)
+            }
+
+            /// Queued actions whose turn has come: each its target's head
+            /// (lowest `seq` queued) with none of the target's actions
+            /// running, owned by nobody; of `targets` only, if given;
+            /// oldest first, at most `limit`. Several servers only.
+            pub(crate) async fn heads(
+                pool: &$pool,
+                targets: Option<&[String]>,
+                limit: i64,
+            ) -> Result<Vec<Action>, sqlx::Error> {
+                // One index probe per target with queued work (a loose scan
+                // of `actions_ready`), however many are queued behind.
+                let only = targets.map_or(String::new(), |t| format!(" AND target IN ({})", placeholders(t.len())));
+                let text = format!(
+                    "SELECT {} FROM actions a JOIN \
+                       (SELECT target AS h_target, MIN(seq) AS h_seq FROM actions WHERE status = 'queued'{only} GROUP BY target) h \
+                       ON a.status = 'queued' AND a.target = h.h_target AND a.seq = h.h_seq \
+                     WHERE a.owner IS NULL \
+                       AND NOT EXISTS (SELECT 1 FROM actions r WHERE r.status = 'running' AND r.target = h.h_target) \
+                     ORDER BY a.id LIMIT ?",
+                    action_columns!().split(", ").map(|c| format!("a.{c}")).collect::<Vec<_>>().join(", ")
+                );
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(text));
+                for t in targets.unwrap_or_default() {
+                    q = q.bind(t.clone());
+                }
+                let rows = q.bind(limit).fetch_all(pool).await?;
                 let mut out = Vec::with_capacity(rows.len());
                 for row in &rows {
                     out.push(with_steps(pool, action_row(row)?).await?);

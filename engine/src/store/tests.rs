@@ -41,7 +41,7 @@ fn insert(target: &str, key: Option<&str>, start: bool) -> Write {
         },
         bundle: "b".repeat(64),
         request_hash: "h".repeat(64),
-        owner: "test".into(),
+        owner: Some("test".into()),
         steps: (0..3)
             .map(|i| (format!("s{i}"), "noop".to_owned()))
             .collect(),
@@ -62,6 +62,7 @@ fn batch(a: ActionId, b: ActionId, c: ActionId, d: ActionId) -> Vec<Write> {
         owner: "test".into(),
         lease_until: at(60_000),
         at: at(ms),
+        turn: None,
     };
     let step_started = |id, seq, ms| Write::StepStarted {
         id,
@@ -344,6 +345,7 @@ async fn live_actions_publish_their_end() {
         owner: "test".into(),
         lease_until: at(60_000),
         at: at(2),
+        turn: None,
     };
     store.write(vec![start]).await.unwrap();
     let outcome = store

@@ -21,8 +21,8 @@ pub struct Change {
 
 /// Per-action watch channels, created when someone waits on an action and
 /// dropped once nobody does, so a commit wakes only that action's waiters.
-/// Also the set of live actions: those this server inserted or resumed and
-/// has not yet seen end. A waiter that finds its action live needs not read
+/// Also the set of live actions: those this server inserted (to run here),
+/// claimed or resumed and has not yet seen end. A waiter that finds its action live needs not read
 /// it first: its end is still to be published, under the same lock.
 #[derive(Default)]
 pub(super) struct Watchers {
@@ -61,7 +61,17 @@ impl Watchers {
             let (ended, last) = match (w, outcome) {
                 // Not written: nothing changed.
                 (_, Outcome::Fenced) => continue,
-                (Write::Insert { .. }, Outcome::Inserted(id)) => {
+                // Owned by nobody (several servers), it may end elsewhere.
+                (Write::Insert { owner: Some(_), .. }, Outcome::Inserted(id)) => {
+                    live.insert(*id);
+                    continue;
+                }
+                (
+                    Write::Start {
+                        turn: Some(_), id, ..
+                    },
+                    Outcome::Done { rows: 1 },
+                ) => {
                     live.insert(*id);
                     continue;
                 }

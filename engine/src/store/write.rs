@@ -14,14 +14,19 @@ pub(crate) enum Write {
         new: NewAction,
         bundle: String,
         request_hash: String,
-        owner: String,
+        /// The server that runs it. `None`: queued and owned by nobody,
+        /// where several servers share the database; whichever has room
+        /// claims it at its turn ([`Write::Start`] with a [`Turn`]).
+        owner: Option<String>,
         /// (name, step definition) for each step, in order.
         steps: Vec<(String, String)>,
         at: Timestamp,
         /// Set when Control starts the action as it is inserted (its target
         /// was idle): the action is stored `running` under `owner`'s lease
         /// until this time, with its first step started (attempt 1), which
-        /// saves the separate commit that would start it.
+        /// saves the separate commit that would start it. Where several
+        /// servers share the database, only if the database finds its
+        /// target idle too ([`Outcome::Behind`] otherwise).
         start: Option<Timestamp>,
         /// With `start`: the node the first step was placed on, when it
         /// requires one and one was free at submission.
@@ -32,6 +37,8 @@ pub(crate) enum Write {
         owner: String,
         lease_until: Timestamp,
         at: Timestamp,
+        /// Set for a queued action owned by nobody: the start is a claim.
+        turn: Option<Turn>,
     },
     StepStarted {
         id: ActionId,
@@ -158,6 +165,19 @@ pub(crate) enum Write {
     },
 }
 
+/// A claim of a queued action owned by nobody (several servers share the
+/// database). It is taken, and its epoch bumped, only if it is still queued
+/// and unclaimed, no cancel was asked for, and it is its target's head: the
+/// lowest `seq` of the target's unfinished actions, so none of them runs.
+/// Otherwise the start answers `Done { rows: 0 }` and the request's other
+/// writes [`Outcome::Fenced`]: it is not this server's to run, or not yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Turn {
+    pub(crate) target: String,
+    /// The epoch the claimer read.
+    pub(crate) epoch: i64,
+}
+
 impl Write {
     /// Applies this write to `action` in memory exactly as its SQL changes
     /// the rows (`store::tests` holds the two to each other).
@@ -169,12 +189,17 @@ impl Write {
             action.steps.iter_mut().find(|s| s.seq == seq)
         }
         match self {
-            Write::Start { owner, at, .. } => {
+            Write::Start {
+                owner, at, turn, ..
+            } => {
                 if matches!(action.status, ActionStatus::Queued | ActionStatus::Running) {
                     action.status = ActionStatus::Running;
                     action.owner = Some(owner.clone());
                     action.started_at.get_or_insert(*at);
                     action.revision += 1;
+                    if let Some(turn) = turn {
+                        action.epoch = turn.epoch + 1;
+                    }
                 }
             }
             // Only for a running action, as in the SQL.
@@ -304,8 +329,10 @@ impl Write {
             error: None,
             idempotency_key: new.idempotency_key.clone(),
             submitted_by: new.submitted_by.clone(),
-            owner: Some(owner.clone()),
-            epoch: 1,
+            owner: owner.clone(),
+            // The inserting server holds it from epoch 1; nobody holds a
+            // queued action until it is claimed.
+            epoch: i64::from(owner.is_some()),
             revision: i64::from(begun),
             created_at: *at,
             started_at: begun.then_some(*at),
@@ -393,6 +420,10 @@ pub(crate) enum Outcome {
         rows: u64,
     },
     Inserted(ActionId),
+    /// Inserted queued, owned by nobody, though it asked to start: the
+    /// database found its target busy (another server runs or holds one of
+    /// its actions). It starts when its turn comes, on whichever server.
+    Behind(ActionId),
     /// The idempotency key exists with the same request.
     Existing(ActionId),
     /// The idempotency key exists with a different request.
@@ -406,7 +437,7 @@ impl Outcome {
     pub(crate) fn rows(&self) -> u64 {
         match self {
             Outcome::Done { rows } => *rows,
-            Outcome::Inserted(_) => 1,
+            Outcome::Inserted(_) | Outcome::Behind(_) => 1,
             Outcome::Existing(_) | Outcome::Conflict | Outcome::Fenced => 0,
         }
     }

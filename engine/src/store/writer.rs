@@ -17,9 +17,12 @@ pub(super) struct Caps {
     /// Group commits in flight at once: one for SQLite, which has a single
     /// writer lock; more for a server, which flushes concurrent commits together.
     pub(super) writers: usize,
-    /// Whether fenced requests are checked ([`super::Fence`]): where several
-    /// servers may share the database.
-    pub(super) fences: bool,
+    /// Several servers may share the database (MySQL/MariaDB): fenced
+    /// requests are checked ([`super::Fence`]), a target's order is kept in
+    /// the database (`targets`, `seq`) and queued actions are claimed at
+    /// their turn ([`super::Turn`]). One server on SQLite keeps these in
+    /// memory.
+    pub(super) shared: bool,
 }
 
 pub(super) struct Request {
@@ -289,7 +292,7 @@ impl WriterConn {
         fences: &[Option<&super::Fence>],
         stats: &StoreStats,
     ) -> Result<Vec<Outcome>, Failed> {
-        let fences = if caps.fences { fences } else { &[] };
+        let fences = if caps.shared { fences } else { &[] };
         let began = std::time::Instant::now();
         let conn = match &mut self.conn {
             Some(conn) => conn,
@@ -311,8 +314,12 @@ impl WriterConn {
             }),
         };
         let result = match conn {
-            Conn::Sqlite(c) => sql::sqlite::apply(c, writes, fences, caps.returning, false).await,
-            Conn::MySql(c) => sql::mysql::apply(c, writes, fences, caps.returning, true).await,
+            Conn::Sqlite(c) => {
+                sql::sqlite::apply(c, writes, fences, caps.shared, caps.returning, false).await
+            }
+            Conn::MySql(c) => {
+                sql::mysql::apply(c, writes, fences, caps.shared, caps.returning, true).await
+            }
         };
         let (outcomes, rows) = result.inspect_err(|_| self.conn = None)?;
         stats.transactions.fetch_add(1, Ordering::Relaxed);

@@ -302,3 +302,52 @@ async fn a_cancel_through_another_server_ends_the_action() {
     let took = asked.elapsed();
     assert!(took < Duration::from_secs(10), "took {took:?}\n{}", a.log());
 }
+
+/// One target's actions submitted round-robin through three servers run
+/// one at a time, in the order they were submitted, whichever server
+/// received each and whichever runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_targets_actions_run_one_at_a_time_in_order_across_servers() {
+    let env = Env::new(Db::MySql).await;
+    let servers = [
+        env.serve_with(&["--server-id", "s-a"]),
+        env.serve_another(&["--server-id", "s-b"]),
+        env.serve_another(&["--server-id", "s-c"]),
+    ];
+    let mut ids = Vec::new();
+    for n in 0..12 {
+        let through = &servers[n % 3];
+        ids.push(through.submit("sleep", "vps-1", json!({ "ms": 200 })).await);
+        // Another target between them, so the servers also have other work.
+        through
+            .submit("sleep", &format!("vps-other-{n}"), json!({ "ms": 50 }))
+            .await;
+    }
+    for &id in &ids {
+        let done = servers[0].finished(id).await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+    }
+    let pool = env.sql().await;
+    // Microseconds since the first start (one host, one clock).
+    let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT id, \
+                CAST(TIMESTAMPDIFF(MICROSECOND, '2000-01-01', started_at) AS SIGNED), \
+                CAST(TIMESTAMPDIFF(MICROSECOND, '2000-01-01', finished_at) AS SIGNED) \
+         FROM actions WHERE target = 'vps-1' ORDER BY started_at, id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let started: Vec<i64> = rows.iter().map(|r| r.0).collect();
+    assert_eq!(started, ids, "started out of submission order");
+    for pair in rows.windows(2) {
+        assert!(
+            pair[1].1 >= pair[0].2,
+            "{} started at {} before {} finished at {}",
+            pair[1].0,
+            pair[1].1,
+            pair[0].0,
+            pair[0].2
+        );
+    }
+}
