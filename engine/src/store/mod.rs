@@ -291,12 +291,13 @@ impl Store {
                 .acquire_timeout(Duration::from_secs(10))
                 .connect_with(opts)
                 .await?;
-            let migrator = sqlx::migrate!("../migrations/mysql");
-            let pending = pending(&migrator, &Pool::MySql(pool.clone())).await;
-            migrator.run(&pool).await?;
             let version: String = sqlx::query_scalar("SELECT VERSION()")
                 .fetch_one(&pool)
                 .await?;
+            supported(&version).map_err(Error::DatabaseConnect)?;
+            let migrator = sqlx::migrate!("../migrations/mysql");
+            let pending = pending(&migrator, &Pool::MySql(pool.clone())).await;
+            migrator.run(&pool).await?;
             let caps = Caps {
                 returning: mariadb_has_returning(&version),
                 writers: MYSQL_WRITERS,
@@ -600,6 +601,32 @@ impl Store {
 /// A database URL with any password replaced, for messages and logs.
 /// The migrations of `migrator` the database has not applied yet, as
 /// `0003 access`.
+/// Refuses a MySQL or MariaDB older than the oldest releases still
+/// maintained (MariaDB 10.6, MySQL 8.0), before anything is written: what
+/// troupe's claims and fences need (conditional `UPDATE`s, row
+/// constructors, READ COMMITTED) is older, but nothing older is tested, and
+/// several servers on an unmaintained database is a guarantee on trust.
+/// `version` is what `SELECT VERSION()` says (`10.11.6-MariaDB-0+deb12u1`,
+/// `8.0.36`).
+fn supported(version: &str) -> std::result::Result<(), String> {
+    let mut parts = version.split(['.', '-']).map(|p| p.parse::<u32>().ok());
+    let (Some(Some(major)), Some(Some(minor))) = (parts.next(), parts.next()) else {
+        return Err(format!("cannot read the database's version {version:?}"));
+    };
+    let (name, oldest) = if version.contains("MariaDB") {
+        ("MariaDB", (10, 6))
+    } else {
+        ("MySQL", (8, 0))
+    };
+    if (major, minor) < oldest {
+        return Err(format!(
+            "{name} {major}.{minor} is too old: troupe needs MariaDB 10.6 or later, or MySQL 8.0 or \
+             later (the oldest releases still maintained); upgrade the database server"
+        ));
+    }
+    Ok(())
+}
+
 async fn pending(migrator: &sqlx::migrate::Migrator, pool: &Pool) -> Vec<String> {
     const APPLIED: &str = "SELECT version FROM _sqlx_migrations WHERE success";
     // No table yet: nothing applied.

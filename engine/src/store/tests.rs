@@ -24,6 +24,33 @@ fn knows_which_servers_have_insert_returning() {
     assert!(!super::mariadb_has_returning("8.0.36"));
 }
 
+#[test]
+fn refuses_databases_older_than_the_oldest_maintained() {
+    for ok in [
+        "10.11.6-MariaDB-0+deb12u1",
+        "10.6.0-MariaDB",
+        "11.4.2-MariaDB-log",
+        "8.0.36",
+        "8.4.0",
+        "9.1.0",
+    ] {
+        assert_eq!(super::supported(ok), Ok(()), "{ok}");
+    }
+    let old = super::supported("10.5.23-MariaDB-0+deb11u1").unwrap_err();
+    assert!(
+        old.starts_with("MariaDB 10.5 is too old: troupe needs MariaDB 10.6 or later"),
+        "{old}"
+    );
+    assert!(old.contains("upgrade the database server"), "{old}");
+    let old = super::supported("5.7.44-log").unwrap_err();
+    assert!(old.starts_with("MySQL 5.7 is too old"), "{old}");
+    assert!(
+        super::supported("garbage")
+            .unwrap_err()
+            .contains("\"garbage\"")
+    );
+}
+
 fn at(ms: i64) -> Timestamp {
     Utc.timestamp_millis_opt(1_800_000_000_000 + ms).unwrap()
 }

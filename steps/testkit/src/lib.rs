@@ -45,6 +45,50 @@ fn record(_cx: &Context<'_>, input: StepInput<Value>) -> Result<Value, StepError
 }
 
 #[derive(Deserialize)]
+struct MarkSettings {
+    /// The side-effect log: a file lines are appended to.
+    path: String,
+    ms: u64,
+}
+
+/// A side effect tests can count: appends a `start` line, sleeps `ms`
+/// (honouring cancellation), appends an `end` line. Each line is one JSON
+/// object (event, action, target, attempt, the step host's pid and its
+/// parent's, the time in
+/// µs since the epoch), written with one `write` to a file opened for
+/// appending, so lines from concurrent step hosts never interleave. The
+/// host's parent is the server or node that runs it.
+fn mark(cx: &Context<'_>, input: StepInput<MarkSettings>) -> Result<Value, StepError> {
+    use std::io::Write;
+    let line = |event: &str| {
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        let mut text = json!({
+            "event": event,
+            "action": input.action.id,
+            "target": input.action.target,
+            "attempt": input.attempt,
+            "pid": std::process::id(),
+            "ppid": std::os::unix::process::parent_id(),
+            "at_us": at,
+        })
+        .to_string();
+        text.push('\n');
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&input.settings.path)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .map_err(StepError::fatal)
+    };
+    line("start")?;
+    cx.sleep(Duration::from_millis(input.settings.ms))?;
+    line("end")?;
+    Ok(json!({ "marked": input.settings.path }))
+}
+
+#[derive(Deserialize)]
 struct FailSettings {
     /// Fail with a retryable error on the first `retryable_times` attempts,
     /// then succeed. Without it, fail fatally every time.
@@ -289,6 +333,7 @@ troupe_sdk::export_steps! {
     "noop" => noop,
     "echo" => echo,
     "record" => record,
+    "mark" => mark,
     "fail" => fail,
     "sleep_ms" => sleep_ms,
     "panic" => panic,

@@ -373,6 +373,10 @@ pub(crate) struct Server {
     /// The file holding the server's first admin token.
     pub(crate) token_file: PathBuf,
     pub(crate) token: String,
+    /// How it was started, to start it again ([`Server::restart`]).
+    args: Vec<String>,
+    data_dir: PathBuf,
+    envs: Vec<(String, String)>,
 }
 
 impl Server {
@@ -424,6 +428,12 @@ impl Server {
             stderr_log: log,
             token_file,
             token,
+            args: args.to_vec(),
+            data_dir: data_dir.to_owned(),
+            envs: envs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         }
     }
 
@@ -618,6 +628,17 @@ impl Server {
     pub(crate) fn kill9(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Stops the server with SIGTERM (it drains and hands its actions on)
+    /// and starts it again as it was started: same data directory and id,
+    /// a new port unless it was given one.
+    pub(crate) fn restart(self) -> Server {
+        let (args, dir, envs) = (self.args.clone(), self.data_dir.clone(), self.envs.clone());
+        let status = self.sigterm();
+        assert!(status.success(), "troupe exited with {status} on SIGTERM");
+        let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (&**k, &**v)).collect();
+        Server::start(&args, &dir, &envs)
     }
 
     /// Sends SIGTERM and waits (at most 30 s) for the process to exit.

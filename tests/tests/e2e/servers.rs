@@ -351,3 +351,181 @@ async fn one_targets_actions_run_one_at_a_time_in_order_across_servers() {
         );
     }
 }
+
+/// One line of the `marked` kind's side-effect log.
+#[derive(Debug, Clone)]
+struct Mark {
+    event: String,
+    action: i64,
+    target: String,
+    attempt: u64,
+    /// The process that ran the step host: the server.
+    ppid: u32,
+    at_us: u64,
+}
+
+fn marks(dir: &std::path::Path) -> Vec<Mark> {
+    let text = std::fs::read_to_string(dir.join("marks.jsonl")).unwrap_or_default();
+    text.lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}"));
+            Mark {
+                event: v["event"].as_str().unwrap().to_owned(),
+                action: v["action"].as_i64().unwrap(),
+                target: v["target"].as_str().unwrap().to_owned(),
+                attempt: v["attempt"].as_u64().unwrap(),
+                ppid: v["ppid"].as_u64().unwrap() as u32,
+                at_us: v["at_us"].as_u64().unwrap(),
+            }
+        })
+        .collect()
+}
+
+/// Checks the side-effect log of `ids`: each action's step that is not
+/// idempotent started once and ended once, and one target's steps never
+/// overlapped, starting in the order of their `seq`. Returns the servers
+/// (pids) that ran them.
+async fn check_marks(
+    env: &Env,
+    dir: &std::path::Path,
+    ids: &[i64],
+) -> std::collections::BTreeSet<u32> {
+    let all = marks(dir);
+    let pool = env.sql().await;
+    let seqs: std::collections::HashMap<i64, i64> =
+        sqlx::query_as::<_, (i64, i64)>("SELECT id, seq FROM actions WHERE seq IS NOT NULL")
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+    let mut by_target: std::collections::BTreeMap<&str, Vec<(u64, u64, i64)>> = Default::default();
+    for &id in ids {
+        let of: Vec<&Mark> = all.iter().filter(|m| m.action == id).collect();
+        let events: Vec<(&str, u64)> = of.iter().map(|m| (m.event.as_str(), m.attempt)).collect();
+        assert_eq!(events, [("start", 1), ("end", 1)], "action {id}: {of:?}");
+        assert_eq!(of[0].ppid, of[1].ppid, "{of:?}");
+        by_target
+            .entry(&of[0].target)
+            .or_default()
+            .push((of[0].at_us, of[1].at_us, seqs[&id]));
+    }
+    for (target, mut runs) in by_target {
+        runs.sort();
+        for pair in runs.windows(2) {
+            assert!(
+                pair[1].0 >= pair[0].1,
+                "{target}: a step started at {} before the one before it ended at {}",
+                pair[1].0,
+                pair[0].1
+            );
+            assert!(
+                pair[1].2 > pair[0].2,
+                "{target}: started out of seq order: {runs:?}"
+            );
+        }
+    }
+    all.iter().map(|m| m.ppid).collect()
+}
+
+/// Three servers share a load submitted through all of them: every action
+/// succeeds, its step that is not idempotent run once (a side-effect log
+/// the step writes), one target's actions never overlapping and starting
+/// in order; and every server ran some.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_servers_share_a_load_and_run_each_step_once() {
+    let env = Env::new(Db::MySql).await;
+    let dir = env.dir.join("marks");
+    std::fs::create_dir_all(&dir).unwrap();
+    let var = format!("record_dirs={}", dir.display());
+    let servers = [
+        env.serve_with(&["--server-id", "s-a", "--var", &var]),
+        env.serve_another(&["--server-id", "s-b", "--var", &var]),
+        env.serve_another(&["--server-id", "s-c", "--var", &var]),
+    ];
+    let params = json!({ "dir": dir, "ms": 20 });
+    let mut ids = Vec::new();
+    // 90 actions on 6 targets, nine submitted at once, round-robin.
+    for round in 0..10 {
+        let batch = (0..9).map(|k| {
+            let n = round * 9 + k;
+            let (server, params) = (&servers[n % 3], params.clone());
+            async move {
+                server
+                    .submit("marked", &format!("vps-{}", n % 6), params)
+                    .await
+            }
+        });
+        ids.extend(futures_util::future::join_all(batch).await);
+    }
+    for &id in &ids {
+        let done = servers[id as usize % 3].finished(id).await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+    }
+    let ran_on = check_marks(&env, &dir, &ids).await;
+    let pids: std::collections::BTreeSet<u32> = servers.iter().map(|s| s.pid()).collect();
+    assert_eq!(ran_on, pids, "every server ran some, and only they did");
+}
+
+/// A rolling restart of three servers under load: each in turn is stopped
+/// (SIGTERM: it drains and hands its actions on) and started again while
+/// the others keep taking submits. Every acknowledged action succeeds, its
+/// step that is not idempotent run once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_under_load_loses_nothing() {
+    let env = Env::new(Db::MySql).await;
+    let dir = env.dir.join("marks");
+    std::fs::create_dir_all(&dir).unwrap();
+    let var = format!("record_dirs={}", dir.display());
+    let flags = |id: &'static str| ["--server-id", id, "--var", var.as_str(), "--lease", "2s"];
+    let mut servers = [
+        Some(env.serve_with(&flags("s-a"))),
+        Some(env.serve_another(&flags("s-b"))),
+        Some(env.serve_another(&flags("s-c"))),
+    ];
+    let params = json!({ "dir": dir, "ms": 100 });
+    let mut ids = Vec::new();
+    let mut n = 0;
+    for i in 0..3 {
+        // Work on the server about to stop: running, and queued behind.
+        for _ in 0..6 {
+            let s = servers[i].as_ref().unwrap();
+            ids.push(
+                s.submit("marked", &format!("vps-{}", n % 4), params.clone())
+                    .await,
+            );
+            n += 1;
+        }
+        let stopping = servers[i].take().unwrap();
+        let restarted = std::thread::spawn(move || stopping.restart());
+        // The others keep taking submits until it is back (bounded).
+        let until = Instant::now() + Duration::from_secs(60);
+        while !restarted.is_finished() {
+            assert!(Instant::now() < until, "the server did not come back");
+            for s in servers.iter().flatten() {
+                ids.push(
+                    s.submit("marked", &format!("vps-{}", n % 4), params.clone())
+                        .await,
+                );
+                n += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        servers[i] = Some(restarted.join().unwrap());
+    }
+    let any = servers[0].as_ref().unwrap();
+    for &id in &ids {
+        let done = any.finished(id).await;
+        assert_eq!(done["status"], "succeeded", "{done}\n{}", any.log());
+    }
+    check_marks(&env, &dir, &ids).await;
+    // Each came back as a new incarnation of its id.
+    let list = servers_until(any, "showed all three back", |l| {
+        ["s-a", "s-b", "s-c"].iter().all(|id| {
+            l.iter()
+                .any(|s| s["id"] == *id && s["state"] == "live" && s["incarnation"] == 2)
+        })
+    })
+    .await;
+    assert_eq!(list.len(), 3, "{list:?}");
+}
