@@ -242,7 +242,8 @@ impl Store {
                 .max_connections(1)
                 .connect_with(opts.clone())
                 .await?;
-            let migrator = sqlx::migrate!("../migrations/sqlite");
+            let mut migrator = sqlx::migrate!("../migrations/sqlite");
+            newer_tolerated(&mut migrator);
             let pending = pending(&migrator, &Pool::Sqlite(write.clone())).await;
             migrator.run(&write).await?;
             let read = SqlitePoolOptions::new()
@@ -295,7 +296,8 @@ impl Store {
                 .fetch_one(&pool)
                 .await?;
             supported(&version).map_err(Error::DatabaseConnect)?;
-            let migrator = sqlx::migrate!("../migrations/mysql");
+            let mut migrator = sqlx::migrate!("../migrations/mysql");
+            newer_tolerated(&mut migrator);
             let pending = pending(&migrator, &Pool::MySql(pool.clone())).await;
             migrator.run(&pool).await?;
             let caps = Caps {
@@ -627,6 +629,19 @@ fn supported(version: &str) -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// Lets a database that a newer troupe migrated further serve this one.
+/// Migrations are expand-only (new tables, nullable or defaulted columns,
+/// indexes; a change that removes or narrows something waits for a later
+/// release, once no server of the version that needs it runs), so during a
+/// rolling upgrade an older server keeps running, and may restart, on the
+/// expanded schema. [`pending`] names what it does not know.
+fn newer_tolerated(migrator: &mut sqlx::migrate::Migrator) {
+    migrator.set_ignore_missing(true);
+}
+
+/// The migrations this version knows that the database lacks (to apply),
+/// after a warning naming any the database has that this version does not
+/// know (a newer troupe applied them).
 async fn pending(migrator: &sqlx::migrate::Migrator, pool: &Pool) -> Vec<String> {
     const APPLIED: &str = "SELECT version FROM _sqlx_migrations WHERE success";
     // No table yet: nothing applied.
@@ -635,6 +650,18 @@ async fn pending(migrator: &sqlx::migrate::Migrator, pool: &Pool) -> Vec<String>
         Pool::MySql(p) => sqlx::query_scalar(APPLIED).fetch_all(p).await,
     }
     .unwrap_or_default();
+    let newer: Vec<i64> = applied
+        .iter()
+        .filter(|v| !migrator.iter().any(|m| m.version == **v))
+        .copied()
+        .collect();
+    if !newer.is_empty() {
+        tracing::warn!(
+            ?newer,
+            version = env!("CARGO_PKG_VERSION"),
+            "a newer troupe migrated this database further than this version knows; running on the expanded schema (finish the upgrade of every server)"
+        );
+    }
     migrator
         .iter()
         .filter(|m| m.migration_type.is_up_migration() && !applied.contains(&m.version))

@@ -529,3 +529,31 @@ async fn a_rolling_restart_under_load_loses_nothing() {
     .await;
     assert_eq!(list.len(), 3, "{list:?}");
 }
+
+/// A rolling upgrade's middle: a newer troupe has expanded the schema (a
+/// column, and a migration this version does not know) while this one
+/// runs. It keeps working, starts again on that schema saying so, and a
+/// second server of this version joins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_runs_on_a_schema_a_newer_version_expanded() {
+    let env = Env::new(Db::MySql).await;
+    let a = env.serve_with(&["--server-id", "s-a"]);
+    let pool = env.sql().await;
+    for statement in [
+        "ALTER TABLE actions ADD COLUMN added_later BIGINT NULL",
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (999999, 'from a newer troupe', 1, X'00', 1)",
+    ] {
+        sqlx::query(statement).execute(&pool).await.unwrap();
+    }
+    let id = a.submit("sleep", "vps-1", json!({ "ms": 1 })).await;
+    assert_eq!(a.finished(id).await["status"], "succeeded");
+    let a = a.restart();
+    a.log_until("a newer troupe migrated this database further than this version knows")
+        .await;
+    let id = a.submit("sleep", "vps-1", json!({ "ms": 1 })).await;
+    assert_eq!(a.finished(id).await["status"], "succeeded");
+    let b = env.serve_another(&["--server-id", "s-b"]);
+    let id = b.submit("sleep", "vps-2", json!({ "ms": 1 })).await;
+    assert_eq!(b.finished(id).await["status"], "succeeded");
+}
