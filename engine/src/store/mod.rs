@@ -155,6 +155,9 @@ pub struct StoreStats {
     /// Time spent committing (statements and the commit itself), in µs.
     pub commit_micros: AtomicU64,
     pub writes: AtomicU64,
+    /// Transactions the database rolled back for a conflict (deadlock, lock
+    /// wait timeout, Galera certification) or a node not ready, each retried.
+    pub rolled_back: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -392,6 +395,11 @@ impl Store {
                 permanent: true,
                 ..
             })) => Err(Error::WriteRefused(message)),
+            Ok(Err(Failed {
+                message,
+                rolled_back: true,
+                ..
+            })) => Err(Error::WriteConflict(message)),
             Ok(Err(Failed { message, .. })) => Err(Error::Database(sqlx::Error::Protocol(message))),
             Err(_) => Err(Error::ShuttingDown),
         }
