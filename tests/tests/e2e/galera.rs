@@ -1,0 +1,251 @@
+//! troupe on a three-node MariaDB Galera cluster on loopback, which
+//! `tests/run` starts (`tests/galera/start.sh`) and names in
+//! `TROUPE_TEST_GALERA` (`host:port` of each node; user `troupe_test`,
+//! password `troupe-test`). The module shares the one cluster; each test
+//! takes a database of its own. Without `TROUPE_TEST_GALERA` the tests say
+//! so and pass without running.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use sqlx::Connection;
+
+use crate::harness::{Env, Server, troupe};
+
+/// The nodes' `host:port`, or `None` (and a note why) when no cluster is set.
+fn nodes() -> Option<Vec<String>> {
+    match std::env::var("TROUPE_TEST_GALERA") {
+        Ok(list) if !list.is_empty() => Some(list.split(',').map(str::to_owned).collect()),
+        _ => {
+            eprintln!(
+                "skipped: TROUPE_TEST_GALERA is not set; `bash tests/run` starts a Galera cluster \
+                 (or start one with `bash tests/galera/start.sh DIR` and source DIR/env)"
+            );
+            None
+        }
+    }
+}
+
+fn url(node: &str, db: &str) -> String {
+    format!("mysql://troupe_test:troupe-test@{node}/{db}")
+}
+
+/// A fresh database on the cluster, made through node 1, and an Env whose
+/// servers use it through node 1.
+async fn galera_env(nodes: &[String]) -> (Env, String) {
+    let name = format!("troupe_g{}_{}", std::process::id(), rand_suffix());
+    let mut conn = sqlx::MySqlConnection::connect(&url(&nodes[0], ""))
+        .await
+        .expect("connecting to Galera node 1");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let dir = crate::harness::scratch_dir("galera");
+    (
+        Env {
+            db_url: url(&nodes[0], &name),
+            dir,
+        },
+        name,
+    )
+}
+
+fn rand_suffix() -> u32 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    N.fetch_add(1, Ordering::SeqCst)
+}
+
+/// Certification failures and brute-force aborts so far, summed over the nodes.
+async fn conflicts(nodes: &[String]) -> i64 {
+    let mut sum = 0;
+    for node in nodes {
+        let mut conn = sqlx::MySqlConnection::connect(&url(node, ""))
+            .await
+            .unwrap();
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SHOW GLOBAL STATUS WHERE Variable_name IN ('wsrep_local_cert_failures', 'wsrep_local_bf_aborts')",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        sum += rows
+            .iter()
+            .map(|(_, v)| v.parse::<i64>().unwrap_or(0))
+            .sum::<i64>();
+    }
+    sum
+}
+
+/// `troupe migrate` and a server on node 1: actions run, and what they
+/// stored is on node 3 as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn troupe_migrates_and_runs_actions_on_galera() {
+    let Some(nodes) = nodes() else { return };
+    let (env, db) = galera_env(&nodes).await;
+    let o = troupe(&["migrate", "--db", &env.db_url]);
+    assert!(
+        o.status.success(),
+        "migrate on Galera: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let server = env.serve();
+    let mut ids = Vec::new();
+    for n in 0..12 {
+        ids.push(
+            server
+                .submit("noop3", &format!("vps-{}", n % 4), json!({}))
+                .await,
+        );
+    }
+    for &id in &ids {
+        let a = server.finished(id).await;
+        assert_eq!(a["status"], "succeeded", "{a}\n{}", server.log());
+    }
+    // Node 3 holds them too (a causal read: it waits until it applied
+    // everything committed before it).
+    let mut n3 = sqlx::MySqlConnection::connect(&url(&nodes[2], &db))
+        .await
+        .unwrap();
+    sqlx::raw_sql("SET SESSION wsrep_sync_wait = 1")
+        .execute(&mut n3)
+        .await
+        .unwrap();
+    let done: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM actions WHERE status = 'succeeded'")
+        .fetch_one(&mut n3)
+        .await
+        .unwrap();
+    assert_eq!(done, ids.len() as i64);
+}
+
+/// Any answer the flood got that is a server error, with what was asked.
+fn server_errors(answers: &[(String, u16, Value)]) -> Vec<String> {
+    answers
+        .iter()
+        .filter(|(_, status, _)| *status >= 500)
+        .map(|(what, status, body)| format!("{what}: {status} {body}"))
+        .collect()
+}
+
+/// Two servers writing through two nodes, which makes write-write
+/// conflicts between nodes (a cancel through one for an action the other
+/// runs; both writing one target's actions): every conflict the cluster
+/// rolls back is retried, so no client sees a 5xx, every action ends, and
+/// each server starts its own submits of one target in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_on_two_nodes_answer_no_5xx_for_conflicts() {
+    let Some(nodes) = nodes() else { return };
+    let (env, db) = galera_env(&nodes).await;
+    let a = env.serve_with(&["--server-id", "g-a"]);
+    let b = env.serve_another_at(&url(&nodes[1], &db), &["--server-id", "g-b"], &[]);
+    let before = conflicts(&nodes).await;
+
+    // A cancel through either server for an action the other runs.
+    for (runs, asks) in [(&a, &b), (&b, &a)] {
+        let running = runs.submit("sleep", "vps-1", json!({ "ms": 60000 })).await;
+        runs.until(running, "running", |x| x["current_step"] == "sleep_ms")
+            .await;
+        let queued = runs.submit("sleep", "vps-1", json!({ "ms": 1 })).await;
+        let asked = Instant::now();
+        for id in [queued, running] {
+            let (status, body) = asks
+                .post(&format!("/v1/actions/{id}/cancel"), &json!({}))
+                .await;
+            assert_eq!(status, 202, "{body}\n{}", asks.log());
+        }
+        for id in [queued, running] {
+            let done = runs.finished(id).await;
+            assert_eq!(done["status"], "cancelled", "{done}\n{}", runs.log());
+        }
+        let took = asked.elapsed();
+        assert!(took < Duration::from_secs(10), "took {took:?}");
+    }
+
+    // One target flooded through both servers at once, every second action
+    // cancelled through the other server as its own server starts it
+    // (both write its row, through two nodes): bounded, 30 submits each.
+    async fn flood(
+        me: &Server,
+        other: &Server,
+        label: &str,
+    ) -> (Vec<i64>, Vec<(String, u16, Value)>) {
+        let mut ids = Vec::new();
+        let mut answers = Vec::new();
+        for n in 0..30 {
+            let (status, body) = me
+                .post(
+                    "/v1/actions",
+                    &json!({ "kind": "noop3", "target": "vps-flood", "params": {} }),
+                )
+                .await;
+            answers.push((
+                format!("submit {n} through {label}"),
+                status.as_u16(),
+                body.clone(),
+            ));
+            let Some(id) = body["id"].as_i64() else {
+                continue;
+            };
+            ids.push(id);
+            if n % 2 == 1 {
+                let (status, body) = other
+                    .post(&format!("/v1/actions/{id}/cancel"), &json!({}))
+                    .await;
+                answers.push((
+                    format!("cancel {id} through the other"),
+                    status.as_u16(),
+                    body,
+                ));
+            }
+        }
+        (ids, answers)
+    }
+    let ((ids_a, answers_a), (ids_b, answers_b)) =
+        tokio::join!(flood(&a, &b, "a"), flood(&b, &a, "b"));
+    let answers: Vec<_> = answers_a.into_iter().chain(answers_b).collect();
+    let errors = server_errors(&answers);
+    assert!(
+        errors.is_empty(),
+        "server errors: {errors:#?}\n--- a ---\n{}\n--- b ---\n{}",
+        a.log(),
+        b.log()
+    );
+    for (what, status, body) in &answers {
+        if what.starts_with("submit") {
+            assert_eq!(*status, 202, "{what}: {body}");
+        } else {
+            // Unless it had finished first.
+            assert!(
+                *status == 202 || body["error"]["code"] == "not_cancellable",
+                "{what}: {status} {body}"
+            );
+        }
+    }
+    assert_eq!(ids_a.len() + ids_b.len(), 60);
+    for (server, ids) in [(&a, &ids_a), (&b, &ids_b)] {
+        let mut started = BTreeMap::new();
+        for &id in ids {
+            let done = server.finished(id).await;
+            let status = done["status"].as_str().unwrap();
+            assert!(
+                status == "succeeded" || status == "cancelled",
+                "{done}\n{}",
+                server.log()
+            );
+            if let Some(at) = done["started_at"].as_str() {
+                started.insert(id, at.to_owned());
+            }
+        }
+        let times: Vec<&String> = started.values().collect();
+        assert!(
+            times.windows(2).all(|w| w[0] <= w[1]),
+            "one server's submits of a target start in order: {started:?}"
+        );
+    }
+    eprintln!(
+        "certification conflicts and aborts during the test: {}",
+        conflicts(&nodes).await - before
+    );
+}
