@@ -474,6 +474,7 @@ pub(crate) async fn health(
         database: Some(DatabaseHealth {
             backend: engine.store().backend(),
             reachable: db.is_ok(),
+            writes_through: engine.store().writes_through(),
         }),
         actions: Some(ActionCounts {
             running: stats.running,

@@ -354,6 +354,10 @@ pub struct DatabaseHealth {
     /// sqlite or mysql.
     pub backend: &'static str,
     pub reachable: bool,
+    /// MySQL/MariaDB: `host:port` of the database node this server writes
+    /// through (the first healthy one of the addresses `--db` lists).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub writes_through: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]

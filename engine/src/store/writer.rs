@@ -374,6 +374,10 @@ pub(super) async fn next_batch(
 pub(super) struct WriterConn {
     pub(super) pool: Pool,
     pub(super) conn: Option<Conn>,
+    /// MySQL/MariaDB: the database's nodes; `conn` is dropped once writes
+    /// moved to another node since it was opened (at `generation`).
+    pub(super) nodes: Option<Arc<super::nodes::Nodes>>,
+    pub(super) generation: u64,
 }
 
 pub(super) enum Conn {
@@ -391,6 +395,12 @@ impl WriterConn {
     ) -> Result<Vec<Outcome>, Failed> {
         let fences = if caps.fences { fences } else { &[] };
         let began = std::time::Instant::now();
+        if let Some(nodes) = &self.nodes
+            && nodes.generation() != self.generation
+        {
+            self.conn = None;
+            self.generation = nodes.generation();
+        }
         let conn = match &mut self.conn {
             Some(conn) => conn,
             None => self.conn.insert(match &self.pool {
@@ -418,6 +428,13 @@ impl WriterConn {
             Ok(applied) => applied,
             Err(e) => {
                 let failed = Failed::from(e);
+                // Not a refusal of the write itself: the node may be gone,
+                // not ready or read-only; look at the nodes now.
+                if !failed.permanent
+                    && let Some(nodes) = &self.nodes
+                {
+                    nodes.kick();
+                }
                 // A transaction the database rolled back leaves the
                 // connection sound; a lock wait timeout leaves the rest of
                 // the transaction open, so roll it back here. Any other

@@ -2,8 +2,9 @@
 //! `tests/run` starts (`tests/galera/start.sh`) and names in
 //! `TROUPE_TEST_GALERA` (`host:port` of each node; user `troupe_test`,
 //! password `troupe-test`). The module shares the one cluster; each test
-//! takes a database of its own. Without `TROUPE_TEST_GALERA` the tests say
-//! so and pass without running.
+//! takes a database of its own, and they run one at a time (one kills a
+//! node). Without `TROUPE_TEST_GALERA` the tests say so and pass without
+//! running.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -11,7 +12,10 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use sqlx::Connection;
 
-use crate::harness::{Env, Server, troupe};
+use crate::harness::{Env, Server, troupe, workspace};
+
+/// Held by each test: one of them takes a node away.
+static CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The nodes' `host:port`, or `None` (and a note why) when no cluster is set.
 fn nodes() -> Option<Vec<String>> {
@@ -84,6 +88,7 @@ async fn conflicts(nodes: &[String]) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn troupe_migrates_and_runs_actions_on_galera() {
     let Some(nodes) = nodes() else { return };
+    let _alone = CLUSTER.lock().await;
     let (env, db) = galera_env(&nodes).await;
     let o = troupe(&["migrate", "--db", &env.db_url]);
     assert!(
@@ -137,6 +142,7 @@ fn server_errors(answers: &[(String, u16, Value)]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_servers_on_two_nodes_answer_no_5xx_for_conflicts() {
     let Some(nodes) = nodes() else { return };
+    let _alone = CLUSTER.lock().await;
     let (env, db) = galera_env(&nodes).await;
     let a = env.serve_with(&["--server-id", "g-a"]);
     let b = env.serve_another_at(&url(&nodes[1], &db), &["--server-id", "g-b"], &[]);
@@ -248,4 +254,161 @@ async fn two_servers_on_two_nodes_answer_no_5xx_for_conflicts() {
         "certification conflicts and aborts during the test: {}",
         conflicts(&nodes).await - before
     );
+}
+
+/// Runs `tests/galera/node.sh DIR what N`.
+fn node(dir: &str, what: &str, n: usize) {
+    let o = std::process::Command::new("bash")
+        .arg(workspace().join("tests/galera/node.sh"))
+        .args([dir, what, &n.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "node.sh {what} {n}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// The node `/v1/health` says the server writes through.
+async fn writes_through(server: &Server) -> String {
+    let (_, body) = server.get("/v1/health").await;
+    body["database"]["writes_through"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+async fn writes_through_until(server: &Server, node: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let now = writes_through(server).await;
+        if now == node {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still writing through {now:?}, not {node}, after {within:?}\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One submit of the load: when it was sent and answered, and its answer.
+struct Sent {
+    key: String,
+    sent: Instant,
+    answered: Instant,
+    id: Option<i64>,
+    status: Option<u16>,
+}
+
+/// `--db` naming the three nodes: the server writes through the first.
+/// SIGKILL that node under a bounded load (four clients submitting back to
+/// back): the server moves to the next node and acknowledges submits again
+/// within 10 s of the kill, every action it acknowledged runs to the end,
+/// and once the node is back and Synced the writes return to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_writer_node_moves_the_writes_to_the_next() {
+    let Some(nodes) = nodes() else { return };
+    let Ok(dir) = std::env::var("TROUPE_TEST_GALERA_DIR") else {
+        eprintln!(
+            "skipped: TROUPE_TEST_GALERA_DIR is not set (tests/galera/start.sh writes it to DIR/env)"
+        );
+        return;
+    };
+    let _alone = CLUSTER.lock().await;
+    let (mut env, db) = galera_env(&nodes).await;
+    env.db_url = format!("mysql://troupe_test:troupe-test@{}/{db}", nodes.join(","));
+    let server = std::sync::Arc::new(env.serve());
+    writes_through_until(&server, &nodes[0], Duration::from_secs(5)).await;
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let mut clients = Vec::new();
+    for c in 0..4 {
+        let (server, stop, http) = (server.clone(), stop.clone(), http.clone());
+        clients.push(tokio::spawn(async move {
+            let mut sent = Vec::new();
+            for n in 0..400 {
+                if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                let key = format!("load-{c}-{n}");
+                let at = Instant::now();
+                let answer = http
+                    .post(format!("{}/v1/actions", server.url))
+                    .bearer_auth(&server.token)
+                    .json(&json!({ "kind": "noop3", "target": format!("vps-{c}"), "params": {}, "idempotency_key": key }))
+                    .send()
+                    .await;
+                let (status, id) = match answer {
+                    Ok(resp) => {
+                        let status = resp.status().as_u16();
+                        let body: Value = resp.json().await.unwrap_or(Value::Null);
+                        (Some(status), body["id"].as_i64())
+                    }
+                    Err(_) => (None, None),
+                };
+                sent.push(Sent { key, sent: at, answered: Instant::now(), id, status });
+                if status != Some(202) {
+                    // As a client would, after a refusal.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            sent
+        }));
+    }
+    // Some acknowledged before the kill.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    node(&dir, "kill", 1);
+    let killed = Instant::now();
+    // The writes move, and the load goes on for a while after.
+    writes_through_until(&server, &nodes[1], Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut all = Vec::new();
+    for c in clients {
+        all.extend(c.await.unwrap());
+    }
+
+    let acked: Vec<&Sent> = all.iter().filter(|s| s.status == Some(202)).collect();
+    let before = acked.iter().filter(|s| s.answered < killed).count();
+    let first_after = acked
+        .iter()
+        .filter(|s| s.sent > killed)
+        .map(|s| s.answered - killed)
+        .min();
+    let refused: Vec<String> = all
+        .iter()
+        .filter(|s| s.status != Some(202))
+        .map(|s| format!("{} {:?}", s.key, s.status))
+        .collect();
+    eprintln!(
+        "{} submits, {before} acknowledged before the kill, {} after; refused: {refused:?}; \
+         first acknowledged submit sent after the kill answered {first_after:?} after it",
+        all.len(),
+        acked.len() - before,
+    );
+    assert!(before > 0, "nothing was acknowledged before the kill");
+    let stall = first_after.expect("nothing sent after the kill was acknowledged");
+    assert!(
+        stall < Duration::from_secs(10),
+        "work stalled {stall:?} after the writer node died"
+    );
+    // Nothing acknowledged is lost: every one runs to the end.
+    for s in &acked {
+        let done = server.finished(s.id.unwrap()).await;
+        assert_eq!(done["status"], "succeeded", "{}: {done}", s.key);
+    }
+
+    // The node comes back (as a joiner), and the writes follow it back.
+    node(&dir, "start", 1);
+    writes_through_until(&server, &nodes[0], Duration::from_secs(30)).await;
+    let id = server.submit("noop3", "vps-after", json!({})).await;
+    assert_eq!(server.finished(id).await["status"], "succeeded");
 }
