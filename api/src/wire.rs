@@ -575,6 +575,9 @@ pub struct ServerView {
     /// Actions it ran at its last renewal.
     pub running: i64,
     pub nodes_connected: i64,
+    /// MySQL/MariaDB: the database node it writes through (`host:port`),
+    /// as of its last renewal.
+    pub writes_through: Option<String>,
     pub started_at: String,
     pub last_seen_at: String,
     pub lease_expires_at: String,
@@ -599,6 +602,7 @@ impl ServerView {
             version: s.version.clone(),
             running: s.running,
             nodes_connected: s.nodes_connected,
+            writes_through: s.db_node.clone(),
             started_at: time(&s.started_at),
             last_seen_at: time(&s.heartbeat_at),
             lease_expires_at: time(&s.lease_expires_at),

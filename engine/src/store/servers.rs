@@ -35,6 +35,9 @@ pub struct ServerRow {
     pub version: String,
     pub running: i64,
     pub nodes_connected: i64,
+    /// MySQL/MariaDB: the database node it writes through (`host:port`),
+    /// as of its last renewal.
+    pub db_node: Option<String>,
     pub started_at: Timestamp,
     pub heartbeat_at: Timestamp,
     pub lease_expires_at: Timestamp,
@@ -52,7 +55,7 @@ pub enum Renewal {
     Lost,
 }
 
-const COLUMNS: &str = "id, incarnation, state, address, host, data_dir, version, running, nodes_connected, \
+const COLUMNS: &str = "id, incarnation, state, address, host, data_dir, version, running, nodes_connected, db_node, \
                        started_at, heartbeat_at, lease_expires_at, stopped_at";
 
 /// Hands on the unfinished actions whose owner is no live server.
@@ -76,6 +79,7 @@ macro_rules! row {
             version: $r.try_get("version")?,
             running: $r.try_get("running")?,
             nodes_connected: $r.try_get("nodes_connected")?,
+            db_node: $r.try_get("db_node")?,
             started_at: $r.try_get("started_at")?,
             heartbeat_at: $r.try_get("heartbeat_at")?,
             lease_expires_at: $r.try_get("lease_expires_at")?,
@@ -140,11 +144,11 @@ impl Store {
                 let q = if known.is_some() {
                     "UPDATE servers SET incarnation = ?, state = 'live', address = ?, host = ?, data_dir = ?, version = ?, \
                      running = 0, nodes_connected = 0, started_at = NOW(6), heartbeat_at = NOW(6), \
-                     lease_expires_at = NOW(6) + INTERVAL ? MICROSECOND, stopped_at = NULL \
+                     lease_expires_at = NOW(6) + INTERVAL ? MICROSECOND, stopped_at = NULL, db_node = ? \
                      WHERE id = ? AND incarnation = ?"
                 } else {
                     "INSERT IGNORE INTO servers (incarnation, state, address, host, data_dir, version, started_at, heartbeat_at, \
-                     lease_expires_at, id) VALUES (?, 'live', ?, ?, ?, ?, NOW(6), NOW(6), NOW(6) + INTERVAL ? MICROSECOND, ?)"
+                     lease_expires_at, db_node, id) VALUES (?, 'live', ?, ?, ?, ?, NOW(6), NOW(6), NOW(6) + INTERVAL ? MICROSECOND, ?, ?)"
                 };
                 let mut q = sqlx::query(q)
                     .bind(incarnation)
@@ -153,6 +157,7 @@ impl Store {
                     .bind(&me.data_dir)
                     .bind(&me.version)
                     .bind(micros(lease))
+                    .bind(self.writes_through())
                     .bind(&me.id);
                 if known.is_some() {
                     q = q.bind(incarnation - 1);
@@ -221,11 +226,12 @@ impl Store {
         let rows = match &self.read {
             Pool::MySql(p) => sqlx::query(
                 "UPDATE servers SET heartbeat_at = NOW(6), lease_expires_at = NOW(6) + INTERVAL ? MICROSECOND, \
-                 running = ?, nodes_connected = ? WHERE id = ? AND incarnation = ? AND state = 'live'",
+                 running = ?, nodes_connected = ?, db_node = ? WHERE id = ? AND incarnation = ? AND state = 'live'",
             )
             .bind(micros(lease))
             .bind(running as i64)
             .bind(nodes as i64)
+            .bind(self.writes_through())
             .bind(id)
             .bind(incarnation)
             .execute(p)

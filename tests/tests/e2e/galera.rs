@@ -306,9 +306,10 @@ struct Sent {
 
 /// `--db` naming the three nodes: the server writes through the first.
 /// SIGKILL that node under a bounded load (four clients submitting back to
-/// back): the server moves to the next node and acknowledges submits again
-/// within 10 s of the kill, every action it acknowledged runs to the end,
-/// and once the node is back and Synced the writes return to it.
+/// back): the server moves to the next node (as `/v1/health` and
+/// `/v1/servers` say) and acknowledges submits again within 10 s of the
+/// kill, every action it acknowledged runs to the end, and once the node is
+/// back and Synced the writes return to it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_the_writer_node_moves_the_writes_to_the_next() {
     let Some(nodes) = nodes() else { return };
@@ -369,7 +370,21 @@ async fn losing_the_writer_node_moves_the_writes_to_the_next() {
     let killed = Instant::now();
     // The writes move, and the load goes on for a while after.
     writes_through_until(&server, &nodes[1], Duration::from_secs(10)).await;
-    tokio::time::sleep(Duration::from_secs(12)).await;
+    // So does what the server tells the others (at its next renewal).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, body) = server.get("/v1/servers").await;
+        let me = body["servers"]
+            .as_array()
+            .and_then(|l| l.iter().find(|s| s["this_server"] == true).cloned())
+            .unwrap_or_default();
+        if me["writes_through"] == nodes[1].as_str() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "/v1/servers: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(10)).await;
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let mut all = Vec::new();
     for c in clients {
