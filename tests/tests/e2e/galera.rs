@@ -14,7 +14,7 @@ use sqlx::Connection;
 
 use crate::harness::{Env, Server, troupe, workspace};
 
-/// Held by each test: one of them takes a node away.
+/// Held by each test: some take a node away.
 static CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The nodes' `host:port`, or `None` (and a note why) when no cluster is set.
@@ -426,4 +426,89 @@ async fn losing_the_writer_node_moves_the_writes_to_the_next() {
     writes_through_until(&server, &nodes[0], Duration::from_secs(30)).await;
     let id = server.submit("noop3", "vps-after", json!({})).await;
     assert_eq!(server.finished(id).await["status"], "succeeded");
+}
+
+/// SIGKILL a node troupe does not write through, under a bounded load:
+/// commits stall until the cluster evicts it, but no submit fails and the
+/// writes stay where they were; the node rejoins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_another_node_fails_no_request() {
+    let Some(nodes) = nodes() else { return };
+    let Ok(dir) = std::env::var("TROUPE_TEST_GALERA_DIR") else {
+        eprintln!(
+            "skipped: TROUPE_TEST_GALERA_DIR is not set (tests/galera/start.sh writes it to DIR/env)"
+        );
+        return;
+    };
+    let _alone = CLUSTER.lock().await;
+    let (mut env, db) = galera_env(&nodes).await;
+    env.db_url = format!("mysql://troupe_test:troupe-test@{}/{db}", nodes.join(","));
+    let server = std::sync::Arc::new(env.serve());
+    writes_through_until(&server, &nodes[0], Duration::from_secs(5)).await;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for c in 0..2 {
+        let (server, stop, http) = (server.clone(), stop.clone(), http.clone());
+        clients.push(tokio::spawn(async move {
+            let mut answers = Vec::new();
+            // Paced, so that it outlasts the stall: at most 600 each.
+            for n in 0..600 {
+                if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let at = Instant::now();
+                let answer = http
+                    .post(format!("{}/v1/actions", server.url))
+                    .bearer_auth(&server.token)
+                    .json(&json!({ "kind": "noop3", "target": format!("vps-{c}"), "params": {} }))
+                    .send()
+                    .await;
+                let (status, id) = match answer {
+                    Ok(resp) => {
+                        let status = resp.status().as_u16();
+                        let body: Value = resp.json().await.unwrap_or(Value::Null);
+                        (Some(status), body["id"].as_i64())
+                    }
+                    Err(_) => (None, None),
+                };
+                answers.push((format!("submit {c}-{n}"), status, id, at.elapsed()));
+            }
+            answers
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    node(&dir, "kill", 3);
+    // Past the cluster's eviction of the node (about 5 s), and some more.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut all = Vec::new();
+    for c in clients {
+        all.extend(c.await.unwrap());
+    }
+    let failed: Vec<_> = all.iter().filter(|(_, s, _, _)| *s != Some(202)).collect();
+    assert!(
+        failed.is_empty(),
+        "failed submits: {failed:?}\n{}",
+        server.log()
+    );
+    assert_eq!(writes_through(&server).await, nodes[0]);
+    for (what, _, id, _) in &all {
+        let done = server.finished(id.unwrap()).await;
+        assert_eq!(done["status"], "succeeded", "{what}: {done}");
+    }
+    let slowest = all
+        .iter()
+        .map(|(_, _, _, took)| *took)
+        .max()
+        .unwrap_or_default();
+    eprintln!(
+        "{} submits, none failed; the slowest took {slowest:?}",
+        all.len()
+    );
+    node(&dir, "start", 3);
 }
