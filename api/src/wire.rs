@@ -373,6 +373,10 @@ pub struct StoreCounters {
     pub rows_written: u64,
     pub writes: u64,
     pub commit_seconds: f64,
+    /// Transactions the database rolled back for a conflict (a deadlock, a
+    /// lock wait timeout, a Galera certification conflict) or a node not
+    /// ready, each tried again.
+    pub rolled_back: u64,
 }
 
 /// A bundle the server holds.

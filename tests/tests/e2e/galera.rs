@@ -250,9 +250,12 @@ async fn two_servers_on_two_nodes_answer_no_5xx_for_conflicts() {
             "one server's submits of a target start in order: {started:?}"
         );
     }
+    let retried = |body: &Value| body["store"]["rolled_back"].as_u64().unwrap();
     eprintln!(
-        "certification conflicts and aborts during the test: {}",
-        conflicts(&nodes).await - before
+        "certification conflicts and aborts during the test: {}; transactions retried: {} and {}",
+        conflicts(&nodes).await - before,
+        retried(&a.get("/v1/health").await.1),
+        retried(&b.get("/v1/health").await.1),
     );
 }
 
