@@ -474,6 +474,7 @@ pub(crate) async fn health(
         database: Some(DatabaseHealth {
             backend: engine.store().backend(),
             reachable: db.is_ok(),
+            writes_through: engine.store().writes_through(),
         }),
         actions: Some(ActionCounts {
             running: stats.running,
@@ -485,6 +486,7 @@ pub(crate) async fn health(
             rows_written: s.rows_written.load(Relaxed),
             writes: s.writes.load(Relaxed),
             commit_seconds: s.commit_micros.load(Relaxed) as f64 / 1e6,
+            rolled_back: s.rolled_back.load(Relaxed),
         }),
         version: Some(env!("CARGO_PKG_VERSION")),
     };

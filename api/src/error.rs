@@ -133,6 +133,11 @@ pub const CODES: &[(&str, u16, &str)] = &[
         "another active bundle already provides one of the bundle's kinds",
     ),
     (
+        "write_conflict",
+        409,
+        "the change kept conflicting with concurrent writes and was rolled back each time; nothing changed, retry",
+    ),
+    (
         "bundle_version_not_newer",
         409,
         "a version at or below one already accepted",
@@ -303,6 +308,14 @@ impl From<engine::Error> for ApiError {
             ),
             E::VersionNotNewer { .. } => (StatusCode::CONFLICT, "bundle_version_not_newer"),
             E::KindConflict { .. } => (StatusCode::CONFLICT, "kind_conflict"),
+            E::WriteConflict(_) => {
+                tracing::warn!(error = %e, "a write kept conflicting while serving a request");
+                return ApiError::new(
+                    StatusCode::CONFLICT,
+                    "write_conflict",
+                    "the change kept conflicting with concurrent writes and was rolled back each time; nothing was changed, retry",
+                );
+            }
             E::KeyNotFound(_) => (StatusCode::NOT_FOUND, "key_not_found"),
             E::KeyRevoked(_) => (StatusCode::CONFLICT, "key_revoked"),
             E::TokenNameTaken(_) => (StatusCode::CONFLICT, "token_name_taken"),

@@ -354,6 +354,10 @@ pub struct DatabaseHealth {
     /// sqlite or mysql.
     pub backend: &'static str,
     pub reachable: bool,
+    /// MySQL/MariaDB: `host:port` of the database node this server writes
+    /// through (the first healthy one of the addresses `--db` lists).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub writes_through: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -369,6 +373,10 @@ pub struct StoreCounters {
     pub rows_written: u64,
     pub writes: u64,
     pub commit_seconds: f64,
+    /// Transactions the database rolled back for a conflict (a deadlock, a
+    /// lock wait timeout, a Galera certification conflict) or a node not
+    /// ready, each tried again.
+    pub rolled_back: u64,
 }
 
 /// A bundle the server holds.
@@ -571,6 +579,9 @@ pub struct ServerView {
     /// Actions it ran at its last renewal.
     pub running: i64,
     pub nodes_connected: i64,
+    /// MySQL/MariaDB: the database node it writes through (`host:port`),
+    /// as of its last renewal.
+    pub writes_through: Option<String>,
     pub started_at: String,
     pub last_seen_at: String,
     pub lease_expires_at: String,
@@ -595,6 +606,7 @@ impl ServerView {
             version: s.version.clone(),
             running: s.running,
             nodes_connected: s.nodes_connected,
+            writes_through: s.db_node.clone(),
             started_at: time(&s.started_at),
             last_seen_at: time(&s.heartbeat_at),
             lease_expires_at: time(&s.lease_expires_at),

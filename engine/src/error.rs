@@ -101,6 +101,13 @@ pub enum Error {
     /// it cannot hold); trying it again cannot succeed.
     #[error("the database refused a write: {0}")]
     WriteRefused(String),
+    /// The database rolled the write back (a deadlock, a lock wait timeout,
+    /// a Galera certification conflict, a node not ready) every time it was
+    /// tried: nothing of it was written, and it may be tried again.
+    #[error(
+        "the write conflicted with concurrent writes and was rolled back each time it was tried: {0}"
+    )]
+    WriteConflict(String),
     #[error("the database is unavailable: {0}")]
     Database(#[from] sqlx::Error),
     /// A first connection failed; the text says why (refused, access

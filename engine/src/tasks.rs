@@ -31,6 +31,8 @@ pub(crate) enum TaskKind {
     SourceAuthority,
     /// A group-commit writer of the store.
     StoreWriter,
+    /// Chooses the database node to write through, when `--db` lists several.
+    DatabaseNodes,
     /// Renews this server's leases on the actions it runs.
     LeaseRenewal,
     /// Hands over unfinished actions nobody runs.
@@ -57,6 +59,7 @@ impl TaskKind {
             TaskKind::Agency => "agency",
             TaskKind::SourceAuthority => "source-authority",
             TaskKind::StoreWriter => "store-writer",
+            TaskKind::DatabaseNodes => "database-nodes",
             TaskKind::LeaseRenewal => "lease-renewal",
             TaskKind::Rescuer => "rescuer",
             TaskKind::Claimer => "claimer",
@@ -73,6 +76,7 @@ impl TaskKind {
             | TaskKind::Agency
             | TaskKind::SourceAuthority
             | TaskKind::StoreWriter
+            | TaskKind::DatabaseNodes
             | TaskKind::LeaseRenewal
             | TaskKind::Rescuer
             | TaskKind::Claimer

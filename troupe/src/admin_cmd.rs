@@ -95,9 +95,10 @@ pub(crate) async fn run_servers(cmd: ServersCommand) -> Result<ExitCode> {
     let id_width = column_width(&servers, "id", 2) + 1;
     let address_width = column_width(&servers, "address", 7);
     let host_width = column_width(&servers, "host", 4);
+    let db_width = column_width(&servers, "writes_through", 8);
     println!(
-        "{:<id_width$}  {:<7}  {:<address_width$}  {:<host_width$}  {:<10}  {:>7}  {:>5}  {:<20}  LAST SEEN",
-        "ID", "STATE", "ADDRESS", "HOST", "VERSION", "RUNNING", "NODES", "STARTED"
+        "{:<id_width$}  {:<7}  {:<address_width$}  {:<host_width$}  {:<db_width$}  {:<10}  {:>7}  {:>5}  {:<20}  LAST SEEN",
+        "ID", "STATE", "ADDRESS", "HOST", "DATABASE", "VERSION", "RUNNING", "NODES", "STARTED"
     );
     for r in &servers {
         // `*`: the server that answered.
@@ -107,11 +108,12 @@ pub(crate) async fn run_servers(cmd: ServersCommand) -> Result<ExitCode> {
             if r["this_server"] == true { "*" } else { "" }
         );
         println!(
-            "{:<id_width$}  {:<7}  {:<address_width$}  {:<host_width$}  {:<10}  {:>7}  {:>5}  {:<20}  {}",
+            "{:<id_width$}  {:<7}  {:<address_width$}  {:<host_width$}  {:<db_width$}  {:<10}  {:>7}  {:>5}  {:<20}  {}",
             id,
             s(&r["state"]),
             s(&r["address"]),
             s(&r["host"]),
+            s(&r["writes_through"]),
             s(&r["version"]),
             r["running"].as_i64().unwrap_or(0),
             r["nodes_connected"].as_i64().unwrap_or(0),

@@ -13,7 +13,7 @@ use crate::args::{data_dir_arg, default_db, parse_duration};
 
 #[derive(Args, Clone)]
 pub(crate) struct ServeArgs {
-    /// Database URL: sqlite://PATH or mysql://USER:PASSWORD@HOST:PORT/DATABASE [default: sqlite in the data directory]
+    /// Database URL: sqlite://PATH or mysql://USER:PASSWORD@HOST:PORT/DATABASE; a cluster's nodes as HOST1:PORT1,HOST2:PORT2,… (writes go through the first healthy one) [default: sqlite in the data directory]
     #[arg(long, env = "TROUPE_DB")]
     pub(crate) db: Option<String>,
     /// Where unpacked bundles (and the default SQLite database) live [default: ./troupe-data]

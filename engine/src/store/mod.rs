@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::model::{Action, ActionFilter, ActionId, Timestamp};
 
 mod access;
+mod nodes;
 mod servers;
 mod sql;
 mod watchers;
@@ -155,6 +156,9 @@ pub struct StoreStats {
     /// Time spent committing (statements and the commit itself), in µs.
     pub commit_micros: AtomicU64,
     pub writes: AtomicU64,
+    /// Transactions the database rolled back for a conflict (deadlock, lock
+    /// wait timeout, Galera certification) or a node not ready, each retried.
+    pub rolled_back: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -172,6 +176,8 @@ pub struct Store {
     stats: Arc<StoreStats>,
     backend: &'static str,
     shared: bool,
+    /// MySQL/MariaDB: the database's addresses and the one written through.
+    nodes: Option<Arc<nodes::Nodes>>,
     /// The migrations this connect applied (`0003 access`), oldest first.
     migrated: Vec<String>,
 }
@@ -226,6 +232,7 @@ fn private_database(path: &std::path::Path) -> Result<()> {
 impl Store {
     /// Connects, applies migrations and starts the writer.
     pub async fn connect(url: &str) -> Result<Store> {
+        let mut db_nodes = None;
         let (read, write, backend, caps, migrated) = if url.starts_with("sqlite:") {
             let opts = SqliteConnectOptions::from_str(url)?;
             if !url.contains(":memory:") {
@@ -265,8 +272,18 @@ impl Store {
             )
         } else if url.starts_with("mysql:") || url.starts_with("mariadb:") {
             let url = url.replacen("mariadb:", "mysql:", 1);
-            let opts =
-                MySqlConnectOptions::from_str(&url)?.statement_cache_capacity(STATEMENT_CACHE);
+            let found = Arc::new(nodes::Nodes::new(&nodes::split_url(&url), STATEMENT_CACHE)?);
+            let first = if found.len() > 1 {
+                found.choose().await.map_err(|why| {
+                    Error::DatabaseConnect(format!(
+                        "none of the database's addresses takes writes now: {}",
+                        why.join("; ")
+                    ))
+                })?
+            } else {
+                0
+            };
+            let opts = found.options(first).clone();
             // One connection first: a pool would retry until its timeout and
             // then say only that it timed out, hiding the cause.
             let probe = tokio::time::timeout(
@@ -286,12 +303,40 @@ impl Store {
                     )));
                 }
             }
+            let fresh = found.clone();
             let pool = MySqlPoolOptions::new()
                 .max_connections(8)
                 .test_before_acquire(false)
                 .acquire_timeout(Duration::from_secs(10))
+                // After a move to another node, connections to the previous
+                // one are closed rather than used.
+                .before_acquire(move |_, meta| {
+                    let stale = fresh.stale(meta.age);
+                    Box::pin(async move { Ok(!stale) })
+                })
+                // Causal reads on Galera: a read waits until the node has
+                // applied everything committed anywhere before it, so a
+                // server sees a row another server just wrote through
+                // another node (an action submitted there, then cancelled
+                // here). Elsewhere the setting does nothing, or is unknown.
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        let _ = sqlx::raw_sql("SET SESSION wsrep_sync_wait = 1")
+                            .execute(conn)
+                            .await;
+                        Ok(())
+                    })
+                })
                 .connect_with(opts)
                 .await?;
+            if found.len() > 1 {
+                found.move_to(first, &pool);
+                crate::tasks::spawn(
+                    crate::tasks::TaskKind::DatabaseNodes,
+                    found.clone().watch(pool.clone()),
+                );
+            }
+            db_nodes = Some(found);
             let version: String = sqlx::query_scalar("SELECT VERSION()")
                 .fetch_one(&pool)
                 .await?;
@@ -327,6 +372,8 @@ impl Store {
             let conn = WriterConn {
                 pool: write.clone(),
                 conn: None,
+                nodes: db_nodes.clone(),
+                generation: 0,
             };
             crate::tasks::spawn(
                 crate::tasks::TaskKind::StoreWriter,
@@ -347,6 +394,7 @@ impl Store {
             stats,
             backend,
             shared: caps.shared,
+            nodes: db_nodes,
             migrated,
         })
     }
@@ -361,6 +409,12 @@ impl Store {
     /// One server on SQLite keeps the order in memory.
     pub(crate) fn shared(&self) -> bool {
         self.shared
+    }
+
+    /// MySQL/MariaDB: `host:port` of the database node written through now
+    /// (the first healthy one of the addresses `--db` lists).
+    pub fn writes_through(&self) -> Option<String> {
+        self.nodes.as_ref().map(|n| n.current_label().to_owned())
     }
 
     /// The migrations connecting applied (`0003 access`), oldest first:
@@ -405,6 +459,11 @@ impl Store {
                 permanent: true,
                 ..
             })) => Err(Error::WriteRefused(message)),
+            Ok(Err(Failed {
+                message,
+                rolled_back: true,
+                ..
+            })) => Err(Error::WriteConflict(message)),
             Ok(Err(Failed { message, .. })) => Err(Error::Database(sqlx::Error::Protocol(message))),
             Err(_) => Err(Error::ShuttingDown),
         }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use sqlx::Row;
 
+use super::writer::retrying;
 use super::{Pool, Store};
 use crate::model::{self, Timestamp};
 use crate::{Error, Result};
@@ -34,6 +35,9 @@ pub struct ServerRow {
     pub version: String,
     pub running: i64,
     pub nodes_connected: i64,
+    /// MySQL/MariaDB: the database node it writes through (`host:port`),
+    /// as of its last renewal.
+    pub db_node: Option<String>,
     pub started_at: Timestamp,
     pub heartbeat_at: Timestamp,
     pub lease_expires_at: Timestamp,
@@ -51,7 +55,7 @@ pub enum Renewal {
     Lost,
 }
 
-const COLUMNS: &str = "id, incarnation, state, address, host, data_dir, version, running, nodes_connected, \
+const COLUMNS: &str = "id, incarnation, state, address, host, data_dir, version, running, nodes_connected, db_node, \
                        started_at, heartbeat_at, lease_expires_at, stopped_at";
 
 /// Hands on the unfinished actions whose owner is no live server.
@@ -75,6 +79,7 @@ macro_rules! row {
             version: $r.try_get("version")?,
             running: $r.try_get("running")?,
             nodes_connected: $r.try_get("nodes_connected")?,
+            db_node: $r.try_get("db_node")?,
             started_at: $r.try_get("started_at")?,
             heartbeat_at: $r.try_get("heartbeat_at")?,
             lease_expires_at: $r.try_get("lease_expires_at")?,
@@ -90,7 +95,17 @@ impl Store {
     /// holds the id (one whose lease has not run out, somewhere other than
     /// this host and data directory, which this process holds locked), and,
     /// on SQLite, when any other server is live on the database.
+    ///
+    /// Every write here runs again while the database rolls it back for a
+    /// conflict ([`super::writer::retrying`]).
     pub async fn register_server(&self, me: &ServerSpec, lease: Duration) -> Result<i64> {
+        retrying(&self.stats, || async move {
+            self.register_server_once(me, lease).await
+        })
+        .await
+    }
+
+    async fn register_server_once(&self, me: &ServerSpec, lease: Duration) -> Result<i64> {
         let now = model::now();
         let others = self.servers().await?;
         for other in others.iter().filter(|s| s.state == "live" && !s.silent) {
@@ -129,11 +144,11 @@ impl Store {
                 let q = if known.is_some() {
                     "UPDATE servers SET incarnation = ?, state = 'live', address = ?, host = ?, data_dir = ?, version = ?, \
                      running = 0, nodes_connected = 0, started_at = NOW(6), heartbeat_at = NOW(6), \
-                     lease_expires_at = NOW(6) + INTERVAL ? MICROSECOND, stopped_at = NULL \
+                     lease_expires_at = NOW(6) + INTERVAL ? MICROSECOND, stopped_at = NULL, db_node = ? \
                      WHERE id = ? AND incarnation = ?"
                 } else {
                     "INSERT IGNORE INTO servers (incarnation, state, address, host, data_dir, version, started_at, heartbeat_at, \
-                     lease_expires_at, id) VALUES (?, 'live', ?, ?, ?, ?, NOW(6), NOW(6), NOW(6) + INTERVAL ? MICROSECOND, ?)"
+                     lease_expires_at, db_node, id) VALUES (?, 'live', ?, ?, ?, ?, NOW(6), NOW(6), NOW(6) + INTERVAL ? MICROSECOND, ?, ?)"
                 };
                 let mut q = sqlx::query(q)
                     .bind(incarnation)
@@ -142,6 +157,7 @@ impl Store {
                     .bind(&me.data_dir)
                     .bind(&me.version)
                     .bind(micros(lease))
+                    .bind(self.writes_through())
                     .bind(&me.id);
                 if known.is_some() {
                     q = q.bind(incarnation - 1);
@@ -192,14 +208,30 @@ impl Store {
         running: usize,
         nodes: usize,
     ) -> Result<Renewal> {
+        retrying(&self.stats, || async move {
+            self.renew_server_once(id, incarnation, lease, running, nodes)
+                .await
+        })
+        .await
+    }
+
+    async fn renew_server_once(
+        &self,
+        id: &str,
+        incarnation: i64,
+        lease: Duration,
+        running: usize,
+        nodes: usize,
+    ) -> Result<Renewal> {
         let rows = match &self.read {
             Pool::MySql(p) => sqlx::query(
                 "UPDATE servers SET heartbeat_at = NOW(6), lease_expires_at = NOW(6) + INTERVAL ? MICROSECOND, \
-                 running = ?, nodes_connected = ? WHERE id = ? AND incarnation = ? AND state = 'live'",
+                 running = ?, nodes_connected = ?, db_node = ? WHERE id = ? AND incarnation = ? AND state = 'live'",
             )
             .bind(micros(lease))
             .bind(running as i64)
             .bind(nodes as i64)
+            .bind(self.writes_through())
             .bind(id)
             .bind(incarnation)
             .execute(p)
@@ -258,42 +290,82 @@ impl Store {
         let mut lost = Vec::new();
         let mut handed = 0;
         for (id, incarnation) in expired {
-            let mut tx = p.begin().await?;
-            let declared = sqlx::query(
+            let id_ref = id.as_str();
+            let (declared, actions) = retrying(&self.stats, || async move {
+                Self::declare_lost(p, id_ref, incarnation, margin).await
+            })
+            .await?;
+            if declared {
+                handed += actions;
+                lost.push(id);
+            }
+        }
+        handed += retrying(&self.stats, || async move {
+            Ok(sqlx::query(ORPHANS).execute(p).await?.rows_affected())
+        })
+        .await?;
+        // Forget servers that ended an hour ago.
+        retrying(&self.stats, || async move {
+            sqlx::query(
+                "DELETE FROM servers WHERE state <> 'live' AND stopped_at < NOW(6) - INTERVAL 1 HOUR",
+            )
+            .execute(p)
+            .await?;
+            Ok(())
+        })
+        .await?;
+        Ok((lost, handed))
+    }
+
+    /// Declares server `id` lost if its lease still ran out more than
+    /// `margin` ago, and hands its unfinished actions on, in one
+    /// transaction: whether it did, and how many actions.
+    async fn declare_lost(
+        p: &sqlx::MySqlPool,
+        id: &str,
+        incarnation: i64,
+        margin: Duration,
+    ) -> Result<(bool, u64)> {
+        let mut handed = 0;
+        let mut tx = p.begin().await?;
+        let declared = sqlx::query(
                 "UPDATE servers SET state = 'lost', stopped_at = NOW(6) WHERE id = ? AND incarnation = ? \
                  AND state = 'live' AND lease_expires_at < NOW(6) - INTERVAL ? MICROSECOND",
             )
-            .bind(&id)
+            .bind(id)
             .bind(incarnation)
             .bind(micros(margin))
             .execute(&mut *tx)
             .await?
             .rows_affected();
-            if declared == 1 {
-                handed += sqlx::query(
-                    "UPDATE actions SET owner = NULL, epoch = epoch + 1, revision = revision + 1 \
+        if declared == 1 {
+            handed += sqlx::query(
+                "UPDATE actions SET owner = NULL, epoch = epoch + 1, revision = revision + 1 \
                      WHERE owner = ? AND status IN ('queued', 'running')",
-                )
-                .bind(&id)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                lost.push(id);
-            }
-            tx.commit().await?;
+            )
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
         }
-        handed += sqlx::query(ORPHANS).execute(p).await?.rows_affected();
-        // Forget servers that ended an hour ago.
-        sqlx::query(
-            "DELETE FROM servers WHERE state <> 'live' AND stopped_at < NOW(6) - INTERVAL 1 HOUR",
-        )
-        .execute(p)
-        .await?;
-        Ok((lost, handed))
+        tx.commit().await?;
+        Ok((declared == 1, handed))
     }
 
     /// Records the address this incarnation listens at.
     pub async fn set_server_address(
+        &self,
+        id: &str,
+        incarnation: i64,
+        address: &str,
+    ) -> Result<()> {
+        retrying(&self.stats, || async move {
+            self.set_server_address_once(id, incarnation, address).await
+        })
+        .await
+    }
+
+    async fn set_server_address_once(
         &self,
         id: &str,
         incarnation: i64,
@@ -325,6 +397,13 @@ impl Store {
     /// in one transaction; nothing if it was declared lost meanwhile (its
     /// actions were handed on then).
     pub async fn stop_server(&self, id: &str, incarnation: i64) -> Result<u64> {
+        retrying(&self.stats, || async move {
+            self.stop_server_once(id, incarnation).await
+        })
+        .await
+    }
+
+    async fn stop_server_once(&self, id: &str, incarnation: i64) -> Result<u64> {
         let at = model::now();
         macro_rules! stop {
             ($p:expr, $now:literal, $bind_now:expr) => {{

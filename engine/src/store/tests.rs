@@ -703,3 +703,89 @@ async fn mariadb_list_filters() {
     let store = Store::connect(&mysql_url("list").await).await.unwrap();
     list_filters_mean_the_same(store).await;
 }
+
+/// A write the database rolls back for a deadlock (on Galera, also for a
+/// certification conflict) is retried whole, not failed: another
+/// connection locks action `a`, the writer's transaction updates `b` and
+/// waits for `a`, then the other connection asks for `b`. InnoDB rolls back
+/// the lighter transaction, the writer's (the other has changed many rows);
+/// the write still lands, once the other connection commits.
+#[tokio::test]
+async fn mariadb_a_deadlocked_write_is_retried_whole() {
+    use sqlx::Connection;
+    use std::sync::atomic::Ordering;
+    let url = mysql_url("deadlock").await;
+    let store = Store::connect(&url).await.unwrap();
+    let (a, b) = (inserted(&store, "t-a").await, inserted(&store, "t-b").await);
+    let mut locker = sqlx::MySqlConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE heavy (id INT PRIMARY KEY, n INT NOT NULL); \
+         INSERT INTO heavy SELECT seq, 0 FROM seq_1_to_200",
+    )
+    .execute(&mut locker)
+    .await
+    .unwrap();
+    sqlx::raw_sql("BEGIN; UPDATE heavy SET n = n + 1")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    sqlx::query("SELECT id FROM actions WHERE id = ? FOR UPDATE")
+        .bind(a)
+        .fetch_all(&mut locker)
+        .await
+        .unwrap();
+
+    let before = store.stats().rolled_back.load(Ordering::SeqCst);
+    let claim = |id| Write::Claim {
+        id,
+        owner: "test".into(),
+        epoch: 1,
+        lease_until: at(60_000),
+    };
+    let write = {
+        let (store, writes) = (store.clone(), vec![claim(b), claim(a)]);
+        tokio::spawn(async move { store.write(writes).await })
+    };
+    // Until the writer holds `b` and waits for `a` (its statement has run
+    // for a while: the one on `b` takes a millisecond).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM information_schema.PROCESSLIST \
+             WHERE DB = DATABASE() AND ID <> CONNECTION_ID() AND INFO LIKE 'UPDATE actions%' \
+             AND TIME_MS > 100",
+        )
+        .fetch_one(&mut locker)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer never waited for the lock"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // The deadlock: the writer is rolled back, which lets this through.
+    sqlx::query("SELECT id FROM actions WHERE id = ? FOR UPDATE")
+        .bind(b)
+        .fetch_all(&mut locker)
+        .await
+        .expect("the heavier transaction is not the one rolled back");
+    sqlx::raw_sql("COMMIT").execute(&mut locker).await.unwrap();
+
+    let outcomes = write
+        .await
+        .unwrap()
+        .expect("a deadlock is retried, not failed");
+    assert_eq!(outcomes, vec![Outcome::Done { rows: 1 }; 2]);
+    for id in [a, b] {
+        let action = store.action(id).await.unwrap().unwrap();
+        assert_eq!(action.epoch, 2, "claimed once, by the retry");
+    }
+    assert!(
+        store.stats().rolled_back.load(Ordering::SeqCst) > before,
+        "the writer saw the rollback"
+    );
+}

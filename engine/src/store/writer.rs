@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -35,8 +36,13 @@ pub(super) struct Request {
 #[derive(Debug, Clone)]
 pub(super) struct Failed {
     pub(super) message: String,
-    /// It failed at `COMMIT`: it may have been committed all the same.
+    /// It failed at `COMMIT` without the database saying it rolled back
+    /// (the connection was lost): it may have been committed all the same.
     pub(super) unknown: bool,
+    /// The database rolled the whole transaction back and said so (see
+    /// [`rolled_back`]): nothing of it was written, and the same
+    /// transaction again may well succeed.
+    pub(super) rolled_back: bool,
     /// The database refused the write itself (a constraint, a value it
     /// cannot hold): trying again cannot help. Otherwise the failure is the
     /// connection's or the moment's (lost connection, deadlock, lock wait
@@ -49,6 +55,7 @@ impl From<sqlx::Error> for Failed {
         Failed {
             permanent: is_permanent(&e),
             unknown: false,
+            rolled_back: rolled_back(&e),
             message: e.to_string(),
         }
     }
@@ -56,9 +63,12 @@ impl From<sqlx::Error> for Failed {
 
 impl From<sql::ApplyError> for Failed {
     fn from(e: sql::ApplyError) -> Failed {
+        let failed = Failed::from(e.error);
         Failed {
-            unknown: e.at_commit,
-            ..Failed::from(e.error)
+            // A conflict reported at `COMMIT` (Galera's certification) is a
+            // rollback like any other; only a lost answer leaves it open.
+            unknown: e.at_commit && !failed.rolled_back,
+            ..failed
         }
     }
 }
@@ -87,6 +97,65 @@ pub(super) fn is_permanent(e: &sqlx::Error) -> bool {
         // SQLite: string or blob too big, constraint, mismatch.
         Some("18" | "19" | "20") => true,
         _ => false,
+    }
+}
+
+/// Whether the database rolled the transaction back for the moment's sake
+/// and said so, so that running it again is safe and may succeed.
+/// MySQL/MariaDB: 1213 (a deadlock, or on Galera a certification conflict
+/// with a write through another node, or a brute-force abort by one),
+/// 1205 (a lock wait timeout; the writer rolls back the rest itself), 1047
+/// (Galera: this node is not ready, as while it joins).
+pub(super) fn rolled_back(e: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = e else {
+        return false;
+    };
+    db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+        .is_some_and(|e| matches!(e.number(), 1213 | 1205 | 1047))
+}
+
+/// The same for an engine error (see [`retrying`]).
+pub(super) fn error_rolled_back(e: &crate::Error) -> bool {
+    matches!(e, crate::Error::Database(e) if rolled_back(e))
+}
+
+/// Times a transaction the database keeps rolling back is tried, in all.
+pub(super) const ATTEMPTS: u32 = 6;
+
+/// The pause before try `attempt + 2`: 10, 20, 40, 80, 160 ms, each
+/// stretched by up to half at random, so that transactions which collided do
+/// not collide again in step.
+pub(super) fn backoff(attempt: u32) -> Duration {
+    let base = 10u64 << attempt.min(4);
+    let noise = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::from(d.subsec_nanos()));
+    Duration::from_millis(base + noise % (base / 2 + 1))
+}
+
+/// Runs `once` (a whole transaction, or one autocommitted statement) again
+/// while the database rolls it back ([`rolled_back`]), up to [`ATTEMPTS`]
+/// times with a [`backoff`] between: the write paths outside the writer
+/// (leases, hand-overs) use this as the writer does for its commits.
+pub(super) async fn retrying<T, F, Fut>(stats: &StoreStats, mut once: F) -> crate::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = crate::Result<T>>,
+{
+    let mut attempt = 0;
+    loop {
+        match once().await {
+            Err(e) if error_rolled_back(&e) => {
+                stats.rolled_back.fetch_add(1, Ordering::Relaxed);
+                if attempt + 1 >= ATTEMPTS {
+                    return Err(e);
+                }
+                tracing::debug!(error = %e, attempt, "the database rolled a write back; trying again");
+                tokio::time::sleep(backoff(attempt)).await;
+                attempt += 1;
+            }
+            other => return other,
+        }
     }
 }
 
@@ -135,7 +204,7 @@ pub(super) async fn run(
             .flat_map(|r| r.writes.iter().map(|_| r.fence.as_ref()))
             .collect();
         commits.count.fetch_add(1, Ordering::SeqCst);
-        let applied = commit_once(&mut conn, caps, &all, &fences, &stats).await;
+        let applied = commit_retrying(&mut conn, caps, &all, &fences, &stats).await;
         commits.count.fetch_sub(1, Ordering::SeqCst);
         commits.ended.notify_waiters();
         match applied {
@@ -158,18 +227,46 @@ pub(super) async fn run(
                     let _ = req.reply.send(Err(e.clone()));
                 }
             }
-            // Rolled back: one bad write must not fail its neighbours.
+            // Rolled back: one bad write must not fail its neighbours (nor
+            // one that keeps conflicting).
             Err(_) => {
                 for req in batch.drain(..) {
                     let writes: Vec<&Write> = req.writes.iter().collect();
                     let fences = vec![req.fence.as_ref(); writes.len()];
-                    let result = commit_once(&mut conn, caps, &writes, &fences, &stats).await;
+                    let result = commit_retrying(&mut conn, caps, &writes, &fences, &stats).await;
                     if let Ok(outcomes) = &result {
                         watchers.publish(&writes, outcomes);
                     }
                     let _ = req.reply.send(result);
                 }
             }
+        }
+    }
+}
+
+/// [`commit_once`], again while the database rolls it back for a conflict
+/// or a node not ready ([`rolled_back`]), up to [`ATTEMPTS`] times: the whole
+/// transaction each time, since nothing of it was kept.
+pub(super) async fn commit_retrying(
+    conn: &mut WriterConn,
+    caps: Caps,
+    writes: &[&Write],
+    fences: &[Option<&super::Fence>],
+    stats: &StoreStats,
+) -> Result<Vec<Outcome>, Failed> {
+    let mut attempt = 0;
+    loop {
+        match commit_once(conn, caps, writes, fences, stats).await {
+            Err(e) if e.rolled_back => {
+                stats.rolled_back.fetch_add(1, Ordering::Relaxed);
+                if attempt + 1 >= ATTEMPTS {
+                    return Err(e);
+                }
+                tracing::debug!(error = %e.message, attempt, writes = writes.len(), "the database rolled a commit back; trying it again");
+                tokio::time::sleep(backoff(attempt)).await;
+                attempt += 1;
+            }
+            other => return other,
         }
     }
 }
@@ -200,6 +297,7 @@ pub(super) fn injected_refusal(writes: &[&Write]) -> Result<(), Failed> {
             message: "Data too long for column 'output' (injected)".into(),
             permanent: true,
             unknown: false,
+            rolled_back: false,
         }));
     }
     if writes
@@ -210,6 +308,7 @@ pub(super) fn injected_refusal(writes: &[&Write]) -> Result<(), Failed> {
             message: "Data too long for column 'name' (injected)".into(),
             permanent: true,
             unknown: false,
+            rolled_back: false,
         }));
     }
     Ok(())
@@ -223,6 +322,7 @@ pub(super) fn injected_after_commit(writes: &[&Write]) -> Result<(), Failed> {
             message: "the connection was lost during COMMIT (injected)".into(),
             permanent: false,
             unknown: true,
+            rolled_back: false,
         }));
     }
     Ok(())
@@ -277,6 +377,10 @@ pub(super) async fn next_batch(
 pub(super) struct WriterConn {
     pub(super) pool: Pool,
     pub(super) conn: Option<Conn>,
+    /// MySQL/MariaDB: the database's nodes; `conn` is dropped once writes
+    /// moved to another node since it was opened (at `generation`).
+    pub(super) nodes: Option<Arc<super::nodes::Nodes>>,
+    pub(super) generation: u64,
 }
 
 pub(super) enum Conn {
@@ -294,6 +398,12 @@ impl WriterConn {
     ) -> Result<Vec<Outcome>, Failed> {
         let fences = if caps.shared { fences } else { &[] };
         let began = std::time::Instant::now();
+        if let Some(nodes) = &self.nodes
+            && nodes.generation() != self.generation
+        {
+            self.conn = None;
+            self.generation = nodes.generation();
+        }
         let conn = match &mut self.conn {
             Some(conn) => conn,
             None => self.conn.insert(match &self.pool {
@@ -321,7 +431,31 @@ impl WriterConn {
                 sql::mysql::apply(c, writes, fences, caps.shared, caps.returning, true).await
             }
         };
-        let (outcomes, rows) = result.inspect_err(|_| self.conn = None)?;
+        let (outcomes, rows) = match result {
+            Ok(applied) => applied,
+            Err(e) => {
+                let failed = Failed::from(e);
+                // Not a refusal of the write itself: the node may be gone,
+                // not ready or read-only; look at the nodes now.
+                if !failed.permanent
+                    && let Some(nodes) = &self.nodes
+                {
+                    nodes.kick();
+                }
+                // A transaction the database rolled back leaves the
+                // connection sound; a lock wait timeout leaves the rest of
+                // the transaction open, so roll it back here. Any other
+                // error may have broken the connection: drop it.
+                if failed.rolled_back
+                    && let Conn::MySql(c) = conn
+                    && sqlx::raw_sql("ROLLBACK").execute(&mut *c).await.is_ok()
+                {
+                    return Err(failed);
+                }
+                self.conn = None;
+                return Err(failed);
+            }
+        };
         stats.transactions.fetch_add(1, Ordering::Relaxed);
         stats
             .writes

@@ -288,7 +288,7 @@ impl Env {
 
     /// Starts `troupe serve` with extra flags and environment variables.
     pub(crate) fn serve_with_env(&self, extra: &[&str], envs: &[(&str, &str)]) -> Server {
-        self.serve_in(&self.dir, "test-node", extra, envs)
+        self.serve_in(&self.db_url, &self.dir, "test-node", extra, envs)
     }
 
     /// Starts another server on the same database while the first runs (as
@@ -300,6 +300,17 @@ impl Env {
 
     /// [`Env::serve_another`] with environment variables (failure points).
     pub(crate) fn serve_another_with_env(&self, extra: &[&str], envs: &[(&str, &str)]) -> Server {
+        self.serve_another_at(&self.db_url, extra, envs)
+    }
+
+    /// [`Env::serve_another_with_env`] through another URL to the same
+    /// database (as through another node of a cluster).
+    pub(crate) fn serve_another_at(
+        &self,
+        db_url: &str,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Server {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let dir = self.dir.join(format!("another-{n}"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -308,18 +319,25 @@ impl Env {
                 std::fs::copy(self.dir.join(file), dir.join(file)).unwrap();
             }
         }
-        self.serve_in(&dir, &format!("test-node-{n}"), extra, envs)
+        self.serve_in(db_url, &dir, &format!("test-node-{n}"), extra, envs)
     }
 
     /// Starts a server on `dir`, with `id` unless `extra` names one.
-    fn serve_in(&self, dir: &Path, id: &str, extra: &[&str], envs: &[(&str, &str)]) -> Server {
+    fn serve_in(
+        &self,
+        db_url: &str,
+        dir: &Path,
+        id: &str,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Server {
         let b = bundles();
         let mut args = vec![
             "serve".to_owned(),
             "--data-dir".into(),
             dir.to_str().unwrap().into(),
             "--db".into(),
-            self.db_url.clone(),
+            db_url.to_owned(),
             "--bundle".into(),
             b.testkit.to_str().unwrap().into(),
             "--bundle".into(),

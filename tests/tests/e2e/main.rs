@@ -20,6 +20,7 @@ mod dbrestart;
 mod drain;
 mod faults;
 mod files;
+mod galera;
 mod goons;
 mod hostile;
 mod hostile_bundles;

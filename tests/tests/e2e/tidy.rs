@@ -221,6 +221,11 @@ fn the_engine_spawns_through_tasks() {
             1,
             "the hand-over of one insert, awaited by the submit",
         ),
+        (
+            "store/nodes.rs",
+            1,
+            "a look at each database node at once, each awaited by the choice",
+        ),
     ];
     let src = workspace().join("engine/src");
     let mut found = Vec::new();

@@ -1,0 +1,253 @@
+//! Several addresses for one MySQL/MariaDB database (the nodes of a Galera
+//! cluster): `mysql://USER:PASSWORD@HOST1:PORT1,HOST2:PORT2/DATABASE`.
+//! troupe writes through one node at a time, the first healthy one in the
+//! list, so every server that was given the same list writes through the
+//! same node (no certification conflicts between them); it moves on when
+//! that node is gone, not ready (`wsrep_ready=OFF`), not Primary, not
+//! Synced, or read-only, and back once an earlier node is healthy again.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use sqlx::Connection;
+use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlPool};
+use tokio::sync::Notify;
+
+/// How often the nodes are looked at while all is well.
+const EVERY: Duration = Duration::from_secs(1);
+
+/// How long a node may take to answer a look before it counts as gone.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// The database's addresses and the one written through now.
+pub(crate) struct Nodes {
+    options: Vec<MySqlConnectOptions>,
+    labels: Vec<String>,
+    current: AtomicUsize,
+    /// Bumped at each move: a connection opened before it is not used again.
+    generation: AtomicU64,
+    /// When the last move happened (pooled connections older than this
+    /// belong to the previous node).
+    moved_at: std::sync::Mutex<Instant>,
+    /// Woken when a write failed for the connection's sake: look now.
+    kick: Notify,
+}
+
+/// One URL per host of a URL listing several (`HOST1:PORT1,HOST2:PORT2`);
+/// the URL itself when it names one.
+pub(crate) fn split_url(url: &str) -> Vec<String> {
+    let Some(scheme) = url.find("://") else {
+        return vec![url.to_owned()];
+    };
+    let rest = &url[scheme + 3..];
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let authority = &rest[..end];
+    let (userinfo, hosts) = match authority.rfind('@') {
+        Some(at) => (&authority[..=at], &authority[at + 1..]),
+        None => ("", authority),
+    };
+    if !hosts.contains(',') {
+        return vec![url.to_owned()];
+    }
+    hosts
+        .split(',')
+        .filter(|h| !h.is_empty())
+        .map(|h| format!("{}{userinfo}{h}{}", &url[..scheme + 3], &rest[end..]))
+        .collect()
+}
+
+impl Nodes {
+    pub(crate) fn new(urls: &[String], statement_cache: usize) -> crate::Result<Nodes> {
+        let options = urls
+            .iter()
+            .map(|u| {
+                MySqlConnectOptions::from_str(u)
+                    .map(|o| o.statement_cache_capacity(statement_cache))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let labels = options
+            .iter()
+            .map(|o| format!("{}:{}", o.get_host(), o.get_port()))
+            .collect();
+        Ok(Nodes {
+            options,
+            labels,
+            current: AtomicUsize::new(0),
+            generation: AtomicU64::new(0),
+            moved_at: std::sync::Mutex::new(Instant::now()),
+            kick: Notify::new(),
+        })
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.options.len()
+    }
+
+    pub(crate) fn options(&self, i: usize) -> &MySqlConnectOptions {
+        &self.options[i]
+    }
+
+    /// `host:port` of the node written through now.
+    pub(crate) fn current_label(&self) -> &str {
+        &self.labels[self.current.load(Ordering::SeqCst)]
+    }
+
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// Asks for a look at the nodes now (a write failed for the
+    /// connection's sake).
+    pub(crate) fn kick(&self) {
+        self.kick.notify_one();
+    }
+
+    /// Whether a pooled connection opened `age` ago was opened before the
+    /// last move, to another node.
+    pub(crate) fn stale(&self, age: Duration) -> bool {
+        self.len() > 1 && age >= self.moved_at.lock().unwrap().elapsed()
+    }
+
+    /// Looks at every node at once; the first healthy one in the list, or
+    /// why each is not.
+    pub(crate) async fn choose(&self) -> Result<usize, Vec<String>> {
+        let probes: Vec<_> = self
+            .options
+            .iter()
+            .map(|o| {
+                let o = o.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(PROBE_TIMEOUT, probe(&o)).await {
+                        Ok(r) => r,
+                        Err(_) => Err(format!("no answer within {PROBE_TIMEOUT:?}")),
+                    }
+                })
+            })
+            .collect();
+        let mut looks = Vec::with_capacity(probes.len());
+        for p in probes {
+            looks.push(p.await.unwrap_or_else(|e| Err(e.to_string())));
+        }
+        if let Some(i) = looks.iter().position(Result::is_ok) {
+            return Ok(i);
+        }
+        Err(looks
+            .into_iter()
+            .zip(&self.labels)
+            .map(|(r, label)| format!("{label}: {}", r.err().unwrap_or_default()))
+            .collect())
+    }
+
+    /// Makes node `to` the one written through: new connections go to it,
+    /// and connections to the previous one are not used again.
+    pub(crate) fn move_to(&self, to: usize, pool: &MySqlPool) {
+        pool.set_connect_options(self.options[to].clone());
+        *self.moved_at.lock().unwrap() = Instant::now();
+        self.current.store(to, Ordering::SeqCst);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Looks at the nodes every second, and at once when kicked, and moves
+    /// to the first healthy one when that is not the current one. Ends when
+    /// the pool is closed.
+    pub(crate) async fn watch(self: Arc<Self>, pool: MySqlPool) {
+        while !pool.is_closed() {
+            tokio::select! {
+                _ = tokio::time::sleep(EVERY) => {}
+                _ = self.kick.notified() => {}
+            }
+            let now = self.current.load(Ordering::SeqCst);
+            match self.choose().await {
+                Ok(best) if best != now => {
+                    tracing::warn!(
+                        from = %self.labels[now],
+                        to = %self.labels[best],
+                        "moving the database writes to another node (the first healthy one in the list)"
+                    );
+                    self.move_to(best, &pool);
+                }
+                Ok(_) => {}
+                Err(why) => {
+                    tracing::warn!(nodes = ?why, "no database node is healthy; staying where the writes are");
+                }
+            }
+        }
+    }
+}
+
+/// Whether the node at `opts` takes writes now: it answers, is not
+/// read-only and, on Galera, is ready, in the Primary component and Synced.
+async fn probe(opts: &MySqlConnectOptions) -> Result<(), String> {
+    let mut conn = MySqlConnection::connect_with(opts)
+        .await
+        .map_err(|e| e.to_string())?;
+    let looked = look(&mut conn).await;
+    let _ = conn.close().await;
+    looked
+}
+
+async fn look(conn: &mut MySqlConnection) -> Result<(), String> {
+    let vars: Vec<(String, String)> =
+        sqlx::query_as("SHOW GLOBAL VARIABLES WHERE Variable_name IN ('read_only', 'wsrep_on')")
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(|e| e.to_string())?;
+    let var = |name: &str| {
+        vars.iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    };
+    if var("read_only").is_some_and(|v| v.eq_ignore_ascii_case("ON") || v == "1") {
+        return Err("read-only".into());
+    }
+    if !var("wsrep_on").is_some_and(|v| v.eq_ignore_ascii_case("ON")) {
+        return Ok(());
+    }
+    let status: Vec<(String, String)> = sqlx::query_as(
+        "SHOW GLOBAL STATUS WHERE Variable_name IN ('wsrep_ready', 'wsrep_cluster_status', 'wsrep_local_state')",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(|e| e.to_string())?;
+    let get = |name: &str| {
+        status
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map_or("", |(_, v)| v.as_str())
+    };
+    if !get("wsrep_ready").eq_ignore_ascii_case("ON") {
+        return Err("not ready (wsrep_ready=OFF)".into());
+    }
+    if get("wsrep_cluster_status") != "Primary" {
+        return Err(format!(
+            "not in the Primary component ({})",
+            get("wsrep_cluster_status")
+        ));
+    }
+    // 4: Synced. A donor (2) may be blocked by its state transfer.
+    if get("wsrep_local_state") != "4" {
+        return Err(format!("not Synced (state {})", get("wsrep_local_state")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_url;
+
+    #[test]
+    fn a_url_with_several_hosts_is_one_url_per_host() {
+        assert_eq!(
+            split_url("mysql://u:p,w@a:1,b:2,c/db?ssl-mode=REQUIRED"),
+            [
+                "mysql://u:p,w@a:1/db?ssl-mode=REQUIRED",
+                "mysql://u:p,w@b:2/db?ssl-mode=REQUIRED",
+                "mysql://u:p,w@c/db?ssl-mode=REQUIRED",
+            ]
+        );
+        assert_eq!(split_url("mysql://u:p@a:1/db"), ["mysql://u:p@a:1/db"]);
+        assert_eq!(split_url("mysql://a,b"), ["mysql://a", "mysql://b"]);
+    }
+}
