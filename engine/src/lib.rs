@@ -18,6 +18,7 @@ pub mod admin;
 mod agency;
 mod authority;
 pub mod bundle;
+pub mod config_watch;
 mod error;
 pub mod failpoints;
 pub mod goons;
@@ -113,6 +114,9 @@ impl Engine {
     /// Call [`Engine::resume`] after loading bundles to pick up unfinished actions.
     pub async fn start(config: Config) -> Result<Engine> {
         let store = Store::connect(&config.database_url).await?;
+        // Read before what they count is loaded: a change made meanwhile is
+        // reloaded at the first poll.
+        let generations = config_watch::generations(&store).await?;
         let bundles = config.data_dir.join("bundles");
         std::fs::create_dir_all(&bundles)
             .map_err(Error::io(format!("creating {}", bundles.display())))?;
@@ -146,7 +150,11 @@ impl Engine {
         .await?;
         let tokens = Tokens::default();
         tokens.replace_all(store.tokens().await?);
-        tokens.spawn_refresh(store.clone(), shared.stopping.clone());
+        config_watch::ConfigWatch {
+            store: store.clone(),
+            tokens: tokens.clone(),
+        }
+        .spawn(generations, shared.stopping.clone());
         let me = store::ServerSpec {
             id: config.server_id.clone(),
             address: config.address.clone(),
