@@ -1,12 +1,16 @@
-//! Shared configuration in every server's memory: API tokens (`Tokens`).
+//! Shared configuration in every server's memory: API tokens (`Tokens`),
+//! trusted keys and active bundles (the Source Authority, the Agency).
 //!
-//! Every change to it commits with a bump of its kind's counter in
-//! `generations` ([`crate::store::Store::record`]). Each server polls the
-//! counters every [`POLL`] and reloads a kind whose counter moved, so a
+//! Every change to one of them commits with a bump of its kind's counter
+//! in `generations` ([`crate::store::Store::record`]). Each server polls
+//! the counters every [`POLL`] and reloads a kind whose counter moved, so a
 //! change made through any server holds on every other within a poll and
-//! a reload: a revoked token is refused within about 0.6 s. The server
-//! that made a change applies it at once, as before; its own reload then
-//! finds nothing new.
+//! a reload: a revoked token or key is refused within about 0.6 s, a
+//! pushed bundle runs within 2 s (its reload unpacks and probes it). A
+//! bundle is taken in only through this server's own Source Authority
+//! (verified under its own trusted keys, unpacked, probed): no server
+//! trusts another's verdict. The server that made a change applies it at
+//! once, as before; its own reload then finds nothing to do.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
@@ -14,6 +18,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::access::Tokens;
+use crate::authority::AuthorityHandle;
 use crate::store::{ConfigKind, Store};
 
 /// How often every server reads `generations`.
@@ -23,6 +28,7 @@ pub const POLL: Duration = Duration::from_millis(500);
 pub(crate) struct ConfigWatch {
     pub(crate) store: Store,
     pub(crate) tokens: Tokens,
+    pub(crate) authority: AuthorityHandle,
 }
 
 impl ConfigWatch {
@@ -58,6 +64,17 @@ impl ConfigWatch {
                             done.insert(ConfigKind::Tokens);
                         }
                         Err(e) => tracing::warn!(error = %e, "could not reload API tokens"),
+                    }
+                }
+                // Keys before bundles: what a bundle may be loaded under
+                // depends on them.
+                if moved.contains(&ConfigKind::Keys) || moved.contains(&ConfigKind::Bundles) {
+                    match self.authority.sync().await {
+                        Ok(()) => {
+                            done.insert(ConfigKind::Keys);
+                            done.insert(ConfigKind::Bundles);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "could not reload keys and bundles"),
                     }
                 }
                 // A kind that failed keeps its old generation: tried again

@@ -122,9 +122,17 @@ impl Engine {
             .map_err(Error::io(format!("creating {}", bundles.display())))?;
         bundle::sweep_staging(&bundles);
         let agency = AgencyHandle::spawn(config.host_command.clone(), config.cancel_grace);
+        let authority = AuthorityHandle::start(
+            store.clone(),
+            agency.clone(),
+            bundles,
+            config.trusted_keys.clone(),
+        )
+        .await?;
         let shared = Arc::new(Shared {
             store: store.clone(),
             agency: agency.clone(),
+            authority: authority.clone(),
             lease: Lease {
                 owner: config.server_id.as_str().into(),
                 length: config.lease,
@@ -141,18 +149,12 @@ impl Engine {
                 .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
                 .collect(),
         });
-        let authority = AuthorityHandle::start(
-            store.clone(),
-            agency.clone(),
-            bundles,
-            config.trusted_keys.clone(),
-        )
-        .await?;
         let tokens = Tokens::default();
         tokens.replace_all(store.tokens().await?);
         config_watch::ConfigWatch {
             store: store.clone(),
             tokens: tokens.clone(),
+            authority: authority.clone(),
         }
         .spawn(generations, shared.stopping.clone());
         let me = store::ServerSpec {

@@ -22,6 +22,9 @@ use crate::store::{Fence, Outcome, Store, Write};
 pub(crate) struct Shared {
     pub(crate) store: Store,
     pub(crate) agency: AgencyHandle,
+    /// Loads a bundle stored by another server that an action here is
+    /// pinned to.
+    pub(crate) authority: crate::authority::AuthorityHandle,
     /// Who this server is in `owner`, and how long its claims last.
     pub(crate) lease: crate::schedule::Lease,
     /// Set when the server shuts down: runners stop before their next step.
@@ -149,7 +152,22 @@ pub(crate) async fn run(
     let inserted_running = matches!(begun, Begun::WithInsert(_));
     let id = action.id;
     let mut mirror = action.clone();
-    let bundle = match shared.agency.bundle(action.bundle.clone()).await {
+    // Not loaded here (an action taken over from another server, pinned
+    // to a bundle pushed there): loaded from the database through this
+    // server's own Source Authority, or the action fails saying why.
+    let loaded = match shared.agency.bundle(action.bundle.clone()).await {
+        Ok(Some(b)) => Ok(Some(b)),
+        Ok(None) => match shared.authority.fetch(action.bundle.clone()).await {
+            Ok(b) => Ok(Some(b)),
+            Err(crate::Error::ShuttingDown) => Err(()),
+            Err(e) => {
+                tracing::warn!(action_id = id, bundle = %action.bundle, error = %e, "the bundle this action is pinned to could not be loaded here");
+                Ok(None)
+            }
+        },
+        Err(_) => Err(()),
+    };
+    let bundle = match loaded {
         Ok(Some(b)) => b,
         Ok(None) => {
             let error = format!(

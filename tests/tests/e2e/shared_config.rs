@@ -1,16 +1,121 @@
-//! Shared configuration on several servers: a token made or revoked
-//! through one server holds on the others within a second, with no
-//! restart. MariaDB only: SQLite serves one server.
+//! Shared configuration on several servers: a bundle, key or token
+//! changed through one server holds on the others within a bound (1 s for
+//! tokens and keys, 2 s for a bundle, which each server
+//! verifies, unpacks and probes itself), with no restart. MariaDB only:
+//! SQLite serves one server.
 
 use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
-use serde_json::json;
+use serde_json::{Value, json};
 
-use crate::harness::{Db, Env};
+use crate::harness::{Db, Env, Server, build_testkit, sign_with, test_key, testkit_version};
 
-/// How long a token change may take to reach another server.
+/// How long a token or key change may take to reach another server.
 const CONFIG_BOUND: Duration = Duration::from_secs(1);
+/// How long a pushed or activated bundle may take to run on another server.
+const BUNDLE_BOUND: Duration = Duration::from_secs(2);
+
+/// A bundle named `extra` (the testkit library) with the one kind
+/// `extra_noop`, which no other bundle provides; its bytes and signature.
+fn extra_bundle(version: &str) -> (Vec<u8>, String) {
+    let manifest = format!(
+        r#"format = 1
+name = "extra"
+version = "{version}"
+abi = 2
+library = "testkit"
+
+[steps.noop]
+timeout_ms = 10000
+idempotent = true
+
+[kinds.extra_noop]
+description = "A no-op from a bundle pushed to one server"
+steps = [{{ step = "noop" }}]
+"#
+    );
+    let bytes = build_testkit(&manifest).expect("the extra bundle builds");
+    let signature = sign_with(&test_key(), &bytes, "extra", version);
+    (bytes, signature)
+}
+
+/// Submits `extra_noop` through `server` until it is accepted, by
+/// `deadline` (an unknown kind is the only other answer allowed); returns
+/// the action's id.
+async fn submit_by(server: &Server, deadline: Instant, what: &str) -> i64 {
+    loop {
+        let (status, body) = server
+            .post(
+                "/v1/actions",
+                &json!({ "kind": "extra_noop", "target": "vps-1", "params": {} }),
+            )
+            .await;
+        if status == StatusCode::ACCEPTED {
+            return body["id"].as_i64().unwrap();
+        }
+        assert_eq!(body["error"]["code"], "unknown_kind", "{body}");
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the other server still does not know the kind: {body}\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A bundle pushed through one server runs actions submitted through
+/// another within 2 s, as that server loaded it itself; an older version
+/// activated again through the first is what the other runs next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_pushed_through_one_server_runs_on_another() {
+    let env = Env::new(Db::MySql).await;
+    let a = env.serve_with(&["--server-id", "s-a"]);
+    let b = env.serve_another(&["--server-id", "s-b"]);
+    let (bytes, sig) = extra_bundle("0.1.0");
+    let (status, resp) = a.push(bytes, &sig).await;
+    assert_eq!(status, StatusCode::CREATED, "{resp}");
+    let first = resp["hash"].as_str().unwrap().to_owned();
+    let id = submit_by(&b, Instant::now() + BUNDLE_BOUND, "after a push").await;
+    let done = b.finished(id).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["bundle"], first.as_str(), "{done}");
+    assert_eq!(done["server"], Value::Null, "{done}");
+    let log = b.log();
+    assert!(
+        log.contains("bundle activated on another server is active here"),
+        "{log}"
+    );
+
+    // A newer version through A, then the first made active again there:
+    // B follows both.
+    let (bytes, sig) = extra_bundle("0.2.0");
+    let (status, resp) = a.push(bytes, &sig).await;
+    assert_eq!(status, StatusCode::CREATED, "{resp}");
+    let second = resp["hash"].as_str().unwrap().to_owned();
+    for (hash, activate) in [(&second, false), (&first, true)] {
+        if activate {
+            let (status, resp) = a
+                .post(&format!("/v1/bundles/{hash}/activate"), &json!({}))
+                .await;
+            assert_eq!(status, StatusCode::OK, "{resp}");
+        }
+        let deadline = Instant::now() + BUNDLE_BOUND;
+        loop {
+            let id = submit_by(&b, deadline, "after a new version").await;
+            let done = b.finished(id).await;
+            assert_eq!(done["status"], "succeeded", "{done}");
+            if done["bundle"] == hash.as_str() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "B still runs another version than {hash}: {done}\n{}",
+                b.log()
+            );
+        }
+    }
+}
 
 /// A token made through one server works on the other within 1 s, and
 /// one revoked through the other is refused by the first within 1 s;
@@ -61,4 +166,56 @@ async fn tokens_made_or_revoked_through_one_server_hold_on_another() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// A key revoked through one server is revoked on the other within 1 s:
+/// that server refuses a bundle it signed, and no longer activates the
+/// one it already holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_revoked_through_one_server_is_refused_by_another() {
+    let env = Env::new(Db::MySql).await;
+    let key = signing::SecretKey::from_seed([7; 32]);
+    let public = key.public().to_string();
+    let a = env.serve_with(&["--server-id", "s-a", "--trust", &public]);
+    let b = env.serve_another(&["--server-id", "s-b", "--trust", &public]);
+    let (bytes, sig) = testkit_version("0.2.0", &key);
+    let (status, resp) = a.push(bytes, &sig).await;
+    assert_eq!(status, StatusCode::CREATED, "{resp}");
+    let signed = resp["hash"].as_str().unwrap().to_owned();
+
+    let key_id = key.public().id().to_string();
+    let (status, resp) = b
+        .post(&format!("/v1/keys/{key_id}/revoke"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    let revoked = Instant::now();
+    loop {
+        let (status, keys) = a.get("/v1/keys").await;
+        assert_eq!(status, StatusCode::OK, "{keys}");
+        let listed = keys["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["key_id"] == key_id.as_str())
+            .unwrap_or_else(|| panic!("A does not list the key: {keys}"))
+            .clone();
+        if listed["revoked"] == true {
+            break;
+        }
+        assert!(
+            revoked.elapsed() < CONFIG_BOUND,
+            "A still trusts the key {:?} after it was revoked: {listed}",
+            revoked.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (bytes, sig) = testkit_version("0.3.0", &key);
+    let (status, resp) = a.push(bytes, &sig).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{resp}");
+    assert_eq!(resp["error"]["code"], "signature_revoked_key", "{resp}");
+    let (status, resp) = a
+        .post(&format!("/v1/bundles/{signed}/activate"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{resp}");
+    assert_eq!(resp["error"]["code"], "bundle_revoked", "{resp}");
 }
