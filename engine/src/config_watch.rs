@@ -1,5 +1,6 @@
 //! Shared configuration in every server's memory: API tokens (`Tokens`),
-//! trusted keys and active bundles (the Source Authority, the Agency).
+//! trusted keys and active bundles (the Source Authority, the Agency), and
+//! node drains and removals (`Nodes`).
 //!
 //! Every change to one of them commits with a bump of its kind's counter
 //! in `generations` ([`crate::store::Store::record`]). Each server polls
@@ -19,6 +20,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access::Tokens;
 use crate::authority::AuthorityHandle;
+use crate::model::NodeStatus;
+use crate::nodes::Nodes;
 use crate::store::{ConfigKind, Store};
 
 /// How often every server reads `generations`.
@@ -29,6 +32,7 @@ pub(crate) struct ConfigWatch {
     pub(crate) store: Store,
     pub(crate) tokens: Tokens,
     pub(crate) authority: AuthorityHandle,
+    pub(crate) nodes: Nodes,
 }
 
 impl ConfigWatch {
@@ -77,6 +81,16 @@ impl ConfigWatch {
                         Err(e) => tracing::warn!(error = %e, "could not reload keys and bundles"),
                     }
                 }
+                if moved.contains(&ConfigKind::Nodes) {
+                    match self.sync_nodes().await {
+                        Ok(()) => {
+                            done.insert(ConfigKind::Nodes);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not reload node drains and removals")
+                        }
+                    }
+                }
                 // A kind that failed keeps its old generation: tried again
                 // at the next poll.
                 for (kind, g) in generations {
@@ -86,6 +100,28 @@ impl ConfigWatch {
                 }
             }
         });
+    }
+
+    /// Applies the drains and removals the `nodes` table holds.
+    async fn sync_nodes(&self) -> crate::Result<()> {
+        let rows = self.store.node_rows(None).await?;
+        let drained = rows
+            .iter()
+            .filter(|r| r.draining_since.is_some())
+            .map(|r| r.name.clone())
+            .collect();
+        let removed: Vec<String> = rows
+            .iter()
+            .filter(|r| r.status == NodeStatus::Removed)
+            .map(|r| r.name.clone())
+            .collect();
+        let accepted: Vec<String> = rows
+            .iter()
+            .filter(|r| r.status == NodeStatus::Accepted)
+            .map(|r| r.name.clone())
+            .collect();
+        self.nodes.apply_admin(&drained, &removed, &accepted);
+        Ok(())
     }
 }
 

@@ -155,6 +155,7 @@ impl Engine {
             store: store.clone(),
             tokens: tokens.clone(),
             authority: authority.clone(),
+            nodes: shared.nodes.clone(),
         }
         .spawn(generations, shared.stopping.clone());
         let me = store::ServerSpec {
