@@ -60,6 +60,14 @@ impl ConfigWatch {
                 if moved.is_empty() {
                     continue;
                 }
+                #[cfg(feature = "failpoints")]
+                if let Some(ms) = (|| {
+                    fail::fail_point!("config_watch.reload", |ms| ms
+                        .and_then(|ms| ms.parse::<u64>().ok()));
+                    None
+                })() {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
                 let mut done = BTreeSet::new();
                 if moved.contains(&ConfigKind::Tokens) {
                     match self.store.tokens().await {

@@ -17,8 +17,9 @@ const CONFIG_BOUND: Duration = Duration::from_secs(1);
 /// How long a pushed or activated bundle may take to run on another server.
 const BUNDLE_BOUND: Duration = Duration::from_secs(2);
 
-/// A bundle named `extra` (the testkit library) with the one kind
-/// `extra_noop`, which no other bundle provides; its bytes and signature.
+/// A bundle named `extra` (the testkit library) with the kinds
+/// `extra_noop` and `extra_sleep`, which no other bundle provides; its
+/// bytes and signature.
 fn extra_bundle(version: &str) -> (Vec<u8>, String) {
     let manifest = format!(
         r#"format = 1
@@ -31,9 +32,18 @@ library = "testkit"
 timeout_ms = 10000
 idempotent = true
 
+[steps.sleep_ms]
+timeout_ms = 60000
+idempotent = true
+
 [kinds.extra_noop]
 description = "A no-op from a bundle pushed to one server"
 steps = [{{ step = "noop" }}]
+
+[kinds.extra_sleep]
+description = "Sleep params.ms, from a bundle pushed to one server"
+params.ms = {{ type = "integer", minimum = 0, maximum = 60000 }}
+steps = [{{ step = "sleep_ms", with = {{ ms = "{{{{params.ms}}}}" }} }}]
 "#
     );
     let bytes = build_testkit(&manifest).expect("the extra bundle builds");
@@ -116,6 +126,43 @@ async fn a_bundle_pushed_through_one_server_runs_on_another() {
             );
         }
     }
+}
+
+/// An action taken over from a dead server, pinned to a bundle this
+/// server never loaded (a newer version was pushed before its
+/// configuration watch ran, and only the active version is loaded on a
+/// reload): its runner loads that bundle from the database through this
+/// server's own checks, and the action finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_action_taken_over_loads_the_bundle_it_is_pinned_to() {
+    let env = Env::new(Db::MySql).await;
+    let lease = ["--lease", "2s"];
+    let a = env.serve_with(&[&lease[..], &["--server-id", "s-a"]].concat());
+    // B's first reload waits until both versions are stored.
+    let b = env.serve_another_with_env(
+        &[&lease[..], &["--server-id", "s-b"]].concat(),
+        &[("FAILPOINTS", "config_watch.reload=1*return(6000)")],
+    );
+    let (bytes, sig) = extra_bundle("0.1.0");
+    let (status, resp) = a.push(bytes, &sig).await;
+    assert_eq!(status, StatusCode::CREATED, "{resp}");
+    let pinned = resp["hash"].as_str().unwrap().to_owned();
+    let id = a
+        .submit("extra_sleep", "vps-1", json!({ "ms": 8000 }))
+        .await;
+    a.until(id, "running on s-a", |a| a["current_step"] == "sleep_ms")
+        .await;
+    let (bytes, sig) = extra_bundle("0.2.0");
+    let (status, resp) = a.push(bytes, &sig).await;
+    assert_eq!(status, StatusCode::CREATED, "{resp}");
+    a.kill9();
+    let done = b.finished(id).await;
+    assert_eq!(done["status"], "succeeded", "{done}\n{}", b.log());
+    assert_eq!(done["bundle"], pinned.as_str(), "{done}");
+    assert_eq!(
+        done["steps"][0]["attempt"], 2,
+        "the interrupted step ran again, on B: {done}"
+    );
 }
 
 /// A token made through one server works on the other within 1 s, and
