@@ -151,13 +151,15 @@ impl Engine {
         });
         let tokens = Tokens::default();
         tokens.replace_all(store.tokens().await?);
+        // Until the shutdown's drain is over: the API answers through it,
+        // and a token revoked elsewhere meanwhile is refused here too.
         config_watch::ConfigWatch {
             store: store.clone(),
             tokens: tokens.clone(),
             authority: authority.clone(),
             nodes: shared.nodes.clone(),
         }
-        .spawn(generations, shared.stopping.clone());
+        .spawn(generations, shared.closed.clone());
         let me = store::ServerSpec {
             id: config.server_id.clone(),
             address: config.address.clone(),

@@ -141,20 +141,25 @@ async fn an_action_taken_over_loads_the_bundle_it_is_pinned_to() {
     // B's first reload waits until both versions are stored.
     let b = env.serve_another_with_env(
         &[&lease[..], &["--server-id", "s-b"]].concat(),
-        &[("FAILPOINTS", "config_watch.reload=1*return(6000)")],
+        &[("FAILPOINTS", "config_watch.reload=1*return(10000)")],
     );
+    let (newer, newer_sig) = extra_bundle("0.2.0");
     let (bytes, sig) = extra_bundle("0.1.0");
     let (status, resp) = a.push(bytes, &sig).await;
     assert_eq!(status, StatusCode::CREATED, "{resp}");
     let pinned = resp["hash"].as_str().unwrap().to_owned();
     let id = a
-        .submit("extra_sleep", "vps-1", json!({ "ms": 8000 }))
+        .submit("extra_sleep", "vps-1", json!({ "ms": 10000 }))
         .await;
     a.until(id, "running on s-a", |a| a["current_step"] == "sleep_ms")
         .await;
-    let (bytes, sig) = extra_bundle("0.2.0");
-    let (status, resp) = a.push(bytes, &sig).await;
+    let (status, resp) = a.push(newer, &newer_sig).await;
     assert_eq!(status, StatusCode::CREATED, "{resp}");
+    let (_, running) = a.get(&format!("/v1/actions/{id}")).await;
+    assert_eq!(
+        running["status"], "running",
+        "the action must still run on A when A dies: {running}"
+    );
     a.kill9();
     let done = b.finished(id).await;
     assert_eq!(done["status"], "succeeded", "{done}\n{}", b.log());
