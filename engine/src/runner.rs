@@ -156,22 +156,26 @@ pub(crate) async fn run(
     // to a bundle pushed there): loaded from the database through this
     // server's own Source Authority, or the action fails saying why.
     let loaded = match shared.agency.bundle(action.bundle.clone()).await {
-        Ok(Some(b)) => Ok(Some(b)),
+        Ok(Some(b)) => Ok(Ok(b)),
         Ok(None) => match shared.authority.fetch(action.bundle.clone()).await {
-            Ok(b) => Ok(Some(b)),
+            Ok(b) => Ok(Ok(b)),
             Err(crate::Error::ShuttingDown) => Err(()),
             Err(e) => {
                 tracing::warn!(action_id = id, bundle = %action.bundle, error = %e, "the bundle this action is pinned to could not be loaded here");
-                Ok(None)
+                Ok(Err(e))
             }
         },
         Err(_) => Err(()),
     };
     let bundle = match loaded {
-        Ok(Some(b)) => b,
-        Ok(None) => {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            let why = match e {
+                crate::Error::BundleNotLoaded(_) => "the database does not hold it".to_owned(),
+                e => e.to_string(),
+            };
             let error = format!(
-                "bundle {} that this action is pinned to is not loaded on this server; load it and resubmit",
+                "bundle {} that this action is pinned to is not loaded on this server ({why}); load it and resubmit",
                 action.bundle
             );
             let mut writes = Vec::new();
