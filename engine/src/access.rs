@@ -3,8 +3,9 @@
 //! A token reads `troupe_<id>_<secret>`: the id is public (it names the
 //! token in listings and logs), the secret is 32 random bytes. The database
 //! keeps only the SHA-256 of the whole token. Authentication looks the id up
-//! in an in-memory copy of `api_tokens` (refreshed from the database every
-//! [`REFRESH`], and at once for changes made on this server) and compares
+//! in an in-memory copy of `api_tokens` (reloaded when another server or
+//! the host changes it, see `config_watch`, and at once for changes made on
+//! this server) and compares
 //! hashes in constant time, so a request costs no database read and an
 //! unknown id costs nothing either.
 
@@ -12,16 +13,12 @@ use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::model::Timestamp;
-use crate::store::{Store, TokenRow};
-
-/// How often tokens created or revoked on other servers are picked up.
-pub const REFRESH: Duration = Duration::from_secs(2);
+use crate::store::TokenRow;
 
 /// What a token allows. Every scope includes `read`; `admin` includes all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -286,23 +283,6 @@ impl Tokens {
             kinds: info.kinds,
             join: info.join,
         })
-    }
-
-    /// Keeps the copy in step with the database until `stop`.
-    pub(crate) fn spawn_refresh(&self, store: Store, stop: tokio_util::sync::CancellationToken) {
-        let tokens = self.clone();
-        crate::tasks::spawn(crate::tasks::TaskKind::TokenRefresh, async move {
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(REFRESH) => {}
-                    _ = stop.cancelled() => return,
-                }
-                match store.tokens().await {
-                    Ok(rows) => tokens.replace_all(rows),
-                    Err(e) => tracing::warn!(error = %e, "could not refresh API tokens"),
-                }
-            }
-        });
     }
 }
 

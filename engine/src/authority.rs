@@ -63,6 +63,13 @@ enum Msg {
     Keys {
         reply: oneshot::Sender<Vec<KeyInfo>>,
     },
+    Fetch {
+        hash: String,
+        reply: oneshot::Sender<Result<Arc<LoadedBundle>>>,
+    },
+    Sync {
+        reply: oneshot::Sender<Result<()>>,
+    },
 }
 
 #[derive(Clone)]
@@ -84,19 +91,7 @@ impl AuthorityHandle {
         for key in &configured {
             trust.add(key.clone());
         }
-        for row in store.keys().await? {
-            match row.public_key.parse::<PublicKey>() {
-                Ok(key) => {
-                    trust.add(key);
-                    if row.revoked_at.is_some() {
-                        trust.revoke(row.key_id.parse()?);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(key_id = %row.key_id, error = %e, "ignoring an unreadable key in trusted_keys")
-                }
-            }
-        }
+        take_keys(&mut trust, &store.keys().await?);
         for (key, revoked) in trust.keys() {
             if revoked {
                 agency.revoke(key.id());
@@ -156,6 +151,44 @@ impl AuthorityHandle {
     pub(crate) async fn keys(&self) -> Result<Vec<KeyInfo>> {
         self.ask(|reply| Msg::Keys { reply }).await
     }
+
+    /// The bundle `hash`, loaded: as the Agency holds it, else from the
+    /// database through this server's own checks (verified under its own
+    /// trust, unpacked, probed). It is not made active.
+    pub(crate) async fn fetch(&self, hash: String) -> Result<Arc<LoadedBundle>> {
+        self.ask(|reply| Msg::Fetch { hash, reply }).await?
+    }
+
+    /// Takes in what other servers changed: keys trusted or revoked in
+    /// `trusted_keys`, and the active version of each bundle name in
+    /// `active_bundles`, each loaded through this server's own checks.
+    pub(crate) async fn sync(&self) -> Result<()> {
+        self.ask(|reply| Msg::Sync { reply }).await?
+    }
+}
+
+/// Takes what `trusted_keys` holds into `trust`: the keys it does not know
+/// yet, and revocations. Returns the keys it revoked.
+fn take_keys(trust: &mut Trust, rows: &[crate::store::KeyRow]) -> Vec<KeyId> {
+    let mut revoked = Vec::new();
+    for row in rows {
+        let key = match row.public_key.parse::<PublicKey>() {
+            Ok(key) => key,
+            Err(e) => {
+                tracing::warn!(key_id = %row.key_id, error = %e, "ignoring an unreadable key in trusted_keys");
+                continue;
+            }
+        };
+        let id = key.id();
+        if !trust.keys().any(|(k, _)| k.id() == id) {
+            trust.add(key);
+        }
+        if row.revoked_at.is_some() && !trust.is_revoked(id) {
+            trust.revoke(id);
+            revoked.push(id);
+        }
+    }
+    revoked
 }
 
 struct Authority {
@@ -189,6 +222,12 @@ impl Authority {
                 }
                 Msg::Keys { reply } => {
                     let _ = reply.send(self.key_infos());
+                }
+                Msg::Fetch { hash, reply } => {
+                    let _ = reply.send(self.fetch(&hash).await);
+                }
+                Msg::Sync { reply } => {
+                    let _ = reply.send(self.sync().await);
                 }
             }
         }
@@ -340,28 +379,7 @@ impl Authority {
         let parsed: BundleHash = hash
             .parse()
             .map_err(|_| Error::BundleNotLoaded(hash.to_owned()))?;
-        let bundle = match self.agency.bundle(hash.to_owned()).await? {
-            Some(b) => b,
-            None => {
-                let content = self
-                    .store
-                    .bundle_content(hash)
-                    .await?
-                    .ok_or_else(|| Error::BundleNotLoaded(hash.to_owned()))?;
-                let row = self
-                    .store
-                    .bundles()
-                    .await?
-                    .into_iter()
-                    .find(|r| r.hash == hash);
-                let signature = row
-                    .ok_or_else(|| Error::BundleNotLoaded(hash.to_owned()))?
-                    .signature;
-                let verified =
-                    signing::verify(content, &Signature::from_text(&signature)?, &self.trust)?;
-                self.load(&verified).await?
-            }
-        };
+        let bundle = self.fetch(hash).await?;
         if self.trust.is_revoked(bundle.signer) {
             return Err(Error::BundleRevoked {
                 hash: hash.to_owned(),
@@ -392,6 +410,73 @@ impl Authority {
         self.store.record(vec![activate], audit).await?;
         self.agency.activate(parsed).await?;
         Ok(bundle)
+    }
+
+    /// See [`AuthorityHandle::fetch`].
+    async fn fetch(&self, hash: &str) -> Result<Arc<LoadedBundle>> {
+        if let Some(b) = self.agency.bundle(hash.to_owned()).await? {
+            return Ok(b);
+        }
+        let content = self
+            .store
+            .bundle_content(hash)
+            .await?
+            .ok_or_else(|| Error::BundleNotLoaded(hash.to_owned()))?;
+        let row = self
+            .store
+            .bundles()
+            .await?
+            .into_iter()
+            .find(|r| r.hash == hash);
+        let signature = row
+            .ok_or_else(|| Error::BundleNotLoaded(hash.to_owned()))?
+            .signature;
+        let verified = signing::verify(content, &Signature::from_text(&signature)?, &self.trust)?;
+        self.load(&verified).await
+    }
+
+    /// See [`AuthorityHandle::sync`]. A bundle this server cannot load (a
+    /// signer it does not trust, a library that does not probe) is not
+    /// made active here: the server keeps what it had, and says so.
+    async fn sync(&mut self) -> Result<()> {
+        for id in take_keys(&mut self.trust, &self.store.keys().await?) {
+            self.agency.revoke(id);
+            tracing::warn!(key_id = %id, "key revoked on another server: its bundles take no new actions here and in-flight ones fail at their next step");
+        }
+        let pointers = self.store.active_bundles().await?;
+        let rows = self.store.bundles().await?;
+        let states = self.agency.states().await?;
+        for (name, hash) in &pointers {
+            if states
+                .iter()
+                .any(|st| st.active && st.bundle.hash.to_string() == *hash)
+            {
+                continue;
+            }
+            let Some(row) = rows.iter().find(|r| r.hash == *hash) else {
+                continue;
+            };
+            if row
+                .signer
+                .parse()
+                .is_ok_and(|id: KeyId| self.trust.is_revoked(id))
+            {
+                continue;
+            }
+            let loaded = match self.fetch(hash).await {
+                Ok(b) => self.agency.activate(b.hash).await,
+                Err(e) => Err(e),
+            };
+            match loaded {
+                Ok(()) => {
+                    tracing::info!(bundle = %name, version = %row.version, hash = %hash, "bundle activated on another server is active here")
+                }
+                Err(e) => {
+                    tracing::warn!(bundle = %name, version = %row.version, hash = %hash, error = %e, "a bundle activated on another server is not loaded here; this server keeps the version it had")
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn add_key(&mut self, key: PublicKey, by: &str) -> Result<KeyInfo> {
@@ -448,12 +533,16 @@ impl Authority {
     async fn restore(&mut self) -> Result<()> {
         let rows = self.store.bundles().await?;
         let pinned = self.store.in_flight_by_bundle().await?;
+        let pointers = self.store.active_bundles().await?;
         let usable = |r: &&BundleRow| r.signer.parse().is_ok_and(|id| !self.trust.is_revoked(id));
+        // Each name's version in `active_bundles`; if its signer is
+        // revoked, the usable one activated last.
         let mut active: std::collections::HashMap<&str, &BundleRow> =
             std::collections::HashMap::new();
         for row in rows.iter().filter(usable) {
+            let pointed = |r: &BundleRow| pointers.get(&r.name) == Some(&r.hash);
             let e = active.entry(row.name.as_str()).or_insert(row);
-            if row.activated_at > e.activated_at {
+            if !pointed(e) && (pointed(row) || row.activated_at > e.activated_at) {
                 *e = row;
             }
         }

@@ -18,6 +18,7 @@ pub mod admin;
 mod agency;
 mod authority;
 pub mod bundle;
+pub mod config_watch;
 mod error;
 pub mod failpoints;
 pub mod goons;
@@ -113,14 +114,25 @@ impl Engine {
     /// Call [`Engine::resume`] after loading bundles to pick up unfinished actions.
     pub async fn start(config: Config) -> Result<Engine> {
         let store = Store::connect(&config.database_url).await?;
+        // Read before what they count is loaded: a change made meanwhile is
+        // reloaded at the first poll.
+        let generations = config_watch::generations(&store).await?;
         let bundles = config.data_dir.join("bundles");
         std::fs::create_dir_all(&bundles)
             .map_err(Error::io(format!("creating {}", bundles.display())))?;
         bundle::sweep_staging(&bundles);
         let agency = AgencyHandle::spawn(config.host_command.clone(), config.cancel_grace);
+        let authority = AuthorityHandle::start(
+            store.clone(),
+            agency.clone(),
+            bundles,
+            config.trusted_keys.clone(),
+        )
+        .await?;
         let shared = Arc::new(Shared {
             store: store.clone(),
             agency: agency.clone(),
+            authority: authority.clone(),
             lease: Lease {
                 owner: config.server_id.as_str().into(),
                 length: config.lease,
@@ -137,16 +149,17 @@ impl Engine {
                 .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
                 .collect(),
         });
-        let authority = AuthorityHandle::start(
-            store.clone(),
-            agency.clone(),
-            bundles,
-            config.trusted_keys.clone(),
-        )
-        .await?;
         let tokens = Tokens::default();
         tokens.replace_all(store.tokens().await?);
-        tokens.spawn_refresh(store.clone(), shared.stopping.clone());
+        // Until the shutdown's drain is over: the API answers through it,
+        // and a token revoked elsewhere meanwhile is refused here too.
+        config_watch::ConfigWatch {
+            store: store.clone(),
+            tokens: tokens.clone(),
+            authority: authority.clone(),
+            nodes: shared.nodes.clone(),
+        }
+        .spawn(generations, shared.closed.clone());
         let me = store::ServerSpec {
             id: config.server_id.clone(),
             address: config.address.clone(),

@@ -365,6 +365,36 @@ impl Nodes {
         self.inner.bump();
     }
 
+    /// Applies the admin's changes the `nodes` table holds, made on any
+    /// server: exactly the `drained` nodes drain, `removed` ones connected
+    /// here are disconnected, and nodes waiting here under an `accepted`
+    /// name are forgotten (they are let in at their next hello).
+    pub(crate) fn apply_admin(
+        &self,
+        drained: &std::collections::BTreeSet<String>,
+        removed: &[String],
+        accepted: &[String],
+    ) {
+        let current = self.inner.draining.lock().unwrap().clone();
+        for name in current.difference(drained) {
+            tracing::info!(node = %name, "node undrained on another server");
+            self.set_draining(name, false);
+        }
+        for name in drained.difference(&current) {
+            tracing::info!(node = %name, "node drained on another server");
+            self.set_draining(name, true);
+        }
+        for name in removed {
+            if self.inner.lock().contains_key(name) {
+                tracing::warn!(node = %name, "node removed on another server; disconnecting it");
+                self.disconnect(name, "this node was removed by an admin");
+            }
+        }
+        for name in accepted {
+            self.forget_pending(name);
+        }
+    }
+
     /// Keeps `tx` for the answer to `key` while `node` is away: the node
     /// keeps running its calls and reports them when it reconnects
     /// ([`Nodes::unpark`]); after `grace` the call fails naming the node.

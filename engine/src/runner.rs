@@ -22,6 +22,9 @@ use crate::store::{Fence, Outcome, Store, Turn, Write};
 pub(crate) struct Shared {
     pub(crate) store: Store,
     pub(crate) agency: AgencyHandle,
+    /// Loads a bundle stored by another server that an action here is
+    /// pinned to.
+    pub(crate) authority: crate::authority::AuthorityHandle,
     /// Who this server is in `owner`, and how long its claims last.
     pub(crate) lease: crate::schedule::Lease,
     /// Set when the server shuts down: runners stop before their next step.
@@ -161,11 +164,30 @@ pub(crate) async fn run(
     let inserted_running = matches!(begun, Begun::WithInsert(_));
     let id = action.id;
     let mut mirror = action.clone();
-    let bundle = match shared.agency.bundle(action.bundle.clone()).await {
-        Ok(Some(b)) => b,
-        Ok(None) => {
+    // Not loaded here (an action taken over from another server, pinned
+    // to a bundle pushed there): loaded from the database through this
+    // server's own Source Authority, or the action fails saying why.
+    let loaded = match shared.agency.bundle(action.bundle.clone()).await {
+        Ok(Some(b)) => Ok(Ok(b)),
+        Ok(None) => match shared.authority.fetch(action.bundle.clone()).await {
+            Ok(b) => Ok(Ok(b)),
+            Err(crate::Error::ShuttingDown) => Err(()),
+            Err(e) => {
+                tracing::warn!(action_id = id, bundle = %action.bundle, error = %e, "the bundle this action is pinned to could not be loaded here");
+                Ok(Err(e))
+            }
+        },
+        Err(_) => Err(()),
+    };
+    let bundle = match loaded {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            let why = match e {
+                crate::Error::BundleNotLoaded(_) => "the database does not hold it".to_owned(),
+                e => e.to_string(),
+            };
             let error = format!(
-                "bundle {} that this action is pinned to is not loaded on this server; load it and resubmit",
+                "bundle {} that this action is pinned to is not loaded on this server ({why}); load it and resubmit",
                 action.bundle
             );
             let mut writes = Vec::new();

@@ -5,8 +5,8 @@
 //! ([`OnFailure::Exit`]): a supervisor (systemd) restarts the server and
 //! start-up recovery resumes every unfinished action from the database. A
 //! lease renewer that died while its server kept running actions is how a
-//! second server would come to run them too; a token refresh that died
-//! would accept a revoked token for ever. A task whose loss costs one
+//! second server would come to run them too; a configuration watch that
+//! died would accept a token or key revoked on another server for ever. A task whose loss costs one
 //! connection or one call logs and ends ([`OnFailure::Log`]).
 
 use std::future::Future;
@@ -41,8 +41,9 @@ pub(crate) enum TaskKind {
     /// a target's next action submitted elsewhere would wait for a poll
     /// that never comes.
     Claimer,
-    /// Keeps the in-memory copy of `api_tokens` in step with the database.
-    TokenRefresh,
+    /// Reloads the shared configuration other servers change (tokens,
+    /// keys, bundles, node drains) when its generation moves.
+    ConfigWatch,
     /// Fails a parked node call when its node does not come back in time,
     /// or hands a call a result its node reported before it was followed.
     NodeCallTimer,
@@ -63,7 +64,7 @@ impl TaskKind {
             TaskKind::LeaseRenewal => "lease-renewal",
             TaskKind::Rescuer => "rescuer",
             TaskKind::Claimer => "claimer",
-            TaskKind::TokenRefresh => "token-refresh",
+            TaskKind::ConfigWatch => "config-watch",
             TaskKind::NodeCallTimer => "node-call-timer",
             TaskKind::HostIo => "host-io",
             TaskKind::HostStop => "host-stop",
@@ -80,7 +81,7 @@ impl TaskKind {
             | TaskKind::LeaseRenewal
             | TaskKind::Rescuer
             | TaskKind::Claimer
-            | TaskKind::TokenRefresh => OnFailure::Exit,
+            | TaskKind::ConfigWatch => OnFailure::Exit,
             TaskKind::NodeCallTimer | TaskKind::HostIo | TaskKind::HostStop => OnFailure::Log,
         }
     }

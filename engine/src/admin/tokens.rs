@@ -4,7 +4,7 @@ use serde_json::json;
 
 use super::Admin;
 use crate::access::{self, Scope, TokenInfo, TokenSpec};
-use crate::store::{AuditEntry, Store, TokenRow, Write};
+use crate::store::{AuditEntry, ConfigKind, Store, TokenRow, Write};
 use crate::{Error, Result, join, model};
 
 impl Admin {
@@ -20,7 +20,8 @@ impl Admin {
     /// Creates an API token straight in the database at `database_url`,
     /// with no engine running: on a server's host, the way back in when
     /// every admin token is lost. Audited like any other; running servers
-    /// take it within [`access::REFRESH`]. The database must exist already.
+    /// take it within [`crate::config_watch::POLL`] and a reload. The
+    /// database must exist already.
     pub async fn create_token_in(
         database_url: &str,
         spec: TokenSpec,
@@ -159,7 +160,8 @@ impl Admin {
     }
 
     /// Revokes an API token: refused from the next request on, on this
-    /// server at once and on others within [`access::REFRESH`]. The last
+    /// server at once and on others within [`crate::config_watch::POLL`]
+    /// and a reload. The last
     /// active admin token is not revoked ([`Error::LastAdminToken`]): the
     /// database decides, so two revokes racing cannot leave none. Revoking
     /// a revoked token changes nothing.
@@ -181,11 +183,14 @@ impl Admin {
         let audit = AuditEntry::new(by, "token.revoked", id, json!({ "name": row.name }));
         let outcome = self
             .store
-            .write(vec![Write::RevokeToken {
-                id: id.to_owned(),
-                at,
-                audit: Box::new(audit),
-            }])
+            .write(vec![
+                Write::RevokeToken {
+                    id: id.to_owned(),
+                    at,
+                    audit: Box::new(audit),
+                },
+                Write::Bump(ConfigKind::Tokens),
+            ])
             .await?;
         if outcome.first().is_none_or(|o| o.rows() == 0) {
             // Revoked meanwhile by another request, or the last admin token.

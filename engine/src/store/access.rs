@@ -1,4 +1,5 @@
-//! The SQL of `api_tokens`, `audit_log` and `secrets`, expanded for each backend like
+//! The SQL of `api_tokens`, `audit_log`, `secrets`, `nodes`, `generations`
+//! and `active_bundles`, expanded for each backend like
 //! `sql.rs`. These writes are rare (an operator's change), so each runs as
 //! its own statement inside whatever group commit carries it.
 
@@ -87,6 +88,10 @@ macro_rules! access_backend {
                         return Ok(revoked + insert_audit(tx, audit).await?);
                     }
                     Write::Audit(e) => return insert_audit(tx, e).await,
+                    Write::Bump(kind) => sqlx::query("UPDATE generations SET generation = generation + 1 WHERE kind = ?")
+                        .bind(kind.as_str())
+                        .execute(&mut *tx)
+                        .await?,
                     // Delete and insert: the same SQL on both databases.
                     Write::SetSecret(row) => {
                         sqlx::query("DELETE FROM secrets WHERE name = ?")
@@ -240,6 +245,18 @@ macro_rules! access_backend {
                     join_rules: r.try_get("join_rules")?,
                     uses: r.try_get::<i64, _>("uses")?,
                 })
+            }
+
+            /// `generations` as stored: (kind, generation).
+            pub(crate) async fn generations(pool: &$pool) -> Result<Vec<(String, i64)>, sqlx::Error> {
+                sqlx::query_as("SELECT kind, generation FROM generations").fetch_all(pool).await
+            }
+
+            /// `active_bundles`: name → hash.
+            pub(crate) async fn active_bundles(
+                pool: &$pool,
+            ) -> Result<std::collections::HashMap<String, String>, sqlx::Error> {
+                sqlx::query_as("SELECT name, hash FROM active_bundles").fetch_all(pool).await.map(|rows: Vec<(String, String)>| rows.into_iter().collect())
             }
 
             pub(crate) async fn tokens(pool: &$pool) -> Result<Vec<TokenRow>, sqlx::Error> {

@@ -139,6 +139,39 @@ pub struct BundleRow {
     pub activated_at: Timestamp,
 }
 
+/// A kind of shared configuration that servers hold in memory: each has a
+/// counter in `generations`, bumped in the commit of every change to it
+/// ([`Store::record`]), which every server polls (`engine::config_watch`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ConfigKind {
+    /// `api_tokens`: the `Tokens` cache.
+    Tokens,
+    /// `trusted_keys`: the Source Authority's trust.
+    Keys,
+    /// `bundles` and `active_bundles`: what the Agency has loaded and active.
+    Bundles,
+    /// `nodes`: drains and removals.
+    Nodes,
+}
+
+impl ConfigKind {
+    pub const ALL: [ConfigKind; 4] = [
+        ConfigKind::Tokens,
+        ConfigKind::Keys,
+        ConfigKind::Bundles,
+        ConfigKind::Nodes,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConfigKind::Tokens => "tokens",
+            ConfigKind::Keys => "keys",
+            ConfigKind::Bundles => "bundles",
+            ConfigKind::Nodes => "nodes",
+        }
+    }
+}
+
 /// A key recorded in `trusted_keys`.
 #[derive(Debug, Clone)]
 pub struct KeyRow {
@@ -474,14 +507,20 @@ impl Store {
     /// or neither. Returns the change's outcomes (the audit entry's is
     /// dropped). A change that must be recorded only if it touched a row
     /// carries its entry inside its own write instead (`DeleteSecret`,
-    /// `RevokeToken`).
+    /// `RevokeToken`). The same commit bumps the generation of each kind
+    /// of configuration servers hold in memory that the change touches
+    /// ([`ConfigKind`]), so every server reloads it.
     pub(crate) async fn record(
         &self,
         change: Vec<Write>,
         audit: AuditEntry,
     ) -> Result<Vec<Outcome>> {
         let n = change.len();
+        let mut kinds: Vec<ConfigKind> = change.iter().filter_map(Write::config_kind).collect();
+        kinds.sort();
+        kinds.dedup();
         let mut writes = change;
+        writes.extend(kinds.into_iter().map(Write::Bump));
         writes.push(Write::Audit(Box::new(audit)));
         let mut outcomes = self.write(writes).await?;
         outcomes.truncate(n);
@@ -609,6 +648,31 @@ impl Store {
         Ok(match &self.read {
             Pool::Sqlite(p) => access::sqlite::audit(p, limit, before).await?,
             Pool::MySql(p) => access::mysql::audit(p, limit, before).await?,
+        })
+    }
+
+    /// The generation of each kind of shared configuration.
+    pub async fn generations(&self) -> Result<Vec<(ConfigKind, i64)>> {
+        let rows = match &self.read {
+            Pool::Sqlite(p) => access::sqlite::generations(p).await?,
+            Pool::MySql(p) => access::mysql::generations(p).await?,
+        };
+        Ok(rows
+            .into_iter()
+            .filter_map(|(kind, g)| {
+                ConfigKind::ALL
+                    .into_iter()
+                    .find(|k| k.as_str() == kind)
+                    .map(|k| (k, g))
+            })
+            .collect())
+    }
+
+    /// The active version of each bundle name: name → hash.
+    pub async fn active_bundles(&self) -> Result<std::collections::HashMap<String, String>> {
+        Ok(match &self.read {
+            Pool::Sqlite(p) => access::sqlite::active_bundles(p).await?,
+            Pool::MySql(p) => access::mysql::active_bundles(p).await?,
         })
     }
 

@@ -1057,7 +1057,7 @@ macro_rules! sql_backend {
                         .rows_affected()
                     }
                     Write::InsertBundle(b, content) => {
-                        sqlx::query(
+                        let rows = sqlx::query(
                             "INSERT INTO bundles (hash, name, version, abi, size, signer, signature, content, created_at, activated_at) \
                              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         )
@@ -1073,15 +1073,19 @@ macro_rules! sql_backend {
                         .bind(b.activated_at)
                         .execute(&mut *tx)
                         .await?
-                        .rows_affected()
+                        .rows_affected();
+                        point_at(tx, &b.hash).await?;
+                        rows
                     }
                     Write::ActivateBundle { hash, at } => {
-                        sqlx::query("UPDATE bundles SET activated_at = ? WHERE hash = ?")
+                        let rows = sqlx::query("UPDATE bundles SET activated_at = ? WHERE hash = ?")
                             .bind(at)
                             .bind(hash)
                             .execute(&mut *tx)
                             .await?
-                            .rows_affected()
+                            .rows_affected();
+                        point_at(tx, hash).await?;
+                        rows
                     }
                     Write::TrustKey { key_id, public_key, at } => {
                         sqlx::query("INSERT INTO trusted_keys (key_id, public_key, added_at) VALUES (?, ?, ?)")
@@ -1123,12 +1127,28 @@ macro_rules! sql_backend {
                     | Write::RevokeToken { .. }
                     | Write::UseJoinToken { .. }
                     | Write::Audit(..)
+                    | Write::Bump(..)
                     | Write::SetSecret(..)
                     | Write::DeleteSecret { .. } => {
                         super::super::access::$module::apply(tx, w).await?
                     }
                 };
                 Ok(Outcome::Done { rows })
+            }
+
+            /// Makes the stored bundle `hash` its name's active version in
+            /// `active_bundles` (delete and insert: the same SQL on both
+            /// databases).
+            async fn point_at(tx: &mut $conn, hash: &str) -> Result<(), sqlx::Error> {
+                sqlx::query("DELETE FROM active_bundles WHERE name = (SELECT name FROM bundles WHERE hash = ?)")
+                    .bind(hash)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("INSERT INTO active_bundles (name, hash) SELECT name, hash FROM bundles WHERE hash = ?")
+                    .bind(hash)
+                    .execute(&mut *tx)
+                    .await?;
+                Ok(())
             }
 
             async fn bump(tx: &mut $conn, id: ActionId) -> Result<u64, sqlx::Error> {

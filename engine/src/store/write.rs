@@ -155,6 +155,9 @@ pub(crate) enum Write {
     },
     /// Records an administrative change in `audit_log`.
     Audit(Box<AuditEntry>),
+    /// Bumps a kind's generation: the change it commits with reaches every
+    /// server's memory.
+    Bump(super::ConfigKind),
     /// Stores a secret (encrypted), replacing any of the same name.
     SetSecret(Box<SecretRow>),
     /// Deletes a secret and, if there was one, records `audit` (a delete
@@ -389,8 +392,22 @@ impl Write {
             | Write::RevokeToken { .. }
             | Write::UseJoinToken { .. }
             | Write::Audit(..)
+            | Write::Bump(..)
             | Write::SetSecret(..)
             | Write::DeleteSecret { .. } => None,
+        }
+    }
+
+    /// The kind of configuration servers hold in memory that this write
+    /// changes, if any.
+    pub(super) fn config_kind(&self) -> Option<super::ConfigKind> {
+        use super::ConfigKind;
+        match self {
+            Write::CreateToken(..) | Write::RevokeToken { .. } => Some(ConfigKind::Tokens),
+            Write::TrustKey { .. } | Write::RevokeKey { .. } => Some(ConfigKind::Keys),
+            Write::InsertBundle(..) | Write::ActivateBundle { .. } => Some(ConfigKind::Bundles),
+            Write::PutNode(..) => Some(ConfigKind::Nodes),
+            _ => None,
         }
     }
 }

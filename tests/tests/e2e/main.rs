@@ -41,5 +41,6 @@ mod readme;
 mod recovery;
 mod reload;
 mod servers;
+mod shared_config;
 mod tidy;
 mod tls;
