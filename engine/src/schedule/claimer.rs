@@ -27,6 +27,10 @@ use super::control::ControlHandle;
 /// Between polls while there is room (±20 %).
 const PERIOD: Duration = Duration::from_millis(500);
 
+/// How long ended targets are gathered into one look: under load, one
+/// query for many ends instead of one each.
+const GATHER: Duration = Duration::from_millis(10);
+
 /// Asks the claimer to look at targets whose action just ended here.
 #[derive(Clone)]
 pub(super) struct NextOf {
@@ -72,7 +76,10 @@ impl Claimer {
             if !std::mem::take(&mut first) {
                 tokio::select! {
                     next = self.rx.recv() => match next {
-                        Some(t) => targets.push(t),
+                        Some(t) => {
+                            targets.push(t);
+                            tokio::time::sleep(GATHER).await;
+                        }
                         None => return,
                     },
                     _ = tokio::time::sleep(super::jitter(PERIOD)) => {}
@@ -92,6 +99,17 @@ impl Claimer {
 
     /// One look: at `targets`, or at every target when empty (a poll).
     async fn pass(&self, targets: &[String]) -> crate::Result<()> {
+        // Most ended targets have nothing queued: one index probe says so.
+        let queued;
+        let targets = if targets.is_empty() {
+            targets
+        } else {
+            queued = self.shared.store.queued_targets(targets).await?;
+            if queued.is_empty() {
+                return Ok(());
+            }
+            &queued[..]
+        };
         let room = self.control.stats().await.room;
         if room == 0 {
             return Ok(());

@@ -582,6 +582,14 @@ impl Store {
         })
     }
 
+    /// Which of `targets` have a queued action.
+    pub(crate) async fn queued_targets(&self, targets: &[String]) -> Result<Vec<String>> {
+        Ok(match &self.read {
+            Pool::Sqlite(p) => sql::sqlite::queued_targets(p, targets).await?,
+            Pool::MySql(p) => sql::mysql::queued_targets(p, targets).await?,
+        })
+    }
+
     /// Queued actions whose turn has come (their target's head, none of its
     /// actions running), owned by nobody; of `targets` only, if given;
     /// oldest first, at most `limit`. Where several servers share the

@@ -1418,6 +1418,19 @@ macro_rules! sql_backend {
                 Ok(out)
             }
 
+            /// Which of `targets` have a queued action (an index probe each).
+            pub(crate) async fn queued_targets(pool: &$pool, targets: &[String]) -> Result<Vec<String>, sqlx::Error> {
+                let text = format!(
+                    "SELECT DISTINCT target FROM actions WHERE status = 'queued' AND target IN ({})",
+                    placeholders(targets.len())
+                );
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(text));
+                for t in targets {
+                    q = q.bind(t.clone());
+                }
+                q.fetch_all(pool).await?.iter().map(|r| r.try_get(0)).collect()
+            }
+
             /// Queued actions whose turn has come: each its target's head
             /// (lowest `seq` queued) with none of the target's actions
             /// running, owned by nobody; of `targets` only, if given;
