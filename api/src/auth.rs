@@ -39,7 +39,7 @@ impl<S: Need> FromRequestParts<AppState> for Caller<S> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let principal = authenticate(parts, state)?.ok_or_else(|| {
+        let principal = authenticate(parts, state).await?.ok_or_else(|| {
             ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
@@ -65,7 +65,7 @@ impl FromRequestParts<AppState> for MaybeCaller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        authenticate(parts, state).map(MaybeCaller)
+        authenticate(parts, state).await.map(MaybeCaller)
     }
 }
 
@@ -102,7 +102,7 @@ pub(crate) fn bearer(value: &axum::http::HeaderValue) -> Option<&str> {
 }
 
 /// The principal behind the request's bearer token, `None` without one.
-fn authenticate(parts: &Parts, state: &AppState) -> Result<Option<Principal>, ApiError> {
+async fn authenticate(parts: &Parts, state: &AppState) -> Result<Option<Principal>, ApiError> {
     let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
         return Ok(None);
     };
@@ -119,7 +119,7 @@ fn authenticate(parts: &Parts, state: &AppState) -> Result<Option<Principal>, Ap
             "the Authorization header must be `Bearer TOKEN`",
         ));
     };
-    state.engine.authenticate(token).map(Some).map_err(|refused| {
+    state.engine.authenticate(token).await.map(Some).map_err(|refused| {
         // The reason names the token's public id at most, never its text.
         tracing::warn!(%peer, path = %parts.uri.path(), reason = %refused, "refused a request with a bad credential");
         let (code, message) = match &refused {

@@ -342,6 +342,10 @@ impl NodeLink for Link {
         *self.closed.lock().unwrap() = Some(reason.to_owned());
         self.close.notify_one();
     }
+
+    fn report(&self) {
+        let _ = self.out.send(ToNode::Report);
+    }
 }
 
 fn engine_key(key: node_protocol::CallKey) -> CallKey {
@@ -655,16 +659,31 @@ fn handle(engine: &Engine, name: &str, link: &Link, text: &str) -> Option<node_p
             log,
         }) => {
             let waiting = link.pending.lock().unwrap().remove(&key).map(|(tx, ..)| tx);
-            let waiting = waiting.or_else(|| engine.nodes().unpark(name, engine_key(key)));
-            if let Some(tx) = waiting {
-                let result = CallResult::Done {
+            let answer = |body: String, log: String| Answer {
+                result: CallResult::Done {
                     status,
                     body: body.into_bytes(),
-                };
-                let _ = tx.send(Answer { result, log });
+                },
+                log,
+            };
+            if let Some(tx) = waiting {
+                let _ = tx.send(answer(body, log));
+                return Some(key);
             }
-            // Delivered, or a repeat of one that was: the node may forget it.
-            return Some(key);
+            let nodes = engine.nodes();
+            match nodes.deliver(name, engine_key(key), answer(body, log)) {
+                // Handed to the runner that parked it: the node may forget it.
+                Ok(()) => return Some(key),
+                // Nobody here waits for it (its server stopped, or another
+                // took its action over, or it is a repeat): stored first,
+                // acknowledged then.
+                Err(answer) => {
+                    let out = link.out.clone();
+                    nodes.keep(name, engine_key(key), answer, move || {
+                        let _ = out.send(ToNode::Ack { key });
+                    });
+                }
+            }
         }
         Ok(FromNode::Holding { keys, acked }) => {
             let keys: Vec<_> = keys.into_iter().map(engine_key).collect();

@@ -239,9 +239,34 @@ pub(crate) fn legacy_id(token: &str) -> String {
 #[derive(Clone, Default)]
 pub(crate) struct Tokens {
     by_id: Arc<RwLock<HashMap<String, TokenRow>>>,
+    /// When the copy was last read again for an unknown token.
+    reread: Arc<tokio::sync::Mutex<Option<std::time::Instant>>>,
 }
 
+/// How often unknown tokens may have the copy read again.
+const REREAD_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
 impl Tokens {
+    /// Reads the copy again with `read` for a token it did not know at
+    /// `missed`, unless a read that began since then already did: one
+    /// read at a time, at most one per [`REREAD_EVERY`] however many
+    /// unknown tokens come, and each waits for one that began after it.
+    pub(crate) async fn reread<F, E>(&self, missed: std::time::Instant, read: F) -> Result<(), E>
+    where
+        F: std::future::Future<Output = Result<Vec<TokenRow>, E>>,
+    {
+        let mut last = self.reread.lock().await;
+        if last.is_some_and(|at| at >= missed) {
+            return Ok(());
+        }
+        if let Some(at) = *last {
+            tokio::time::sleep_until((at + REREAD_EVERY).into()).await;
+        }
+        *last = Some(std::time::Instant::now());
+        self.replace_all(read.await?);
+        Ok(())
+    }
+
     pub(crate) fn replace_all(&self, rows: Vec<TokenRow>) {
         let map = rows.into_iter().map(|r| (r.id.clone(), r)).collect();
         *self.by_id.write().expect("token cache lock") = map;

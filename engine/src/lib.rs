@@ -25,6 +25,7 @@ pub mod goons;
 pub mod host;
 pub mod join;
 pub mod model;
+mod node_results;
 pub mod nodes;
 pub mod placement;
 mod runner;
@@ -140,7 +141,15 @@ impl Engine {
             stopping: CancellationToken::new(),
             closed: CancellationToken::new(),
             secrets_key: config.secrets_key.clone(),
-            nodes: admin::drained_nodes(&store).await?,
+            nodes: admin::drained_nodes(
+                &store,
+                node_results::NodeResults {
+                    store: store.clone(),
+                    key: config.secrets_key.clone(),
+                    server: config.server_id.clone(),
+                },
+            )
+            .await?,
             node_grace: config.node_grace,
             goons: config.goons.then(Default::default),
             vars: config
@@ -214,9 +223,23 @@ impl Engine {
     }
 
     /// Who a bearer token belongs to, checked against the in-memory copy of
-    /// `api_tokens` (no database read).
-    pub fn authenticate(&self, token: &str) -> Result<Principal, Refused> {
-        self.inner.tokens.authenticate(token, model::now())
+    /// `api_tokens`. Where several servers share the database, a token
+    /// this copy does not know may have been made through another server
+    /// since the last poll: the copy is read again first (at most four
+    /// times a second however many unknown tokens come), so a token works
+    /// through every server as soon as it is made.
+    pub async fn authenticate(&self, token: &str) -> Result<Principal, Refused> {
+        let tokens = &self.inner.tokens;
+        match tokens.authenticate(token, model::now()) {
+            Err(Refused::Unknown { .. }) if self.inner.store.shared() => {
+                let missed = std::time::Instant::now();
+                if let Err(e) = tokens.reread(missed, self.inner.store.tokens()).await {
+                    tracing::warn!(error = %e, "cannot read the tokens again");
+                }
+                tokens.authenticate(token, model::now())
+            }
+            answer => answer,
+        }
     }
 
     /// Records the API address this server is reached at (once it is

@@ -19,6 +19,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::host::Answer;
 use crate::model::{ActionId, Timestamp};
+use crate::node_results::NodeResults;
 use crate::placement::Requirement;
 
 /// Names one attempt of one step everywhere: in the engine, on the wire and
@@ -68,6 +69,9 @@ pub trait NodeLink: Send + Sync + 'static {
     fn cancel(&self, key: CallKey);
     /// Ends the connection (the node was removed), telling the node why.
     fn close(&self, reason: &str);
+    /// Asks the node which calls it holds now: its answer comes to
+    /// [`Nodes::holding`].
+    fn report(&self);
 }
 
 /// What a node's hello gets (see `Admin::admit_node`).
@@ -174,15 +178,14 @@ pub struct Nodes {
 
 struct Registry {
     nodes: Mutex<BTreeMap<String, Entry>>,
-    /// Calls whose node is away, by node and key: answered when it comes
-    /// back and reports, or with an error once the grace is over.
+    /// Calls whose node is away, or that this server follows for another
+    /// (it took the action over), by node and key: answered when the node
+    /// reports, a server stored its report, or with an error once the
+    /// grace is over.
     parked: Mutex<HashMap<(String, CallKey), Parked>>,
-    /// Results a node reported that nobody waited for yet: a server that
-    /// restarted may hear from a node before its runner follows the step
-    /// again (`Nodes::reattach`). Locked inside `parked`, so a result and
-    /// the runner that wants it cannot miss each other. At most
-    /// [`EARLY_MAX`], each kept [`EARLY_FOR`].
-    early: Mutex<HashMap<(String, CallKey), Early>>,
+    /// Where results nobody here waits for are stored, and parked calls
+    /// look for theirs; `None` in unit tests.
+    results: Option<NodeResults>,
     /// Nodes drained on this server, connected or not: a reconnect does not
     /// undo a drain.
     draining: Mutex<std::collections::BTreeSet<String>>,
@@ -194,16 +197,10 @@ struct Registry {
     changed: watch::Sender<u64>,
 }
 
-/// A result that arrived before anyone waited for it.
-struct Early {
-    at: std::time::Instant,
-    rx: oneshot::Receiver<Answer>,
-}
-
-/// How long a result nobody waited for is kept (longer than a resumed
-/// server takes to follow its steps), and how many at most.
-const EARLY_FOR: Duration = Duration::from_secs(600);
-const EARLY_MAX: usize = 4096;
+/// How often a parked call looks for a result another server stored: at
+/// first, doubling up to [`STORED_POLL_MAX`].
+const STORED_POLL: Duration = Duration::from_millis(250);
+const STORED_POLL_MAX: Duration = Duration::from_secs(2);
 
 /// A call waiting for its node to come back and report it.
 struct Parked {
@@ -228,10 +225,6 @@ struct Entry {
     in_flight: Arc<AtomicUsize>,
     draining: bool,
     connected_at: Timestamp,
-    /// What the node said it holds and had acknowledged (`Holding`) on
-    /// this connection: the calls it will report, and those it reported
-    /// to a server that is gone.
-    report: Option<(Vec<CallKey>, Vec<CallKey>)>,
     /// Which connection this is: a reconnect replaces the entry, and the
     /// old connection's [`Attached`] must not remove the new one.
     epoch: u64,
@@ -239,11 +232,18 @@ struct Entry {
 
 impl Default for Nodes {
     fn default() -> Self {
+        Nodes::new(None)
+    }
+}
+
+impl Nodes {
+    /// The registry; results nobody waits for go to `results`.
+    pub(crate) fn new(results: Option<NodeResults>) -> Nodes {
         Nodes {
             inner: Arc::new(Registry {
                 nodes: Mutex::default(),
                 parked: Mutex::default(),
-                early: Mutex::default(),
+                results,
                 draining: Mutex::default(),
                 pulled: Mutex::default(),
                 pending: Mutex::default(),
@@ -251,9 +251,7 @@ impl Default for Nodes {
             }),
         }
     }
-}
 
-impl Nodes {
     /// Makes a connected node placeable until the returned guard is dropped.
     /// A node that connects again replaces its earlier connection.
     pub fn attach(&self, name: &str, connection: Connection) -> Attached {
@@ -273,7 +271,6 @@ impl Nodes {
             in_flight: Arc::default(),
             draining: self.inner.draining.lock().unwrap().contains(name),
             connected_at: crate::model::now(),
-            report: None,
             epoch,
         };
         self.inner.lock().insert(name.to_owned(), entry);
@@ -395,11 +392,12 @@ impl Nodes {
         }
     }
 
-    /// Keeps `tx` for the answer to `key` while `node` is away: the node
-    /// keeps running its calls and reports them when it reconnects
-    /// ([`Nodes::unpark`]); after `grace` the call fails naming the node.
-    /// `sent_after` is a time before the call was sent (this server's
-    /// clock).
+    /// Keeps `tx` for the answer to `key` while `node` is away (or runs
+    /// it for another server): the node keeps running its calls and
+    /// reports them when it reconnects ([`Nodes::deliver`]), maybe to
+    /// another server, which stores the result (looked for here every
+    /// 0.25 s at first, doubling to 2 s); after `grace` the call fails
+    /// naming the node. `sent_after` is a time before the call was sent.
     pub fn park(
         &self,
         node: &str,
@@ -413,78 +411,136 @@ impl Nodes {
             .parked()
             .insert(slot.clone(), Parked { tx, sent_after });
         let registry = Arc::downgrade(&self.inner);
+        let results = self.inner.results.clone();
         crate::tasks::spawn(crate::tasks::TaskKind::NodeCallTimer, async move {
-            tokio::time::sleep(grace).await;
-            let Some(registry) = registry.upgrade() else {
-                return;
-            };
-            let tx = registry.parked().remove(&slot).map(|p| p.tx);
-            if let Some(tx) = tx {
-                let _ = tx.send(away(
-                    &slot.0,
-                    &format!(
-                        "did not come back within {} s to report it",
-                        grace.as_secs()
-                    ),
-                ));
+            let deadline = tokio::time::Instant::now() + grace;
+            let mut poll = STORED_POLL;
+            loop {
+                if let Some(results) = &results {
+                    match results.find(&slot.0, slot.1).await {
+                        Ok(Some(answer)) => {
+                            let Some(registry) = registry.upgrade() else {
+                                return;
+                            };
+                            let parked = registry.parked().remove(&slot);
+                            if let Some(p) = parked {
+                                tracing::info!(node = %slot.0, call = %slot.1, "a result the node reported to another server reached its runner");
+                                let _ = p.tx.send(answer);
+                            }
+                            return;
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(node = %slot.0, call = %slot.1, error = %e, "cannot look for a stored node result; trying again")
+                        }
+                    }
+                }
+                let now = tokio::time::Instant::now();
+                tokio::time::sleep(poll.min(deadline.saturating_duration_since(now))).await;
+                poll = (poll * 2).min(STORED_POLL_MAX);
+                let Some(registry) = registry.upgrade() else {
+                    return;
+                };
+                let mut parked = registry.parked();
+                if !parked.contains_key(&slot) {
+                    return;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    let tx = parked.remove(&slot).map(|p| p.tx);
+                    drop(parked);
+                    if let Some(tx) = tx {
+                        let _ = tx.send(away(
+                            &slot.0,
+                            &format!(
+                                "did not come back within {} s to report it",
+                                grace.as_secs()
+                            ),
+                        ));
+                    }
+                    return;
+                }
             }
         });
     }
 
-    /// Where to send the result of a call its node reports that no
-    /// connection waits for: the parked call's caller, or, if none waits
-    /// yet, a place that keeps it for a runner that follows the call later
-    /// ([`Nodes::reattach`]). A repeat of a result already delivered is
-    /// kept there too, and forgotten after [`EARLY_FOR`].
-    pub fn unpark(&self, node: &str, key: CallKey) -> Option<oneshot::Sender<Answer>> {
-        let slot = (node.to_owned(), key);
-        let mut parked = self.inner.parked();
-        if let Some(p) = parked.remove(&slot) {
-            return Some(p.tx);
+    /// Hands a result `node` reported for a call no connection waits for
+    /// to the runner that parked it here; gives it back if none did.
+    pub fn deliver(&self, node: &str, key: CallKey, answer: Answer) -> Result<(), Answer> {
+        let parked = self.inner.parked().remove(&(node.to_owned(), key));
+        match parked {
+            Some(p) => {
+                let _ = p.tx.send(answer);
+                Ok(())
+            }
+            None => Err(answer),
         }
-        let (tx, rx) = oneshot::channel();
-        let mut early = self.inner.early();
-        early.retain(|_, e| e.at.elapsed() < EARLY_FOR);
-        if early.len() >= EARLY_MAX
-            && let Some(oldest) = early
-                .iter()
-                .min_by_key(|(_, e)| e.at)
-                .map(|(k, _)| k.clone())
-        {
-            early.remove(&oldest);
-        }
-        early.insert(
-            slot,
-            Early {
-                at: std::time::Instant::now(),
-                rx,
-            },
-        );
-        drop(parked);
-        Some(tx)
     }
 
-    /// A node that reconnected says which calls it still holds (running, or
-    /// done and not yet reported) and which it reported and had
-    /// acknowledged lately. A parked call it does neither of:
+    /// Stores a result nobody here waits for, for the server that follows
+    /// its call (or this one, later); `then` runs once it is stored (the
+    /// node may forget it then). Tried again for up to a minute; if it
+    /// cannot be stored, the node keeps it and sends it again on its next
+    /// connection.
+    pub fn keep(
+        &self,
+        node: &str,
+        key: CallKey,
+        answer: Answer,
+        then: impl FnOnce() + Send + 'static,
+    ) {
+        let Some(results) = self.inner.results.clone() else {
+            then();
+            return;
+        };
+        let node = node.to_owned();
+        crate::tasks::spawn(crate::tasks::TaskKind::NodeResult, async move {
+            let mut delay = Duration::from_millis(250);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                match results.keep(&node, key, &answer).await {
+                    Ok(()) => {
+                        tracing::info!(node = %node, call = %key, "stored a result no runner here waits for, for the server that follows its call");
+                        then();
+                        return;
+                    }
+                    Err(e) if tokio::time::Instant::now() + delay > deadline => {
+                        tracing::warn!(node = %node, call = %key, error = %e, "cannot store a node's result; the node keeps it and reports it again when it reconnects");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(node = %node, call = %key, error = %e, "cannot store a node's result yet; trying again");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        });
+    }
+
+    /// A node says which calls it holds now (running, or done and not yet
+    /// acknowledged) and which it reported and had acknowledged lately:
+    /// on each connection, and when asked ([`NodeLink::report`]). A parked
+    /// call it does neither of:
     /// - if the node has been up since before the call was sent, the call
     ///   never reached it and did not run (it is placed again);
-    /// - if it acknowledged it, it ran, but its result went with a server
-    ///   that stopped before storing it;
+    /// - if it acknowledged it, it ran: its result is stored, or went with
+    ///   a server that stopped before storing it;
     /// - else the node restarted and may have run it.
     ///
-    /// The report is kept with the connection, for a call a runner follows
-    /// only later (a server that restarted, [`Nodes::reattach`]).
+    /// A result another server stored wins over each of these.
     pub fn holding(&self, node: &str, held: &[CallKey], acked: &[CallKey]) {
-        // Kept before the parked calls are taken, so a call parked
-        // meanwhile is settled by one or the other.
-        let started = self.inner.lock().get_mut(node).map(|e| {
-            e.report = Some((held.to_vec(), acked.to_vec()));
-            e.started
-        });
+        let started = self.inner.lock().get(node).map(|e| e.started);
         for (key, p) in self.take_parked(node, held) {
             let answer = settled(node, key, p.sent_after, started, acked);
-            let _ = p.tx.send(answer);
+            let Some(results) = self.inner.results.clone() else {
+                let _ = p.tx.send(answer);
+                continue;
+            };
+            let node = node.to_owned();
+            crate::tasks::spawn(crate::tasks::TaskKind::NodeCallTimer, async move {
+                let stored = results.find(&node, key).await.ok().flatten();
+                let _ = p.tx.send(stored.unwrap_or(answer));
+            });
         }
     }
 
@@ -501,8 +557,11 @@ impl Nodes {
             .collect()
     }
 
-    /// Waits for the answer to a call that was in flight on `node` when this
-    /// server stopped: the node reports it when it connects (up to `grace`).
+    /// Waits for the answer to a call that was in flight on `node` when its
+    /// server stopped (this one, or another whose action this one took
+    /// over): the node reports it (up to `grace`), here or to another
+    /// server that stores it; a node connected here is asked at once what
+    /// it holds, so a call it never received or lost is settled now.
     pub(crate) fn reattach(
         &self,
         node: &str,
@@ -530,9 +589,6 @@ impl Nodes {
         rx
     }
 
-    /// Sends `tx` the answer to `key` from `node`: a result it reported
-    /// already, what its report on this connection settles, or what it
-    /// reports when it comes back (parked, up to `grace`).
     fn follow(
         &self,
         node: &str,
@@ -541,35 +597,10 @@ impl Nodes {
         grace: Duration,
         sent_after: Timestamp,
     ) {
-        let slot = (node.to_owned(), key);
-        {
-            let parked = self.inner.parked();
-            let early = self.inner.early().remove(&slot);
-            drop(parked);
-            if let Some(early) = early {
-                crate::tasks::spawn(crate::tasks::TaskKind::NodeCallTimer, async move {
-                    if let Ok(answer) = early.rx.await {
-                        let _ = tx.send(answer);
-                    }
-                });
-                return;
-            }
-        }
         self.park(node, key, tx, grace, sent_after);
-        // The node may have said what it holds before the call was parked.
-        let report = self
-            .inner
-            .lock()
-            .get(node)
-            .and_then(|e| Some((e.started, e.report.clone()?)));
-        if let Some((started, (held, acked))) = report
-            && !held.contains(&key)
-        {
-            let p = self.inner.parked().remove(&slot);
-            if let Some(p) = p {
-                let answer = settled(node, key, p.sent_after, Some(started), &acked);
-                let _ = p.tx.send(answer);
-            }
+        let link = self.inner.lock().get(node).map(|e| e.link.clone());
+        if let Some(link) = link {
+            link.report();
         }
     }
 
@@ -744,11 +775,6 @@ impl Registry {
         self.parked.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Taken only while holding [`Registry::parked`].
-    fn early(&self) -> std::sync::MutexGuard<'_, HashMap<(String, CallKey), Early>> {
-        self.early.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
         self.nodes.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -814,6 +840,7 @@ mod tests {
         }
         fn cancel(&self, _: CallKey) {}
         fn close(&self, _: &str) {}
+        fn report(&self) {}
     }
 
     fn caps(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -879,12 +906,19 @@ mod tests {
         assert!(nodes.place(&wants(&[("gpu", "*")])).is_none(), "draining");
     }
 
-    /// A restarted server may hear a node's result, or its report of what
-    /// it holds, before the runner that follows the call asks for it.
+    /// A call followed for a server that stopped: the node is asked what it
+    /// holds, and its answer (or its result) settles the call.
     #[tokio::test]
-    async fn what_a_node_reports_before_its_call_is_followed_is_kept() {
+    async fn a_followed_call_is_settled_by_the_nodes_fresh_report() {
         let nodes = Nodes::default();
-        let _a = nodes.attach("hv-1", idle(&[], "s"));
+        let asked = Arc::new(Asked::default());
+        let _a = nodes.attach(
+            "hv-1",
+            Connection {
+                link: asked.clone(),
+                ..idle(&[], "s")
+            },
+        );
         let before = crate::model::now() - chrono::TimeDelta::seconds(10);
         let grace = Duration::from_secs(60);
         let within = Duration::from_secs(5);
@@ -893,16 +927,21 @@ mod tests {
             seq: 0,
             attempt: 1,
         };
-        let tx = nodes.unpark("hv-1", ran).expect("kept for later");
+        let rx = nodes.reattach("hv-1", ran, grace, before);
+        assert_eq!(
+            asked.reports.load(Ordering::Relaxed),
+            1,
+            "the node is asked"
+        );
         let done = crate::host::CallResult::Done {
             status: 0,
             body: b"{}".to_vec(),
         };
-        let _ = tx.send(Answer {
+        let answer = Answer {
             result: done,
             log: String::new(),
-        });
-        let rx = nodes.reattach("hv-1", ran, grace, before);
+        };
+        assert!(nodes.deliver("hv-1", ran, answer).is_ok());
         let answer = tokio::time::timeout(within, rx).await.unwrap().unwrap();
         assert!(
             matches!(
@@ -911,20 +950,47 @@ mod tests {
             ),
             "{answer:?}"
         );
+        let nobody = Answer {
+            result: crate::host::CallResult::NotSent(String::new()),
+            log: String::new(),
+        };
+        assert!(
+            nodes.deliver("hv-1", ran, nobody).is_err(),
+            "a repeat finds nobody waiting"
+        );
 
         let lost = CallKey { action: 2, ..ran };
         let held = CallKey { action: 3, ..ran };
+        let rx_lost = nodes.reattach("hv-1", lost, grace, before);
+        let mut rx_held = nodes.reattach("hv-1", held, grace, before);
         nodes.holding("hv-1", &[held], &[lost]);
-        let rx = nodes.reattach("hv-1", lost, grace, before);
-        let answer = tokio::time::timeout(within, rx).await.unwrap().unwrap();
+        let answer = tokio::time::timeout(within, rx_lost)
+            .await
+            .unwrap()
+            .unwrap();
         assert!(
             matches!(&answer.result, crate::host::CallResult::Lost(m) if m.contains("its result was lost")),
             "{answer:?}"
         );
         // One it holds waits for its result.
-        let mut rx = nodes.reattach("hv-1", held, grace, before);
         tokio::task::yield_now().await;
-        assert!(rx.try_recv().is_err());
+        assert!(rx_held.try_recv().is_err());
+    }
+
+    #[derive(Default)]
+    struct Asked {
+        reports: AtomicUsize,
+    }
+
+    impl NodeLink for Asked {
+        fn call(&self, _: RemoteCall) -> oneshot::Receiver<Answer> {
+            oneshot::channel().1
+        }
+        fn cancel(&self, _: CallKey) {}
+        fn close(&self, _: &str) {}
+        fn report(&self) {
+            self.reports.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     #[test]

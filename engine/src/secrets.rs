@@ -94,28 +94,32 @@ impl SecretsKey {
     }
 
     pub(crate) fn open(&self, row: &SecretRow) -> Result<String, String> {
-        let undecryptable = || {
-            format!(
-                "secret {:?} cannot be decrypted with this server's secrets key ({}): every server \
-                 sharing the database needs the same --secrets-key file",
-                row.name,
-                self.fingerprint()
-            )
-        };
-        let Ok(nonce) = <[u8; 24]>::try_from(row.nonce.as_slice()) else {
-            return Err(undecryptable());
-        };
+        self.unseal(&row.name, &row.nonce, &row.ciphertext)
+            .ok_or_else(|| {
+                format!(
+                    "secret {:?} cannot be decrypted with this server's secrets key ({}): every server \
+                     sharing the database needs the same --secrets-key file",
+                    row.name,
+                    self.fingerprint()
+                )
+            })
+    }
+
+    /// Decrypts what [`SecretsKey::seal`] sealed for `name`; `None` if it
+    /// was sealed under another key or for another name.
+    pub(crate) fn unseal(&self, name: &str, nonce: &[u8], sealed: &[u8]) -> Option<String> {
+        let nonce = <[u8; 24]>::try_from(nonce).ok()?;
         let plain = self
             .cipher()
             .decrypt(
                 &XNonce::from(nonce),
                 Payload {
-                    msg: &row.ciphertext,
-                    aad: row.name.as_bytes(),
+                    msg: sealed,
+                    aad: name.as_bytes(),
                 },
             )
-            .map_err(|_| undecryptable())?;
-        String::from_utf8(plain).map_err(|_| undecryptable())
+            .ok()?;
+        String::from_utf8(plain).ok()
     }
 }
 

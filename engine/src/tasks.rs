@@ -44,9 +44,12 @@ pub(crate) enum TaskKind {
     /// Reloads the shared configuration other servers change (tokens,
     /// keys, bundles, node drains) when its generation moves.
     ConfigWatch,
-    /// Fails a parked node call when its node does not come back in time,
-    /// or hands a call a result its node reported before it was followed.
+    /// Follows a parked node call: hands it a result another server
+    /// stored, or fails it when its node does not come back in time.
     NodeCallTimer,
+    /// Stores a result a node reported that no runner here waits for, then
+    /// tells the node it may forget it.
+    NodeResult,
     /// Reads or writes one step host's pipes.
     HostIo,
     /// Stops a drained bundle's step host.
@@ -66,6 +69,7 @@ impl TaskKind {
             TaskKind::Claimer => "claimer",
             TaskKind::ConfigWatch => "config-watch",
             TaskKind::NodeCallTimer => "node-call-timer",
+            TaskKind::NodeResult => "node-result",
             TaskKind::HostIo => "host-io",
             TaskKind::HostStop => "host-stop",
         }
@@ -82,7 +86,10 @@ impl TaskKind {
             | TaskKind::Rescuer
             | TaskKind::Claimer
             | TaskKind::ConfigWatch => OnFailure::Exit,
-            TaskKind::NodeCallTimer | TaskKind::HostIo | TaskKind::HostStop => OnFailure::Log,
+            TaskKind::NodeCallTimer
+            | TaskKind::NodeResult
+            | TaskKind::HostIo
+            | TaskKind::HostStop => OnFailure::Log,
         }
     }
 }

@@ -14,9 +14,14 @@ use crate::client::Client;
 
 #[derive(Args)]
 pub(crate) struct NodeArgs {
-    /// The app server's API: http://HOST:PORT on loopback, else https://HOST:PORT.
-    #[arg(long, env = "TROUPE_SERVER")]
-    server: String,
+    /// The app server's API: http://HOST:PORT on loopback, else https://HOST:PORT. Where several servers share one database, repeat it (or separate with commas) for each: the node keeps a connection to every one, so whichever server runs an action reaches it.
+    #[arg(
+        long = "server",
+        env = "TROUPE_SERVER",
+        value_delimiter = ',',
+        required = true
+    )]
+    servers: Vec<String>,
     /// A file holding an API token with the join scope (`troupe tokens create --scope join`), to join without an admin's `troupe nodes accept`; a node that has joined needs none.
     #[arg(long, env = "TROUPE_NODE_TOKEN_FILE")]
     token_file: Option<PathBuf>,
@@ -117,7 +122,8 @@ impl NodeArgs {
         for key in &self.trust {
             trust.add(key.parse().with_context(|| format!("--trust {key:?}"))?);
         }
-        let tls = match (&self.ca_cert, self.server.starts_with("https://")) {
+        let secure = self.servers.iter().any(|s| s.starts_with("https://"));
+        let tls = match (&self.ca_cert, secure) {
             (Some(path), _) => Some(Arc::new(client_tls(path)?)),
             (None, true) => {
                 bail!("an https:// server needs --ca-cert FILE: the CA that signed its certificate")
@@ -134,7 +140,11 @@ impl NodeArgs {
         );
         let exe = std::env::current_exe().context("finding the troupe executable")?;
         let config = node::Config {
-            server: self.server.trim_end_matches('/').to_owned(),
+            servers: self
+                .servers
+                .iter()
+                .map(|s| s.trim_end_matches('/').to_owned())
+                .collect(),
             token,
             name,
             key,

@@ -421,6 +421,7 @@ pub(crate) async fn ensure_admin_token(
     if let Ok(text) = std::fs::read_to_string(&path)
         && engine
             .authenticate(text.trim())
+            .await
             .is_ok_and(|p| p.allows(Scope::Admin))
     {
         return Ok(());

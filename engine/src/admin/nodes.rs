@@ -270,8 +270,11 @@ impl Admin {
 }
 
 /// The node registry, with the nodes an admin drained marked so.
-pub(crate) async fn drained_nodes(store: &Store) -> Result<nodes::Nodes> {
-    let nodes = nodes::Nodes::default();
+pub(crate) async fn drained_nodes(
+    store: &Store,
+    results: crate::node_results::NodeResults,
+) -> Result<nodes::Nodes> {
+    let nodes = nodes::Nodes::new(Some(results));
     for row in store.node_rows(None).await? {
         if row.draining_since.is_some() {
             nodes.set_draining(&row.name, true);

@@ -3,7 +3,7 @@
 //! `sql.rs`. These writes are rare (an operator's change), so each runs as
 //! its own statement inside whatever group commit carries it.
 
-use super::{AuditEntry, NodeRow, SecretRow, TokenRow, Write};
+use super::{AuditEntry, NodeResultRow, NodeRow, SecretRow, TokenRow, Write};
 
 /// The active admin tokens, as `RevokeToken` reads them before it writes;
 /// each backend adds what locks them until the commit.
@@ -132,6 +132,35 @@ macro_rules! access_backend {
                         .execute(&mut *tx)
                         .await?
                     }
+                    // Delete and insert: a repeat of a result replaces it.
+                    Write::PutNodeResult { row, forget_before } => {
+                        sqlx::query("DELETE FROM node_results WHERE stored_at < ?")
+                            .bind(forget_before)
+                            .execute(&mut *tx)
+                            .await?;
+                        sqlx::query("DELETE FROM node_results WHERE node = ? AND action_id = ? AND seq = ? AND attempt = ?")
+                            .bind(&row.node)
+                            .bind(row.action_id)
+                            .bind(row.seq)
+                            .bind(row.attempt)
+                            .execute(&mut *tx)
+                            .await?;
+                        sqlx::query(
+                            "INSERT INTO node_results (node, action_id, seq, attempt, status, nonce, sealed, stored_at, stored_by) \
+                             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        )
+                        .bind(&row.node)
+                        .bind(row.action_id)
+                        .bind(row.seq)
+                        .bind(row.attempt)
+                        .bind(row.status)
+                        .bind(&row.nonce)
+                        .bind(&row.sealed)
+                        .bind(row.stored_at)
+                        .bind(&row.stored_by)
+                        .execute(&mut *tx)
+                        .await?
+                    }
                     Write::DeleteSecret { name, audit: entry } => {
                         let deleted = sqlx::query("DELETE FROM secrets WHERE name = ?")
                             .bind(name)
@@ -196,6 +225,40 @@ macro_rules! access_backend {
                     .iter()
                     .map(secret_row)
                     .collect()
+            }
+
+            /// A stored result of one call on `node`.
+            pub(crate) async fn node_result(
+                pool: &$pool,
+                node: &str,
+                id: i64,
+                seq: u32,
+                attempt: u32,
+            ) -> Result<Option<NodeResultRow>, sqlx::Error> {
+                let row = sqlx::query(
+                    "SELECT status, nonce, sealed, stored_at, stored_by FROM node_results \
+                     WHERE node = ? AND action_id = ? AND seq = ? AND attempt = ?",
+                )
+                .bind(node)
+                .bind(id)
+                .bind(seq)
+                .bind(attempt)
+                .fetch_optional(pool)
+                .await?;
+                row.map(|r| {
+                    Ok(NodeResultRow {
+                        node: node.to_owned(),
+                        action_id: id,
+                        seq,
+                        attempt,
+                        status: r.try_get("status")?,
+                        nonce: r.try_get("nonce")?,
+                        sealed: r.try_get("sealed")?,
+                        stored_at: r.try_get("stored_at")?,
+                        stored_by: r.try_get("stored_by")?,
+                    })
+                })
+                .transpose()
             }
 
             /// Every node, or the one named `name`.

@@ -77,6 +77,21 @@ pub struct NodeRow {
     pub allowed_capabilities: Option<String>,
 }
 
+/// A row of `node_results`: a node's report of one call, its body and log
+/// sealed (`crate::node_results`).
+#[derive(Debug, Clone)]
+pub struct NodeResultRow {
+    pub node: String,
+    pub action_id: ActionId,
+    pub seq: u32,
+    pub attempt: u32,
+    pub status: i32,
+    pub nonce: Vec<u8>,
+    pub sealed: Vec<u8>,
+    pub stored_at: Timestamp,
+    pub stored_by: String,
+}
+
 /// A row of `api_tokens`.
 #[derive(Debug, Clone)]
 pub struct TokenRow {
@@ -625,6 +640,19 @@ impl Store {
         Ok(match &self.read {
             Pool::Sqlite(p) => access::sqlite::nodes(p, name).await?,
             Pool::MySql(p) => access::mysql::nodes(p, name).await?,
+        })
+    }
+
+    /// The result `node` reported for attempt `attempt` of step `seq` of
+    /// action `id`, if a server stored it.
+    pub(crate) async fn node_result(
+        &self,
+        node: &str,
+        (id, seq, attempt): (ActionId, u32, u32),
+    ) -> Result<Option<NodeResultRow>> {
+        Ok(match &self.read {
+            Pool::Sqlite(p) => access::sqlite::node_result(p, node, id, seq, attempt).await?,
+            Pool::MySql(p) => access::mysql::node_result(p, node, id, seq, attempt).await?,
         })
     }
 

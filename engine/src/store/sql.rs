@@ -1124,6 +1124,7 @@ macro_rules! sql_backend {
                     }
                     Write::CreateToken(..)
                     | Write::PutNode(..)
+                    | Write::PutNodeResult { .. }
                     | Write::RevokeToken { .. }
                     | Write::UseJoinToken { .. }
                     | Write::Audit(..)

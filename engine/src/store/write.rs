@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::{AuditEntry, BundleRow, NodeRow, SecretRow, TokenRow};
+use super::{AuditEntry, BundleRow, NodeResultRow, NodeRow, SecretRow, TokenRow};
 use crate::model::{Action, ActionId, ActionStatus, NewAction, StepStatus, Timestamp};
 
 /// One change to the database. A caller's list of writes commits atomically.
@@ -136,6 +136,13 @@ pub(crate) enum Write {
     CreateToken(Box<TokenRow>),
     /// Stores a node's row, replacing one of the same name.
     PutNode(Box<NodeRow>),
+    /// Keeps a result a node reported that no runner here waited for,
+    /// replacing a repeat of it, and forgets those stored before
+    /// `forget_before`.
+    PutNodeResult {
+        row: Box<NodeResultRow>,
+        forget_before: Timestamp,
+    },
     /// Revokes a token and records `audit`, unless it is already revoked
     /// or is the last active admin token (then `Done { rows: 0 }` and
     /// nothing is written). The active admin tokens are read locked, so two
@@ -389,6 +396,7 @@ impl Write {
             | Write::RevokeKey { .. }
             | Write::CreateToken(..)
             | Write::PutNode(..)
+            | Write::PutNodeResult { .. }
             | Write::RevokeToken { .. }
             | Write::UseJoinToken { .. }
             | Write::Audit(..)

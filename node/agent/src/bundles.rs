@@ -20,9 +20,10 @@ use signing::{BundleHash, Signature, Trust, VerifiedBundle};
 pub struct Bundles {
     dir: PathBuf,
     trust: Trust,
-    server: String,
-    /// The session credential of the current connection.
-    session: Mutex<Option<String>>,
+    /// The servers' API addresses, by number.
+    servers: Vec<String>,
+    /// Each server's session credential while its connection lasts.
+    sessions: Mutex<Vec<Option<String>>>,
     http: reqwest::Client,
     host_command: HostCommand,
     /// One entry per hash used since the node started.
@@ -91,8 +92,12 @@ impl Bundles {
         Ok(Bundles {
             dir,
             trust: config.trust.clone(),
-            server: config.server.trim_end_matches('/').to_owned(),
-            session: Mutex::default(),
+            servers: config
+                .servers
+                .iter()
+                .map(|s| s.trim_end_matches('/').to_owned())
+                .collect(),
+            sessions: Mutex::new(vec![None; config.servers.len()]),
             http: builder.build().context("setting up the HTTP client")?,
             host_command: config.host_command.clone(),
             entries: Mutex::default(),
@@ -112,14 +117,30 @@ impl Bundles {
         self.changed.send_modify(|n| *n += 1);
     }
 
-    /// Downloads use this connection's session credential.
-    pub(crate) fn set_session(&self, session: String) {
-        *self.session.lock().unwrap() = Some(session);
+    /// Downloads from server number `server` use this session credential
+    /// (`None`: its connection ended).
+    pub(crate) fn set_session(&self, server: usize, session: Option<String>) {
+        self.sessions.lock().unwrap()[server] = session;
     }
 
-    /// A running step host for bundle `hash`, fetching, verifying and
-    /// loading the bundle first if need be, held until the lease drops.
-    pub(crate) async fn host(self: &Arc<Self>, hash: &str) -> Result<Lease> {
+    /// Where to download from: server number `preferred` while it is
+    /// connected, else any that is; with its session credential.
+    fn source(&self, preferred: usize) -> (&str, Option<String>) {
+        let sessions = self.sessions.lock().unwrap();
+        let chosen = if sessions[preferred].is_some() {
+            preferred
+        } else {
+            (0..sessions.len())
+                .find(|&i| sessions[i].is_some())
+                .unwrap_or(preferred)
+        };
+        (&self.servers[chosen], sessions[chosen].clone())
+    }
+
+    /// A running step host for bundle `hash`, fetching (from server number
+    /// `server`, or another if it is gone), verifying and loading the
+    /// bundle first if need be, held until the lease drops.
+    pub(crate) async fn host(self: &Arc<Self>, hash: &str, server: usize) -> Result<Lease> {
         let hash: BundleHash = hash
             .parse()
             .map_err(|_| anyhow!("{hash:?} is not a bundle hash"))?;
@@ -142,7 +163,7 @@ impl Bundles {
                 _use: used,
             });
         }
-        let verified = self.verified(hash).await?;
+        let verified = self.verified(hash, server).await?;
         let root = self.dir.clone();
         let unpacked = tokio::task::spawn_blocking(move || engine::bundle::open(&verified, &root))
             .await?
@@ -300,7 +321,7 @@ impl Bundles {
 
     /// The bundle's bytes, verified with this node's keys: the cached copy
     /// if it still verifies, else fetched from the server.
-    async fn verified(&self, hash: BundleHash) -> Result<VerifiedBundle> {
+    async fn verified(&self, hash: BundleHash, server: usize) -> Result<VerifiedBundle> {
         let (archive, sig_file) = self.files(hash);
         if let (Ok(bytes), Ok(text)) = (std::fs::read(&archive), std::fs::read_to_string(&sig_file))
         {
@@ -313,7 +334,7 @@ impl Bundles {
                 }
             }
         }
-        let (bytes, text) = self.download(hash).await?;
+        let (bytes, text) = self.download(hash, server).await?;
         let text =
             String::from_utf8(text).map_err(|_| anyhow!("the signature of {hash} is not text"))?;
         let verified = self.check(hash, bytes, &text)?;
@@ -326,14 +347,16 @@ impl Bundles {
     /// The bundle's bytes and signature from the server. A download cut
     /// short (the server restarting, the connection between sessions) is
     /// tried again for up to a minute; what the server refuses is not.
-    async fn download(&self, hash: BundleHash) -> Result<(Vec<u8>, Vec<u8>)> {
+    async fn download(&self, hash: BundleHash, server: usize) -> Result<(Vec<u8>, Vec<u8>)> {
         let deadline = tokio::time::Instant::now() + DOWNLOAD_FOR;
         let mut delay = Duration::from_millis(250);
         loop {
             let attempt = async {
-                let bytes = self.get(&format!("/v1/nodes/bundles/{hash}")).await?;
+                let bytes = self
+                    .get(&format!("/v1/nodes/bundles/{hash}"), server)
+                    .await?;
                 let text = self
-                    .get(&format!("/v1/nodes/bundles/{hash}/signature"))
+                    .get(&format!("/v1/nodes/bundles/{hash}/signature"), server)
                     .await?;
                 Ok::<_, Fetch>((bytes, text))
             };
@@ -381,10 +404,10 @@ impl Bundles {
         )
     }
 
-    async fn get(&self, path: &str) -> Result<Vec<u8>, Fetch> {
-        let url = format!("{}{path}", self.server);
+    async fn get(&self, path: &str, server: usize) -> Result<Vec<u8>, Fetch> {
+        let (base, session) = self.source(server);
+        let url = format!("{base}{path}");
         let mut req = self.http.get(&url);
-        let session = self.session.lock().unwrap().clone();
         if let Some(session) = session {
             req = req.bearer_auth(session);
         }

@@ -37,8 +37,9 @@ pub use capabilities::{Probe, built_in};
 
 /// How to reach the server and what this node is.
 pub struct Config {
-    /// `http://HOST:PORT` or `https://HOST:PORT`: the server's API.
-    pub server: String,
+    /// `http://HOST:PORT` or `https://HOST:PORT`: the API of each server
+    /// (all sharing one database); the node connects to every one.
+    pub servers: Vec<String>,
     /// An API token with the `join` scope, to join without an admin's
     /// accept; a node that has joined needs none.
     pub token: Option<String>,
@@ -66,10 +67,14 @@ pub struct Config {
     pub cache_size: u64,
 }
 
-/// Runs the node until `stop` is cancelled, reconnecting (1 s doubling to
-/// 30 s, with jitter) whenever the connection ends. A refusal that cannot
-/// change by retrying (a bad token, a name in use) ends it with an error.
+/// Runs the node until `stop` is cancelled, with one connection to each
+/// server, each reconnecting (1 s doubling to 30 s, with jitter) whenever
+/// it ends. A refusal that cannot change by retrying (a bad token, a name
+/// in use) ends it with an error.
 pub async fn run(config: Config, stop: CancellationToken) -> Result<()> {
+    if config.servers.is_empty() {
+        bail!("a node needs at least one --server");
+    }
     let config = Arc::new(config);
     let bundles = Arc::new(Bundles::new(&config)?);
     let calls = Arc::new(Calls::default());
@@ -86,27 +91,46 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<()> {
         let (caps, stop) = (caps.clone(), stop.clone());
         tokio::spawn(async move { caps.run(stop).await });
     }
+    let mut servers = tokio::task::JoinSet::new();
+    for server in 0..config.servers.len() {
+        let (config, bundles, calls, caps) =
+            (config.clone(), bundles.clone(), calls.clone(), caps.clone());
+        servers
+            .spawn(async move { stay_connected(server, &config, &bundles, &calls, &caps).await });
+    }
+    tokio::select! {
+        Some(ended) = servers.join_next() => ended.context("a connection's task failed")?,
+        _ = stop.cancelled() => Ok(()),
+    }
+}
+
+/// Keeps a connection to server number `server`; returns only on a
+/// refusal that retrying cannot change.
+async fn stay_connected(
+    server: usize,
+    config: &Arc<Config>,
+    bundles: &Arc<Bundles>,
+    calls: &Arc<Calls>,
+    caps: &Capabilities,
+) -> Result<()> {
+    let url = &config.servers[server];
     let mut delay = Duration::from_secs(1);
     loop {
-        let outcome = tokio::select! {
-            r = session(&config, &bundles, &calls, &caps) => r,
-            _ = stop.cancelled() => return Ok(()),
-        };
+        let outcome = session(server, config, bundles, calls, caps).await;
+        calls.disconnected(server);
+        bundles.set_session(server, None);
         match outcome {
             Ok(()) => {
-                tracing::warn!(server = %config.server, "the server closed the connection; reconnecting");
+                tracing::warn!(server = %url, "the server closed the connection; reconnecting");
                 delay = Duration::from_secs(1);
             }
             Err(e) if e.downcast_ref::<Refused>().is_some() => return Err(e),
             Err(e) => {
-                tracing::warn!(server = %config.server, error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "not connected to the server")
+                tracing::warn!(server = %url, error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "not connected to the server")
             }
         }
         let jitter = Duration::from_millis(u64::from(std::process::id() % 250));
-        tokio::select! {
-            _ = tokio::time::sleep(delay + jitter) => {}
-            _ = stop.cancelled() => return Ok(()),
-        }
+        tokio::time::sleep(delay + jitter).await;
         delay = (delay * 2).min(Duration::from_secs(30));
     }
 }
@@ -126,17 +150,20 @@ impl std::fmt::Display for Refused {
 
 impl std::error::Error for Refused {}
 
-/// The node's calls, across connections: a call keeps running when the
-/// connection drops, and its result waits here until a connection can
-/// carry it.
+/// The node's calls, across connections and servers: a call keeps running
+/// when its connection drops, and its result waits here until a
+/// connection can carry it.
 struct Calls {
     /// When this process started taking calls.
     born: std::time::Instant,
     running: Mutex<HashMap<CallKey, CancellationToken>>,
     results: Mutex<Results>,
-    ready: tokio::sync::Notify,
-    /// Calls whose results the server acknowledged, newest last, kept for
-    /// [`ACKED_FOR`]: a server that restarts asks about them.
+    /// Bumped when a result is kept or a connection ends: each
+    /// connection then looks for what it should send.
+    ready: tokio::sync::watch::Sender<u64>,
+    /// Calls whose results a server acknowledged, newest last, kept for
+    /// [`ACKED_FOR`]: a server that restarts (or takes an action over)
+    /// asks about them.
     acked: Mutex<std::collections::VecDeque<(std::time::Instant, CallKey)>>,
 }
 
@@ -146,7 +173,7 @@ impl Default for Calls {
             born: std::time::Instant::now(),
             running: Mutex::default(),
             results: Mutex::default(),
-            ready: tokio::sync::Notify::new(),
+            ready: tokio::sync::watch::channel(0).0,
             acked: Mutex::default(),
         }
     }
@@ -157,42 +184,76 @@ impl Default for Calls {
 const ACKED_FOR: Duration = Duration::from_secs(600);
 const ACKED_MAX: usize = 20_000;
 
-/// Ended calls' `Done` messages, kept until the server acknowledges them.
+/// Ended calls' `Done` messages, kept until a server acknowledges them.
 #[derive(Default)]
 struct Results {
-    /// Not yet sent on this connection, oldest first.
-    unsent: std::collections::VecDeque<(CallKey, FromNode)>,
-    /// Sent, not yet acknowledged: sent again on the next connection.
-    sent: Vec<(CallKey, FromNode)>,
+    /// Oldest first.
+    kept: Vec<Kept>,
+    /// The servers connected now, by number.
+    connected: std::collections::HashSet<usize>,
+}
+
+/// One call's result, and where it went.
+struct Kept {
+    key: CallKey,
+    done: FromNode,
+    /// The server that sent the call: the result goes back to it while it
+    /// is connected, else to every server connected.
+    origin: usize,
+    /// The connections it was sent on and not acknowledged yet.
+    sent_on: std::collections::HashSet<usize>,
 }
 
 impl Calls {
-    fn finished(&self, key: CallKey, done: FromNode) {
+    fn finished(&self, key: CallKey, origin: usize, done: FromNode) {
         self.running.lock().unwrap().remove(&key);
-        self.results.lock().unwrap().unsent.push_back((key, done));
-        self.ready.notify_one();
+        self.results.lock().unwrap().kept.push(Kept {
+            key,
+            done,
+            origin,
+            sent_on: Default::default(),
+        });
+        self.ready.send_modify(|n| *n += 1);
     }
 
-    /// A new connection: what was sent on the last one and not
-    /// acknowledged goes again.
-    fn reconnected(&self) {
+    fn connected(&self, server: usize) {
+        self.results.lock().unwrap().connected.insert(server);
+    }
+
+    /// Server `server`'s connection ended: what was sent on it and not
+    /// acknowledged goes again (on its next connection, or on the others
+    /// while it is down).
+    fn disconnected(&self, server: usize) {
         let mut results = self.results.lock().unwrap();
-        let sent = std::mem::take(&mut results.sent);
-        for item in sent.into_iter().rev() {
-            results.unsent.push_front(item);
+        results.connected.remove(&server);
+        for kept in &mut results.kept {
+            kept.sent_on.remove(&server);
         }
+        drop(results);
+        self.ready.send_modify(|n| *n += 1);
     }
 
-    fn next_unsent(&self) -> Option<(CallKey, FromNode)> {
-        self.results.lock().unwrap().unsent.pop_front()
+    /// What connection `server` should send now: results of the calls its
+    /// server sent, and of those whose server is not connected; each
+    /// counted sent on it.
+    fn to_send(&self, server: usize) -> Vec<(CallKey, FromNode)> {
+        let mut results = self.results.lock().unwrap();
+        let Results { kept, connected } = &mut *results;
+        kept.iter_mut()
+            .filter(|k| {
+                (k.origin == server || !connected.contains(&k.origin))
+                    && !k.sent_on.contains(&server)
+            })
+            .map(|k| {
+                k.sent_on.insert(server);
+                (k.key, k.done.clone())
+            })
+            .collect()
     }
 
-    fn sent(&self, item: (CallKey, FromNode)) {
-        self.results.lock().unwrap().sent.push(item);
-    }
-
+    /// A server has the result: every connection forgets it.
     fn acknowledged(&self, key: CallKey) {
-        self.results.lock().unwrap().sent.retain(|(k, _)| *k != key);
+        self.results.lock().unwrap().kept.retain(|k| k.key != key);
         let mut acked = self.acked.lock().unwrap();
         acked.push_back((std::time::Instant::now(), key));
         while acked.len() > ACKED_MAX
@@ -214,25 +275,30 @@ impl Calls {
             .collect()
     }
 
-    /// Every call this node holds: running, or ended and not yet
-    /// acknowledged.
-    fn holding(&self) -> Vec<CallKey> {
+    /// What the node holds, for a server: the calls running, or ended and
+    /// not yet acknowledged, and those acknowledged lately.
+    fn holding(&self) -> FromNode {
         let mut keys: Vec<CallKey> = self.running.lock().unwrap().keys().copied().collect();
-        let results = self.results.lock().unwrap();
-        keys.extend(results.unsent.iter().map(|(k, _)| *k));
-        keys.extend(results.sent.iter().map(|(k, _)| *k));
-        keys
+        keys.extend(self.results.lock().unwrap().kept.iter().map(|k| k.key));
+        FromNode::Holding {
+            keys,
+            acked: self.acked(),
+        }
     }
 }
 
-/// One connection: hello, then calls until it ends.
+/// One connection to server number `server`: hello, then calls until it
+/// ends.
 async fn session(
+    server: usize,
     config: &Arc<Config>,
     bundles: &Arc<Bundles>,
     calls: &Arc<Calls>,
     caps: &Capabilities,
 ) -> Result<()> {
-    let mut ws = connect(config).await?;
+    let url = &config.servers[server];
+    let mut ws = connect(url, config).await?;
+    let mut ready = calls.ready.subscribe();
     let mut caps_changed = caps.subscribe();
     let mut bundles_changed = bundles.subscribe();
     let nonce = match next_message(&mut ws).await? {
@@ -251,7 +317,7 @@ async fn session(
     ws.send(Message::text(serde_json::to_string(&hello)?))
         .await?;
     match next_message(&mut ws).await? {
-        ToNode::Welcome { session, .. } => bundles.set_session(session),
+        ToNode::Welcome { session, .. } => bundles.set_session(server, Some(session)),
         ToNode::Refused {
             retry: true,
             reason,
@@ -262,15 +328,11 @@ async fn session(
         } => return Err(Refused(format!("the server refused this node: {reason}")).into()),
         other => bail!("the server answered the hello with {other:?}"),
     }
-    tracing::info!(server = %config.server, node = %config.name, "connected");
+    tracing::info!(server = %url, node = %config.name, "connected");
 
     let (mut sink, mut stream) = ws.split();
-    calls.reconnected();
-    let holding = FromNode::Holding {
-        keys: calls.holding(),
-        acked: calls.acked(),
-    };
-    sink.send(Message::text(serde_json::to_string(&holding)?))
+    calls.connected(server);
+    sink.send(Message::text(serde_json::to_string(&calls.holding())?))
         .await?;
     bundles_changed.mark_unchanged();
     sink.send(Message::text(serde_json::to_string(&bundles.report())?))
@@ -283,11 +345,10 @@ async fn session(
     loop {
         // Results first: those kept while disconnected, then new ones, in
         // one write.
+        ready.mark_unchanged();
         let mut fed = false;
-        while let Some(item) = calls.next_unsent() {
-            let text = serde_json::to_string(&item.1)?;
-            let key = item.0;
-            calls.sent(item);
+        for (key, done) in calls.to_send(server) {
+            let text = serde_json::to_string(&done)?;
             if failpoint("node.lose_result") {
                 // A test's cut between a result leaving the node and the
                 // server reading it: counted sent, never written.
@@ -329,8 +390,8 @@ async fn session(
                         };
                         let (bundles, calls) = (bundles.clone(), calls.clone());
                         tokio::spawn(async move {
-                            let done = call.run(&bundles, cancel).await;
-                            calls.finished(key, done);
+                            let done = call.run(&bundles, server, cancel).await;
+                            calls.finished(key, server, done);
                         });
                     }
                     Ok(ToNode::Cancel { key }) => {
@@ -342,6 +403,9 @@ async fn session(
                         tracing::debug!(?key, "result acknowledged");
                         calls.acknowledged(key);
                     }
+                    Ok(ToNode::Report) => {
+                        sink.send(Message::text(serde_json::to_string(&calls.holding())?)).await?;
+                    }
                     Ok(ToNode::Refused { reason, .. }) => {
                         return Err(Refused(format!("the server refused this node: {reason}")).into());
                     }
@@ -349,7 +413,7 @@ async fn session(
                     Err(e) => tracing::warn!(error = %e, "ignoring a message this node does not understand"),
                 }
             }
-            _ = calls.ready.notified() => {}
+            Ok(()) = ready.changed() => {}
             Ok(()) = caps_changed.changed() => {
                 let capabilities = caps_changed.borrow_and_update().clone();
                 let message = FromNode::Capabilities { capabilities };
@@ -418,16 +482,15 @@ type Socket = tokio_tungstenite::WebSocketStream<Box<dyn Stream>>;
 trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
 
-/// Opens the WebSocket, over TLS for an `https://` server.
-async fn connect(config: &Config) -> Result<Socket> {
-    let (secure, rest) = if let Some(rest) = config.server.strip_prefix("https://") {
+/// Opens the WebSocket to `server`, over TLS for an `https://` one.
+async fn connect(server: &str, config: &Config) -> Result<Socket> {
+    let (secure, rest) = if let Some(rest) = server.strip_prefix("https://") {
         (true, rest)
-    } else if let Some(rest) = config.server.strip_prefix("http://") {
+    } else if let Some(rest) = server.strip_prefix("http://") {
         (false, rest)
     } else {
         return Err(Refused(format!(
-            "--server {:?} must be an http:// or https:// URL",
-            config.server
+            "--server {server:?} must be an http:// or https:// URL"
         ))
         .into());
     };
@@ -508,7 +571,14 @@ struct Call {
 }
 
 impl Call {
-    async fn run(self, bundles: &Arc<Bundles>, cancel: CancellationToken) -> FromNode {
+    /// Runs the call `server` sent, fetching its bundle from that server
+    /// first (or another, if it is gone) if need be.
+    async fn run(
+        self,
+        bundles: &Arc<Bundles>,
+        server: usize,
+        cancel: CancellationToken,
+    ) -> FromNode {
         let key = self.key;
         let done = |status: i32, body: String, log: String| FromNode::Done {
             key,
@@ -516,7 +586,7 @@ impl Call {
             body,
             log,
         };
-        let lease = match bundles.host(&self.bundle).await {
+        let lease = match bundles.host(&self.bundle, server).await {
             Ok(lease) => lease,
             Err(e) => {
                 tracing::warn!(bundle = %self.bundle, error = %e, "cannot run a call");

@@ -12,13 +12,21 @@
 //! node → server   Hello { name, public_key, answer, capabilities, version, protocol, uptime_ms }
 //! server → node   Welcome { protocol, session }  or  Refused { retry, reason }
 //! node → server   Holding { keys, acked }       (calls it runs or will report; reported lately)
+//! server → node   Report                        (asks for a fresh Holding)
 //! server → node   Call { key, bundle, function, input, timeout_ms, grace_ms }
 //! server → node   Cancel { key }
 //! node → server   Done { key, status, body, log }  (kept and sent again until acknowledged)
-//! server → node   Ack { key }
+//! server → node   Ack { key }                   (handed to the call's runner, or stored)
 //! node → server   Capabilities { capabilities }  (a probe's result changed)
 //! node → server   Bundles { cached, loaded }     (after Welcome, and when its cache changes)
 //! ```
+//!
+//! A node may be given several servers (all sharing one database): it
+//! keeps one connection to each, and each server sends calls on its own.
+//! A call's `Done` goes back on the connection of the server that sent it,
+//! or, while that one is down, on every other connection: a server that
+//! has no runner waiting for it stores it (`node_results`) for the server
+//! that took the action over, and acknowledges it only then.
 //!
 //! Both ends send heartbeats as unsolicited pongs: the node every
 //! [`HEARTBEAT`], the server every [`SERVER_HEARTBEAT`].
@@ -33,7 +41,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// Bumped when a message changes incompatibly.
-pub const PROTOCOL: u32 = 2;
+pub const PROTOCOL: u32 = 3;
 
 /// How often a node sends its heartbeat: an unsolicited WebSocket pong
 /// (RFC 6455, 5.5.3), which needs no answer. The server drops a node it
@@ -81,9 +89,10 @@ pub enum FromNode {
         body: String,
         log: String,
     },
-    /// Sent right after `Welcome`: the calls the node holds (running, or
-    /// ended and about to be reported), so the server can fail at once
-    /// those it waits for that the node lost (it restarted).
+    /// Sent right after `Welcome`, and in answer to `Report`: the calls
+    /// the node holds (running, or ended and about to be reported), so the
+    /// server can settle at once those it waits for that the node does not
+    /// hold (lost with a restart, or never received).
     Holding {
         keys: Vec<CallKey>,
         /// Calls it reported and had acknowledged in the last minutes: they
@@ -139,8 +148,14 @@ pub enum ToNode {
     },
     /// Stop the call: set its cancel flag.
     Cancel { key: CallKey },
-    /// The server has the call's `Done`: the node may forget it. Until
-    /// then the node sends it again on every new connection.
+    /// Answer with a fresh `Holding`: the server follows a call another
+    /// server sent (it took the action over) and needs to know whether
+    /// the node holds it now.
+    Report,
+    /// The server has the call's `Done` (handed to the runner waiting for
+    /// it, or stored for whichever server runs the action): the node may
+    /// forget it. Until then the node sends it again on every new
+    /// connection.
     Ack { key: CallKey },
 }
 

@@ -557,3 +557,123 @@ async fn a_server_runs_on_a_schema_a_newer_version_expanded() {
     let id = b.submit("sleep", "vps-2", json!({ "ms": 1 })).await;
     assert_eq!(b.finished(id).await["status"], "succeeded");
 }
+
+/// A node given two servers keeps a connection to each and runs the steps
+/// of actions either one owns. When the server that sent its call dies,
+/// the node reports the call's result to the other: stored there if it
+/// arrives before the takeover (found by the runner that follows the
+/// call), handed to the follower if after. Each non-idempotent step ran
+/// once and is recorded once, sealed while stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nodes_result_reaches_the_server_that_took_its_action_over() {
+    use crate::nodes::{Node, connected, join_token};
+    let env = Env::new(Db::MySql).await;
+    let lease = ["--lease", "2s", "--node-grace", "60s"];
+    let a = env.serve_with(&[&lease[..], &["--server-id", "s-a"]].concat());
+    let b = env.serve_another(&[&lease[..], &["--server-id", "s-b"]].concat());
+    let token = join_token(&a, &env).await;
+    let node = Node::start(
+        &a,
+        &token,
+        "hv-17",
+        &["--capability", "hypervisor=kvm", "--server", &b.url],
+    );
+    connected(&a, &["hv-17"], &[&node]).await;
+    connected(&b, &["hv-17"], &[&node]).await;
+    // Steps of actions each server owns run there (and the node holds the
+    // bundle before the kill).
+    for server in [&a, &b] {
+        let id = server
+            .submit("node_sleep", "warm-up", json!({ "ms": 1 }))
+            .await;
+        let done = server.finished(id).await;
+        assert_eq!(done["status"], "succeeded", "{done}\n{}", node.log());
+        assert_eq!(done["steps"][0]["node"], "hv-17", "{done}");
+    }
+    // One call ends after s-a takes its action over (the lease is 2 s),
+    // one before: s-b is killed well within its 1.5 s.
+    let late = b
+        .submit("node_sleep", "vps-late", json!({ "ms": 8000 }))
+        .await;
+    running_on(&b, late).await;
+    let submitted = Instant::now();
+    let early = b
+        .submit("node_sleep", "vps-early", json!({ "ms": 1500 }))
+        .await;
+    running_on(&b, early).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while node.log().matches("call received").count() < 4 {
+        assert!(Instant::now() < deadline, "{}", node.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        submitted.elapsed() < Duration::from_millis(1000),
+        "too slow to kill s-b before the early call ends: {:?}",
+        submitted.elapsed()
+    );
+    b.kill9();
+    for (id, ms) in [(early, 1500), (late, 8000)] {
+        let done = a.finished(id).await;
+        assert_eq!(
+            done["status"],
+            "succeeded",
+            "{done}\n{}\n{}",
+            node.log(),
+            a.log()
+        );
+        assert_eq!(done["steps"][0]["attempt"], 1, "not run again: {done}");
+        assert_eq!(done["steps"][0]["node"], "hv-17", "{done}");
+        assert_eq!(done["steps"][0]["output"]["slept_ms"], ms, "{done}");
+    }
+    assert_eq!(
+        node.log().matches("call received").count(),
+        4,
+        "each step ran once: {}",
+        node.log()
+    );
+    let stored_here = |id: i64| {
+        a.log().lines().any(|l| {
+            l.contains("stored a result no runner here waits for")
+                && l.contains(&format!("call={id}/0/1"))
+        })
+    };
+    assert!(
+        stored_here(early),
+        "the early result was stored by s-a before it followed the call:\n{}",
+        a.log()
+    );
+    assert!(
+        !stored_here(late),
+        "the late result went to s-a's runner directly:\n{}",
+        a.log()
+    );
+    let pool = env.sql().await;
+    let lost: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM action_step_attempts")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(lost, 0, "no attempt was recorded lost");
+    let stored: Vec<(i64, Vec<u8>)> =
+        sqlx::query_as("SELECT action_id, sealed FROM node_results WHERE node = 'hv-17'")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert!(
+        stored.iter().any(|(id, _)| *id == early),
+        "the early result was stored: {:?}",
+        stored.iter().map(|(id, _)| id).collect::<Vec<_>>()
+    );
+    for (_, sealed) in &stored {
+        assert!(
+            !String::from_utf8_lossy(sealed).contains("slept_ms"),
+            "stored in the clear"
+        );
+    }
+}
+
+/// Waits until the action's first step runs on `server`.
+async fn running_on(server: &Server, id: i64) {
+    server
+        .until(id, "running", |a| a["steps"][0]["status"] == "running")
+        .await;
+}

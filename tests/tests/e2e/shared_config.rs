@@ -170,7 +170,8 @@ async fn an_action_taken_over_loads_the_bundle_it_is_pinned_to() {
     );
 }
 
-/// A token made through one server works on the other within 1 s, and
+/// A token made through one server works on the other at once (a server
+/// that does not know a token reads them again before refusing it), and
 /// one revoked through the other is refused by the first within 1 s;
 /// three times over, so no lucky timing passes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -183,22 +184,14 @@ async fn tokens_made_or_revoked_through_one_server_hold_on_another() {
             .token_with(&format!("roaming-{round}"), &["read"], None)
             .await;
         let id = token.strip_prefix("troupe_").unwrap()[..16].to_owned();
-        let made = Instant::now();
-        loop {
-            let (status, body) = b
-                .request_as(Some(&token), Method::GET, "/v1/kinds", None)
-                .await;
-            if status == StatusCode::OK {
-                break;
-            }
-            assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
-            assert!(
-                made.elapsed() < CONFIG_BOUND,
-                "round {round}: B does not know the token {:?} after it was made: {body}",
-                made.elapsed()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let (status, body) = b
+            .request_as(Some(&token), Method::GET, "/v1/kinds", None)
+            .await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "round {round}: B does not know the token just made through A: {body}"
+        );
         let (status, body) = b.post(&format!("/v1/tokens/{id}/revoke"), &json!({})).await;
         assert_eq!(status, StatusCode::OK, "{body}");
         let revoked = Instant::now();
