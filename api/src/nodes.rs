@@ -381,6 +381,7 @@ async fn handshake(
     let nonce = random_hex()?;
     let challenge = ToNode::Challenge {
         nonce: nonce.clone(),
+        server: engine.config().server_id.clone(),
     };
     send(sink, &challenge).await.ok()?;
     let hello = tokio::time::timeout(HELLO_WITHIN, stream.next()).await;
@@ -546,6 +547,7 @@ async fn session(
     let welcome = ToNode::Welcome {
         protocol: PROTOCOL,
         session,
+        servers: peers(&engine).await,
     };
     if send(&mut sink, &welcome).await.is_err() {
         return;
@@ -647,6 +649,30 @@ async fn session(
                 .park(&name, engine_key(key), tx, grace, sent_after);
         }
     }
+}
+
+/// The addresses the other live servers advertise, for a node to connect
+/// to each. Read at each `Welcome` (the handshakes are few at once:
+/// [`HANDSHAKES`]); a server whose address is its wildcard listen address
+/// is left out, as no node can reach it there.
+async fn peers(engine: &Engine) -> Vec<String> {
+    let me = &engine.config().server_id;
+    let servers = match engine.store().servers().await {
+        Ok(servers) => servers,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list the other servers for a node");
+            return Vec::new();
+        }
+    };
+    servers
+        .into_iter()
+        .filter(|s| &s.id != me && s.state == "live" && !s.silent)
+        .filter_map(|s| s.address)
+        .filter(|a| {
+            let host = a.split("://").last().unwrap_or(a);
+            !(host.starts_with("0.0.0.0:") || host.starts_with("[::]:"))
+        })
+        .collect()
 }
 
 /// Handles one message from a node; the key of a `Done` to acknowledge.

@@ -390,7 +390,7 @@ impl SimNode {
             .insert("authorization", format!("Bearer {}", self.join).parse()?);
         let (mut ws, _) = tokio_tungstenite::connect_async(request).await?;
         let nonce = match next(&mut ws).await? {
-            ToNode::Challenge { nonce } => nonce,
+            ToNode::Challenge { nonce, .. } => nonce,
             other => bail!("expected a challenge, got {other:?}"),
         };
         let hello = FromNode::Hello {

@@ -20,10 +20,8 @@ use signing::{BundleHash, Signature, Trust, VerifiedBundle};
 pub struct Bundles {
     dir: PathBuf,
     trust: Trust,
-    /// The servers' API addresses, by number.
-    servers: Vec<String>,
-    /// Each server's session credential while its connection lasts.
-    sessions: Mutex<Vec<Option<String>>>,
+    /// Where bundles are downloaded from, and with which credential.
+    servers: Arc<crate::servers::Servers>,
     http: reqwest::Client,
     host_command: HostCommand,
     /// One entry per hash used since the node started.
@@ -80,7 +78,10 @@ const TIDY_EVERY: Duration = Duration::from_secs(1);
 const SUPERSEDED_LINGER: Duration = Duration::from_secs(5);
 
 impl Bundles {
-    pub(crate) fn new(config: &crate::Config) -> Result<Bundles> {
+    pub(crate) fn new(
+        config: &crate::Config,
+        servers: Arc<crate::servers::Servers>,
+    ) -> Result<Bundles> {
         let dir = config.data_dir.join("bundles");
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         sweep(&dir);
@@ -92,12 +93,7 @@ impl Bundles {
         Ok(Bundles {
             dir,
             trust: config.trust.clone(),
-            servers: config
-                .servers
-                .iter()
-                .map(|s| s.trim_end_matches('/').to_owned())
-                .collect(),
-            sessions: Mutex::new(vec![None; config.servers.len()]),
+            servers,
             http: builder.build().context("setting up the HTTP client")?,
             host_command: config.host_command.clone(),
             entries: Mutex::default(),
@@ -115,26 +111,6 @@ impl Bundles {
 
     fn bump(&self) {
         self.changed.send_modify(|n| *n += 1);
-    }
-
-    /// Downloads from server number `server` use this session credential
-    /// (`None`: its connection ended).
-    pub(crate) fn set_session(&self, server: usize, session: Option<String>) {
-        self.sessions.lock().unwrap()[server] = session;
-    }
-
-    /// Where to download from: server number `preferred` while it is
-    /// connected, else any that is; with its session credential.
-    fn source(&self, preferred: usize) -> (&str, Option<String>) {
-        let sessions = self.sessions.lock().unwrap();
-        let chosen = if sessions[preferred].is_some() {
-            preferred
-        } else {
-            (0..sessions.len())
-                .find(|&i| sessions[i].is_some())
-                .unwrap_or(preferred)
-        };
-        (&self.servers[chosen], sessions[chosen].clone())
     }
 
     /// A running step host for bundle `hash`, fetching (from server number
@@ -405,7 +381,7 @@ impl Bundles {
     }
 
     async fn get(&self, path: &str, server: usize) -> Result<Vec<u8>, Fetch> {
-        let (base, session) = self.source(server);
+        let (base, session) = self.servers.source(server);
         let url = format!("{base}{path}");
         let mut req = self.http.get(&url);
         if let Some(session) = session {

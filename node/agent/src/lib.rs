@@ -30,10 +30,12 @@ use tokio_util::sync::CancellationToken;
 
 mod bundles;
 mod capabilities;
+mod servers;
 
 pub use bundles::Bundles;
 use capabilities::Capabilities;
 pub use capabilities::{Probe, built_in};
+use servers::{Duplicate, Servers};
 
 /// How to reach the server and what this node is.
 pub struct Config {
@@ -68,15 +70,17 @@ pub struct Config {
 }
 
 /// Runs the node until `stop` is cancelled, with one connection to each
-/// server, each reconnecting (1 s doubling to 30 s, with jitter) whenever
-/// it ends. A refusal that cannot change by retrying (a bad token, a name
-/// in use) ends it with an error.
+/// server (those given, and those a server names), each reconnecting (1 s
+/// doubling to 30 s, with jitter) whenever it ends. A refusal that cannot
+/// change by retrying (a bad token, a name in use) ends it with an error.
 pub async fn run(config: Config, stop: CancellationToken) -> Result<()> {
     if config.servers.is_empty() {
         bail!("a node needs at least one --server");
     }
+    let (servers, mut numbers) = Servers::new(&config.servers);
+    let servers = Arc::new(servers);
     let config = Arc::new(config);
-    let bundles = Arc::new(Bundles::new(&config)?);
+    let bundles = Arc::new(Bundles::new(&config, servers.clone())?);
     let calls = Arc::new(Calls::default());
     let caps = Arc::new(
         Capabilities::new(
@@ -91,47 +95,89 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<()> {
         let (caps, stop) = (caps.clone(), stop.clone());
         tokio::spawn(async move { caps.run(stop).await });
     }
-    let mut servers = tokio::task::JoinSet::new();
-    for server in 0..config.servers.len() {
-        let (config, bundles, calls, caps) =
-            (config.clone(), bundles.clone(), calls.clone(), caps.clone());
-        servers
-            .spawn(async move { stay_connected(server, &config, &bundles, &calls, &caps).await });
-    }
-    tokio::select! {
-        Some(ended) = servers.join_next() => ended.context("a connection's task failed")?,
-        _ = stop.cancelled() => Ok(()),
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            Some(n) = numbers.recv() => {
+                let node = Node {
+                    config: config.clone(),
+                    servers: servers.clone(),
+                    bundles: bundles.clone(),
+                    calls: calls.clone(),
+                    caps: caps.clone(),
+                };
+                connections.spawn(async move { node.stay_connected(n).await });
+            }
+            Some(ended) = connections.join_next() => {
+                ended.context("a connection's task failed")??;
+            }
+            _ = stop.cancelled() => return Ok(()),
+        }
     }
 }
 
-/// Keeps a connection to server number `server`; returns only on a
-/// refusal that retrying cannot change.
-async fn stay_connected(
-    server: usize,
-    config: &Arc<Config>,
-    bundles: &Arc<Bundles>,
-    calls: &Arc<Calls>,
-    caps: &Capabilities,
-) -> Result<()> {
-    let url = &config.servers[server];
-    let mut delay = Duration::from_secs(1);
-    loop {
-        let outcome = session(server, config, bundles, calls, caps).await;
-        calls.disconnected(server);
-        bundles.set_session(server, None);
-        match outcome {
-            Ok(()) => {
-                tracing::warn!(server = %url, "the server closed the connection; reconnecting");
-                delay = Duration::from_secs(1);
+/// What every connection shares.
+struct Node {
+    config: Arc<Config>,
+    servers: Arc<Servers>,
+    bundles: Arc<Bundles>,
+    calls: Arc<Calls>,
+    caps: Arc<Capabilities>,
+}
+
+/// How long a server another named may stay unreachable before the node
+/// stops trying it (until a server names it again).
+const LEARNED_FOR: Duration = Duration::from_secs(120);
+
+/// How long a given address that led to a server connected already waits
+/// before trying again (a load balancer may lead elsewhere next time).
+const DUPLICATE_RETRY: Duration = Duration::from_secs(30);
+
+impl Node {
+    /// Keeps a connection to server number `n`. Ends with an error on a
+    /// refusal that retrying cannot change, and quietly when `n` is an
+    /// address another server named and it is given up.
+    async fn stay_connected(&self, n: usize) -> Result<()> {
+        let url = self.servers.url(n);
+        let learned = self.servers.learned(n);
+        let mut delay = Duration::from_secs(1);
+        let mut failing_since: Option<tokio::time::Instant> = None;
+        loop {
+            let outcome = self.session(n).await;
+            self.calls.disconnected(n);
+            self.servers.ended(n);
+            let mut wait = delay;
+            match outcome {
+                Ok(()) => {
+                    tracing::warn!(server = %url, "the server closed the connection; reconnecting");
+                    delay = Duration::from_secs(1);
+                    failing_since = None;
+                    wait = delay;
+                }
+                Err(e) if e.downcast_ref::<Refused>().is_some() => return Err(e),
+                Err(e) if e.downcast_ref::<Duplicate>().is_some() => {
+                    if learned {
+                        tracing::debug!(server = %url, error = %e, "not connecting twice");
+                        self.servers.retire(n);
+                        return Ok(());
+                    }
+                    tracing::info!(server = %url, error = %e, "not connecting twice; trying this address again later");
+                    wait = DUPLICATE_RETRY;
+                }
+                Err(e) => {
+                    let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+                    if learned && since.elapsed() >= LEARNED_FOR {
+                        tracing::warn!(server = %url, error = %format!("{e:#}"), "giving up a server another named: unreachable for {} s", LEARNED_FOR.as_secs());
+                        self.servers.retire(n);
+                        return Ok(());
+                    }
+                    tracing::warn!(server = %url, error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "not connected to the server");
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                }
             }
-            Err(e) if e.downcast_ref::<Refused>().is_some() => return Err(e),
-            Err(e) => {
-                tracing::warn!(server = %url, error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "not connected to the server")
-            }
+            let jitter = Duration::from_millis(u64::from(std::process::id() % 250));
+            tokio::time::sleep(wait + jitter).await;
         }
-        let jitter = Duration::from_millis(u64::from(std::process::id() % 250));
-        tokio::time::sleep(delay + jitter).await;
-        delay = (delay * 2).min(Duration::from_secs(30));
     }
 }
 
@@ -287,147 +333,163 @@ impl Calls {
     }
 }
 
-/// One connection to server number `server`: hello, then calls until it
-/// ends.
-async fn session(
-    server: usize,
-    config: &Arc<Config>,
-    bundles: &Arc<Bundles>,
-    calls: &Arc<Calls>,
-    caps: &Capabilities,
-) -> Result<()> {
-    let url = &config.servers[server];
-    let mut ws = connect(url, config).await?;
-    let mut ready = calls.ready.subscribe();
-    let mut caps_changed = caps.subscribe();
-    let mut bundles_changed = bundles.subscribe();
-    let nonce = match next_message(&mut ws).await? {
-        ToNode::Challenge { nonce } => nonce,
-        other => bail!("the server began with {other:?} instead of a challenge"),
-    };
-    let hello = FromNode::Hello {
-        name: config.name.clone(),
-        public_key: config.key.public().to_string(),
-        answer: signing::node::answer(&config.key, &nonce, &config.name),
-        capabilities: caps_changed.borrow_and_update().clone(),
-        version: env!("CARGO_PKG_VERSION").to_owned(),
-        protocol: PROTOCOL,
-        uptime_ms: calls.born.elapsed().as_millis() as u64,
-    };
-    ws.send(Message::text(serde_json::to_string(&hello)?))
-        .await?;
-    match next_message(&mut ws).await? {
-        ToNode::Welcome { session, .. } => bundles.set_session(server, Some(session)),
-        ToNode::Refused {
-            retry: true,
-            reason,
-        } => bail!("{reason}"),
-        ToNode::Refused {
-            retry: false,
-            reason,
-        } => return Err(Refused(format!("the server refused this node: {reason}")).into()),
-        other => bail!("the server answered the hello with {other:?}"),
-    }
-    tracing::info!(server = %url, node = %config.name, "connected");
+impl Node {
+    /// One connection to server number `server`: hello, then calls until it
+    /// ends.
+    async fn session(&self, server: usize) -> Result<()> {
+        let Node {
+            config,
+            servers,
+            bundles,
+            calls,
+            caps,
+        } = self;
+        let url = &servers.url(server);
+        let mut ws = connect(url, config).await?;
+        let mut ready = calls.ready.subscribe();
+        let mut caps_changed = caps.subscribe();
+        let mut bundles_changed = bundles.subscribe();
+        let nonce = match next_message(&mut ws).await? {
+            ToNode::Challenge { nonce, server: id } => {
+                if !id.is_empty() && !servers.claim(server, &id) {
+                    let _ = ws.close(None).await;
+                    return Err(Duplicate(id).into());
+                }
+                nonce
+            }
+            other => bail!("the server began with {other:?} instead of a challenge"),
+        };
+        let hello = FromNode::Hello {
+            name: config.name.clone(),
+            public_key: config.key.public().to_string(),
+            answer: signing::node::answer(&config.key, &nonce, &config.name),
+            capabilities: caps_changed.borrow_and_update().clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            protocol: PROTOCOL,
+            uptime_ms: calls.born.elapsed().as_millis() as u64,
+        };
+        ws.send(Message::text(serde_json::to_string(&hello)?))
+            .await?;
+        match next_message(&mut ws).await? {
+            ToNode::Welcome {
+                session,
+                servers: others,
+                ..
+            } => {
+                servers.welcomed(server, session);
+                servers.learn(server, &others);
+            }
+            ToNode::Refused {
+                retry: true,
+                reason,
+            } => bail!("{reason}"),
+            ToNode::Refused {
+                retry: false,
+                reason,
+            } => return Err(Refused(format!("the server refused this node: {reason}")).into()),
+            other => bail!("the server answered the hello with {other:?}"),
+        }
+        tracing::info!(server = %url, node = %config.name, "connected");
 
-    let (mut sink, mut stream) = ws.split();
-    calls.connected(server);
-    sink.send(Message::text(serde_json::to_string(&calls.holding())?))
-        .await?;
-    bundles_changed.mark_unchanged();
-    sink.send(Message::text(serde_json::to_string(&bundles.report())?))
-        .await?;
-    // A heartbeat every second tells the server this node is alive; the
-    // server's, every few seconds, that it is: silence this long means it
-    // is gone (or the way to it is), so connect again.
-    let mut check = tokio::time::interval(node_protocol::HEARTBEAT);
-    let mut heard = tokio::time::Instant::now();
-    loop {
-        // Results first: those kept while disconnected, then new ones, in
-        // one write.
-        ready.mark_unchanged();
-        let mut fed = false;
-        for (key, done) in calls.to_send(server) {
-            let text = serde_json::to_string(&done)?;
-            if failpoint("node.lose_result") {
-                // A test's cut between a result leaving the node and the
-                // server reading it: counted sent, never written.
-                return cut(sink, stream, "a result was lost on the way").await;
+        let (mut sink, mut stream) = ws.split();
+        calls.connected(server);
+        sink.send(Message::text(serde_json::to_string(&calls.holding())?))
+            .await?;
+        bundles_changed.mark_unchanged();
+        sink.send(Message::text(serde_json::to_string(&bundles.report())?))
+            .await?;
+        // A heartbeat every second tells the server this node is alive; the
+        // server's, every few seconds, that it is: silence this long means it
+        // is gone (or the way to it is), so connect again.
+        let mut check = tokio::time::interval(node_protocol::HEARTBEAT);
+        let mut heard = tokio::time::Instant::now();
+        loop {
+            // Results first: those kept while disconnected, then new ones, in
+            // one write.
+            ready.mark_unchanged();
+            let mut fed = false;
+            for (key, done) in calls.to_send(server) {
+                let text = serde_json::to_string(&done)?;
+                if failpoint("node.lose_result") {
+                    // A test's cut between a result leaving the node and the
+                    // server reading it: counted sent, never written.
+                    return cut(sink, stream, "a result was lost on the way").await;
+                }
+                tracing::debug!(?key, "result sent");
+                sink.feed(Message::text(text)).await?;
+                fed = true;
             }
-            tracing::debug!(?key, "result sent");
-            sink.feed(Message::text(text)).await?;
-            fed = true;
-        }
-        if fed {
-            sink.flush().await?;
-            if failpoint("node.cut_after_results") {
-                // A test's cut between the server reading a result and its
-                // acknowledgement reaching the node.
-                return cut(sink, stream, "the connection was cut after sending results").await;
+            if fed {
+                sink.flush().await?;
+                if failpoint("node.cut_after_results") {
+                    // A test's cut between the server reading a result and its
+                    // acknowledgement reaching the node.
+                    return cut(sink, stream, "the connection was cut after sending results").await;
+                }
             }
-        }
-        tokio::select! {
-            message = stream.next() => {
-                heard = tokio::time::Instant::now();
-                let text = match message {
-                    Some(Ok(Message::Text(text))) => text,
-                    Some(Ok(Message::Close(_))) | None => return Ok(()),
-                    Some(Ok(_)) => continue,
-                    Some(Err(e)) => return Err(e.into()),
-                };
-                match serde_json::from_str::<ToNode>(&text) {
-                    Ok(ToNode::Call { key, bundle, function, input, timeout_ms, grace_ms }) => {
-                        tracing::debug!(?key, %function, "call received");
-                        let cancel = CancellationToken::new();
-                        calls.running.lock().unwrap().insert(key, cancel.clone());
-                        let call = Call {
-                            key,
-                            bundle,
-                            function,
-                            input,
-                            timeout: Duration::from_millis(timeout_ms),
-                            grace: Duration::from_millis(grace_ms),
-                        };
-                        let (bundles, calls) = (bundles.clone(), calls.clone());
-                        tokio::spawn(async move {
-                            let done = call.run(&bundles, server, cancel).await;
-                            calls.finished(key, server, done);
-                        });
-                    }
-                    Ok(ToNode::Cancel { key }) => {
-                        if let Some(cancel) = calls.running.lock().unwrap().get(&key) {
-                            cancel.cancel();
+            tokio::select! {
+                message = stream.next() => {
+                    heard = tokio::time::Instant::now();
+                    let text = match message {
+                        Some(Ok(Message::Text(text))) => text,
+                        Some(Ok(Message::Close(_))) | None => return Ok(()),
+                        Some(Ok(_)) => continue,
+                        Some(Err(e)) => return Err(e.into()),
+                    };
+                    match serde_json::from_str::<ToNode>(&text) {
+                        Ok(ToNode::Call { key, bundle, function, input, timeout_ms, grace_ms }) => {
+                            tracing::debug!(?key, %function, "call received");
+                            let cancel = CancellationToken::new();
+                            calls.running.lock().unwrap().insert(key, cancel.clone());
+                            let call = Call {
+                                key,
+                                bundle,
+                                function,
+                                input,
+                                timeout: Duration::from_millis(timeout_ms),
+                                grace: Duration::from_millis(grace_ms),
+                            };
+                            let (bundles, calls) = (bundles.clone(), calls.clone());
+                            tokio::spawn(async move {
+                                let done = call.run(&bundles, server, cancel).await;
+                                calls.finished(key, server, done);
+                            });
                         }
+                        Ok(ToNode::Cancel { key }) => {
+                            if let Some(cancel) = calls.running.lock().unwrap().get(&key) {
+                                cancel.cancel();
+                            }
+                        }
+                        Ok(ToNode::Ack { key }) => {
+                            tracing::debug!(?key, "result acknowledged");
+                            calls.acknowledged(key);
+                        }
+                        Ok(ToNode::Report) => {
+                            sink.send(Message::text(serde_json::to_string(&calls.holding())?)).await?;
+                        }
+                        Ok(ToNode::Refused { reason, .. }) => {
+                            return Err(Refused(format!("the server refused this node: {reason}")).into());
+                        }
+                        Ok(ToNode::Welcome { .. } | ToNode::Challenge { .. }) => {}
+                        Err(e) => tracing::warn!(error = %e, "ignoring a message this node does not understand"),
                     }
-                    Ok(ToNode::Ack { key }) => {
-                        tracing::debug!(?key, "result acknowledged");
-                        calls.acknowledged(key);
-                    }
-                    Ok(ToNode::Report) => {
-                        sink.send(Message::text(serde_json::to_string(&calls.holding())?)).await?;
-                    }
-                    Ok(ToNode::Refused { reason, .. }) => {
-                        return Err(Refused(format!("the server refused this node: {reason}")).into());
-                    }
-                    Ok(ToNode::Welcome { .. } | ToNode::Challenge { .. }) => {}
-                    Err(e) => tracing::warn!(error = %e, "ignoring a message this node does not understand"),
                 }
-            }
-            Ok(()) = ready.changed() => {}
-            Ok(()) = caps_changed.changed() => {
-                let capabilities = caps_changed.borrow_and_update().clone();
-                let message = FromNode::Capabilities { capabilities };
-                sink.send(Message::text(serde_json::to_string(&message)?)).await?;
-            }
-            Ok(()) = bundles_changed.changed() => {
-                bundles_changed.mark_unchanged();
-                sink.send(Message::text(serde_json::to_string(&bundles.report())?)).await?;
-            }
-            _ = check.tick() => {
-                if heard.elapsed() > SERVER_SILENCE {
-                    bail!("the server sent nothing for {} s", SERVER_SILENCE.as_secs());
+                Ok(()) = ready.changed() => {}
+                Ok(()) = caps_changed.changed() => {
+                    let capabilities = caps_changed.borrow_and_update().clone();
+                    let message = FromNode::Capabilities { capabilities };
+                    sink.send(Message::text(serde_json::to_string(&message)?)).await?;
                 }
-                sink.send(Message::Pong(Default::default())).await?;
+                Ok(()) = bundles_changed.changed() => {
+                    bundles_changed.mark_unchanged();
+                    sink.send(Message::text(serde_json::to_string(&bundles.report())?)).await?;
+                }
+                _ = check.tick() => {
+                    if heard.elapsed() > SERVER_SILENCE {
+                        bail!("the server sent nothing for {} s", SERVER_SILENCE.as_secs());
+                    }
+                    sink.send(Message::Pong(Default::default())).await?;
+                }
             }
         }
     }

@@ -8,9 +8,9 @@
 //! connection, each named by its [`CallKey`].
 //!
 //! ```text
-//! server → node   Challenge { nonce }
+//! server → node   Challenge { nonce, server }
 //! node → server   Hello { name, public_key, answer, capabilities, version, protocol, uptime_ms }
-//! server → node   Welcome { protocol, session }  or  Refused { retry, reason }
+//! server → node   Welcome { protocol, session, servers }  or  Refused { retry, reason }
 //! node → server   Holding { keys, acked }       (calls it runs or will report; reported lately)
 //! server → node   Report                        (asks for a fresh Holding)
 //! server → node   Call { key, bundle, function, input, timeout_ms, grace_ms }
@@ -21,8 +21,12 @@
 //! node → server   Bundles { cached, loaded }     (after Welcome, and when its cache changes)
 //! ```
 //!
-//! A node may be given several servers (all sharing one database): it
-//! keeps one connection to each, and each server sends calls on its own.
+//! A node may be given several servers (all sharing one database), or one
+//! address of any of them (a load balancer's): `Welcome` lists the other
+//! live servers' advertised addresses, and the node keeps one connection
+//! to each server (told apart by the id its `Challenge` names, so two
+//! addresses of one server make one connection). Each server sends calls
+//! on its own connection.
 //! A call's `Done` goes back on the connection of the server that sent it,
 //! or, while that one is down, on every other connection: a server that
 //! has no runner waiting for it stores it (`node_results`) for the server
@@ -125,12 +129,24 @@ pub struct CachedBundle {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ToNode {
-    /// The first message: what the node signs to prove its key.
-    Challenge { nonce: String },
+    /// The first message: what the node signs to prove its key, and which
+    /// server this is (its id).
+    Challenge {
+        nonce: String,
+        #[serde(default)]
+        server: String,
+    },
     /// The node is in: calls may follow. `session` is the bearer
     /// credential for its bundle downloads, valid while this connection
-    /// lasts.
-    Welcome { protocol: u32, session: String },
+    /// lasts; `servers`, the addresses the other live servers sharing the
+    /// database advertise (`https://HOST:PORT`, or `HOST:PORT` meaning
+    /// this connection's scheme), for the node to connect to each.
+    Welcome {
+        protocol: u32,
+        session: String,
+        #[serde(default)]
+        servers: Vec<String>,
+    },
     /// The node may not take calls; the connection ends. With `retry`, it
     /// may later (it waits for an admin to accept it); without, not with
     /// this key.

@@ -118,7 +118,7 @@ async fn next(socket: &mut Socket) -> Option<ToNode> {
 /// Says hello under `name` with `key`; what the server answered.
 async fn say_hello(server: &Server, name: &str, key: &signing::SecretKey) -> Option<ToNode> {
     let mut socket = anonymous(server).await;
-    let Some(ToNode::Challenge { nonce }) = next(&mut socket).await else {
+    let Some(ToNode::Challenge { nonce, .. }) = next(&mut socket).await else {
         panic!("no challenge");
     };
     socket.send(hello(&nonce, name, key)).await.unwrap();

@@ -677,3 +677,50 @@ async fn running_on(server: &Server, id: i64) {
         .until(id, "running", |a| a["steps"][0]["status"] == "running")
         .await;
 }
+
+/// A node given one server's address (as it would be a load balancer's)
+/// learns the others from its welcome and connects to each, once per
+/// server however many of its addresses it has; steps of actions any
+/// server owns run on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_given_one_server_connects_to_every_server() {
+    use crate::nodes::{Node, connected, join_token};
+    let env = Env::new(Db::MySql).await;
+    let a = env.serve_with(&["--server-id", "s-a"]);
+    let b = env.serve_another(&["--server-id", "s-b"]);
+    let c = env.serve_another(&["--server-id", "s-c"]);
+    let token = join_token(&a, &env).await;
+    // A second address of s-a: one connection all the same.
+    let alias = a.url.replace("127.0.0.1", "localhost");
+    let node = Node::start(
+        &a,
+        &token,
+        "hv-17",
+        &["--capability", "hypervisor=kvm", "--server", &alias],
+    );
+    for server in [&a, &b, &c] {
+        connected(server, &["hv-17"], &[&node]).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !node.log().contains("not connecting twice") {
+        assert!(Instant::now() < deadline, "{}", node.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        node.log().matches("learned of another server").count(),
+        2,
+        "s-b and s-c, once each: {}",
+        node.log()
+    );
+    for server in [&a, &b, &c] {
+        let id = server
+            .submit("node_sleep", "vps-1", json!({ "ms": 1 }))
+            .await;
+        let done = server.finished(id).await;
+        assert_eq!(done["status"], "succeeded", "{done}\n{}", node.log());
+        assert_eq!(done["steps"][0]["node"], "hv-17", "{done}");
+    }
+    // One connection to s-a: its registry shows the node once, and the
+    // duplicate's hello never reached it.
+    assert_eq!(a.log().matches("node connected").count(), 1, "{}", a.log());
+}
