@@ -280,6 +280,7 @@ pub(super) async fn commit_once(
     stats: &StoreStats,
 ) -> Result<Vec<Outcome>, Failed> {
     injected_refusal(writes)?;
+    injected_before_commit(writes)?;
     let outcomes = conn.apply(caps, writes, fences, stats).await?;
     injected_after_commit(writes)?;
     Ok(outcomes)
@@ -307,6 +308,21 @@ pub(super) fn injected_refusal(writes: &[&Write]) -> Result<(), Failed> {
         fail::fail_point!("store.refuse_step_start", |_| Err(Failed {
             message: "Data too long for column 'name' (injected)".into(),
             permanent: true,
+            unknown: false,
+            rolled_back: false,
+        }));
+    }
+    Ok(())
+}
+
+/// The `store.before_insert_commit` failure point: a commit that inserts
+/// actions fails before `COMMIT` (the connection lost mid-transaction), so
+/// nothing of it was written.
+pub(super) fn injected_before_commit(writes: &[&Write]) -> Result<(), Failed> {
+    if writes.iter().any(|w| matches!(w, Write::Insert { .. })) {
+        fail::fail_point!("store.before_insert_commit", |_| Err(Failed {
+            message: "the connection was lost before COMMIT (injected)".into(),
+            permanent: false,
             unknown: false,
             rolled_back: false,
         }));
