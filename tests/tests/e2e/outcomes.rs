@@ -247,3 +247,48 @@ fn the_cli_gives_up_after_retry_for_and_names_its_key() {
     assert!(!out.status.success(), "{said}");
     assert!(!said.contains("trying again"), "{said}");
 }
+
+/// Two servers on one MariaDB: a keyed submit sent through the second while
+/// the first's insert of it is written but not yet committed (held 2 s)
+/// waits for it and answers with that action, `200`, not an error; and the
+/// first's answer is the same action.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_through_another_server_meets_the_uncommitted_insert() {
+    let env = Env::new(Db::MySql).await;
+    let first = std::sync::Arc::new(env.serve_with_env(
+        &[],
+        &[("FAILPOINTS", "store.insert_uncommitted=1*sleep(2000)->off")],
+    ));
+    armed(&first);
+    let second = env.serve_another(&[]);
+    let body =
+        json!({ "kind": "noop1", "target": "vps-1", "params": {}, "idempotency_key": "k-two" });
+    let sent = {
+        let (first, body) = (first.clone(), body.clone());
+        tokio::spawn(async move { first.post("/v1/actions", &body).await })
+    };
+    // The first server's insert is written and its transaction open.
+    let sql = env.sql().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let open: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM information_schema.INNODB_TRX t \
+             JOIN information_schema.PROCESSLIST p ON p.ID = t.trx_mysql_thread_id \
+             WHERE p.DB = DATABASE() AND t.trx_rows_modified > 0",
+        )
+        .fetch_one(&sql)
+        .await
+        .unwrap();
+        if open > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the insert was never held open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, again) = second.post("/v1/actions", &body).await;
+    assert_eq!(status, 200, "{again}");
+    let (status, made) = sent.await.unwrap();
+    assert_eq!(status, 202, "{made}");
+    assert_eq!(again["id"], made["id"]);
+    assert_eq!(actions(&second).await.len(), 1);
+}
