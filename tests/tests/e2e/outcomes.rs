@@ -17,6 +17,7 @@ both_dbs!(
     a_submit_past_the_timeout_is_outcome_unknown_and_still_runs,
     the_cli_retries_a_lost_commit_with_one_key,
     the_cli_retries_through_a_timed_out_submit,
+    the_cli_retries_until_the_server_is_back,
 );
 
 /// Every action the server holds, oldest first.
@@ -205,15 +206,77 @@ async fn the_cli_retries_through_a_timed_out_submit(db: Db) {
     );
 }
 
+/// The server is stopped when `troupe submit` starts: it keeps trying, and
+/// once the server is back (at the same address) its submit goes through,
+/// once.
+async fn the_cli_retries_until_the_server_is_back(db: Db) {
+    use std::io::BufRead;
+    let env = Env::new(db).await;
+    let port = free_port().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let server = env.serve_with(&["--listen", &listen]);
+    let (url, token_file) = (server.url.clone(), server.token_file.clone());
+    assert!(server.sigterm().success());
+    let mut cli = std::process::Command::new(troupe_bin())
+        .args(["submit", "noop1", "--target", "vps-1", "--retry-for", "60s"])
+        .args(["--server", &url])
+        .env("TROUPE_TOKEN_FILE", &token_file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = cli.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let first = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the CLI says it retries");
+    assert!(
+        first.contains("cannot reach") && first.contains("trying again"),
+        "{first}"
+    );
+    let server = env.serve_with(&["--listen", &listen]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = cli.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the CLI never finished");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut cli.stdout.take().unwrap(), &mut out).unwrap();
+    let said: Vec<String> = rx.try_iter().collect();
+    assert!(status.success(), "{out}{said:?}");
+    let stored = actions(&server).await;
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert!(
+        out.contains(&format!("action {} ", stored[0]["id"])),
+        "{out}"
+    );
+}
+
+/// A loopback port nothing listens on (just now).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Nothing answers: `troupe submit` keeps trying for `--retry-for`, then
 /// fails saying the key to try again with.
 #[test]
 fn the_cli_gives_up_after_retry_for_and_names_its_key() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let began = Instant::now();
     let out = std::process::Command::new(troupe_bin())
         .args(["submit", "noop1", "--target", "vps-1", "--retry-for", "2s"])
