@@ -25,7 +25,10 @@ use crate::{ApiError, MAX_BODY, MAX_WAIT};
 ///
 /// Answers 202 with the action (200 when an earlier request with the same
 /// idempotency key made it). With `wait`, answers once the action finishes
-/// or the wait runs out. Needs the submit scope.
+/// or the wait runs out. Needs the submit scope. Answers within the
+/// server's submit timeout (10 s by default): 503 `outcome_unknown` when the
+/// action may or may not have been stored, in which case submit the same
+/// body with the same idempotency key again.
 #[utoipa::path(
     post, path = "/v1/actions", tag = "actions",
     params(("wait" = Option<String>, Query, description = "hold the answer until the action finishes, e.g. 30s (at most 120s)")),
@@ -37,7 +40,8 @@ use crate::{ApiError, MAX_BODY, MAX_WAIT};
         (status = 400, description = "malformed_json, invalid_request, missing_target, unknown_kind, missing_param, invalid_param, invalid_query", body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, description = "missing_scope_submit, kind_not_allowed, bundle_pin_needs_admin", body = ErrorBody),
         (status = 409, description = "idempotency_conflict, kind_not_configured", body = ErrorBody),
-        (status = 413, body = ErrorBody), (status = 503, body = ErrorBody),
+        (status = 413, body = ErrorBody),
+        (status = 503, description = "outcome_unknown (the action may have been stored: submit again with the same idempotency key), database_unavailable (nothing was stored), shutting_down", body = ErrorBody),
     )
 )]
 pub(crate) async fn submit(

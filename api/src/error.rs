@@ -207,7 +207,12 @@ pub const CODES: &[(&str, u16, &str)] = &[
     (
         "database_unavailable",
         503,
-        "the database did not answer; nothing changed",
+        "the database did not answer; nothing changed, retry",
+    ),
+    (
+        "outcome_unknown",
+        503,
+        "the database connection was lost while committing, or the submit timeout passed: the change may or may not have been made (a submit may still be stored and run); submit again with the same idempotency key, which answers with the action if it exists",
     ),
     ("shutting_down", 503, "the server is stopping"),
 ];
@@ -328,6 +333,24 @@ impl From<engine::Error> for ApiError {
             E::GoonsOff => (StatusCode::CONFLICT, "goons_off"),
             E::GoonNotFound(_) => (StatusCode::NOT_FOUND, "goon_not_found"),
             E::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+            E::OutcomeUnknown { timed_out, .. } => {
+                tracing::warn!(error = %e, "a write's outcome is unknown while serving a request");
+                let why = match timed_out {
+                    Some(t) => format!(
+                        "the change was not committed within the submit timeout ({}s) and may still be",
+                        t.as_secs_f64()
+                    ),
+                    None => "the database connection was lost while committing".to_owned(),
+                };
+                return ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "outcome_unknown",
+                    format!(
+                        "{why}: the change may or may not have been made; a submit is safe to repeat \
+                         with the same idempotency key, which answers with the action if it was stored"
+                    ),
+                );
+            }
             E::Database(_) | E::DatabaseConnect(_) | E::Migrate(_) | E::ServerConflict(_) => {
                 // Log the details once, here; never send SQL to clients.
                 tracing::error!(error = %e, "database error while serving a request");

@@ -169,6 +169,7 @@ impl EngineProbe {
             vars: Default::default(),
             secrets_key: engine::secrets::SecretsKey::generate().expect("randomness"),
             goons: false,
+            submit_timeout: Duration::from_secs(10),
         })
         .await?;
         engine

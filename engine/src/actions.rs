@@ -35,21 +35,31 @@ pub struct Actions {
     agency: AgencyHandle,
     shared: Arc<Shared>,
     scheduler: Arc<Scheduler>,
+    /// How long a submit may take to be recorded.
+    submit_timeout: std::time::Duration,
 }
 
 impl Actions {
-    pub(crate) fn new(shared: Arc<Shared>, scheduler: Arc<Scheduler>) -> Actions {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        scheduler: Arc<Scheduler>,
+        submit_timeout: std::time::Duration,
+    ) -> Actions {
         Actions {
             store: shared.store.clone(),
             agency: shared.agency.clone(),
             shared,
             scheduler,
+            submit_timeout,
         }
     }
 
     /// Validates a request, records the action durably and hands it to Control.
-    /// A pinned version must be one `may_pin` allows.
+    /// A pinned version must be one `may_pin` allows. Answers within the
+    /// submit timeout: [`Error::OutcomeUnknown`] once it is past and the
+    /// insert may still commit.
     pub async fn submit(&self, new: NewAction, may_pin: MayPin) -> Result<Submitted> {
+        let deadline = tokio::time::Instant::now() + self.submit_timeout;
         if self.shared.stopping.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
@@ -117,6 +127,8 @@ impl Actions {
             request_hash,
             steps,
             first_requires,
+            deadline,
+            timeout: self.submit_timeout,
         };
         self.scheduler.submit(validated).await
     }

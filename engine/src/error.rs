@@ -108,6 +108,22 @@ pub enum Error {
         "the write conflicted with concurrent writes and was rolled back each time it was tried: {0}"
     )]
     WriteConflict(String),
+    /// A write that may or may not have been committed: the connection
+    /// was lost at `COMMIT` (`timed_out: None`; `detail` says how), or it
+    /// had not finished within the submit timeout and may still commit.
+    /// Repeating it is safe only where it is idempotent (a submit with the
+    /// same idempotency key).
+    #[error(
+        "the outcome of the write is unknown: {}",
+        match timed_out {
+            Some(t) => format!("it had not committed after {t:?} and may still"),
+            None => detail.clone(),
+        }
+    )]
+    OutcomeUnknown {
+        timed_out: Option<std::time::Duration>,
+        detail: String,
+    },
     #[error("the database is unavailable: {0}")]
     Database(#[from] sqlx::Error),
     /// A first connection failed; the text says why (refused, access

@@ -11,7 +11,9 @@
 //!
 //! | name | where | what `return` does |
 //! | --- | --- | --- |
-//! | `store.after_insert_commit` | a commit that inserted actions | reports an error although the commit went through |
+//! | `store.after_insert_commit` | a commit that inserted actions | reports an error although the commit went through (the outcome is unknown) |
+//! | `store.insert_uncommitted` | MySQL/MariaDB: a commit that inserts actions, its statements run, before `COMMIT` | (use `sleep(MS)`: holds the transaction open) |
+//! | `store.before_insert_commit` | a commit that inserts actions, before it is sent | fails it as a lost connection would: nothing was written |
 //! | `runner.before_step` | a runner, before each step | (use `panic`) |
 //! | `store.refuse_step_success` | a commit holding a step's success | the database refuses it (a permanent error) |
 //! | `store.revoke_token` | a token's revoke, after it read (and on MySQL locked) the active admin tokens | (use `sleep(MS)`: holds the transaction open) |

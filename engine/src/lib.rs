@@ -91,6 +91,10 @@ pub struct Config {
     pub secrets_key: secrets::SecretsKey,
     /// Whether goons may be added over the API (a test deployment only).
     pub goons: bool,
+    /// How long a submit may take to be recorded: past it, the API answers
+    /// `outcome_unknown` (the insert may still commit) instead of waiting
+    /// on a database that does not answer.
+    pub submit_timeout: Duration,
 }
 
 /// A handle to a running engine. Cheap to clone.
@@ -177,7 +181,7 @@ impl Engine {
             version: env!("CARGO_PKG_VERSION").to_owned(),
         };
         let scheduler = Scheduler::start(shared.clone(), me, config.max_running).await?;
-        let actions = Actions::new(shared.clone(), scheduler.clone());
+        let actions = Actions::new(shared.clone(), scheduler.clone(), config.submit_timeout);
         let admin = Admin::new(shared.clone(), authority, tokens.clone());
         Ok(Engine {
             inner: Arc::new(Inner {

@@ -53,9 +53,12 @@ enum Command {
         /// A parameter as KEY=JSON, for numbers, booleans, lists and objects.
         #[arg(long = "param-json", value_name = "KEY=JSON")]
         params_json: Vec<String>,
-        /// Makes resubmitting safe: the same key and request return the first action.
+        /// Makes resubmitting safe: the same key and request return the first action. Without it, a random key is sent, so the retries are safe too.
         #[arg(long)]
         idempotency_key: Option<String>,
+        /// How long to keep trying a submit that did not go through, with the same idempotency key: the server unreachable or unavailable, the answer lost or the outcome unknown, a write conflict. 0s tries once. A request the server refuses as it is (400, 403, …) is never retried.
+        #[arg(long, env = "TROUPE_RETRY_FOR", default_value = "30s", value_parser = crate::args::parse_duration)]
+        retry_for: std::time::Duration,
         /// Show the steps live and exit non-zero unless the action succeeds.
         #[arg(long)]
         wait: bool,
@@ -237,6 +240,7 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             params,
             params_json,
             idempotency_key,
+            retry_for,
             wait,
             full,
             json,
@@ -244,11 +248,22 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let params = parse_params(&params, &params_json)?;
             let client = Client::connect(&server)?;
-            let mut body = json!({ "kind": kind, "target": target, "params": params });
-            if let Some(key) = idempotency_key {
-                body["idempotency_key"] = json!(key);
-            }
-            let action = client.submit(&body).await?;
+            let key = match idempotency_key {
+                Some(key) => key,
+                None => random_key()?,
+            };
+            let body =
+                json!({ "kind": kind, "target": target, "params": params, "idempotency_key": key });
+            let action = match client.submit(&body, retry_for).await {
+                Ok(action) => action,
+                Err(e) if crate::client::retryable(&e) => {
+                    return Err(e.context(format!(
+                        "the submit did not go through, and the action may or may not have been stored; \
+                         to try again safely, run the same command with --idempotency-key {key}"
+                    )));
+                }
+                Err(e) => return Err(e),
+            };
             if wait {
                 let show = crate::watch::Show {
                     json,
@@ -497,4 +512,11 @@ fn parse_params(strings: &[String], jsons: &[String]) -> Result<Map<String, Valu
         out.insert(k.to_owned(), v);
     }
     Ok(out)
+}
+
+/// A fresh idempotency key: 128 random bits in hex.
+fn random_key() -> Result<String> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness from the OS: {e}"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }

@@ -17,6 +17,48 @@ impl std::fmt::Display for Unavailable {
 
 impl std::error::Error for Unavailable {}
 
+/// The server answered with an error code of the API's table (other than
+/// those [`Unavailable`] stands for). Found with `anyhow::Error::downcast_ref`.
+#[derive(Debug)]
+pub(crate) struct Refused {
+    pub(crate) code: String,
+    message: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} [{}]", self.message, self.code)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// The longest one submit attempt waits for its answer. A server answers a
+/// submit within its submit timeout (10 s by default); past this, the
+/// request counts as lost, and the submit is tried again with its key.
+const ATTEMPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Whether a failed submit may be sent again (with its idempotency key):
+/// the server was not reached, the request or its answer was lost, or the
+/// server said nothing was written or the outcome is unknown. Never a
+/// refusal of the request itself (4xx).
+pub(crate) fn retryable(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<Unavailable>().is_some()
+        || e.downcast_ref::<Refused>()
+            .is_some_and(|r| r.code == "write_conflict")
+}
+
+/// The pause before try `attempt + 2`: 0.25, 0.5, 1, 2, 4 s, then 4 s,
+/// each somewhere between half and all of it at random so that clients
+/// refused together do not come back together.
+fn backoff(attempt: u32) -> std::time::Duration {
+    let full = 250u64 << attempt.min(4);
+    let mut noise = [0u8; 8];
+    // Without randomness the pause is simply the whole of it.
+    let noise = getrandom::fill(&mut noise).map_or(0, |()| u64::from_le_bytes(noise));
+    std::time::Duration::from_millis(full / 2 + noise % (full / 2 + 1))
+}
+
 pub(crate) struct Client {
     http: reqwest::Client,
     base: String,
@@ -118,10 +160,20 @@ impl Client {
                  (a new server writes its first admin token to DATA_DIR/{})",
                 crate::args::ADMIN_TOKEN_FILE
             )),
-            (Some(code @ ("shutting_down" | "database_unavailable")), Some(message)) => Err(
-                anyhow::Error::new(Unavailable(format!("{message} [{code}]"))),
-            ),
-            (Some(code), Some(message)) => Err(anyhow!("{message} [{code}]")),
+            (
+                Some(code @ ("shutting_down" | "database_unavailable" | "outcome_unknown")),
+                Some(message),
+            ) => Err(anyhow::Error::new(Unavailable(format!(
+                "{message} [{code}]"
+            )))),
+            (Some(code), Some(message)) => Err(anyhow::Error::new(Refused {
+                code: code.to_owned(),
+                message: message.to_owned(),
+            })),
+            // A proxy in front of the server, which is away.
+            _ if matches!(status.as_u16(), 502..=504) => Err(anyhow::Error::new(Unavailable(
+                format!("the server answered {status}"),
+            ))),
             _ => Err(anyhow!("the server answered {status}")),
         }
     }
@@ -165,13 +217,40 @@ impl Client {
         Ok((status == reqwest::StatusCode::CREATED, body))
     }
 
-    pub(crate) async fn submit(&self, body: &Value) -> Result<Value> {
-        self.send(
-            self.http
+    /// Submits `body`, which holds an idempotency key, and while the
+    /// failure is [`retryable`] sends it again after a [`backoff`], for up
+    /// to `retry_for` from the first try: the key makes the server answer a
+    /// repeat with the action the first made, if it made one. The last
+    /// failure if none went through.
+    pub(crate) async fn submit(
+        &self,
+        body: &Value,
+        retry_for: std::time::Duration,
+    ) -> Result<Value> {
+        let began = std::time::Instant::now();
+        let mut attempt = 0;
+        loop {
+            let req = self
+                .http
                 .post(format!("{}/v1/actions", self.base))
-                .json(body),
-        )
-        .await
+                .timeout(ATTEMPT_TIMEOUT)
+                .json(body);
+            match self.send(req).await {
+                Err(e) if retryable(&e) => {
+                    let pause = backoff(attempt);
+                    if began.elapsed() + pause > retry_for {
+                        return Err(e);
+                    }
+                    eprintln!(
+                        "the submit did not go through ({e}); trying again in {:.1}s with the same idempotency key",
+                        pause.as_secs_f64()
+                    );
+                    tokio::time::sleep(pause).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Submits and holds the request until the action finishes (or the

@@ -98,6 +98,7 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
         node_timeout: Duration::from_secs(4),
         node_grace: Duration::from_secs(60),
         lease: Duration::from_secs(6),
+        submit_timeout: Duration::from_secs(10),
         goons: args.goons,
         max_connections: api::Limits::default().max_connections,
         header_timeout: api::Limits::default().header_timeout,
@@ -161,11 +162,14 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
         addr.port()
     );
     let action = client
-        .submit(&json!({
-            "kind": "reboot",
-            "target": target,
-            "params": { "host": "127.0.0.1", "port": addr.port() },
-        }))
+        .submit(
+            &json!({
+                "kind": "reboot",
+                "target": target,
+                "params": { "host": "127.0.0.1", "port": addr.port() },
+            }),
+            Duration::ZERO,
+        )
         .await?;
     let id = action["id"].as_i64().unwrap_or_default();
     let code = crate::watch::follow(&client, action, Default::default(), "succeeded").await?;

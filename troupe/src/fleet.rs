@@ -169,7 +169,7 @@ pub(crate) async fn fleet(args: FleetArgs) -> Result<std::process::ExitCode> {
             while Instant::now() < steady_until {
                 tick.tick().await;
                 let body = json!({ "kind": "noop3_remote", "target": format!("fleet-{}", i % 64), "params": {} });
-                if let Ok(a) = client.submit(&body).await
+                if let Ok(a) = client.submit(&body, Duration::ZERO).await
                     && let Some(id) = a["id"].as_i64()
                 {
                     submitted.lock().unwrap().push(id);

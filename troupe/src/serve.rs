@@ -82,6 +82,9 @@ pub(crate) struct ServeArgs {
     /// How long a peer has to send a request's head, on a new connection or between requests on a kept-alive one; a connection that sends none in time is closed.
     #[arg(long, env = "TROUPE_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub(crate) header_timeout: Duration,
+    /// How long a submit may take to be stored before the server answers 503 `outcome_unknown`: the action may still be stored, so submit again with the same idempotency key. At least 100ms.
+    #[arg(long, env = "TROUPE_SUBMIT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub(crate) submit_timeout: Duration,
 }
 
 impl ServeArgs {
@@ -141,6 +144,7 @@ impl ServeArgs {
                 .chain(self.vars.iter().cloned())
                 .collect(),
             goons: self.goons,
+            submit_timeout: check_submit_timeout(self.submit_timeout)?,
             host_command: HostCommand {
                 program: exe.into(),
                 args: vec![crate::STEP_HOST_ARG.into()],
@@ -270,6 +274,16 @@ fn server_id_in(data_dir: &std::path::Path) -> Result<String> {
     );
     write_secret(&path, &id)?;
     Ok(id)
+}
+
+/// A submit timeout of at least 100 ms: less would refuse submits a
+/// healthy database takes a moment to commit.
+fn check_submit_timeout(timeout: Duration) -> Result<Duration> {
+    anyhow::ensure!(
+        timeout >= Duration::from_millis(100),
+        "--submit-timeout {timeout:?} is too short: give at least 100ms (the default is 10s)"
+    );
+    Ok(timeout)
 }
 
 /// A lease of at least a second; below three, a slow commit on a busy host

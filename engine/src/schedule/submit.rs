@@ -20,10 +20,17 @@ pub(crate) struct Validated {
     pub(crate) steps: Vec<(String, String)>,
     /// What its first step needs of a node; empty: it runs on this server.
     pub(crate) first_requires: Option<BTreeMap<String, String>>,
+    /// When the submit must have answered, `timeout` after it began.
+    pub(crate) deadline: tokio::time::Instant,
+    pub(crate) timeout: std::time::Duration,
 }
 
 impl Scheduler {
-    /// Records the action durably and hands it to Control.
+    /// Records the action durably and hands it to Control, answering by
+    /// `v.deadline`: past it, before the insert was handed to the writer,
+    /// nothing was written ([`Error::Database`]); after, the insert may
+    /// still commit ([`Error::OutcomeUnknown`]), and if it does the action
+    /// runs.
     pub(crate) async fn submit(self: &Arc<Self>, v: Validated) -> Result<Submitted> {
         let Validated {
             new,
@@ -31,7 +38,14 @@ impl Scheduler {
             request_hash,
             steps,
             first_requires,
+            deadline,
+            timeout,
         } = v;
+        let late = || {
+            Error::Database(sqlx::Error::Protocol(format!(
+                "the database did not answer the submit within {timeout:?}; nothing was written"
+            )))
+        };
         let shared = &self.shared;
         // When the target is idle and there is room, Control reserves it and
         // the insert starts the action too: one commit fewer before its
@@ -40,7 +54,9 @@ impl Scheduler {
         // Submits for one target go one at a time from here until Control
         // holds the action, so ids, and so start order, follow the order in
         // which they were accepted even when they share a group commit.
-        let turn = self.submits.turn(&new.target).await;
+        let turn = tokio::time::timeout_at(deadline, self.submits.turn(&new.target))
+            .await
+            .map_err(|_| late())?;
         // A first step that needs a node starts with the insert only when a
         // node that has what it needs is free now (it is counted busy
         // from here); otherwise the runner places it and records it waiting.
@@ -124,17 +140,26 @@ impl Scheduler {
             scheduler.submits.done(turn);
             outcome.map(|o| (o, action))
         });
-        let (outcome, action) = handover.await.map_err(|_| Error::ShuttingDown)??;
+        // Past the deadline the handover goes on without its caller: the
+        // insert may still commit, and then the action runs.
+        let (outcome, action) = match tokio::time::timeout_at(deadline, handover).await {
+            Ok(joined) => joined.map_err(|_| Error::ShuttingDown)??,
+            Err(_) => {
+                return Err(Error::OutcomeUnknown {
+                    timed_out: Some(timeout),
+                    detail: String::new(),
+                });
+            }
+        };
         match outcome {
             Outcome::Inserted(_) | Outcome::Behind(_) => Ok(Submitted {
                 action: action.expect("an inserted action is built"),
                 created: true,
             }),
             Outcome::Existing(id) => Ok(Submitted {
-                action: shared
-                    .store
-                    .action(id)
-                    .await?
+                action: tokio::time::timeout_at(deadline, shared.store.action(id))
+                    .await
+                    .map_err(|_| late())??
                     .ok_or(Error::ActionNotFound(id))?,
                 created: false,
             }),

@@ -512,6 +512,14 @@ impl Store {
                 rolled_back: true,
                 ..
             })) => Err(Error::WriteConflict(message)),
+            Ok(Err(Failed {
+                message,
+                unknown: true,
+                ..
+            })) => Err(Error::OutcomeUnknown {
+                timed_out: None,
+                detail: message,
+            }),
             Ok(Err(Failed { message, .. })) => Err(Error::Database(sqlx::Error::Protocol(message))),
             Err(_) => Err(Error::ShuttingDown),
         }

@@ -416,6 +416,11 @@ macro_rules! sql_backend {
             ) -> Result<(Vec<Outcome>, u64), ApplyError> {
                 if implicit {
                     let applied = apply_in(conn, writes, fences, shared, returning).await?;
+                    // Test builds: `sleep(MS)` holds a transaction that
+                    // inserted actions open, written but not committed.
+                    if writes.iter().any(|w| matches!(w, Write::Insert { .. })) {
+                        fail::fail_point!("store.insert_uncommitted");
+                    }
                     sqlx::raw_sql("COMMIT")
                         .execute(&mut *conn)
                         .await

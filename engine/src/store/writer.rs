@@ -48,12 +48,18 @@ pub(super) struct Failed {
     /// connection's or the moment's (lost connection, deadlock, lock wait
     /// timeout, the server restarting) and a retry may succeed.
     pub(super) permanent: bool,
+    /// A unique key already held, before `COMMIT`: as when another server
+    /// inserted an action with the same idempotency key meanwhile (see
+    /// [`commit_retrying`]).
+    pub(super) duplicate: bool,
 }
 
 impl From<sqlx::Error> for Failed {
     fn from(e: sqlx::Error) -> Failed {
         Failed {
             permanent: is_permanent(&e),
+            duplicate: matches!(&e, sqlx::Error::Database(db)
+                if db.kind() == sqlx::error::ErrorKind::UniqueViolation),
             unknown: false,
             rolled_back: rolled_back(&e),
             message: e.to_string(),
@@ -247,6 +253,12 @@ pub(super) async fn run(
 /// [`commit_once`], again while the database rolls it back for a conflict
 /// or a node not ready ([`rolled_back`]), up to [`ATTEMPTS`] times: the whole
 /// transaction each time, since nothing of it was kept.
+///
+/// Also once more, at once, when it holds an insert with an idempotency key
+/// and failed on a unique key before `COMMIT`: another server inserted the
+/// same key after this one looked for it (a client's retry through another
+/// server while the first try's insert was uncommitted). Tried again, the
+/// insert finds that action and answers with it.
 pub(super) async fn commit_retrying(
     conn: &mut WriterConn,
     caps: Caps,
@@ -266,9 +278,20 @@ pub(super) async fn commit_retrying(
                 tokio::time::sleep(backoff(attempt)).await;
                 attempt += 1;
             }
+            Err(e) if e.duplicate && !e.unknown && attempt == 0 && keyed_insert(writes) => {
+                tracing::debug!(error = %e.message, "an idempotency key was inserted meanwhile; trying again");
+                attempt += 1;
+            }
             other => return other,
         }
     }
+}
+
+/// Whether `writes` insert an action with an idempotency key.
+fn keyed_insert(writes: &[&Write]) -> bool {
+    writes
+        .iter()
+        .any(|w| matches!(w, Write::Insert { new, .. } if new.idempotency_key.is_some()))
 }
 
 /// One transaction for `writes`, with the failure points around it.
@@ -280,6 +303,7 @@ pub(super) async fn commit_once(
     stats: &StoreStats,
 ) -> Result<Vec<Outcome>, Failed> {
     injected_refusal(writes)?;
+    injected_before_commit(writes)?;
     let outcomes = conn.apply(caps, writes, fences, stats).await?;
     injected_after_commit(writes)?;
     Ok(outcomes)
@@ -298,6 +322,7 @@ pub(super) fn injected_refusal(writes: &[&Write]) -> Result<(), Failed> {
             permanent: true,
             unknown: false,
             rolled_back: false,
+            duplicate: false,
         }));
     }
     if writes
@@ -309,6 +334,23 @@ pub(super) fn injected_refusal(writes: &[&Write]) -> Result<(), Failed> {
             permanent: true,
             unknown: false,
             rolled_back: false,
+            duplicate: false,
+        }));
+    }
+    Ok(())
+}
+
+/// The `store.before_insert_commit` failure point: a commit that inserts
+/// actions fails before `COMMIT` (the connection lost mid-transaction), so
+/// nothing of it was written.
+pub(super) fn injected_before_commit(writes: &[&Write]) -> Result<(), Failed> {
+    if writes.iter().any(|w| matches!(w, Write::Insert { .. })) {
+        fail::fail_point!("store.before_insert_commit", |_| Err(Failed {
+            message: "the connection was lost before COMMIT (injected)".into(),
+            permanent: false,
+            unknown: false,
+            rolled_back: false,
+            duplicate: false,
         }));
     }
     Ok(())
@@ -323,6 +365,7 @@ pub(super) fn injected_after_commit(writes: &[&Write]) -> Result<(), Failed> {
             permanent: false,
             unknown: true,
             rolled_back: false,
+            duplicate: false,
         }));
     }
     Ok(())

@@ -283,8 +283,8 @@ async fn one_targets_actions_start_in_submission_order(db: Db) {
 }
 
 /// An insert committed, but the server saw an error (armed at the third
-/// action insert): the client is told to retry, and the stored action must
-/// still run, whether or not the retry comes.
+/// action insert): the client is told the outcome is unknown, and the
+/// stored action must still run, whether or not the retry comes.
 async fn an_insert_whose_answer_was_lost_still_runs(db: Db) {
     let env = Env::new(db).await;
     let server = env.serve_with_env(
@@ -308,13 +308,14 @@ async fn an_insert_whose_answer_was_lost_still_runs(db: Db) {
         json!({ "kind": "noop1", "target": "vps-3", "params": {}, "idempotency_key": "lost-3" });
     let (status, resp) = server.post("/v1/actions", &body).await;
     assert_eq!(status, 503, "{resp}");
-    assert_eq!(resp["error"]["code"], "database_unavailable");
+    assert_eq!(resp["error"]["code"], "outcome_unknown", "{resp}");
     // Fourth: the target is busy, so it is inserted queued.
     let first = server.submit("sleep", "vps-4", json!({ "ms": 300 })).await;
     let body =
         json!({ "kind": "noop1", "target": "vps-4", "params": {}, "idempotency_key": "lost-4" });
     let (status, resp) = server.post("/v1/actions", &body).await;
     assert_eq!(status, 503, "{resp}");
+    assert_eq!(resp["error"]["code"], "outcome_unknown", "{resp}");
     assert_eq!(server.finished(first).await["status"], "succeeded");
     // The retries find the stored actions, and they run.
     for key in ["lost-3", "lost-4"] {

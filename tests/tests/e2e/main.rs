@@ -33,6 +33,7 @@ mod node_ops;
 mod node_promises;
 mod nodes;
 mod openapi;
+mod outcomes;
 mod placement;
 mod power;
 mod profiles;
