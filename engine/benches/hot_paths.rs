@@ -21,6 +21,7 @@ fn host_command() -> HostCommand {
     HostCommand {
         program: target_dir().join("troupe").into(),
         args: vec!["__step-host".into()],
+        watch: None,
     }
 }
 

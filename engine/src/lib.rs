@@ -97,6 +97,20 @@ pub struct Config {
     pub submit_timeout: Duration,
 }
 
+/// How step hosts are started here. Where several servers may share the
+/// database, a host ends its steps and itself once it has heard nothing
+/// from this server for the lease less a second (at least 2 s: with a
+/// shorter lease it does not watch), so a frozen server's steps end before
+/// another server can take their actions over and run them again.
+fn host_command(config: &Config, store: &Store) -> HostCommand {
+    let mut cmd = config.host_command.clone();
+    let silence = config.lease.saturating_sub(Duration::from_secs(1));
+    if store.shared() && silence >= Duration::from_secs(2) {
+        cmd.watch = Some(silence);
+    }
+    cmd
+}
+
 /// A handle to a running engine. Cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
@@ -126,7 +140,7 @@ impl Engine {
         std::fs::create_dir_all(&bundles)
             .map_err(Error::io(format!("creating {}", bundles.display())))?;
         bundle::sweep_staging(&bundles);
-        let agency = AgencyHandle::spawn(config.host_command.clone(), config.cancel_grace);
+        let agency = AgencyHandle::spawn(host_command(&config, &store), config.cancel_grace);
         let authority = AuthorityHandle::start(
             store.clone(),
             agency.clone(),

@@ -162,6 +162,7 @@ async fn check_exports(m: &engine::bundle::Manifest, library: &Path) -> Result<(
     let cmd = engine::HostCommand {
         program: exe.into(),
         args: vec![crate::STEP_HOST_ARG.into()],
+        watch: None,
     };
     let library =
         std::fs::canonicalize(library).with_context(|| format!("finding {}", library.display()))?;

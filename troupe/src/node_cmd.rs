@@ -158,6 +158,7 @@ impl NodeArgs {
             host_command: engine::HostCommand {
                 program: exe.into(),
                 args: vec![crate::STEP_HOST_ARG.into()],
+                watch: None,
             },
             tls,
         };

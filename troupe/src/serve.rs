@@ -148,6 +148,7 @@ impl ServeArgs {
             host_command: HostCommand {
                 program: exe.into(),
                 args: vec![crate::STEP_HOST_ARG.into()],
+                watch: None,
             },
         })
     }

@@ -28,6 +28,11 @@ use crate::bundle::Invalid;
 pub struct HostCommand {
     pub program: OsString,
     pub args: Vec<OsString>,
+    /// A host hearing nothing from its engine this long (the engine froze
+    /// or hung) ends its steps and itself: set where another server takes
+    /// over a silent one's actions, so a frozen server's steps cannot
+    /// overlap their re-run there. `None`: a host waits for its engine.
+    pub watch: Option<Duration>,
 }
 
 /// The outcome of one call, as the host (or node) reported it.
@@ -198,6 +203,10 @@ impl StepHost {
             pid,
             exports,
         });
+
+        if let Some(silence) = cmd.watch {
+            watch(&inner.outbox, silence);
+        }
 
         // Writer: sends what callers could not write at once (a full pipe).
         // It holds the outbox weakly: when the last handle goes, the pipe
@@ -391,6 +400,28 @@ async fn write_backlog(outbox: Weak<Outbox>, mut backlog: mpsc::UnboundedReceive
         }
         outbox.caught_up(&backlog);
     }
+}
+
+/// Tells the host to end itself after `silence` without a word, and pings
+/// it three times within that (at least every second) while it lives.
+fn watch(outbox: &Arc<Outbox>, silence: Duration) {
+    let ms = silence.as_millis().min(u64::MAX as u128) as u64;
+    outbox.send(protocol::encode(protocol::WATCH, 0, &[&ms.to_le_bytes()]));
+    let every = (silence / 3).min(Duration::from_secs(1));
+    let outbox = Arc::downgrade(outbox);
+    crate::tasks::spawn(TaskKind::HostIo, async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(outbox) = outbox.upgrade() else {
+                return;
+            };
+            if !outbox.send(protocol::encode(protocol::PING, 0, &[])) {
+                return;
+            }
+        }
+    });
 }
 
 /// The host's input pipe. A caller writes its frame straight into the pipe

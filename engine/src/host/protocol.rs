@@ -8,6 +8,8 @@
 //! | --- | --- | --- |
 //! | `CALL` | engine → host | `name_len: u16 LE`, function name, input JSON |
 //! | `CANCEL` | engine → host | none; sets the call's cancel flag |
+//! | `WATCH` | engine → host | `silence_ms: u64 LE`; from now on the host ends itself, and what its steps started, after hearing nothing for that long |
+//! | `PING` | engine → host | none; the engine is alive (sent while a `WATCH` holds) |
 //! | `HELLO` | host → engine | `abi: u32 LE`, JSON array of exported steps |
 //! | `DONE` | host → engine | `status: i32 LE` (`troupe_sdk::ffi::STATUS_*`), output JSON or message |
 //! | `FAILED` | host → engine | a message; the host could not start and exits |
@@ -21,6 +23,8 @@ pub(crate) const HELLO: u8 = 3;
 pub(crate) const DONE: u8 = 4;
 pub(crate) const FAILED: u8 = 5;
 pub(crate) const LOG: u8 = 6;
+pub(crate) const WATCH: u8 = 7;
+pub(crate) const PING: u8 = 8;
 
 /// The most of one call's log a host sends (the rest is cut, saying so),
 /// and the most the engine keeps of one attempt's log.

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use troupe_bundle::plugin::Plugin;
 
-use super::protocol::{self, CALL, CANCEL, DONE, FAILED, HELLO, LOG, MAX_CALL_LOG};
+use super::protocol::{self, CALL, CANCEL, DONE, FAILED, HELLO, LOG, MAX_CALL_LOG, PING, WATCH};
 
 /// The protocol channel to the engine, shared by the calls' threads.
 #[derive(Clone)]
@@ -100,10 +100,14 @@ pub fn serve(path: &Path) -> i32 {
 
     let in_flight: Arc<Mutex<HashMap<u64, Arc<AtomicU32>>>> = Arc::default();
     let workers = Workers::new();
+    let heard = Arc::new(Heard::new());
     let mut stdin = BufReader::new(std::io::stdin().lock());
     loop {
         let frame = match protocol::read_sync(&mut stdin) {
-            Ok(Some(frame)) => frame,
+            Ok(Some(frame)) => {
+                heard.now();
+                frame
+            }
             // The engine closed the pipe or went away: nothing will collect
             // the results, so stop everything the calls started.
             Ok(None) => {
@@ -157,6 +161,11 @@ pub fn serve(path: &Path) -> i32 {
                     ));
                 }));
             }
+            PING => {}
+            WATCH => match frame.payload.get(..8).and_then(|b| b.try_into().ok()) {
+                Some(ms) => heard.watch(std::time::Duration::from_millis(u64::from_le_bytes(ms))),
+                None => eprintln!("step host: ignoring a malformed watch frame"),
+            },
             CANCEL => {
                 if let Some(flag) = in_flight
                     .lock()
@@ -171,6 +180,56 @@ pub fn serve(path: &Path) -> i32 {
             }
         }
         let _ = channel.0.lock().map(|mut o| o.flush());
+    }
+}
+
+/// When the host last heard from its engine, and the watch that ends the
+/// host after too long a silence.
+struct Heard {
+    start: std::time::Instant,
+    /// Milliseconds since `start`.
+    last: std::sync::atomic::AtomicU64,
+    watching: std::sync::atomic::AtomicBool,
+}
+
+impl Heard {
+    fn new() -> Heard {
+        Heard {
+            start: std::time::Instant::now(),
+            last: Default::default(),
+            watching: Default::default(),
+        }
+    }
+
+    fn now(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last.store(ms, Ordering::Relaxed);
+    }
+
+    /// From now on, a silence of `silence` ends the host and whatever its
+    /// steps started: its engine stopped or hung, and another server may
+    /// run these steps again, so they must not go on beside that.
+    fn watch(self: &Arc<Self>, silence: std::time::Duration) {
+        if self.watching.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let heard = self.clone();
+        std::thread::spawn(move || {
+            let limit = silence.as_millis() as u64;
+            loop {
+                std::thread::sleep((silence / 4).max(std::time::Duration::from_millis(10)));
+                let quiet = (heard.start.elapsed().as_millis() as u64)
+                    .saturating_sub(heard.last.load(Ordering::Relaxed));
+                if quiet > limit {
+                    eprintln!(
+                        "step host: heard nothing from the server for {quiet} ms (it stopped or hung): \
+                         ending its steps, which another server may run again"
+                    );
+                    super::session::kill_marked(std::process::id());
+                    std::process::exit(6);
+                }
+            }
+        });
     }
 }
 

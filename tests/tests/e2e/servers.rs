@@ -724,3 +724,55 @@ async fn a_node_given_one_server_connects_to_every_server() {
     // duplicate's hello never reached it.
     assert_eq!(a.log().matches("node connected").count(), 1, "{}", a.log());
 }
+
+/// A server frozen past its lease: its step host hears nothing from it for
+/// the lease less a second and ends the step it runs (and itself) before
+/// another server takes the action over, so the step cannot go on beside
+/// its re-run there. This step is not idempotent, so it is not run again:
+/// the action fails naming it, and the frozen server's attempt never
+/// reaches its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_servers_steps_end_before_another_takes_them_over() {
+    let env = Env::new(Db::MySql).await;
+    let dir = env.dir.join("marks");
+    std::fs::create_dir_all(&dir).unwrap();
+    let var = format!("record_dirs={}", dir.display());
+    let args = ["--lease", "3s", "--var", &var];
+    let a = env.serve_with(&[&args[..], &["--server-id", "s-a"]].concat());
+    let b = env.serve_another(&[&args[..], &["--server-id", "s-b"]].concat());
+    let id = b
+        .submit("marked", "vps-1", json!({ "dir": dir, "ms": 8000 }))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !marks(&dir)
+        .iter()
+        .any(|m| m.action == id && m.event == "start")
+    {
+        assert!(Instant::now() < deadline, "the step never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let started = Instant::now();
+    b.signal("STOP");
+    let done = a.finished(id).await;
+    assert_eq!(done["status"], "failed", "{done}\n{}", a.log());
+    assert!(
+        done["error"].as_str().unwrap_or_default().contains("mark"),
+        "{done}"
+    );
+    // Unwatched, the frozen server's host would write its end 8 s after
+    // the start; look until well past that.
+    while started.elapsed() < Duration::from_secs(11) {
+        let ends: Vec<Mark> = marks(&dir)
+            .into_iter()
+            .filter(|m| m.action == id && m.event == "end")
+            .collect();
+        assert!(
+            ends.is_empty(),
+            "the frozen server's step went on: {ends:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    b.signal("CONT");
+    b.log_until("heard nothing from the server").await;
+    b.log_until("server registered").await;
+}
