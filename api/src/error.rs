@@ -313,7 +313,7 @@ impl From<engine::Error> for ApiError {
             ),
             E::VersionNotNewer { .. } => (StatusCode::CONFLICT, "bundle_version_not_newer"),
             E::KindConflict { .. } => (StatusCode::CONFLICT, "kind_conflict"),
-            E::WriteConflict(_) => {
+            E::WriteConflict(_) | E::StaleConfig(_) => {
                 tracing::warn!(error = %e, "a write kept conflicting while serving a request");
                 return ApiError::new(
                     StatusCode::CONFLICT,

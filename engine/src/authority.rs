@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::agency::{AgencyHandle, LoadedBundle};
 use crate::bundle::{self, manifest::compare_versions};
 use crate::error::{Error, Result};
-use crate::store::{AuditEntry, BundleRow, Store, Write};
+use crate::store::{AuditEntry, BundleRow, ConfigKind, Store, Write};
 
 /// What happened to a pushed bundle.
 #[derive(Debug, Clone)]
@@ -98,12 +98,14 @@ impl AuthorityHandle {
             }
         }
         let configured = configured.iter().map(PublicKey::id).collect();
+        let seen = store.generation(ConfigKind::Bundles).await?;
         let mut authority = Authority {
             store,
             agency,
             root,
             trust,
             configured,
+            seen,
         };
         authority.restore().await?;
         let (tx, rx) = mpsc::channel(64);
@@ -197,7 +199,16 @@ struct Authority {
     root: PathBuf,
     trust: Trust,
     configured: HashSet<KeyId>,
+    /// The bundles' generation what this authority holds reflects: a push
+    /// or activation is written only if it is still current
+    /// ([`Store::record_guarded`]), so one checked against a stale view
+    /// (another server activated something meanwhile) is checked again.
+    seen: i64,
 }
+
+/// How many times a push or activation is checked again after another
+/// server changed the bundles meanwhile.
+const STALE_TRIES: usize = 5;
 
 impl Authority {
     async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
@@ -251,7 +262,64 @@ impl Authority {
             .ok_or_else(|| Error::KeyNotFound(id.to_string()))
     }
 
+    /// [`Authority::try_admit`], checked again against what another server
+    /// changed meanwhile.
     async fn admit(&mut self, bytes: Vec<u8>, signature: &str, by: &str) -> Result<Admitted> {
+        for _ in 1..STALE_TRIES {
+            match self.try_admit(bytes.clone(), signature, by).await {
+                Err(Error::StaleConfig(_)) => {
+                    tracing::info!(
+                        "the bundles changed on another server while this change was checked; checking it again"
+                    );
+                    self.sync().await?
+                }
+                done => return done,
+            }
+        }
+        self.try_admit(bytes, signature, by).await
+    }
+
+    /// [`Authority::try_activate`], checked again against what another
+    /// server changed meanwhile.
+    async fn activate(&mut self, hash: &str, by: &str) -> Result<Arc<LoadedBundle>> {
+        for _ in 1..STALE_TRIES {
+            match self.try_activate(hash, by).await {
+                Err(Error::StaleConfig(_)) => {
+                    tracing::info!(
+                        "the bundles changed on another server while this change was checked; checking it again"
+                    );
+                    self.sync().await?
+                }
+                done => return done,
+            }
+        }
+        self.try_activate(hash, by).await
+    }
+
+    /// Records a change to the bundles, if nothing changed them since this
+    /// authority last looked.
+    async fn record_bundles(&mut self, change: Write, audit: AuditEntry, name: &str) -> Result<()> {
+        // A test's slow commit: `return(NAME:MS)` holds a change to the
+        // bundle NAME for MS milliseconds between its checks and its commit.
+        #[cfg(feature = "failpoints")]
+        if let Some(ms) = (|| {
+            fail::fail_point!("authority.before_record", |arg| arg.and_then(|a| {
+                let (held, ms) = a.split_once(':')?;
+                (held == name).then(|| ms.parse::<u64>().ok()).flatten()
+            }));
+            None
+        })() {
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        }
+        let _ = name;
+        self.store
+            .record_guarded(vec![change], audit, (ConfigKind::Bundles, self.seen))
+            .await?;
+        self.seen += 1;
+        Ok(())
+    }
+
+    async fn try_admit(&mut self, bytes: Vec<u8>, signature: &str, by: &str) -> Result<Admitted> {
         let signature = Signature::from_text(signature)?;
         let verified = signing::verify(bytes, &signature, &self.trust)?;
         let hash = verified.hash();
@@ -312,8 +380,8 @@ impl Authority {
             &row.hash,
             json!({ "name": row.name, "version": row.version, "signer": row.signer }),
         );
-        self.store
-            .record(vec![Write::InsertBundle(Box::new(row), content)], audit)
+        let name = row.name.clone();
+        self.record_bundles(Write::InsertBundle(Box::new(row), content), audit, &name)
             .await?;
         self.agency.activate(hash).await?;
         Ok(Admitted {
@@ -375,7 +443,7 @@ impl Authority {
         result
     }
 
-    async fn activate(&mut self, hash: &str, by: &str) -> Result<Arc<LoadedBundle>> {
+    async fn try_activate(&mut self, hash: &str, by: &str) -> Result<Arc<LoadedBundle>> {
         let parsed: BundleHash = hash
             .parse()
             .map_err(|_| Error::BundleNotLoaded(hash.to_owned()))?;
@@ -407,7 +475,8 @@ impl Authority {
             hash: hash.to_owned(),
             at: crate::model::now(),
         };
-        self.store.record(vec![activate], audit).await?;
+        self.record_bundles(activate, audit, &bundle.manifest.name)
+            .await?;
         self.agency.activate(parsed).await?;
         Ok(bundle)
     }
@@ -439,6 +508,8 @@ impl Authority {
     /// signer it does not trust, a library that does not probe) is not
     /// made active here: the server keeps what it had, and says so.
     async fn sync(&mut self) -> Result<()> {
+        // Read first: what follows reflects at least this generation.
+        let seen = self.store.generation(ConfigKind::Bundles).await?;
         for id in take_keys(&mut self.trust, &self.store.keys().await?) {
             self.agency.revoke(id);
             tracing::warn!(key_id = %id, "key revoked on another server: its bundles take no new actions here and in-flight ones fail at their next step");
@@ -476,6 +547,7 @@ impl Authority {
                 }
             }
         }
+        self.seen = seen;
         Ok(())
     }
 

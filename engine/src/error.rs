@@ -64,6 +64,10 @@ pub enum Error {
         other: String,
         kinds: Vec<String>,
     },
+    /// Another server changed this configuration while this one checked a
+    /// change against it; checked again, it is tried again.
+    #[error("{} changed on another server at the same moment; try again", .0.as_str())]
+    StaleConfig(crate::store::ConfigKind),
     #[error("key {0} was revoked; a revoked key cannot be trusted again, generate a new one")]
     KeyRevoked(String),
     #[error(

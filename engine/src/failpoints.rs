@@ -23,6 +23,7 @@
 //! | `engine.bundle_content` | reading a bundle's bytes (for a node's download, or `GET /v1/bundles/{hash}/content`) | `return(MS)`: waits MS milliseconds |
 //! | `nodes.reattach` | a restarted server's runner following a step that ran on a node | `return(MS)`: it asks for the node's report MS milliseconds later |
 //! | `runner.before_remote_call` | a runner, after a step placed on a node is recorded running, before the call is sent | `return(MS)`: waits MS milliseconds |
+//! | `authority.before_record` | a push or activation, checked, before its commit | `return(NAME:MS)`: holds a change to bundle NAME MS milliseconds (another server may change the bundles meanwhile) |
 //! | `config_watch.reload` | the configuration watch, once it saw a generation move, before it reloads | `return(MS)`: waits MS milliseconds |
 
 /// Arms the points named in `FAILPOINTS`, if this build has them.

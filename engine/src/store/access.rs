@@ -92,6 +92,19 @@ macro_rules! access_backend {
                         .bind(kind.as_str())
                         .execute(&mut *tx)
                         .await?,
+                    Write::Guard { kind, seen } => {
+                        let bumped = sqlx::query(
+                            "UPDATE generations SET generation = generation + 1 WHERE kind = ? AND generation = ?",
+                        )
+                        .bind(kind.as_str())
+                        .bind(seen)
+                        .execute(&mut *tx)
+                        .await?;
+                        if bumped.rows_affected() == 0 {
+                            return Err(sqlx::Error::Configuration(Box::new(super::super::Stale(*kind))));
+                        }
+                        bumped
+                    }
                     // Delete and insert: the same SQL on both databases.
                     Write::SetSecret(row) => {
                         sqlx::query("DELETE FROM secrets WHERE name = ?")

@@ -77,6 +77,23 @@ pub struct NodeRow {
     pub allowed_capabilities: Option<String>,
 }
 
+/// Why a guarded change was not written: another server changed this
+/// configuration since the caller last loaded it ([`Write::Guard`]).
+#[derive(Debug)]
+pub(crate) struct Stale(pub(crate) ConfigKind);
+
+impl std::fmt::Display for Stale {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the {} changed on another server meanwhile",
+            self.0.as_str()
+        )
+    }
+}
+
+impl std::error::Error for Stale {}
+
 /// A row of `node_results`: a node's report of one call, its body and log
 /// sealed (`crate::node_results`).
 #[derive(Debug, Clone)]
@@ -503,6 +520,9 @@ impl Store {
         match rx.await {
             Ok(Ok(outcomes)) => Ok(outcomes),
             Ok(Err(Failed {
+                stale: Some(kind), ..
+            })) => Err(Error::StaleConfig(kind)),
+            Ok(Err(Failed {
                 message,
                 permanent: true,
                 ..
@@ -546,6 +566,33 @@ impl Store {
         writes.extend(kinds.into_iter().map(Write::Bump));
         writes.push(Write::Audit(Box::new(audit)));
         let mut outcomes = self.write(writes).await?;
+        outcomes.truncate(n);
+        Ok(outcomes)
+    }
+
+    /// [`Store::record`], made only if `guard`'s configuration is still at
+    /// the generation the caller loaded (`(kind, seen)`): else nothing is
+    /// written and the answer is [`Error::StaleConfig`].
+    pub(crate) async fn record_guarded(
+        &self,
+        change: Vec<Write>,
+        audit: AuditEntry,
+        (kind, seen): (ConfigKind, i64),
+    ) -> Result<Vec<Outcome>> {
+        let n = change.len();
+        let mut kinds: Vec<ConfigKind> = change
+            .iter()
+            .filter_map(Write::config_kind)
+            .filter(|k| *k != kind)
+            .collect();
+        kinds.sort();
+        kinds.dedup();
+        let mut writes = vec![Write::Guard { kind, seen }];
+        writes.extend(change);
+        writes.extend(kinds.into_iter().map(Write::Bump));
+        writes.push(Write::Audit(Box::new(audit)));
+        let mut outcomes = self.write(writes).await?;
+        outcomes.remove(0);
         outcomes.truncate(n);
         Ok(outcomes)
     }
@@ -710,6 +757,16 @@ impl Store {
                     .map(|k| (k, g))
             })
             .collect())
+    }
+
+    /// One kind of configuration's generation as stored now.
+    pub(crate) async fn generation(&self, kind: ConfigKind) -> Result<i64> {
+        Ok(self
+            .generations()
+            .await?
+            .into_iter()
+            .find_map(|(k, g)| (k == kind).then_some(g))
+            .unwrap_or_default())
     }
 
     /// The active version of each bundle name: name → hash.

@@ -1130,6 +1130,7 @@ macro_rules! sql_backend {
                     Write::CreateToken(..)
                     | Write::PutNode(..)
                     | Write::PutNodeResult { .. }
+                    | Write::Guard { .. }
                     | Write::RevokeToken { .. }
                     | Write::UseJoinToken { .. }
                     | Write::Audit(..)

@@ -136,6 +136,11 @@ pub(crate) enum Write {
     CreateToken(Box<TokenRow>),
     /// Stores a node's row, replacing one of the same name.
     PutNode(Box<NodeRow>),
+    /// Bumps `kind`'s generation only if it is still `seen`, the one the
+    /// writer's caller last loaded; otherwise the whole transaction fails
+    /// ([`super::Stale`]): another server changed that configuration
+    /// meanwhile, and the caller's checks must be made again against it.
+    Guard { kind: super::ConfigKind, seen: i64 },
     /// Keeps a result a node reported that no runner here waited for,
     /// replacing a repeat of it, and forgets those stored before
     /// `forget_before`.
@@ -397,6 +402,7 @@ impl Write {
             | Write::CreateToken(..)
             | Write::PutNode(..)
             | Write::PutNodeResult { .. }
+            | Write::Guard { .. }
             | Write::RevokeToken { .. }
             | Write::UseJoinToken { .. }
             | Write::Audit(..)

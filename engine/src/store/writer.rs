@@ -52,6 +52,9 @@ pub(super) struct Failed {
     /// inserted an action with the same idempotency key meanwhile (see
     /// [`commit_retrying`]).
     pub(super) duplicate: bool,
+    /// A [`Write::Guard`](super::Write::Guard) found its configuration
+    /// changed by another server: nothing was written.
+    pub(super) stale: Option<super::ConfigKind>,
 }
 
 impl From<sqlx::Error> for Failed {
@@ -61,6 +64,10 @@ impl From<sqlx::Error> for Failed {
             duplicate: matches!(&e, sqlx::Error::Database(db)
                 if db.kind() == sqlx::error::ErrorKind::UniqueViolation),
             unknown: false,
+            stale: match &e {
+                sqlx::Error::Configuration(b) => b.downcast_ref::<super::Stale>().map(|s| s.0),
+                _ => None,
+            },
             rolled_back: rolled_back(&e),
             message: e.to_string(),
         }
@@ -323,6 +330,7 @@ pub(super) fn injected_refusal(writes: &[&Write]) -> Result<(), Failed> {
             unknown: false,
             rolled_back: false,
             duplicate: false,
+            stale: None,
         }));
     }
     if writes
@@ -335,6 +343,7 @@ pub(super) fn injected_refusal(writes: &[&Write]) -> Result<(), Failed> {
             unknown: false,
             rolled_back: false,
             duplicate: false,
+            stale: None,
         }));
     }
     Ok(())
@@ -351,6 +360,7 @@ pub(super) fn injected_before_commit(writes: &[&Write]) -> Result<(), Failed> {
             unknown: false,
             rolled_back: false,
             duplicate: false,
+            stale: None,
         }));
     }
     Ok(())
@@ -366,6 +376,7 @@ pub(super) fn injected_after_commit(writes: &[&Write]) -> Result<(), Failed> {
             unknown: true,
             rolled_back: false,
             duplicate: false,
+            stale: None,
         }));
     }
     Ok(())

@@ -487,7 +487,7 @@ async fn two_bundles_may_not_provide_one_kind(db: Db) {
 
 /// A small bundle on the testkit library: `name` at `version`, with one
 /// kind `kind` of one no-op step.
-fn side_bundle(name: &str, version: &str, kind: &str) -> (Vec<u8>, String) {
+pub(crate) fn side_bundle(name: &str, version: &str, kind: &str) -> (Vec<u8>, String) {
     let manifest = format!(
         "format = 1\nname = \"{name}\"\nversion = \"{version}\"\nabi = 2\nlibrary = \"testkit\"\n\n\
          [steps.noop]\ntimeout_ms = 10000\nidempotent = true\n\n\

@@ -335,3 +335,59 @@ async fn a_node_drained_or_removed_through_one_server_is_so_on_another() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Two pushes through two servers at the same moment, each giving one kind
+/// a provider: the one checked against a view the other's commit made
+/// stale (held between its check and its commit by a failure point) is
+/// checked again, and refused, so a kind never has two providers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_pushes_through_two_servers_do_not_give_a_kind_two_providers() {
+    use crate::faults::side_bundle;
+    let env = Env::new(Db::MySql).await;
+    let a = env.serve_with_env(
+        &["--server-id", "s-a"],
+        &[("FAILPOINTS", "authority.before_record=return(one:4000)")],
+    );
+    let b = env.serve_another(&["--server-id", "s-b"]);
+    let (one, one_sig) = side_bundle("one", "1.0.0", "shared");
+    let (two, two_sig) = side_bundle("two", "1.0.0", "shared");
+    let through_a = async {
+        let (status, body) = a.push(one, &one_sig).await;
+        (status, body, Instant::now())
+    };
+    let through_b = async {
+        // Once a holds its checked push (checked well within 1.5 s; the
+        // log line asserted below says it was).
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let (status, body) = b.push(two, &two_sig).await;
+        (status, body, Instant::now())
+    };
+    let ((a_status, a_body, a_done), (b_status, b_body, b_done)) =
+        tokio::join!(through_a, through_b);
+    assert_eq!(b_status, 201, "{b_body}\n{}\n---\n{}", a.log(), b.log());
+    assert!(b_done < a_done, "b's push ended first, while a's was held");
+    assert_eq!(a_status, 409, "{a_body}\n{}", a.log());
+    assert!(
+        a.log()
+            .contains("the bundles changed on another server while this change was checked"),
+        "a's push was checked before b's commit, not held across it:\n{}",
+        a.log()
+    );
+    assert_eq!(a_body["error"]["code"], "kind_conflict", "{a_body}");
+    assert!(
+        a_body["error"]["message"].as_str().unwrap().contains("two"),
+        "{a_body}"
+    );
+    let pool = env.sql().await;
+    let stored: Vec<String> =
+        sqlx::query_scalar("SELECT name FROM bundles WHERE name IN ('one', 'two') ORDER BY name")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, ["two"], "the refused push stored nothing");
+    // `shared` runs, on two, through either server.
+    for server in [&a, &b] {
+        let id = server.submit("shared", "t", json!({})).await;
+        assert_eq!(server.finished(id).await["status"], "succeeded");
+    }
+}
