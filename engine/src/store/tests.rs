@@ -789,3 +789,174 @@ async fn mariadb_a_deadlocked_write_is_retried_whole() {
         "the writer saw the rollback"
     );
 }
+
+/// Each target's unfinished actions as its `targets` row counts them, and
+/// as `actions` holds them: the two must agree after every write.
+async fn counted(url: &str) -> std::collections::BTreeMap<String, i64> {
+    let pool = sqlx::MySqlPool::connect(url).await.unwrap();
+    let rows: Vec<(String, i64)> = sqlx::query_as("SELECT target, unfinished FROM targets")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    let truth: std::collections::BTreeMap<String, i64> = sqlx::query_as(
+        "SELECT target, CAST(COUNT(*) AS SIGNED) FROM actions WHERE status IN ('queued', 'running') GROUP BY target",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect();
+    pool.close().await;
+    let counts: std::collections::BTreeMap<String, i64> =
+        rows.into_iter().filter(|(_, n)| *n != 0).collect();
+    assert_eq!(counts, truth, "the count in `targets` against `actions`");
+    counts
+}
+
+/// A target's row counts its unfinished actions through every way one
+/// begins and ends: inserts (queued, started, behind another), a claim at
+/// its turn and a takeover (no change), a successful finish (batched), a
+/// failed one, a cancel of a queued action, and an end written again (no
+/// second decrement). The insert's busy check and the look for a
+/// successor read it.
+#[tokio::test]
+async fn mariadb_targets_count_unfinished_actions() {
+    use super::{Fence, Turn};
+    use std::sync::Arc;
+    let url = mysql_url("unfinished").await;
+    let store = Store::connect(&url).await.unwrap();
+    let map = |pairs: &[(&str, i64)]| -> std::collections::BTreeMap<String, i64> {
+        pairs.iter().map(|(t, n)| (t.to_string(), *n)).collect()
+    };
+    let id = |o: &Outcome| match o {
+        Outcome::Inserted(id) | Outcome::Behind(id) => *id,
+        other => panic!("insert answered {other:?}"),
+    };
+    let queued = |t: &str| {
+        let mut w = insert(t, None, false);
+        if let Write::Insert { owner, .. } = &mut w {
+            *owner = None;
+        }
+        w
+    };
+    // Three queued on one target in one commit; one started on another, and
+    // one behind it that asked to start.
+    let first = store
+        .write(vec![
+            queued("t-a"),
+            queued("t-a"),
+            queued("t-a"),
+            insert("t-b", None, true),
+        ])
+        .await
+        .unwrap();
+    let (a1, a2, a3, b1) = (id(&first[0]), id(&first[1]), id(&first[2]), id(&first[3]));
+    assert_eq!(first[3], Outcome::Inserted(b1), "t-b was idle: it starts");
+    let behind = store.write(vec![insert("t-b", None, true)]).await.unwrap();
+    assert!(
+        matches!(behind[0], Outcome::Behind(_)),
+        "t-b runs one: {behind:?}"
+    );
+    let b2 = id(&behind[0]);
+    assert_eq!(counted(&url).await, map(&[("t-a", 3), ("t-b", 2)]));
+    let probe = |targets: &[&str]| {
+        let targets: Vec<String> = targets.iter().map(|t| t.to_string()).collect();
+        let store = &store;
+        async move {
+            let mut found = store.unfinished_targets(&targets).await.unwrap();
+            found.sort();
+            found
+        }
+    };
+    assert_eq!(probe(&["t-a", "t-b", "t-none"]).await, ["t-a", "t-b"]);
+
+    // The head of t-a claimed at its turn, then taken over: still unfinished.
+    let claim = Write::Start {
+        id: a1,
+        owner: "test".into(),
+        lease_until: at(60_000),
+        at: at(1),
+        turn: Some(Turn {
+            target: "t-a".into(),
+            epoch: 0,
+        }),
+    };
+    assert_eq!(
+        store.write(vec![claim]).await.unwrap(),
+        [Outcome::Done { rows: 1 }]
+    );
+    let takeover = Write::Claim {
+        id: a1,
+        owner: "test".into(),
+        epoch: 1,
+        lease_until: at(60_000),
+    };
+    assert_eq!(
+        store.write(vec![takeover]).await.unwrap(),
+        [Outcome::Done { rows: 1 }]
+    );
+    assert_eq!(counted(&url).await, map(&[("t-a", 3), ("t-b", 2)]));
+
+    let fence = |id, epoch| Fence {
+        id,
+        owner: Arc::from("test"),
+        epoch,
+    };
+    let finish = |id, status| Write::Finish {
+        id,
+        status,
+        error: (status != ActionStatus::Succeeded).then(|| "x".to_owned()),
+        at: at(2),
+        last: None,
+    };
+    // A successful finish (the batched statement) and a failed one (on its
+    // own), in one commit.
+    let (b, a) = tokio::join!(
+        store.write_fenced(fence(b1, 1), vec![finish(b1, ActionStatus::Succeeded)]),
+        store.write_fenced(fence(a1, 2), vec![finish(a1, ActionStatus::Failed)]),
+    );
+    assert!(!b.unwrap().contains(&Outcome::Fenced));
+    assert!(a.unwrap()[0].rows() > 0);
+    let status = |id| {
+        let store = &store;
+        async move { store.action(id).await.unwrap().unwrap().status }
+    };
+    assert_eq!(status(b1).await, ActionStatus::Succeeded);
+    assert_eq!(status(a1).await, ActionStatus::Failed);
+    assert_eq!(counted(&url).await, map(&[("t-a", 2), ("t-b", 1)]));
+    // Written again (as after a commit whose answer was lost): fenced, or
+    // unfenced on a finished row; neither counts the end twice.
+    let again = store
+        .write_fenced(fence(b1, 1), vec![finish(b1, ActionStatus::Succeeded)])
+        .await
+        .unwrap();
+    assert_eq!(again, [Outcome::Fenced]);
+    store
+        .write(vec![finish(a1, ActionStatus::Failed)])
+        .await
+        .unwrap();
+    assert_eq!(counted(&url).await, map(&[("t-a", 2), ("t-b", 1)]));
+
+    // A cancel of a queued action, twice: the second finds it ended.
+    let cancel = |id| Write::CancelQueued { id, at: at(3) };
+    assert_eq!(
+        store.write(vec![cancel(a3)]).await.unwrap(),
+        [Outcome::Done { rows: 4 }]
+    );
+    assert_eq!(
+        store.write(vec![cancel(a3)]).await.unwrap(),
+        [Outcome::Done { rows: 0 }]
+    );
+    assert_eq!(counted(&url).await, map(&[("t-a", 1), ("t-b", 1)]));
+
+    // The rest end; an idle target's next insert starts at once.
+    store.write(vec![cancel(a2), cancel(b2)]).await.unwrap();
+    assert_eq!(counted(&url).await, map(&[]));
+    assert!(probe(&["t-a", "t-b"]).await.is_empty());
+    let next = store.write(vec![insert("t-a", None, true)]).await.unwrap();
+    assert!(
+        matches!(next[0], Outcome::Inserted(_)),
+        "t-a is idle: {next:?}"
+    );
+    assert_eq!(counted(&url).await, map(&[("t-a", 1)]));
+}
