@@ -99,15 +99,12 @@ impl Claimer {
 
     /// One look: at `targets`, or at every target when empty (a poll).
     async fn pass(&self, targets: &[String]) -> crate::Result<()> {
-        // Most ended targets have nothing left: one read of their
-        // `targets` rows (the count of unfinished actions) says so. One
-        // still counted may be running already (started elsewhere): the
-        // look for heads then finds nothing of it.
+        // Most ended targets have nothing queued: one index probe says so.
         let queued;
         let targets = if targets.is_empty() {
             targets
         } else {
-            queued = self.shared.store.unfinished_targets(targets).await?;
+            queued = self.shared.store.queued_targets(targets).await?;
             if queued.is_empty() {
                 return Ok(());
             }

@@ -582,12 +582,11 @@ impl Store {
         })
     }
 
-    /// Which of `targets` have an unfinished action (queued, or started
-    /// since), by their `targets` rows. Several servers only.
-    pub(crate) async fn unfinished_targets(&self, targets: &[String]) -> Result<Vec<String>> {
+    /// Which of `targets` have a queued action.
+    pub(crate) async fn queued_targets(&self, targets: &[String]) -> Result<Vec<String>> {
         Ok(match &self.read {
-            Pool::Sqlite(p) => sql::sqlite::unfinished_targets(p, targets).await?,
-            Pool::MySql(p) => sql::mysql::unfinished_targets(p, targets).await?,
+            Pool::Sqlite(p) => sql::sqlite::queued_targets(p, targets).await?,
+            Pool::MySql(p) => sql::mysql::queued_targets(p, targets).await?,
         })
     }
 

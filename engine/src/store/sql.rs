@@ -689,11 +689,8 @@ macro_rules! sql_backend {
             /// moved on by the batch's count: sorted, so concurrent batches
             /// lock in one order) and says which start: those that ask to,
             /// whose target has no unfinished action, here or before them
-            /// in the batch. The row counts its target's unfinished actions
-            /// (`unfinished`, kept by the database's triggers on `actions`,
-            /// migration 0013), so one read of the row just written answers
-            /// both; it is held to the commit, so the answer stays true
-            /// (every start and every end of a target writes it).
+            /// in the batch. The target's row is held to the commit, so the
+            /// answer stays true (every start of a target writes it).
             async fn sequence(tx: &mut $conn, items: &[&Write]) -> Result<Vec<(bool, Option<i64>)>, sqlx::Error> {
                 let target = |w: &Write| match w {
                     Write::Insert { new, .. } => new.target.clone(),
@@ -720,21 +717,22 @@ macro_rules! sql_backend {
                     }
                     q
                 };
-                // Read before this batch's actions go in: the count is of
-                // those already there (and of this transaction's earlier ends).
-                let text = format!(
-                    "SELECT target, last_seq, unfinished FROM targets WHERE target IN ({})",
-                    placeholders(counts.len())
-                );
+                let text = format!("SELECT target, last_seq FROM targets WHERE target IN ({})", placeholders(counts.len()));
                 let mut next = std::collections::HashMap::<String, i64>::new();
-                let mut busy = std::collections::HashSet::<String>::new();
                 for row in bind_targets(text).fetch_all(&mut *tx).await? {
-                    let (t, last, unfinished): (String, i64, i64) = (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+                    let (t, last): (String, i64) = (row.try_get(0)?, row.try_get(1)?);
                     let first = last - counts.get(&t).copied().unwrap_or(0) + 1;
-                    if unfinished > 0 {
-                        busy.insert(t.clone());
-                    }
                     next.insert(t, first);
+                }
+                let mut busy = std::collections::HashSet::<String>::new();
+                if items.iter().any(|w| wants_start(w)) {
+                    let text = format!(
+                        "SELECT DISTINCT target FROM actions WHERE target IN ({}) AND status IN ('queued', 'running')",
+                        placeholders(counts.len())
+                    );
+                    for row in bind_targets(text).fetch_all(&mut *tx).await? {
+                        busy.insert(row.try_get(0)?);
+                    }
                 }
                 items
                     .iter()
@@ -1420,12 +1418,10 @@ macro_rules! sql_backend {
                 Ok(out)
             }
 
-            /// Which of `targets` have an unfinished action (a primary-key
-            /// lookup each, in `targets`). Several servers only: one
-            /// server on SQLite keeps no count.
-            pub(crate) async fn unfinished_targets(pool: &$pool, targets: &[String]) -> Result<Vec<String>, sqlx::Error> {
+            /// Which of `targets` have a queued action (an index probe each).
+            pub(crate) async fn queued_targets(pool: &$pool, targets: &[String]) -> Result<Vec<String>, sqlx::Error> {
                 let text = format!(
-                    "SELECT target FROM targets WHERE target IN ({}) AND unfinished > 0",
+                    "SELECT DISTINCT target FROM actions WHERE status = 'queued' AND target IN ({})",
                     placeholders(targets.len())
                 );
                 let mut q = sqlx::query(sqlx::AssertSqlSafe(text));
