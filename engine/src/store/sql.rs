@@ -743,8 +743,10 @@ macro_rules! sql_backend {
                         })?;
                         let this = *seq;
                         *seq += 1;
-                        // Whatever it does, a later insert of the target is behind it.
-                        let begins = wants_start(w) && busy.insert(t);
+                        // Whatever it does, a later insert of the target is
+                        // behind it (marked busy even when it only queues).
+                        let idle = busy.insert(t);
+                        let begins = wants_start(w) && idle;
                         Ok((begins, Some(this)))
                     })
                     .collect()
