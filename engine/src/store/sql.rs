@@ -722,22 +722,28 @@ macro_rules! sql_backend {
                     }
                     q
                 };
-                let text = format!("SELECT target, last_seq FROM targets WHERE target IN ({})", placeholders(counts.len()));
+                // The rows just written, and (only if an insert asks to
+                // start) whether each target has an unfinished action, in
+                // the same statement: one round trip, the same reads
+                // (`actions_ready`) the busy check made on its own.
+                let busy_check = if items.iter().any(|w| wants_start(w)) {
+                    "EXISTS (SELECT 1 FROM actions a WHERE a.status IN ('queued', 'running') AND a.target = t.target)"
+                } else {
+                    "0"
+                };
+                let text = format!(
+                    "SELECT t.target, t.last_seq, {busy_check} FROM targets t WHERE t.target IN ({})",
+                    placeholders(counts.len())
+                );
                 let mut next = std::collections::HashMap::<String, i64>::new();
-                for row in bind_targets(text).fetch_all(&mut *tx).await? {
-                    let (t, last): (String, i64) = (row.try_get(0)?, row.try_get(1)?);
-                    let first = last - counts.get(&t).copied().unwrap_or(0) + 1;
-                    next.insert(t, first);
-                }
                 let mut busy = std::collections::HashSet::<String>::new();
-                if items.iter().any(|w| wants_start(w)) {
-                    let text = format!(
-                        "SELECT DISTINCT target FROM actions WHERE target IN ({}) AND status IN ('queued', 'running')",
-                        placeholders(counts.len())
-                    );
-                    for row in bind_targets(text).fetch_all(&mut *tx).await? {
-                        busy.insert(row.try_get(0)?);
+                for row in bind_targets(text).fetch_all(&mut *tx).await? {
+                    let (t, last, has_unfinished): (String, i64, i64) = (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+                    let first = last - counts.get(&t).copied().unwrap_or(0) + 1;
+                    if has_unfinished != 0 {
+                        busy.insert(t.clone());
                     }
+                    next.insert(t, first);
                 }
                 items
                     .iter()
@@ -748,8 +754,10 @@ macro_rules! sql_backend {
                         })?;
                         let this = *seq;
                         *seq += 1;
-                        // Whatever it does, a later insert of the target is behind it.
-                        let begins = wants_start(w) && busy.insert(t);
+                        // Whatever it does, a later insert of the target is
+                        // behind it (marked busy even when it only queues).
+                        let idle = busy.insert(t);
+                        let begins = wants_start(w) && idle;
                         Ok((begins, Some(this)))
                     })
                     .collect()

@@ -789,3 +789,75 @@ async fn mariadb_a_deadlocked_write_is_retried_whole() {
         "the writer saw the rollback"
     );
 }
+
+/// Where several servers share the database, an insert that asks to start
+/// starts only if its target has no unfinished action (the busy check rides
+/// with the read of the target's row): the first of a batch on an idle
+/// target starts, those behind it and any while one is queued or running
+/// are queued, owned by nobody; once the target's actions have ended, the
+/// next starts again.
+#[tokio::test]
+async fn mariadb_an_insert_starts_only_on_an_idle_target() {
+    use super::Fence;
+    use std::sync::Arc;
+    let store = Store::connect(&mysql_url("idle").await).await.unwrap();
+    let batch = store
+        .write(vec![
+            insert("t-a", None, true),
+            insert("t-a", None, true),
+            insert("t-b", None, false),
+            insert("t-b", None, true),
+        ])
+        .await
+        .unwrap();
+    let a1 = match batch[0] {
+        Outcome::Inserted(id) => id,
+        other => panic!("the first insert of an idle target starts: {other:?}"),
+    };
+    assert!(matches!(batch[1], Outcome::Behind(_)), "{batch:?}");
+    assert!(matches!(batch[2], Outcome::Inserted(_)), "{batch:?}");
+    assert!(
+        matches!(batch[3], Outcome::Behind(_)),
+        "queued before it: {batch:?}"
+    );
+    let a2 = match batch[1] {
+        Outcome::Behind(id) => id,
+        _ => unreachable!(),
+    };
+    let stored = store.action(a2).await.unwrap().unwrap();
+    assert_eq!((stored.status, stored.owner), (ActionStatus::Queued, None));
+    // Running elsewhere in the database: busy.
+    let again = store.write(vec![insert("t-a", None, true)]).await.unwrap();
+    assert!(matches!(again[0], Outcome::Behind(_)), "{again:?}");
+    let a3 = match again[0] {
+        Outcome::Behind(id) | Outcome::Inserted(id) => id,
+        _ => unreachable!(),
+    };
+    // Every action of t-a ends: the next one starts with its insert.
+    let fence = Fence {
+        id: a1,
+        owner: Arc::from("test"),
+        epoch: 1,
+    };
+    let finish = Write::Finish {
+        id: a1,
+        status: ActionStatus::Succeeded,
+        error: None,
+        at: at(1),
+        last: None,
+    };
+    let done = store.write_fenced(fence, vec![finish]).await.unwrap();
+    assert!(!done.contains(&Outcome::Fenced), "{done:?}");
+    let cancels = vec![
+        Write::CancelQueued { id: a2, at: at(2) },
+        Write::CancelQueued { id: a3, at: at(2) },
+    ];
+    store.write(cancels).await.unwrap();
+    let idle = store.write(vec![insert("t-a", None, true)]).await.unwrap();
+    assert!(matches!(idle[0], Outcome::Inserted(_)), "{idle:?}");
+    let begun = match idle[0] {
+        Outcome::Inserted(id) => store.action(id).await.unwrap().unwrap(),
+        _ => unreachable!(),
+    };
+    assert_eq!(begun.status, ActionStatus::Running);
+}
