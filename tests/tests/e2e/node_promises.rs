@@ -532,12 +532,7 @@ async fn a_node_connects_again_after_15_s_of_server_silence(db: Db) {
         assert!(Instant::now() < deadline, "{list}\n{}", node.log());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let id = server
-        .submit("node_sleep", "vps-1", json!({ "ms": 1 }))
-        .await;
-    let done = server.finished(id).await;
-    assert_eq!(done["status"], "succeeded", "{done}\n{}", node.log());
-    assert_eq!(done["steps"][0]["node"], "hv-17", "{done}");
+    crate::nodes::runs_there(&server, &node, "hv-17").await;
 }
 
 /// A node frozen for 15 s is dropped within its timeout; meanwhile a step

@@ -603,6 +603,17 @@ pub(crate) async fn running_on_node(server: &Server, id: i64) -> Value {
         .await
 }
 
+/// Runs one short step through `server` and checks that it ran on `node`
+/// (named `name`).
+pub(crate) async fn runs_there(server: &Server, node: &Node, name: &str) {
+    let id = server
+        .submit("node_sleep", "vps-1", json!({ "ms": 1 }))
+        .await;
+    let done = server.finished(id).await;
+    assert_eq!(done["status"], "succeeded", "{done}\n{}", node.log());
+    assert_eq!(done["steps"][0]["node"], name, "{done}");
+}
+
 /// Runs one short step on the node, so it holds the bundle before a test
 /// interrupts a step there (rather than its download).
 pub(crate) async fn warm(server: &Server) {

@@ -583,12 +583,7 @@ async fn a_nodes_result_reaches_the_server_that_took_its_action_over() {
     // Steps of actions each server owns run there (and the node holds the
     // bundle before the kill).
     for server in [&a, &b] {
-        let id = server
-            .submit("node_sleep", "warm-up", json!({ "ms": 1 }))
-            .await;
-        let done = server.finished(id).await;
-        assert_eq!(done["status"], "succeeded", "{done}\n{}", node.log());
-        assert_eq!(done["steps"][0]["node"], "hv-17", "{done}");
+        crate::nodes::runs_there(server, &node, "hv-17").await;
     }
     // One call ends after s-a takes its action over (the lease is 2 s),
     // one before: s-b is killed well within its 1.5 s.
@@ -713,12 +708,7 @@ async fn a_node_given_one_server_connects_to_every_server() {
         node.log()
     );
     for server in [&a, &b, &c] {
-        let id = server
-            .submit("node_sleep", "vps-1", json!({ "ms": 1 }))
-            .await;
-        let done = server.finished(id).await;
-        assert_eq!(done["status"], "succeeded", "{done}\n{}", node.log());
-        assert_eq!(done["steps"][0]["node"], "hv-17", "{done}");
+        crate::nodes::runs_there(server, &node, "hv-17").await;
     }
     // One connection to s-a: its registry shows the node once, and the
     // duplicate's hello never reached it.
