@@ -2,7 +2,7 @@
 # A planned switchover of the pair start.sh made in DIR, as an operator's
 # tool does it (orchestrator, MaxScale's switchover, a runbook):
 #
-#   bash tests/replica/switchover.sh DIR
+#   bash tests/replica/switchover.sh DIR [PAUSE]
 #
 # 1. the primary stops taking writes (read_only=ON, which waits for the
 #    commits under way);
@@ -11,9 +11,11 @@
 #    made writable again;
 # 3. the replica stops replicating and becomes writable: the new primary;
 # 4. the old primary, still read-only, replicates from the new one.
+# PAUSE (seconds, default 0) is waited between 1 and 2, as a slower tool or
+# a replica that lags would make it: the time no server takes writes.
 # Prints the number (1 or 2) of the new primary.
 set -euo pipefail
-dir=$(cd "${1:?usage: switchover.sh DIR}" && pwd)
+dir=$(cd "${1:?usage: switchover.sh DIR [PAUSE]}" && pwd)
 sql() { mariadb --no-defaults -uroot --socket="$dir/s$1.sock" -N -B -e "$2"; }
 
 if [[ "$(sql 1 'SELECT @@read_only')" == 0 ]]; then old=1 new=2; else old=2 new=1; fi
@@ -25,6 +27,7 @@ fi
 source "$dir/pair.env"
 
 sql $old 'SET GLOBAL read_only = ON'
+sleep "${2:-0}"
 pos=$(sql $old 'SELECT @@gtid_binlog_pos')
 if [[ "$(sql $new "SELECT MASTER_GTID_WAIT('$pos', 30)")" != 0 ]]; then
   sql $old 'SET GLOBAL read_only = OFF'

@@ -72,13 +72,14 @@ async fn primary_first(nodes: &[String]) -> Vec<String> {
     ordered
 }
 
-/// Switches the pair over (`tests/replica/switchover.sh`); returns how long
-/// it took.
-fn switch_over(dir: &str) -> Duration {
+/// Switches the pair over (`tests/replica/switchover.sh`), with `pause`
+/// between the primary turning read-only and the replica's promotion;
+/// returns how long it took.
+fn switch_over(dir: &str, pause: Duration) -> Duration {
     let began = Instant::now();
     let o = std::process::Command::new("bash")
         .arg(workspace().join("tests/replica/switchover.sh"))
-        .arg(dir)
+        .args([dir, &pause.as_secs_f64().to_string()])
         .output()
         .unwrap();
     assert!(
@@ -171,24 +172,12 @@ async fn submit(http: &reqwest::Client, server: &Server, key: &str, target: &str
     }
 }
 
-/// `--db` naming both servers, the primary first. Under a bounded load
-/// (three clients submitting back to back, each submit with an idempotency
-/// key), the pair is switched over and, once the load has gone on through
-/// the new primary, switched back. Each time the server writes through the
-/// new primary within 10 s (as `/v1/health` says) and acknowledges submits
-/// again within 10 s of the switchover; a transaction the demoted primary
-/// refused as read-only is retried on the new one, so no submit is refused
-/// for it; `/v1/health/ready` is 503 only briefly. At the end every
-/// acknowledged action is in the primary's database exactly once and
-/// succeeded, a submit whose outcome was unknown, sent again with its key,
-/// makes one action, and the replica holds the same actions.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn troupe_follows_a_switchover_and_back() {
-    let Some((nodes, dir)) = pair() else { return };
-    let _alone = PAIR.lock().await;
-    let nodes = primary_first(&nodes).await;
+/// A server on a fresh database on the pair, given both addresses, the
+/// primary first; the primary's and the replica's addresses.
+async fn serve_on_pair(nodes: &[String], label: &str) -> (Arc<Server>, String, String, String) {
+    let nodes = primary_first(nodes).await;
     let (primary, replica) = (nodes[0].clone(), nodes[1].clone());
-    let db = format!("troupe_r{}", std::process::id());
+    let db = format!("troupe_r{}_{label}", std::process::id());
     let mut conn = connect(&primary, "").await;
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
         .execute(&mut conn)
@@ -200,13 +189,32 @@ async fn troupe_follows_a_switchover_and_back() {
     };
     let server = Arc::new(env.serve());
     writes_through_until(&server, &primary, Duration::from_secs(5)).await;
+    (server, db, primary, replica)
+}
 
+/// What a load through switchovers saw.
+struct Seen {
+    /// Every submit, as sent and answered.
+    sent: Vec<Sent>,
+    /// When each switchover began.
+    switches: Vec<Instant>,
+    /// When the server wrote through each new primary.
+    moved: Vec<Instant>,
+    /// `/v1/health/ready` every 50 ms: when asked, its status and body.
+    looks: Vec<(Instant, u16, Value)>,
+}
+
+/// Three clients submit back to back (each submit with an idempotency
+/// key; at most 800 each) while readiness is looked at every 50 ms; after
+/// 2 s the pair is switched over to each of `plan` in turn (with its
+/// pause), the server writing through the new primary within 10 s each
+/// time, and the load goes on 3 s after each.
+async fn load_through(server: &Arc<Server>, dir: &str, plan: &[(&str, Duration)]) -> Seen {
     let stop = Arc::new(AtomicBool::new(false));
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()
         .unwrap();
-    // Readiness, every 50 ms (at most 1200 looks).
     let ready = {
         let (server, stop) = (server.clone(), stop.clone());
         tokio::spawn(async move {
@@ -215,10 +223,11 @@ async fn troupe_follows_a_switchover_and_back() {
                 if stop.load(Ordering::SeqCst) {
                     break;
                 }
+                let asked = Instant::now();
                 let (status, body) = server
                     .request_as(None, reqwest::Method::GET, "/v1/health/ready", None)
                     .await;
-                looks.push((Instant::now(), status.as_u16(), body));
+                looks.push((asked, status.as_u16(), body));
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             looks
@@ -249,28 +258,54 @@ async fn troupe_follows_a_switchover_and_back() {
             sent
         }));
     }
-
-    // Some acknowledged first; then over to the replica, and back.
+    // Some acknowledged first.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut switches = Vec::new();
-    for to in [&replica, &primary] {
+    let mut moved = Vec::new();
+    for &(to, pause) in plan {
         let at = Instant::now();
-        let took = switch_over(&dir);
-        let followed = writes_through_until(&server, to, Duration::from_secs(10)).await;
+        let took = tokio::task::spawn_blocking({
+            let dir = dir.to_owned();
+            move || switch_over(&dir, pause)
+        })
+        .await
+        .unwrap();
+        let followed = writes_through_until(server, to, Duration::from_secs(10)).await;
         eprintln!("switched over to {to} in {took:?}; troupe wrote through it {followed:?} later");
         switches.push(at);
+        moved.push(Instant::now());
         // The load goes on through the new primary for a while.
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
     stop.store(true, Ordering::SeqCst);
-    let mut all = Vec::new();
+    let mut sent = Vec::new();
     for c in clients {
-        all.extend(c.await.unwrap());
+        sent.extend(c.await.unwrap());
     }
-    let looks = ready.await.unwrap();
+    Seen {
+        sent,
+        switches,
+        moved,
+        looks: ready.await.unwrap(),
+    }
+}
 
-    // Every submit was answered, and either acknowledged or left open; none
-    // was refused for the switchover.
+/// What must hold after a load through switchovers: no submit refused
+/// (only an unknown outcome allowed); after each switchover a submit
+/// acknowledged within 10 s; an unknown outcome sent again with its key
+/// makes one action; every action succeeded and is in the primary's
+/// database exactly once, and in the replica's as well; readiness 503 for
+/// no more than `unready` in a row, and ready at the end. Returns the
+/// longest stretch readiness was 503, and the codes it gave.
+async fn check(
+    server: &Server,
+    seen: &Seen,
+    db: &str,
+    primary: &str,
+    replica: &str,
+    unready: Duration,
+) -> (Duration, Vec<String>) {
+    let all = &seen.sent;
     let refused: Vec<&Sent> = all
         .iter()
         .filter(|s| s.status != Some(202) && s.code.as_deref() != Some("outcome_unknown"))
@@ -281,7 +316,7 @@ async fn troupe_follows_a_switchover_and_back() {
          must be retried on the new one): {refused:#?}\n{}",
         server.log()
     );
-    for &at in &switches {
+    for &at in &seen.switches {
         let before = all
             .iter()
             .filter(|s| s.status == Some(202) && s.answered < at)
@@ -301,6 +336,25 @@ async fn troupe_follows_a_switchover_and_back() {
             "work stalled {first_after:?} after the switchover"
         );
     }
+    // The stall: the longest time no submit was acknowledged, from the
+    // first switchover on (every client submits back to back).
+    let mut acked: Vec<Instant> = all
+        .iter()
+        .filter(|s| s.status == Some(202) && s.answered > seen.switches[0])
+        .map(|s| s.answered)
+        .collect();
+    acked.insert(0, seen.switches[0]);
+    acked.sort();
+    let stall = acked
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default();
+    eprintln!("the longest time without an acknowledged submit: {stall:?}");
+    assert!(
+        stall < Duration::from_secs(10),
+        "no submit was acknowledged for {stall:?}"
+    );
     let slowest = all
         .iter()
         .map(|s| s.answered - s.sent)
@@ -314,12 +368,13 @@ async fn troupe_follows_a_switchover_and_back() {
     );
 
     // An unknown outcome, sent again with its key: one action.
+    let http = reqwest::Client::new();
     let mut ids: BTreeMap<String, i64> = all
         .iter()
         .filter_map(|s| s.id.map(|id| (s.key.clone(), id)))
         .collect();
     for s in &unknown {
-        let again = submit(&http, &server, &s.key, &s.target).await;
+        let again = submit(&http, server, &s.key, &s.target).await;
         assert_eq!(again.status, Some(202), "{again:?}\n{}", server.log());
         ids.insert(s.key.clone(), again.id.unwrap());
     }
@@ -330,7 +385,7 @@ async fn troupe_follows_a_switchover_and_back() {
     }
 
     // In the primary's database: each once, succeeded, and nothing else.
-    let held = actions_on(&primary, &db).await;
+    let held = actions_on(primary, db).await;
     let mut wrong = Vec::new();
     for (key, &id) in &ids {
         match held.get(key).map(Vec::as_slice) {
@@ -347,10 +402,11 @@ async fn troupe_follows_a_switchover_and_back() {
         wrong.is_empty(),
         "actions not held exactly once: {wrong:#?}"
     );
-    // And the replica (the old primary twice over) holds the same.
+    // And the replica (the old primary) holds the same, having replicated
+    // from the new primary without a conflict.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let copy = actions_on(&replica, &db).await;
+        let copy = actions_on(replica, db).await;
         if copy == held {
             break;
         }
@@ -367,23 +423,118 @@ async fn troupe_follows_a_switchover_and_back() {
     let mut longest = Duration::ZERO;
     let mut since: Option<Instant> = None;
     let mut codes = Vec::new();
-    for (at, status, body) in &looks {
+    for (at, status, body) in &seen.looks {
         if *status == 200 {
             since = None;
             continue;
         }
-        codes.push(format!("{status} {}", body["code"]));
+        codes.push(format!(
+            "{status} {}",
+            body["code"].as_str().unwrap_or_default()
+        ));
         let from = *since.get_or_insert(*at);
         longest = longest.max(*at - from);
     }
+    let unready_at: Vec<Duration> = seen
+        .looks
+        .iter()
+        .filter(|l| l.1 != 200)
+        .map(|l| l.0.saturating_duration_since(seen.switches[0]))
+        .collect();
     eprintln!(
-        "{} readiness looks, {} not ready ({codes:?}); the longest stretch {longest:?}",
-        looks.len(),
-        codes.len()
+        "{} readiness looks, {} not ready (from {:?} to {:?} after the first switchover began); \
+         the longest stretch {longest:?}",
+        seen.looks.len(),
+        codes.len(),
+        unready_at.first(),
+        unready_at.last(),
     );
     assert!(
-        longest < Duration::from_secs(5),
-        "/v1/health/ready was 503 for {longest:?} in a row"
+        longest < unready,
+        "/v1/health/ready was 503 for {longest:?} in a row ({codes:?})"
     );
-    assert_eq!(looks.last().map(|l| l.1), Some(200));
+    assert_eq!(seen.looks.last().map(|l| l.1), Some(200));
+    // Ready again once the writes moved (a readiness check stands for 1 s):
+    // its reads do not go to the old primary after the move.
+    for &moved in &seen.moved {
+        let late: Vec<_> = seen
+            .looks
+            .iter()
+            .filter(|l| l.1 != 200 && l.0 > moved + Duration::from_millis(1500))
+            .map(|l| (l.0 - moved, l.2.clone()))
+            .collect();
+        assert!(
+            late.is_empty(),
+            "not ready after the writes moved to the new primary: {late:?}"
+        );
+    }
+    (longest, codes)
+}
+
+/// `--db` naming both servers, the primary first. Under a bounded load
+/// (three clients submitting back to back, each submit with an idempotency
+/// key), the pair is switched over and, once the load has gone on through
+/// the new primary, switched back. Each time the server writes through the
+/// new primary within 10 s (as `/v1/health` says) and acknowledges submits
+/// again within 10 s of the switchover; a transaction the demoted primary
+/// refused as read-only is retried on the new one, so no submit is refused
+/// for it; `/v1/health/ready` is 503 only briefly. At the end every
+/// acknowledged action is in the primary's database exactly once and
+/// succeeded, a submit whose outcome was unknown, sent again with its key,
+/// makes one action, and the replica holds the same actions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn troupe_follows_a_switchover_and_back() {
+    let Some((nodes, dir)) = pair() else { return };
+    let _alone = PAIR.lock().await;
+    let (server, db, primary, replica) = serve_on_pair(&nodes, "back").await;
+    let seen = load_through(
+        &server,
+        &dir,
+        &[(&replica, Duration::ZERO), (&primary, Duration::ZERO)],
+    )
+    .await;
+    check(
+        &server,
+        &seen,
+        &db,
+        &primary,
+        &replica,
+        Duration::from_secs(5),
+    )
+    .await;
+}
+
+/// A slow switchover: the primary read-only for 3 s before the replica is
+/// promoted, under the same load. Commits refused as read-only meanwhile
+/// (`store.rolled_back` in `/v1/health` counts them) are tried again until
+/// the new primary takes them: no submit is refused, each action is stored
+/// once; readiness says `database_read_only` for about those 3 s and no
+/// longer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_wait_through_a_slow_switchover() {
+    let Some((nodes, dir)) = pair() else { return };
+    let _alone = PAIR.lock().await;
+    let (server, db, primary, replica) = serve_on_pair(&nodes, "slow").await;
+    let seen = load_through(&server, &dir, &[(&replica, Duration::from_secs(3))]).await;
+    let (_, body) = server.get("/v1/health").await;
+    let retried = body["store"]["rolled_back"].as_u64().unwrap();
+    eprintln!("commits tried again: {retried}");
+    assert!(retried > 0, "no commit was refused as read-only: {body}");
+    let (longest, codes) = check(
+        &server,
+        &seen,
+        &db,
+        &replica,
+        &primary,
+        Duration::from_secs(6),
+    )
+    .await;
+    assert!(
+        longest >= Duration::from_secs(2),
+        "/v1/health/ready was 503 only {longest:?} of the 3 s the primary was read-only"
+    );
+    assert!(
+        codes.iter().all(|c| c == "503 database_read_only"),
+        "{codes:?}"
+    );
 }
