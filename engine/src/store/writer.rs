@@ -143,9 +143,11 @@ pub(super) fn read_only(e: &sqlx::Error) -> bool {
 /// How long a transaction a read-only node refused is tried again (every
 /// [`READ_ONLY_PAUSE`]) before the failure is reported: a planned
 /// switchover makes the new primary writable within a second or two of
-/// the old one turning read-only, and the bound for any stall is
-/// 10 s.
-pub(super) const READ_ONLY_PATIENCE: Duration = Duration::from_secs(10);
+/// the old one turning read-only. Shorter than the default submit timeout
+/// (10 s), so that a submit during a switchover that does not finish (or
+/// to a database left read-only) is refused as `database_unavailable`,
+/// nothing written, rather than left `outcome_unknown`.
+pub(super) const READ_ONLY_PATIENCE: Duration = Duration::from_secs(8);
 
 /// The pause between tries of a transaction a read-only node refused.
 const READ_ONLY_PAUSE: Duration = Duration::from_millis(100);

@@ -538,3 +538,79 @@ async fn writes_wait_through_a_slow_switchover() {
         "{codes:?}"
     );
 }
+
+/// Runs `sql` as root on server `node` of the pair (its socket in `dir`).
+fn root_sql(dir: &str, nodes: &[String], node: &str, sql: &str) {
+    let n = nodes.iter().position(|x| x == node).unwrap() + 1;
+    let o = std::process::Command::new("mariadb")
+        .args([
+            "--no-defaults",
+            "-uroot",
+            &format!("--socket={dir}/s{n}.sock"),
+        ])
+        .args(["-e", sql])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// The primary turns read-only and nothing replaces it (a switchover that
+/// does not finish): a submit is refused `database_unavailable` within the
+/// submit timeout and stored nothing, even once the primary is writable
+/// again; readiness says `database_read_only`. Writable again, the same
+/// submit goes through once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_left_read_only_refuses_submits_and_stores_nothing() {
+    let Some((nodes, dir)) = pair() else { return };
+    let _alone = PAIR.lock().await;
+    let (server, db, primary, _) = serve_on_pair(&nodes, "stuck").await;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    root_sql(&dir, &nodes, &primary, "SET GLOBAL read_only = ON");
+    let refused = submit(&http, &server, "stuck-1", "vps-1").await;
+    let (ready, body) = server
+        .request_as(None, reqwest::Method::GET, "/v1/health/ready", None)
+        .await;
+    root_sql(&dir, &nodes, &primary, "SET GLOBAL read_only = OFF");
+    let took = refused.answered - refused.sent;
+    assert_eq!(
+        (refused.status, refused.code.as_deref()),
+        (Some(503), Some("database_unavailable")),
+        "{refused:?}\n{}",
+        server.log()
+    );
+    assert!(
+        took >= Duration::from_secs(7) && took < Duration::from_secs(10),
+        "answered after {took:?}"
+    );
+    assert_eq!(ready.as_u16(), 503, "{body}");
+    assert_eq!(body["code"], "database_read_only");
+    // Nothing was stored: the writer gave up on it before answering, so
+    // nothing of it is left to commit once the primary is writable (looked
+    // at again a second after, when a retry still under way would have
+    // committed).
+    writes_through_until(&server, &primary, Duration::from_secs(5)).await;
+    for _ in 0..2 {
+        let held = actions_on(&primary, &db).await;
+        assert!(
+            held.is_empty(),
+            "stored after database_unavailable: {held:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let again = submit(&http, &server, "stuck-1", "vps-1").await;
+    assert_eq!(again.status, Some(202), "{again:?}");
+    assert_eq!(
+        server.finished(again.id.unwrap()).await["status"],
+        "succeeded"
+    );
+    let held = actions_on(&primary, &db).await;
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(held["stuck-1"].len(), 1, "{held:?}");
+}
