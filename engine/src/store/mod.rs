@@ -222,7 +222,8 @@ pub struct StoreStats {
     pub commit_micros: AtomicU64,
     pub writes: AtomicU64,
     /// Transactions the database rolled back for a conflict (deadlock, lock
-    /// wait timeout, Galera certification) or a node not ready, each retried.
+    /// wait timeout, Galera certification) or a node not ready, or refused
+    /// on a node turned read-only (a switchover), each retried.
     pub rolled_back: AtomicU64,
 }
 

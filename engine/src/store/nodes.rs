@@ -5,6 +5,14 @@
 //! same node (no certification conflicts between them); it moves on when
 //! that node is gone, not ready (`wsrep_ready=OFF`), not Primary, not
 //! Synced, or read-only, and back once an earlier node is healthy again.
+//!
+//! The same list names a primary/replica pair (or a primary and several
+//! replicas): a replica is read-only, so it is never written through while
+//! a writable node exists, whatever its place in the list. After a
+//! switchover the old primary is read-only and the new one writable, and
+//! the writes follow the new one; the list's order only says which to
+//! prefer when several are writable at once, which a primary/replica setup
+//! avoids (and which, on Galera, is the normal case).
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -17,6 +25,10 @@ use tokio::sync::Notify;
 
 /// How often the nodes are looked at while all is well.
 const EVERY: Duration = Duration::from_secs(1);
+
+/// How often they are looked at while none takes writes (a switchover
+/// under way: the old primary read-only, the new one not yet writable).
+const EVERY_WHILE_NONE: Duration = Duration::from_millis(200);
 
 /// How long a node may take to answer a look before it counts as gone.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -153,13 +165,16 @@ impl Nodes {
     /// to the first healthy one when that is not the current one. Ends when
     /// the pool is closed.
     pub(crate) async fn watch(self: Arc<Self>, pool: MySqlPool) {
+        let mut none = false;
         while !pool.is_closed() {
             tokio::select! {
-                _ = tokio::time::sleep(EVERY) => {}
+                _ = tokio::time::sleep(if none { EVERY_WHILE_NONE } else { EVERY }) => {}
                 _ = self.kick.notified() => {}
             }
             let now = self.current.load(Ordering::SeqCst);
-            match self.choose().await {
+            let chosen = self.choose().await;
+            none = chosen.is_err();
+            match chosen {
                 Ok(best) if best != now => {
                     tracing::warn!(
                         from = %self.labels[now],

@@ -43,6 +43,10 @@ pub(super) struct Failed {
     /// [`rolled_back`]): nothing of it was written, and the same
     /// transaction again may well succeed.
     pub(super) rolled_back: bool,
+    /// The node refused the transaction because it is read-only (see
+    /// [`read_only`]): nothing of it was written, and it may succeed once
+    /// the writes moved to the new primary.
+    pub(super) read_only: bool,
     /// The database refused the write itself (a constraint, a value it
     /// cannot hold): trying again cannot help. Otherwise the failure is the
     /// connection's or the moment's (lost connection, deadlock, lock wait
@@ -69,6 +73,7 @@ impl From<sqlx::Error> for Failed {
                 _ => None,
             },
             rolled_back: rolled_back(&e),
+            read_only: read_only(&e),
             message: e.to_string(),
         }
     }
@@ -79,8 +84,9 @@ impl From<sql::ApplyError> for Failed {
         let failed = Failed::from(e.error);
         Failed {
             // A conflict reported at `COMMIT` (Galera's certification) is a
-            // rollback like any other; only a lost answer leaves it open.
-            unknown: e.at_commit && !failed.rolled_back,
+            // rollback like any other, and a node turned read-only refuses
+            // the `COMMIT` itself; only a lost answer leaves it open.
+            unknown: e.at_commit && !failed.rolled_back && !failed.read_only,
             ..failed
         }
     }
@@ -126,6 +132,32 @@ pub(super) fn rolled_back(e: &sqlx::Error) -> bool {
     db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
         .is_some_and(|e| matches!(e.number(), 1213 | 1205 | 1047))
 }
+
+/// Whether the node refused a statement, or the `COMMIT`, because it is
+/// read-only (MySQL/MariaDB 1290, as `read_only` or `super_read_only` makes
+/// it answer for a user without `READ_ONLY ADMIN` or `SUPER`): a primary
+/// demoted by a switchover. The transaction was not committed; it is tried
+/// again, on a fresh connection, for up to [`READ_ONLY_PATIENCE`] while the
+/// writes move to the new primary.
+pub(super) fn read_only(e: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = e else {
+        return false;
+    };
+    db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+        .is_some_and(|e| e.number() == 1290)
+}
+
+/// How long a transaction a read-only node refused is tried again (every
+/// [`READ_ONLY_PAUSE`]) before the failure is reported: a planned
+/// switchover makes the new primary writable within a second or two of
+/// the old one turning read-only. Shorter than the default submit timeout
+/// (10 s), so that a submit during a switchover that does not finish (or
+/// to a database left read-only) is refused as `database_unavailable`,
+/// nothing written, rather than left `outcome_unknown`.
+pub(super) const READ_ONLY_PATIENCE: Duration = Duration::from_secs(8);
+
+/// The pause between tries of a transaction a read-only node refused.
+const READ_ONLY_PAUSE: Duration = Duration::from_millis(100);
 
 /// The same for an engine error (see [`retrying`]).
 pub(super) fn error_rolled_back(e: &crate::Error) -> bool {
@@ -240,6 +272,13 @@ pub(super) async fn run(
                     let _ = req.reply.send(Err(e.clone()));
                 }
             }
+            // Refused as read-only for all of [`READ_ONLY_PATIENCE`]: no
+            // node takes writes, and each alone would wait as long again.
+            Err(e) if e.read_only => {
+                for req in batch.drain(..) {
+                    let _ = req.reply.send(Err(e.clone()));
+                }
+            }
             // Rolled back: one bad write must not fail its neighbours (nor
             // one that keeps conflicting).
             Err(_) => {
@@ -261,6 +300,12 @@ pub(super) async fn run(
 /// or a node not ready ([`rolled_back`]), up to [`ATTEMPTS`] times: the whole
 /// transaction each time, since nothing of it was kept.
 ///
+/// Also again, every [`READ_ONLY_PAUSE`] for up to [`READ_ONLY_PATIENCE`],
+/// while the node refuses it as read-only (a switchover under way): the
+/// node watcher moves the writes to the new primary meanwhile, and each try
+/// takes a fresh connection (to the new primary once they moved, or through
+/// a proxy to wherever it sends them now).
+///
 /// Also once more, at once, when it holds an insert with an idempotency key
 /// and failed on a unique key before `COMMIT`: another server inserted the
 /// same key after this one looked for it (a client's retry through another
@@ -274,8 +319,18 @@ pub(super) async fn commit_retrying(
     stats: &StoreStats,
 ) -> Result<Vec<Outcome>, Failed> {
     let mut attempt = 0;
+    let mut read_only_since: Option<std::time::Instant> = None;
     loop {
         match commit_once(conn, caps, writes, fences, stats).await {
+            Err(e) if e.read_only => {
+                stats.rolled_back.fetch_add(1, Ordering::Relaxed);
+                let since = *read_only_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() >= READ_ONLY_PATIENCE {
+                    return Err(e);
+                }
+                tracing::debug!(error = %e.message, writes = writes.len(), "the database node is read-only; trying the commit again once the writes moved");
+                tokio::time::sleep(READ_ONLY_PAUSE).await;
+            }
             Err(e) if e.rolled_back => {
                 stats.rolled_back.fetch_add(1, Ordering::Relaxed);
                 if attempt + 1 >= ATTEMPTS {
@@ -329,6 +384,7 @@ pub(super) fn injected_refusal(writes: &[&Write]) -> Result<(), Failed> {
             permanent: true,
             unknown: false,
             rolled_back: false,
+            read_only: false,
             duplicate: false,
             stale: None,
         }));
@@ -342,6 +398,7 @@ pub(super) fn injected_refusal(writes: &[&Write]) -> Result<(), Failed> {
             permanent: true,
             unknown: false,
             rolled_back: false,
+            read_only: false,
             duplicate: false,
             stale: None,
         }));
@@ -359,6 +416,7 @@ pub(super) fn injected_before_commit(writes: &[&Write]) -> Result<(), Failed> {
             permanent: false,
             unknown: false,
             rolled_back: false,
+            read_only: false,
             duplicate: false,
             stale: None,
         }));
@@ -375,6 +433,7 @@ pub(super) fn injected_after_commit(writes: &[&Write]) -> Result<(), Failed> {
             permanent: false,
             unknown: true,
             rolled_back: false,
+            read_only: false,
             duplicate: false,
             stale: None,
         }));

@@ -41,6 +41,7 @@ mod promises;
 mod readme;
 mod recovery;
 mod reload;
+mod replica;
 mod servers;
 mod shared_config;
 mod tidy;
