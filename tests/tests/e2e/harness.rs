@@ -233,10 +233,14 @@ pub(crate) fn build_bundle(name: &str, manifest: &str) -> Result<Vec<u8>, String
 }
 
 /// An HTTP client for tests (reqwest is built with rustls and no default
-/// crypto provider: the one process-wide provider is installed first).
+/// crypto provider: the one process-wide provider is installed first). It
+/// lets go of an idle connection before the server closes it (after its
+/// 10 s header timeout), so a request never goes out on a connection the
+/// server is closing at that moment.
 pub(crate) fn http_client() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
+        .pool_idle_timeout(Duration::from_secs(5))
         .tls_certs_only([])
         .build()
         .expect("an HTTP client")
