@@ -251,7 +251,14 @@ impl Engine {
         match tokens.authenticate(token, model::now()) {
             Err(Refused::Unknown { .. }) if self.inner.store.shared() => {
                 let missed = std::time::Instant::now();
-                if let Err(e) = tokens.reread(missed, self.inner.store.tokens()).await {
+                // Bounded: with the database away, an unknown token is
+                // refused after 2 s, not after the pool's own timeout.
+                let read = async {
+                    tokio::time::timeout(Duration::from_secs(2), self.inner.store.tokens())
+                        .await
+                        .map_err(|_| Error::DatabaseConnect("no answer within 2 s".into()))?
+                };
+                if let Err(e) = tokens.reread(missed, read).await {
                     tracing::warn!(error = %e, "cannot read the tokens again");
                 }
                 tokens.authenticate(token, model::now())
