@@ -454,13 +454,19 @@ async fn check(
         "/v1/health/ready was 503 for {longest:?} in a row ({codes:?})"
     );
     assert_eq!(seen.looks.last().map(|l| l.1), Some(200));
-    // Ready again once the writes moved (a readiness check stands for 1 s):
-    // its reads do not go to the old primary after the move.
-    for &moved in &seen.moved {
+    // Ready again once the writes moved (a readiness check stands for 1 s),
+    // until the next switchover begins: its reads do not go to the old
+    // primary after the move.
+    for (i, &moved) in seen.moved.iter().enumerate() {
+        let next = seen.switches.get(i + 1).copied();
         let late: Vec<_> = seen
             .looks
             .iter()
-            .filter(|l| l.1 != 200 && l.0 > moved + Duration::from_millis(1500))
+            .filter(|l| {
+                l.1 != 200
+                    && l.0 > moved + Duration::from_millis(1500)
+                    && next.is_none_or(|next| l.0 < next)
+            })
             .map(|l| (l.0 - moved, l.2.clone()))
             .collect();
         assert!(
