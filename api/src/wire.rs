@@ -342,7 +342,8 @@ pub struct Health {
 pub struct Readiness {
     /// ok (live), ready, or not_ready.
     pub status: &'static str,
-    /// Why not: shutting_down, database_unavailable or database_read_only.
+    /// Why not: shutting_down, database_unavailable, database_read_only or
+    /// database_not_in_cluster (a Galera node not ready, not Primary or not Synced).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub code: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -291,24 +291,38 @@ impl Engine {
                 "this server is shutting down; send work to another".into(),
             ));
         }
-        match tokio::time::timeout(within, self.inner.store.writable()).await {
-            Ok(Ok(true)) => Ok(()),
-            Ok(Ok(false)) => Err((
+        let looked = tokio::time::timeout(within, self.inner.store.takes_writes()).await;
+        let why = match looked {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(why)) => why,
+            Err(_) => {
+                return Err((
+                    "database_unavailable",
+                    format!("the database did not answer within {within:?}"),
+                ));
+            }
+        };
+        // The details (which node, the database's own words) go to the
+        // log: readiness answers without a credential.
+        let node = self.inner.store.writes_through();
+        tracing::warn!(node = ?node, why = %why, "not ready: the database does not take writes");
+        Err(match why {
+            store::NotWritable::Gone(_) => (
+                "database_unavailable",
+                "the database does not answer".into(),
+            ),
+            store::NotWritable::ReadOnly => (
                 "database_read_only",
                 "the database is read-only (a replica, or a primary after a switchover)".into(),
-            )),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "readiness: the database does not answer");
-                Err((
-                    "database_unavailable",
-                    "the database does not answer".into(),
-                ))
-            }
-            Err(_) => Err((
-                "database_unavailable",
-                format!("the database did not answer within {within:?}"),
-            )),
-        }
+            ),
+            store::NotWritable::NotInCluster(state) => (
+                "database_not_in_cluster",
+                format!(
+                    "the database node written through is not a working member of its Galera \
+                     cluster: {state}; the writes move to another listed node that is, if any"
+                ),
+            ),
+        })
     }
 
     /// Stops starting steps and refuses new submits (`ShuttingDown`);

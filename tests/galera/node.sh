@@ -4,6 +4,8 @@
 #   node.sh DIR start N [--new-cluster]   start node N (1-3) and wait until it is Synced
 #   node.sh DIR kill N                    SIGKILL node N (a host that dies)
 #   node.sh DIR stop N                    stop node N cleanly
+#   node.sh DIR freeze N                  SIGSTOP node N (a host that stops answering)
+#   node.sh DIR thaw N                    SIGCONT node N
 #   node.sh DIR state N                   print its wsrep_local_state_comment (Synced, Donor/Desynced, ...)
 #
 # Node N listens for SQL on 127.0.0.1:BASE+N, for the group on BASE+10+N,
@@ -84,11 +86,15 @@ stop)
   fi
   rm -f "$pidfile"
   ;;
+freeze | thaw)
+  if ! running; then echo "node $n does not run" >&2; exit 1; fi
+  if [[ "$cmd" == freeze ]]; then kill -STOP "$(cat "$pidfile")"; else kill -CONT "$(cat "$pidfile")"; fi
+  ;;
 state)
   state
   ;;
 *)
-  echo "usage: node.sh DIR start|kill|stop|state N" >&2
+  echo "usage: node.sh DIR start|kill|stop|freeze|thaw|state N" >&2
   exit 2
   ;;
 esac

@@ -22,6 +22,7 @@ use crate::model::{Action, ActionFilter, ActionId, Timestamp};
 
 mod access;
 mod nodes;
+pub use nodes::NotWritable;
 mod servers;
 mod sql;
 mod watchers;
@@ -343,7 +344,10 @@ impl Store {
                 found.choose().await.map_err(|why| {
                     Error::DatabaseConnect(format!(
                         "none of the database's addresses takes writes now: {}",
-                        why.join("; ")
+                        why.iter()
+                            .map(|(node, why)| format!("{node}: {why}"))
+                            .collect::<Vec<_>>()
+                            .join("; ")
                     ))
                 })?
             } else {
@@ -531,6 +535,7 @@ impl Store {
             Ok(Err(Failed {
                 message,
                 rolled_back: true,
+                conflict: true,
                 ..
             })) => Err(Error::WriteConflict(message)),
             Ok(Err(Failed {
@@ -794,20 +799,22 @@ impl Store {
     }
 
     /// Whether the database takes writes now: it answers and, on
-    /// MySQL/MariaDB, is not read-only (a replica, or a primary a
-    /// switchover demoted).
-    pub async fn writable(&self) -> Result<bool> {
+    /// MySQL/MariaDB, the node written through is not read-only (a replica,
+    /// or a primary a switchover demoted) and, on Galera, is a working
+    /// member of its cluster (ready, in the Primary component, Synced).
+    pub async fn takes_writes(&self) -> std::result::Result<(), NotWritable> {
         match &self.read {
             Pool::Sqlite(p) => {
-                sqlx::query("SELECT 1").execute(p).await?;
-                Ok(true)
+                sqlx::query("SELECT 1")
+                    .execute(p)
+                    .await
+                    .map_err(|e| NotWritable::Gone(e.to_string()))?;
+                Ok(())
             }
-            Pool::MySql(p) => {
-                let read_only: i64 = sqlx::query_scalar("SELECT CAST(@@read_only AS SIGNED)")
-                    .fetch_one(p)
-                    .await?;
-                Ok(read_only == 0)
-            }
+            Pool::MySql(_) => match &self.nodes {
+                Some(nodes) => nodes.look_current().await,
+                None => Ok(()),
+            },
         }
     }
 

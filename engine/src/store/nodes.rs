@@ -122,9 +122,22 @@ impl Nodes {
         self.len() > 1 && age >= self.moved_at.lock().unwrap().elapsed()
     }
 
+    /// Whether the node written through now takes writes, looked at on a
+    /// connection of its own: a pooled one asks for causal reads, which a
+    /// node out of the Primary component refuses even for `SHOW`.
+    pub(crate) async fn look_current(&self) -> Result<(), NotWritable> {
+        let opts = &self.options[self.current.load(Ordering::SeqCst)];
+        match tokio::time::timeout(PROBE_TIMEOUT, probe(opts)).await {
+            Ok(r) => r,
+            Err(_) => Err(NotWritable::Gone(format!(
+                "no answer within {PROBE_TIMEOUT:?}"
+            ))),
+        }
+    }
+
     /// Looks at every node at once; the first healthy one in the list, or
     /// why each is not.
-    pub(crate) async fn choose(&self) -> Result<usize, Vec<String>> {
+    pub(crate) async fn choose(&self) -> Result<usize, Vec<(String, NotWritable)>> {
         let probes: Vec<_> = self
             .options
             .iter()
@@ -133,14 +146,19 @@ impl Nodes {
                 tokio::spawn(async move {
                     match tokio::time::timeout(PROBE_TIMEOUT, probe(&o)).await {
                         Ok(r) => r,
-                        Err(_) => Err(format!("no answer within {PROBE_TIMEOUT:?}")),
+                        Err(_) => Err(NotWritable::Gone(format!(
+                            "no answer within {PROBE_TIMEOUT:?}"
+                        ))),
                     }
                 })
             })
             .collect();
         let mut looks = Vec::with_capacity(probes.len());
         for p in probes {
-            looks.push(p.await.unwrap_or_else(|e| Err(e.to_string())));
+            looks.push(
+                p.await
+                    .unwrap_or_else(|e| Err(NotWritable::Gone(e.to_string()))),
+            );
         }
         if let Some(i) = looks.iter().position(Result::is_ok) {
             return Ok(i);
@@ -148,7 +166,7 @@ impl Nodes {
         Err(looks
             .into_iter()
             .zip(&self.labels)
-            .map(|(r, label)| format!("{label}: {}", r.err().unwrap_or_default()))
+            .filter_map(|(r, label)| r.err().map(|why| (label.clone(), why)))
             .collect())
     }
 
@@ -185,6 +203,10 @@ impl Nodes {
                 }
                 Ok(_) => {}
                 Err(why) => {
+                    let why: Vec<String> = why
+                        .iter()
+                        .map(|(node, why)| format!("{node}: {why}"))
+                        .collect();
                     tracing::warn!(nodes = ?why, "no database node is healthy; staying where the writes are");
                 }
             }
@@ -192,30 +214,55 @@ impl Nodes {
     }
 }
 
+/// Why a node does not take writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotWritable {
+    /// It does not answer (or answers with an error): the text says what.
+    Gone(String),
+    /// `read_only` is on: a replica, or a primary after a switchover.
+    ReadOnly,
+    /// A Galera node that is no working member of its cluster: not ready
+    /// (`wsrep_ready=OFF`), not in the Primary component (the cluster lost
+    /// its quorum, or this node is cut off from it), or not Synced.
+    NotInCluster(String),
+}
+
+impl std::fmt::Display for NotWritable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotWritable::Gone(why) => f.write_str(why),
+            NotWritable::ReadOnly => f.write_str("read-only"),
+            NotWritable::NotInCluster(why) => f.write_str(why),
+        }
+    }
+}
+
 /// Whether the node at `opts` takes writes now: it answers, is not
 /// read-only and, on Galera, is ready, in the Primary component and Synced.
-async fn probe(opts: &MySqlConnectOptions) -> Result<(), String> {
+async fn probe(opts: &MySqlConnectOptions) -> Result<(), NotWritable> {
     let mut conn = MySqlConnection::connect_with(opts)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| NotWritable::Gone(e.to_string()))?;
     let looked = look(&mut conn).await;
     let _ = conn.close().await;
     looked
 }
 
-async fn look(conn: &mut MySqlConnection) -> Result<(), String> {
+/// Whether the node `conn` is connected to takes writes now.
+async fn look(conn: &mut MySqlConnection) -> Result<(), NotWritable> {
+    let gone = |e: sqlx::Error| NotWritable::Gone(e.to_string());
     let vars: Vec<(String, String)> =
         sqlx::query_as("SHOW GLOBAL VARIABLES WHERE Variable_name IN ('read_only', 'wsrep_on')")
             .fetch_all(&mut *conn)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(gone)?;
     let var = |name: &str| {
         vars.iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     };
     if var("read_only").is_some_and(|v| v.eq_ignore_ascii_case("ON") || v == "1") {
-        return Err("read-only".into());
+        return Err(NotWritable::ReadOnly);
     }
     if !var("wsrep_on").is_some_and(|v| v.eq_ignore_ascii_case("ON")) {
         return Ok(());
@@ -225,25 +272,30 @@ async fn look(conn: &mut MySqlConnection) -> Result<(), String> {
     )
     .fetch_all(&mut *conn)
     .await
-    .map_err(|e| e.to_string())?;
+    .map_err(gone)?;
     let get = |name: &str| {
         status
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map_or("", |(_, v)| v.as_str())
     };
-    if !get("wsrep_ready").eq_ignore_ascii_case("ON") {
-        return Err("not ready (wsrep_ready=OFF)".into());
-    }
     if get("wsrep_cluster_status") != "Primary" {
-        return Err(format!(
-            "not in the Primary component ({})",
+        return Err(NotWritable::NotInCluster(format!(
+            "not in the Primary component ({}): the cluster lost its quorum, or this node is cut off from it",
             get("wsrep_cluster_status")
+        )));
+    }
+    if !get("wsrep_ready").eq_ignore_ascii_case("ON") {
+        return Err(NotWritable::NotInCluster(
+            "not ready (wsrep_ready=OFF)".into(),
         ));
     }
     // 4: Synced. A donor (2) may be blocked by its state transfer.
     if get("wsrep_local_state") != "4" {
-        return Err(format!("not Synced (state {})", get("wsrep_local_state")));
+        return Err(NotWritable::NotInCluster(format!(
+            "not Synced (state {})",
+            get("wsrep_local_state")
+        )));
     }
     Ok(())
 }

@@ -43,10 +43,17 @@ pub(super) struct Failed {
     /// [`rolled_back`]): nothing of it was written, and the same
     /// transaction again may well succeed.
     pub(super) rolled_back: bool,
-    /// The node refused the transaction because it is read-only (see
-    /// [`read_only`]): nothing of it was written, and it may succeed once
-    /// the writes moved to the new primary.
-    pub(super) read_only: bool,
+    /// Rolled back for a conflict with other writes (1213: a deadlock, or a
+    /// Galera certification conflict), not for a lock wait that timed out
+    /// (1205): tried [`ATTEMPTS`] times over, the first is a conflict the
+    /// client may retry (`write_conflict`), the second a database that
+    /// holds locks for seconds, as one waiting for its cluster does
+    /// (`database_unavailable`).
+    pub(super) conflict: bool,
+    /// The node refused the transaction because it takes no writes now (see
+    /// [`not_writable`]): nothing of it was written, and it may succeed once
+    /// the writes moved to a node that does.
+    pub(super) not_writable: bool,
     /// The database refused the write itself (a constraint, a value it
     /// cannot hold): trying again cannot help. Otherwise the failure is the
     /// connection's or the moment's (lost connection, deadlock, lock wait
@@ -73,7 +80,8 @@ impl From<sqlx::Error> for Failed {
                 _ => None,
             },
             rolled_back: rolled_back(&e),
-            read_only: read_only(&e),
+            conflict: number(&e) == Some(1213),
+            not_writable: not_writable(&e),
             message: e.to_string(),
         }
     }
@@ -86,7 +94,7 @@ impl From<sql::ApplyError> for Failed {
             // A conflict reported at `COMMIT` (Galera's certification) is a
             // rollback like any other, and a node turned read-only refuses
             // the `COMMIT` itself; only a lost answer leaves it open.
-            unknown: e.at_commit && !failed.rolled_back && !failed.read_only,
+            unknown: e.at_commit && !failed.rolled_back && !failed.not_writable,
             ..failed
         }
     }
@@ -123,28 +131,32 @@ pub(super) fn is_permanent(e: &sqlx::Error) -> bool {
 /// and said so, so that running it again is safe and may succeed.
 /// MySQL/MariaDB: 1213 (a deadlock, or on Galera a certification conflict
 /// with a write through another node, or a brute-force abort by one),
-/// 1205 (a lock wait timeout; the writer rolls back the rest itself), 1047
-/// (Galera: this node is not ready, as while it joins).
-pub(super) fn rolled_back(e: &sqlx::Error) -> bool {
+/// 1205 (a lock wait timeout; the writer rolls back the rest itself).
+/// The MySQL/MariaDB error number of `e`, if the database answered with one.
+fn number(e: &sqlx::Error) -> Option<u16> {
     let sqlx::Error::Database(db) = e else {
-        return false;
+        return None;
     };
     db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
-        .is_some_and(|e| matches!(e.number(), 1213 | 1205 | 1047))
+        .map(|e| e.number())
 }
 
-/// Whether the node refused a statement, or the `COMMIT`, because it is
-/// read-only (MySQL/MariaDB 1290, as `read_only` or `super_read_only` makes
-/// it answer for a user without `READ_ONLY ADMIN` or `SUPER`): a primary
-/// demoted by a switchover. The transaction was not committed; it is tried
-/// again, on a fresh connection, for up to [`READ_ONLY_PATIENCE`] while the
-/// writes move to the new primary.
-pub(super) fn read_only(e: &sqlx::Error) -> bool {
-    let sqlx::Error::Database(db) = e else {
-        return false;
-    };
-    db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
-        .is_some_and(|e| e.number() == 1290)
+pub(super) fn rolled_back(e: &sqlx::Error) -> bool {
+    matches!(number(e), Some(1213 | 1205))
+}
+
+/// Whether the node refused a statement, or the `COMMIT`, because it takes
+/// no writes now: it is read-only (MySQL/MariaDB 1290, as `read_only` or
+/// `super_read_only` makes it answer for a user without `READ_ONLY ADMIN`
+/// or `SUPER`: a primary demoted by a switchover), or it is a Galera node
+/// that is not ready (1047: joining, or out of the Primary component
+/// after the cluster lost its quorum). The transaction was not committed;
+/// it is tried again, on a fresh connection, for up to
+/// [`READ_ONLY_PATIENCE`] while the writes move to a node that takes them.
+/// Past that it fails as the database's (`database_unavailable`), never as
+/// a conflict: trying at once again would not help.
+pub(super) fn not_writable(e: &sqlx::Error) -> bool {
+    matches!(number(e), Some(1290 | 1047))
 }
 
 /// How long a transaction a read-only node refused is tried again (every
@@ -159,9 +171,11 @@ pub(super) const READ_ONLY_PATIENCE: Duration = Duration::from_secs(8);
 /// The pause between tries of a transaction a read-only node refused.
 const READ_ONLY_PAUSE: Duration = Duration::from_millis(100);
 
-/// The same for an engine error (see [`retrying`]).
+/// Whether an engine error is worth trying again at once (see
+/// [`retrying`]): rolled back, or refused by a node that takes no writes
+/// for the moment.
 pub(super) fn error_rolled_back(e: &crate::Error) -> bool {
-    matches!(e, crate::Error::Database(e) if rolled_back(e))
+    matches!(e, crate::Error::Database(e) if rolled_back(e) || not_writable(e))
 }
 
 /// Times a transaction the database keeps rolling back is tried, in all.
@@ -274,7 +288,7 @@ pub(super) async fn run(
             }
             // Refused as read-only for all of [`READ_ONLY_PATIENCE`]: no
             // node takes writes, and each alone would wait as long again.
-            Err(e) if e.read_only => {
+            Err(e) if e.not_writable => {
                 for req in batch.drain(..) {
                     let _ = req.reply.send(Err(e.clone()));
                 }
@@ -319,12 +333,12 @@ pub(super) async fn commit_retrying(
     stats: &StoreStats,
 ) -> Result<Vec<Outcome>, Failed> {
     let mut attempt = 0;
-    let mut read_only_since: Option<std::time::Instant> = None;
+    let mut unwritable_since: Option<std::time::Instant> = None;
     loop {
         match commit_once(conn, caps, writes, fences, stats).await {
-            Err(e) if e.read_only => {
+            Err(e) if e.not_writable => {
                 stats.rolled_back.fetch_add(1, Ordering::Relaxed);
-                let since = *read_only_since.get_or_insert_with(std::time::Instant::now);
+                let since = *unwritable_since.get_or_insert_with(std::time::Instant::now);
                 if since.elapsed() >= READ_ONLY_PATIENCE {
                     return Err(e);
                 }
@@ -384,7 +398,8 @@ pub(super) fn injected_refusal(writes: &[&Write]) -> Result<(), Failed> {
             permanent: true,
             unknown: false,
             rolled_back: false,
-            read_only: false,
+            conflict: false,
+            not_writable: false,
             duplicate: false,
             stale: None,
         }));
@@ -398,7 +413,8 @@ pub(super) fn injected_refusal(writes: &[&Write]) -> Result<(), Failed> {
             permanent: true,
             unknown: false,
             rolled_back: false,
-            read_only: false,
+            conflict: false,
+            not_writable: false,
             duplicate: false,
             stale: None,
         }));
@@ -416,7 +432,8 @@ pub(super) fn injected_before_commit(writes: &[&Write]) -> Result<(), Failed> {
             permanent: false,
             unknown: false,
             rolled_back: false,
-            read_only: false,
+            conflict: false,
+            not_writable: false,
             duplicate: false,
             stale: None,
         }));
@@ -433,7 +450,8 @@ pub(super) fn injected_after_commit(writes: &[&Write]) -> Result<(), Failed> {
             permanent: false,
             unknown: true,
             rolled_back: false,
-            read_only: false,
+            conflict: false,
+            not_writable: false,
             duplicate: false,
             stale: None,
         }));

@@ -515,3 +515,163 @@ async fn losing_another_node_fails_no_request() {
     );
     node(&dir, "start", 3);
 }
+
+/// Nodes frozen with SIGSTOP, thawed when dropped (a failed test leaves the
+/// cluster whole for the next).
+struct Frozen<'a> {
+    dir: &'a str,
+    nodes: Vec<usize>,
+}
+
+impl<'a> Frozen<'a> {
+    fn new(dir: &'a str, nodes: &[usize]) -> Frozen<'a> {
+        for &n in nodes {
+            node(dir, "freeze", n);
+        }
+        Frozen {
+            dir,
+            nodes: nodes.to_vec(),
+        }
+    }
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        for &n in &self.nodes {
+            node(self.dir, "thaw", n);
+        }
+        whole(self.dir);
+    }
+}
+
+/// Waits (at most 90 s) until every node of the cluster is Synced again.
+fn whole(dir: &str) {
+    let began = Instant::now();
+    let mut states = Vec::new();
+    while began.elapsed() < Duration::from_secs(90) {
+        states = (1..=3)
+            .map(|n| {
+                let o = std::process::Command::new("bash")
+                    .arg(workspace().join("tests/galera/node.sh"))
+                    .args([dir, "state", &n.to_string()])
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&o.stdout).trim().to_owned()
+            })
+            .collect();
+        if states.iter().all(|s| s == "Synced") {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    panic!("the cluster is not whole 90 s after the thaw: {states:?}");
+}
+
+/// `/v1/health/ready`: its status and body.
+async fn ready(server: &Server) -> (u16, Value) {
+    let (status, body) = server
+        .request_as(None, reqwest::Method::GET, "/v1/health/ready", None)
+        .await;
+    (status.as_u16(), body)
+}
+
+/// Two of the three nodes frozen (SIGSTOP: hosts that stop answering): the
+/// one left loses its quorum and leaves the Primary component, so no node
+/// takes writes. Readiness answers 503 `database_not_in_cluster` and says
+/// why, without naming a node (it answers without a credential), within
+/// 30 s of the freeze (Galera's own suspicion and eviction come first); a
+/// submit is refused `database_unavailable` and stores nothing. Thawed,
+/// the cluster forms again, the server is ready again and the same submit
+/// makes one action.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_without_quorum_is_not_ready_and_says_why() {
+    let Some(nodes) = nodes() else { return };
+    let Ok(dir) = std::env::var("TROUPE_TEST_GALERA_DIR") else {
+        eprintln!(
+            "skipped: TROUPE_TEST_GALERA_DIR is not set (tests/galera/start.sh writes it to DIR/env)"
+        );
+        return;
+    };
+    let _alone = CLUSTER.lock().await;
+    let (mut env, db) = galera_env(&nodes).await;
+    env.db_url = format!("mysql://troupe_test:troupe-test@{}/{db}", nodes.join(","));
+    let server = env.serve();
+    writes_through_until(&server, &nodes[0], Duration::from_secs(5)).await;
+    assert_eq!(ready(&server).await.0, 200);
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let submit = |key: &'static str| {
+        let http = http.clone();
+        let (url, token) = (server.url.clone(), server.token.clone());
+        async move {
+            let resp = http
+                .post(format!("{url}/v1/actions"))
+                .bearer_auth(token)
+                .json(&json!({ "kind": "noop3", "target": "vps-q", "params": {}, "idempotency_key": key }))
+                .send()
+                .await
+                .expect("an answer within 30 s");
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+
+    let frozen = Frozen::new(&dir, &[2, 3]);
+    let froze = Instant::now();
+    let body = loop {
+        let (status, body) = ready(&server).await;
+        if status == 503 && body["code"] == "database_not_in_cluster" {
+            break body;
+        }
+        assert!(
+            froze.elapsed() < Duration::from_secs(30),
+            "readiness still {status} {body} 30 s after the quorum was lost\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    eprintln!("not ready {:?} after the freeze: {body}", froze.elapsed());
+    let reason = body["reason"].as_str().unwrap();
+    assert!(reason.contains("not in the Primary component"), "{body}");
+    assert!(
+        !reason.contains("127.0.0.1"),
+        "a node named without a credential: {body}"
+    );
+    let (status, refused) = submit("quorum-1").await;
+    assert_eq!(
+        (status, refused["error"]["code"].as_str()),
+        (503, Some("database_unavailable")),
+        "{refused}\n{}",
+        server.log()
+    );
+
+    drop(frozen);
+    let thawed = Instant::now();
+    loop {
+        let (status, body) = ready(&server).await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            thawed.elapsed() < Duration::from_secs(60),
+            "not ready 60 s after the cluster was whole again: {body}\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!("ready {:?} after the thaw", thawed.elapsed());
+    let (status, body) = submit("quorum-1").await;
+    assert_eq!(status, 202, "{body}\n{}", server.log());
+    let id = body["id"].as_i64().unwrap();
+    assert_eq!(server.finished(id).await["status"], "succeeded");
+    let mut conn = sqlx::MySqlConnection::connect(&url(&nodes[0], &db))
+        .await
+        .unwrap();
+    let stored: Vec<i64> = sqlx::query_scalar("SELECT id FROM actions")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(stored, [id], "one action for the one key");
+}
