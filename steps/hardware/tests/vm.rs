@@ -9,6 +9,7 @@
 //! never seen to finish, which is what a guest that ignores the request
 //! looks like, and what these tests use to force one off.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -289,4 +290,102 @@ fn an_unknown_domain_an_unreachable_hypervisor_and_an_unlisted_one_are_told_apar
         )),
         "{refused}"
     );
+}
+
+/// A hypervisor whose guest obeys a graceful shutdown: its node file is a
+/// FIFO this serves to each `virsh` connection in turn, `web` running for
+/// the first two (the step's state read and its shutdown request) and shut
+/// off from then on. Returns the connections served.
+fn obeying_guest(bundle: &Bundle, op: &str) -> (Value, usize) {
+    let node = Node::new();
+    let fifo = node.dir.join("fifo.xml");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let server = {
+        let (fifo, stop) = (fifo.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut served = 0;
+            loop {
+                // Blocks until a reader opens the FIFO.
+                let mut f = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+                if stop.load(Ordering::SeqCst) {
+                    return served;
+                }
+                served += 1;
+                let runstate = if served <= 2 { 1 } else { 5 };
+                let xml = format!(
+                    "<node><domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'><name>web</name><memory>65536</memory><os><type>hvm</type></os><test:runstate>{runstate}</test:runstate></domain></node>"
+                );
+                let _ = std::io::Write::write_all(&mut f, xml.as_bytes());
+                drop(f);
+                // Wait for this reader to close (no reader left: opening
+                // without blocking fails), so that the next open is the
+                // next connection's. Connections come one after another.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+                    .open(&fifo)
+                    .is_ok()
+                {
+                    assert!(Instant::now() < deadline, "virsh kept the node file open");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        })
+    };
+    let uri = format!("test://{}", fifo.display());
+    let report = vm(bundle, &uri, "web", op)
+        .param("grace_ms", 60_000)
+        .run()
+        .unwrap();
+    stop.store(true, Ordering::SeqCst);
+    // Opening the FIFO to read lets the server's last open return.
+    drop(std::fs::File::open(&fifo).unwrap());
+    let served = server.join().unwrap();
+    assert_eq!(report.status, Status::Succeeded, "{report}");
+    (report.output("vm").unwrap().clone(), served)
+}
+
+#[test]
+fn a_guest_that_shuts_down_is_seen_shut_off_without_being_forced() {
+    virsh_installed();
+    let bundle = bundle();
+    let started = Instant::now();
+    let (out, served) = obeying_guest(&bundle, "shutdown");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "it did not wait out the grace"
+    );
+    assert_eq!(out["sent"], serde_json::json!(["shutdown"]), "{out}");
+    assert_eq!(out["state"], "shut off");
+    assert!(
+        out["summary"]
+            .as_str()
+            .unwrap()
+            .contains(" shut down gracefully in "),
+        "{out}"
+    );
+    assert_eq!(served, 3, "the state read, the request and one more read");
+
+    let (out, served) = obeying_guest(&bundle, "reboot");
+    assert_eq!(
+        out["sent"],
+        serde_json::json!(["shutdown", "start"]),
+        "{out}"
+    );
+    assert_eq!(out["state"], "running");
+    assert!(
+        out["summary"]
+            .as_str()
+            .unwrap()
+            .contains(" shut down gracefully in ")
+            && out["summary"].as_str().unwrap().contains("started again"),
+        "{out}"
+    );
+    assert_eq!(served, 4);
 }
