@@ -133,49 +133,65 @@ pub(crate) fn vm(cx: &Context<'_>, input: StepInput<Settings>) -> Result<Output,
     let state = virsh.state(cx)?;
     cx.log(format_args!("{name} is {state}"));
     let mut sent = Vec::new();
-    let (state, summary) = match s.op.as_str() {
-        "status" => (state.clone(), format!("{name} is {state}")),
-        "start" if state == RUNNING => (state, format!("{name} is already running: not started")),
-        "start" => {
-            virsh.start(cx, &state, &mut sent)?;
-            (
-                RUNNING.to_owned(),
-                format!("{name} was {state} and is started"),
-            )
-        }
-        "destroy" if state == SHUT_OFF => {
-            (state, format!("{name} is already shut off: not destroyed"))
-        }
-        "destroy" => {
-            virsh.change(cx, "destroy", &mut sent)?;
-            (
-                SHUT_OFF.to_owned(),
-                format!("{name} was {state} and is destroyed (forced off)"),
-            )
-        }
-        "shutdown" if state == SHUT_OFF => {
-            (state, format!("{name} is already shut off: nothing sent"))
-        }
-        "shutdown" => {
-            let wait = Duration::from_millis(if s.force { s.grace_ms } else { s.wait_ms });
-            let how = virsh.shut_down(cx, &name, &state, wait, s.force, &mut sent)?;
-            (SHUT_OFF.to_owned(), how)
-        }
-        "reboot" => {
-            let how = if state == SHUT_OFF {
-                format!("{name} was shut off")
-            } else {
-                let grace = Duration::from_millis(s.grace_ms);
-                virsh.shut_down(cx, &name, &state, grace, true, &mut sent)?
-            };
-            virsh.start(cx, SHUT_OFF, &mut sent)?;
-            (RUNNING.to_owned(), format!("{how}; started again"))
-        }
-        other => {
+    let result = (|| -> Result<(String, String), StepError> {
+        Ok(match s.op.as_str() {
+            "status" => (state.clone(), format!("{name} is {state}")),
+            "start" if state == RUNNING => {
+                (state, format!("{name} is already running: not started"))
+            }
+            "start" => {
+                virsh.start(cx, &state, &mut sent)?;
+                (
+                    RUNNING.to_owned(),
+                    format!("{name} was {state} and is started"),
+                )
+            }
+            "destroy" if state == SHUT_OFF => {
+                (state, format!("{name} is already shut off: not destroyed"))
+            }
+            "destroy" => {
+                virsh.change(cx, "destroy", &mut sent)?;
+                (
+                    SHUT_OFF.to_owned(),
+                    format!("{name} was {state} and is destroyed (forced off)"),
+                )
+            }
+            "shutdown" if state == SHUT_OFF => {
+                (state, format!("{name} is already shut off: nothing sent"))
+            }
+            "shutdown" => {
+                let wait = Duration::from_millis(if s.force { s.grace_ms } else { s.wait_ms });
+                let how = virsh.shut_down(cx, &name, &state, wait, s.force, &mut sent)?;
+                (SHUT_OFF.to_owned(), how)
+            }
+            "reboot" => {
+                let how = if state == SHUT_OFF {
+                    format!("{name} was shut off")
+                } else {
+                    let grace = Duration::from_millis(s.grace_ms);
+                    virsh.shut_down(cx, &name, &state, grace, true, &mut sent)?
+                };
+                virsh.start(cx, SHUT_OFF, &mut sent)?;
+                (RUNNING.to_owned(), format!("{how}; started again"))
+            }
+            other => {
+                return Err(StepError::fatal(format!(
+                    "unknown vm op `{other}`: use start, shutdown, reboot, destroy or status"
+                )));
+            }
+        })
+    })();
+    // A reboot that has sent something is not tried again: a second one
+    // would interrupt the boot of the first. The other ops are idempotent
+    // by state, so a retry reads the state first and does what is left.
+    let (state, summary) = match result {
+        Err(StepError::Retryable(m)) if s.op == "reboot" && !sent.is_empty() => {
             return Err(StepError::fatal(format!(
-                "unknown vm op `{other}`: use start, shutdown, reboot, destroy or status"
+                "{m} (after virsh {}: the reboot may be under way; check the domain before trying again)",
+                sent.join(", ")
             )));
         }
+        other => other?,
     };
     let waited_ms = if sent.is_empty() {
         0
@@ -354,9 +370,7 @@ impl Virsh<'_> {
             wait.as_millis()
         ))
     }
-}
 
-impl Virsh<'_> {
     /// Reads `domstate` until it says `shut off` (None) or `deadline`
     /// comes (the last state seen), backing off from 0.5 s to 5 s, the
     /// last read at the deadline. A transient domain is gone once it has
