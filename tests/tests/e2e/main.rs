@@ -22,6 +22,7 @@ mod faults;
 mod files;
 mod galera;
 mod goons;
+mod hardware_placement;
 mod hostile;
 mod hostile_bundles;
 mod lease;
