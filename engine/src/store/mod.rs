@@ -339,7 +339,8 @@ impl Store {
             )
         } else if url.starts_with("mysql:") || url.starts_with("mariadb:") {
             let url = url.replacen("mariadb:", "mysql:", 1);
-            let found = Arc::new(nodes::Nodes::new(&nodes::split_url(&url), STATEMENT_CACHE)?);
+            let found =
+                Arc::new(nodes::Nodes::open(&nodes::split_url(&url), STATEMENT_CACHE).await?);
             let first = if found.len() > 1 {
                 found.choose().await.map_err(|why| {
                     Error::DatabaseConnect(format!(

@@ -14,13 +14,14 @@
 //! prefer when several are writable at once, which a primary/replica setup
 //! avoids (and which, on Galera, is the normal case).
 
+use std::net::IpAddr;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use sqlx::Connection;
-use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlPool};
+use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlPool, MySqlSslMode};
 use tokio::sync::Notify;
 
 /// How often the nodes are looked at while all is well.
@@ -71,26 +72,36 @@ pub(crate) fn split_url(url: &str) -> Vec<String> {
 }
 
 impl Nodes {
-    pub(crate) fn new(urls: &[String], statement_cache: usize) -> crate::Result<Nodes> {
-        let options = urls
-            .iter()
-            .map(|u| {
-                MySqlConnectOptions::from_str(u)
-                    .map(|o| o.statement_cache_capacity(statement_cache))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let labels = options
-            .iter()
-            .map(|o| format!("{}:{}", o.get_host(), o.get_port()))
-            .collect();
-        Ok(Nodes {
+    /// The nodes `urls` name (see [`split_url`]). A host name that
+    /// resolves to several addresses (one DNS name for the nodes of a
+    /// Galera cluster) stands for each of them, in address order, as if the
+    /// list named them: troupe writes through one at a time, and every
+    /// server given the name prefers the same one. Looked
+    /// up once, here; a name with one address is kept as the name, so each
+    /// new connection resolves it again (a managed database that fails over
+    /// by pointing its name elsewhere). With `ssl-mode=VERIFY_IDENTITY` a
+    /// name is kept as it is, since the certificate is checked against the
+    /// name connected to: list the nodes' names instead.
+    pub(crate) async fn open(urls: &[String], statement_cache: usize) -> crate::Result<Nodes> {
+        let mut options = Vec::new();
+        for url in urls {
+            let opts =
+                MySqlConnectOptions::from_str(url)?.statement_cache_capacity(statement_cache);
+            options.push(opts);
+        }
+        Ok(Nodes::new(expand(options, lookup).await))
+    }
+
+    fn new(options: Vec<(MySqlConnectOptions, String)>) -> Nodes {
+        let (options, labels) = options.into_iter().unzip();
+        Nodes {
             options,
             labels,
             current: AtomicUsize::new(0),
             generation: AtomicU64::new(0),
             moved_at: std::sync::Mutex::new(Instant::now()),
             kick: Notify::new(),
-        })
+        }
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -214,6 +225,72 @@ impl Nodes {
     }
 }
 
+/// The addresses `host:port` resolves to, or none when it does not (within
+/// 5 s): the connection then says why.
+async fn lookup(host: String, port: u16) -> Vec<IpAddr> {
+    let found = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::lookup_host((host.as_str(), port)),
+    )
+    .await;
+    match found {
+        Ok(Ok(addrs)) => addrs.map(|a| a.ip()).collect(),
+        Ok(Err(e)) => {
+            tracing::warn!(host = %host, error = %e, "cannot resolve the database's host name");
+            Vec::new()
+        }
+        Err(_) => {
+            tracing::warn!(host = %host, "the database's host name did not resolve within 5 s");
+            Vec::new()
+        }
+    }
+}
+
+/// Each node's options and label (`host:port`), a host name with several
+/// addresses replaced by one node per address (labelled `ip:port (name)`),
+/// as [`Nodes::open`] says.
+async fn expand<F, Fut>(
+    options: Vec<MySqlConnectOptions>,
+    lookup: F,
+) -> Vec<(MySqlConnectOptions, String)>
+where
+    F: Fn(String, u16) -> Fut,
+    Fut: std::future::Future<Output = Vec<IpAddr>>,
+{
+    let mut nodes = Vec::new();
+    for opts in options {
+        let (host, port) = (opts.get_host().to_owned(), opts.get_port());
+        let label = format!("{host}:{port}");
+        let a_name = opts.get_socket().is_none()
+            && host.trim_matches(['[', ']']).parse::<IpAddr>().is_err()
+            && !matches!(opts.get_ssl_mode(), MySqlSslMode::VerifyIdentity);
+        let mut addrs = if a_name {
+            lookup(host.clone(), port).await
+        } else {
+            Vec::new()
+        };
+        // In address order, not the resolver's (which may rotate): every
+        // server given the name agrees on the first.
+        addrs.sort();
+        addrs.dedup();
+        if addrs.len() < 2 {
+            nodes.push((opts, label));
+            continue;
+        }
+        for addr in addrs {
+            let at = match addr {
+                IpAddr::V4(a) => format!("{a}:{port}"),
+                IpAddr::V6(a) => format!("[{a}]:{port}"),
+            };
+            nodes.push((
+                opts.clone().host(&addr.to_string()),
+                format!("{at} ({host})"),
+            ));
+        }
+    }
+    nodes
+}
+
 /// Why a node does not take writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NotWritable {
@@ -302,7 +379,85 @@ async fn look(conn: &mut MySqlConnection) -> Result<(), NotWritable> {
 
 #[cfg(test)]
 mod tests {
-    use super::split_url;
+    use std::net::IpAddr;
+    use std::str::FromStr;
+
+    use sqlx::mysql::MySqlConnectOptions;
+
+    use super::{expand, split_url};
+
+    /// What [`expand`] makes of `urls` when `db.example` resolves to
+    /// fd00::2, 10.0.0.1 and 10.0.0.1 again, and `one.example` to 10.0.0.9:
+    /// each node's host and label.
+    async fn expanded(urls: &[&str]) -> Vec<(String, String)> {
+        let options = urls
+            .iter()
+            .map(|u| MySqlConnectOptions::from_str(u).unwrap())
+            .collect();
+        let looked_up = std::sync::Mutex::new(Vec::new());
+        let nodes = expand(options, |host: String, _port| {
+            looked_up.lock().unwrap().push(host.clone());
+            async move {
+                match host.as_str() {
+                    "db.example" => ["fd00::2", "10.0.0.1", "10.0.0.1"]
+                        .iter()
+                        .map(|a| a.parse::<IpAddr>().unwrap())
+                        .collect(),
+                    "one.example" => vec!["10.0.0.9".parse().unwrap()],
+                    _ => Vec::new(),
+                }
+            }
+        })
+        .await;
+        let looked_up = looked_up.into_inner().unwrap();
+        assert!(
+            looked_up.iter().all(|h| h.ends_with(".example")),
+            "only names are looked up: {looked_up:?}"
+        );
+        nodes
+            .into_iter()
+            .map(|(o, label)| (o.get_host().to_owned(), label))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_name_with_several_addresses_is_one_node_per_address() {
+        assert_eq!(
+            expanded(&["mysql://u:p@db.example:3307/troupe"]).await,
+            [
+                ("10.0.0.1".into(), "10.0.0.1:3307 (db.example)".into()),
+                ("fd00::2".into(), "[fd00::2]:3307 (db.example)".into()),
+            ]
+        );
+        // Beside other nodes, in its place in the list.
+        assert_eq!(
+            expanded(&["mysql://u:p@10.0.0.7:3306/t", "mysql://u:p@db.example/t"]).await,
+            [
+                ("10.0.0.7".into(), "10.0.0.7:3306".into()),
+                ("10.0.0.1".into(), "10.0.0.1:3306 (db.example)".into()),
+                ("fd00::2".into(), "[fd00::2]:3306 (db.example)".into()),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_name_with_one_address_or_none_or_a_checked_identity_stays_a_name() {
+        for url in [
+            "mysql://u:p@one.example:3306/t",
+            "mysql://u:p@gone.example:3306/t",
+            "mysql://u:p@db.example:3306/t?ssl-mode=VERIFY_IDENTITY",
+        ] {
+            let host = MySqlConnectOptions::from_str(url)
+                .unwrap()
+                .get_host()
+                .to_owned();
+            assert_eq!(
+                expanded(&[url]).await,
+                [(host.clone(), format!("{host}:3306"))],
+                "{url}"
+            );
+        }
+    }
 
     #[test]
     fn a_url_with_several_hosts_is_one_url_per_host() {
