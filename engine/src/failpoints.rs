@@ -12,6 +12,7 @@
 //! | name | where | what `return` does |
 //! | --- | --- | --- |
 //! | `store.after_insert_commit` | a commit that inserted actions | reports an error although the commit went through (the outcome is unknown) |
+//! | `store.after_turn_commit` | a commit that claims a queued action's turn (with its first step started) | the same |
 //! | `store.insert_uncommitted` | MySQL/MariaDB: a commit that inserts actions, its statements run, before `COMMIT` | (use `sleep(MS)`: holds the transaction open) |
 //! | `store.before_insert_commit` | a commit that inserts actions, before it is sent | fails it as a lost connection would: nothing was written |
 //! | `runner.before_step` | a runner, before each step | (use `panic`) |

@@ -65,17 +65,46 @@ impl Shared {
             epoch: turn.map_or(action.epoch, |seen| seen + 1),
         };
         let mut delay = Duration::from_millis(100);
+        // A try whose commit may have gone through all the same.
+        let mut unknown = false;
         loop {
             match self
                 .store
                 .write_fenced(fence.clone(), writes.to_vec())
                 .await
             {
-                // Not its turn after all (another server's action of the
-                // target runs, or it was claimed or cancelled): the caller
-                // leaves it.
-                Ok(outcomes) if turn.is_some() && outcomes[0] == (Outcome::Done { rows: 0 }) => {
-                    return Ok(outcomes);
+                // Nothing to claim: not its turn after all (another
+                // server's action of the target runs, or it was claimed or
+                // cancelled), and the caller leaves it; unless an earlier
+                // try whose answer was lost claimed it, and it is this
+                // runner's at the new epoch already (the rest of the
+                // writes, fenced on that epoch, held this time).
+                Ok(mut outcomes)
+                    if turn.is_some() && outcomes[0] == (Outcome::Done { rows: 0 }) =>
+                {
+                    if !unknown {
+                        return Ok(outcomes);
+                    }
+                    match self.store.action(action.id).await {
+                        Ok(Some(now)) => {
+                            if now.owner.as_deref() == Some(&*fence.owner)
+                                && now.epoch == fence.epoch
+                            {
+                                tracing::info!(
+                                    action_id = action.id,
+                                    "the turn was claimed by the try whose answer was lost; going on"
+                                );
+                                outcomes[0] = Outcome::Done { rows: 1 };
+                            }
+                            return Ok(outcomes);
+                        }
+                        Ok(None) => return Ok(outcomes),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot read whose the action is after a lost answer; retrying");
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(Duration::from_secs(5));
+                        }
+                    }
                 }
                 Ok(outcomes) if outcomes.contains(&Outcome::Fenced) => {
                     tracing::warn!(
@@ -89,6 +118,7 @@ impl Shared {
                 Err(crate::Error::ShuttingDown) => return Err(Halt::Stopping),
                 Err(crate::Error::WriteRefused(why)) => return Err(Halt::Refused(why)),
                 Err(e) => {
+                    unknown |= matches!(e, crate::Error::OutcomeUnknown { .. });
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot record action progress; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));

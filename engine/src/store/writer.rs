@@ -441,20 +441,28 @@ pub(super) fn injected_before_commit(writes: &[&Write]) -> Result<(), Failed> {
     Ok(())
 }
 
-/// The `store.after_insert_commit` failure point: a commit that went
+/// The `store.after_insert_commit` and `store.after_turn_commit` failure
+/// points (a commit inserting actions, or claiming a turn): a commit that went
 /// through but whose answer was lost (see [`crate::failpoints`]).
 pub(super) fn injected_after_commit(writes: &[&Write]) -> Result<(), Failed> {
+    let lost = || Failed {
+        message: "the connection was lost during COMMIT (injected)".into(),
+        permanent: false,
+        unknown: true,
+        rolled_back: false,
+        conflict: false,
+        not_writable: false,
+        duplicate: false,
+        stale: None,
+    };
     if writes.iter().any(|w| matches!(w, Write::Insert { .. })) {
-        fail::fail_point!("store.after_insert_commit", |_| Err(Failed {
-            message: "the connection was lost during COMMIT (injected)".into(),
-            permanent: false,
-            unknown: true,
-            rolled_back: false,
-            conflict: false,
-            not_writable: false,
-            duplicate: false,
-            stale: None,
-        }));
+        fail::fail_point!("store.after_insert_commit", |_| Err(lost()));
+    }
+    if writes
+        .iter()
+        .any(|w| matches!(w, Write::Start { turn: Some(_), .. }))
+    {
+        fail::fail_point!("store.after_turn_commit", |_| Err(lost()));
     }
     Ok(())
 }

@@ -273,6 +273,39 @@ fn node(dir: &str, what: &str, n: usize) {
     );
 }
 
+/// A node SIGKILLed, started again when dropped if the test did not (a
+/// failed test leaves the cluster whole for the next).
+struct Killed<'a> {
+    dir: &'a str,
+    n: usize,
+    started: bool,
+}
+
+impl<'a> Killed<'a> {
+    fn new(dir: &'a str, n: usize) -> Killed<'a> {
+        node(dir, "kill", n);
+        Killed {
+            dir,
+            n,
+            started: false,
+        }
+    }
+
+    /// Starts it again and waits until it is Synced.
+    fn start(mut self) {
+        self.started = true;
+        node(self.dir, "start", self.n);
+    }
+}
+
+impl Drop for Killed<'_> {
+    fn drop(&mut self) {
+        if !self.started {
+            node(self.dir, "start", self.n);
+        }
+    }
+}
+
 /// The node `/v1/health` says the server writes through.
 async fn writes_through(server: &Server) -> String {
     let (_, body) = server.get("/v1/health").await;
@@ -369,7 +402,7 @@ async fn losing_the_writer_node_moves_the_writes_to_the_next() {
     }
     // Some acknowledged before the kill.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    node(&dir, "kill", 1);
+    let down = Killed::new(&dir, 1);
     let killed = Instant::now();
     // The writes move, and the load goes on for a while after.
     writes_through_until(&server, &nodes[1], Duration::from_secs(10)).await;
@@ -425,7 +458,7 @@ async fn losing_the_writer_node_moves_the_writes_to_the_next() {
     }
 
     // The node comes back (as a joiner), and the writes follow it back.
-    node(&dir, "start", 1);
+    down.start();
     writes_through_until(&server, &nodes[0], Duration::from_secs(30)).await;
     let id = server.submit("noop3", "vps-after", json!({})).await;
     assert_eq!(server.finished(id).await["status"], "succeeded");
@@ -485,7 +518,7 @@ async fn losing_another_node_fails_no_request() {
         }));
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    node(&dir, "kill", 3);
+    let killed = Killed::new(&dir, 3);
     // Past the cluster's eviction of the node (about 5 s), and some more.
     tokio::time::sleep(Duration::from_secs(9)).await;
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -513,7 +546,7 @@ async fn losing_another_node_fails_no_request() {
         "{} submits, none failed; the slowest took {slowest:?}",
         all.len()
     );
-    node(&dir, "start", 3);
+    killed.start();
 }
 
 /// Nodes frozen with SIGSTOP, thawed when dropped (a failed test leaves the

@@ -355,3 +355,31 @@ async fn a_retry_through_another_server_meets_the_uncommitted_insert() {
     assert_eq!(again["id"], made["id"]);
     assert_eq!(actions(&second).await.len(), 1);
 }
+
+/// On a shared database a queued action's runner claims its turn in the
+/// commit that records its first step started. That commit is made but its
+/// answer lost (as when the node written through dies at `COMMIT`): the
+/// runner, trying it again, finds nothing left to claim — its own first try
+/// claimed it — and must see that the action is its own at the new epoch
+/// and go on, not leave it `running` with nobody to finish it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_claimed_by_a_commit_whose_answer_was_lost_goes_on() {
+    let env = Env::new(Db::MySql).await;
+    let server = env.serve_with_env(
+        &[],
+        &[("FAILPOINTS", "store.after_turn_commit=1*return->off")],
+    );
+    armed(&server);
+    // The second waits for the first (one target): its start claims its turn.
+    let first = server.submit("noop3", "vps-1", json!({})).await;
+    let second = server.submit("noop3", "vps-1", json!({})).await;
+    for id in [first, second] {
+        let done = server.finished(id).await;
+        assert_eq!(done["status"], "succeeded", "{done}\n{}", server.log());
+    }
+    assert!(
+        server.log().contains("cannot record action progress"),
+        "the lost answer was not injected:\n{}",
+        server.log()
+    );
+}
