@@ -1,0 +1,404 @@
+//! Target records through the API and the CLI: who may read and change
+//! them, what a change does (a merge, or a whole replacement), bad input
+//! refused with its code and nothing stored or audited, values that look
+//! like secrets refused without being echoed, paging, and a change through
+//! one server seen through another at once.
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::cli::text;
+use crate::harness::{Db, Env, Server, both_dbs, strings};
+
+async fn send(server: &Server, method: Method, path: &str, body: Value) -> (StatusCode, Value) {
+    server.request(method, path, Some(body.to_string())).await
+}
+
+/// How many audit entries record `event`.
+async fn audited(server: &Server, event: &str) -> usize {
+    let (status, audit) = server.get("/v1/audit?limit=1000").await;
+    assert_eq!(status, 200, "{audit}");
+    strings(&audit["entries"], "event")
+        .iter()
+        .filter(|e| **e == event)
+        .count()
+}
+
+fn code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or("")
+}
+
+async fn records_are_set_merged_replaced_listed_and_deleted(db: Db) {
+    let env = Env::new(db).await;
+    let server = env.serve();
+    let reader = server.token_with("reader", &["read"], None).await;
+    let operator = server.token_with("operator", &["operate"], None).await;
+
+    // Nothing yet: a read token reads, and is told there is no record.
+    let (status, body) = server
+        .request_as(Some(&reader), Method::GET, "/v1/targets/vps-123", None)
+        .await;
+    assert_eq!(
+        (status.as_u16(), code(&body)),
+        (404, "target_not_found"),
+        "{body}"
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("troupe targets set vps-123"),
+        "{body}"
+    );
+    // Changes need admin: read and operate tokens are refused before the body is read.
+    for token in [&reader, &operator] {
+        let (status, body) = server
+            .request_as(
+                Some(token),
+                Method::PATCH,
+                "/v1/targets/vps-123",
+                Some(json!({ "set": { "bmc": "https://10.0.0.5" } }).to_string()),
+            )
+            .await;
+        assert_eq!(
+            (status.as_u16(), code(&body)),
+            (403, "missing_scope_admin"),
+            "{body}"
+        );
+    }
+    assert_eq!(audited(&server, "target.set").await, 0);
+
+    // A merge makes the record, another adds to it and removes from it.
+    let (status, body) = send(
+        &server,
+        Method::PATCH,
+        "/v1/targets/vps-123",
+        json!({ "set": { "bmc": "https://10.0.0.5", "bmc_credentials": "dc1-bmc", "rack": "r1" } }),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["target"], "vps-123");
+    assert_eq!(body["updated_by"], "admin", "{body}");
+    let (status, body) = send(
+        &server,
+        Method::PATCH,
+        "/v1/targets/vps-123",
+        json!({ "set": { "hypervisor": "hv-17", "bmc": "https://10.0.0.6" }, "unset": ["rack"] }),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["attributes"],
+        json!({ "bmc": "https://10.0.0.6", "bmc_credentials": "dc1-bmc", "hypervisor": "hv-17" })
+    );
+    let (status, shown) = server
+        .request_as(Some(&reader), Method::GET, "/v1/targets/vps-123", None)
+        .await;
+    assert_eq!(status, 200, "{shown}");
+    assert_eq!(shown["attributes"], body["attributes"]);
+    // A replacement keeps only what it gives.
+    let (status, body) = send(
+        &server,
+        Method::PUT,
+        "/v1/targets/vps-123",
+        json!({ "attributes": { "bmc": "https://10.0.0.5", "bmc_credentials": "dc1-bmc" } }),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["attributes"],
+        json!({ "bmc": "https://10.0.0.5", "bmc_credentials": "dc1-bmc" })
+    );
+    assert_eq!(audited(&server, "target.set").await, 3);
+    let (_, audit) = server.get("/v1/audit?limit=1").await;
+    assert_eq!(audit["entries"][0]["subject"], "vps-123", "{audit}");
+    assert_eq!(audit["entries"][0]["actor"], "admin", "{audit}");
+    assert_eq!(audit["entries"][0]["detail"]["replace"], true, "{audit}");
+
+    // Bad input: each refused with its code, nothing changed or audited.
+    let long = "x".repeat(1025);
+    let cases: Vec<(Method, &str, String, u16, &str)> = vec![
+        (
+            Method::PATCH,
+            "/v1/targets/vps-123",
+            json!({ "set": { "Bad.Key": "x" } }).to_string(),
+            400,
+            "invalid_request",
+        ),
+        (
+            Method::PATCH,
+            "/v1/targets/vps-123",
+            json!({ "set": { "note": long } }).to_string(),
+            400,
+            "invalid_request",
+        ),
+        (
+            Method::PATCH,
+            "/v1/targets/vps-123",
+            json!({ "set": { "note": "" } }).to_string(),
+            400,
+            "invalid_request",
+        ),
+        (
+            Method::PATCH,
+            "/v1/targets/vps-123",
+            json!({ "set": { "note": "a\nb" } }).to_string(),
+            400,
+            "invalid_request",
+        ),
+        (
+            Method::PATCH,
+            "/v1/targets/vps-123",
+            json!({ "set": { "a": "1" }, "unset": ["a"] }).to_string(),
+            400,
+            "invalid_request",
+        ),
+        (
+            Method::PATCH,
+            "/v1/targets/vps-123",
+            json!({}).to_string(),
+            400,
+            "invalid_request",
+        ),
+        (
+            Method::PATCH,
+            "/v1/targets/vps-123",
+            json!({ "set": { "a": 5 } }).to_string(),
+            400,
+            "invalid_request",
+        ),
+        (
+            Method::PATCH,
+            "/v1/targets/vps-123",
+            json!({ "attributes": {} }).to_string(),
+            400,
+            "invalid_request",
+        ),
+        (
+            Method::PUT,
+            "/v1/targets/vps-123",
+            "{\"attributes\": ".to_owned(),
+            400,
+            "malformed_json",
+        ),
+        (
+            Method::PUT,
+            "/v1/targets/%20vps-123",
+            json!({ "attributes": { "a": "1" } }).to_string(),
+            400,
+            "invalid_request",
+        ),
+        (
+            Method::PATCH,
+            "/v1/targets/vps-123",
+            json!({ "set": { "bmc_password": "hunter2-sesame" } }).to_string(),
+            422,
+            "secret_in_record",
+        ),
+        (
+            Method::PATCH,
+            "/v1/targets/vps-123",
+            json!({ "set": { "bmc": "https://root:hunter2-sesame@10.0.0.5" } }).to_string(),
+            422,
+            "secret_in_record",
+        ),
+    ];
+    for (method, path, body, status, want) in cases {
+        let what = format!("{method} {path} {body}");
+        let (got, answer) = server.request(method, path, Some(body)).await;
+        assert_eq!(
+            (got.as_u16(), code(&answer)),
+            (status, want),
+            "{what}: {answer}"
+        );
+        assert!(
+            !answer.to_string().contains("hunter2-sesame"),
+            "{what} echoed the value: {answer}"
+        );
+    }
+    // A record holds at most 64 attributes: a change past that is refused whole.
+    let many: serde_json::Map<String, Value> =
+        (0..62).map(|i| (format!("k{i}"), json!("v"))).collect();
+    let (status, body) = send(
+        &server,
+        Method::PATCH,
+        "/v1/targets/vps-123",
+        json!({ "set": many }),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = send(
+        &server,
+        Method::PATCH,
+        "/v1/targets/vps-123",
+        json!({ "set": { "one_more": "v" } }),
+    )
+    .await;
+    assert_eq!(
+        (status.as_u16(), code(&body)),
+        (409, "target_record_full"),
+        "{body}"
+    );
+    let (_, shown) = server.get("/v1/targets/vps-123").await;
+    assert_eq!(
+        shown["attributes"].as_object().unwrap().len(),
+        64,
+        "{shown}"
+    );
+    assert!(shown["attributes"].get("one_more").is_none());
+    assert_eq!(audited(&server, "target.set").await, 4);
+    assert!(
+        !server.log().contains("hunter2-sesame"),
+        "the server logged a refused value"
+    );
+
+    // Listing pages by name.
+    for t in ["a-1", "b-2", "c-3"] {
+        let (status, _) = send(
+            &server,
+            Method::PUT,
+            &format!("/v1/targets/{t}"),
+            json!({ "attributes": { "rack": "r1" } }),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    let (status, page) = server
+        .request_as(Some(&reader), Method::GET, "/v1/targets?limit=2", None)
+        .await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(strings(&page["targets"], "target"), ["a-1", "b-2"]);
+    assert_eq!(page["next_after"], "b-2");
+    let (_, page) = server.get("/v1/targets?limit=2&after=b-2").await;
+    assert_eq!(strings(&page["targets"], "target"), ["c-3", "vps-123"]);
+    let (_, page) = server.get("/v1/targets?limit=2&after=vps-123").await;
+    assert_eq!(page["targets"], json!([]));
+    assert_eq!(page["next_after"], Value::Null);
+    for bad in [
+        "/v1/targets?limit=0",
+        "/v1/targets?limit=x",
+        "/v1/targets?page=2",
+    ] {
+        let (status, body) = server.get(bad).await;
+        assert_eq!(
+            (status.as_u16(), code(&body)),
+            (400, "invalid_query"),
+            "{bad}: {body}"
+        );
+    }
+
+    // Deleting: once, audited once; then it is gone.
+    let (status, _) = server
+        .request(Method::DELETE, "/v1/targets/a-1", None)
+        .await;
+    assert_eq!(status, 204);
+    let (status, body) = server
+        .request(Method::DELETE, "/v1/targets/a-1", None)
+        .await;
+    assert_eq!(
+        (status.as_u16(), code(&body)),
+        (404, "target_not_found"),
+        "{body}"
+    );
+    assert_eq!(audited(&server, "target.deleted").await, 1);
+}
+
+/// Several servers on one database: a record set through one is what the
+/// other reads at once, and changes made through both at the same moment
+/// all land (each merge reads and writes the row in one transaction).
+async fn every_server_sees_a_change_at_once(db: Db) {
+    if db == Db::Sqlite {
+        return; // one server per SQLite database
+    }
+    let env = Env::new(db).await;
+    let one = env.serve();
+    let two = env.serve_another(&[]);
+    let (status, _) = send(
+        &one,
+        Method::PATCH,
+        "/v1/targets/vps-9",
+        json!({ "set": { "bmc": "https://10.0.0.9" } }),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, seen) = two.get("/v1/targets/vps-9").await;
+    assert_eq!(status, 200, "{seen}");
+    assert_eq!(seen["attributes"]["bmc"], "https://10.0.0.9");
+
+    let mut changes = Vec::new();
+    for i in 0..20 {
+        let server = if i % 2 == 0 { &one } else { &two };
+        changes.push(send(
+            server,
+            Method::PATCH,
+            "/v1/targets/vps-9",
+            json!({ "set": { format!("k{i}"): "v" } }),
+        ));
+    }
+    for (status, body) in futures_util::future::join_all(changes).await {
+        assert_eq!(status, 200, "{body}");
+    }
+    let (_, seen) = one.get("/v1/targets/vps-9").await;
+    assert_eq!(seen["attributes"].as_object().unwrap().len(), 21, "{seen}");
+}
+
+async fn the_cli_sets_shows_lists_and_deletes(db: Db) {
+    let env = Env::new(db).await;
+    let server = env.serve();
+    let ok = |args: &[&str]| {
+        let out = server.cli(args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+        text(&out)
+    };
+    let said = ok(&[
+        "targets",
+        "set",
+        "vps-123",
+        "bmc=https://10.0.0.5",
+        "bmc_credentials=dc1-bmc",
+        "rack=r1",
+    ]);
+    assert!(said.contains("bmc_credentials  dc1-bmc"), "{said}");
+    let said = ok(&[
+        "targets",
+        "set",
+        "vps-123",
+        "--unset",
+        "rack",
+        "hypervisor=hv-17",
+    ]);
+    assert!(
+        said.contains("hypervisor") && !said.contains("rack"),
+        "{said}"
+    );
+    let shown: Value =
+        serde_json::from_str(&ok(&["targets", "show", "vps-123", "--json"])).unwrap();
+    assert_eq!(
+        shown["attributes"],
+        json!({ "bmc": "https://10.0.0.5", "bmc_credentials": "dc1-bmc", "hypervisor": "hv-17" })
+    );
+    let listed = ok(&["targets", "list"]);
+    assert!(
+        listed.contains("vps-123") && listed.contains("hypervisor=hv-17"),
+        "{listed}"
+    );
+
+    let out = server.cli(&["targets", "set", "vps-123", "bmc"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("is not KEY=VALUE"), "{}", text(&out));
+    let out = server.cli(&["targets", "set", "vps-123", "bmc_password=hunter2-sesame"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("secret_in_record"), "{}", text(&out));
+    assert!(!text(&out).contains("hunter2-sesame"), "{}", text(&out));
+
+    ok(&["targets", "delete", "vps-123"]);
+    let out = server.cli(&["targets", "show", "vps-123"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("target_not_found"), "{}", text(&out));
+}
+
+both_dbs!(
+    records_are_set_merged_replaced_listed_and_deleted,
+    every_server_sees_a_change_at_once,
+    the_cli_sets_shows_lists_and_deletes,
+);
