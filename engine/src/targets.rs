@@ -12,7 +12,13 @@
 
 use std::collections::BTreeMap;
 
+use serde_json::{Map, Value};
+use troupe_bundle::manifest::{self, KindDef, StepUse};
+use troupe_bundle::template;
+
 use crate::model::Timestamp;
+use crate::secrets::{self, LoadError, SecretsKey};
+use crate::store::Store;
 use crate::{Error, Result};
 
 /// The most attributes one record holds.
@@ -45,10 +51,7 @@ pub struct Change {
 /// lowercase letters, digits and `_`, at most [`MAX_KEY`] bytes (a template
 /// path's part, and the name of a secret's role).
 pub fn is_key(key: &str) -> bool {
-    let mut bytes = key.bytes();
-    key.len() <= MAX_KEY
-        && bytes.next().is_some_and(|b| b.is_ascii_lowercase())
-        && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    troupe_bundle::names::is_attribute_key(key)
 }
 
 /// Checks a target's name as a submit does.
@@ -150,6 +153,152 @@ pub(crate) fn merged(
     }
     attributes.extend(change.set.iter().map(|(k, v)| (k.clone(), v.clone())));
     (attributes.len() <= MAX_ATTRIBUTES).then_some(attributes)
+}
+
+/// Fills the params of `kind` that default from the target's record
+/// (`from_target`) and the request left out, and checks that the record
+/// has every attribute the kind's step settings read (`{{target.KEY}}`),
+/// so a request that cannot run is refused before anything is stored.
+/// Reads the record from the database (nothing is cached): a change made
+/// through any server holds for the next submit.
+pub(crate) async fn fill(
+    store: &Store,
+    kind: &str,
+    def: &KindDef,
+    target: &str,
+    params: &mut Map<String, Value>,
+) -> Result<()> {
+    if manifest::target_keys_used(def).is_empty() {
+        return Ok(());
+    }
+    let record = store.target_record(target).await?;
+    let attributes = record.as_ref().map(|r| &r.attributes);
+    let missing =
+        |key: &str, used_by: String, param: Option<String>| Error::TargetAttributeMissing {
+            target: target.to_owned(),
+            key: key.to_owned(),
+            used_by,
+            has_record: record.is_some(),
+            param,
+        };
+    for (param, spec) in def.params.specs() {
+        let Some(key) = spec.from_target else {
+            continue;
+        };
+        if params.contains_key(&param) {
+            continue;
+        }
+        match attributes.and_then(|a| a.get(&key)) {
+            Some(v) => {
+                params.insert(param, Value::String(v.clone()));
+            }
+            None => {
+                return Err(missing(
+                    &key,
+                    format!("kind {kind:?} (its param {param:?} defaults from the record)"),
+                    Some(param),
+                ));
+            }
+        }
+    }
+    for u in &def.steps {
+        for path in template::paths(&u.settings).unwrap_or_default() {
+            if let Some(key) = path.strip_prefix("target.")
+                && !attributes.is_some_and(|a| a.contains_key(key))
+            {
+                return Err(missing(
+                    key,
+                    format!("kind {kind:?} (step {:?} reads {{{{{path}}}}})", u.name()),
+                    None,
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The target's record as a step's templates see it, read when the step
+/// starts if it reads the record (`reads`); an unreadable database is worth
+/// another attempt.
+pub(crate) async fn for_step(
+    store: &Store,
+    target: &str,
+    reads: bool,
+) -> std::result::Result<Option<Map<String, Value>>, String> {
+    if !reads {
+        return Ok(None);
+    }
+    let record = store
+        .target_record(target)
+        .await
+        .map_err(|e| format!("could not read target {target:?}'s record: {e}"))?;
+    Ok(record.map(|r| {
+        r.attributes
+            .into_iter()
+            .map(|(k, v)| (k, Value::String(v)))
+            .collect()
+    }))
+}
+
+/// Whether a step use's settings read the target's record: a
+/// `{{target.KEY}}`, or a secret, whose name the record may give.
+pub(crate) fn read_by(u: &StepUse) -> bool {
+    template::paths(&u.settings)
+        .unwrap_or_default()
+        .iter()
+        .any(|p| p.starts_with("target.") || p.starts_with("secrets."))
+}
+
+/// The secrets a step names (`{{secrets.ROLE}}`), by role. The target's
+/// record chooses which secret fills a role by having an attribute of that
+/// name (`bmc_credentials=dc1-bmc`: the secret `dc1-bmc`); a role the record
+/// does not name is filled by the secret of the same name.
+pub(crate) async fn load_secrets(
+    store: &Store,
+    key: &SecretsKey,
+    target: &str,
+    roles: &[String],
+    record: Option<&Map<String, Value>>,
+) -> std::result::Result<BTreeMap<String, String>, LoadError> {
+    if roles.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let named = |role: &String| -> Option<String> {
+        record?
+            .get(role)?
+            .as_str()
+            .filter(|n| secrets::is_valid_name(n))
+            .map(str::to_owned)
+    };
+    let names: Vec<(String, String)> = roles
+        .iter()
+        .map(|role| (role.clone(), named(role).unwrap_or_else(|| role.clone())))
+        .collect();
+    let wanted: Vec<String> = names.iter().map(|(_, n)| n.clone()).collect();
+    let values = secrets::load(store, key, &wanted)
+        .await
+        .map_err(|e| match e {
+            LoadError::Missing(m) => {
+                let by_record: Vec<String> = names
+                    .iter()
+                    .filter(|(role, name)| role != name)
+                    .map(|(role, name)| format!("{role}={name}"))
+                    .collect();
+                if by_record.is_empty() {
+                    LoadError::Missing(m)
+                } else {
+                    LoadError::Missing(format!(
+                        "{m} (target {target:?}'s record names {})",
+                        by_record.join(", ")
+                    ))
+                }
+            }
+            other => other,
+        })?;
+    Ok(names
+        .into_iter()
+        .filter_map(|(role, name)| values.get(&name).map(|v| (role, v.clone())))
+        .collect())
 }
 
 #[cfg(test)]

@@ -13,15 +13,15 @@ use serde_json::json;
 
 use crate::harness::{Db, Env, both_dbs, bundles, scratch_dir, target_dir, troupe, workspace};
 
-const SYSTEM: &str = "11111111-2222-3333-4444-555555555555";
+pub(crate) const SYSTEM: &str = "11111111-2222-3333-4444-555555555555";
 
 /// A sushy-emulator with one server, on, killed when dropped.
-struct Bmc {
+pub(crate) struct Bmc {
     child: Child,
     dir: PathBuf,
-    url: String,
+    pub(crate) url: String,
     /// `URL=sha256:FINGERPRINT`, for `--var bmcs`.
-    pinned: String,
+    pub(crate) pinned: String,
 }
 
 impl Drop for Bmc {
@@ -43,7 +43,7 @@ fn output(cmd: &mut Command) -> String {
 }
 
 impl Bmc {
-    fn start(password: &str) -> Bmc {
+    pub(crate) fn start(password: &str) -> Bmc {
         let emulator = PathBuf::from(std::env::var("TROUPE_TEST_SUSHY").expect(
             "TROUPE_TEST_SUSHY is not set: run the tests with `bash tests/run`, which installs sushy-tools and points it at sushy-emulator",
         ));
@@ -123,13 +123,13 @@ impl Bmc {
         }
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("emulator.log")).unwrap_or_default()
     }
 }
 
 /// The hardware bundle, built and signed with the test key once per run.
-fn hardware_bundle() -> &'static PathBuf {
+pub(crate) fn hardware_bundle() -> &'static PathBuf {
     static BUNDLE: OnceLock<PathBuf> = OnceLock::new();
     BUNDLE.get_or_init(|| {
         let out = scratch_dir("hardware-bundle").join("hardware.bundle");

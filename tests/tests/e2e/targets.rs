@@ -397,7 +397,180 @@ async fn the_cli_sets_shows_lists_and_deletes(db: Db) {
     assert!(text(&out).contains("target_not_found"), "{}", text(&out));
 }
 
+/// The hardware bundle's `power` kind, given only `op`, against a real
+/// Redfish BMC: the BMC comes from the target's record (checked against
+/// `--var bmcs` as a request's would be), the credentials from the secret
+/// the record names; a target without what the kind needs is refused at
+/// submit, naming the target and the attribute; no password anywhere.
+async fn power_takes_its_bmc_and_credentials_from_the_target_record(db: Db) {
+    use crate::power::{Bmc, SYSTEM, hardware_bundle};
+    let password = "pw-record-5d1e8a3b";
+    let decoy = "pw-decoy-93c0f7e2";
+    let bmc = Bmc::start(password);
+    let env = Env::new(db).await;
+    let bmcs = format!("bmcs={}", bmc.url);
+    let trust = format!("bmc_trust={}", bmc.pinned);
+    let server = env.serve_with(&[
+        "--bundle",
+        hardware_bundle().to_str().unwrap(),
+        "--var",
+        &bmcs,
+        "--var",
+        &trust,
+    ]);
+    let set_secret = async |name: &str, value: String| {
+        let (status, body) = send(
+            &server,
+            Method::PUT,
+            &format!("/v1/secrets/{name}"),
+            json!({ "value": value }),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    };
+    // The kind's default secret holds a wrong password: only the record's
+    // choice of secret opens the BMC.
+    set_secret("bmc_credentials", format!("admin:{decoy}")).await;
+    set_secret("dc1-bmc", format!("admin:{password}")).await;
+    let (status, body) = send(
+        &server,
+        Method::PATCH,
+        "/v1/targets/srv-1",
+        json!({ "set": { "bmc": bmc.url, "bmc_credentials": "dc1-bmc" } }),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+
+    let off = server
+        .submit("power", "srv-1", json!({ "op": "off" }))
+        .await;
+    let action = server.finished(off).await;
+    assert_eq!(action["status"], "succeeded", "{action}\n{}", bmc.log());
+    assert_eq!(
+        action["params"]["bmc"],
+        bmc.url.as_str(),
+        "the record's BMC is the action's: {action}"
+    );
+    let out = &action["steps"][0]["output"];
+    assert_eq!(out["reset_type"], "ForceOff", "{action}");
+    assert_eq!(out["power_state"], "Off", "{action}");
+    assert_eq!(out["system"], SYSTEM, "{action}");
+
+    // A target with no record, and one whose record lacks `bmc`: refused
+    // at submit, nothing stored, saying which attribute of which target.
+    let (_, before) = server.get("/v1/actions").await;
+    for (target, has_record) in [("srv-2", false), ("srv-3", true)] {
+        if has_record {
+            let (status, _) = send(
+                &server,
+                Method::PATCH,
+                &format!("/v1/targets/{target}"),
+                json!({ "set": { "rack": "r1" } }),
+            )
+            .await;
+            assert_eq!(status, 200);
+        }
+        let (status, body) = server
+            .post(
+                "/v1/actions",
+                &json!({ "kind": "power", "target": target, "params": { "op": "status" } }),
+            )
+            .await;
+        assert_eq!(
+            (status.as_u16(), code(&body)),
+            (422, "target_attribute_missing"),
+            "{body}"
+        );
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(&format!("attribute \"bmc\" of target \"{target}\""))
+                && message.contains(&format!("troupe targets set {target} bmc="))
+                && message.contains("or give the param \"bmc\""),
+            "{message}"
+        );
+    }
+    let (_, after) = server.get("/v1/actions").await;
+    assert_eq!(
+        before["actions"], after["actions"],
+        "a refused submit stored nothing"
+    );
+    // The record's BMC must be on the operator's list, as a param must.
+    let (status, _) = send(
+        &server,
+        Method::PATCH,
+        "/v1/targets/srv-4",
+        json!({ "set": { "bmc": "https://10.9.9.9" } }),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, body) = server
+        .post(
+            "/v1/actions",
+            &json!({ "kind": "power", "target": "srv-4", "params": { "op": "status" } }),
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), code(&body)),
+        (403, "param_not_allowed"),
+        "{body}"
+    );
+    // A param given still wins over the record.
+    let given = server
+        .submit("power", "srv-4", json!({ "op": "status", "bmc": bmc.url }))
+        .await;
+    let action = server.finished(given).await;
+    assert_eq!(action["params"]["bmc"], bmc.url.as_str(), "{action}");
+    assert_eq!(
+        action["status"], "failed",
+        "srv-4's record names no secret, so the decoy is sent: {action}"
+    );
+    // A record naming a secret that is not set fails the step, naming both.
+    let (status, _) = send(
+        &server,
+        Method::PATCH,
+        "/v1/targets/srv-1",
+        json!({ "set": { "bmc_credentials": "dc9-bmc" } }),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let missing = server
+        .submit("power", "srv-1", json!({ "op": "status" }))
+        .await;
+    let action = server.finished(missing).await;
+    assert_eq!(action["status"], "failed", "{action}");
+    let error = action["steps"][0]["error"].as_str().unwrap();
+    assert!(
+        error.contains("\"dc9-bmc\" is not set")
+            && error.contains("srv-1")
+            && error.contains("bmc_credentials=dc9-bmc"),
+        "{error}"
+    );
+
+    // Neither password anywhere but the BMC's own check.
+    let mut seen = String::new();
+    for id in [off, given, missing] {
+        seen += &server.get(&format!("/v1/actions/{id}")).await.1.to_string();
+        seen += &server
+            .get(&format!("/v1/actions/{id}/logs"))
+            .await
+            .1
+            .to_string();
+    }
+    seen += &server.get("/v1/audit?limit=1000").await.1.to_string();
+    seen += &server.get("/v1/targets").await.1.to_string();
+    assert!(
+        seen.contains("ForceOff") && seen.contains("dc1-bmc"),
+        "{seen}"
+    );
+    seen += &server.log();
+    seen += &bmc.log();
+    for secret in [password, decoy] {
+        assert!(!seen.contains(secret), "{secret} leaked: {seen}");
+    }
+}
+
 both_dbs!(
+    power_takes_its_bmc_and_credentials_from_the_target_record,
     records_are_set_merged_replaced_listed_and_deleted,
     every_server_sees_a_change_at_once,
     the_cli_sets_shows_lists_and_deletes,
