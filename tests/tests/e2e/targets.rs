@@ -569,7 +569,124 @@ async fn power_takes_its_bmc_and_credentials_from_the_target_record(db: Db) {
     }
 }
 
+/// `{{target.KEY}}` in a kind's settings: a submit for a target that lacks
+/// the attribute is refused; the record is read when the step starts, so a
+/// change made (through another server, where there are several) while an
+/// earlier step runs is what the later step gets, and an attribute removed
+/// meanwhile fails that step, naming it and the target.
+async fn templates_read_the_record_when_the_step_starts(db: Db) {
+    use crate::harness::{build_testkit, sign_with, test_key, workspace};
+    let base = std::fs::read_to_string(workspace().join("steps/testkit/bundle.toml"))
+        .unwrap()
+        .replace("version = \"0.1.0\"", "version = \"0.2.0\"");
+    let kind = |hv: &str| {
+        format!(
+            "{base}\n[kinds.from_record]\nparams.ms = {{ type = \"integer\", default = 0 }}\nsteps = [\
+             {{ step = \"sleep_ms\", with = {{ ms = \"{{{{params.ms}}}}\" }} }}, \
+             {{ step = \"echo\", name = \"said\", with = {{ hv = \"{{{{target.{hv}}}}}\", at = \"{{{{target}}}} on {{{{target.{hv}}}}} in {{{{target.rack}}}}\" }} }}]\n"
+        )
+    };
+    let err = build_testkit(&kind("Hyper.visor")).unwrap_err();
+    assert!(
+        err.contains("{{target.Hyper.visor}}") && err.contains("target.KEY"),
+        "{err}"
+    );
+    let bytes = build_testkit(&kind("hypervisor")).unwrap();
+    let sig = sign_with(&test_key(), &bytes, "testkit", "0.2.0");
+    let env = Env::new(db).await;
+    let server = env.serve();
+    let (status, body) = server.push(bytes, &sig).await;
+    assert_eq!(status, 201, "{body}");
+    // Where several servers share the database, changes go through another.
+    let other = (db == Db::MySql).then(|| env.serve_another(&[]));
+    let changer = other.as_ref().unwrap_or(&server);
+
+    let (status, body) = server
+        .post(
+            "/v1/actions",
+            &json!({ "kind": "from_record", "target": "vps-7" }),
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), code(&body)),
+        (422, "target_attribute_missing"),
+        "{body}"
+    );
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("attribute \"hypervisor\" of target \"vps-7\"")
+            && message.contains("has no record"),
+        "{message}"
+    );
+    let (status, _) = send(
+        changer,
+        Method::PUT,
+        "/v1/targets/vps-7",
+        json!({ "attributes": { "hypervisor": "hv-1", "rack": "r1" } }),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let id = server.submit("from_record", "vps-7", json!({})).await;
+    let action = server.finished(id).await;
+    assert_eq!(action["status"], "succeeded", "{action}");
+    assert_eq!(
+        action["steps"][1]["output"]["settings"],
+        json!({ "hv": "hv-1", "at": "vps-7 on hv-1 in r1" })
+    );
+
+    // Changed while the first step sleeps: the second step gets the change.
+    let id = server
+        .submit("from_record", "vps-7", json!({ "ms": 4000 }))
+        .await;
+    server
+        .until(id, "its first step running", |a| {
+            a["steps"][0]["status"] == "running"
+        })
+        .await;
+    let (status, _) = send(
+        changer,
+        Method::PATCH,
+        "/v1/targets/vps-7",
+        json!({ "set": { "hypervisor": "hv-2" } }),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let action = server.finished(id).await;
+    assert_eq!(action["status"], "succeeded", "{action}");
+    assert_eq!(
+        action["steps"][1]["output"]["settings"]["hv"], "hv-2",
+        "{action}"
+    );
+
+    // Removed while the first step sleeps: the second step fails, saying what.
+    let id = server
+        .submit("from_record", "vps-7", json!({ "ms": 4000 }))
+        .await;
+    server
+        .until(id, "its first step running", |a| {
+            a["steps"][0]["status"] == "running"
+        })
+        .await;
+    let (status, _) = send(
+        changer,
+        Method::PATCH,
+        "/v1/targets/vps-7",
+        json!({ "unset": ["rack"] }),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let action = server.finished(id).await;
+    assert_eq!(action["status"], "failed", "{action}");
+    let error = action["steps"][1]["error"].as_str().unwrap();
+    assert!(
+        error.contains("\"vps-7\"'s record has no attribute \"rack\"")
+            && error.contains("troupe targets set vps-7 rack="),
+        "{error}"
+    );
+}
+
 both_dbs!(
+    templates_read_the_record_when_the_step_starts,
     power_takes_its_bmc_and_credentials_from_the_target_record,
     records_are_set_merged_replaced_listed_and_deleted,
     every_server_sees_a_change_at_once,
