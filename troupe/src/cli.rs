@@ -488,6 +488,10 @@ fn describe_param(spec: &Value) -> String {
         .as_bool()
         .unwrap_or(spec["default"].is_null());
     match (&spec["default"], required) {
+        (Value::Null, true) if spec["from_target"].is_string() => parts.push(format!(
+            "required unless the target's record has {}",
+            spec["from_target"].as_str().unwrap_or_default()
+        )),
         (Value::Null, true) => parts.push("required".into()),
         (Value::Null, false) => parts.push("optional".into()),
         (d, _) => parts.push(format!("default {d}")),
