@@ -443,6 +443,31 @@ mod tests {
     }
 
     #[test]
+    fn a_param_from_the_target_record_is_a_string_with_no_default() {
+        let spec = |text: &str| toml::from_str::<ParamSpec>(text).unwrap();
+        spec("type = \"string\"\nfrom_target = \"bmc\"")
+            .check("bmc")
+            .unwrap();
+        for (text, says) in [
+            (
+                "type = \"string\"\nfrom_target = \"Bmc.url\"",
+                "must name an attribute",
+            ),
+            (
+                "type = \"integer\"\nfrom_target = \"port\"",
+                "needs type = \"string\"",
+            ),
+            (
+                "type = \"string\"\nfrom_target = \"bmc\"\ndefault = \"x\"",
+                "keep one",
+            ),
+        ] {
+            let err = spec(text).check("bmc").unwrap_err();
+            assert!(err.contains(says), "{text}: {err}");
+        }
+    }
+
+    #[test]
     fn listed_params_must_be_in_the_operators_list() {
         let spec: BTreeMap<String, ParamSpec> = toml::from_str(
             "bmc = { type = \"string\", allowed_in = \"vars.bmc_hosts\" }\nport = { type = \"integer\", default = 1 }",
