@@ -110,6 +110,7 @@ pub const CODES: &[(&str, u16, &str)] = &[
     ),
     ("secret_not_found", 404, "no secret with that name"),
     ("goon_not_found", 404, "no goon with that id"),
+    ("target_not_found", 404, "the target has no record"),
     ("no_route", 404, "no such endpoint"),
     (
         "idempotency_conflict",
@@ -149,6 +150,11 @@ pub const CODES: &[(&str, u16, &str)] = &[
         "last_admin_token",
         409,
         "revoking the last active admin token; create another admin token first",
+    ),
+    (
+        "target_record_full",
+        409,
+        "the change would leave the target's record with more than 64 attributes",
     ),
     ("body_too_large", 413, "request body over 1 MiB"),
     ("bundle_too_large", 413, "bundle upload over 64 MiB"),
@@ -202,6 +208,16 @@ pub const CODES: &[(&str, u16, &str)] = &[
         "bundle_hash_mismatch",
         422,
         "the bytes do not hash to what was signed",
+    ),
+    (
+        "secret_in_record",
+        422,
+        "a target attribute looks like it holds a secret (a password, a URL with one, a private key, a token); records name secrets, they never hold them",
+    ),
+    (
+        "target_attribute_missing",
+        422,
+        "the kind reads an attribute of the target's record that is not set (a {{target.KEY}} template or a param defaulting from the record)",
     ),
     ("internal", 500, "an unexpected error; see the server log"),
     (
@@ -330,6 +346,12 @@ impl From<engine::Error> for ApiError {
             E::PendingKeyNotFound { .. } => (StatusCode::NOT_FOUND, "pending_key_not_found"),
             E::NodeKeyConflict { .. } => (StatusCode::CONFLICT, "node_key_conflict"),
             E::SecretNotFound(_) => (StatusCode::NOT_FOUND, "secret_not_found"),
+            E::TargetNotFound(_) => (StatusCode::NOT_FOUND, "target_not_found"),
+            E::TargetRecordFull(_) => (StatusCode::CONFLICT, "target_record_full"),
+            E::SecretInRecord { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "secret_in_record"),
+            E::TargetAttributeMissing { .. } => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "target_attribute_missing")
+            }
             E::GoonsOff => (StatusCode::CONFLICT, "goons_off"),
             E::GoonNotFound(_) => (StatusCode::NOT_FOUND, "goon_not_found"),
             E::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),

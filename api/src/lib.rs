@@ -16,6 +16,7 @@
 //! | GET, POST | `/v1/tokens`, `/v1/tokens/{id}/revoke` | API tokens (see `admin`) |
 //! | GET | `/v1/audit` | the audit log |
 //! | GET, PUT, DELETE | `/v1/secrets`, `/v1/secrets/{name}` | secrets for steps (values never leave) |
+//! | GET, PUT, PATCH, DELETE | `/v1/targets`, `/v1/targets/{name}` | target records: attributes templates read as `{{target.KEY}}` (see `targets`) |
 //! | GET, POST | `/v1/nodes`, `/v1/nodes/{name}[/accept\|remove\|drain]` | remote nodes |
 //! | GET | `/v1/nodes/connect` | a node's connection (WebSocket; see `nodes`) |
 //! | GET | `/v1/nodes/bundles/{hash}[/signature]` | a bundle's bytes and signature, for a node to verify |
@@ -23,8 +24,8 @@
 //!
 //! Every endpoint but `/v1/health[/live|/ready]` and `/openapi.json` needs a bearer token
 //! with a scope (`auth`): `read` for GETs, `submit` to create actions,
-//! `operate` to cancel, `admin` for bundles, keys, tokens, secrets and the
-//! audit log. Handlers are annotated with `#[utoipa::path]` and registered
+//! `operate` to cancel, `admin` for bundles, keys, tokens, secrets, target records' changes
+//! and the audit log. Handlers are annotated with `#[utoipa::path]` and registered
 //! through `utoipa_axum`, so the router and `/openapi.json` are made from
 //! the same list and cannot drift apart.
 
@@ -49,6 +50,7 @@ mod listen;
 mod nodes;
 mod openapi;
 mod servers;
+pub mod targets;
 pub mod tls;
 pub mod wire;
 mod ws;
@@ -142,6 +144,13 @@ fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(admin::audit))
         .routes(routes!(admin::list_secrets))
         .routes(routes!(admin::set_secret, admin::delete_secret))
+        .routes(routes!(targets::list))
+        .routes(routes!(
+            targets::show,
+            targets::replace,
+            targets::patch,
+            targets::delete
+        ))
         .routes(routes!(goons::list, goons::add, goons::clear))
         .routes(routes!(goons::remove))
         .routes(routes!(servers::list))

@@ -23,6 +23,7 @@ use crate::wire::{BundleUpload, ErrorBody, ErrorDetail};
         (name = "actions", description = "Submit, watch and cancel actions"),
         (name = "bundles", description = "Signed step bundles and the keys trusted to sign them"),
         (name = "admin", description = "API tokens, secrets and the audit log"),
+        (name = "targets", description = "Target records: what the operator keeps about each target, read by step templates as {{target.KEY}}"),
         (name = "goons", description = "Faults injected on purpose in a test deployment (`troupe serve --goons`)"),
         (name = "server", description = "Liveness, server details, and the servers sharing the database"),
     )

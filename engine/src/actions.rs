@@ -88,6 +88,7 @@ impl Actions {
             .resolve(new.kind.clone(), new.bundle.clone(), may_pin)
             .await?;
         let kind = &bundle.manifest.kinds[&new.kind];
+        crate::targets::fill(&self.store, &new.kind, kind, &new.target, &mut new.params).await?;
         kind.params.apply(&mut new.params).map_err(|e| match e {
             bundle::params::ParamError::Missing(params) => Error::MissingParam {
                 kind: new.kind.clone(),

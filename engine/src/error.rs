@@ -84,6 +84,33 @@ pub enum Error {
     TokenNameTaken(String),
     #[error("no secret named {0:?} is set")]
     SecretNotFound(String),
+    #[error(
+        "attribute {key:?} looks like it holds a secret ({why}); a target record names secrets, it does not \
+         hold them (every reader sees it, and the audit log keeps it): store the value with \
+         `troupe secrets set NAME` and set the attribute to NAME"
+    )]
+    SecretInRecord { key: String, why: &'static str },
+    #[error("target {0:?} has no record; `troupe targets set {0} KEY=VALUE` makes one")]
+    TargetNotFound(String),
+    #[error(
+        "target {0:?}'s record would hold more than {max} attributes; unset some first",
+        max = crate::targets::MAX_ATTRIBUTES
+    )]
+    TargetRecordFull(String),
+    /// A kind reads an attribute the target's record lacks.
+    #[error(
+        "{used_by} needs attribute {key:?} of target {target:?}, {}; set it with \
+         `troupe targets set {target} {key}=…`{}",
+        if *has_record { "whose record lacks it" } else { "which has no record" },
+        if let Some(p) = param { format!(" or give the param {p:?}") } else { String::new() }
+    )]
+    TargetAttributeMissing {
+        target: String,
+        key: String,
+        used_by: String,
+        has_record: bool,
+        param: Option<String>,
+    },
     #[error("no API token with id {0}")]
     TokenNotFound(String),
     #[error(

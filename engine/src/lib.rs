@@ -33,6 +33,7 @@ mod schedule;
 pub mod secrets;
 pub mod step;
 pub mod store;
+pub mod targets;
 mod tasks;
 
 #[cfg(feature = "bench-probes")]

@@ -517,10 +517,26 @@ async fn steps(
                     Ok(_) => open = true,
                 }
             }
-            let secrets = if needs.is_empty() {
-                Ok(Default::default())
-            } else {
-                secrets::load(&shared.store, &shared.secrets_key, &needs).await
+            // Read now, not at submit: a change to the record (made
+            // through any server) holds for every step that starts after it.
+            let record = crate::targets::for_step(
+                &shared.store,
+                &action.target,
+                crate::targets::read_by(step_use),
+            )
+            .await;
+            let secrets = match &record {
+                Err(m) => Err(LoadError::Unavailable(m.clone())),
+                Ok(record) => {
+                    crate::targets::load_secrets(
+                        &shared.store,
+                        &shared.secrets_key,
+                        &action.target,
+                        &needs,
+                        record.as_ref(),
+                    )
+                    .await
+                }
             };
             let secrets = match secrets {
                 Ok(values) => {
@@ -546,6 +562,7 @@ async fn steps(
                 cancel.cancel();
             }
             let mut scope = scope_of(action, &outputs, &shared.vars);
+            template::with_record(&mut scope, record.ok().flatten().as_ref());
             scope["secrets"] = json!(secrets.as_ref().ok());
             let ran = match (secrets, template::resolve(&step_use.settings, &scope)) {
                 (Err(failed), _) => failed.into(),

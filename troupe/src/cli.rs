@@ -162,6 +162,9 @@ enum Command {
     /// Set, list and delete secrets for steps (needs an admin token).
     #[command(subcommand)]
     Secrets(crate::admin_cmd::SecretsCommand),
+    /// Set, show, list and delete target records: what templates read as {{target.KEY}} (changes need an admin token).
+    #[command(subcommand)]
+    Targets(crate::targets_cmd::TargetsCommand),
     /// List the servers sharing the database, and how each is.
     #[command(subcommand)]
     Servers(crate::admin_cmd::ServersCommand),
@@ -431,6 +434,7 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Tokens(cmd) => crate::admin_cmd::run(cmd).await,
         Command::Secrets(cmd) => crate::admin_cmd::run_secrets(cmd).await,
         Command::Servers(cmd) => crate::admin_cmd::run_servers(cmd).await,
+        Command::Targets(cmd) => crate::targets_cmd::run(cmd).await,
         Command::Goons(cmd) => cmd.run().await,
         Command::Audit {
             limit,
@@ -484,6 +488,10 @@ fn describe_param(spec: &Value) -> String {
         .as_bool()
         .unwrap_or(spec["default"].is_null());
     match (&spec["default"], required) {
+        (Value::Null, true) if spec["from_target"].is_string() => parts.push(format!(
+            "required unless the target's record has {}",
+            spec["from_target"].as_str().unwrap_or_default()
+        )),
         (Value::Null, true) => parts.push("required".into()),
         (Value::Null, false) => parts.push("optional".into()),
         (d, _) => parts.push(format!("default {d}")),

@@ -20,6 +20,7 @@ mod profiles;
 mod scaffold;
 mod serve;
 mod table;
+mod targets_cmd;
 mod watch;
 
 /// The hidden mode in which `troupe` runs as a step host (see engine::host).

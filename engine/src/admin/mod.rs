@@ -1,11 +1,12 @@
 //! What an operator changes besides actions: nodes, bundles and keys, API
-//! tokens, secrets, goons; and the audit log that records each change in
+//! tokens, secrets, target records, goons; and the audit log that records each change in
 //! the commit that makes it ([`crate::store::Store::record`]).
 
 mod bundles;
 mod goons;
 mod nodes;
 mod secrets;
+mod targets;
 mod tokens;
 
 use std::sync::Arc;

@@ -189,7 +189,7 @@ macro_rules! access_backend {
                 Ok(done.rows_affected())
             }
 
-            async fn insert_audit(tx: &mut $conn, e: &AuditEntry) -> Result<u64, sqlx::Error> {
+            pub(crate) async fn insert_audit(tx: &mut $conn, e: &AuditEntry) -> Result<u64, sqlx::Error> {
                 fail::fail_point!("store.audit", |_| Err(sqlx::Error::Protocol(
                     "the audit entry could not be written (injected)".into()
                 )));

@@ -22,13 +22,14 @@ use crate::model::{Action, ActionFilter, ActionId, Timestamp};
 
 mod access;
 mod nodes;
-pub use nodes::NotWritable;
+mod records;
 mod servers;
 mod sql;
 mod watchers;
 mod write;
 mod writer;
 
+pub use nodes::NotWritable;
 pub use servers::{Renewal, ServerRow, ServerSpec};
 pub use watchers::Change;
 use watchers::Watchers;
@@ -738,6 +739,29 @@ impl Store {
         Ok(match &self.read {
             Pool::Sqlite(p) => access::sqlite::all_secrets(p).await?,
             Pool::MySql(p) => access::mysql::all_secrets(p).await?,
+        })
+    }
+
+    /// `target`'s record, if it has one.
+    pub async fn target_record(
+        &self,
+        target: &str,
+    ) -> Result<Option<crate::targets::TargetRecord>> {
+        Ok(match &self.read {
+            Pool::Sqlite(p) => records::sqlite::one(p, target).await?,
+            Pool::MySql(p) => records::mysql::one(p, target).await?,
+        })
+    }
+
+    /// Target records by name: at most `limit`, names after `after`.
+    pub async fn target_records(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<crate::targets::TargetRecord>> {
+        Ok(match &self.read {
+            Pool::Sqlite(p) => records::sqlite::page(p, after, limit).await?,
+            Pool::MySql(p) => records::mysql::page(p, after, limit).await?,
         })
     }
 

@@ -1147,6 +1147,9 @@ macro_rules! sql_backend {
                     | Write::DeleteSecret { .. } => {
                         super::super::access::$module::apply(tx, w).await?
                     }
+                    Write::PutTargetRecord { .. } | Write::DeleteTargetRecord { .. } => {
+                        super::super::records::$module::apply(tx, w).await?
+                    }
                 };
                 Ok(Outcome::Done { rows })
             }

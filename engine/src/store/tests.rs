@@ -861,3 +861,86 @@ async fn mariadb_an_insert_starts_only_on_an_idle_target() {
     };
     assert_eq!(begun.status, ActionStatus::Running);
 }
+
+fn record_change(target: &str, set: &[(&str, &str)], unset: &[&str]) -> Write {
+    Write::PutTargetRecord {
+        target: target.to_owned(),
+        change: crate::targets::Change {
+            set: set
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            unset: unset.iter().map(|k| k.to_string()).collect(),
+            replace: false,
+        },
+        at: at(0),
+        by: "t".to_owned(),
+        audit: Box::new(super::AuditEntry::new(
+            "t",
+            "target.set",
+            target,
+            serde_json::json!({}),
+        )),
+    }
+}
+
+/// Changes to one record merge in the transaction that commits them: two
+/// in one group commit both land, in order; one that would overfill the
+/// record answers `rows: 0` and writes nothing, not even its audit entry.
+async fn record_changes_merge_where_they_commit(store: Store) {
+    let outcomes = store
+        .write(vec![
+            record_change("vps-1", &[("bmc", "https://a"), ("rack", "r1")], &[]),
+            record_change("vps-1", &[("bmc", "https://b")], &["rack"]),
+            record_change("vps-2", &[("rack", "r2")], &[]),
+        ])
+        .await
+        .unwrap();
+    assert!(
+        outcomes.iter().all(|o| *o != Outcome::Done { rows: 0 }),
+        "{outcomes:?}"
+    );
+    let one = store.target_record("vps-1").await.unwrap().unwrap();
+    assert_eq!(
+        one.attributes.into_iter().collect::<Vec<_>>(),
+        [("bmc".to_owned(), "https://b".to_owned())]
+    );
+    let many: Vec<(String, String)> = (0..crate::targets::MAX_ATTRIBUTES)
+        .map(|i| (format!("k{i}"), "v".to_owned()))
+        .collect();
+    let many: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let audited = store.audit(1000, None).await.unwrap().len();
+    let outcomes = store
+        .write(vec![record_change("vps-1", &many, &[])])
+        .await
+        .unwrap();
+    assert_eq!(outcomes, [Outcome::Done { rows: 0 }]);
+    assert_eq!(
+        store
+            .target_record("vps-1")
+            .await
+            .unwrap()
+            .unwrap()
+            .attributes
+            .len(),
+        1
+    );
+    assert_eq!(store.audit(1000, None).await.unwrap().len(), audited);
+    let page = store.target_records(Some("vps-1"), 10).await.unwrap();
+    assert_eq!(
+        page.iter().map(|r| r.target.as_str()).collect::<Vec<_>>(),
+        ["vps-2"]
+    );
+}
+
+#[tokio::test]
+async fn sqlite_record_changes_merge_where_they_commit() {
+    let store = Store::connect(&sqlite_url("records")).await.unwrap();
+    record_changes_merge_where_they_commit(store).await;
+}
+
+#[tokio::test]
+async fn mariadb_record_changes_merge_where_they_commit() {
+    let store = Store::connect(&mysql_url("records").await).await.unwrap();
+    record_changes_merge_where_they_commit(store).await;
+}

@@ -178,6 +178,21 @@ pub(crate) enum Write {
         name: String,
         audit: Box<AuditEntry>,
     },
+    /// Applies `change` to `target`'s record (making one) and records
+    /// `audit`; `Done { rows: 0 }`, nothing written, when the record would
+    /// hold more than `targets::MAX_ATTRIBUTES`.
+    PutTargetRecord {
+        target: String,
+        change: crate::targets::Change,
+        at: Timestamp,
+        by: String,
+        audit: Box<AuditEntry>,
+    },
+    /// Deletes `target`'s record and, if there was one, records `audit`.
+    DeleteTargetRecord {
+        target: String,
+        audit: Box<AuditEntry>,
+    },
 }
 
 /// A claim of a queued action owned by nobody (several servers share the
@@ -408,7 +423,9 @@ impl Write {
             | Write::Audit(..)
             | Write::Bump(..)
             | Write::SetSecret(..)
-            | Write::DeleteSecret { .. } => None,
+            | Write::DeleteSecret { .. }
+            | Write::PutTargetRecord { .. }
+            | Write::DeleteTargetRecord { .. } => None,
         }
     }
 

@@ -427,6 +427,11 @@ fn check_requirement(capability: &str, value: &str, templates: bool) -> Result<(
             "requires: {capability} = {value:?}: placement may not use {{{{{path}}}}}; requirements are shown to operators"
         ));
     }
+    if let Some(path) = paths.iter().find(|p| p.starts_with("target.")) {
+        return Err(format!(
+            "requires: {capability} = {value:?}: placement may not use {{{{{path}}}}}; target records are read for a step's settings only"
+        ));
+    }
     Ok(())
 }
 
@@ -485,10 +490,12 @@ fn check_paths(
                 ));
             }
             ("vars", Some(_)) => {}
+            ("target", Some(key))
+                if crate::names::is_attribute_key(key) && parts.next().is_none() => {}
             ("secrets", Some(name)) if crate::names::is_secret_name(name) => {}
             _ => {
                 return Err(format!(
-                    "the template {{{{{path}}}}} names nothing; use target, kind, action.id, params.NAME, steps.NAME…, vars.NAME or secrets.NAME"
+                    "the template {{{{{path}}}}} names nothing; use target, target.KEY, kind, action.id, params.NAME, steps.NAME…, vars.NAME or secrets.NAME"
                 ));
             }
         }
@@ -502,6 +509,22 @@ pub fn secrets_used(u: &StepUse) -> Vec<String> {
         .unwrap_or_default()
         .into_iter()
         .filter_map(|p| p.strip_prefix("secrets.").map(str::to_owned))
+        .collect()
+}
+
+/// The attributes of its target's record a kind reads: in its steps'
+/// settings (`{{target.KEY}}`) and as its params' defaults (`from_target`).
+pub fn target_keys_used(def: &KindDef) -> BTreeSet<String> {
+    def.steps
+        .iter()
+        .flat_map(|u| crate::template::paths(&u.settings).unwrap_or_default())
+        .filter_map(|p| p.strip_prefix("target.").map(str::to_owned))
+        .chain(
+            def.params
+                .specs()
+                .into_values()
+                .filter_map(|s| s.from_target),
+        )
         .collect()
 }
 

@@ -1,4 +1,4 @@
-//! What may name a capability or a secret.
+//! What may name a capability, a secret or a target record's attribute.
 
 /// Capability names, and node names (a node's name is its `node`
 /// capability): letters, digits, `_`, `-` and `.`, at most 64 bytes.
@@ -17,4 +17,13 @@ pub fn is_secret_name(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "_-".contains(c))
+}
+
+/// Whether `key` can be a target record's attribute (`{{target.KEY}}`): a
+/// lowercase letter, then lowercase letters, digits and `_`, at most 64.
+pub fn is_attribute_key(key: &str) -> bool {
+    let mut bytes = key.bytes();
+    key.len() <= 64
+        && bytes.next().is_some_and(|b| b.is_ascii_lowercase())
+        && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }

@@ -95,6 +95,12 @@ pub struct ParamSpec {
     /// hosts a secret may be sent to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_in: Option<String>,
+    /// `"KEY"`: when a request leaves the param out, the value of the
+    /// attribute KEY of the target's record (`troupe targets set`), read at
+    /// submit and checked like a value the request gave (schema,
+    /// `allowed_in`); a target whose record lacks it is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_target: Option<String>,
     /// `pattern`, compiled on first use.
     #[serde(skip)]
     compiled: std::sync::OnceLock<regex::Regex>,
@@ -130,6 +136,23 @@ impl ParamSpec {
             if !matches!(self.kind, Some(ParamType::String | ParamType::Integer)) {
                 return Err(format!(
                     "param {name:?}: allowed_in needs type = \"string\" or \"integer\""
+                ));
+            }
+        }
+        if let Some(key) = &self.from_target {
+            if !crate::names::is_attribute_key(key) {
+                return Err(format!(
+                    "param {name:?}: from_target = {key:?} must name an attribute (a lowercase letter, then lowercase letters, digits or '_')"
+                ));
+            }
+            if self.kind != Some(ParamType::String) {
+                return Err(format!(
+                    "param {name:?}: from_target needs type = \"string\" (attributes are strings)"
+                ));
+            }
+            if self.default.is_some() {
+                return Err(format!(
+                    "param {name:?}: from_target and default both say what it is when a request leaves it out; keep one"
                 ));
             }
         }
@@ -417,6 +440,31 @@ mod tests {
             apply(json!({})).unwrap_err(),
             ParamError::Missing(vec!["host".into(), "ratio".into()])
         );
+    }
+
+    #[test]
+    fn a_param_from_the_target_record_is_a_string_with_no_default() {
+        let spec = |text: &str| toml::from_str::<ParamSpec>(text).unwrap();
+        spec("type = \"string\"\nfrom_target = \"bmc\"")
+            .check("bmc")
+            .unwrap();
+        for (text, says) in [
+            (
+                "type = \"string\"\nfrom_target = \"Bmc.url\"",
+                "must name an attribute",
+            ),
+            (
+                "type = \"integer\"\nfrom_target = \"port\"",
+                "needs type = \"string\"",
+            ),
+            (
+                "type = \"string\"\nfrom_target = \"bmc\"\ndefault = \"x\"",
+                "keep one",
+            ),
+        ] {
+            let err = spec(text).check("bmc").unwrap_err();
+            assert!(err.contains(says), "{text}: {err}");
+        }
     }
 
     #[test]

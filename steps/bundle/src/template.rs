@@ -4,7 +4,9 @@
 //! A string that is exactly one template takes the value's JSON type
 //! (`"{{params.port}}"` can become the number 22); a template inside a longer
 //! string is interpolated as text. Paths: `target`, `kind`, `action.id`,
-//! `params.NAME`, `steps.NAME.FIELD…` (an earlier step's output).
+//! `params.NAME`, `steps.NAME.FIELD…` (an earlier step's output),
+//! `target.KEY` (an attribute of the target's record, which the runner
+//! reads when the step starts and adds with [`with_record`]).
 
 use serde_json::{Map, Value, json};
 
@@ -33,6 +35,15 @@ pub fn scope(action: Action<'_>, outputs: &Map<String, Value>, vars: &Map<String
         "steps": outputs,
         "vars": vars,
     })
+}
+
+/// Adds the target's record to `scope`, for `{{target.KEY}}`: its
+/// attributes, or `None` when the target has none.
+pub fn with_record(scope: &mut Value, record: Option<&Map<String, Value>>) {
+    scope["record"] = match record {
+        Some(r) => Value::Object(r.clone()),
+        None => Value::Null,
+    };
 }
 
 /// The input a step is called with (`troupe_sdk::StepInput`): the action
@@ -132,6 +143,21 @@ fn collect(v: &Value, out: &mut Vec<String>) -> Result<(), String> {
 }
 
 fn lookup<'a>(path: &str, scope: &'a Value) -> Result<&'a Value, String> {
+    if let Some(key) = path.strip_prefix("target.") {
+        let target = scope["target"].as_str().unwrap_or_default();
+        return match &scope["record"] {
+            Value::Object(record) => record.get(key).ok_or_else(|| {
+                format!(
+                    "template {{{{{path}}}}}: target {target:?}'s record has no attribute {key:?}; \
+                     set it with `troupe targets set {target} {key}=…`"
+                )
+            }),
+            _ => Err(format!(
+                "template {{{{{path}}}}}: target {target:?} has no record; \
+                 make one with `troupe targets set {target} {key}=…`"
+            )),
+        };
+    }
     let mut cur = scope;
     for part in path.split('.') {
         let next = match cur {
@@ -160,6 +186,30 @@ mod tests {
         assert_eq!(
             got,
             json!({ "port": 22, "addr": "10.0.0.5:22", "n": 2, "plain": 3 })
+        );
+    }
+
+    #[test]
+    fn target_attributes_come_from_the_record() {
+        let mut scope = json!({ "target": "vps-1" });
+        let err = resolve(&json!("{{target.bmc}}"), &scope).unwrap_err();
+        assert!(err.contains("\"vps-1\" has no record"), "{err}");
+        let record = json!({ "bmc": "https://10.0.0.5" });
+        with_record(&mut scope, record.as_object());
+        let got = resolve(
+            &json!({ "t": "{{target}}", "b": "{{target.bmc}}/redfish" }),
+            &scope,
+        )
+        .unwrap();
+        assert_eq!(
+            got,
+            json!({ "t": "vps-1", "b": "https://10.0.0.5/redfish" })
+        );
+        let err = resolve(&json!("{{target.hypervisor}}"), &scope).unwrap_err();
+        assert!(
+            err.contains("record has no attribute \"hypervisor\"")
+                && err.contains("troupe targets set vps-1 hypervisor="),
+            "{err}"
         );
     }
 

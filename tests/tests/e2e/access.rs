@@ -77,6 +77,21 @@ pub(crate) fn routes() -> Vec<(Method, &'static str, &'static str, Option<Value>
             Some(json!({ "value": "v" })),
         ),
         (Method::DELETE, "/v1/secrets/scope_test", "admin", None),
+        (Method::GET, "/v1/targets", "read", None),
+        (Method::GET, "/v1/targets/hv-x", "read", None),
+        (
+            Method::PUT,
+            "/v1/targets/hv-x",
+            "admin",
+            Some(json!({ "attributes": { "rack": "r1" } })),
+        ),
+        (
+            Method::PATCH,
+            "/v1/targets/hv-x",
+            "admin",
+            Some(json!({ "set": { "rack": "r1" } })),
+        ),
+        (Method::DELETE, "/v1/targets/hv-x", "admin", None),
         (Method::GET, "/v1/goons", "admin", None),
         (
             Method::POST,

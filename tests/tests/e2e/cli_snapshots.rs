@@ -40,6 +40,7 @@ fn help() {
             ("help_goons_add", &["goons", "add", "--help"]),
             ("help_nodes", &["nodes", "--help"]),
             ("help_list", &["list", "--help"]),
+            ("help_targets", &["targets", "--help"]),
         ] {
             let out = troupe(args);
             assert!(out.status.success(), "{}", text(&out));
@@ -125,5 +126,40 @@ async fn what_a_user_sees() {
             cli(&["submit", "reboot-all", "--target", "vps-3"])
         );
         insta::assert_snapshot!("error_unknown_action", cli(&["status", "999999"]));
+    });
+}
+
+/// `troupe targets`: a record as set and shown, the list, and the errors
+/// an operator meets first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_records() {
+    let env = Env::new(Db::Sqlite).await;
+    let server = env.serve();
+    let cli = |args: &[&str]| text(&server.cli(args));
+    masked(|| {
+        insta::assert_snapshot!(
+            "targets_set",
+            cli(&[
+                "targets",
+                "set",
+                "vps-123",
+                "bmc=https://10.0.0.5",
+                "bmc_credentials=dc1-bmc",
+                "hypervisor=hv-17"
+            ])
+        );
+        cli(&["targets", "set", "vps-124", "bmc=ipmi://10.0.0.6"]);
+        insta::assert_snapshot!("targets_show", cli(&["targets", "show", "vps-123"]));
+        insta::assert_snapshot!("targets_list", cli(&["targets", "list"]));
+        insta::assert_snapshot!("targets_show_missing", cli(&["targets", "show", "vps-999"]));
+        insta::assert_snapshot!(
+            "targets_set_secret",
+            cli(&[
+                "targets",
+                "set",
+                "vps-123",
+                "bmc=https://root:calvin@10.0.0.5"
+            ])
+        );
     });
 }

@@ -45,5 +45,6 @@ mod reload;
 mod replica;
 mod servers;
 mod shared_config;
+mod targets;
 mod tidy;
 mod tls;

@@ -13,7 +13,7 @@ use serde_json::json;
 
 use crate::harness::{Db, Env, both_dbs, bundles, scratch_dir, target_dir, troupe, workspace};
 
-const SYSTEM: &str = "11111111-2222-3333-4444-555555555555";
+pub(crate) const SYSTEM: &str = "11111111-2222-3333-4444-555555555555";
 
 /// A sushy-emulator with one server, on, killed when dropped.
 pub(crate) struct Bmc {
