@@ -75,5 +75,20 @@ mod tests {
             BundleHash::of(b"").to_string(),
             "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
+        let empty = BundleHash::of(b"");
+        let bytes = empty.as_bytes();
+        assert_eq!(bytes[..4], [0xe3, 0xb0, 0xc4, 0x42]);
+        assert_eq!(bytes[28..], [0x78, 0x52, 0xb8, 0x55]);
+    }
+
+    #[test]
+    fn debug_and_error_forms() {
+        let h = BundleHash::of(b"");
+        assert_eq!(format!("{h:?}"), format!("BundleHash({h})"));
+        let err = "xyz".parse::<BundleHash>().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "a bundle hash is 64 hex digits (the SHA-256 of the bundle file)"
+        );
     }
 }

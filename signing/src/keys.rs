@@ -153,4 +153,31 @@ mod tests {
         assert!("ed25519:zz".parse::<PublicKey>().is_err());
         assert!(SecretKey::from_text("hello").is_err());
     }
+
+    #[test]
+    fn fingerprint_is_the_sha256_of_the_key_bytes() {
+        let pk = SecretKey::from_seed([7; 32]).public();
+        let text = pk.to_string();
+        let key_bytes: [u8; 32] =
+            crate::hex::decode(text.strip_prefix(PUBLIC_PREFIX).unwrap()).unwrap();
+        assert_eq!(
+            pk.fingerprint(),
+            format!("SHA256:{}", crate::BundleHash::of(&key_bytes))
+        );
+        let other = SecretKey::from_seed([8; 32]).public();
+        assert_ne!(pk.fingerprint(), other.fingerprint());
+    }
+
+    /// Debug forms go into logs: a secret key shows only its id.
+    #[test]
+    fn debug_forms_name_keys_and_never_show_a_seed() {
+        let sk = SecretKey::from_seed([7; 32]);
+        let pk = sk.public();
+        let id = pk.id();
+        assert_eq!(format!("{id:?}"), format!("KeyId({id})"));
+        assert_eq!(format!("{pk:?}"), format!("PublicKey({pk}, id {id})"));
+        let debug = format!("{sk:?}");
+        assert_eq!(debug, format!("SecretKey(id {id})"));
+        assert!(!debug.contains(&"07".repeat(32)), "{debug}");
+    }
 }

@@ -313,4 +313,55 @@ mod tests {
             Signature::from_text(&sig.to_text().replace("abi: 1", "abi: 1\nextra: 2")).is_err()
         );
     }
+
+    /// A name or version with a line break would forge a field of the text
+    /// form; an empty one names nothing.
+    #[test]
+    fn claims_must_be_one_non_empty_line() {
+        let (key, _) = setup();
+        for (name, version) in [
+            ("", "1.0.0"),
+            ("b", ""),
+            ("b\nsize: 1", "1.0.0"),
+            ("b", "1\t0"),
+        ] {
+            let mut c = claims(b"bundle");
+            c.name = name.into();
+            c.version = version.into();
+            let err = Signature::sign(&key, c).unwrap_err();
+            assert_eq!(err.code(), "signature_malformed", "{name:?} {version:?}");
+        }
+        let text = Signature::sign(&key, claims(b"bundle")).unwrap().to_text();
+        let err = Signature::from_text(&text.replace("name: b", "name: b\u{7}")).unwrap_err();
+        assert_eq!(err.code(), "signature_malformed");
+    }
+
+    #[test]
+    fn a_verified_bundle_holds_the_bytes_that_verified() {
+        let (key, trust) = setup();
+        let sig = Signature::sign(&key, claims(b"bundle")).unwrap();
+        let v = verify(b"bundle".to_vec(), &sig, &trust).unwrap();
+        assert_eq!(v.bytes(), b"bundle");
+        assert_eq!(v.claims(), &sig.claims);
+        assert_eq!(v.signature(), &sig);
+    }
+
+    #[test]
+    fn trust_lists_its_keys_and_which_are_revoked() {
+        let (key, mut trust) = setup();
+        let other = SecretKey::from_seed([2; 32]).public();
+        trust.add(other.clone());
+        let id = key.public().id();
+        assert!(!trust.is_revoked(id));
+        assert!(trust.revoke(id));
+        assert!(trust.is_revoked(id));
+        assert!(!trust.is_revoked(other.id()));
+        assert!(!trust.revoke(SecretKey::from_seed([3; 32]).public().id()));
+        let mut listed: Vec<(String, bool)> =
+            trust.keys().map(|(k, r)| (k.to_string(), r)).collect();
+        listed.sort();
+        let mut want = vec![(key.public().to_string(), true), (other.to_string(), false)];
+        want.sort();
+        assert_eq!(listed, want);
+    }
 }

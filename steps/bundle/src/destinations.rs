@@ -162,6 +162,39 @@ mod tests {
         assert!(err.contains("`host`"), "{err}");
     }
 
+    /// An earlier step's output is request data too: a lookup step could
+    /// return any host.
+    #[test]
+    fn an_earlier_output_may_not_point_a_secret() {
+        let text = r#"
+            format = 1
+            name = "t"
+            version = "1.0.0"
+            abi = 2
+            library = "t"
+            [steps.http]
+            timeout_ms = 10
+            destinations = ["url"]
+            [steps.any]
+            timeout_ms = 10
+            [kinds.k]
+            steps = [
+                { step = "any" },
+                { step = "http", with = { url = "https://{{steps.any.host}}/", headers = { A = "{{secrets.bmc}}" } } },
+            ]
+            "#;
+        let m = Manifest::parse(text).unwrap();
+        let err = m.check_new().unwrap_err().to_string();
+        assert!(
+            err.contains("takes {{steps.any.host}} from the request"),
+            "{err}"
+        );
+        Manifest::parse(&text.replace("{{secrets.bmc}}", "x"))
+            .unwrap()
+            .check_new()
+            .unwrap();
+    }
+
     #[test]
     fn fixed_or_listed_destinations_take_secrets() {
         for (params, with) in [

@@ -277,4 +277,88 @@ mod tests {
         assert!(serde_json::from_str::<Goon>(r#"{"step": "x", "act": "explode"}"#).is_err());
         assert!(Goon::fail("x").on_attempt(0).check().is_err());
     }
+
+    #[test]
+    fn a_delay_holds_the_attempt_or_overruns_its_timeout() {
+        let timeout = Duration::from_millis(10);
+        let ms = |ms| Duration::from_millis(ms);
+        assert_eq!(
+            Goon::delay("x", ms(4)).act.delay(timeout),
+            Some((ms(4), false))
+        );
+        assert_eq!(
+            Goon::delay("x", ms(10)).act.delay(timeout),
+            Some((ms(10), false))
+        );
+        assert_eq!(
+            Goon::delay("x", ms(11)).act.delay(timeout),
+            Some((timeout, true))
+        );
+        assert_eq!(
+            Goon::past_timeout("x").act.delay(timeout),
+            Some((timeout, true))
+        );
+        assert_eq!(Goon::crash("x").act.delay(timeout), None);
+        assert_eq!(Goon::fail("x").act.delay(timeout), None);
+    }
+
+    #[test]
+    fn a_goon_acts_on_its_step_attempt_and_kind() {
+        let first = Goon::fail("a");
+        assert!(first.acts_on("k", "a", 1));
+        assert!(!first.acts_on("k", "a", 2));
+        assert!(!first.acts_on("k", "b", 1));
+        let second = Goon::fail("a").on_attempt(2).for_kind("k");
+        assert!(second.acts_on("k", "a", 2));
+        assert!(!second.acts_on("k", "a", 1));
+        assert!(!second.acts_on("other", "a", 2));
+        let every = Goon::fail("a").every_attempt();
+        assert!(every.acts_on("k", "a", 1) && every.acts_on("other", "a", 9));
+    }
+
+    #[test]
+    fn check_refuses_what_a_request_could_get_wrong() {
+        assert_eq!(
+            Goon::fail("").check().unwrap_err(),
+            "a goon needs the step it acts on"
+        );
+        assert!(Goon::fail("x").times(0).check().is_err());
+        assert!(Goon::fail("x").on_attempt(0).check().is_err());
+        Goon::fail("x").on_attempt(3).times(1).check().unwrap();
+        Goon::fail("x").every_attempt().check().unwrap();
+    }
+
+    #[test]
+    fn fatal_and_message_shape_the_failure() {
+        assert_eq!(
+            Goon::fail("x").fatal().message("gone").act,
+            Act::Fail {
+                retryable: false,
+                message: "gone".into()
+            }
+        );
+        assert_eq!(
+            Goon::lose_node("x").message("hv-1").act,
+            Act::LoseNode {
+                node: Some("hv-1".into())
+            }
+        );
+        assert_eq!(Goon::crash("x").fatal().message("m").act, Act::Crash);
+    }
+
+    #[test]
+    fn errors_say_a_goon_did_it() {
+        let goon: Goon = serde_json::from_str(r#"{"step": "x", "act": {"fail": {}}}"#).unwrap();
+        assert_eq!(
+            goon.act,
+            Act::Fail {
+                retryable: true,
+                message: "failed by a goon".into()
+            }
+        );
+        assert_eq!(
+            lost("hv-1"),
+            "node hv-1 went away while the step ran and did not come back in time (a goon took it)"
+        );
+    }
 }

@@ -621,6 +621,126 @@ mod tests {
         assert_eq!(m.functions().into_iter().collect::<Vec<_>>(), ["a"]);
     }
 
+    fn refused(text: &str) -> String {
+        match Manifest::parse(text) {
+            Err(Invalid::Manifest(m)) => m,
+            other => panic!("accepted: {other:?}"),
+        }
+    }
+
+    /// A template names only what the step can see when it runs.
+    #[test]
+    fn templates_name_only_what_runs_before() {
+        let with = |w: &str| GOOD.replace("with = { x = 1 }", &format!("with = {w}"));
+        Manifest::parse(&with(
+            "{ x = \"{{steps.a.out}}\", p = \"{{secrets.bmc_pw}}\" }",
+        ))
+        .unwrap();
+        assert!(refused(&with("{ x = \"{{steps.again.out}}\" }")).contains("does not run before"));
+        assert!(refused(&with("{ x = \"{{steps.later.out}}\" }")).contains("does not run before"));
+        assert!(refused(&with("{ x = \"{{secrets.a/b}}\" }")).contains("names nothing"));
+        // A shell command line is built from vars only.
+        Manifest::parse(&with("{ shell = \"ping {{vars.gw}}\" }")).unwrap();
+        let err = refused(&with("{ shell = \"ping {{target}}\" }"));
+        assert!(err.contains("`shell` may not contain {{target}}"), "{err}");
+        assert!(refused(&with("{ shell = [\"ls\"] }")).contains("must be a string"));
+    }
+
+    #[test]
+    fn names_are_letters_digits_dashes_and_underscores() {
+        for ok in ["a", "b-2_c", &"n".repeat(128)] {
+            Manifest::parse(&GOOD.replace("name = \"t\"", &format!("name = \"{ok}\""))).unwrap();
+        }
+        for bad in ["", "a.b", "a b", &"n".repeat(129)] {
+            let err = refused(&GOOD.replace("name = \"t\"", &format!("name = \"{bad}\"")));
+            assert!(err.contains("bundle name"), "{bad:?}: {err}");
+        }
+        let m =
+            Manifest::parse(&GOOD.replace("library = \"t\"", "library = \"my_steps\"")).unwrap();
+        assert_eq!(
+            m.library_file(),
+            format!(
+                "{}my_steps{}",
+                std::env::consts::DLL_PREFIX,
+                std::env::consts::DLL_SUFFIX
+            )
+        );
+    }
+
+    #[test]
+    fn vars_used_lists_templates_and_allowlists() {
+        let m = Manifest::parse(&GOOD.replace(
+            "[kinds.k]",
+            "[kinds.k]\n        params.bmc = { type = \"string\", allowed_in = \"vars.bmc_hosts\" }",
+        ).replace("with = { x = 1 }", "with = { x = \"{{vars.gw}}/{{params.bmc}}\" }"))
+        .unwrap();
+        assert_eq!(
+            vars_used(&m.kinds["k"]).into_iter().collect::<Vec<_>>(),
+            ["bmc_hosts", "gw"]
+        );
+    }
+
+    /// The defaults the manifest format documents.
+    #[test]
+    fn retry_and_timeout_defaults() {
+        let m = Manifest::parse(&GOOD.replace(
+            "timeout_ms = 10\n",
+            "timeout_ms = 10\n        retry = { backoff_ms = 5 }\n",
+        ))
+        .unwrap();
+        let a = &m.steps["a"];
+        assert_eq!(a.retry.attempts, 1);
+        assert_eq!(a.timeout(), Duration::from_millis(10));
+        assert_eq!(a.placement_timeout(), Duration::from_secs(300));
+        let m = Manifest::parse(&GOOD.replace(
+            "timeout_ms = 10\n",
+            "timeout_ms = 10\n        retry = { attempts = 3 }\n",
+        ))
+        .unwrap();
+        let retry = &m.steps["a"].retry;
+        assert_eq!((retry.backoff_ms, retry.max_backoff_ms), (1000, 60_000));
+    }
+
+    /// Each limit takes its own value and refuses one more.
+    #[test]
+    fn limits_are_inclusive() {
+        let over = |text: &str| matches!(Manifest::parse(text), Err(Invalid::OverLimit(_)));
+        let kinds = |n: usize| {
+            let mut t = GOOD.to_owned();
+            for i in 0..n - 1 {
+                t.push_str(&format!("\n[kinds.k{i}]\nsteps = [{{ step = \"a\" }}]\n"));
+            }
+            t
+        };
+        Manifest::parse(&kinds(MAX_KINDS)).unwrap();
+        assert!(over(&kinds(MAX_KINDS + 1)));
+        let steps = |n: usize| {
+            let mut t = GOOD.to_owned();
+            for i in 0..n - 1 {
+                t.push_str(&format!("\n[steps.s{i}]\ntimeout_ms = 10\n"));
+            }
+            t
+        };
+        Manifest::parse(&steps(MAX_STEPS)).unwrap();
+        assert!(over(&steps(MAX_STEPS + 1)));
+        let uses = |n: usize| {
+            let list: Vec<String> = (0..n)
+                .map(|i| format!("{{ step = \"a\", name = \"u{i}\" }}"))
+                .collect();
+            format!("{}\n[kinds.long]\nsteps = [{}]\n", GOOD, list.join(", "))
+        };
+        Manifest::parse(&uses(MAX_STEPS)).unwrap();
+        assert!(over(&uses(MAX_STEPS + 1)));
+        let padded = |n: usize| {
+            let mut t = GOOD.to_owned();
+            t.push('#');
+            t.push_str(&"x".repeat(n - t.len()));
+            t
+        };
+        Manifest::parse(&padded(MAX_MANIFEST_BYTES)).unwrap();
+        assert!(over(&padded(MAX_MANIFEST_BYTES + 1)));
+    }
+
     /// A template needs a value whenever the step runs: an optional param
     /// with no default has none when a request leaves it out, so naming it
     /// is refused at build time, not found at run time.

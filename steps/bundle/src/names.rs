@@ -27,3 +27,28 @@ pub fn is_attribute_key(key: &str) -> bool {
         && bytes.next().is_some_and(|b| b.is_ascii_lowercase())
         && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capability_names() {
+        for ok in ["hv-17", "oob.net_2", "A", &"a".repeat(64)] {
+            assert!(is_capability_name(ok), "{ok:?}");
+        }
+        for bad in ["", &"a".repeat(65), "a b", "a/b", "a:b", "é"] {
+            assert!(!is_capability_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn secret_names() {
+        for ok in ["bmc_password", "api-token-2", "X", &"a".repeat(128)] {
+            assert!(is_secret_name(ok), "{ok:?}");
+        }
+        for bad in ["", &"a".repeat(129), "a.b", "a b", "a/b", "é"] {
+            assert!(!is_secret_name(bad), "{bad:?}");
+        }
+    }
+}

@@ -508,6 +508,52 @@ mod tests {
         assert!(bad.check("x").unwrap_err().contains("type"));
     }
 
+    /// `minimum`, `maximum`, `min_length` and `max_length` are inclusive.
+    #[test]
+    fn bounds_take_their_own_value() {
+        let base = json!({ "host": "h", "ratio": 1 });
+        let with = |k: &str, v: Value| {
+            let mut b = base.clone();
+            b[k] = v;
+            b
+        };
+        apply(with("port", json!(1))).unwrap();
+        apply(with("port", json!(65535))).unwrap();
+        apply(with("ratio", json!(0.5))).unwrap();
+        apply(with("argv", json!(["ls"]))).unwrap();
+        apply(with("host", json!("a".repeat(20)))).unwrap();
+        let spec: ParamSpec = toml::from_str("type = \"integer\"").unwrap();
+        spec.validate("n", &json!(-3)).unwrap();
+        spec.validate("n", &json!(u64::MAX)).unwrap();
+    }
+
+    /// The error says what came, and hints at --param-json only for a string
+    /// that should have been JSON.
+    #[test]
+    fn errors_describe_the_value_that_came() {
+        let spec: ParamSpec = toml::from_str("type = \"integer\"").unwrap();
+        assert_eq!(
+            spec.validate("n", &json!("7")).unwrap_err(),
+            "param \"n\" must be an integer, not the string \"7\" (from the CLI, pass it with --param-json)"
+        );
+        assert_eq!(
+            spec.validate("n", &json!(true)).unwrap_err(),
+            "param \"n\" must be an integer, not true"
+        );
+        assert_eq!(
+            spec.validate("n", &Value::Null).unwrap_err(),
+            "param \"n\" must be an integer, not null"
+        );
+    }
+
+    #[test]
+    fn declares_names_what_the_kind_takes() {
+        let names = Params::Names(vec!["host".into()]);
+        assert!(names.declares("host") && !names.declares("port"));
+        let schema = schema();
+        assert!(schema.declares("port") && !schema.declares("colour"));
+    }
+
     #[test]
     fn bad_schemas_are_refused() {
         let bad: ParamSpec = toml::from_str("pattern = \"(\"").unwrap();

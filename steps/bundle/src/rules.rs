@@ -88,4 +88,25 @@ mod tests {
         // Never ran: placed again, however many failures came before.
         assert!(try_again(&retry, false, Ending::NotRun, 7));
     }
+
+    /// A call that never ran is not counted: it neither uses up an attempt
+    /// nor lengthens the backoff.
+    #[test]
+    fn failures_count_only_attempts_that_ran() {
+        let retry = Retry {
+            attempts: 2,
+            backoff_ms: 100,
+            max_backoff_ms: 10_000,
+        };
+        let mut failures = Failures::default();
+        assert_eq!(failures.backoff(&retry), Duration::from_millis(100));
+        assert!(failures.after(Ending::NotRun, &retry, false));
+        assert!(failures.after(Ending::NotRun, &retry, false));
+        assert_eq!(failures.backoff(&retry), Duration::from_millis(100));
+        assert!(failures.after(Ending::Retryable, &retry, false));
+        assert_eq!(failures.backoff(&retry), Duration::from_millis(100));
+        assert!(!failures.after(Ending::Retryable, &retry, false));
+        assert_eq!(failures.backoff(&retry), Duration::from_millis(200));
+        assert!(Ending::Retryable.counts() && !Ending::NotRun.counts());
+    }
 }

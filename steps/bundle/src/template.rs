@@ -214,6 +214,50 @@ mod tests {
     }
 
     #[test]
+    fn paths_lists_every_template_in_strings_arrays_and_objects() {
+        let settings = json!({ "argv": ["{{a}}", "x-{{ params.p }}-{{vars.v}}"], "n": 1, "o": { "k": "{{steps.s.f}}" } });
+        assert_eq!(
+            paths(&settings).unwrap(),
+            ["a", "params.p", "vars.v", "steps.s.f"]
+        );
+        assert!(paths(&json!(["{{a"])).is_err());
+    }
+
+    /// What a step is called with, as `troupe_sdk::StepInput` reads it.
+    #[test]
+    fn scope_and_input_carry_the_action() {
+        let params = json!({ "port": 22 });
+        let params = params.as_object().unwrap();
+        let outputs = json!({ "a": { "ip": "10.0.0.5" } });
+        let outputs = outputs.as_object().unwrap();
+        let vars = json!({ "dc": "fra" });
+        let action = Action {
+            id: 7,
+            kind: "reboot",
+            target: "vps-1",
+            params,
+        };
+        let scope = scope(action, outputs, vars.as_object().unwrap());
+        let resolved = resolve(
+            &json!("{{action.id}} {{kind}} {{target}} {{action.target}} {{params.port}} {{steps.a.ip}} {{vars.dc}} {{action.params.port}}"),
+            &scope,
+        )
+        .unwrap();
+        assert_eq!(resolved, json!("7 reboot vps-1 vps-1 22 10.0.0.5 fra 22"));
+        let input = input(&scope, json!({ "s": 1 }), outputs, 2, ["b", "1.0.0", "abc"]);
+        assert_eq!(
+            input,
+            json!({
+                "action": { "id": 7, "kind": "reboot", "target": "vps-1", "params": { "port": 22 } },
+                "settings": { "s": 1 },
+                "outputs": { "a": { "ip": "10.0.0.5" } },
+                "attempt": 2,
+                "bundle": { "name": "b", "version": "1.0.0", "hash": "abc" },
+            })
+        );
+    }
+
+    #[test]
     fn missing_values_are_errors() {
         let err = resolve(&json!("{{params.nope}}"), &json!({ "params": {} })).unwrap_err();
         assert!(err.contains("params.nope"), "{err}");

@@ -81,6 +81,37 @@ fn a_fatal_error_fails_the_action_and_later_steps_never_run() {
     assert!(report.step("never").attempts.is_empty());
 }
 
+/// A report prints as `troupe status` shows an action: the end, then one
+/// line per step with its attempts.
+#[test]
+fn a_report_prints_the_end_and_one_line_per_step() {
+    let report = bundle()
+        .kind("fail")
+        .param("message", "disk full")
+        .run()
+        .unwrap();
+    let text = report.to_string();
+    let mut lines = text.lines();
+    let head = lines.next().unwrap();
+    assert!(
+        head.starts_with("failed in ") && head.ends_with(" ms: step \"fail\" failed: disk full"),
+        "{text}"
+    );
+    assert_eq!(
+        lines.collect::<Vec<_>>(),
+        [
+            "  noop                 Succeeded (1 attempt)",
+            "  fail                 Failed (1 attempt)",
+            "  never                NotRun (0 attempts)",
+        ],
+        "{text}"
+    );
+    let flaky = bundle().kind("flaky").run().unwrap().to_string();
+    assert!(flaky.starts_with("succeeded in "), "{flaky}");
+    assert!(flaky.ends_with("Succeeded (3 attempts)"), "{flaky}");
+    assert_eq!(Status::Cancelled.to_string(), "cancelled");
+}
+
 #[test]
 fn retries_wait_their_backoff_on_the_virtual_clock() {
     // `flaky` fails twice, then succeeds; backoff 20 ms, doubling.
