@@ -492,7 +492,9 @@ fn check_paths(
             ("vars", Some(_)) => {}
             ("target", Some(key))
                 if crate::names::is_attribute_key(key) && parts.next().is_none() => {}
-            ("secrets", Some(name)) if crate::names::is_secret_name(name) => {}
+            // A secret is one string: nothing follows its name.
+            ("secrets", Some(name))
+                if crate::names::is_secret_name(name) && parts.next().is_none() => {}
             _ => {
                 return Err(format!(
                     "the template {{{{{path}}}}} names nothing; use target, target.KEY, kind, action.id, params.NAME, steps.NAME…, vars.NAME or secrets.NAME"
@@ -639,6 +641,7 @@ mod tests {
         assert!(refused(&with("{ x = \"{{steps.again.out}}\" }")).contains("does not run before"));
         assert!(refused(&with("{ x = \"{{steps.later.out}}\" }")).contains("does not run before"));
         assert!(refused(&with("{ x = \"{{secrets.a/b}}\" }")).contains("names nothing"));
+        assert!(refused(&with("{ x = \"{{secrets.a.b}}\" }")).contains("names nothing"));
         // A shell command line is built from vars only.
         Manifest::parse(&with("{ shell = \"ping {{vars.gw}}\" }")).unwrap();
         let err = refused(&with("{ shell = \"ping {{target}}\" }"));
