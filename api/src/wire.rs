@@ -308,9 +308,25 @@ pub struct KindView {
     pub params: BTreeMap<String, Value>,
     /// Step names, in order.
     pub steps: Vec<String>,
+    /// The concurrency limits its steps hold: at most `max` attempts at
+    /// once per key, across every server.
+    pub limits: Vec<KindLimitView>,
     pub bundle: String,
     pub bundle_name: String,
     pub bundle_version: String,
+}
+
+/// A concurrency limit a kind's step holds, with this server's max.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KindLimitView {
+    /// The step that holds it.
+    pub step: String,
+    pub name: String,
+    /// The key's template (`{{params.bmc}}`).
+    pub key: String,
+    pub max: u32,
+    /// Keys with a max of their own: `dc1=10`.
+    pub keys: Vec<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -877,6 +893,17 @@ impl From<engine::KindInfo> for KindView {
                 })
                 .collect(),
             steps: k.steps,
+            limits: k
+                .limits
+                .into_iter()
+                .map(|l| KindLimitView {
+                    step: l.step,
+                    name: l.name,
+                    key: l.key,
+                    max: l.max,
+                    keys: l.keys,
+                })
+                .collect(),
             bundle: k.bundle,
             bundle_name: k.bundle_name,
             bundle_version: k.bundle_version,

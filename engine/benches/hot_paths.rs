@@ -168,6 +168,7 @@ impl EngineProbe {
             host_command,
             trusted_keys: vec![key.public()],
             vars: Default::default(),
+            limits: Vec::new(),
             secrets_key: engine::secrets::SecretsKey::generate().expect("randomness"),
             goons: false,
             submit_timeout: Duration::from_secs(10),

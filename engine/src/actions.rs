@@ -25,9 +25,26 @@ pub struct KindInfo {
     pub description: String,
     pub params: std::collections::BTreeMap<String, bundle::params::ParamSpec>,
     pub steps: Vec<String>,
+    /// The concurrency limits its steps hold.
+    pub limits: Vec<KindLimit>,
     pub bundle: String,
     pub bundle_name: String,
     pub bundle_version: String,
+}
+
+/// A concurrency limit a kind's step holds, with this server's max.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KindLimit {
+    /// The step (its name in the kind) that holds it.
+    pub step: String,
+    pub name: String,
+    /// The key's template (`{{params.bmc}}`).
+    pub key: String,
+    /// How many attempts may hold one key at once (the operator's
+    /// `--limit NAME=MAX`, else the manifest's).
+    pub max: u32,
+    /// Keys the operator gave a max of their own: `dc1=10`.
+    pub keys: Vec<String>,
 }
 
 pub struct Actions {
@@ -118,9 +135,12 @@ impl Actions {
             .iter()
             .map(|s| (s.name().to_owned(), s.step.clone()))
             .collect();
+        // A first step that holds limits claims them before it starts, so
+        // it never starts with the insert.
         let first_requires = kind
             .steps
             .first()
+            .filter(|u| u.limits.is_empty())
             .map(|u| u.requires(&bundle.manifest.steps[&u.step]));
         let validated = Validated {
             new,
@@ -269,6 +289,23 @@ impl Actions {
                         description: k.description.clone(),
                         params: k.params.specs(),
                         steps: k.steps.iter().map(|s| s.name().to_owned()).collect(),
+                        limits: k
+                            .steps
+                            .iter()
+                            .flat_map(|u| {
+                                u.limits.iter().map(|(limit, key)| {
+                                    let def = &b.manifest.limits[limit];
+                                    let (max, keys) = self.shared.limits.maxes(limit, def);
+                                    KindLimit {
+                                        step: u.name().to_owned(),
+                                        name: limit.clone(),
+                                        key: key.clone(),
+                                        max,
+                                        keys,
+                                    }
+                                })
+                            })
+                            .collect(),
                         bundle: b.hash.to_string(),
                         bundle_name: b.manifest.name.clone(),
                         bundle_version: b.manifest.version.clone(),

@@ -24,6 +24,7 @@ pub mod failpoints;
 pub mod goons;
 pub mod host;
 pub mod join;
+pub mod limits;
 pub mod model;
 mod node_results;
 pub mod nodes;
@@ -40,7 +41,7 @@ mod tasks;
 #[doc(hidden)]
 pub mod bench;
 
-pub use actions::{Actions, KindInfo, MAX_KEY_LEN, MAX_TARGET_LEN};
+pub use actions::{Actions, KindInfo, KindLimit, MAX_KEY_LEN, MAX_TARGET_LEN};
 pub use admin::{Admin, BundleInfo, BundleStatus, SecretInfo};
 pub use agency::LoadedBundle;
 pub use authority::{Admitted, KeyInfo};
@@ -88,6 +89,10 @@ pub struct Config {
     /// command that reboots a server here): set by the operator, never by
     /// a request.
     pub vars: std::collections::BTreeMap<String, String>,
+    /// The operator's maxes of concurrency limits (`--limit bmc=4`), over
+    /// the manifests' defaults. Every server sharing a database should be
+    /// given the same: each lets no more than its own max hold a key.
+    pub limits: Vec<limits::LimitSetting>,
     /// The key secrets are encrypted under (see `secrets`).
     pub secrets_key: secrets::SecretsKey,
     /// Whether goons may be added over the API (a test deployment only).
@@ -176,6 +181,7 @@ impl Engine {
                 .iter()
                 .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
                 .collect(),
+            limits: limits::Limits::new(&config.limits, store.shared()),
         });
         let tokens = Tokens::default();
         tokens.replace_all(store.tokens().await?);

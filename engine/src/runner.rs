@@ -42,6 +42,8 @@ pub(crate) struct Shared {
     pub(crate) node_grace: Duration,
     /// Faults to inject, when the server runs with goons on.
     pub(crate) goons: Option<Arc<crate::goons::Goons>>,
+    /// Concurrency limits: the operator's maxes, and whom to wake.
+    pub(crate) limits: crate::limits::Limits,
 }
 
 impl Shared {
@@ -469,6 +471,8 @@ async fn steps(
             }
             let started_at;
             let mut placed = None;
+            // The limits' slots this attempt holds, given back when it ends.
+            let mut held = None;
             let reattached = resume_on.take();
             if reattached.is_none() && !requires.is_empty() && !prestarted {
                 let scope = scope_of(action, &outputs, &shared.vars);
@@ -501,6 +505,23 @@ async fn steps(
                     return End::Paused;
                 }
                 attempt += 1;
+                if !step_use.limits.is_empty() {
+                    let gate = Gate {
+                        shared,
+                        action,
+                        seq,
+                        name,
+                        attempt,
+                        cancel,
+                    };
+                    match gate
+                        .wait(mirror, carry, step_use, bundle, &outputs, open)
+                        .await
+                    {
+                        Ok(h) => held = h,
+                        Err(end) => return end,
+                    }
+                }
                 started_at = crate::model::now();
                 let start = Write::StepStarted {
                     id,
@@ -628,6 +649,7 @@ async fn steps(
             };
             drop(scope);
             let Attempt { result, mut log } = ran;
+            drop(held);
             // Masked before anything is cut, so no cut leaves a piece of a
             // secret behind.
             let result = bound(mask(result, &masker));
@@ -838,6 +860,119 @@ impl Placing<'_> {
                 }
                 _ = self.cancel.cancelled() => return Err(cancelled(carry, self.action, seq, true)),
                 _ = self.shared.stopping.cancelled() => return Err(End::Paused),
+            }
+        }
+    }
+}
+
+/// Holds the concurrency limits a step use names (`crate::limits`) for
+/// one attempt.
+struct Gate<'a> {
+    shared: &'a Shared,
+    action: &'a Action,
+    seq: u32,
+    name: &'a str,
+    attempt: u32,
+    cancel: &'a CancellationToken,
+}
+
+impl Gate<'_> {
+    /// Claims a slot of every limit key the step use names, before the
+    /// attempt's start is recorded. While one is full the step is recorded
+    /// `waiting` (`bmc limit https://10.0.0.5`) and waits for a slot: woken
+    /// when this server gives one back, looking again every
+    /// `Limits::poll` for those given back elsewhere; until a cancel, or
+    /// the server stopping (paused: nothing ran). `None`: no key applies.
+    async fn wait(
+        self,
+        mirror: &mut Action,
+        carry: &mut Vec<Write>,
+        step_use: &crate::bundle::manifest::StepUse,
+        bundle: &LoadedBundle,
+        outputs: &Map<String, Value>,
+        open: bool,
+    ) -> Result<Option<crate::limits::Held>, End> {
+        let (shared, id, seq, name) = (self.shared, self.action.id, self.seq, self.name);
+        // A hold lives while its action runs at the hold's epoch, so the
+        // action's start (and the claim of its turn, which moves the epoch)
+        // is made durable first.
+        if matches!(carry.first(), Some(Write::Start { .. })) {
+            let writes = std::mem::take(carry);
+            match commit(shared, mirror, writes).await {
+                Err(halt) => return Err(halt.into()),
+                Ok(o) if o[0] == (Outcome::Done { rows: 0 }) => return Err(End::Gone),
+                Ok(_) => {}
+            }
+        }
+        let mut released = shared.limits.released();
+        let mut recorded: Option<String> = None;
+        loop {
+            released.borrow_and_update();
+            let record = match crate::targets::for_step(&shared.store, &self.action.target, true)
+                .await
+            {
+                Ok(record) => Some(record),
+                Err(e) => {
+                    tracing::warn!(action_id = id, step = name, error = %e, "cannot read the target's record for the step's limits; trying again");
+                    None
+                }
+            };
+            let mut full = None;
+            if let Some(record) = record {
+                let mut scope = scope_of(self.action, outputs, &shared.vars);
+                template::with_record(&mut scope, record.as_ref());
+                let wants = match crate::limits::wants(
+                    &step_use.limits,
+                    &bundle.manifest.limits,
+                    &scope,
+                    &shared.limits,
+                ) {
+                    Ok(wants) => wants,
+                    Err(e) => {
+                        let error = format!("step {name:?}: cannot resolve its limits: {e}");
+                        carry.push(step_failed(id, seq, &error));
+                        return Err(End::Finished(ActionStatus::Failed, Some(error)));
+                    }
+                };
+                if wants.is_empty() {
+                    return Ok(None);
+                }
+                let holder = crate::limits::Holder {
+                    action: id,
+                    epoch: mirror.epoch,
+                    seq,
+                    attempt: self.attempt,
+                    owner: shared.lease.owner.to_string(),
+                };
+                match crate::limits::claim(&shared.store, &shared.limits, &wants, &holder).await {
+                    Ok(Ok(held)) => return Ok(Some(held)),
+                    Ok(Err(want)) => full = Some(want.to_string()),
+                    Err(e) => {
+                        tracing::warn!(action_id = id, step = name, error = %e, "cannot claim the step's limits; trying again");
+                    }
+                }
+            }
+            if let Some(waiting_for) = full.filter(|w| recorded.as_ref() != Some(w)) {
+                recorded = Some(waiting_for.clone());
+                let waiting = Write::StepWaiting {
+                    id,
+                    seq,
+                    name: name.to_owned(),
+                    waiting_for,
+                };
+                if let Err(halt) = commit(shared, mirror, with(carry, waiting)).await {
+                    return Err(halt.into());
+                }
+                // A slot may have come while that committed: look again.
+                continue;
+            }
+            tokio::select! {
+                _ = released.changed() => {}
+                _ = tokio::time::sleep(crate::tasks::jitter(shared.limits.poll)) => {}
+                _ = self.cancel.cancelled() => {
+                    return Err(cancelled(carry, self.action, seq, open || recorded.is_some()));
+                }
+                _ = shared.stopping.cancelled() => return Err(End::Paused),
             }
         }
     }

@@ -10,6 +10,7 @@
 //! connection or one call logs and ends ([`OnFailure::Log`]).
 
 use std::future::Future;
+use std::time::Duration;
 
 /// What happens when a task panics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +55,8 @@ pub(crate) enum TaskKind {
     HostIo,
     /// Stops a drained bundle's step host.
     HostStop,
+    /// Gives back the slots of concurrency limits an attempt held.
+    LimitRelease,
 }
 
 impl TaskKind {
@@ -72,6 +75,7 @@ impl TaskKind {
             TaskKind::NodeResult => "node-result",
             TaskKind::HostIo => "host-io",
             TaskKind::HostStop => "host-stop",
+            TaskKind::LimitRelease => "limit-release",
         }
     }
 
@@ -89,7 +93,8 @@ impl TaskKind {
             TaskKind::NodeCallTimer
             | TaskKind::NodeResult
             | TaskKind::HostIo
-            | TaskKind::HostStop => OnFailure::Log,
+            | TaskKind::HostStop
+            | TaskKind::LimitRelease => OnFailure::Log,
         }
     }
 }
@@ -116,4 +121,13 @@ where
             OnFailure::Log => tracing::error!(task = kind.name(), "task panicked"),
         }
     });
+}
+
+/// `period` ± 20 %, so servers do not pass in step.
+pub(crate) fn jitter(period: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let spread = f64::from(nanos % 1000) / 1000.0 * 0.4 - 0.2;
+    period.mul_f64(1.0 + spread)
 }

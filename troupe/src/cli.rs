@@ -422,6 +422,27 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
                         k["description"].as_str().unwrap_or("")
                     );
                     println!("{:<16} steps: {}", "", steps.join(" → "));
+                    for l in k["limits"].as_array().into_iter().flatten() {
+                        let keys: Vec<&str> = l["keys"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(Value::as_str)
+                            .collect();
+                        let own = if keys.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({})", keys.join(", "))
+                        };
+                        println!(
+                            "{:<16} limit {}: {} at once per {} (step {}){own}",
+                            "",
+                            l["name"].as_str().unwrap_or("?"),
+                            l["max"],
+                            l["key"].as_str().unwrap_or("?"),
+                            l["step"].as_str().unwrap_or("?"),
+                        );
+                    }
                     for (name, spec) in k["params"].as_object().into_iter().flatten() {
                         println!("{:<16} param {name}: {}", "", describe_param(spec));
                     }

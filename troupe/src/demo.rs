@@ -90,6 +90,7 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
         ensure_admin_token: true,
         secrets_key: None,
         vars: vec![("reboot_command".into(), DEMO_REBOOT.into())],
+        limits: Vec::new(),
         max_running: 64,
         server_id: None,
         advertise: None,

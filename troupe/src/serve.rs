@@ -40,6 +40,9 @@ pub(crate) struct ServeArgs {
     /// A deployment variable NAME=VALUE for manifests' {{vars.NAME}}, e.g. reboot_command='virsh reboot "$TROUPE_TARGET"'. Repeat for more; TROUPE_VAR_NAME=VALUE in the environment works too.
     #[arg(long = "var", value_name = "NAME=VALUE", value_parser = parse_var)]
     pub(crate) vars: Vec<(String, String)>,
+    /// The max of a concurrency limit a bundle declares, over its default: NAME=MAX for every key (bmc=4: four calls at once to one BMC), NAME:KEY=MAX for one (power:dc1=10). Repeat for more; give every server sharing the database the same.
+    #[arg(long = "limit", value_name = "NAME[:KEY]=MAX", env = "TROUPE_LIMITS", value_delimiter = ',', value_parser = parse_limit)]
+    pub(crate) limits: Vec<engine::limits::LimitSetting>,
     /// The key secrets are encrypted under [default: DATA_DIR/secrets.key, created on first start]. Every server sharing a database needs the same one.
     #[arg(long, env = "TROUPE_SECRETS_KEY_FILE")]
     pub(crate) secrets_key: Option<PathBuf>,
@@ -143,6 +146,7 @@ impl ServeArgs {
                 .into_iter()
                 .chain(self.vars.iter().cloned())
                 .collect(),
+            limits: self.limits.clone(),
             goons: self.goons,
             submit_timeout: check_submit_timeout(self.submit_timeout)?,
             host_command: HostCommand {
@@ -218,6 +222,10 @@ fn parse_var(s: &str) -> Result<(String, String), String> {
 }
 
 /// `TROUPE_VAR_NAME=VALUE` from the environment, as `name`.
+fn parse_limit(s: &str) -> std::result::Result<engine::limits::LimitSetting, String> {
+    s.parse()
+}
+
 fn vars_from_env() -> Vec<(String, String)> {
     std::env::vars()
         .filter_map(|(k, v)| {

@@ -82,7 +82,7 @@ impl Claimer {
                         }
                         None => return,
                     },
-                    _ = tokio::time::sleep(super::jitter(PERIOD)) => {}
+                    _ = tokio::time::sleep(crate::tasks::jitter(PERIOD)) => {}
                     _ = stopping.cancelled() => return,
                 }
             }

@@ -142,12 +142,3 @@ impl Scheduler {
         self.lease.release(&self.shared).await;
     }
 }
-
-/// `period` ± 20 %, so servers do not pass in step.
-fn jitter(period: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let spread = f64::from(nanos % 1000) / 1000.0 * 0.4 - 0.2;
-    period.mul_f64(1.0 + spread)
-}

@@ -103,7 +103,7 @@ impl Rescuer {
             loop {
                 let tick = async {
                     match rescuer.config.period {
-                        Some(p) => tokio::time::sleep(super::jitter(p)).await,
+                        Some(p) => tokio::time::sleep(crate::tasks::jitter(p)).await,
                         None => std::future::pending().await,
                     }
                 };

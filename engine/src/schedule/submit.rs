@@ -18,7 +18,8 @@ pub(crate) struct Validated {
     pub(crate) request_hash: String,
     /// Its steps: (name, step) in order.
     pub(crate) steps: Vec<(String, String)>,
-    /// What its first step needs of a node; empty: it runs on this server.
+    /// What its first step needs of a node; empty: it runs on this server;
+    /// `None`: it cannot start with the insert (it holds limits).
     pub(crate) first_requires: Option<BTreeMap<String, String>>,
     /// When the submit must have answered, `timeout` after it began.
     pub(crate) deadline: tokio::time::Instant,

@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::model::{Action, ActionFilter, ActionId, Timestamp};
 
 mod access;
+mod limits;
 mod nodes;
 mod records;
 mod servers;
@@ -29,6 +30,8 @@ mod watchers;
 mod write;
 mod writer;
 
+pub use limits::HoldRow;
+pub(crate) use limits::{Claim, Hold};
 pub use nodes::NotWritable;
 pub use servers::{Renewal, ServerRow, ServerSpec};
 pub use watchers::Change;

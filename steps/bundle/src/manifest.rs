@@ -39,6 +39,26 @@ pub struct Manifest {
     /// The kinds of action built from the steps, by name.
     #[serde(default)]
     pub kinds: BTreeMap<String, KindDef>,
+    /// Concurrency limits its step uses name (`limits = { bmc = "{{params.bmc}}" }`):
+    /// at most `max` attempts at once hold one key of a limit, across every
+    /// server sharing the database.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub limits: BTreeMap<String, LimitDef>,
+}
+
+/// The most attempts at once one limit may let through.
+pub const MAX_LIMIT: u32 = 10_000;
+
+/// A concurrency limit: `[limits.bmc] max = 1`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitDef {
+    /// What it protects, for operators (`troupe kinds`, the docs).
+    #[serde(default)]
+    pub description: String,
+    /// How many attempts may hold one key at once, unless the operator
+    /// says otherwise (`troupe serve --limit NAME=N`); 1 to [`MAX_LIMIT`].
+    pub max: u32,
 }
 
 /// A step definition: an exported function plus the policy it runs under.
@@ -162,6 +182,12 @@ pub struct StepUse {
     /// (`node = "{{params.hypervisor}}"`).
     #[serde(default)]
     pub requires: BTreeMap<String, String>,
+    /// The limits each attempt of this use holds while it runs: a limit of
+    /// the manifest's `[limits]` to the key it holds, a template
+    /// (`power = "{{target.site}}"`). A key that names a target attribute
+    /// the record lacks, or resolves to nothing, holds no slot of that limit.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub limits: BTreeMap<String, String>,
 }
 
 fn empty_object() -> Value {
@@ -290,6 +316,19 @@ impl Manifest {
                 ));
             }
         }
+        for (name, limit) in &self.limits {
+            if !crate::names::is_capability_name(name) {
+                return bad(format!(
+                    "limit name {name:?} must be letters, digits, '_', '-' or '.' (at most 64)"
+                ));
+            }
+            if !(1..=MAX_LIMIT).contains(&limit.max) {
+                return bad(format!(
+                    "limit {name:?}: max must be 1 to {MAX_LIMIT}, not {}",
+                    limit.max
+                ));
+            }
+        }
         for (kind, def) in &self.kinds {
             if !is_name(kind) {
                 return bad(format!(
@@ -326,6 +365,13 @@ impl Manifest {
                 check_templates(kind, def, u, &seen).map_err(|e| {
                     Invalid::Manifest(format!("kind {kind:?}, step {:?}: {e}", u.name()))
                 })?;
+                for (limit, key) in &u.limits {
+                    self.check_limit_use(limit, key)
+                        .and_then(|()| check_paths(kind, def, u, &seen, &Value::from(key.as_str())))
+                        .map_err(|e| {
+                            Invalid::Manifest(format!("kind {kind:?}, step {:?}: {e}", u.name()))
+                        })?;
+                }
                 for (capability, value) in &u.requires {
                     check_requirement(capability, value, true)
                         .and_then(|()| {
@@ -336,6 +382,33 @@ impl Manifest {
                         })?;
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// A step use's `limits` entry: a declared limit, and a key that names
+    /// no secret (keys are shown to operators while a step waits) nor an
+    /// earlier step's output (a key is known before the step starts).
+    fn check_limit_use(&self, limit: &str, key: &str) -> Result<(), String> {
+        if !self.limits.contains_key(limit) {
+            return Err(format!(
+                "limits: {limit:?} is not a limit of this manifest; declare it in [limits.{limit}] with its max"
+            ));
+        }
+        if key.trim().is_empty() {
+            return Err(format!(
+                "limits: {limit} = \"\" holds no key; give a template such as \"{{{{params.bmc}}}}\""
+            ));
+        }
+        let paths = crate::template::paths(&Value::from(key))?;
+        if let Some(path) = paths
+            .iter()
+            .find(|p| p.starts_with("secrets.") || p.starts_with("steps."))
+        {
+            return Err(format!(
+                "limits: {limit} = {key:?}: a limit's key may not use {{{{{path}}}}}; keys are shown to operators \
+                 and known before the step starts"
+            ));
         }
         Ok(())
     }
@@ -362,7 +435,7 @@ impl Manifest {
                     Invalid::Manifest(format!("kind {kind:?}, step {:?}: {e}", u.name()))
                 })?;
                 let mut paths = crate::template::paths(&u.settings).unwrap_or_default();
-                for value in u.requires.values() {
+                for value in u.requires.values().chain(u.limits.values()) {
                     paths.extend(
                         crate::template::paths(&Value::from(value.as_str())).unwrap_or_default(),
                     );
@@ -766,6 +839,72 @@ mod tests {
         }
         let defaulted = optional.replace("required = false", "default = 0");
         Manifest::parse(&defaulted).unwrap().check_new().unwrap();
+    }
+
+    /// A step use names declared limits by key templates; a key is shown to
+    /// operators and known before the step starts, so it names no secret
+    /// and no step output; a max is 1 to MAX_LIMIT.
+    #[test]
+    fn limits_are_declared_and_their_keys_checked() {
+        let limited = format!(
+            "{}\n[limits.bmc]\nmax = 1\n[limits.site]\ndescription = \"power at once in a site\"\nmax = {MAX_LIMIT}\n",
+            GOOD.replace(
+                "[kinds.k]",
+                "[kinds.k]\n        params.bmc = { type = \"string\" }",
+            )
+            .replace(
+                "{ step = \"a\" }",
+                "{ step = \"a\", limits = { bmc = \"{{params.bmc}}\", site = \"{{target.site}}\" } }",
+            )
+        );
+        let m = Manifest::parse(&limited).unwrap();
+        m.check_new().unwrap();
+        assert_eq!(m.limits["bmc"].max, 1);
+        assert_eq!(m.limits["site"].max, MAX_LIMIT);
+        assert_eq!(
+            format!("{:?}", m.kinds["k"].steps[0].limits),
+            r#"{"bmc": "{{params.bmc}}", "site": "{{target.site}}"}"#
+        );
+        assert!(m.kinds["k"].steps[1].limits.is_empty());
+        // A target attribute a limit's key reads is not required at submit:
+        // a target without it is not limited by it.
+        assert!(target_keys_used(&m.kinds["k"]).is_empty());
+
+        let refused = |from: &str, to: &str, why: &str| {
+            let text = limited.replace(from, to);
+            match Manifest::parse(&text) {
+                Err(Invalid::Manifest(m)) => assert!(m.contains(why), "{to}: {m}"),
+                other => panic!("{to}: {other:?}"),
+            }
+        };
+        refused(
+            "bmc = \"{{params.bmc}}\"",
+            "rack = \"{{params.bmc}}\"",
+            "declare it in [limits.rack]",
+        );
+        refused("bmc = \"{{params.bmc}}\"", "bmc = \" \"", "holds no key");
+        refused(
+            "bmc = \"{{params.bmc}}\"",
+            "bmc = \"{{secrets.pw}}\"",
+            "may not use {{secrets.pw}}",
+        );
+        refused(
+            "bmc = \"{{params.bmc}}\"",
+            "bmc = \"{{steps.a.x}}\"",
+            "may not use {{steps.a.x}}",
+        );
+        refused(
+            "bmc = \"{{params.bmc}}\"",
+            "bmc = \"{{params.nope}}\"",
+            "does not declare",
+        );
+        refused("max = 1\n", "max = 0\n", "max must be 1 to");
+        refused(
+            &format!("max = {MAX_LIMIT}"),
+            &format!("max = {}", MAX_LIMIT + 1),
+            "max must be 1 to",
+        );
+        refused("[limits.bmc]", "[limits.\"b c\"]", "limit name");
     }
 
     #[test]

@@ -26,6 +26,7 @@ mod hardware_placement;
 mod hostile;
 mod hostile_bundles;
 mod lease;
+mod limits;
 mod lists;
 mod logs;
 mod manual;

@@ -1,0 +1,400 @@
+//! Concurrency limits: at most `max` attempts at once hold one key of a
+//! limit (`[limits.bmc] max = 1` in a manifest, a step use's
+//! `limits = { bmc = "{{params.bmc}}" }`), across every server sharing the
+//! database. The slots are rows of `limit_holds` (`store/limits.rs`), so
+//! the database, not a server's memory, says who holds what; a server only
+//! remembers whom to wake when it gives a slot back.
+//!
+//! An attempt claims every key its step use names before its start is
+//! recorded, one limit after another in name order, and gives back what it
+//! holds when one is full (no attempt holds one slot while waiting for
+//! another, so two cannot wait for each other). While it waits, its step
+//! reads `waiting` with `waiting_for = "bmc limit https://10.0.0.5"`; it is
+//! the running action of its target, so the target's later actions wait
+//! behind it and per-target order holds. A waiting step wakes when this
+//! server gives a slot of any limit back, and looks again every
+//! [`Limits::poll`] for slots given back elsewhere (or whose holder died).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::bundle::manifest::LimitDef;
+use crate::bundle::template;
+use crate::model::ActionId;
+use crate::store::{Claim, Hold, Store};
+use crate::tasks::{self, TaskKind};
+
+/// The longest key stored as it is; a longer one is stored as its SHA-256.
+const MAX_STORED_KEY: usize = 255;
+
+/// An operator's setting of a limit's max (`--limit bmc=4`), for every key
+/// or one (`--limit power:dc1=10`): it wins over the manifest's default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitSetting {
+    pub name: String,
+    pub key: Option<String>,
+    pub max: u32,
+}
+
+impl std::str::FromStr for LimitSetting {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let shape = || {
+            format!(
+                "{s:?}: give NAME=MAX (every key of limit NAME) or NAME:KEY=MAX (that key only), e.g. bmc=4 or power:dc1=10"
+            )
+        };
+        let (what, max) = s.rsplit_once('=').ok_or_else(shape)?;
+        let (name, key) = match what.split_once(':') {
+            Some((name, key)) if !key.is_empty() => (name, Some(key.to_owned())),
+            Some(_) => return Err(shape()),
+            None => (what, None),
+        };
+        if !troupe_bundle::names::is_capability_name(name) {
+            return Err(format!(
+                "{s:?}: {name:?} is not a limit name (letters, digits, '_', '-', '.'; at most 64)"
+            ));
+        }
+        let max: u32 = max.trim().parse().map_err(|_| shape())?;
+        let most = troupe_bundle::manifest::MAX_LIMIT;
+        if !(1..=most).contains(&max) {
+            return Err(format!("{s:?}: a max is 1 to {most}"));
+        }
+        Ok(LimitSetting {
+            name: name.to_owned(),
+            key,
+            max,
+        })
+    }
+}
+
+/// This server's view of the limits: the operator's settings, and a
+/// counter bumped each time it gives a slot back, which its waiting steps
+/// watch.
+pub(crate) struct Limits {
+    settings: BTreeMap<(String, Option<String>), u32>,
+    released: watch::Sender<u64>,
+    /// How often a waiting step looks again without being woken.
+    pub(crate) poll: Duration,
+}
+
+impl Limits {
+    /// `several`: other servers share the database, and give slots back
+    /// without waking this one's steps, so those look more often.
+    pub(crate) fn new(settings: &[LimitSetting], several: bool) -> Limits {
+        Limits {
+            settings: settings
+                .iter()
+                .map(|s| ((s.name.clone(), s.key.clone()), s.max))
+                .collect(),
+            released: watch::Sender::new(0),
+            poll: if several {
+                Duration::from_millis(500)
+            } else {
+                Duration::from_secs(2)
+            },
+        }
+    }
+
+    /// The max of `name` for `key`: the operator's for that key, else for
+    /// the limit, else the manifest's.
+    fn max(&self, name: &str, key: &str, def: &LimitDef) -> u32 {
+        self.settings
+            .get(&(name.to_owned(), Some(key.to_owned())))
+            .or_else(|| self.settings.get(&(name.to_owned(), None)))
+            .copied()
+            .unwrap_or(def.max)
+    }
+
+    /// The max of `name` for every key the operator did not name, and
+    /// those he did (`dc1=10`).
+    pub(crate) fn maxes(&self, name: &str, def: &LimitDef) -> (u32, Vec<String>) {
+        let all = self
+            .settings
+            .get(&(name.to_owned(), None))
+            .copied()
+            .unwrap_or(def.max);
+        let keys = self
+            .settings
+            .iter()
+            .filter_map(|((n, key), max)| {
+                (n == name)
+                    .then_some(key.as_ref()?)
+                    .map(|k| format!("{k}={max}"))
+            })
+            .collect();
+        (all, keys)
+    }
+
+    /// A receiver that sees every slot this server gives back from now on.
+    pub(crate) fn released(&self) -> watch::Receiver<u64> {
+        self.released.subscribe()
+    }
+}
+
+/// One key of a limit an attempt must hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Want {
+    pub(crate) name: String,
+    /// The key as resolved: shown to operators.
+    pub(crate) key: String,
+    pub(crate) max: u32,
+}
+
+impl std::fmt::Display for Want {
+    /// What a waiting step reads: `bmc limit https://10.0.0.5`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} limit {}", self.name, self.key)
+    }
+}
+
+impl Want {
+    /// The key as `limit_holds` stores it.
+    fn stored(&self) -> String {
+        if self.key.len() <= MAX_STORED_KEY {
+            return self.key.clone();
+        }
+        let digest = Sha256::digest(self.key.as_bytes());
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        format!("sha256:{hex}")
+    }
+}
+
+/// The keys a step use's `limits` name, resolved against `scope` (which
+/// has the target's record). A key that names a record attribute the
+/// record lacks, or that resolves to nothing, holds no slot: a target with
+/// no `site` is not limited by site.
+pub(crate) fn wants(
+    uses: &BTreeMap<String, String>,
+    defs: &BTreeMap<String, LimitDef>,
+    scope: &Value,
+    limits: &Limits,
+) -> Result<Vec<Want>, String> {
+    let mut out = Vec::with_capacity(uses.len());
+    for (name, template) in uses {
+        let Some(def) = defs.get(name) else {
+            return Err(format!("limit {name:?} is not declared in the manifest"));
+        };
+        let paths = template::paths(&Value::from(template.as_str()))?;
+        let absent = paths.iter().any(|p| {
+            p.strip_prefix("target.")
+                .is_some_and(|key| scope["record"].get(key).is_none())
+        });
+        if absent {
+            continue;
+        }
+        let key = match template::resolve(&Value::from(template.as_str()), scope)? {
+            Value::String(s) => s,
+            Value::Null => String::new(),
+            other => other.to_string(),
+        };
+        if key.is_empty() {
+            continue;
+        }
+        let max = limits.max(name, &key, def);
+        out.push(Want {
+            name: name.clone(),
+            key,
+            max,
+        });
+    }
+    Ok(out)
+}
+
+/// Who claims: the attempt, fenced like every write of its action.
+#[derive(Debug, Clone)]
+pub(crate) struct Holder {
+    pub(crate) action: ActionId,
+    pub(crate) epoch: i64,
+    pub(crate) seq: u32,
+    pub(crate) attempt: u32,
+    pub(crate) owner: String,
+}
+
+/// The slots an attempt holds; given back when dropped (on a task of its
+/// own, so every way out of an attempt gives them back). A slot whose
+/// giving back fails stays until a claimer finds its attempt ended.
+pub(crate) struct Held {
+    store: Store,
+    released: watch::Sender<u64>,
+    holds: Vec<(Hold, u32)>,
+}
+
+impl Held {
+    async fn give_back(store: Store, released: watch::Sender<u64>, holds: Vec<(Hold, u32)>) {
+        for (hold, slot) in &holds {
+            if let Err(e) = store.release_limit(hold, *slot).await {
+                tracing::warn!(limit = %hold.name, key = %hold.key, action_id = hold.action, error = %e,
+                    "could not give a limit's slot back; it is freed once its attempt is seen ended");
+            }
+        }
+        released.send_modify(|n| *n += 1);
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if self.holds.is_empty() {
+            return;
+        }
+        let holds = std::mem::take(&mut self.holds);
+        let (store, released) = (self.store.clone(), self.released.clone());
+        tasks::spawn(
+            TaskKind::LimitRelease,
+            Held::give_back(store, released, holds),
+        );
+    }
+}
+
+/// Claims every key of `wants` for `holder`, in name order: all of them
+/// (`Ok(Ok(held))`), or none, naming the first that is full (`Ok(Err)`).
+pub(crate) async fn claim(
+    store: &Store,
+    limits: &Limits,
+    wants: &[Want],
+    holder: &Holder,
+) -> crate::Result<Result<Held, Want>> {
+    let mut held = Held {
+        store: store.clone(),
+        released: limits.released.clone(),
+        holds: Vec::with_capacity(wants.len()),
+    };
+    let mut sorted: Vec<&Want> = wants.iter().collect();
+    sorted.sort_by(|a, b| (&a.name, &a.key).cmp(&(&b.name, &b.key)));
+    for want in sorted {
+        let hold = Hold {
+            name: want.name.clone(),
+            key: want.stored(),
+            action: holder.action,
+            epoch: holder.epoch,
+            seq: holder.seq,
+            attempt: holder.attempt,
+            owner: holder.owner.clone(),
+        };
+        match store.claim_limit(&hold, want.max).await? {
+            Claim::Held(slot) => held.holds.push((hold, slot)),
+            // What it holds goes back (dropped) before it waits.
+            Claim::Full => return Ok(Err(want.clone())),
+        }
+    }
+    Ok(Ok(held))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn settings_read_a_limit_or_one_key_of_it() {
+        let s: LimitSetting = "bmc=4".parse().unwrap();
+        assert_eq!((s.name.as_str(), s.key, s.max), ("bmc", None, 4));
+        let s: LimitSetting = "power:dc1=10".parse().unwrap();
+        assert_eq!(
+            (s.name.as_str(), s.key.as_deref(), s.max),
+            ("power", Some("dc1"), 10)
+        );
+        // A key may hold ':' and '=' of its own (a URL): the max is after the last '='.
+        let s: LimitSetting = "bmc:https://10.0.0.5:8443=2".parse().unwrap();
+        assert_eq!(s.key.as_deref(), Some("https://10.0.0.5:8443"));
+        for bad in [
+            "bmc",
+            "bmc=",
+            "bmc=0",
+            "bmc=10001",
+            "bmc:=3",
+            "b c=1",
+            "=1",
+            "bmc=x",
+        ] {
+            assert!(bad.parse::<LimitSetting>().is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn keys_resolve_with_the_record_and_settings_choose_the_max() {
+        let defs: BTreeMap<String, LimitDef> = [
+            (
+                "bmc".to_owned(),
+                LimitDef {
+                    description: String::new(),
+                    max: 1,
+                },
+            ),
+            (
+                "power".to_owned(),
+                LimitDef {
+                    description: String::new(),
+                    max: 20,
+                },
+            ),
+        ]
+        .into();
+        let uses: BTreeMap<String, String> = [
+            ("bmc".to_owned(), "{{params.bmc}}".to_owned()),
+            ("power".to_owned(), "{{target.site}}".to_owned()),
+        ]
+        .into();
+        let limits = Limits::new(
+            &["power=50".parse().unwrap(), "power:dc1=5".parse().unwrap()],
+            false,
+        );
+        let scope = |site: Option<&str>| {
+            let mut scope = json!({ "target": "vps-1", "params": { "bmc": "https://10.0.0.5" } });
+            scope["record"] = match site {
+                Some(s) => json!({ "site": s }),
+                None => json!({}),
+            };
+            scope
+        };
+        let got = wants(&uses, &defs, &scope(Some("dc1")), &limits).unwrap();
+        assert_eq!(
+            got.iter()
+                .map(|w| (w.to_string(), w.max))
+                .collect::<Vec<_>>(),
+            [
+                ("bmc limit https://10.0.0.5".to_owned(), 1),
+                ("power limit dc1".to_owned(), 5)
+            ]
+        );
+        let got = wants(&uses, &defs, &scope(Some("dc2")), &limits).unwrap();
+        assert_eq!(got[1].max, 50);
+        // No site: not limited by site.
+        let got = wants(&uses, &defs, &scope(None), &limits).unwrap();
+        assert_eq!(got.len(), 1);
+        let mut none = scope(None);
+        none["record"] = Value::Null;
+        assert_eq!(wants(&uses, &defs, &none, &limits).unwrap().len(), 1);
+        // An empty key holds nothing either.
+        assert!(wants(&uses, &defs, &scope(Some("")), &limits).unwrap()[1..].is_empty());
+    }
+
+    #[test]
+    fn long_keys_are_stored_by_digest() {
+        let short = Want {
+            name: "bmc".into(),
+            key: "k".repeat(MAX_STORED_KEY),
+            max: 1,
+        };
+        assert_eq!(short.stored(), short.key);
+        let long = Want {
+            name: "bmc".into(),
+            key: "k".repeat(MAX_STORED_KEY + 1),
+            max: 1,
+        };
+        assert!(long.stored().starts_with("sha256:") && long.stored().len() == 71);
+        assert_ne!(
+            long.stored(),
+            Want {
+                key: "j".repeat(300),
+                ..long.clone()
+            }
+            .stored()
+        );
+    }
+}
