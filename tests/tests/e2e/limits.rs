@@ -333,3 +333,111 @@ async fn a_slot_held_by_a_server_frozen_past_its_lease_is_freed() {
     let run = runs(&dir, &[waiter]);
     assert_eq!(run[0].action, waiter);
 }
+
+/// When each action's first step ran, from its record (µs).
+fn step_runs(actions: &[Value]) -> Vec<Run> {
+    let at = |v: &Value| {
+        chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap_or_else(|| panic!("{v}")))
+            .unwrap()
+            .timestamp_micros() as u64
+    };
+    actions
+        .iter()
+        .map(|a| Run {
+            action: a["id"].as_i64().unwrap(),
+            start: at(&a["steps"][0]["started_at"]),
+            end: at(&a["steps"][0]["finished_at"]),
+            server: 0,
+        })
+        .collect()
+}
+
+/// Twenty servers behind one Redfish BMC (sushy-tools' emulator), their
+/// power states all read at once: with the hardware bundle's default of
+/// one call at a time per BMC, the emulator serves one step at a time (its
+/// log shows each step's two requests, the systems then the server, never
+/// another's between them) and the steps never overlap; with `--limit
+/// bmc=4`, up to four at once. (`status`: the emulator takes 1 to 11 s to
+/// carry out a reset, which twenty in turn would spend.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_behind_one_bmc_take_turns_at_it() {
+    const SERVERS: usize = 20;
+    let password = "pw-limit-5d1c";
+    let bmc = crate::power::Bmc::with_systems(password, SERVERS);
+    let env = Env::new(Db::MySql).await;
+    let bmcs = format!("bmcs={}", bmc.url);
+    let trust = format!("bmc_trust={}", bmc.pinned);
+    let bundle = crate::power::hardware_bundle().to_str().unwrap();
+    let flags = ["--bundle", bundle, "--var", &bmcs, "--var", &trust];
+    let server = env.serve_with(&flags);
+    let (status, body) = server
+        .request(
+            Method::PUT,
+            "/v1/secrets/bmc_credentials",
+            Some(json!({ "value": format!("admin:{password}") }).to_string()),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let read_all = async |server: &Server| -> Vec<Value> {
+        let submits = (0..SERVERS).map(|n| {
+            let params =
+                json!({ "op": "status", "bmc": bmc.url, "system": crate::power::system(n) });
+            async move { server.submit("power", &format!("srv-{n}"), params).await }
+        });
+        let ids = futures_util::future::join_all(submits).await;
+        let mut done = Vec::new();
+        for id in ids {
+            let action = server.finished(id).await;
+            assert_eq!(action["status"], "succeeded", "{action}\n{}", bmc.log());
+            assert_eq!(
+                action["steps"][0]["output"]["power_state"], "On",
+                "{action}"
+            );
+            done.push(action);
+        }
+        done
+    };
+    // The emulator's requests from `from` on: "systems" for the
+    // collection, else the server's id.
+    let requests = |from: usize| -> Vec<String> {
+        bmc.log()[from..]
+            .lines()
+            .filter_map(|l| {
+                let rest = l.split(" /redfish/v1/Systems").nth(1)?;
+                Some(match rest.strip_prefix('/') {
+                    Some(id) => id.split(['/', ' ']).next()?.to_owned(),
+                    None => "systems".to_owned(),
+                })
+            })
+            .collect()
+    };
+
+    let reads = read_all(&server).await;
+    let seen = requests(0);
+    assert_eq!(seen.len(), 2 * SERVERS, "{seen:?}");
+    let mut ids = std::collections::BTreeSet::new();
+    for pair in seen.chunks(2) {
+        assert_eq!(
+            pair[0], "systems",
+            "another step's request came between: {seen:?}"
+        );
+        assert!(pair[1] != "systems" && ids.insert(&pair[1]), "{seen:?}");
+    }
+    let runs = step_runs(&reads);
+    assert_eq!(most_at_once(&runs), 1, "{runs:?}");
+
+    // Four at once when the operator allows it: the same log interleaves.
+    server.sigterm();
+    let logged = bmc.log().len();
+    let server = env.serve_with(&[&flags[..], &["--limit", "bmc=4"]].concat());
+    let reads = read_all(&server).await;
+    let runs = step_runs(&reads);
+    let most = most_at_once(&runs);
+    assert!((2..=4).contains(&most), "{most} at once: {runs:?}");
+    let seen = requests(logged);
+    assert!(
+        seen.windows(2)
+            .any(|w| w[0] == "systems" && w[1] == "systems"),
+        "never interleaved: {seen:?}"
+    );
+}

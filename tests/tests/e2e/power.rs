@@ -42,8 +42,21 @@ fn output(cmd: &mut Command) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// The id of the emulator's server `n`: [`SYSTEM`] for the first.
+pub(crate) fn system(n: usize) -> String {
+    match n {
+        0 => SYSTEM.to_owned(),
+        n => format!("11111111-2222-3333-4444-{n:012}"),
+    }
+}
+
 impl Bmc {
     pub(crate) fn start(password: &str) -> Bmc {
+        Bmc::with_systems(password, 1)
+    }
+
+    /// An emulator with `count` servers ([`system`]`(n)`, named srv-N), on.
+    pub(crate) fn with_systems(password: &str, count: usize) -> Bmc {
         let emulator = PathBuf::from(std::env::var("TROUPE_TEST_SUSHY").expect(
             "TROUPE_TEST_SUSHY is not set: run the tests with `bash tests/run`, which installs sushy-tools and points it at sushy-emulator",
         ));
@@ -75,7 +88,15 @@ impl Bmc {
         std::fs::write(
             dir.join("emulator.conf"),
             format!(
-                "SUSHY_EMULATOR_FAKE_SYSTEMS = [{{'uuid': '{SYSTEM}', 'name': 'srv-1', 'power_state': 'On', 'nics': []}}]\nSUSHY_EMULATOR_AUTH_FILE = {:?}\n",
+                "SUSHY_EMULATOR_FAKE_SYSTEMS = [{}]\nSUSHY_EMULATOR_AUTH_FILE = {:?}\n",
+                (0..count)
+                    .map(|n| format!(
+                        "{{'uuid': '{}', 'name': 'srv-{}', 'power_state': 'On', 'nics': []}}",
+                        system(n),
+                        n + 1
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 dir.join("htpasswd").to_str().unwrap()
             ),
         )
