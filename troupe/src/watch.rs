@@ -268,7 +268,7 @@ fn step_line(step: &Value, full: bool) -> String {
         line.push_str(&format!(" (attempt {attempt})"));
     }
     if let Some(wants) = step["waiting_for"].as_str() {
-        line.push_str(&format!("  for a node with {wants}"));
+        line.push_str(&format!("  for {}", awaited(wants)));
     }
     if let Some(node) = step["node"].as_str() {
         line.push_str(&format!("  on {node}"));
@@ -348,7 +348,8 @@ pub(crate) fn render_list(
             _ => "-".to_owned(),
         };
         let status = match (s(&a["status"]), a["waiting_for"].as_str()) {
-            ("running", Some(wants)) if wide => format!("waiting for a node with {wants}"),
+            ("running", Some(wants)) if wide => format!("waiting for {}", awaited(wants)),
+            ("running", Some(wants)) if is_limit(wants) => "waiting for a limit".to_owned(),
             ("running", Some(_)) => "waiting for a node".to_owned(),
             (status, _) => status.to_owned(),
         };
@@ -568,5 +569,44 @@ pub(crate) async fn watch_action(
             },
             _ = interrupt.recv() => return Ok(let_go(&action)),
         };
+    }
+}
+
+/// Whether a step's `waiting_for` names a concurrency limit (`bmc limit
+/// https://10.0.0.5`) rather than what a node must have (`oob=dc1`).
+fn is_limit(waiting_for: &str) -> bool {
+    waiting_for
+        .split_once(" limit ")
+        .is_some_and(|(name, _)| !name.contains(['=', ',', ' ']))
+}
+
+/// What a waiting step waits for, as a phrase: `a node with oob=dc1`, or
+/// the limit as it is.
+fn awaited(waiting_for: &str) -> String {
+    if is_limit(waiting_for) {
+        waiting_for.to_owned()
+    } else {
+        format!("a node with {waiting_for}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_limit_is_told_from_a_placement() {
+        assert_eq!(
+            awaited("bmc limit https://10.0.0.5"),
+            "bmc limit https://10.0.0.5"
+        );
+        assert_eq!(awaited("power limit dc1"), "power limit dc1");
+        assert_eq!(awaited("oob=dc1"), "a node with oob=dc1");
+        assert_eq!(awaited("dc=ams3, gpu=*"), "a node with dc=ams3, gpu=*");
+        // A capability value may hold the words; its name holds '='.
+        assert_eq!(
+            awaited("note=no limit here"),
+            "a node with note=no limit here"
+        );
     }
 }
