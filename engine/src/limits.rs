@@ -11,16 +11,19 @@
 //! another, so two cannot wait for each other). While it waits, its step
 //! reads `waiting` with `waiting_for = "bmc limit https://10.0.0.5"`; it is
 //! the running action of its target, so the target's later actions wait
-//! behind it and per-target order holds. A waiting step wakes when this
-//! server gives a slot of any limit back, and looks again every
-//! [`Limits::poll`] for slots given back elsewhere (or whose holder died).
+//! behind it and per-target order holds. When this server gives a slot
+//! back it wakes the step here that has waited longest for that key (one:
+//! the others stay asleep rather than all racing for it), and every
+//! waiting step looks again every [`Limits::poll`] for slots given back
+//! elsewhere (or whose holder died).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 use crate::bundle::manifest::LimitDef;
 use crate::bundle::template;
@@ -73,12 +76,12 @@ impl std::str::FromStr for LimitSetting {
     }
 }
 
-/// This server's view of the limits: the operator's settings, and a
-/// counter bumped each time it gives a slot back, which its waiting steps
-/// watch.
+/// This server's view of the limits: the operator's settings, and per key
+/// the steps here waiting for it, woken one at a time, longest first, as
+/// this server gives a slot of it back.
 pub(crate) struct Limits {
     settings: BTreeMap<(String, Option<String>), u32>,
-    released: watch::Sender<u64>,
+    waiting: Mutex<HashMap<(String, String), Arc<Notify>>>,
     /// How often a waiting step looks again without being woken.
     pub(crate) poll: Duration,
 }
@@ -92,7 +95,7 @@ impl Limits {
                 .iter()
                 .map(|s| ((s.name.clone(), s.key.clone()), s.max))
                 .collect(),
-            released: watch::Sender::new(0),
+            waiting: Mutex::default(),
             poll: if several {
                 Duration::from_millis(500)
             } else {
@@ -131,9 +134,22 @@ impl Limits {
         (all, keys)
     }
 
-    /// A receiver that sees every slot this server gives back from now on.
-    pub(crate) fn released(&self) -> watch::Receiver<u64> {
-        self.released.subscribe()
+    /// What the steps waiting here for `want`'s key wait on.
+    pub(crate) fn waiting_for(&self, want: &Want) -> Arc<Notify> {
+        self.queue(&want.name, &want.stored())
+    }
+
+    fn queue(&self, name: &str, stored: &str) -> Arc<Notify> {
+        let mut waiting = self.waiting.lock().expect("limits' waiting lock");
+        // Keys nobody waits for or holds any more go, so the map stays as
+        // small as the keys in use.
+        if waiting.len() >= 1024 {
+            waiting.retain(|_, n| Arc::strong_count(n) > 1);
+        }
+        waiting
+            .entry((name.to_owned(), stored.to_owned()))
+            .or_default()
+            .clone()
     }
 }
 
@@ -221,19 +237,22 @@ pub(crate) struct Holder {
 /// giving back fails stays until a claimer finds its attempt ended.
 pub(crate) struct Held {
     store: Store,
-    released: watch::Sender<u64>,
-    holds: Vec<(Hold, u32)>,
+    /// Each hold, its slot, and whom to wake when it goes back.
+    holds: Vec<(Hold, u32, Arc<Notify>)>,
 }
 
 impl Held {
-    async fn give_back(store: Store, released: watch::Sender<u64>, holds: Vec<(Hold, u32)>) {
-        for (hold, slot) in &holds {
-            if let Err(e) = store.release_limit(hold, *slot).await {
-                tracing::warn!(limit = %hold.name, key = %hold.key, action_id = hold.action, error = %e,
-                    "could not give a limit's slot back; it is freed once its attempt is seen ended");
+    async fn give_back(store: Store, holds: Vec<(Hold, u32, Arc<Notify>)>) {
+        for (hold, slot, waiting) in &holds {
+            match store.release_limit(hold, *slot).await {
+                // The step here that has waited longest for it looks again.
+                Ok(_) => waiting.notify_one(),
+                Err(e) => {
+                    tracing::warn!(limit = %hold.name, key = %hold.key, action_id = hold.action, error = %e,
+                    "could not give a limit's slot back; it is freed once its attempt is seen ended")
+                }
             }
         }
-        released.send_modify(|n| *n += 1);
     }
 }
 
@@ -243,11 +262,8 @@ impl Drop for Held {
             return;
         }
         let holds = std::mem::take(&mut self.holds);
-        let (store, released) = (self.store.clone(), self.released.clone());
-        tasks::spawn(
-            TaskKind::LimitRelease,
-            Held::give_back(store, released, holds),
-        );
+        let store = self.store.clone();
+        tasks::spawn(TaskKind::LimitRelease, Held::give_back(store, holds));
     }
 }
 
@@ -261,7 +277,6 @@ pub(crate) async fn claim(
 ) -> crate::Result<Result<Held, Want>> {
     let mut held = Held {
         store: store.clone(),
-        released: limits.released.clone(),
         holds: Vec::with_capacity(wants.len()),
     };
     let mut sorted: Vec<&Want> = wants.iter().collect();
@@ -277,7 +292,10 @@ pub(crate) async fn claim(
             owner: holder.owner.clone(),
         };
         match store.claim_limit(&hold, want.max).await? {
-            Claim::Held(slot) => held.holds.push((hold, slot)),
+            Claim::Held(slot) => {
+                let waiting = limits.queue(&hold.name, &hold.key);
+                held.holds.push((hold, slot, waiting));
+            }
             // What it holds goes back (dropped) before it waits.
             Claim::Full => return Ok(Err(want.clone())),
         }

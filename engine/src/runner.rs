@@ -904,10 +904,8 @@ impl Gate<'_> {
                 Ok(_) => {}
             }
         }
-        let mut released = shared.limits.released();
         let mut recorded: Option<String> = None;
         loop {
-            released.borrow_and_update();
             let record = match crate::targets::for_step(&shared.store, &self.action.target, true)
                 .await
             {
@@ -917,7 +915,7 @@ impl Gate<'_> {
                     None
                 }
             };
-            let mut full = None;
+            let mut full: Option<crate::limits::Want> = None;
             if let Some(record) = record {
                 let mut scope = scope_of(self.action, outputs, &shared.vars);
                 template::with_record(&mut scope, record.as_ref());
@@ -946,28 +944,42 @@ impl Gate<'_> {
                 };
                 match crate::limits::claim(&shared.store, &shared.limits, &wants, &holder).await {
                     Ok(Ok(held)) => return Ok(Some(held)),
-                    Ok(Err(want)) => full = Some(want.to_string()),
+                    Ok(Err(want)) => full = Some(want),
                     Err(e) => {
                         tracing::warn!(action_id = id, step = name, error = %e, "cannot claim the step's limits; trying again");
                     }
                 }
             }
-            if let Some(waiting_for) = full.filter(|w| recorded.as_ref() != Some(w)) {
-                recorded = Some(waiting_for.clone());
-                let waiting = Write::StepWaiting {
-                    id,
-                    seq,
-                    name: name.to_owned(),
-                    waiting_for,
-                };
-                if let Err(halt) = commit(shared, mirror, with(carry, waiting)).await {
-                    return Err(halt.into());
+            // Woken when this server gives a slot of the full key back (the
+            // step here that has waited longest first), or after a poll.
+            let queue = match full {
+                Some(want) if recorded.as_deref() != Some(&want.to_string()) => {
+                    let waiting_for = want.to_string();
+                    recorded = Some(waiting_for.clone());
+                    let waiting = Write::StepWaiting {
+                        id,
+                        seq,
+                        name: name.to_owned(),
+                        waiting_for,
+                    };
+                    if let Err(halt) = commit(shared, mirror, with(carry, waiting)).await {
+                        return Err(halt.into());
+                    }
+                    // A slot may have come while that committed: look again.
+                    continue;
                 }
-                // A slot may have come while that committed: look again.
-                continue;
-            }
+                Some(want) => Some(shared.limits.waiting_for(&want)),
+                // The database did not answer: look again after a poll.
+                None => None,
+            };
+            let woken = async {
+                match &queue {
+                    Some(queue) => queue.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                _ = released.changed() => {}
+                _ = woken => {}
                 _ = tokio::time::sleep(crate::tasks::jitter(shared.limits.poll)) => {}
                 _ = self.cancel.cancelled() => {
                     return Err(cancelled(carry, self.action, seq, open || recorded.is_some()));
