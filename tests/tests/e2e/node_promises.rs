@@ -684,6 +684,110 @@ async fn a_nodes_report_before_the_restarted_server_follows_its_step_counts(db: 
     );
 }
 
+/// The fleet promise (`troupe bench fleet` holds it at scale with
+/// simulated nodes), with real ones: of 24 `troupe node`s running steps, 6
+/// are killed and 6 frozen (SIGSTOP); each of those is listed disconnected
+/// within two node timeouts (8 s), and none of the other 12 is ever listed
+/// disconnected while the server is watched for 12 s (three timeouts) under
+/// a steady load of steps placed on them, every one of which succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn among_many_real_nodes_none_live_is_dropped_and_every_lost_one_is_seen() {
+    const NODES: usize = 24;
+    let env = Env::new(Db::Sqlite).await;
+    let server = env.serve();
+    let token = join_token(&server, &env).await;
+    let mut nodes: Vec<Node> = (0..NODES)
+        .map(|i| {
+            Node::start(
+                &server,
+                &token,
+                &format!("fleet-{i}"),
+                &["--capability", "bench=1"],
+            )
+        })
+        .collect();
+    let names: Vec<String> = (0..NODES).map(|i| format!("fleet-{i}")).collect();
+    let all: Vec<&str> = names.iter().map(String::as_str).collect();
+    connected(&server, &all, &nodes.iter().collect::<Vec<_>>()).await;
+    // Every node has the bundle before the clock starts.
+    let warm: Vec<i64> = futures_util::future::join_all((0..NODES).map(|i| {
+        let server = &server;
+        async move {
+            server
+                .submit("noop3_remote", &format!("warm-{i}"), json!({}))
+                .await
+        }
+    }))
+    .await;
+    for id in warm {
+        assert_eq!(server.finished(id).await["status"], "succeeded");
+    }
+
+    let (killed, frozen, live) = (&names[..6], &names[6..12], &names[12..]);
+    for node in &mut nodes[..6] {
+        node.kill9();
+    }
+    for node in &nodes[6..12] {
+        signal(node, "STOP");
+    }
+    let lost_at = Instant::now();
+    let mut seen_lost: BTreeMap<&str, Duration> = BTreeMap::new();
+    let mut load = Vec::new();
+    while lost_at.elapsed() < Duration::from_secs(12) {
+        load.push(
+            server
+                .submit(
+                    "noop3_remote",
+                    &format!("load-{}", load.len() % 8),
+                    json!({}),
+                )
+                .await,
+        );
+        let (status, list) = server.get("/v1/nodes").await;
+        assert_eq!(status, 200, "{list}");
+        let up = |name: &str| {
+            list["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["name"] == name && n["connected"] == true)
+        };
+        for name in live {
+            assert!(
+                up(name),
+                "live node {name} listed disconnected {:?} after the losses: {list}\n{}",
+                lost_at.elapsed(),
+                server.log()
+            );
+        }
+        for name in killed.iter().chain(frozen) {
+            if !up(name) {
+                seen_lost.entry(name).or_insert_with(|| lost_at.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for node in &nodes[6..12] {
+        signal(node, "CONT");
+    }
+    let lost: Vec<&str> = killed.iter().chain(frozen).map(String::as_str).collect();
+    assert_eq!(
+        seen_lost.keys().copied().collect::<Vec<_>>().len(),
+        lost.len(),
+        "not every lost node was seen: {seen_lost:?}"
+    );
+    for (name, after) in &seen_lost {
+        assert!(
+            *after <= Duration::from_secs(8),
+            "{name} seen lost after {after:?}"
+        );
+    }
+    for id in load {
+        let done = server.finished(id).await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+    }
+}
+
 both_dbs!(
     plugin_code_runs_only_in_step_hosts_with_a_clean_environment,
     a_result_lost_on_the_way_is_sent_again_and_recorded_once,
