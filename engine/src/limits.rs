@@ -96,10 +96,15 @@ impl Limits {
                 .map(|s| ((s.name.clone(), s.key.clone()), s.max))
                 .collect(),
             waiting: Mutex::default(),
+            // Alone, every slot given back wakes a step here: the poll only
+            // finds slots whose holder died. With several servers it is how
+            // a slot given back elsewhere is seen: often enough for steps
+            // that take seconds, seldom enough that a hundred waiting steps
+            // cost the database a few hundred small statements a second.
             poll: if several {
-                Duration::from_millis(500)
+                Duration::from_secs(1)
             } else {
-                Duration::from_secs(2)
+                Duration::from_secs(10)
             },
         }
     }
