@@ -14,7 +14,8 @@
 # driver, random), so the time is mostly the BMCs'; what is troupe's is the
 # CPU its server and step host used per action. Prints per run: actions per
 # second (the 1,000 over the time from the first submit to the last end),
-# CPU ms per action, the longest any action waited from its submit to its
+# CPU ms per action of the server and of its step host (the step's own
+# work: the Redfish calls and the polls of the power state), the longest any action waited from its submit to its
 # power step's start, and how long after the first submit the last one
 # started. Bounded: every action has the step's own timeout; the wait for
 # all to end gives up after 30 minutes.
@@ -49,11 +50,10 @@ $bin keys generate --out "$work/k" >"$work/pub"
 $bin bundle build steps/hardware/bundle.toml --library "$lib" --out "$work/h.bundle" >/dev/null
 $bin bundle sign "$work/h.bundle" --key "$work/k" >/dev/null
 
-cpu_of() { # the server's CPU ticks and its step hosts'
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+hosts_of() { # its step hosts' CPU ticks
   local t=0 p
-  for p in "$1" $(pgrep -P "$1" || true); do
-    t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat")))
-  done
+  for p in $(pgrep -P "$1" || true); do t=$((t + $(ticks "$p"))); done
   echo "$t"
 }
 
@@ -80,7 +80,7 @@ run() { # LIMIT ROUND
     grep -q '"succeeded"' "$dir/warm.json" || { echo "warming failed:" >&2; cat "$dir/warm.json" >&2; exit 1; }
   done
   local warm; warm=$(sqlite3 "$dir/troupe.db" "SELECT MAX(id) FROM actions")
-  local cpu0; cpu0=$(cpu_of "$pid")
+  local cpu0 host0; cpu0=$(ticks "$pid"); host0=$(hosts_of "$pid")
   for c in $(seq 1 "$cycles"); do
     for b in $(seq 0 $((bmcs - 1))); do
       for s in $(seq 0 $((per - 1))); do
@@ -93,7 +93,7 @@ run() { # LIMIT ROUND
     if [ $SECONDS -gt $deadline ]; then echo "gave up waiting" >&2; break; fi
     sleep 1
   done
-  local cpu1; cpu1=$(cpu_of "$pid")
+  local cpu1 host1; cpu1=$(ticks "$pid"); host1=$(hosts_of "$pid")
   local n=$((bmcs * per * cycles))
   # Times are RFC 3339 text: julianday() reads them.
   sqlite3 -separator ' ' "$dir/troupe.db" "
@@ -105,9 +105,10 @@ run() { # LIMIT ROUND
     FROM actions a JOIN action_steps s ON s.action_id = a.id AND s.seq = 0
     WHERE a.id > $warm" >"$dir/stats"
   read -r ok bad span longest last <"$dir/stats"
-  printf 'limit %d, round %d: %d succeeded, %d not; %.1f actions/s (%.0f s); CPU %.2f ms per action; longest wait %.0f s, last start %.0f s after the first submit\n' \
+  printf 'limit %d, round %d: %d succeeded, %d not; %.1f actions/s (%.0f s); CPU per action: server %.2f ms, step host %.2f ms; longest wait %.0f s, last start %.0f s after the first submit\n' \
     "$limit" "$2" "$ok" "$bad" "$(echo "$n / $span" | bc -l)" "$span" \
-    "$(echo "($cpu1 - $cpu0) * 1000 / $tick / $n" | bc -l)" "$longest" "$last"
+    "$(echo "($cpu1 - $cpu0) * 1000 / $tick / $n" | bc -l)" "$(echo "($host1 - $host0) * 1000 / $tick / $n" | bc -l)" \
+    "$longest" "$last"
   kill "$pid"; wait "$pid" 2>/dev/null || true
 }
 
