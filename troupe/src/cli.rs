@@ -410,12 +410,7 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&kinds)?);
             } else {
                 for k in kinds["kinds"].as_array().into_iter().flatten() {
-                    let steps: Vec<&str> = k["steps"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(Value::as_str)
-                        .collect();
+                    let steps = strs(&k["steps"]);
                     println!(
                         "{:<16} {}",
                         k["name"].as_str().unwrap_or("?"),
@@ -423,12 +418,7 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
                     );
                     println!("{:<16} steps: {}", "", steps.join(" → "));
                     for l in k["limits"].as_array().into_iter().flatten() {
-                        let keys: Vec<&str> = l["keys"]
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .filter_map(Value::as_str)
-                            .collect();
+                        let keys = strs(&l["keys"]);
                         let own = if keys.is_empty() {
                             String::new()
                         } else {
@@ -548,4 +538,13 @@ fn random_key() -> Result<String> {
     let mut bytes = [0u8; 16];
     getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness from the OS: {e}"))?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The strings of a JSON array (none if it is not one).
+fn strs(list: &Value) -> Vec<&str> {
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect()
 }
