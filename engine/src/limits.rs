@@ -397,6 +397,171 @@ mod tests {
         assert!(wants(&uses, &defs, &scope(Some("")), &limits).unwrap()[1..].is_empty());
     }
 
+    /// An action running at epoch 1 on target `target`, and its holder
+    /// for step 0's attempt `attempt`.
+    async fn running(store: &Store, target: &str, attempt: u32) -> Holder {
+        use crate::model::NewAction;
+        use crate::store::{Outcome, Write};
+        let now = crate::model::now();
+        let insert = Write::Insert {
+            new: NewAction {
+                kind: "power".into(),
+                target: target.into(),
+                params: serde_json::Map::new(),
+                idempotency_key: None,
+                bundle: None,
+                submitted_by: None,
+            },
+            bundle: "b".repeat(64),
+            request_hash: "h".repeat(64),
+            owner: Some("here".into()),
+            steps: vec![("cycle".into(), "power".into())],
+            at: now,
+            start: Some(now + chrono::Duration::seconds(60)),
+            node: None,
+        };
+        let Outcome::Inserted(action) = store.write(vec![insert]).await.unwrap()[0] else {
+            panic!("not inserted");
+        };
+        let epoch = store.action(action).await.unwrap().unwrap().epoch;
+        Holder {
+            action,
+            epoch,
+            seq: 0,
+            attempt,
+            owner: "here".into(),
+        }
+    }
+
+    fn want(name: &str, key: &str, max: u32) -> Want {
+        Want {
+            name: name.into(),
+            key: key.into(),
+            max,
+        }
+    }
+
+    async fn holders(store: &Store) -> Vec<(String, String, u32, ActionId)> {
+        let mut rows: Vec<_> = store
+            .limit_holds()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|h| (h.name, h.key, h.slot, h.action_id))
+            .collect();
+        rows.sort();
+        rows
+    }
+
+    /// Against a real (SQLite) store: an attempt gets every key or none, a
+    /// key holds no more than its max, slots go back when what holds them
+    /// is dropped (waking a step waiting here), and a slot whose attempt
+    /// ended without giving it back is taken by the next claimer.
+    #[tokio::test]
+    async fn claims_take_every_key_or_none_and_come_back() {
+        let dir = std::env::temp_dir().join(format!("troupe-limits-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = Store::connect(&format!("sqlite://{}", dir.join("t.db").display()))
+            .await
+            .unwrap();
+        let limits = Limits::new(&[], false);
+        let (a, b, c) = (
+            running(&store, "t-a", 1).await,
+            running(&store, "t-b", 1).await,
+            running(&store, "t-c", 1).await,
+        );
+        let both = [want("bmc", "k", 1), want("power", "dc1", 2)];
+        let held_a = claim(&store, &limits, &both, &a).await.unwrap().unwrap();
+        let two = [want("bmc", "k2", 1), want("power", "dc1", 2)];
+        let held_c = claim(&store, &limits, &two, &c).await.unwrap().unwrap();
+        assert_eq!(
+            holders(&store).await,
+            [
+                ("bmc".into(), "k".into(), 0, a.action),
+                ("bmc".into(), "k2".into(), 0, c.action),
+                ("power".into(), "dc1".into(), 0, a.action),
+                ("power".into(), "dc1".into(), 1, c.action),
+            ]
+        );
+        // b gets `bmc kb` (name order) but `power dc1` is full: it gives
+        // `bmc kb` back and is told what it waits for.
+        let full = claim(
+            &store,
+            &limits,
+            &[want("bmc", "kb", 1), want("power", "dc1", 2)],
+            &b,
+        )
+        .await
+        .unwrap()
+        .err();
+        assert_eq!(full, Some(want("power", "dc1", 2)));
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while holders(&store).await.iter().any(|h| h.3 == b.action) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "b kept a slot it could not use"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let full = claim(&store, &limits, &both, &b).await.unwrap().err();
+        assert_eq!(full, Some(want("bmc", "k", 1)), "one slot of bmc k");
+
+        // a's slots go back when dropped, and the steps waiting here for
+        // them are woken.
+        let (bmc, power) = (
+            limits.waiting_for(&want("bmc", "k", 1)),
+            limits.waiting_for(&want("power", "dc1", 2)),
+        );
+        let woken = async { tokio::join!(bmc.notified(), power.notified()) };
+        drop(held_a);
+        tokio::time::timeout(Duration::from_secs(30), woken)
+            .await
+            .expect("waiting steps are woken when slots come back");
+        let held_b = claim(&store, &limits, &both, &b).await.unwrap().unwrap();
+        assert!(holders(&store).await.iter().all(|h| h.3 != a.action));
+
+        // c's attempt ends (its action finishes) without giving its slots
+        // back: the next claimer finds them dead and takes one.
+        std::mem::forget(held_c);
+        let finish = crate::store::Write::Finish {
+            id: c.action,
+            status: crate::model::ActionStatus::Failed,
+            error: Some("gone".into()),
+            at: crate::model::now(),
+            last: None,
+        };
+        store.write(vec![finish]).await.unwrap();
+        let d = running(&store, "t-d", 1).await;
+        let held_d = claim(&store, &limits, &[want("bmc", "k2", 1)], &d)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            holders(&store)
+                .await
+                .contains(&("bmc".into(), "k2".into(), 0, d.action))
+        );
+        // A retry of b (attempt 2) claims again over its own earlier hold.
+        let retry = Holder {
+            attempt: 2,
+            ..b.clone()
+        };
+        std::mem::forget(held_b);
+        let again = claim(&store, &limits, &both, &retry)
+            .await
+            .unwrap()
+            .unwrap();
+        let rows = holders(&store).await;
+        assert_eq!(
+            rows.iter().filter(|h| h.3 == b.action).count(),
+            2,
+            "{rows:?}"
+        );
+        drop((again, held_d));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn long_keys_are_stored_by_digest() {
         let short = Want {

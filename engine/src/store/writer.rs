@@ -445,6 +445,8 @@ pub(super) fn injected_before_commit(writes: &[&Write]) -> Result<(), Failed> {
 /// points (a commit inserting actions, or claiming a turn): a commit that went
 /// through but whose answer was lost (see [`crate::failpoints`]).
 pub(super) fn injected_after_commit(writes: &[&Write]) -> Result<(), Failed> {
+    // Unused when the failure points are compiled out.
+    #[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
     let lost = || Failed {
         message: "the connection was lost during COMMIT (injected)".into(),
         permanent: false,
