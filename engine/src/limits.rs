@@ -562,6 +562,44 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// What `troupe kinds` shows of a limit: the max every key gets, and
+    /// the keys an operator gave one of their own.
+    #[test]
+    fn maxes_show_the_operators_settings_over_the_manifests() {
+        let limits = Limits::new(
+            &[
+                "power=50".parse().unwrap(),
+                "power:dc1=5".parse().unwrap(),
+                "bmc:https://10.0.0.5=2".parse().unwrap(),
+            ],
+            false,
+        );
+        let def = |max| LimitDef {
+            description: String::new(),
+            max,
+        };
+        assert_eq!(limits.maxes("power", &def(20)), (50, vec!["dc1=5".into()]));
+        assert_eq!(
+            limits.maxes("bmc", &def(1)),
+            (1, vec!["https://10.0.0.5=2".into()])
+        );
+        assert_eq!(limits.maxes("site", &def(3)), (3, vec![]));
+    }
+
+    /// The map of whom to wake stays as small as the keys in use: past
+    /// 1,024 keys, those nobody waits on or holds are forgotten.
+    #[test]
+    fn the_wake_map_forgets_keys_nobody_uses() {
+        let limits = Limits::new(&[], false);
+        let kept = limits.queue("bmc", "held");
+        for i in 0..1100 {
+            limits.queue("bmc", &format!("k{i}"));
+        }
+        // 1,024 keys when k1023 came: all but the held one went.
+        assert_eq!(limits.waiting.lock().unwrap().len(), 2 + 1099 - 1023);
+        assert!(Arc::ptr_eq(&kept, &limits.queue("bmc", "held")));
+    }
+
     #[test]
     fn long_keys_are_stored_by_digest() {
         let short = Want {

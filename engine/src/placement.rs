@@ -114,6 +114,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.to_string(), "gpu=*, hypervisor=kvm, node=hv-17, rack=4");
+        assert!(!r.is_empty(), "a step with requirements goes to a node");
         let good = caps(&[
             ("hypervisor", "kvm"),
             ("gpu", "a100"),

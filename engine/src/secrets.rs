@@ -441,6 +441,81 @@ mod tests {
         let again = SecretsKey::from_text(&key.to_text()).unwrap();
         assert_eq!(again.open(&row("bmc")).unwrap(), "hunter2");
         assert!(SecretsKey::from_text("nope").is_err());
+        // 64 digits, all hex: one short, or one not hex, is refused.
+        let hex = key.to_text().trim().rsplit(' ').next().unwrap().to_owned();
+        for bad in [&hex[1..], &format!("g{}", &hex[1..])] {
+            let text = format!("troupe-secrets-key-v1 {bad}");
+            assert!(SecretsKey::from_text(&text).is_err(), "{text}");
+        }
+    }
+
+    /// What tells keys apart in messages and logs: 4 bytes of the key's
+    /// SHA-256, and never the key.
+    #[test]
+    fn a_key_shows_its_fingerprint_only() {
+        use sha2::{Digest, Sha256};
+        let key = SecretsKey::generate().unwrap();
+        let digest = Sha256::digest(key.0);
+        let expected: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(key.fingerprint(), expected);
+        assert_ne!(
+            key.fingerprint(),
+            SecretsKey::generate().unwrap().fingerprint()
+        );
+        assert_eq!(format!("{key:?}"), format!("SecretsKey({expected})"));
+        let hex = key.to_text().trim().rsplit(' ').next().unwrap().to_owned();
+        assert!(!format!("{key:?}").contains(&hex[..8]));
+    }
+
+    /// A step's secrets come from the database, each under its own name;
+    /// one not set, or sealed under another key, stops the step with what
+    /// the operator must do.
+    #[tokio::test]
+    async fn a_step_gets_the_secrets_it_names_from_the_store() {
+        use crate::store::Write;
+        let dir = std::env::temp_dir().join(format!("troupe-secrets-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = Store::connect(&format!("sqlite://{}", dir.join("t.db").display()))
+            .await
+            .unwrap();
+        let key = SecretsKey::generate().unwrap();
+        let mut writes = Vec::new();
+        for (name, value) in [("bmc", "hunter2"), ("api", "tok-1"), ("other", "x")] {
+            let (nonce, ciphertext) = key.seal(name, value).unwrap();
+            writes.push(Write::SetSecret(Box::new(SecretRow {
+                name: name.into(),
+                nonce,
+                ciphertext,
+                updated_at: crate::model::now(),
+                updated_by: "t".into(),
+            })));
+        }
+        store.write(writes).await.unwrap();
+        let names = |n: &[&str]| n.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let Ok(got) = load(&store, &key, &names(&["bmc", "api"])).await else {
+            panic!("not loaded");
+        };
+        assert_eq!(
+            got,
+            BTreeMap::from([
+                ("api".into(), "tok-1".into()),
+                ("bmc".into(), "hunter2".into())
+            ])
+        );
+        match load(&store, &key, &names(&["bmc", "unset"])).await {
+            Err(LoadError::Missing(e)) => assert_eq!(
+                e,
+                "secret \"unset\" is not set; set it with `troupe secrets set unset`"
+            ),
+            _ => panic!("an unset secret was not named"),
+        }
+        let other = SecretsKey::generate().unwrap();
+        match load(&store, &other, &names(&["bmc"])).await {
+            Err(LoadError::Missing(e)) => assert!(e.contains("same --secrets-key"), "{e}"),
+            _ => panic!("a secret sealed under another key was not refused"),
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     fn masker(values: &[&str]) -> Masker {
@@ -513,6 +588,31 @@ mod tests {
         let no_secrets = Masker::new(&Vec::new());
         assert!(no_secrets.is_empty());
         assert_eq!(masked(&no_secrets, "tok-9f8e7d6c5b4a"), "tok-9f8e7d6c5b4a");
+    }
+
+    /// What step hosts print reaches the server's log a line at a time:
+    /// every secret given to a step here is masked in it, the most recent
+    /// [`MAX_PRINTED`] of them.
+    #[test]
+    fn what_step_hosts_print_is_masked_for_the_secrets_given() {
+        let printed = |s: &str| {
+            let mut line = format!("host said {s}");
+            mask_printed(&mut line);
+            line
+        };
+        let first = "printed-secret-first".to_owned();
+        given(&[("a".to_owned(), first.clone())].into());
+        assert_eq!(printed(&first), "host said ***");
+        let later: BTreeMap<String, String> = (0..MAX_PRINTED)
+            .map(|i| (format!("s{i}"), format!("printed-secret-{i:05}")))
+            .collect();
+        given(&later);
+        assert_eq!(printed("printed-secret-01023"), "host said ***");
+        assert_eq!(
+            printed(&first),
+            format!("host said {first}"),
+            "the oldest went"
+        );
     }
 
     #[test]

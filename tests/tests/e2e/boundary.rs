@@ -404,6 +404,23 @@ async fn secrets_reach_only_their_step_and_are_masked(db: Db) {
         child.wait_with_output().unwrap()
     };
     assert!(set.status.success(), "{set:?}");
+    // A value is 1 byte to 64 KiB; one out of bounds is refused, saying so.
+    for (len, status) in [(64 << 10, 200), ((64 << 10) + 1, 400), (0, 400)] {
+        let (got, body) = server
+            .request(
+                reqwest::Method::PUT,
+                "/v1/secrets/sized",
+                Some(json!({ "value": "v".repeat(len) }).to_string()),
+            )
+            .await;
+        assert_eq!(got, status, "{len} bytes: {body}");
+        if status == 400 {
+            assert_eq!(
+                body["error"]["message"], "a secret's value is 1 to 65536 bytes",
+                "{body}"
+            );
+        }
+    }
     let list = server.cli(&["secrets", "list"]);
     let listed = String::from_utf8_lossy(&list.stdout);
     assert!(
