@@ -17,7 +17,7 @@
 //! waiting step looks again every [`Limits::poll`] for slots given back
 //! elsewhere (or whose holder died).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -117,6 +117,16 @@ impl Limits {
             .or_else(|| self.settings.get(&(name.to_owned(), None)))
             .copied()
             .unwrap_or(def.max)
+    }
+
+    /// The limits the operator set (`--limit`) that no name in `declared`
+    /// matches: a typo, or a bundle not pushed yet. Each name once.
+    pub(crate) fn undeclared(&self, declared: &BTreeSet<&str>) -> BTreeSet<&str> {
+        self.settings
+            .keys()
+            .map(|(name, _)| name.as_str())
+            .filter(|name| !declared.contains(name))
+            .collect()
     }
 
     /// The max of `name` for every key the operator did not name, and
@@ -584,6 +594,27 @@ mod tests {
             (1, vec!["https://10.0.0.5=2".into()])
         );
         assert_eq!(limits.maxes("site", &def(3)), (3, vec![]));
+    }
+
+    /// A setting no bundle declares is named, once, however many keys it
+    /// sets; a declared one is not.
+    #[test]
+    fn settings_no_bundle_declares_are_named() {
+        let limits = Limits::new(
+            &[
+                "power=50".parse().unwrap(),
+                "powr:dc1=5".parse().unwrap(),
+                "powr:dc2=5".parse().unwrap(),
+                "bmc=2".parse().unwrap(),
+            ],
+            false,
+        );
+        let declared = BTreeSet::from(["power", "bmc", "site"]);
+        assert_eq!(limits.undeclared(&declared), BTreeSet::from(["powr"]));
+        assert_eq!(
+            limits.undeclared(&BTreeSet::new()),
+            BTreeSet::from(["bmc", "power", "powr"])
+        );
     }
 
     /// The map of whom to wake stays as small as the keys in use: past

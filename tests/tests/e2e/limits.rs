@@ -4,7 +4,8 @@
 //! a target record's attribute keys a limit, and a target without it is
 //! not limited; a cancel while waiting, or while holding, lets the next
 //! one in; and a slot held by a server frozen past its lease is freed when
-//! its action is taken over, not held for good. The side-effect log of the
+//! its action is taken over, not held for good; a `--limit` no bundle
+//! declares is warned of. The side-effect log of the
 //! testkit's `mark` step is the evidence: the times each attempt ran.
 
 use std::path::Path;
@@ -269,6 +270,29 @@ both_dbs!(
 
 /// Two servers share one key's single slot: their attempts never overlap,
 /// and both ran some.
+/// A `--limit` naming a limit no active bundle declares (a typo of
+/// `lane`) is warned of at start, by name, and the server runs; the
+/// declared one is not warned of.
+#[tokio::test]
+async fn a_limit_no_bundle_declares_is_warned_of_at_start() {
+    let env = Env::new(Db::Sqlite).await;
+    let (dir, var) = marks_dir(&env);
+    let server = env.serve_with(&["--var", &var, "--limit", "lane=2", "--limit", "lnae:wide=3"]);
+    let log = server
+        .log_until("--limit lnae: no active bundle declares a limit \"lnae\"")
+        .await;
+    assert!(!log.contains("--limit lane:"), "{log}");
+    assert_eq!(log.matches("no active bundle declares").count(), 1, "{log}");
+    let id = server
+        .submit(
+            "limited",
+            "t-1",
+            json!({ "dir": dir, "ms": 1, "lane": "wide" }),
+        )
+        .await;
+    assert_eq!(server.finished(id).await["status"], "succeeded");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_limit_holds_across_servers() {
     let env = Env::new(Db::MySql).await;
