@@ -236,49 +236,71 @@ async fn list_watch_redraws_until_interrupted(db: Db) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    // Each line of stdout and stderr as it comes, in the order read.
+    let (tx, rx) = std::sync::mpsc::channel::<(bool, String)>();
     let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            if tx.send(line.unwrap_or_default()).is_err() {
-                break;
+    let stderr = child.stderr.take().unwrap();
+    let mut readers = Vec::new();
+    for (is_err, stream) in [
+        (false, Box::new(stdout) as Box<dyn std::io::Read + Send>),
+        (true, Box::new(stderr)),
+    ] {
+        let tx = tx.clone();
+        readers.push(std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                if tx.send((is_err, line.unwrap_or_default())).is_err() {
+                    break;
+                }
             }
-        }
-    });
-    let wait_for = |what: &dyn Fn(&str) -> bool, seen: &mut Vec<String>| {
+        }));
+    }
+    let (mut seen, mut errors) = (Vec::new(), Vec::new());
+    let mut wait_for = |what: &dyn Fn(bool, &str) -> bool| {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
-                let hit = what(&line);
-                seen.push(line);
+            if let Ok((is_err, line)) = rx.recv_timeout(Duration::from_millis(200)) {
+                let hit = what(is_err, &line);
+                if is_err { &mut errors } else { &mut seen }.push(line);
                 if hit {
                     return;
                 }
             }
         }
-        panic!("never printed what was awaited:\n{}", seen.join("\n"));
+        panic!(
+            "never printed what was awaited:\n{}\nstderr:\n{}",
+            seen.join("\n"),
+            errors.join("\n")
+        );
     };
-    let mut seen = Vec::new();
-    let starts = |id: i64| move |l: &str| l.trim_start().starts_with(&format!("{id} "));
-    wait_for(&starts(first), &mut seen);
+    let starts = |id: i64| {
+        move |is_err: bool, l: &str| !is_err && l.trim_start().starts_with(&format!("{id} "))
+    };
+    wait_for(&starts(first));
     let second = server.submit("noop3", "w-2", json!({})).await;
     server.finished(second).await;
-    wait_for(&starts(second), &mut seen);
-    // Gone for a while and back at the same address.
+    wait_for(&starts(second));
+    // Gone until the watcher has noticed, then back at the same address.
     assert!(server.sigterm().success());
+    wait_for(&|is_err, l| is_err && l.starts_with("lost the server"));
     let server = env.serve_with(&["--listen", &addr]);
     let third = server.submit("noop3", "w-3", json!({})).await;
     server.finished(third).await;
-    wait_for(&starts(third), &mut seen);
+    wait_for(&starts(third));
     let kill = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
         .unwrap();
     assert!(kill.success());
     let status = child.wait().unwrap();
+    // The readers end with the child's pipes; then take what they read last.
+    for reader in readers {
+        reader.join().unwrap();
+    }
+    for (is_err, line) in rx.try_iter() {
+        if is_err { &mut errors } else { &mut seen }.push(line);
+    }
     assert_eq!(status.code(), Some(130), "{}", seen.join("\n"));
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let stderr = errors.join("\n");
     assert_eq!(stderr.matches("lost the server").count(), 1, "{stderr}");
     assert!(stderr.contains("reconnected"), "{stderr}");
 }
