@@ -585,6 +585,11 @@ mod tests {
         // Shorter than a fragment, or not at an edge: left alone.
         assert_eq!(masked(&m, "4a and 9f8e7d6c x"), "4a and 9f8e7d6c x");
         assert_eq!(masked(&m, "nothing here"), "nothing here");
+        // Begins or ends like a piece of it, then goes another way: left
+        // alone, as is an empty string.
+        assert_eq!(masked(&m, "7d6c5b4X and more"), "7d6c5b4X and more");
+        assert_eq!(masked(&m, "more and Xok-9f8e"), "more and Xok-9f8e");
+        assert_eq!(masked(&m, ""), "");
         let no_secrets = Masker::new(&Vec::new());
         assert!(no_secrets.is_empty());
         assert_eq!(masked(&no_secrets, "tok-9f8e7d6c5b4a"), "tok-9f8e7d6c5b4a");
