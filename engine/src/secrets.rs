@@ -620,6 +620,20 @@ mod tests {
         );
     }
 
+    /// Inside a longer base64 text a secret leaves a core of characters
+    /// that depend on it alone; one shorter than [`MIN_CORE`] is no form
+    /// (it would mask unrelated text).
+    #[test]
+    fn base64_cores_shorter_than_the_minimum_are_not_forms() {
+        // 32 bits: cores of 5, 4 and 5 characters at the three alignments.
+        assert_eq!(
+            encodings(b"abcd"),
+            ["YWJjZA==", "YWJjZA", "YWJjZA==", "YWJjZA"]
+        );
+        // 40 bits: aligned, a core of 6.
+        assert!(encodings(b"abcde").contains(&"YWJjZG".to_owned()));
+    }
+
     #[test]
     fn base64_matches_the_standard_encoding() {
         assert_eq!(base64(b"", STANDARD), "");
