@@ -590,6 +590,10 @@ mod tests {
         assert_eq!(masked(&m, "7d6c5b4X and more"), "7d6c5b4X and more");
         assert_eq!(masked(&m, "more and Xok-9f8e"), "more and Xok-9f8e");
         assert_eq!(masked(&m, ""), "");
+        // A piece at each edge, with something else between them.
+        assert_eq!(masked(&m, "5b4a mid tok-"), "*** mid ***");
+        // Before a piece, text of several bytes a character.
+        assert_eq!(masked(&m, "ééé tok-9f8e"), "ééé ***");
         let no_secrets = Masker::new(&Vec::new());
         assert!(no_secrets.is_empty());
         assert_eq!(masked(&no_secrets, "tok-9f8e7d6c5b4a"), "tok-9f8e7d6c5b4a");
