@@ -469,10 +469,7 @@ mod tests {
     /// ended without giving it back is taken by the next claimer.
     #[tokio::test]
     async fn claims_take_every_key_or_none_and_come_back() {
-        let dir = std::env::temp_dir().join(format!("troupe-limits-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let store = Store::connect(&format!("sqlite://{}", dir.join("t.db").display()))
+        let store = Store::connect(&crate::store::tests::sqlite_url("limits"))
             .await
             .unwrap();
         let limits = Limits::new(&[], false);
@@ -569,7 +566,6 @@ mod tests {
             "{rows:?}"
         );
         drop((again, held_d));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// What `troupe kinds` shows of a limit: the max every key gets, and

@@ -473,10 +473,7 @@ mod tests {
     #[tokio::test]
     async fn a_step_gets_the_secrets_it_names_from_the_store() {
         use crate::store::Write;
-        let dir = std::env::temp_dir().join(format!("troupe-secrets-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let store = Store::connect(&format!("sqlite://{}", dir.join("t.db").display()))
+        let store = Store::connect(&crate::store::tests::sqlite_url("secrets"))
             .await
             .unwrap();
         let key = SecretsKey::generate().unwrap();
@@ -515,7 +512,6 @@ mod tests {
             Err(LoadError::Missing(e)) => assert!(e.contains("same --secrets-key"), "{e}"),
             _ => panic!("a secret sealed under another key was not refused"),
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     fn masker(values: &[&str]) -> Masker {

@@ -984,4 +984,4 @@ pub fn redact(url: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

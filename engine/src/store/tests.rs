@@ -303,7 +303,8 @@ async fn batch_equals_one_by_one(together: Store, alone: Store) {
     assert!(b.steps.iter().all(|s| s.status == StepStatus::Skipped));
 }
 
-fn sqlite_url(name: &str) -> String {
+/// A new SQLite database for the test `name`, in a directory of its own.
+pub(crate) fn sqlite_url(name: &str) -> String {
     let dir = std::env::temp_dir().join(format!("troupe-store-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
