@@ -117,27 +117,6 @@ fn host_command(config: &Config, store: &Store) -> HostCommand {
     cmd
 }
 
-/// Warns of each `--limit` that no active bundle declares: a misspelt
-/// name would otherwise be ignored without a word. It is kept, and takes
-/// effect once a bundle declaring it is active.
-async fn warn_undeclared_limits(shared: &Shared) -> Result<()> {
-    let states = shared.agency.states().await?;
-    let declared = states
-        .iter()
-        .filter(|state| state.active)
-        .flat_map(|state| state.bundle.manifest.limits.keys())
-        .map(String::as_str)
-        .collect();
-    for name in shared.limits.undeclared(&declared) {
-        tracing::warn!(
-            limit = name,
-            "--limit {name}: no active bundle declares a limit {name:?}; check the name against `troupe kinds` \
-             (the setting is kept, and applies once a bundle declaring it is active)"
-        );
-    }
-    Ok(())
-}
-
 /// A handle to a running engine. Cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
@@ -242,7 +221,8 @@ impl Engine {
     /// Hands every unfinished action in the database to Control, oldest
     /// first: the start-up pass, once the bundles are loaded.
     pub async fn resume(&self) -> Result<usize> {
-        warn_undeclared_limits(&self.inner.shared).await?;
+        let shared = &self.inner.shared;
+        shared.limits.warn_undeclared(&shared.agency).await?;
         self.inner.scheduler.resume().await
     }
 

@@ -25,6 +25,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 
+use crate::agency::AgencyHandle;
 use crate::bundle::manifest::LimitDef;
 use crate::bundle::template;
 use crate::model::ActionId;
@@ -119,9 +120,30 @@ impl Limits {
             .unwrap_or(def.max)
     }
 
+    /// Warns of each `--limit` that no active bundle declares: a misspelt
+    /// name would otherwise be ignored without a word. It is kept, and
+    /// takes effect once a bundle declaring it is active.
+    pub(crate) async fn warn_undeclared(&self, agency: &AgencyHandle) -> crate::Result<()> {
+        let states = agency.states().await?;
+        let declared = states
+            .iter()
+            .filter(|state| state.active)
+            .flat_map(|state| state.bundle.manifest.limits.keys())
+            .map(String::as_str)
+            .collect();
+        for name in self.undeclared(&declared) {
+            tracing::warn!(
+                limit = name,
+                "--limit {name}: no active bundle declares a limit {name:?}; check the name against `troupe kinds` \
+                 (the setting is kept, and applies once a bundle declaring it is active)"
+            );
+        }
+        Ok(())
+    }
+
     /// The limits the operator set (`--limit`) that no name in `declared`
     /// matches: a typo, or a bundle not pushed yet. Each name once.
-    pub(crate) fn undeclared(&self, declared: &BTreeSet<&str>) -> BTreeSet<&str> {
+    fn undeclared(&self, declared: &BTreeSet<&str>) -> BTreeSet<&str> {
         self.settings
             .keys()
             .map(|(name, _)| name.as_str())
